@@ -1,0 +1,3 @@
+//! KVM guest containers backed by a `vmo::Vmar`.
+//!
+//! Not implemented yet: placeholder library so the workspace has its final shape.
