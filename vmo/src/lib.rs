@@ -1,5 +1,52 @@
 //! The guest memory model: frames, Vmos and Vmars (see `../shared/docs/DESIGN.md`).
 //!
-//! Not implemented yet: this crate is a placeholder in the workspace so the layering
-//! `ept` <- `vmo` <- {`hv`, `guest-vm`} exists from the start.
+//! `no_std` + `alloc`; the `std` feature (default) adds host-only helpers (file-backed pager).
 #![cfg_attr(not(feature = "std"), no_std)]
+
+extern crate alloc;
+
+pub mod frame;
+
+pub use frame::{Frame, FrameAlloc, FramePool, FrameStats, HeapFrameAlloc, Paddr, FRAME_SIZE};
+
+/// Errors of the memory model; the meanings follow Zircon's status codes (CONTRACTS.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Error {
+    /// Misaligned or zero length, bad flag combination, malformed request.
+    InvalidArgs,
+    /// The handle lacks a right the operation needs, or perms exceed what is allowed.
+    AccessDenied,
+    /// Nothing mapped / no such object at that address.
+    NotFound,
+    /// The range is already occupied.
+    AlreadyExists,
+    /// No frame or no free address range.
+    NoMemory,
+    /// Offset or range beyond the object, or arithmetic overflow.
+    OutOfRange,
+    /// The object is in a state that forbids the operation (pinned, destroyed, ...).
+    BadState,
+    /// The object kind does not support the operation.
+    NotSupported,
+    /// A pager could not produce or store a page.
+    Io,
+    /// A second-level table operation failed.
+    Stage2(ept::Error),
+}
+
+impl From<ept::Error> for Error {
+    fn from(e: ept::Error) -> Self {
+        Error::Stage2(e)
+    }
+}
+
+impl core::fmt::Display for Error {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Error::Stage2(e) => write!(f, "second-level table: {e}"),
+            other => write!(f, "{other:?}"),
+        }
+    }
+}
+
+pub type Result<T> = core::result::Result<T, Error>;
