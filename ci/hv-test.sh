@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Boots the hv kernel under QEMU TCG (AMD SVM + NPT backend) and under Bochs (Intel VMX + EPT
+# backend) and fails unless each run's serial output holds the expected verdict and figures.
+# Installs the emulators and ISO tools through apt-get when missing (root, Debian 12).
+# Never skips: a missing tool that cannot be installed is a failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+t0=$(date +%s)
+
+ci/setup.sh qemu-system-x86 bochs bochsbios vgabios bochs-term grub-pc-bin grub-common xorriso mtools
+ci/build-hv.sh 2>&1 | grep -E "^(error|warning: unused|build-hv)" || true
+test -f hv/target/hv.iso || { echo "hv-test: no ISO built" >&2; exit 1; }
+# Re-run so that a build failure fails this script (the filtered run above hides the rc).
+ci/build-hv.sh >/dev/null 2>&1 || { ci/build-hv.sh; exit 1; }
+
+out=hv/target/run
+rm -rf "$out"; mkdir -p "$out"
+iso=$(realpath hv/target/hv.iso)
+fail=0
+
+# check NAME FILE PATTERN...: every pattern (grep -E) must appear in FILE.
+check() {
+    local name=$1 file=$2; shift 2
+    local p ok=1
+    for p in "$@"; do
+        if ! grep -qE -- "$p" "$file"; then
+            echo "hv-test: $name: missing expected line /$p/" >&2
+            ok=0
+        fi
+    done
+    if grep -q "HV-VERDICT: FAIL" "$file"; then ok=0; fi
+    if [ $ok = 1 ]; then
+        echo "hv-test: $name: PASS"
+    else
+        echo "hv-test: $name: FAIL; serial output follows" >&2
+        sed 's/^/    | /' "$file" >&2
+        fail=1
+    fi
+}
+
+# Lines both backends must print (the scenario is the same; only the hardware differs).
+common=(
+    "HV-VERDICT: PASS"
+)
+
+echo "== hv-test: QEMU TCG, -cpu qemu64,+svm,+npt (SVM/NPT backend)"
+s=$(date +%s.%N)
+rc=0
+timeout 120 qemu-system-x86_64 -accel tcg -cpu qemu64,+svm,+npt -m 128 -cdrom "$iso" -boot d \
+    -display none -serial "file:$out/qemu-serial.txt" -monitor none -no-reboot \
+    -device isa-debug-exit,iobase=0xf4,iosize=0x04 </dev/null >"$out/qemu-stdout.txt" 2>&1 || rc=$?
+echo "hv-test: qemu exit status $rc (33 = pass via isa-debug-exit) in $(echo "$(date +%s.%N) - $s" | bc) s"
+touch "$out/qemu-serial.txt"
+[ $rc = 33 ] || { echo "hv-test: qemu: unexpected exit status $rc" >&2; fail=1; }
+check qemu "$out/qemu-serial.txt" "${common[@]}" "backend: svm"
+
+echo "== hv-test: Bochs, cpu model corei7_haswell_4770 (VMX/EPT backend)"
+cat > "$out/bochsrc" <<BXRC
+megs: 128
+romimage: file=/usr/share/bochs/BIOS-bochs-latest
+vgaromimage: file=/usr/share/bochs/VGABIOS-lgpl-latest
+cpu: model=corei7_haswell_4770, count=1, ips=100000000, reset_on_triple_fault=0
+clock: sync=none, time0=local
+ata0-master: type=cdrom, path=$iso, status=inserted
+boot: cdrom
+display_library: rfb, options="timeout=0"
+com1: enabled=1, mode=file, dev=$out/bochs-serial.txt
+port_e9_hack: enabled=1
+log: $out/bochs-log.txt
+panic: action=fatal
+error: action=report
+info: action=report
+debug: action=ignore
+BXRC
+echo c > "$out/bochs.rc"
+s=$(date +%s.%N)
+rc=0
+timeout 180 bochs -q -f "$out/bochsrc" -rc "$out/bochs.rc" </dev/null >"$out/bochs-stdout.txt" 2>&1 || rc=$?
+echo "hv-test: bochs exit status $rc (1 is normal: the shutdown port) in $(echo "$(date +%s.%N) - $s" | bc) s"
+touch "$out/bochs-serial.txt"
+[ $rc = 124 ] && { echo "hv-test: bochs timed out" >&2; fail=1; }
+grep -q "Shutdown port: shutdown requested" "$out/bochs-log.txt" 2>/dev/null \
+    || { echo "hv-test: bochs did not end through the shutdown port; log tail:" >&2; tail -20 "$out/bochs-log.txt" >&2 || true; fail=1; }
+check bochs "$out/bochs-serial.txt" "${common[@]}" "backend: vmx"
+
+echo "hv-test: total $(( $(date +%s) - t0 )) s"
+if [ $fail != 0 ]; then
+    echo "hv-test: FAILED" >&2
+    exit 1
+fi
+echo "hv-test: all emulator runs passed"

@@ -1,0 +1,180 @@
+//! Physical frame allocator built from the multiboot2 memory map.
+//!
+//! Owns all RAM above the kernel image and the boot information: the heap is carved from the
+//! start of the largest usable region, the rest hands out 4 KiB frames (a bump pointer over the
+//! usable regions plus a free list threaded through freed frames). Frames are identity mapped
+//! (VA == PA below 4 GiB), so a frame's pointer is its address.
+//! Invariants: a frame is never handed out twice while allocated; counters are exact
+//! (`allocated - freed == live`); nothing below 1 MiB or above 4 GiB is used.
+
+use spin::Mutex;
+
+use multiboot2::{BootInformation, BootInformationHeader, MemoryAreaType};
+
+pub const FRAME: u64 = 4096;
+const MAX_REGIONS: usize = 32;
+const LIMIT: u64 = 1 << 32;
+
+struct Inner {
+    regions: [(u64, u64); MAX_REGIONS],
+    count: usize,
+    /// Index of the region the bump pointer is in, and the pointer.
+    cur: usize,
+    next: u64,
+    /// Head of the list of freed frames (0 = empty); each freed frame stores the next address.
+    free_head: u64,
+    live: u64,
+    allocated: u64,
+    freed: u64,
+    total: u64,
+}
+
+static FRAMES: Mutex<Inner> = Mutex::new(Inner {
+    regions: [(0, 0); MAX_REGIONS],
+    count: 0,
+    cur: 0,
+    next: 0,
+    free_head: 0,
+    live: 0,
+    allocated: 0,
+    freed: 0,
+    total: 0,
+});
+
+extern "C" {
+    static __kernel_end: u8;
+}
+
+/// Result of boot-time memory discovery.
+pub struct BootMemory {
+    pub heap_start: u64,
+    pub heap_size: u64,
+    pub frames_total: u64,
+}
+
+fn align_up(v: u64, a: u64) -> u64 {
+    (v + a - 1) & !(a - 1)
+}
+
+/// Reads the memory map, reserves `heap_size` bytes for the heap, and gives the rest to the
+/// frame allocator. Returns an error string when the boot information is unusable.
+pub fn init(magic: u32, mbi: u32, heap_size: u64) -> Result<BootMemory, &'static str> {
+    if magic != multiboot2::MAGIC {
+        return Err("not booted by a multiboot2 loader (bad magic)");
+    }
+    let info = unsafe { BootInformation::load(mbi as usize as *const BootInformationHeader) }
+        .map_err(|_| "multiboot2 boot information is malformed")?;
+    let mmap = info.memory_map_tag().ok_or("no multiboot2 memory map")?;
+    let kernel_end = core::ptr::addr_of!(__kernel_end) as u64;
+    let floor = align_up(kernel_end.max(info.end_address() as u64).max(1 << 20), FRAME);
+
+    let mut inner = FRAMES.lock();
+    let mut best: Option<usize> = None;
+    for area in mmap.memory_areas() {
+        if area.typ() != MemoryAreaType::Available {
+            continue;
+        }
+        let start = align_up(area.start_address().max(floor), FRAME);
+        let end = area.end_address().min(LIMIT) & !(FRAME - 1);
+        if end <= start || inner.count == MAX_REGIONS {
+            continue;
+        }
+        let i = inner.count;
+        inner.regions[i] = (start, end);
+        inner.count += 1;
+        if best.map_or(true, |b| end - start > inner.regions[b].1 - inner.regions[b].0) {
+            best = Some(i);
+        }
+    }
+    let best = best.ok_or("no usable RAM above the kernel")?;
+    let (bs, be) = inner.regions[best];
+    if be - bs < heap_size * 2 {
+        return Err("not enough RAM for the heap");
+    }
+    inner.regions[best].0 = bs + heap_size;
+    inner.total = (0..inner.count).map(|i| (inner.regions[i].1 - inner.regions[i].0) / FRAME).sum();
+    inner.cur = 0;
+    inner.next = inner.regions[0].0;
+    Ok(BootMemory { heap_start: bs, heap_size, frames_total: inner.total })
+}
+
+impl Inner {
+    fn bump(&mut self, count: u64) -> Option<u64> {
+        while self.cur < self.count {
+            let end = self.regions[self.cur].1;
+            if self.next + count * FRAME <= end {
+                let pa = self.next;
+                self.next += count * FRAME;
+                return Some(pa);
+            }
+            self.cur += 1;
+            if self.cur < self.count {
+                self.next = self.regions[self.cur].0;
+            }
+        }
+        None
+    }
+}
+
+/// One frame (contents unspecified), or `None` when RAM is exhausted.
+pub fn alloc() -> Option<u64> {
+    let mut f = FRAMES.lock();
+    let pa = if f.free_head != 0 {
+        let pa = f.free_head;
+        f.free_head = unsafe { *(pa as *const u64) };
+        pa
+    } else {
+        f.bump(1)?
+    };
+    f.live += 1;
+    f.allocated += 1;
+    Some(pa)
+}
+
+/// One zero-filled frame.
+pub fn alloc_zeroed() -> Option<u64> {
+    let pa = alloc()?;
+    unsafe { core::ptr::write_bytes(pa as *mut u8, 0, FRAME as usize) };
+    Some(pa)
+}
+
+/// `count` physically contiguous frames (from the bump region only).
+pub fn alloc_contiguous(count: u64) -> Option<u64> {
+    let mut f = FRAMES.lock();
+    let pa = f.bump(count)?;
+    f.live += count;
+    f.allocated += count;
+    Some(pa)
+}
+
+pub fn free(pa: u64) {
+    let mut f = FRAMES.lock();
+    unsafe { *(pa as *mut u64) = f.free_head };
+    f.free_head = pa;
+    f.live -= 1;
+    f.freed += 1;
+}
+
+/// (live, allocated, freed, total) frame counts.
+pub fn stats() -> (u64, u64, u64, u64) {
+    let f = FRAMES.lock();
+    (f.live, f.allocated, f.freed, f.total)
+}
+
+/// The allocator as the memory model (`vmo`) sees it.
+pub struct PhysFrames;
+
+impl vmo::FrameAlloc for PhysFrames {
+    fn alloc_frame(&self) -> Option<vmo::Paddr> {
+        alloc()
+    }
+    fn alloc_contiguous(&self, count: usize) -> Option<vmo::Paddr> {
+        alloc_contiguous(count as u64)
+    }
+    fn free_frame(&self, pa: vmo::Paddr) {
+        free(pa)
+    }
+    fn frame_ptr(&self, pa: vmo::Paddr) -> *mut u8 {
+        pa as *mut u8
+    }
+}

@@ -1,0 +1,53 @@
+//! hv: a bare-metal type-1 hypervisor kernel.
+//!
+//! Boots through multiboot2 (GRUB) under QEMU or Bochs, then picks a virtualization backend by
+//! CPUID (AMD SVM + NPT, or Intel VMX + EPT) and runs the guest scenario (`scenario`). Every
+//! guest page reaches the second-level tables through a fault; forks share frames copy-on-write.
+//! The run ends with one `HV-VERDICT:` line on COM1 and an emulator exit.
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+pub mod cpu;
+pub mod exit;
+pub mod frames;
+pub mod heap;
+pub mod rt;
+pub mod serial;
+
+core::arch::global_asm!(include_str!("boot.s"));
+
+const HEAP_SIZE: u64 = 16 << 20;
+
+#[no_mangle]
+extern "C" fn hv_main(magic: u32, mbi: u32) -> ! {
+    serial::init();
+    println!("hv: hypervisor kernel starting");
+    cpu::init_tables();
+    let mem = match frames::init(magic, mbi, HEAP_SIZE) {
+        Ok(m) => m,
+        Err(e) => exit::finish(false, e),
+    };
+    heap::init(mem.heap_start, mem.heap_size);
+    println!(
+        "hv: heap {} MiB at {:#x}, {} free frames ({} MiB)",
+        mem.heap_size >> 20,
+        mem.heap_start,
+        mem.frames_total,
+        mem.frames_total * 4 / 1024
+    );
+    let v: alloc::vec::Vec<u64> = (0..100).collect();
+    println!("hv: heap check sum={}", v.iter().sum::<u64>());
+    let svm = cpu::has_svm_npt();
+    let vmx = cpu::has_vmx();
+    println!("hv: cpu: svm+npt={} vmx={}", svm, vmx);
+    if svm {
+        println!("backend: svm (AMD SVM + nested paging)");
+    } else if vmx {
+        println!("backend: vmx (Intel VT-x + EPT)");
+    } else {
+        exit::finish(false, "no usable virtualization extension (need SVM+NPT or VMX)");
+    }
+    exit::finish(true, "boot only (backends not implemented yet)")
+}
