@@ -385,3 +385,44 @@ impl FrameAlloc for HeapFrameAlloc {
         }
     }
 }
+
+/// A borrowed frame inside an XArray (what `XArray::load` hands out): derefs to `Frame`
+/// without touching the reference count.
+pub struct FrameRef<'a> {
+    frame: core::mem::ManuallyDrop<Frame>,
+    _borrow: core::marker::PhantomData<&'a Frame>,
+}
+
+impl core::ops::Deref for FrameRef<'_> {
+    type Target = Frame;
+    fn deref(&self) -> &Frame {
+        &self.frame
+    }
+}
+
+// SAFETY: `into_raw` yields the pointer of an `Arc<FrameInner>`, aligned to at least 8;
+// `from_raw` takes that ownership back exactly once; `raw_as_ref` builds a non-owning view that
+// never drops the Arc (ManuallyDrop), valid while the array holds the item.
+unsafe impl xarray::ItemEntry for Frame {
+    type Ref<'a>
+        = FrameRef<'a>
+    where
+        Self: 'a;
+
+    fn into_raw(self) -> *const () {
+        Frame::into_raw(self)
+    }
+
+    unsafe fn from_raw(raw: *const ()) -> Self {
+        // SAFETY: forwarded contract.
+        unsafe { Frame::from_raw(raw) }
+    }
+
+    unsafe fn raw_as_ref<'a>(raw: *const ()) -> FrameRef<'a> {
+        FrameRef {
+            // SAFETY: forwarded contract; ManuallyDrop keeps the count untouched.
+            frame: core::mem::ManuallyDrop::new(unsafe { Frame::from_raw(raw) }),
+            _borrow: core::marker::PhantomData,
+        }
+    }
+}

@@ -6,8 +6,12 @@
 extern crate alloc;
 
 pub mod frame;
+pub mod pager;
+pub mod vmo;
 
 pub use frame::{Frame, FrameAlloc, FramePool, FrameStats, HeapFrameAlloc, Paddr, FRAME_SIZE};
+pub use pager::Pager;
+pub use vmo::{ChildKind, PageOrigin, RangeChange, Rights, Vmo, VmoFlags, VmoObserver};
 
 /// Errors of the memory model; the meanings follow Zircon's status codes (CONTRACTS.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,6 +32,8 @@ pub enum Error {
     BadState,
     /// The object kind does not support the operation.
     NotSupported,
+    /// The operation would have to wait (pager I/O) and was asked not to.
+    ShouldWait,
     /// A pager could not produce or store a page.
     Io,
     /// A second-level table operation failed.

@@ -1,0 +1,358 @@
+//! `Pages`: the committed pages of one Vmo (not a slice), and the copy-on-write rule.
+//!
+//! Structure: pages live in an `XArray<Frame>` indexed by page number. A snapshot child gets a
+//! `clone()` of the array, which shares the array's nodes (node-level copy-on-write inside the
+//! `xarray` crate): creating a child is O(1) in the number of committed pages, and a long chain
+//! of snapshots never makes reads walk the chain — every Vmo reaches its frames through its own
+//! array of height ≤ 11.
+//!
+//! Invariants:
+//! - a frame reachable from two arrays is shared; a frame is private to this Vmo exactly when,
+//!   after the path to its slot has been made exclusive (a mutable cursor copies shared nodes on
+//!   the way down), this array's handle is the only one (`Frame::ref_count() == 1` once taken
+//!   out of the slot). Writing requires private; a shared frame is copied (or, when fully
+//!   overwritten, replaced by a fresh frame), a private one is written in place;
+//! - `committed` equals the number of occupied slots;
+//! - pinned slots are private and never removed or shared (the Vmo refuses snapshots while any
+//!   page is pinned);
+//! - when a reset point exists, `changed` holds every slot stored or removed since it was taken,
+//!   so a reset knows exactly which installed translations to drop.
+
+use alloc::collections::{BTreeMap, BTreeSet};
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use xarray::XArray;
+
+use crate::pager::Pager;
+use crate::{Error, Frame, FramePool, Result, FRAME_SIZE};
+
+/// A saved copy of the page array (O(1) to take, shares every frame).
+pub(crate) struct ResetPoint {
+    array: XArray<Frame>,
+    committed: u64,
+    size: u64,
+}
+
+pub(crate) struct Pages {
+    /// Size in bytes (page aligned).
+    pub size: u64,
+    array: XArray<Frame>,
+    committed: u64,
+    /// Page index → pin count.
+    pinned: BTreeMap<u64, u32>,
+    pub pager: Option<Arc<dyn Pager>>,
+    /// Pager page index of slot 0 (a snapshot child at an offset reads the parent's pages).
+    pager_base: u64,
+    /// Whether this page set owns the pager's backing store: only then are `update_page`,
+    /// `commit_overwrite` and `decommit_page` called. Snapshot children read through the
+    /// pager but never write back (their writes are private).
+    pager_writeback: bool,
+    reset_point: Option<ResetPoint>,
+    changed: BTreeSet<u64>,
+}
+
+/// How a fault or write got its frame.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PageOrigin {
+    /// A new frame was committed (zero-filled or from the pager).
+    pub committed: bool,
+    /// A shared frame was copied to a private one.
+    pub copied: bool,
+    /// The slot's frame changed (copied, or replaced by a fresh frame for a full overwrite):
+    /// translations of the old frame must go.
+    pub replaced: bool,
+}
+
+impl Pages {
+    pub fn new(size: u64, pager: Option<Arc<dyn Pager>>) -> Self {
+        Pages {
+            size,
+            array: XArray::new(),
+            committed: 0,
+            pinned: BTreeMap::new(),
+            pager,
+            pager_base: 0,
+            pager_writeback: true,
+            reset_point: None,
+            changed: BTreeSet::new(),
+        }
+    }
+
+    pub fn page_count(&self) -> u64 {
+        self.size / FRAME_SIZE as u64
+    }
+
+    pub fn committed_pages(&self) -> u64 {
+        self.committed
+    }
+
+    /// The frame in slot `idx`, without committing.
+    pub fn get(&self, idx: u64) -> Option<Frame> {
+        self.array.load(idx).map(|f| (*f).clone())
+    }
+
+    /// Occupied slots in `[start, end)`, in order.
+    pub fn committed_in(&self, start: u64, end: u64) -> Vec<u64> {
+        self.array.range(start..end).map(|(i, _)| i).collect()
+    }
+
+    fn note_change(&mut self, idx: u64) {
+        if self.reset_point.is_some() {
+            self.changed.insert(idx);
+        }
+    }
+
+    fn store(&mut self, idx: u64, frame: Frame) {
+        if self.array.store(idx, frame).is_none() {
+            self.committed += 1;
+        }
+        self.note_change(idx);
+    }
+
+    /// Commits slot `idx` if empty (zero frame, or the pager's data; with `overwrite` the caller
+    /// will overwrite the whole page, so no read happens). Returns the frame and whether it was
+    /// committed now.
+    pub fn commit(&mut self, pool: &FramePool, idx: u64, overwrite: bool) -> Result<(Frame, bool)> {
+        if let Some(f) = self.get(idx) {
+            return Ok((f, false));
+        }
+        let frame = self.fresh_frame(pool, idx, overwrite)?;
+        self.store(idx, frame.clone());
+        Ok((frame, true))
+    }
+
+    /// A frame for empty slot `idx`, not yet stored.
+    fn fresh_frame(&self, pool: &FramePool, idx: u64, overwrite: bool) -> Result<Frame> {
+        match (&self.pager, overwrite) {
+            (Some(pager), true) => {
+                if self.pager_writeback {
+                    pager.commit_overwrite(self.pager_base + idx)?;
+                }
+                pool.alloc_uninit()
+            }
+            (Some(pager), false) => {
+                let frame = pool.alloc_uninit()?;
+                let mut buf = [0u8; FRAME_SIZE];
+                pager.commit_page(self.pager_base + idx, &mut buf)?;
+                frame.write(0, &buf)?;
+                Ok(frame)
+            }
+            (None, true) => pool.alloc_uninit(),
+            (None, false) => pool.alloc_zeroed(),
+        }
+    }
+
+    /// Would committing slot `idx` need pager I/O?
+    pub fn needs_io(&self, idx: u64) -> bool {
+        self.pager.is_some() && self.array.load(idx).is_none()
+    }
+
+    /// Makes slot `idx` committed and private to this Vmo, so it may be written. `overwrite`:
+    /// the caller overwrites the whole page (no read, no copy needed).
+    pub fn private(
+        &mut self,
+        pool: &FramePool,
+        idx: u64,
+        overwrite: bool,
+    ) -> Result<(Frame, PageOrigin)> {
+        let mut cursor = self.array.cursor_mut(idx);
+        // Taking the frame out makes the path exclusive: afterwards the count is exact.
+        let Some(frame) = cursor.remove() else {
+            drop(cursor);
+            let frame = self.fresh_frame(pool, idx, overwrite)?;
+            self.store(idx, frame.clone());
+            return Ok((
+                frame,
+                PageOrigin {
+                    committed: true,
+                    ..PageOrigin::default()
+                },
+            ));
+        };
+        if frame.ref_count() == 1 {
+            cursor.store(frame.clone());
+            return Ok((frame, PageOrigin::default()));
+        }
+        let copy = if overwrite {
+            pool.alloc_uninit()
+        } else {
+            pool.copy_of(&frame)
+        };
+        match copy {
+            Ok(copy) => {
+                cursor.store(copy.clone());
+                drop(cursor);
+                self.note_change(idx);
+                Ok((
+                    copy,
+                    PageOrigin {
+                        committed: false,
+                        copied: !overwrite,
+                        replaced: true,
+                    },
+                ))
+            }
+            Err(e) => {
+                cursor.store(frame);
+                Err(e)
+            }
+        }
+    }
+
+    /// Whether slot `idx` holds a frame no other Vmo can reach (makes the path exclusive).
+    pub fn is_private(&mut self, idx: u64) -> bool {
+        let mut cursor = self.array.cursor_mut(idx);
+        match cursor.remove() {
+            Some(frame) => {
+                let private = frame.ref_count() == 1;
+                cursor.store(frame);
+                private
+            }
+            None => false,
+        }
+    }
+
+    /// Removes slot `idx` (its frame is freed when the last holder drops it). The pager gets
+    /// the final contents. Pinned slots are refused.
+    pub fn remove(&mut self, idx: u64) -> Result<Option<Frame>> {
+        if self.pinned.contains_key(&idx) {
+            return Err(Error::BadState);
+        }
+        let Some(frame) = self.array.remove(idx) else {
+            return Ok(None);
+        };
+        self.committed -= 1;
+        self.note_change(idx);
+        if let (Some(pager), true) = (&self.pager, self.pager_writeback) {
+            let mut buf = [0u8; FRAME_SIZE];
+            frame.read(0, &mut buf)?;
+            pager.decommit_page(self.pager_base + idx, &buf)?;
+        }
+        Ok(Some(frame))
+    }
+
+    /// Tells the pager that slot `idx` was written (no-op without a write-back pager).
+    pub fn mark_dirty(&self, idx: u64) -> Result<()> {
+        match (&self.pager, self.pager_writeback) {
+            (Some(pager), true) => pager.update_page(self.pager_base + idx),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn is_pinned(&self, idx: u64) -> bool {
+        self.pinned.contains_key(&idx)
+    }
+
+    /// Puts `frame` in empty slot `idx` (frames made by the caller, e.g. a contiguous run).
+    pub fn adopt(&mut self, idx: u64, frame: Frame) {
+        self.store(idx, frame);
+    }
+
+    pub fn any_pinned(&self) -> bool {
+        !self.pinned.is_empty()
+    }
+
+    pub fn any_pinned_in(&self, start: u64, end: u64) -> bool {
+        self.pinned.range(start..end).next().is_some()
+    }
+
+    /// Pins slots `[start, end)`: commits them privately and counts a pin on each.
+    pub fn pin(&mut self, pool: &FramePool, start: u64, end: u64) -> Result<()> {
+        for idx in start..end {
+            if let Err(e) = self.private(pool, idx, false) {
+                // Undo the pins taken so far; committed pages stay committed.
+                self.unpin(start, idx)?;
+                return Err(e);
+            }
+            *self.pinned.entry(idx).or_insert(0) += 1;
+        }
+        Ok(())
+    }
+
+    /// Drops one pin from each slot in `[start, end)`; every slot must be pinned.
+    pub fn unpin(&mut self, start: u64, end: u64) -> Result<()> {
+        if (start..end).any(|i| !self.pinned.contains_key(&i)) {
+            return Err(Error::BadState);
+        }
+        for idx in start..end {
+            let count = self.pinned.get_mut(&idx).ok_or(Error::BadState)?;
+            *count -= 1;
+            if *count == 0 {
+                self.pinned.remove(&idx);
+            }
+        }
+        Ok(())
+    }
+
+    /// A copy of this page set sharing every frame (the body of a snapshot child), keeping only
+    /// slots `[start, end)` and renumbering them from 0.
+    pub fn snapshot(&self, start: u64, end: u64, size: u64) -> Pages {
+        let mut child = Pages::new(size, self.pager.clone());
+        child.pager_base = self.pager_base + start;
+        child.pager_writeback = false;
+        if start == 0 {
+            child.array = self.array.clone();
+            child.committed = self.committed;
+            // Drop what lies beyond the child's window (O(slots past the window)).
+            for idx in self.committed_in(end, self.page_count().max(end)) {
+                if child.array.remove(idx).is_some() {
+                    child.committed -= 1;
+                }
+            }
+        } else {
+            // A window at an offset cannot share the array's numbering: share frames one by one.
+            for idx in self.committed_in(start, end) {
+                if let Some(frame) = self.get(idx) {
+                    child.store(idx - start, frame);
+                }
+            }
+        }
+        child
+    }
+
+    /// Sets the size; the caller has checked pins. Returns the frames dropped past the new end.
+    pub fn resize(&mut self, new_size: u64) -> Result<Vec<Frame>> {
+        let new_pages = new_size / FRAME_SIZE as u64;
+        let mut dropped = Vec::new();
+        for idx in self.committed_in(new_pages, self.page_count().max(new_pages)) {
+            if let Some(f) = self.remove(idx)? {
+                dropped.push(f);
+            }
+        }
+        self.size = new_size;
+        Ok(dropped)
+    }
+
+    /// Remembers the current pages as the state `reset` returns to.
+    pub fn set_reset_point(&mut self) {
+        self.reset_point = Some(ResetPoint {
+            array: self.array.clone(),
+            committed: self.committed,
+            size: self.size,
+        });
+        self.changed.clear();
+    }
+
+    pub fn has_reset_point(&self) -> bool {
+        self.reset_point.is_some()
+    }
+
+    /// Slots changed since the reset point (ascending).
+    pub fn changed(&self) -> Vec<u64> {
+        self.changed.iter().copied().collect()
+    }
+
+    /// Returns to the reset point; the caller has already dropped the translations of
+    /// `changed()`. Returns the replaced array so the caller can drop it outside its locks.
+    pub fn reset(&mut self) -> Result<XArray<Frame>> {
+        let point = self.reset_point.as_ref().ok_or(Error::BadState)?;
+        if self.any_pinned() {
+            return Err(Error::BadState);
+        }
+        let old = core::mem::replace(&mut self.array, point.array.clone());
+        self.committed = point.committed;
+        self.size = point.size;
+        self.changed.clear();
+        Ok(old)
+    }
+}
