@@ -8,11 +8,28 @@
 
 extern crate alloc;
 
+pub mod backend;
+pub mod entry;
 pub mod fault;
+pub mod invalidate;
+pub mod phys;
 pub mod stage2;
+pub mod svm;
+pub mod table;
+pub mod vmx;
 
+pub use backend::{EptTable, NptTable, Stage2Table};
+pub use entry::ept::{EptEntry, Eptp};
+pub use entry::npt::NptEntry;
+pub use entry::EntryFormat;
+pub use fault::{decode_npf, decode_svm_exit, decode_vmx_exit, DecodeError};
 pub use fault::{Access, FaultInfo, FaultKind};
+pub use invalidate::{CountingInvalidate, Invalidate};
+pub use phys::{HeapPhysMem, PhysMem};
 pub use stage2::{FlushScope, Stage2, Translation};
+pub use svm::{NptTlbControl, TlbControl};
+pub use table::PageTable;
+pub use vmx::{InveptDescriptor, InveptKind};
 
 /// Size of the smallest page and of a page-table frame.
 pub const PAGE_SIZE: u64 = 4096;

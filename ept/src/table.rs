@@ -1,0 +1,476 @@
+//! The 4-level second-level page table, written once and generic over the entry format
+//! (`EntryFormat`: EPT or NPT) and over where table frames come from (`PhysMem`).
+//!
+//! This module owns the table frames: it allocates them from its `PhysMem`, links them, and
+//! frees them. Invariants:
+//! - every non-root table frame in the tree holds at least one present entry (frames that become
+//!   empty on `unmap` are unlinked at once; `map` never links a table it does not fill);
+//! - a frame unlinked from the tree is *retired*, not freed: the CPU may still hold it in its
+//!   paging-structure caches until the next invalidation. Retired frames are chained through
+//!   their first entry (a 4 KiB-aligned address with bit 11 as "has next", which no format reads
+//!   as present) and returned to the `PhysMem` by `release_retired`, which the owner calls right
+//!   after the invalidation (`Stage2::flush`);
+//! - `table_frames()` is exactly the number of frames linked in the tree (root included) and
+//!   `retired_frames()` the number awaiting release; together they are every frame this table
+//!   holds from its `PhysMem`;
+//! - a failed operation leaves a consistent table: `map` allocates all the frames it needs before
+//!   linking any; `unmap`/`protect` split large pages first (a split replaces a leaf by an
+//!   equivalent table, so translations never change) and change entries only once every split
+//!   succeeded;
+//! - entries are read and written as `AtomicU64` so a concurrent hardware update of accessed /
+//!   dirty bits is never torn; permission changes and splits use compare-and-swap so those bits
+//!   are not lost.
+//!
+//! Arguments are validated before anything is touched; bad input is an `Error`, never a panic.
+
+use core::marker::PhantomData;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use crate::entry::{level_size, EntryFormat, ADDRESS_MASK};
+use crate::phys::PhysMem;
+use crate::{Error, MemType, PageSize, S2Perms, Translation, GPA_LIMIT, PAGE_SIZE, PA_LIMIT};
+
+const ENTRIES: usize = 512;
+/// Marks the first entry of a retired frame as linking to another retired frame.
+const RETIRED_LINK: u64 = 1 << 11;
+
+/// Index of `addr`'s entry in the table at `level`.
+fn index(addr: u64, level: usize) -> usize {
+    ((addr >> (12 + 9 * (level as u32 - 1))) & 0x1ff) as usize
+}
+
+fn page_size_of(level: usize) -> PageSize {
+    match level {
+        1 => PageSize::Size4K,
+        2 => PageSize::Size2M,
+        _ => PageSize::Size1G,
+    }
+}
+
+/// Validates a page-aligned range and returns its end. `InvalidArgs` for misalignment or
+/// `len == 0`; `OutOfRange` when `gpa + len` overflows or exceeds `GPA_LIMIT`.
+pub fn check_range(gpa: u64, len: u64) -> Result<u64, Error> {
+    if !gpa.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) || len == 0 {
+        return Err(Error::InvalidArgs);
+    }
+    match gpa.checked_add(len) {
+        Some(end) if end <= GPA_LIMIT => Ok(end),
+        _ => Err(Error::OutOfRange),
+    }
+}
+
+/// A 4-level table of `E` entries in frames from `M`.
+pub struct PageTable<E: EntryFormat, M: PhysMem> {
+    mem: M,
+    root: u64,
+    attached: usize,
+    retired_head: Option<u64>,
+    retired: usize,
+    _format: PhantomData<fn() -> E>,
+}
+
+impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
+    /// An empty table; allocates the root frame (`NoMemory` if that fails).
+    pub fn new(mem: M) -> Result<Self, Error> {
+        let root = mem.alloc_frame().ok_or(Error::NoMemory)?;
+        Ok(PageTable {
+            mem,
+            root,
+            attached: 1,
+            retired_head: None,
+            retired: 0,
+            _format: PhantomData,
+        })
+    }
+
+    /// Physical address of the root (PML4) frame.
+    pub fn root(&self) -> u64 {
+        self.root
+    }
+    /// The frame source.
+    pub fn phys_mem(&self) -> &M {
+        &self.mem
+    }
+    /// Table frames linked in the tree, root included.
+    pub fn table_frames(&self) -> usize {
+        self.attached
+    }
+    /// Unlinked table frames waiting for `release_retired` (i.e. for an invalidation).
+    pub fn retired_frames(&self) -> usize {
+        self.retired
+    }
+
+    fn slot(&self, table: u64, i: usize) -> &AtomicU64 {
+        let base = self.mem.frame_ptr(table);
+        // SAFETY: `table` is a frame this table allocated and still holds; `PhysMem` guarantees
+        // 512 aligned u64s behind the pointer, and `i < 512`.
+        unsafe { &*(base.add(i & (ENTRIES - 1)) as *const AtomicU64) }
+    }
+
+    fn load(&self, table: u64, i: usize) -> E {
+        E::from_raw(self.slot(table, i).load(Ordering::Acquire))
+    }
+
+    fn translation(e: E, level: usize, gpa: u64) -> Translation {
+        Translation {
+            gpa: gpa & !(level_size(level) - 1),
+            pa: e.leaf_address(level),
+            size: page_size_of(level),
+            perms: e.perms(),
+            mem_type: e.mem_type(level),
+            accessed: e.accessed(),
+            dirty: e.dirty(),
+        }
+    }
+
+    /// Installs a leaf of `size` at `gpa` → `pa`. Replaces (and returns) an existing leaf of the
+    /// same size at `gpa`; any other overlap is `AlreadyExists`. Errors: `gpa`/`pa` not aligned
+    /// to `size` → `InvalidArgs`; `gpa + size > 2^48` or `pa >= 2^52` → `OutOfRange`;
+    /// unrepresentable perms or memory type → `InvalidArgs` / `NotSupported`; no frame for a
+    /// new table → `NoMemory` (nothing changed).
+    pub fn map(
+        &mut self,
+        gpa: u64,
+        pa: u64,
+        size: PageSize,
+        perms: S2Perms,
+        mem_type: MemType,
+    ) -> Result<Option<Translation>, Error> {
+        let bytes = size.bytes();
+        if !gpa.is_multiple_of(bytes) || !pa.is_multiple_of(bytes) {
+            return Err(Error::InvalidArgs);
+        }
+        // `gpa` is size-aligned and GPA_LIMIT is a multiple of every size.
+        if gpa >= GPA_LIMIT || pa >= PA_LIMIT {
+            return Err(Error::OutOfRange);
+        }
+        E::check(perms, mem_type)?;
+        let target = size.level();
+        let leaf = E::leaf(target, pa, perms, mem_type);
+
+        let mut table = self.root;
+        let mut level = 4;
+        while level > target {
+            let e = self.load(table, index(gpa, level));
+            if !e.is_present() {
+                break;
+            }
+            if e.is_leaf(level) {
+                return Err(Error::AlreadyExists);
+            }
+            table = e.table_address();
+            level -= 1;
+        }
+
+        if level == target {
+            let slot = self.slot(table, index(gpa, level));
+            let old = E::from_raw(slot.load(Ordering::Acquire));
+            if !old.is_present() {
+                slot.store(leaf.raw(), Ordering::Release);
+                return Ok(None);
+            }
+            if !old.is_leaf(level) {
+                return Err(Error::AlreadyExists);
+            }
+            let old = E::from_raw(slot.swap(leaf.raw(), Ordering::AcqRel));
+            return Ok(Some(Self::translation(old, level, gpa)));
+        }
+
+        // Tables are missing for levels `level - 1` down to `target`: allocate them all first.
+        let needed = level - target;
+        let mut frames = [0u64; 3];
+        for i in 0..needed {
+            match self.mem.alloc_frame() {
+                Some(f) => frames[i] = f,
+                None => {
+                    for &f in &frames[..i] {
+                        // SAFETY: allocated just above, never linked.
+                        unsafe { self.mem.free_frame(f) };
+                    }
+                    return Err(Error::NoMemory);
+                }
+            }
+        }
+        // frames[i] is the new table at level `level - 1 - i`; fill bottom-up, link last.
+        self.slot(frames[needed - 1], index(gpa, target))
+            .store(leaf.raw(), Ordering::Relaxed);
+        for i in (0..needed - 1).rev() {
+            let lvl = level - 1 - i;
+            self.slot(frames[i], index(gpa, lvl))
+                .store(E::table_pointer(frames[i + 1]).raw(), Ordering::Relaxed);
+        }
+        self.slot(table, index(gpa, level))
+            .store(E::table_pointer(frames[0]).raw(), Ordering::Release);
+        self.attached += needed;
+        Ok(None)
+    }
+
+    /// The leaf translating `gpa`, if any (`None` for addresses at or beyond 2^48).
+    pub fn query(&self, gpa: u64) -> Option<Translation> {
+        if gpa >= GPA_LIMIT {
+            return None;
+        }
+        let mut table = self.root;
+        let mut level = 4;
+        loop {
+            let e = self.load(table, index(gpa, level));
+            if !e.is_present() {
+                return None;
+            }
+            if e.is_leaf(level) {
+                return Some(Self::translation(e, level, gpa));
+            }
+            if level == 1 {
+                return None;
+            }
+            table = e.table_address();
+            level -= 1;
+        }
+    }
+
+    /// Splits large leaves until none straddles `addr` (4 KiB-aligned). A straddling leaf is
+    /// split only when `wanted(leaf)` says so. Translations are unchanged.
+    fn split_at(&mut self, addr: u64, wanted: &dyn Fn(E) -> bool) -> Result<(), Error> {
+        if addr >= GPA_LIMIT {
+            return Ok(());
+        }
+        let mut table = self.root;
+        let mut level = 4;
+        while level > 1 {
+            let slot_index = index(addr, level);
+            let e = self.load(table, slot_index);
+            if !e.is_present() {
+                return Ok(());
+            }
+            if e.is_leaf(level) {
+                if addr.is_multiple_of(level_size(level)) || !wanted(e) {
+                    return Ok(());
+                }
+                let new = self.mem.alloc_frame().ok_or(Error::NoMemory)?;
+                let slot = self.slot(table, slot_index);
+                loop {
+                    let cur = slot.load(Ordering::Acquire);
+                    let cur_e = E::from_raw(cur);
+                    for i in 0..ENTRIES {
+                        self.slot(new, i)
+                            .store(cur_e.split_child(level, i as u64).raw(), Ordering::Relaxed);
+                    }
+                    let ptr = E::table_pointer(new).raw();
+                    if slot
+                        .compare_exchange(cur, ptr, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                    {
+                        break;
+                    }
+                }
+                self.attached += 1;
+                table = new;
+            } else {
+                table = e.table_address();
+            }
+            level -= 1;
+        }
+        Ok(())
+    }
+
+    fn table_is_empty(&self, table: u64) -> bool {
+        (0..ENTRIES).all(|i| !self.load(table, i).is_present())
+    }
+
+    fn retire(&mut self, frame: u64) {
+        let link = match self.retired_head {
+            Some(next) => next | RETIRED_LINK,
+            None => 0,
+        };
+        self.slot(frame, 0).store(link, Ordering::Relaxed);
+        self.retired_head = Some(frame);
+        self.retired += 1;
+        self.attached -= 1;
+    }
+
+    /// Returns every retired frame to the `PhysMem`. Call only after the hardware's cached
+    /// translations for this table were invalidated.
+    pub fn release_retired(&mut self) {
+        let mut next = self.retired_head.take();
+        while let Some(frame) = next {
+            let link = self.slot(frame, 0).load(Ordering::Relaxed);
+            next = (link & RETIRED_LINK != 0).then_some(link & ADDRESS_MASK);
+            // SAFETY: retired frames are unlinked and, per this method's contract, no longer
+            // cached by hardware.
+            unsafe { self.mem.free_frame(frame) };
+        }
+        self.retired = 0;
+    }
+
+    /// Removes every translation in `[gpa, gpa + len)`, splitting large leaves that straddle
+    /// the ends, and unlinks table frames that become empty. Returns the number of 4 KiB pages
+    /// that were mapped. Errors: see `check_range`; `NoMemory` when a split needs a frame
+    /// (then nothing was unmapped).
+    pub fn unmap(&mut self, gpa: u64, len: u64) -> Result<u64, Error> {
+        let end = check_range(gpa, len)?;
+        self.split_at(gpa, &|_| true)?;
+        self.split_at(end, &|_| true)?;
+        Ok(self.unmap_in(self.root, 4, gpa, end))
+    }
+
+    fn unmap_in(&mut self, table: u64, level: usize, start: u64, end: u64) -> u64 {
+        let size = level_size(level);
+        let mut removed = 0;
+        let mut addr = start;
+        while addr < end {
+            let entry_base = addr & !(size - 1);
+            let entry_end = entry_base + size;
+            let sub_end = end.min(entry_end);
+            let i = index(addr, level);
+            let e = self.load(table, i);
+            if e.is_present() {
+                if e.is_leaf(level) {
+                    // Straddling leaves were split, so this one lies inside the range.
+                    self.slot(table, i).swap(0, Ordering::AcqRel);
+                    removed += size / PAGE_SIZE;
+                } else if level > 1 {
+                    let child = e.table_address();
+                    removed += self.unmap_in(child, level - 1, addr, sub_end);
+                    let covered = addr == entry_base && sub_end == entry_end;
+                    if covered || self.table_is_empty(child) {
+                        self.slot(table, i).store(0, Ordering::Release);
+                        self.retire(child);
+                    }
+                }
+            }
+            addr = entry_end;
+        }
+        removed
+    }
+
+    /// Sets the permissions of every translation in `[gpa, gpa + len)` to `perms`. Large leaves
+    /// straddling the ends are split only when their permissions change. Returns the number of
+    /// 4 KiB pages whose permissions changed. Errors: see `check_range`; unrepresentable perms
+    /// (`InvalidArgs`, `NotSupported`; empty perms are `InvalidArgs`: use `unmap`); `NoMemory`
+    /// for a split (then nothing changed).
+    pub fn protect(&mut self, gpa: u64, len: u64, perms: S2Perms) -> Result<u64, Error> {
+        let end = check_range(gpa, len)?;
+        // The memory type is not changed; any accepted type validates the permissions alone.
+        E::check(perms, MemType::WriteBack)?;
+        let differs = move |e: E| e.perms() != perms;
+        self.split_at(gpa, &differs)?;
+        self.split_at(end, &differs)?;
+        Ok(self.protect_in(self.root, 4, gpa, end, perms))
+    }
+
+    fn protect_in(
+        &mut self,
+        table: u64,
+        level: usize,
+        start: u64,
+        end: u64,
+        perms: S2Perms,
+    ) -> u64 {
+        let size = level_size(level);
+        let mut changed = 0;
+        let mut addr = start;
+        while addr < end {
+            let entry_base = addr & !(size - 1);
+            let entry_end = entry_base + size;
+            let i = index(addr, level);
+            let e = self.load(table, i);
+            if e.is_present() {
+                if e.is_leaf(level) {
+                    if e.perms() != perms {
+                        let slot = self.slot(table, i);
+                        let mut cur = e.raw();
+                        loop {
+                            let new = E::from_raw(cur).with_perms(perms).raw();
+                            match slot.compare_exchange(
+                                cur,
+                                new,
+                                Ordering::AcqRel,
+                                Ordering::Acquire,
+                            ) {
+                                Ok(_) => break,
+                                Err(actual) => cur = actual,
+                            }
+                        }
+                        changed += size / PAGE_SIZE;
+                    }
+                } else if level > 1 {
+                    let child = e.table_address();
+                    changed += self.protect_in(child, level - 1, addr, end.min(entry_end), perms);
+                }
+            }
+            addr = entry_end;
+        }
+        changed
+    }
+
+    /// Calls `f` with every leaf that intersects `[gpa, gpa + len)`, in address order (whole
+    /// leaves: a large leaf may start before `gpa`). Errors: see `check_range`.
+    pub fn for_each_leaf(
+        &self,
+        gpa: u64,
+        len: u64,
+        mut f: impl FnMut(Translation),
+    ) -> Result<(), Error> {
+        let end = check_range(gpa, len)?;
+        self.walk_in(self.root, 4, gpa, end, &mut f);
+        Ok(())
+    }
+
+    fn walk_in(
+        &self,
+        table: u64,
+        level: usize,
+        start: u64,
+        end: u64,
+        f: &mut dyn FnMut(Translation),
+    ) {
+        let size = level_size(level);
+        let mut addr = start;
+        while addr < end {
+            let entry_base = addr & !(size - 1);
+            let entry_end = entry_base + size;
+            let e = self.load(table, index(addr, level));
+            if e.is_present() {
+                if e.is_leaf(level) {
+                    f(Self::translation(e, level, entry_base));
+                } else if level > 1 {
+                    self.walk_in(e.table_address(), level - 1, addr, end.min(entry_end), f);
+                }
+            }
+            addr = entry_end;
+        }
+    }
+
+    fn free_subtree(&mut self, table: u64, level: usize) {
+        if level > 1 {
+            for i in 0..ENTRIES {
+                let e = self.load(table, i);
+                if e.is_present() && !e.is_leaf(level) {
+                    self.free_subtree(e.table_address(), level - 1);
+                }
+            }
+        }
+        // SAFETY: the table is being dropped; its frames are no longer used.
+        unsafe { self.mem.free_frame(table) };
+    }
+}
+
+impl<E: EntryFormat, M: PhysMem> Drop for PageTable<E, M> {
+    /// Frees every table frame, linked or retired. The owner must have stopped the hardware
+    /// from using this table (no running vCPU with it loaded).
+    fn drop(&mut self) {
+        self.release_retired();
+        self.free_subtree(self.root, 4);
+        self.attached = 0;
+    }
+}
+
+impl<E: EntryFormat, M: PhysMem> core::fmt::Debug for PageTable<E, M> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("PageTable")
+            .field("root", &format_args!("{:#x}", self.root))
+            .field("table_frames", &self.attached)
+            .field("retired_frames", &self.retired)
+            .finish()
+    }
+}
