@@ -6,6 +6,10 @@
 //! of snapshots never makes reads walk the chain — every Vmo reaches its frames through its own
 //! array of height ≤ 11.
 //!
+//! xarray 0.1.1 caveat: a mutable cursor's `remove` at an index beyond the array's current
+//! height lands on the wrong slot (it does not check the bound that `load` checks), so every
+//! removal here first checks the slot with `load`. `tests/vmo_clone.rs` keeps a regression test.
+//!
 //! Invariants:
 //! - a frame reachable from two arrays is shared; a frame is private to this Vmo exactly when,
 //!   after the path to its slot has been made exclusive (a mutable cursor copies shared nodes on
@@ -155,20 +159,18 @@ impl Pages {
         idx: u64,
         overwrite: bool,
     ) -> Result<(Frame, PageOrigin)> {
-        let mut cursor = self.array.cursor_mut(idx);
-        // Taking the frame out makes the path exclusive: afterwards the count is exact.
-        let Some(frame) = cursor.remove() else {
-            drop(cursor);
+        if self.array.load(idx).is_none() {
             let frame = self.fresh_frame(pool, idx, overwrite)?;
             self.store(idx, frame.clone());
-            return Ok((
-                frame,
-                PageOrigin {
-                    committed: true,
-                    ..PageOrigin::default()
-                },
-            ));
-        };
+            let origin = PageOrigin {
+                committed: true,
+                ..PageOrigin::default()
+            };
+            return Ok((frame, origin));
+        }
+        let mut cursor = self.array.cursor_mut(idx);
+        // Taking the frame out makes the path exclusive: afterwards the count is exact.
+        let frame = cursor.remove().ok_or(Error::BadState)?;
         if frame.ref_count() == 1 {
             cursor.store(frame.clone());
             return Ok((frame, PageOrigin::default()));
@@ -201,6 +203,9 @@ impl Pages {
 
     /// Whether slot `idx` holds a frame no other Vmo can reach (makes the path exclusive).
     pub fn is_private(&mut self, idx: u64) -> bool {
+        if self.array.load(idx).is_none() {
+            return false;
+        }
         let mut cursor = self.array.cursor_mut(idx);
         match cursor.remove() {
             Some(frame) => {
@@ -217,6 +222,9 @@ impl Pages {
     pub fn remove(&mut self, idx: u64) -> Result<Option<Frame>> {
         if self.pinned.contains_key(&idx) {
             return Err(Error::BadState);
+        }
+        if self.array.load(idx).is_none() {
+            return Ok(None);
         }
         let Some(frame) = self.array.remove(idx) else {
             return Ok(None);
