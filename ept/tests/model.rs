@@ -1,0 +1,411 @@
+//! Random operation sequences (map at all three sizes, unmap, protect, query, flush) against a
+//! simple reference model, for both formats. The model is a `BTreeMap` of leaves keyed by gpa;
+//! it splits large leaves the way the `Stage2` contract specifies (down to the level where the
+//! range boundary is aligned, only when needed), so page sizes, `AlreadyExists` outcomes, page
+//! counts and the exact number of table frames are all compared. Every sequence ends by
+//! unmapping everything: only the root frame may remain, and nothing after drop.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ept::entry::EntryFormat;
+use ept::*;
+use proptest::prelude::*;
+
+const K4: u64 = 4096;
+const M2: u64 = 2 << 20;
+const G1: u64 = 1 << 30;
+
+/// Regions the addresses fall into: low memory, four 1 GiB slots straddling the 512 GiB
+/// (PML4 entry) boundary, and the top of the 48-bit space.
+const REGIONS: [u64; 3] = [0, (1 << 39) - 2 * G1, GPA_LIMIT - 4 * G1];
+const REGION_LEN: u64 = 4 * G1;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Leaf {
+    size: u64,
+    pa: u64,
+    perms: S2Perms,
+    mem_type: MemType,
+}
+
+#[derive(Default)]
+struct Model {
+    leaves: BTreeMap<u64, Leaf>,
+}
+
+fn size_of(s: PageSize) -> u64 {
+    s.bytes()
+}
+fn page_size(bytes: u64) -> PageSize {
+    match bytes {
+        K4 => PageSize::Size4K,
+        M2 => PageSize::Size2M,
+        _ => PageSize::Size1G,
+    }
+}
+
+impl Model {
+    fn containing(&self, addr: u64) -> Option<(u64, Leaf)> {
+        self.leaves
+            .range(..=addr)
+            .next_back()
+            .filter(|(g, l)| addr < *g + l.size)
+            .map(|(g, l)| (*g, *l))
+    }
+
+    fn map(&mut self, gpa: u64, leaf: Leaf) -> Result<Option<Leaf>, Error> {
+        if let Some(old) = self.leaves.get(&gpa).copied() {
+            if old.size == leaf.size {
+                self.leaves.insert(gpa, leaf);
+                return Ok(Some(old));
+            }
+        }
+        if self.containing(gpa).is_some()
+            || self.leaves.range(gpa..gpa + leaf.size).next().is_some()
+        {
+            return Err(Error::AlreadyExists);
+        }
+        self.leaves.insert(gpa, leaf);
+        Ok(None)
+    }
+
+    fn split_at(&mut self, addr: u64, wanted: &dyn Fn(&Leaf) -> bool) {
+        while let Some((g, l)) = self.containing(addr) {
+            if g == addr || !wanted(&l) {
+                return;
+            }
+            self.leaves.remove(&g);
+            let child = l.size / 512;
+            for i in 0..512 {
+                self.leaves.insert(
+                    g + i * child,
+                    Leaf {
+                        size: child,
+                        pa: l.pa + i * child,
+                        ..l
+                    },
+                );
+            }
+        }
+    }
+
+    fn unmap(&mut self, start: u64, end: u64) -> u64 {
+        self.split_at(start, &|_| true);
+        self.split_at(end, &|_| true);
+        let keys: Vec<u64> = self.leaves.range(start..end).map(|(g, _)| *g).collect();
+        keys.iter()
+            .map(|g| self.leaves.remove(g).unwrap().size / K4)
+            .sum()
+    }
+
+    fn protect(&mut self, start: u64, end: u64, perms: S2Perms) -> u64 {
+        self.split_at(start, &|l| l.perms != perms);
+        self.split_at(end, &|l| l.perms != perms);
+        let mut changed = 0;
+        for (_, l) in self.leaves.range_mut(start..end) {
+            if l.perms != perms {
+                l.perms = perms;
+                changed += l.size / K4;
+            }
+        }
+        changed
+    }
+
+    fn query(&self, addr: u64) -> Option<(u64, u64, PageSize, S2Perms, MemType)> {
+        self.containing(addr)
+            .map(|(g, l)| (g, l.pa, page_size(l.size), l.perms, l.mem_type))
+    }
+
+    /// Root, plus one PDPT per used PML4 slot, one PD per 1 GiB slot holding smaller leaves,
+    /// one PT per 2 MiB slot holding 4 KiB leaves.
+    fn expected_frames(&self) -> usize {
+        let mut pdpt = BTreeSet::new();
+        let mut pd = BTreeSet::new();
+        let mut pt = BTreeSet::new();
+        for (g, l) in &self.leaves {
+            pdpt.insert(g >> 39);
+            if l.size <= M2 {
+                pd.insert(g >> 30);
+            }
+            if l.size == K4 {
+                pt.insert(g >> 21);
+            }
+        }
+        1 + pdpt.len() + pd.len() + pt.len()
+    }
+}
+
+fn check_range(gpa: u64, len: u64) -> Result<u64, Error> {
+    if gpa % K4 != 0 || len % K4 != 0 || len == 0 {
+        return Err(Error::InvalidArgs);
+    }
+    match gpa.checked_add(len) {
+        Some(end) if end <= GPA_LIMIT => Ok(end),
+        _ => Err(Error::OutOfRange),
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Map {
+        gpa: u64,
+        pa: u64,
+        size: PageSize,
+        perms: S2Perms,
+        mem_type: MemType,
+    },
+    Unmap {
+        gpa: u64,
+        len: u64,
+    },
+    Protect {
+        gpa: u64,
+        len: u64,
+        perms: S2Perms,
+    },
+    Query {
+        gpa: u64,
+    },
+    Flush,
+}
+
+/// An address inside one of the regions, on a 1G/2M/4K grid that makes collisions likely.
+fn arb_addr() -> impl Strategy<Value = u64> {
+    (
+        0..REGIONS.len(),
+        0u64..4,
+        prop_oneof![Just(0u64), Just(1), Just(2), Just(511)],
+        prop_oneof![Just(0u64), Just(1), Just(2), Just(511)],
+    )
+        .prop_map(|(r, g, m, k)| REGIONS[r] + g * G1 + m * M2 + k * K4)
+}
+
+fn arb_size() -> impl Strategy<Value = PageSize> {
+    prop_oneof![
+        3 => Just(PageSize::Size4K),
+        2 => Just(PageSize::Size2M),
+        1 => Just(PageSize::Size1G),
+    ]
+}
+
+fn arb_perms() -> impl Strategy<Value = S2Perms> {
+    prop_oneof![
+        Just(S2Perms::READ),
+        Just(S2Perms::RW),
+        Just(S2Perms::READ | S2Perms::EXEC),
+        Just(S2Perms::RWX),
+    ]
+}
+
+fn arb_mem_type() -> impl Strategy<Value = MemType> {
+    prop_oneof![
+        4 => Just(MemType::WriteBack),
+        1 => Just(MemType::Uncacheable),
+        1 => Just(MemType::WriteThrough),
+    ]
+}
+
+fn arb_len() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        (1u64..5).prop_map(|n| n * K4),
+        Just(M2),
+        Just(M2 + K4),
+        Just(511 * K4),
+        Just(G1),
+        Just(G1 + M2 + K4),
+        Just(3 * G1),
+    ]
+}
+
+fn arb_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (arb_addr(), any::<u64>(), arb_size(), arb_perms(), arb_mem_type()).prop_map(
+            |(gpa, pa, size, perms, mem_type)| {
+                let bytes = size.bytes();
+                Op::Map {
+                    gpa: gpa & !(bytes - 1),
+                    pa: pa & (PA_LIMIT - 1) & !(bytes - 1),
+                    size,
+                    perms,
+                    mem_type,
+                }
+            }
+        ),
+        2 => (arb_addr(), arb_len()).prop_map(|(gpa, len)| Op::Unmap { gpa, len }),
+        2 => (arb_addr(), arb_len(), arb_perms())
+            .prop_map(|(gpa, len, perms)| Op::Protect { gpa, len, perms }),
+        2 => (arb_addr(), 0u64..K4).prop_map(|(gpa, off)| Op::Query { gpa: gpa + off }),
+        1 => Just(Op::Flush),
+    ]
+}
+
+fn tr_tuple(t: Translation) -> (u64, u64, PageSize, S2Perms, MemType) {
+    (t.gpa, t.pa, t.size, t.perms, t.mem_type)
+}
+
+fn compare_all<E: EntryFormat>(
+    t: &Stage2Table<E, &HeapPhysMem>,
+    model: &Model,
+) -> Result<(), TestCaseError> {
+    let got: Vec<_> = t
+        .leaves(0, GPA_LIMIT)
+        .unwrap()
+        .into_iter()
+        .map(tr_tuple)
+        .collect();
+    let want: Vec<_> = model
+        .leaves
+        .iter()
+        .map(|(g, l)| (*g, l.pa, page_size(l.size), l.perms, l.mem_type))
+        .collect();
+    prop_assert_eq!(got, want);
+    Ok(())
+}
+
+fn run<E: EntryFormat>(
+    mut t: Stage2Table<E, &HeapPhysMem>,
+    mem: &HeapPhysMem,
+    ops: &[Op],
+) -> Result<(), TestCaseError> {
+    let mut model = Model::default();
+    for (n, op) in ops.iter().enumerate() {
+        match *op {
+            Op::Map {
+                gpa,
+                pa,
+                size,
+                perms,
+                mem_type,
+            } => {
+                let leaf = Leaf {
+                    size: size_of(size),
+                    pa,
+                    perms,
+                    mem_type,
+                };
+                let want = model.map(gpa, leaf);
+                let got = t.map(gpa, pa, size, perms, mem_type);
+                let got = got.map(|o| o.map(|t| (t.gpa, t.pa, t.size, t.perms, t.mem_type)));
+                let want =
+                    want.map(|o| o.map(|l| (gpa, l.pa, page_size(l.size), l.perms, l.mem_type)));
+                prop_assert_eq!(got, want, "op {}: {:?}", n, op);
+            }
+            Op::Unmap { gpa, len } => {
+                let want = check_range(gpa, len).map(|end| model.unmap(gpa, end));
+                let got = t.unmap(gpa, len);
+                prop_assert_eq!(got, want, "op {}: {:?}", n, op);
+                if matches!(got, Ok(c) if c > 0) {
+                    prop_assert!(t.flush_pending());
+                }
+            }
+            Op::Protect { gpa, len, perms } => {
+                let want = check_range(gpa, len).map(|end| model.protect(gpa, end, perms));
+                let got = t.protect(gpa, len, perms);
+                prop_assert_eq!(got, want, "op {}: {:?}", n, op);
+                if matches!(got, Ok(c) if c > 0) {
+                    prop_assert!(t.flush_pending());
+                }
+            }
+            Op::Query { gpa } => {
+                prop_assert_eq!(t.query(gpa).map(tr_tuple), model.query(gpa), "op {}", n);
+            }
+            Op::Flush => {
+                t.flush(FlushScope::Context);
+                prop_assert_eq!(t.retired_frames(), 0);
+            }
+        }
+        prop_assert_eq!(
+            t.table_frames(),
+            model.expected_frames(),
+            "op {}: {:?}",
+            n,
+            op
+        );
+        prop_assert_eq!(mem.live_frames(), t.table_frames() + t.retired_frames());
+        if n % 16 == 15 {
+            compare_all(&t, &model)?;
+        }
+    }
+    compare_all(&t, &model)?;
+    // Unmap everything: every table frame is released after the flush.
+    let mut total = 0;
+    for r in REGIONS {
+        total += t.unmap(r, REGION_LEN).unwrap();
+    }
+    let mapped: u64 = model.leaves.values().map(|l| l.size / K4).sum();
+    prop_assert_eq!(total, mapped);
+    t.flush(FlushScope::Context);
+    prop_assert_eq!(t.table_frames(), 1);
+    prop_assert_eq!(mem.live_frames(), 1);
+    prop_assert!(t.leaves(0, GPA_LIMIT).unwrap().is_empty());
+    drop(t);
+    prop_assert_eq!(mem.live_frames(), 0);
+    prop_assert_eq!(mem.bad_frees(), 0);
+    Ok(())
+}
+
+/// Operations per sequence; with 64 cases per format this is over 10,000 operations per run.
+const OPS: usize = 100;
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn ept_matches_model(ops in proptest::collection::vec(arb_op(), OPS..OPS + 1)) {
+        let mem = HeapPhysMem::new();
+        run(EptTable::new(&mem).unwrap(), &mem, &ops)?;
+    }
+
+    #[test]
+    fn npt_matches_model(ops in proptest::collection::vec(arb_op(), OPS..OPS + 1)) {
+        let mem = HeapPhysMem::new();
+        run(NptTable::new(&mem).unwrap(), &mem, &ops)?;
+    }
+}
+
+/// Deterministic large-page split cases on both formats.
+#[test]
+fn large_page_splits() {
+    fn check<E: EntryFormat>(mut t: Stage2Table<E, &HeapPhysMem>, mem: &HeapPhysMem) {
+        let rw = S2Perms::RW;
+        t.map(G1, 0x4000_0000, PageSize::Size1G, rw, MemType::WriteBack)
+            .unwrap();
+        // Protect one 4 KiB page in the middle: 1G → 512×2M, the 2M holding it → 512×4K.
+        assert_eq!(t.protect(G1 + 5 * M2 + 7 * K4, K4, S2Perms::READ), Ok(1));
+        assert_eq!(t.table_frames(), 4);
+        let q = t.query(G1 + 5 * M2 + 7 * K4).unwrap();
+        assert_eq!(
+            (q.size, q.perms, q.pa),
+            (
+                PageSize::Size4K,
+                S2Perms::READ,
+                0x4000_0000 + 5 * M2 + 7 * K4
+            )
+        );
+        let q = t.query(G1 + 5 * M2 + 8 * K4).unwrap();
+        assert_eq!((q.size, q.perms), (PageSize::Size4K, rw));
+        let q = t.query(G1 + 6 * M2).unwrap();
+        assert_eq!(
+            (q.gpa, q.size, q.perms, q.pa),
+            (G1 + 6 * M2, PageSize::Size2M, rw, 0x4000_0000 + 6 * M2)
+        );
+        assert_eq!(t.leaves(G1, G1).unwrap().len(), 511 + 512);
+        // Unmap a range cutting 2M leaves at both ends.
+        assert_eq!(t.unmap(G1 + 10 * M2 + K4, 3 * M2), Ok(3 * 512));
+        assert_eq!(t.table_frames(), 6);
+        assert!(t.query(G1 + 10 * M2 + K4).is_none());
+        assert_eq!(t.query(G1 + 10 * M2).unwrap().size, PageSize::Size4K);
+        assert_eq!(t.query(G1 + 13 * M2 + K4).unwrap().size, PageSize::Size4K);
+        assert_eq!(t.query(G1 + 14 * M2).unwrap().size, PageSize::Size2M);
+        // Unmap the remaining pieces page by page from one 4K table: it is freed at the end.
+        assert_eq!(t.unmap(G1 + 10 * M2, K4), Ok(1));
+        assert_eq!(t.table_frames(), 5);
+        assert_eq!(t.unmap(G1, G1), Ok(512 * 512 - 1 - 3 * 512));
+        t.flush(FlushScope::Context);
+        assert_eq!((t.table_frames(), mem.live_frames()), (1, 1));
+    }
+    let mem = HeapPhysMem::new();
+    check(EptTable::new(&mem).unwrap(), &mem);
+    check(NptTable::new(&mem).unwrap(), &mem);
+    assert_eq!(mem.live_frames(), 0);
+}
