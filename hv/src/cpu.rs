@@ -133,8 +133,10 @@ pub fn tss_base() -> u64 {
     core::ptr::addr_of!(TSS) as u64
 }
 
-/// Fills the TSS descriptor, loads TR, and installs the exception IDT.
+/// Fills the TSS descriptor, loads TR, installs the exception IDT, and sets EFER.NXE (NPT
+/// leaves use the NX bit, which is reserved unless the host enables it).
 pub fn init_tables() {
+    wrmsr(MSR_EFER, rdmsr(MSR_EFER) | (1 << 11));
     unsafe {
         let base = tss_base();
         let limit = 103u64;

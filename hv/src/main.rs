@@ -12,9 +12,15 @@ extern crate alloc;
 pub mod cpu;
 pub mod exit;
 pub mod frames;
+pub mod guest;
 pub mod heap;
 pub mod rt;
+pub mod scenario;
 pub mod serial;
+pub mod space;
+pub mod stage2_interim;
+pub mod svm;
+pub mod vcpu;
 
 core::arch::global_asm!(include_str!("boot.s"));
 
@@ -37,17 +43,23 @@ extern "C" fn hv_main(magic: u32, mbi: u32) -> ! {
         mem.frames_total,
         mem.frames_total * 4 / 1024
     );
-    let v: alloc::vec::Vec<u64> = (0..100).collect();
-    println!("hv: heap check sum={}", v.iter().sum::<u64>());
     let svm = cpu::has_svm_npt();
     let vmx = cpu::has_vmx();
     println!("hv: cpu: svm+npt={} vmx={}", svm, vmx);
-    if svm {
+    let result = if svm {
         println!("backend: svm (AMD SVM + nested paging)");
+        match svm::init() {
+            Ok(mut b) => scenario::run(&mut b),
+            Err(e) => Err(alloc::format!("svm init: {e}")),
+        }
     } else if vmx {
         println!("backend: vmx (Intel VT-x + EPT)");
+        Err(alloc::string::String::from("vmx backend not implemented yet"))
     } else {
-        exit::finish(false, "no usable virtualization extension (need SVM+NPT or VMX)");
+        Err(alloc::string::String::from("no usable virtualization extension (need SVM+NPT or VMX)"))
+    };
+    match result {
+        Ok(detail) => exit::finish(true, &detail),
+        Err(detail) => exit::finish(false, &detail),
     }
-    exit::finish(true, "boot only (backends not implemented yet)")
 }

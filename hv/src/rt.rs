@@ -56,3 +56,11 @@ fn panic(info: &core::panic::PanicInfo) -> ! {
     crate::serial::print_fmt_unlocked(format_args!("\nHYPERVISOR PANIC: {info}\n"));
     crate::exit::finish_unlocked(false, "hypervisor panic")
 }
+
+/// The precompiled `alloc` has landing pads that call this; with `panic = "abort"` nothing
+/// unwinds, so reaching it is a bug.
+#[no_mangle]
+pub extern "C" fn _Unwind_Resume() -> ! {
+    crate::serial::print_fmt_unlocked(format_args!("\n_Unwind_Resume reached\n"));
+    crate::exit::finish_unlocked(false, "unwind attempted")
+}

@@ -1,0 +1,120 @@
+//! Guest payloads and the guest-physical layout they run in.
+//!
+//! Owns the payload bytes (payload.s, assembled into the kernel image as data), the layout
+//! constants, and `load`, which builds a guest: maps its regions into a `Space`, writes the
+//! guest's own page tables and code through the memory model (committing pages, installing
+//! nothing in the second-level table), and returns the initial vCPU state.
+//! Invariant: the layout below matches the addresses hard-coded in payload.s.
+
+use crate::space::Space;
+use crate::vcpu::{Gprs, VcpuState};
+use ept::S2Perms;
+
+core::arch::global_asm!(include_str!("payload.s"));
+
+extern "C" {
+    static hv_guest_start: u8;
+    static hv_guest_hypercall: u8;
+    static hv_guest_end: u8;
+}
+
+/// Guest page tables (PML4, PDPT, PD): identity map of the first GiB with 2 MiB pages.
+pub const PT_BASE: u64 = 0x1000;
+pub const CODE_BASE: u64 = 0x10000;
+pub const CODE_PAGES: u64 = 2;
+pub const STACK_BASE: u64 = 0x20000;
+pub const STACK_PAGES: u64 = 4;
+pub const DATA_BASE: u64 = 0x100000;
+pub const DATA_PAGES: u64 = 32;
+/// An address the guest's own page tables translate but no mapping covers.
+pub const OOB_PROBE: u64 = 0x3000_0000;
+pub const SEED: u64 = 0x5EED_5EED_0000_0000;
+/// Multiplier of the children's pattern: child k writes (gpa + k) * GOLDEN.
+pub const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+/// Pages each child writes, and where child k starts (in pages from DATA_BASE).
+pub const CHILD_PAGES: u64 = 12;
+pub fn child_first_page(k: u64) -> u64 {
+    (k - 1) * 8
+}
+
+pub const HC_REPORT: u64 = 1;
+pub const HC_FORK: u64 = 2;
+pub const HC_YIELD: u64 = 3;
+pub const TAG_FILLED: u64 = 1;
+pub const TAG_CHILD: u64 = 2;
+pub const TAG_PARENT_AFTER: u64 = 3;
+pub const TAG_SURVIVED: u64 = 0xBAD;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Role {
+    Main = 0,
+    OutOfBounds = 1,
+    WriteReadOnly = 2,
+}
+
+/// Expected value of the qword at `gpa` in the parent's snapshot.
+pub fn parent_value(gpa: u64) -> u64 {
+    gpa ^ SEED
+}
+
+/// Expected value of the qword at `gpa` as child `k` sees it after its writes.
+pub fn child_value(k: u64, gpa: u64) -> u64 {
+    let page = (gpa - DATA_BASE) / 4096;
+    let first = child_first_page(k);
+    if page >= first && page < first + CHILD_PAGES {
+        (gpa + k).wrapping_mul(GOLDEN)
+    } else {
+        parent_value(gpa)
+    }
+}
+
+/// Wrapping sum of `value(gpa)` over DATA (what the guest's checksum routine computes).
+pub fn checksum(value: impl Fn(u64) -> u64) -> u64 {
+    (0..DATA_PAGES * 512).fold(0u64, |s, i| s.wrapping_add(value(DATA_BASE + i * 8)))
+}
+
+fn payload() -> (&'static [u8], usize) {
+    unsafe {
+        let start = core::ptr::addr_of!(hv_guest_start);
+        let len = core::ptr::addr_of!(hv_guest_end) as usize - start as usize;
+        let hc = core::ptr::addr_of!(hv_guest_hypercall) as usize - start as usize;
+        (core::slice::from_raw_parts(start, len), hc)
+    }
+}
+
+/// Maps the regions, writes page tables and code, and returns the entry state.
+pub fn load(space: &mut Space, role: Role, hypercall: [u8; 3]) -> Result<VcpuState, vmo::Error> {
+    space.map(PT_BASE, 3, S2Perms::RW, "page tables")?;
+    space.map(CODE_BASE, CODE_PAGES, S2Perms::READ | S2Perms::EXEC, "code (read-only)")?;
+    space.map(STACK_BASE, STACK_PAGES, S2Perms::RW, "stack")?;
+    space.map(DATA_BASE, DATA_PAGES, S2Perms::RW, "data")?;
+
+    // PML4[0] -> PDPT, PDPT[0] -> PD, PD[i] = 2 MiB page i (P|RW|PS, A and D preset so the
+    // guest's walks do not write its tables).
+    space.write(PT_BASE, &(PT_BASE + 0x1000 | 0x23).to_le_bytes())?;
+    space.write(PT_BASE + 0x1000, &(PT_BASE + 0x2000 | 0x23).to_le_bytes())?;
+    let mut pd = [0u8; 4096];
+    for i in 0..512u64 {
+        pd[i as usize * 8..i as usize * 8 + 8].copy_from_slice(&((i << 21) | 0xE3).to_le_bytes());
+    }
+    space.write(PT_BASE + 0x2000, &pd)?;
+
+    let (code, hc_off) = payload();
+    if code.len() as u64 > CODE_PAGES * 4096 {
+        return Err(vmo::Error::OutOfRange);
+    }
+    space.write(CODE_BASE, code)?;
+    space.write(CODE_BASE + hc_off as u64, &hypercall)?;
+
+    let gprs = Gprs { rdi: role as u64, ..Gprs::default() };
+    Ok(VcpuState {
+        gprs,
+        rip: CODE_BASE,
+        rsp: STACK_BASE + STACK_PAGES * 4096,
+        rflags: 0x2,
+        cr0: 0x8001_0033, // PG | WP | NE | ET | MP | PE
+        cr3: PT_BASE,
+        cr4: 0x620,       // PAE | OSFXSR | OSXMMEXCPT
+        efer: 0x500,      // LME | LMA
+    })
+}

@@ -1,0 +1,235 @@
+//! AMD SVM backend with nested paging (NPT).
+//!
+//! Owns: EFER.SVME, the host save area (VM_HSAVE_PA), one I/O permission map shared by all
+//! guests (every port intercepted), ASID allocation, and one VMCB per vCPU. Each vCPU gets its
+//! own ASID (never 0), so TLB_CONTROL can flush just that guest's translations.
+//! Invariants: VMRUN and VMMCALL are always intercepted (VMRUN must be); guest EFER.SVME is set
+//! (VMRUN's consistency check); guest GPRs other than RAX/RSP live in `Gprs` and are swapped by
+//! the trampoline (entry.s); TLB_CONTROL is set for exactly the next VMRUN after a table change.
+
+pub mod vmcb;
+
+use alloc::boxed::Box;
+
+use ept::{Access, FaultInfo, FaultKind};
+
+use crate::cpu::{self, rdmsr, wrmsr, MSR_EFER};
+use crate::frames;
+use crate::stage2_interim::{Format, Table};
+use crate::vcpu::{Backend, Exit, Gprs, Vcpu, VcpuState};
+use vmcb::*;
+
+core::arch::global_asm!(include_str!("entry.s"));
+
+extern "C" {
+    fn hv_svm_run(vmcb_pa: u64, gprs: *mut Gprs) -> u64;
+}
+
+const MSR_VM_CR: u32 = 0xC001_0114;
+const MSR_VM_HSAVE_PA: u32 = 0xC001_0117;
+const EFER_SVME: u64 = 1 << 12;
+
+pub struct Svm {
+    iopm: u64,
+    msrpm: u64,
+    next_asid: u32,
+    max_asid: u32,
+    nrips: bool,
+    flush_by_asid: bool,
+}
+
+/// Enables SVM on this CPU. Fails with a reason when SVM is disabled or memory is short.
+pub fn init() -> Result<Svm, &'static str> {
+    if rdmsr(MSR_VM_CR) & (1 << 4) != 0 {
+        return Err("SVM disabled by firmware (VM_CR.SVMDIS)");
+    }
+    let l = cpu::cpuid(0x8000_000A, 0);
+    wrmsr(MSR_EFER, rdmsr(MSR_EFER) | EFER_SVME);
+    let hsave = frames::alloc_zeroed().ok_or("no memory for the host save area")?;
+    wrmsr(MSR_VM_HSAVE_PA, hsave);
+    let iopm = frames::alloc_contiguous(3).ok_or("no memory for the IOPM")?;
+    unsafe { core::ptr::write_bytes(iopm as *mut u8, 0xFF, 3 * 4096) };
+    let msrpm = frames::alloc_contiguous(2).ok_or("no memory for the MSRPM")?;
+    unsafe { core::ptr::write_bytes(msrpm as *mut u8, 0, 2 * 4096) };
+    crate::println!(
+        "svm: SVM rev {}, {} ASIDs, NRIPS={}, FlushByAsid={}; EFER={:#x}",
+        l.eax & 0xFF,
+        l.ebx,
+        l.edx & (1 << 3) != 0,
+        l.edx & (1 << 6) != 0,
+        rdmsr(MSR_EFER)
+    );
+    Ok(Svm {
+        iopm,
+        msrpm,
+        next_asid: 1,
+        max_asid: l.ebx.max(2),
+        nrips: l.edx & (1 << 3) != 0,
+        flush_by_asid: l.edx & (1 << 6) != 0,
+    })
+}
+
+pub struct SvmVcpu {
+    vmcb: Vmcb,
+    gprs: Gprs,
+    nrips: bool,
+    flush_cmd: u8,
+    flush_next: bool,
+}
+
+impl Backend for Svm {
+    fn name(&self) -> &'static str {
+        "svm"
+    }
+
+    fn new_stage2(&self) -> Result<(Box<dyn ept::Stage2>, u64), ept::Error> {
+        let t = Table::new(Format::Npt)?;
+        let root = t.root();
+        Ok((Box::new(t), root))
+    }
+
+    fn new_vcpu(&mut self, st: &VcpuState, stage2_root: u64) -> Result<Box<dyn Vcpu>, &'static str> {
+        if self.next_asid >= self.max_asid {
+            return Err("out of ASIDs");
+        }
+        let asid = self.next_asid;
+        self.next_asid += 1;
+        let pa = frames::alloc_zeroed().ok_or("no memory for a VMCB")?;
+        let mut v = unsafe { Vmcb::new(pa) };
+        v.w32(INTERCEPT_EXCEPTIONS, 0xFFFF_FFFF);
+        v.w32(INTERCEPT_MISC1, INTERCEPT_HLT | INTERCEPT_IOIO_PROT | INTERCEPT_SHUTDOWN);
+        v.w32(INTERCEPT_MISC2, INTERCEPT_VMRUN | INTERCEPT_VMMCALL);
+        v.w64(IOPM_BASE_PA, self.iopm);
+        v.w64(MSRPM_BASE_PA, self.msrpm);
+        v.w32(GUEST_ASID, asid);
+        v.w8(TLB_CONTROL, 1);
+        v.w64(NP_ENABLE, 1);
+        v.w64(N_CR3, stage2_root);
+        // 64-bit flat guest: CS L=1 (attr 0x29B), data 0xC93, busy TSS 0x8B.
+        v.seg(CS, 0x08, 0x029B, 0xFFFF_FFFF, 0);
+        for off in [ES, SS, DS, FS, GS] {
+            v.seg(off, 0x10, 0x0C93, 0xFFFF_FFFF, 0);
+        }
+        v.seg(GDTR, 0, 0, 0xFFFF, 0);
+        v.seg(IDTR, 0, 0, 0, 0);
+        v.seg(LDTR, 0, 0x0082, 0, 0);
+        v.seg(TR, 0x18, 0x008B, 0x67, 0);
+        v.w8(CPL, 0);
+        v.w64(EFER, st.efer | EFER_SVME);
+        v.w64(CR0, st.cr0);
+        v.w64(CR3, st.cr3);
+        v.w64(CR4, st.cr4);
+        v.w64(DR6, 0xFFFF_0FF0);
+        v.w64(DR7, 0x400);
+        v.w64(RFLAGS, st.rflags);
+        v.w64(RIP, st.rip);
+        v.w64(RSP, st.rsp);
+        v.w64(RAX, st.gprs.rax);
+        v.w64(G_PAT, 0x0007_0406_0007_0406);
+        Ok(Box::new(SvmVcpu {
+            vmcb: v,
+            gprs: st.gprs,
+            nrips: self.nrips,
+            flush_cmd: if self.flush_by_asid { 3 } else { 1 },
+            flush_next: false,
+        }))
+    }
+
+    fn hypercall_insn(&self) -> [u8; 3] {
+        [0x0F, 0x01, 0xD9] // VMMCALL
+    }
+}
+
+impl SvmVcpu {
+    fn advance(&mut self, len: u64) {
+        let next = if self.nrips { self.vmcb.r64(NEXT_RIP) } else { 0 };
+        let rip = if next != 0 { next } else { self.vmcb.r64(RIP) + len };
+        self.vmcb.w64(RIP, rip);
+    }
+}
+
+impl Vcpu for SvmVcpu {
+    fn run(&mut self) -> Exit {
+        self.vmcb.w64(RAX, self.gprs.rax);
+        if self.flush_next {
+            self.vmcb.w8(TLB_CONTROL, self.flush_cmd);
+            self.flush_next = false;
+        }
+        self.vmcb.w64(VMCB_CLEAN, 0);
+        unsafe { hv_svm_run(self.vmcb.pa(), &mut self.gprs) };
+        self.gprs.rax = self.vmcb.r64(RAX);
+        self.vmcb.w8(TLB_CONTROL, 0);
+        let code = self.vmcb.r64(EXITCODE);
+        let info1 = self.vmcb.r64(EXITINFO1);
+        let info2 = self.vmcb.r64(EXITINFO2);
+        match code {
+            EXIT_VMMCALL => {
+                self.advance(3);
+                Exit::Hypercall
+            }
+            EXIT_HLT => {
+                self.advance(1);
+                Exit::Hlt
+            }
+            EXIT_IOIO => {
+                // EXITINFO2 holds the RIP of the next instruction for IOIO intercepts.
+                self.vmcb.w64(RIP, info2);
+                let size = if info1 & (1 << 4) != 0 { 1 } else if info1 & (1 << 5) != 0 { 2 } else { 4 };
+                Exit::Io { port: (info1 >> 16) as u16, size, write: info1 & 1 == 0, value: self.gprs.rax as u32 }
+            }
+            EXIT_NPF => Exit::Stage2Fault(decode_npf(info1, info2)),
+            EXIT_SHUTDOWN => Exit::Shutdown,
+            c if (EXIT_EXCP_BASE..EXIT_EXCP_BASE + 32).contains(&c) => {
+                Exit::Exception { vector: (c - EXIT_EXCP_BASE) as u8, error: info1 }
+            }
+            c => Exit::Unexpected { code: c, detail: info1 },
+        }
+    }
+
+    fn gprs(&mut self) -> &mut Gprs {
+        &mut self.gprs
+    }
+
+    fn rip(&self) -> u64 {
+        self.vmcb.r64(RIP)
+    }
+
+    fn state(&self) -> VcpuState {
+        VcpuState {
+            gprs: self.gprs,
+            rip: self.vmcb.r64(RIP),
+            rsp: self.vmcb.r64(RSP),
+            rflags: self.vmcb.r64(RFLAGS),
+            cr0: self.vmcb.r64(CR0),
+            cr3: self.vmcb.r64(CR3),
+            cr4: self.vmcb.r64(CR4),
+            efer: self.vmcb.r64(EFER),
+        }
+    }
+
+    fn flush_stage2(&mut self) {
+        self.flush_next = true;
+    }
+}
+
+impl Drop for SvmVcpu {
+    fn drop(&mut self) {
+        frames::free(self.vmcb.pa());
+    }
+}
+
+/// NPF: EXITINFO1 is a page-fault error code (P, W, U, RSV, I/D) plus bit 32 (final
+/// translation) / bit 33 (guest page-table walk); EXITINFO2 is the faulting GPA.
+fn decode_npf(info1: u64, gpa: u64) -> FaultInfo {
+    let access = if info1 & 2 != 0 {
+        Access::WRITE
+    } else if info1 & (1 << 4) != 0 {
+        Access::EXEC
+    } else {
+        Access::READ
+    };
+    let kind = if info1 & 1 != 0 { FaultKind::Permission } else { FaultKind::NotPresent };
+    let mut f = FaultInfo::new(gpa, access, kind);
+    f.guest_walk = info1 & (1 << 33) != 0;
+    f
+}

@@ -1,0 +1,92 @@
+//! The backend-neutral vCPU model: guest registers, the architectural state a fork copies, the
+//! exits the scenario handles, and the `Vcpu` / `Backend` traits both hardware backends
+//! (svm/, vmx/) implement.
+//!
+//! Invariants: after `Vcpu::run` returns, `gprs()` holds the guest's general registers as the
+//! guest left them; for `Hypercall`, `Hlt` and `Io` exits the guest RIP already points past the
+//! instruction, so resuming continues the guest; for `Stage2Fault` RIP is unchanged (the access
+//! is retried after the fault is resolved).
+
+use alloc::boxed::Box;
+
+use ept::FaultInfo;
+
+/// Guest general-purpose registers except RSP (which lives in the VMCS/VMCB). The order is
+/// fixed: the entry trampolines index it.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+pub struct Gprs {
+    pub rax: u64,
+    pub rbx: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub rbp: u64,
+    pub r8: u64,
+    pub r9: u64,
+    pub r10: u64,
+    pub r11: u64,
+    pub r12: u64,
+    pub r13: u64,
+    pub r14: u64,
+    pub r15: u64,
+}
+
+/// What a fork copies from parent to child, and what a new vCPU starts from. The guest runs in
+/// 64-bit mode at CPL0 with flat segments (code 0x08, data 0x10).
+#[derive(Clone, Copy, Debug)]
+pub struct VcpuState {
+    pub gprs: Gprs,
+    pub rip: u64,
+    pub rsp: u64,
+    pub rflags: u64,
+    pub cr0: u64,
+    pub cr3: u64,
+    pub cr4: u64,
+    pub efer: u64,
+}
+
+/// Why the guest stopped running.
+#[derive(Clone, Copy, Debug)]
+pub enum Exit {
+    /// VMCALL / VMMCALL: number in RAX, arguments in RDI, RSI, RDX; result goes in RAX.
+    Hypercall,
+    /// HLT: the guest is done (or idle).
+    Hlt,
+    /// Port I/O (`value` is what an OUT wrote; an IN reads all ones).
+    Io { port: u16, size: u8, write: bool, value: u32 },
+    /// Second-level fault (EPT violation / NPF), decoded.
+    Stage2Fault(FaultInfo),
+    /// EPT misconfiguration: the table is malformed at `gpa`; the guest cannot continue.
+    Misconfig { gpa: u64 },
+    /// An exception in the guest (intercepted; the guest has no IDT of its own).
+    Exception { vector: u8, error: u64 },
+    /// Triple fault / shutdown.
+    Shutdown,
+    /// VM entry failed or an exit the hypervisor does not handle.
+    Unexpected { code: u64, detail: u64 },
+}
+
+/// One virtual CPU on one of the hardware backends.
+pub trait Vcpu {
+    fn run(&mut self) -> Exit;
+    fn gprs(&mut self) -> &mut Gprs;
+    fn rip(&self) -> u64;
+    /// The state a fork copies.
+    fn state(&self) -> VcpuState;
+    /// Drops cached second-level translations of this vCPU's table before the next entry
+    /// (INVEPT single-context / TLB_CONTROL for this ASID).
+    fn flush_stage2(&mut self);
+}
+
+/// A hardware backend: makes second-level tables of its format and vCPUs that use them.
+pub trait Backend {
+    fn name(&self) -> &'static str;
+    /// A fresh, empty second-level table and its root physical address.
+    fn new_stage2(&self) -> Result<(Box<dyn ept::Stage2>, u64), ept::Error>;
+    /// A vCPU starting from `state` that translates through the table at `stage2_root`.
+    fn new_vcpu(&mut self, state: &VcpuState, stage2_root: u64) -> Result<Box<dyn Vcpu>, &'static str>;
+    /// Bytes of the hypercall instruction (patched into guest payloads).
+    fn hypercall_insn(&self) -> [u8; 3];
+}
