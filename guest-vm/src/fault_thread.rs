@@ -1,0 +1,234 @@
+//! The fault channel: one thread reads the reservation's userfaultfd, turns each event into an
+//! `ept::FaultInfo`, hands it to one resolver, and wakes the faulting thread.
+//!
+//! - MISSING event (anonymous reservation page) → `FaultInfo { kind: NotPresent }`;
+//!   WP event (write to an installed, write-protected frame) → `kind: Permission`, access WRITE.
+//! - The resolver is the memory model's fault path. In the product it is
+//!   `move |f| vmar.handle_fault(f).map(drop)`; it installs pages through `KvmStage2`.
+//! - A resolver error (the guest touched memory outside its Vmar, or wrote a read-only
+//!   mapping) never leaves the faulter blocked and never panics: the error is recorded
+//!   (`FaultShared::take_error`), the page is poisoned (PROT_NONE, so the retried access fails
+//!   with a plain fault: `KVM_RUN = -EFAULT` at CPL3), the faulter is woken, and the kick hook
+//!   (the VM's "stop the vCPU" function) runs. The vCPU loop sees the recorded error and
+//!   returns `VmExit::GuestFault` with the report. A poisoned VM must be reset before it runs
+//!   again.
+//!
+//! Invariants: the resolver runs only on this thread and must never touch guest memory through
+//! the reservation itself (it would wait for its own fault); it reaches frame bytes through
+//! `FrameAlloc::frame_ptr`. The thread stops and is joined when `FaultThread` drops.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use ept::{Access, FaultInfo, FaultKind};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::reservation::Reservation;
+use crate::uffd::PageFault;
+use crate::{Error, Result, PAGE_SIZE};
+
+/// The fault path the thread calls for every event. Runs on the fault thread.
+pub type Resolver = Box<dyn FnMut(FaultInfo) -> vmo::Result<()> + Send>;
+
+/// A fault the resolver refused: the report the stopped VM returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FaultError {
+    pub fault: FaultInfo,
+    pub error: vmo::Error,
+    /// Thread id of the thread that touched the page (a vCPU, or a VMM thread).
+    pub tid: u32,
+}
+
+/// Event counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FaultStats {
+    pub missing: u64,
+    pub wp: u64,
+    pub resolved: u64,
+    pub failed: u64,
+}
+
+/// State shared between the fault thread, the VM's vCPU loop and the owner.
+#[derive(Default)]
+pub struct FaultShared {
+    missing: AtomicU64,
+    wp: AtomicU64,
+    resolved: AtomicU64,
+    failed: AtomicU64,
+    error: Mutex<Option<FaultError>>,
+    kick: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
+}
+
+impl FaultShared {
+    pub fn stats(&self) -> FaultStats {
+        FaultStats {
+            missing: self.missing.load(Ordering::Relaxed),
+            wp: self.wp.load(Ordering::Relaxed),
+            resolved: self.resolved.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The first unreported resolver error, if any (taking it clears it).
+    pub fn take_error(&self) -> Option<FaultError> {
+        self.error.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// Whether a resolver error is pending.
+    pub fn has_error(&self) -> bool {
+        self.error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    /// Sets the function that stops the VM's vCPUs after a resolver error.
+    pub fn set_kick(&self, kick: Arc<dyn Fn() + Send + Sync>) {
+        *self.kick.lock().unwrap_or_else(|p| p.into_inner()) = Some(kick);
+    }
+
+    fn record(&self, e: FaultError) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(e);
+        }
+        drop(slot);
+        let kick = self.kick.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(k) = kick {
+            k();
+        }
+    }
+}
+
+/// The running fault thread; stops and joins on drop.
+pub struct FaultThread {
+    shared: Arc<FaultShared>,
+    stop: EventFd,
+    handle: Option<JoinHandle<()>>,
+}
+
+/// The `FaultInfo` a userfaultfd event on `res` stands for, if the address is in range.
+pub fn fault_info(res: &Reservation, pf: &PageFault) -> Option<FaultInfo> {
+    let gpa = res.gpa_of(pf.addr)?;
+    let (access, kind) = if pf.wp {
+        (Access::WRITE, FaultKind::Permission)
+    } else if pf.write {
+        (Access::WRITE, FaultKind::NotPresent)
+    } else {
+        (Access::READ, FaultKind::NotPresent)
+    };
+    Some(FaultInfo::new(gpa, access, kind))
+}
+
+impl FaultThread {
+    /// Starts the thread serving `res`'s userfaultfd with `resolver`.
+    pub fn spawn(res: Arc<Reservation>, mut resolver: Resolver) -> Result<Self> {
+        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Sys {
+            what: "eventfd",
+            err: e.into(),
+        })?;
+        let stop_fd = stop.try_clone().map_err(|e| Error::Sys {
+            what: "eventfd clone",
+            err: e.into(),
+        })?;
+        let shared = Arc::new(FaultShared::default());
+        let sh = shared.clone();
+        let handle = std::thread::Builder::new()
+            .name("uffd-faults".into())
+            .spawn(move || serve(&res, &mut resolver, &sh, &stop_fd))
+            .map_err(|e| Error::Sys {
+                what: "spawn fault thread",
+                err: e,
+            })?;
+        Ok(FaultThread {
+            shared,
+            stop,
+            handle: Some(handle),
+        })
+    }
+
+    pub fn shared(&self) -> &Arc<FaultShared> {
+        &self.shared
+    }
+
+    pub fn stats(&self) -> FaultStats {
+        self.shared.stats()
+    }
+}
+
+impl Drop for FaultThread {
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn serve(res: &Reservation, resolver: &mut Resolver, sh: &FaultShared, stop: &EventFd) {
+    let uffd = res.uffd().clone();
+    let mut events = Vec::new();
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: uffd.raw(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(stop),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two valid pollfds.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if n < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            tracing_like_log("poll(userfaultfd) failed; fault thread exits");
+            return;
+        }
+        if fds[1].revents != 0 {
+            return;
+        }
+        if uffd.read_faults(&mut events).is_err() {
+            tracing_like_log("read(userfaultfd) failed; fault thread exits");
+            return;
+        }
+        for pf in &events {
+            let page = pf.addr & !(PAGE_SIZE - 1);
+            if pf.wp {
+                sh.wp.fetch_add(1, Ordering::Relaxed);
+            } else {
+                sh.missing.fetch_add(1, Ordering::Relaxed);
+            }
+            let Some(info) = fault_info(res, pf) else {
+                let _ = uffd.wake(page, PAGE_SIZE);
+                continue;
+            };
+            match resolver(info) {
+                Ok(()) => {
+                    sh.resolved.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(error) => {
+                    // Poison first so the woken thread fails instead of faulting again.
+                    let _ = res.poison(page);
+                    sh.record(FaultError {
+                        fault: info,
+                        error,
+                        tid: pf.tid,
+                    });
+                }
+            }
+            let _ = uffd.wake(page, PAGE_SIZE);
+        }
+    }
+}
+
+fn tracing_like_log(msg: &str) {
+    tracing::error!("{msg}");
+}

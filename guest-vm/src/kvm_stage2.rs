@@ -1,0 +1,408 @@
+//! `KvmStage2`: the `ept::Stage2` backend of a KVM guest whose memslot is a `Reservation`.
+//!
+//! A "second-level translation" here is a host mapping inside the memslot's host range:
+//! - `map(gpa, pa, size, perms)` = `mmap(MAP_SHARED|MAP_FIXED)` of memfd offset `pa` at
+//!   `slot_hva + (gpa - gpa_base)`, always `PROT_READ|PROT_WRITE`, registered with userfaultfd
+//!   WP mode; perms without WRITE are then write-protected (`UFFDIO_WRITEPROTECT`), so a guest
+//!   write arrives as a WP event with its address instead of a bare `KVM_RUN = -EFAULT`;
+//!   2 MiB / 1 GiB leaves are one mmap of a contiguous run of frames;
+//! - `unmap` puts an anonymous MISSING-registered reservation piece back;
+//! - `protect` switches uffd write protection on or off;
+//! - `query` answers from a host-side record of installed leaves;
+//! - `flush` does nothing: KVM's MMU notifier drops its shadow/TDP entries when we remap.
+//!
+//! Invariants:
+//! - `leaves` holds disjoint leaves (start GPA → leaf) and matches the host mappings exactly;
+//!   every installed VMA has the same flags (RW, shared, uffd-WP registered), so GPA-adjacent
+//!   leaves over offset-adjacent frames merge into one VMA;
+//! - execute permission is recorded but not enforced (KVM cannot express it per host page);
+//!   perms without READ cannot be expressed and are `NotSupported`;
+//! - `vm.max_map_count` exhaustion (ENOMEM from mmap) is retried once after raising the limit
+//!   when the process may write `/proc/sys/vm/max_map_count`; otherwise the operation fails
+//!   with `ept::Error::NoMemory` and `last_error()` says why — never a panic.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use ept::{FlushScope, MemType, PageSize, S2Perms, Stage2, Translation};
+
+use crate::memfd_pool::MemfdFrameAlloc;
+use crate::reservation::Reservation;
+use crate::{Error, PAGE_SIZE};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Leaf {
+    pa: u64,
+    size: PageSize,
+    perms: S2Perms,
+    mem_type: MemType,
+}
+
+/// Counters of host operations, for benchmarks and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stage2Stats {
+    pub maps: u64,
+    pub unmaps: u64,
+    pub protects: u64,
+    pub map_count_raised: u64,
+}
+
+/// The KVM/userfaultfd `Stage2` backend; see the module documentation.
+pub struct KvmStage2 {
+    res: Arc<Reservation>,
+    frames: Arc<MemfdFrameAlloc>,
+    leaves: BTreeMap<u64, Leaf>,
+    flush_pending: bool,
+    stats: Stage2Stats,
+    last_error: Option<String>,
+}
+
+/// `vm.max_map_count` as a number.
+pub fn max_map_count() -> Option<u64> {
+    std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Raises `vm.max_map_count` to at least `min` (root only). Returns the value now in force.
+pub fn ensure_max_map_count(min: u64) -> crate::Result<u64> {
+    let cur = max_map_count().unwrap_or(0);
+    if cur >= min {
+        return Ok(cur);
+    }
+    std::fs::write("/proc/sys/vm/max_map_count", min.to_string()).map_err(|e| {
+        Error::MapCountLimit {
+            limit: cur,
+            detail: format!("writing /proc/sys/vm/max_map_count failed: {e}"),
+        }
+    })?;
+    Ok(max_map_count().unwrap_or(min))
+}
+
+/// An mmap failure; ENOMEM is reported as the map-count limit it almost always is here.
+pub(crate) fn map_err(what: &'static str) -> Error {
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::ENOMEM) {
+        Error::MapCountLimit {
+            limit: max_map_count().unwrap_or(0),
+            detail: format!("{what}: {err}"),
+        }
+    } else {
+        Error::Sys { what, err }
+    }
+}
+
+impl KvmStage2 {
+    /// A backend installing frames of `frames` into `res`. Nothing is installed yet.
+    pub fn new(res: Arc<Reservation>, frames: Arc<MemfdFrameAlloc>) -> Self {
+        KvmStage2 {
+            res,
+            frames,
+            leaves: BTreeMap::new(),
+            flush_pending: false,
+            stats: Stage2Stats::default(),
+            last_error: None,
+        }
+    }
+
+    pub fn reservation(&self) -> &Arc<Reservation> {
+        &self.res
+    }
+
+    pub fn frames(&self) -> &Arc<MemfdFrameAlloc> {
+        &self.frames
+    }
+
+    pub fn stats(&self) -> Stage2Stats {
+        self.stats
+    }
+
+    /// Installed 4 KiB pages.
+    pub fn mapped_pages(&self) -> u64 {
+        self.leaves
+            .values()
+            .map(|l| l.size.bytes() / PAGE_SIZE)
+            .sum()
+    }
+
+    /// The host-level cause of the last failed operation (the `ept::Error` returned cannot
+    /// carry it).
+    pub fn last_error(&self) -> Option<&str> {
+        self.last_error.as_deref()
+    }
+
+    fn fail(&mut self, e: Error) -> ept::Error {
+        let code = match &e {
+            Error::MapCountLimit { .. } => ept::Error::NoMemory,
+            Error::Sys { err, .. } if err.raw_os_error() == Some(libc::ENOMEM) => {
+                ept::Error::NoMemory
+            }
+            Error::InvalidArgs(_) => ept::Error::InvalidArgs,
+            _ => ept::Error::NoMemory,
+        };
+        self.last_error = Some(e.to_string());
+        code
+    }
+
+    /// Runs a host mapping operation; on the map-count limit raises it (if allowed) and
+    /// retries once.
+    fn with_map_retry(
+        &mut self,
+        mut op: impl FnMut(&Self) -> crate::Result<()>,
+    ) -> Result<(), ept::Error> {
+        match op(self) {
+            Ok(()) => Ok(()),
+            Err(Error::MapCountLimit { limit, .. }) => {
+                let want = (limit.max(65530) * 4).min(1 << 30);
+                match ensure_max_map_count(want) {
+                    Ok(_) => {
+                        self.stats.map_count_raised += 1;
+                        op(self).map_err(|e| self.fail(e))
+                    }
+                    Err(e) => Err(self.fail(e)),
+                }
+            }
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    fn check_range(&self, gpa: u64, len: u64) -> Result<(), ept::Error> {
+        if gpa % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 || len == 0 {
+            return Err(ept::Error::InvalidArgs);
+        }
+        let end = gpa.checked_add(len).ok_or(ept::Error::OutOfRange)?;
+        if end > ept::GPA_LIMIT || self.res.hva_of(gpa, len).is_none() {
+            return Err(ept::Error::OutOfRange);
+        }
+        Ok(())
+    }
+
+    fn install(&self, gpa: u64, pa: u64, len: u64, writable: bool) -> crate::Result<()> {
+        let hva = self.res.hva_of(gpa, len).expect("range checked by caller");
+        let mut flags = libc::MAP_SHARED | libc::MAP_FIXED;
+        if !writable {
+            // Write protection is applied to present PTEs; populate read-only installs first.
+            flags |= libc::MAP_POPULATE;
+        }
+        // SAFETY: the target lies inside our reservation; MAP_FIXED replaces only that range.
+        let p = unsafe {
+            libc::mmap(
+                hva as *mut libc::c_void,
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                self.frames.fd(),
+                pa as libc::off_t,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(map_err("mmap(MAP_SHARED|MAP_FIXED frame)"));
+        }
+        let uffd = self.res.uffd();
+        uffd.register(hva, len, false, true)?;
+        if !writable {
+            uffd.writeprotect(hva, len, true, false)?;
+        }
+        Ok(())
+    }
+
+    /// Splits the large leaf containing `addr` (if it starts before `addr`) until `addr` is a
+    /// leaf boundary. The host mapping does not change: only the record is refined.
+    fn split_at(&mut self, addr: u64) {
+        loop {
+            let Some((&start, &leaf)) = self.leaves.range(..=addr).next_back() else {
+                return;
+            };
+            if start == addr || start + leaf.size.bytes() <= addr {
+                return;
+            }
+            let child = match leaf.size {
+                PageSize::Size1G => PageSize::Size2M,
+                PageSize::Size2M => PageSize::Size4K,
+                PageSize::Size4K => return,
+            };
+            self.leaves.remove(&start);
+            for i in 0..512 {
+                let off = i * child.bytes();
+                self.leaves.insert(
+                    start + off,
+                    Leaf {
+                        pa: leaf.pa + off,
+                        size: child,
+                        ..leaf
+                    },
+                );
+            }
+        }
+    }
+
+    /// Leaves in `[gpa, gpa+len)` after splitting at both ends: (start, leaf).
+    fn leaves_in(&mut self, gpa: u64, len: u64) -> Vec<(u64, Leaf)> {
+        self.split_at(gpa);
+        self.split_at(gpa + len);
+        self.leaves
+            .range(gpa..gpa + len)
+            .map(|(&s, &l)| (s, l))
+            .collect()
+    }
+}
+
+/// Coalesces sorted (start, len) pieces into maximal adjacent runs.
+fn runs(pieces: impl IntoIterator<Item = (u64, u64)>) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (s, l) in pieces {
+        match out.last_mut() {
+            Some((ps, pl)) if *ps + *pl == s => *pl += l,
+            _ => out.push((s, l)),
+        }
+    }
+    out
+}
+
+impl Stage2 for KvmStage2 {
+    fn map(
+        &mut self,
+        gpa: u64,
+        pa: u64,
+        size: PageSize,
+        perms: S2Perms,
+        mem_type: MemType,
+    ) -> Result<Option<Translation>, ept::Error> {
+        let len = size.bytes();
+        if gpa % len != 0 || pa % len != 0 {
+            return Err(ept::Error::InvalidArgs);
+        }
+        if !perms.contains(S2Perms::READ) {
+            return Err(if perms.is_empty() {
+                ept::Error::InvalidArgs
+            } else {
+                ept::Error::NotSupported
+            });
+        }
+        self.check_range(gpa, len)?;
+        match pa.checked_add(len) {
+            Some(end) if end <= self.frames.capacity() && pa < ept::PA_LIMIT => {}
+            _ => return Err(ept::Error::OutOfRange),
+        }
+        // Overlap: only an identical-size leaf at the same address may be replaced.
+        let mut replaced = None;
+        if let Some((&s, &l)) = self.leaves.range(..gpa + len).next_back() {
+            if s + l.size.bytes() > gpa {
+                if s == gpa && l.size == size {
+                    replaced = Some(l);
+                } else {
+                    return Err(ept::Error::AlreadyExists);
+                }
+            }
+        }
+        let writable = perms.contains(S2Perms::WRITE);
+        self.with_map_retry(|me| me.install(gpa, pa, len, writable))?;
+        self.stats.maps += 1;
+        self.leaves.insert(
+            gpa,
+            Leaf {
+                pa,
+                size,
+                perms,
+                mem_type,
+            },
+        );
+        Ok(replaced.map(|l| {
+            self.flush_pending = true;
+            Translation {
+                gpa,
+                pa: l.pa,
+                size: l.size,
+                perms: l.perms,
+                mem_type: l.mem_type,
+                accessed: false,
+                dirty: false,
+            }
+        }))
+    }
+
+    fn unmap(&mut self, gpa: u64, len: u64) -> Result<u64, ept::Error> {
+        self.check_range(gpa, len)?;
+        let gone = self.leaves_in(gpa, len);
+        if gone.is_empty() {
+            return Ok(0);
+        }
+        let pieces = runs(gone.iter().map(|(s, l)| (*s, l.size.bytes())));
+        for (s, l) in pieces {
+            let res = self.res.clone();
+            self.with_map_retry(|_| res.restore(s, l))?;
+        }
+        let mut pages = 0;
+        for (s, l) in &gone {
+            self.leaves.remove(s);
+            pages += l.size.bytes() / PAGE_SIZE;
+        }
+        self.stats.unmaps += 1;
+        self.flush_pending = true;
+        Ok(pages)
+    }
+
+    fn protect(&mut self, gpa: u64, len: u64, perms: S2Perms) -> Result<u64, ept::Error> {
+        if !perms.contains(S2Perms::READ) {
+            return Err(if perms.is_empty() {
+                ept::Error::InvalidArgs
+            } else {
+                ept::Error::NotSupported
+            });
+        }
+        self.check_range(gpa, len)?;
+        let writable = perms.contains(S2Perms::WRITE);
+        let mut changed = 0;
+        let mut flip = Vec::new();
+        let mut downgraded = false;
+        for (s, l) in self.leaves_in(gpa, len) {
+            if l.perms == perms {
+                continue;
+            }
+            changed += l.size.bytes() / PAGE_SIZE;
+            if l.perms.contains(S2Perms::WRITE) != writable {
+                flip.push((s, l.size.bytes()));
+            }
+            downgraded |= !perms.contains(l.perms);
+        }
+        let uffd = self.res.uffd().clone();
+        for (s, l) in runs(flip) {
+            let hva = self.res.hva_of(s, l).expect("leaf inside reservation");
+            if let Err(e) = uffd.writeprotect(hva, l, !writable, false) {
+                return Err(self.fail(e));
+            }
+        }
+        for (_, leaf) in self.leaves.range_mut(gpa..gpa + len) {
+            leaf.perms = perms;
+        }
+        if changed > 0 {
+            self.stats.protects += 1;
+        }
+        self.flush_pending |= downgraded;
+        Ok(changed)
+    }
+
+    fn query(&self, gpa: u64) -> Option<Translation> {
+        let (&s, l) = self.leaves.range(..=gpa).next_back()?;
+        (gpa < s + l.size.bytes()).then_some(Translation {
+            gpa: s,
+            pa: l.pa,
+            size: l.size,
+            perms: l.perms,
+            mem_type: l.mem_type,
+            accessed: false,
+            dirty: false,
+        })
+    }
+
+    fn flush(&mut self, _scope: FlushScope) {
+        // KVM's MMU notifier already invalidated its translations when the host mapping changed.
+        self.flush_pending = false;
+    }
+
+    fn flush_pending(&self) -> bool {
+        self.flush_pending
+    }
+}

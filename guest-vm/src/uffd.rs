@@ -1,0 +1,206 @@
+//! The userfaultfd syscall layer: open, API handshake, register, write-protect, wake, read
+//! events. Types and ioctl numbers come from `linux-raw-sys` (no bindgen / libclang needed).
+//!
+//! Invariants:
+//! - the descriptor is opened without `UFFD_USER_MODE_ONLY`, because KVM's accesses to guest
+//!   memory (page walks, emulation, get_user_pages) are kernel-mode faults (KVM-FAULTS.md §3);
+//! - the API handshake requires `PAGEFAULT_FLAG_WP` and `WP_HUGETLBFS_SHMEM` (write-protect of
+//!   memfd `MAP_SHARED` mappings) and `THREAD_ID` (who faulted); without them `open` fails with
+//!   `Error::UffdUnavailable`;
+//! - the descriptor is non-blocking; readers wait with `poll`.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use linux_raw_sys::general as g;
+use linux_raw_sys::ioctl as io;
+
+use crate::{Error, Result};
+
+// <linux/userfaultfd.h>; linux-raw-sys does not export these two.
+const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
+const UFFDIO_WRITEPROTECT_MODE_DONTWAKE: u64 = 1 << 1;
+
+/// One page-fault event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageFault {
+    /// Faulting host virtual address (exact byte unless the kernel rounds it).
+    pub addr: u64,
+    /// The access was a write.
+    pub write: bool,
+    /// The fault is a write-protect fault (the page is installed but uffd-WP protected).
+    pub wp: bool,
+    /// Thread id of the faulting thread.
+    pub tid: u32,
+}
+
+/// A userfaultfd descriptor.
+#[derive(Debug)]
+pub struct Uffd {
+    fd: OwnedFd,
+}
+
+fn ioctl_err(what: &'static str) -> Error {
+    Error::Sys {
+        what,
+        err: std::io::Error::last_os_error(),
+    }
+}
+
+impl Uffd {
+    /// Opens a userfaultfd with the features the KVM backend needs.
+    pub fn open() -> Result<Self> {
+        let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
+        // SAFETY: plain syscall with integer flags.
+        let mut raw = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) } as i32;
+        if raw < 0 {
+            let sys_err = std::io::Error::last_os_error();
+            // /dev/userfaultfd grants kernel-mode faults to whoever may open it.
+            raw = open_dev_userfaultfd(flags).map_err(|dev_err| {
+                Error::UffdUnavailable(format!(
+                    "userfaultfd(2) failed ({sys_err}) and /dev/userfaultfd failed ({dev_err}); \
+                     run as root or set vm.unprivileged_userfaultfd=1"
+                ))
+            })?;
+        }
+        // SAFETY: `raw` is a fresh descriptor we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let want = g::UFFD_FEATURE_PAGEFAULT_FLAG_WP
+            | g::UFFD_FEATURE_WP_HUGETLBFS_SHMEM
+            | g::UFFD_FEATURE_THREAD_ID;
+        let mut api = g::uffdio_api {
+            api: g::UFFD_API as u64,
+            features: want as u64,
+            ioctls: 0,
+        };
+        // SAFETY: valid descriptor and a properly sized argument.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), io::UFFDIO_API as _, &mut api) } != 0 {
+            return Err(Error::UffdUnavailable(format!(
+                "UFFDIO_API with write-protect features refused: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        if api.features & want as u64 != want as u64 {
+            return Err(Error::UffdUnavailable(format!(
+                "kernel lacks userfaultfd features {:#x} (has {:#x})",
+                want, api.features
+            )));
+        }
+        Ok(Uffd { fd })
+    }
+
+    /// Registers `[addr, addr+len)` (all of it must be mapped) with `missing` and/or `wp` mode.
+    pub fn register(&self, addr: u64, len: u64, missing: bool, wp: bool) -> Result<()> {
+        let mut mode = 0;
+        if missing {
+            mode |= g::UFFDIO_REGISTER_MODE_MISSING as u64;
+        }
+        if wp {
+            mode |= g::UFFDIO_REGISTER_MODE_WP as u64;
+        }
+        let mut reg = g::uffdio_register {
+            range: g::uffdio_range { start: addr, len },
+            mode,
+            ioctls: 0,
+        };
+        // SAFETY: valid descriptor and argument.
+        if unsafe { libc::ioctl(self.raw(), io::UFFDIO_REGISTER as _, &mut reg) } != 0 {
+            return Err(ioctl_err("UFFDIO_REGISTER"));
+        }
+        Ok(())
+    }
+
+    /// Sets (`wp = true`) or clears write protection of `[addr, addr+len)`. Clearing also wakes
+    /// threads blocked on the range unless `dontwake`.
+    pub fn writeprotect(&self, addr: u64, len: u64, wp: bool, dontwake: bool) -> Result<()> {
+        let mut mode = 0;
+        if wp {
+            mode |= UFFDIO_WRITEPROTECT_MODE_WP;
+        }
+        if dontwake {
+            mode |= UFFDIO_WRITEPROTECT_MODE_DONTWAKE;
+        }
+        let mut arg = g::uffdio_writeprotect {
+            range: g::uffdio_range { start: addr, len },
+            mode,
+        };
+        // SAFETY: valid descriptor and argument.
+        if unsafe { libc::ioctl(self.raw(), io::UFFDIO_WRITEPROTECT as _, &mut arg) } != 0 {
+            return Err(ioctl_err("UFFDIO_WRITEPROTECT"));
+        }
+        Ok(())
+    }
+
+    /// Wakes threads blocked on faults in `[addr, addr+len)`.
+    pub fn wake(&self, addr: u64, len: u64) -> Result<()> {
+        let mut arg = g::uffdio_range { start: addr, len };
+        // SAFETY: valid descriptor and argument.
+        if unsafe { libc::ioctl(self.raw(), io::UFFDIO_WAKE as _, &mut arg) } != 0 {
+            return Err(ioctl_err("UFFDIO_WAKE"));
+        }
+        Ok(())
+    }
+
+    /// Reads pending page-fault events into `out` (clearing it first); other event kinds are
+    /// skipped. Returns without blocking when none are pending.
+    pub fn read_faults(&self, out: &mut Vec<PageFault>) -> Result<()> {
+        out.clear();
+        const N: usize = 32;
+        // SAFETY: uffd_msg is plain data; zeroed is a valid value.
+        let mut msgs: [g::uffd_msg; N] = unsafe { std::mem::zeroed() };
+        // SAFETY: the buffer is valid for N messages.
+        let n = unsafe {
+            libc::read(
+                self.raw(),
+                msgs.as_mut_ptr().cast(),
+                std::mem::size_of_val(&msgs),
+            )
+        };
+        if n < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::WouldBlock {
+                return Ok(());
+            }
+            return Err(Error::Sys {
+                what: "read(userfaultfd)",
+                err,
+            });
+        }
+        let count = n as usize / std::mem::size_of::<g::uffd_msg>();
+        for m in &msgs[..count] {
+            if m.event as u32 != g::UFFD_EVENT_PAGEFAULT {
+                continue;
+            }
+            // SAFETY: the event says the union holds a page fault.
+            let pf = unsafe { m.arg.pagefault };
+            out.push(PageFault {
+                addr: pf.address,
+                write: pf.flags & g::UFFD_PAGEFAULT_FLAG_WRITE as u64 != 0,
+                wp: pf.flags & g::UFFD_PAGEFAULT_FLAG_WP as u64 != 0,
+                // SAFETY: THREAD_ID was negotiated, so the kernel fills `ptid`.
+                tid: unsafe { pf.feat.ptid },
+            });
+        }
+        Ok(())
+    }
+
+    pub fn raw(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+fn open_dev_userfaultfd(flags: i32) -> std::io::Result<i32> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open("/dev/userfaultfd")?;
+    // USERFAULTFD_IOC_NEW = _IO(0xAA, 0x00)
+    const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xAA00;
+    // SAFETY: valid descriptor; the ioctl takes the flags as an integer.
+    let fd = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW as _, flags) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd)
+}
