@@ -7,10 +7,14 @@ extern crate alloc;
 
 pub mod frame;
 pub mod pager;
+pub mod vmar;
 pub mod vmo;
 
 pub use frame::{Frame, FrameAlloc, FramePool, FrameStats, HeapFrameAlloc, Paddr, FRAME_SIZE};
 pub use pager::Pager;
+pub use vmar::{
+    FaultOutcome, FaultStats, MapOptions, MappingInfo, Placement, Resolution, VmPerms, Vmar,
+};
 pub use vmo::{ChildKind, PageOrigin, RangeChange, Rights, Vmo, VmoFlags, VmoObserver};
 
 /// Errors of the memory model; the meanings follow Zircon's status codes (CONTRACTS.md).

@@ -497,13 +497,74 @@ impl Vmo {
         self.lock_root_pages().get(base / PAGE + page_idx).is_some()
     }
 
-    /// Remembers the current contents as the state `reset` returns to (page sets only).
+    /// Remembers the current contents as the state `reset` returns to (page sets only). The
+    /// saved state shares every frame, so installed writable translations become read-only.
     pub fn set_reset_point(&self) -> Result<()> {
         if self.is_slice() {
             return Err(Error::NotSupported);
         }
-        self.lock_root_pages().set_reset_point();
+        let mut pages = self.lock_root_pages();
+        if pages.any_pinned() {
+            return Err(Error::BadState);
+        }
+        pages.set_reset_point();
+        if pages.committed_pages() > 0 {
+            self.notify(0, pages.size, RangeChange::WriteProtect);
+        }
         Ok(())
+    }
+
+    /// A handle to the same object with `rights` (internal: no DUPLICATE check).
+    pub(crate) fn restricted(&self, rights: Rights) -> Vmo {
+        Vmo {
+            inner: self.inner.clone(),
+            rights,
+        }
+    }
+
+    /// The snapshot child a Vmar fork maps: the whole object, copy-on-write
+    /// (`SnapshotAtLeastOnWrite` when pager-backed), with a reset point, same rights as this
+    /// handle. Internal: the mapping's handle may lack DUPLICATE.
+    pub(crate) fn fork_child(&self) -> Result<Vmo> {
+        let full = self.restricted(Rights::ALL);
+        let kind = if self.is_pager_backed() {
+            ChildKind::SnapshotAtLeastOnWrite
+        } else {
+            ChildKind::Snapshot
+        };
+        let flags = self.inner.flags & VmoFlags::RESIZABLE;
+        let child = full.create_child_with(kind, 0, self.size(), flags)?;
+        child.set_reset_point()?;
+        Ok(child.restricted(self.rights | Rights::WRITE))
+    }
+
+    /// An eager private copy of the whole object (the fork policy for DMA memory): a new
+    /// anonymous (or contiguous) Vmo with the same flags and contents, nothing pinned.
+    pub(crate) fn deep_copy(&self) -> Result<Vmo> {
+        let size = self.size();
+        let copy = if self.inner.flags.contains(VmoFlags::CONTIGUOUS) {
+            Vmo::new_contiguous(
+                &self.inner.pool,
+                size,
+                self.inner.flags.contains(VmoFlags::DMA),
+            )?
+        } else {
+            Vmo::new(
+                &self.inner.pool,
+                size,
+                self.inner.flags & !VmoFlags::CONTIGUOUS,
+            )?
+        };
+        let (first, last) = self.root_page_span(0, size);
+        let (_, base) = self.root();
+        let committed = self.lock_root_pages().committed_in(first, last);
+        let mut buf = alloc::vec![0u8; FRAME_SIZE];
+        for idx in committed {
+            let offset = idx * PAGE - base;
+            self.restricted(Rights::READ).read(offset, &mut buf)?;
+            copy.write(offset, &buf)?;
+        }
+        Ok(copy.restricted(self.rights | Rights::WRITE))
     }
 
     /// Pages (indices) changed since the reset point.

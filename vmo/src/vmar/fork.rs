@@ -1,0 +1,167 @@
+//! `Vmar::fork` and `Vmar::reset`: snapshot a guest's address space into a child that shares
+//! every frame copy-on-write, and bring a fork back to its snapshot.
+//!
+//! Policy per mapping:
+//! - private mappings: the child maps a snapshot child of the Vmo (one per distinct Vmo, so two
+//!   mappings of one Vmo still alias in the child; `SnapshotAtLeastOnWrite` for pager-backed
+//!   Vmos). Creating it write-protects the parent's installed entries of that Vmo (the Vmo's
+//!   observers do it); the flush is deferred and done once at the end;
+//! - shared mappings: the child maps the same Vmo (memory shared between parent and child);
+//! - DMA mappings (a Vmo with the DMA flag or with pinned pages): the child gets an eager,
+//!   private, unpinned copy — a pinned page is never shared copy-on-write, and devices are not
+//!   forked: the child's device must assign the copy again.
+//!
+//! Cost: O(mappings) plus the DMA copies; independent of how much guest memory is committed.
+//! The guest's vCPUs must be stopped while forking (as they are at an exit): entries are
+//! write-protected before the single flush, so a running vCPU could still write through a
+//! stale TLB entry until then.
+
+use alloc::collections::BTreeMap;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::Ordering;
+
+use ept::Stage2;
+
+use super::map::{make_mapping, NewMapping};
+use super::tree::{Tree, ROOT};
+use super::{Counters, Space, Vmar};
+use crate::{Error, Result, Vmo, VmoFlags};
+
+/// Undoes a `defer_flush` increment and flushes once, on every exit path.
+struct DeferredFlush<'a, S: Stage2 + Send + 'static>(&'a Space<S>);
+
+impl<'a, S: Stage2 + Send + 'static> DeferredFlush<'a, S> {
+    fn new(space: &'a Space<S>) -> Self {
+        space.defer_flush.fetch_add(1, Ordering::AcqRel);
+        DeferredFlush(space)
+    }
+}
+
+impl<S: Stage2 + Send + 'static> Drop for DeferredFlush<'_, S> {
+    fn drop(&mut self) {
+        self.0.defer_flush.fetch_sub(1, Ordering::AcqRel);
+        let mut stage2 = self.0.stage2.lock();
+        self.0.flush_if_pending(&mut stage2);
+    }
+}
+
+fn is_dma(vmo: &Vmo) -> bool {
+    vmo.flags().contains(VmoFlags::DMA) || vmo.has_pins()
+}
+
+impl<S: Stage2 + Send + 'static> Vmar<S> {
+    /// Forks the whole address space (root handle only) into a child translated by `stage2`
+    /// (an empty table). The child's private Vmos get a reset point at the fork.
+    pub fn fork(&self, stage2: S) -> Result<Vmar<S>> {
+        if self.region != ROOT {
+            return Err(Error::NotSupported);
+        }
+        let tree = self.space.tree.write();
+        let root_len = tree.region(ROOT)?.len;
+        let _flush = DeferredFlush::new(&self.space);
+
+        let child_space = Arc::new(Space {
+            tree: spin::RwLock::new(Tree::new(root_len)),
+            stage2: spin::Mutex::new(stage2),
+            counters: Counters::default(),
+            fault_around: core::sync::atomic::AtomicU64::new(
+                self.space.fault_around.load(Ordering::Relaxed),
+            ),
+            defer_flush: core::sync::atomic::AtomicU32::new(0),
+            dirty: spin::Mutex::new(None),
+        });
+        let mut child_tree = Tree::new(root_len);
+        // Regions: ids grow with creation, so parents come before their children.
+        let mut ids = BTreeMap::new();
+        ids.insert(ROOT, ROOT);
+        for id in tree.region_ids().into_iter().filter(|&id| id != ROOT) {
+            let r = tree.region(id)?;
+            let parent = r
+                .parent
+                .and_then(|p| ids.get(&p).copied())
+                .ok_or(Error::BadState)?;
+            ids.insert(id, child_tree.add_region(parent, r.base, r.len, r.may)?);
+        }
+        // Mappings: one child Vmo per distinct parent Vmo.
+        let mut forked: Vec<(Vmo, Vmo)> = Vec::new();
+        for m in tree.mappings.values() {
+            let vmo = if m.shared {
+                m.vmo.clone()
+            } else if let Some((_, c)) = forked.iter().find(|(p, _)| p.same_object(&m.vmo)) {
+                c.clone()
+            } else {
+                let c = if is_dma(&m.vmo) {
+                    m.vmo.deep_copy()?
+                } else {
+                    m.vmo.fork_child()?
+                };
+                forked.push((m.vmo.clone(), c.clone()));
+                c
+            };
+            let region = *ids.get(&m.region).ok_or(Error::BadState)?;
+            child_tree.insert_mapping(make_mapping(
+                &child_space,
+                NewMapping {
+                    base: m.base,
+                    len: m.len,
+                    vmo,
+                    vmo_offset: m.vmo_offset,
+                    perms: m.perms,
+                    shared: m.shared,
+                    allow_faults: m.allow_faults,
+                    region,
+                },
+            ))?;
+        }
+        *child_space.tree.write() = child_tree;
+        drop(tree);
+        Ok(Vmar {
+            space: child_space,
+            region: ROOT,
+        })
+    }
+
+    /// Distinct Vmos of the private mappings.
+    fn private_vmos(tree: &Tree<S>) -> Vec<Vmo> {
+        let mut out: Vec<Vmo> = Vec::new();
+        for m in tree.mappings.values().filter(|m| !m.shared) {
+            if !out.iter().any(|v| v.same_object(&m.vmo)) {
+                out.push(m.vmo.clone());
+            }
+        }
+        out
+    }
+
+    /// Returns every private mapping's Vmo to its reset point (the fork, or the last
+    /// `set_reset_point`), dropping only the pages changed since and their translations; one
+    /// flush. Returns the number of pages dropped. Vmos without a reset point → BadState.
+    pub fn reset(&self) -> Result<u64> {
+        if self.region != ROOT {
+            return Err(Error::NotSupported);
+        }
+        let tree = self.space.tree.write();
+        tree.region(ROOT)?;
+        let _flush = DeferredFlush::new(&self.space);
+        let mut dropped = 0;
+        for vmo in Self::private_vmos(&tree) {
+            dropped += vmo.reset()?;
+        }
+        Ok(dropped)
+    }
+
+    /// Makes the current contents of every private mapping the state `reset` returns to
+    /// (write-protecting installed entries, one flush).
+    pub fn set_reset_point(&self) -> Result<()> {
+        if self.region != ROOT {
+            return Err(Error::NotSupported);
+        }
+        let tree = self.space.tree.write();
+        tree.region(ROOT)?;
+        let _flush = DeferredFlush::new(&self.space);
+        for vmo in Self::private_vmos(&tree) {
+            vmo.set_reset_point()?;
+        }
+        Ok(())
+    }
+}

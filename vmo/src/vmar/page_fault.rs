@@ -1,0 +1,203 @@
+//! `Vmar::handle_fault`: the one function every second-level fault goes through — an EPT
+//! violation (hv, VT-x), a nested page fault (hv, SVM), a userfaultfd event (guest-vm, KVM), or a
+//! device / VMM access from the host side.
+//!
+//! Steps (DESIGN.md): 1 find the mapping (none → NotFound); 2 check its perms (AccessDenied);
+//! 3 an entry already present with enough permission means another thread resolved it: flush,
+//! done; 4/5 ask the Vmo for the page — committing it (zero or pager), copying a shared frame
+//! on a write, or upgrading in place when this Vmo holds the last reference; 6 install it
+//! through `Stage2` while the Vmo's page lock is held, and flush if an entry changed. Read
+//! faults on pager-backed mappings also install up to `fault_around` following pages.
+//!
+//! Invariant: an error return installs nothing and changes nothing; a guest-caused error never
+//! panics. Write permission is installed only for frames private to the Vmo.
+
+use core::sync::atomic::Ordering;
+
+use ept::{Access, FaultInfo, MemType, PageSize, S2Perms, Stage2};
+
+use super::tree::Mapping;
+use super::{VmPerms, Vmar, PAGE};
+use crate::{Error, Result};
+
+/// What the fault path did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultOutcome {
+    /// Already resolved (another vCPU got there first): only a flush.
+    Spurious,
+    /// A new page was committed (zero-filled or from the pager) and installed.
+    Committed,
+    /// A shared frame was copied for a write.
+    Copied,
+    /// A read-only entry became writable without a copy.
+    Upgraded,
+    /// An already committed frame was installed.
+    Installed,
+}
+
+/// The result of `handle_fault`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Resolution {
+    /// Guest-physical page that faulted.
+    pub gpa: u64,
+    /// Frame now translating it.
+    pub pa: u64,
+    /// Permissions installed.
+    pub perms: S2Perms,
+    pub outcome: FaultOutcome,
+    /// Pages installed, including fault-around.
+    pub pages: u64,
+}
+
+fn needed(access: Access) -> (VmPerms, S2Perms) {
+    let mut vm = VmPerms::empty();
+    let mut s2 = S2Perms::empty();
+    if access.contains(Access::READ) {
+        vm |= VmPerms::READ;
+        s2 |= S2Perms::READ;
+    }
+    if access.contains(Access::WRITE) {
+        vm |= VmPerms::WRITE;
+        s2 |= S2Perms::WRITE;
+    }
+    if access.contains(Access::EXEC) {
+        vm |= VmPerms::EXEC;
+        s2 |= S2Perms::EXEC;
+    }
+    if vm.is_empty() {
+        vm = VmPerms::READ;
+        s2 = S2Perms::READ;
+    }
+    (vm, s2)
+}
+
+impl<S: Stage2 + Send + 'static> Vmar<S> {
+    /// Resolves a second-level fault (see the module doc). Errors: NotFound (no mapping),
+    /// AccessDenied (the mapping forbids the access), OutOfRange (past the end of a Vmo mapped
+    /// with `allow_faults`), NoMemory, Io (pager), BadState (destroyed space).
+    pub fn handle_fault(&self, fault: FaultInfo) -> Result<Resolution> {
+        let c = &self.space.counters;
+        c.faults.fetch_add(1, Ordering::Relaxed);
+        let result = self.resolve(fault);
+        if matches!(
+            result,
+            Err(Error::NotFound | Error::AccessDenied | Error::OutOfRange)
+        ) {
+            c.refused.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    fn resolve(&self, fault: FaultInfo) -> Result<Resolution> {
+        let page = fault.gpa & !(PAGE - 1);
+        let tree = self.space.tree.read();
+        let m = tree.mapping_at(page).ok_or(Error::NotFound)?;
+        let (need_vm, need_s2) = needed(fault.access);
+        if !m.perms.contains(need_vm) {
+            return Err(Error::AccessDenied);
+        }
+        let write = fault.access.contains(Access::WRITE);
+        let present = {
+            let mut stage2 = self.space.stage2.lock();
+            match stage2.query(page) {
+                Some(t) if t.perms.contains(need_s2) => {
+                    stage2.flush(ept::FlushScope::Context);
+                    self.space.counters.spurious.fetch_add(1, Ordering::Relaxed);
+                    return Ok(Resolution {
+                        gpa: page,
+                        pa: t.pa_of(page),
+                        perms: t.perms,
+                        outcome: FaultOutcome::Spurious,
+                        pages: 0,
+                    });
+                }
+                present => present.is_some(),
+            }
+        };
+        let (pa, perms, origin) = self.install(m, page, write)?;
+        let c = &self.space.counters;
+        let outcome = if origin.copied {
+            c.copies.fetch_add(1, Ordering::Relaxed);
+            FaultOutcome::Copied
+        } else if origin.committed {
+            c.commits.fetch_add(1, Ordering::Relaxed);
+            FaultOutcome::Committed
+        } else if write && present {
+            c.upgrades.fetch_add(1, Ordering::Relaxed);
+            m.vmo.pool().count_upgrade();
+            FaultOutcome::Upgraded
+        } else {
+            c.installs.fetch_add(1, Ordering::Relaxed);
+            FaultOutcome::Installed
+        };
+        if write {
+            if let Some(dirty) = self.space.dirty.lock().as_mut() {
+                dirty.insert(page);
+            }
+        }
+        let mut pages = 1;
+        if !write && m.vmo.is_pager_backed() {
+            pages += self.fault_around(m, page);
+        }
+        Ok(Resolution {
+            gpa: page,
+            pa,
+            perms,
+            outcome,
+            pages,
+        })
+    }
+
+    /// Makes the page at `page` present in the Vmo and installs it; returns frame, perms, origin.
+    fn install(
+        &self,
+        m: &Mapping<S>,
+        page: u64,
+        write: bool,
+    ) -> Result<(u64, S2Perms, crate::PageOrigin)> {
+        let full = m.perms.to_stage2();
+        m.vmo
+            .fault_page(m.vmo_page(page), write, |frame, writable, origin| {
+                let perms = if writable {
+                    full
+                } else {
+                    full - S2Perms::WRITE
+                };
+                let mut stage2 = self.space.stage2.lock();
+                stage2.map(
+                    page,
+                    frame.paddr(),
+                    PageSize::Size4K,
+                    perms,
+                    MemType::WriteBack,
+                )?;
+                self.space.flush_if_pending(&mut stage2);
+                Ok((frame.paddr(), perms, origin))
+            })
+    }
+
+    /// Installs up to `fault_around - 1` pages after `page` inside the mapping that are not
+    /// installed yet. Stops at the first error (the fault itself is already resolved).
+    fn fault_around(&self, m: &Mapping<S>, page: u64) -> u64 {
+        let n = self.space.fault_around.load(Ordering::Relaxed);
+        let vmo_end = m.base + m.vmo.size().saturating_sub(m.vmo_offset);
+        let end = m.end().min(vmo_end).min(page.saturating_add(n * PAGE));
+        let mut installed = 0;
+        let mut next = page + PAGE;
+        while next < end {
+            let present = self.space.stage2.lock().query(next).is_some();
+            if !present {
+                if self.install(m, next, false).is_err() {
+                    break;
+                }
+                installed += 1;
+            }
+            next += PAGE;
+        }
+        self.space
+            .counters
+            .fault_around
+            .fetch_add(installed, Ordering::Relaxed);
+        installed
+    }
+}
