@@ -59,6 +59,14 @@ pub fn check_range(gpa: u64, len: u64) -> Result<u64, Error> {
     }
 }
 
+/// What `unmap_in` did to one table.
+struct Unmapped {
+    /// 4 KiB pages unmapped below this table.
+    removed: u64,
+    /// Index of the last entry of this table that was cleared, if any.
+    last_cleared: Option<usize>,
+}
+
 /// A 4-level table of `E` entries in frames from `M`.
 pub struct PageTable<E: EntryFormat, M: PhysMem> {
     mem: M,
@@ -251,9 +259,8 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
                 loop {
                     let cur = slot.load(Ordering::Acquire);
                     let cur_e = E::from_raw(cur);
-                    for i in 0..ENTRIES {
-                        self.slot(new, i)
-                            .store(cur_e.split_child(level, i as u64).raw(), Ordering::Relaxed);
+                    for (i, child) in self.entries(new).iter().enumerate() {
+                        child.store(cur_e.split_child(level, i as u64).raw(), Ordering::Relaxed);
                     }
                     let ptr = E::table_pointer(new).raw();
                     if slot
@@ -273,8 +280,21 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
         Ok(())
     }
 
-    fn table_is_empty(&self, table: u64) -> bool {
-        (0..ENTRIES).all(|i| !self.load(table, i).is_present())
+    /// The 512 entries of `table`.
+    fn entries(&self, table: u64) -> &[AtomicU64] {
+        let base = self.mem.frame_ptr(table);
+        // SAFETY: as in `slot`: a frame this table holds, 512 aligned u64s.
+        unsafe { core::slice::from_raw_parts(base as *const AtomicU64, ENTRIES) }
+    }
+
+    /// Whether `table` has no present entry. The scan starts at `hint` (the last entry
+    /// cleared) and wraps: a neighbour is the likeliest present entry, so page-by-page unmaps
+    /// stop after a step or two.
+    fn table_is_empty(&self, table: u64, hint: usize) -> bool {
+        let entries = self.entries(table);
+        let hint = hint % ENTRIES;
+        let present = |e: &AtomicU64| E::from_raw(e.load(Ordering::Relaxed)).is_present();
+        !entries[hint..].iter().any(present) && !entries[..hint].iter().any(present)
     }
 
     fn retire(&mut self, frame: u64) {
@@ -310,12 +330,15 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
         let end = check_range(gpa, len)?;
         self.split_at(gpa, &|_| true)?;
         self.split_at(end, &|_| true)?;
-        Ok(self.unmap_in(self.root, 4, gpa, end))
+        Ok(self.unmap_in(self.root, 4, gpa, end).removed)
     }
 
-    fn unmap_in(&mut self, table: u64, level: usize, start: u64, end: u64) -> u64 {
+    fn unmap_in(&mut self, table: u64, level: usize, start: u64, end: u64) -> Unmapped {
         let size = level_size(level);
-        let mut removed = 0;
+        let mut out = Unmapped {
+            removed: 0,
+            last_cleared: None,
+        };
         let mut addr = start;
         while addr < end {
             let entry_base = addr & !(size - 1);
@@ -327,20 +350,28 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
                 if e.is_leaf(level) {
                     // Straddling leaves were split, so this one lies inside the range.
                     self.slot(table, i).swap(0, Ordering::AcqRel);
-                    removed += size / PAGE_SIZE;
+                    out.removed += size / PAGE_SIZE;
+                    out.last_cleared = Some(i);
                 } else if level > 1 {
                     let child = e.table_address();
-                    removed += self.unmap_in(child, level - 1, addr, sub_end);
+                    let sub = self.unmap_in(child, level - 1, addr, sub_end);
+                    out.removed += sub.removed;
                     let covered = addr == entry_base && sub_end == entry_end;
-                    if covered || self.table_is_empty(child) {
+                    // The child can only have become empty if one of its entries was cleared.
+                    let empty = covered
+                        || sub
+                            .last_cleared
+                            .is_some_and(|hint| self.table_is_empty(child, hint));
+                    if empty {
                         self.slot(table, i).store(0, Ordering::Release);
                         self.retire(child);
+                        out.last_cleared = Some(i);
                     }
                 }
             }
             addr = entry_end;
         }
-        removed
+        out
     }
 
     /// Sets the permissions of every translation in `[gpa, gpa + len)` to `perms`. Large leaves

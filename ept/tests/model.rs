@@ -136,7 +136,7 @@ impl Model {
 }
 
 fn check_range(gpa: u64, len: u64) -> Result<u64, Error> {
-    if gpa % K4 != 0 || len % K4 != 0 || len == 0 {
+    if !gpa.is_multiple_of(K4) || !len.is_multiple_of(K4) || len == 0 {
         return Err(Error::InvalidArgs);
     }
     match gpa.checked_add(len) {
