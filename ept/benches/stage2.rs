@@ -3,6 +3,7 @@
 //!   pattern: one `map` per fault, one `unmap` per page), plus unmapping the GiB in one call;
 //! - translate (`query`) throughput on a table populated with 1 GiB of 4 KiB pages, at
 //!   pseudo-random addresses.
+//!
 //! Tables use `HeapPhysMem` and the counting invalidation hook.
 
 use std::collections::BTreeMap;
@@ -104,7 +105,7 @@ fn addresses(n: usize) -> Vec<u64> {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            BASE + (x % GIB & !0xfff) + (x >> 52)
+            BASE + ((x % GIB) & !0xfff) + (x >> 52)
         })
         .collect()
 }
