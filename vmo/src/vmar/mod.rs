@@ -164,6 +164,15 @@ pub struct Vmar<S: Stage2 + Send + 'static> {
     region: RegionId,
 }
 
+impl<S: Stage2 + Send + 'static> core::fmt::Debug for Vmar<S> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Vmar")
+            .field("region", &self.region)
+            .field("range", &self.range().ok())
+            .finish()
+    }
+}
+
 impl<S: Stage2 + Send + 'static> Clone for Vmar<S> {
     fn clone(&self) -> Self {
         Vmar {

@@ -1,0 +1,808 @@
+//! The Vmar acceptance cases of CONTRACTS.md (Destroy … ConcurrentUnmapReadMemory), run through
+//! the software guest CPU on every table backend.
+
+use conformance::{for_each_backend, Backend, SoftCpu};
+use std::sync::Arc;
+use vmo::{
+    ChildKind, Error, FramePool, MapOptions, Placement, Rights, VmPerms, Vmar, Vmo, VmoFlags,
+};
+
+const P: u64 = 4096;
+const GIB: u64 = 1 << 30;
+const R: VmPerms = VmPerms::READ;
+const RW: VmPerms = VmPerms::RW;
+
+fn space<B: Backend>(size: u64) -> (FramePool, Vmar<B::S>) {
+    (
+        FramePool::heap(),
+        Vmar::new_root(size, B::stage2()).unwrap(),
+    )
+}
+
+fn vmo(pool: &FramePool, pages: u64) -> Vmo {
+    Vmo::new(pool, pages * P, VmoFlags::empty()).unwrap()
+}
+
+/// A Vmo whose page i starts with byte i+1.
+fn patterned(pool: &FramePool, pages: u64) -> Vmo {
+    let v = vmo(pool, pages);
+    for i in 0..pages {
+        v.write(i * P, &[i as u8 + 1]).unwrap();
+    }
+    v
+}
+
+fn installed<B: Backend>(vmar: &Vmar<B::S>, gpa: u64) -> Option<ept::Translation> {
+    vmar.with_stage2(|s| ept::Stage2::query(s, gpa))
+}
+
+fn destroy<B: Backend>() {
+    let (pool, root) = space::<B>(GIB);
+    let sub = root
+        .allocate(Placement::Specific(16 * P), 16 * P, VmPerms::MAY_ALL)
+        .unwrap();
+    let v = patterned(&pool, 4);
+    let base = sub.map(&v, 0, 4 * P, MapOptions::specific(0, RW)).unwrap();
+    assert_eq!(base, 16 * P, "offsets are relative to the sub-region");
+    let mut cpu = SoftCpu::new(&root, &pool);
+    assert_eq!(cpu.read_u8(base + P).unwrap(), 2);
+    sub.destroy().unwrap();
+    assert_eq!(root.query(base).unwrap_err(), Error::NotFound);
+    assert!(
+        installed::<B>(&root, base + P).is_none(),
+        "translations are gone"
+    );
+    assert_eq!(cpu.read_u8(base).unwrap_err().error, Error::NotFound);
+    assert_eq!(
+        sub.map(&v, 0, P, MapOptions::specific(0, R)).unwrap_err(),
+        Error::BadState
+    );
+}
+
+fn basic_allocate<B: Backend>() {
+    let (_pool, root) = space::<B>(GIB);
+    let a = root
+        .allocate(Placement::Anywhere { align: P }, 8 * P, VmPerms::MAY_ALL)
+        .unwrap();
+    let b = root
+        .allocate(Placement::Anywhere { align: P }, 8 * P, VmPerms::MAY_READ)
+        .unwrap();
+    let (ab, al) = a.range().unwrap();
+    let (bb, bl) = b.range().unwrap();
+    assert!(ab + al <= bb || bb + bl <= ab, "sub-regions do not overlap");
+    assert_eq!(b.may().unwrap(), VmPerms::MAY_READ);
+}
+
+fn map_in_compact<B: Backend>() {
+    let (pool, root) = space::<B>(GIB);
+    let sub = root
+        .allocate(Placement::Anywhere { align: P }, 16 * P, VmPerms::MAY_ALL)
+        .unwrap();
+    let v = vmo(&pool, 1);
+    let mut bases: Vec<u64> = (0..16)
+        .map(|_| sub.map(&v, 0, P, MapOptions::anywhere(R)).unwrap())
+        .collect();
+    bases.sort();
+    bases.dedup();
+    assert_eq!(
+        bases.len(),
+        16,
+        "16 one-page mappings fill a 16-page region"
+    );
+    assert_eq!(
+        sub.map(&v, 0, P, MapOptions::anywhere(R)).unwrap_err(),
+        Error::NoMemory
+    );
+}
+
+fn allocate_oob<B: Backend>() {
+    let (_pool, root) = space::<B>(GIB);
+    let sub = root
+        .allocate(Placement::Specific(0), 16 * P, VmPerms::MAY_ALL)
+        .unwrap();
+    assert_eq!(
+        sub.allocate(Placement::Specific(12 * P), 8 * P, VmPerms::MAY_ALL)
+            .unwrap_err(),
+        Error::InvalidArgs
+    );
+    assert_eq!(
+        sub.allocate(
+            Placement::Specific(u64::MAX & !(P - 1)),
+            2 * P,
+            VmPerms::MAY_ALL
+        )
+        .unwrap_err(),
+        Error::OutOfRange
+    );
+    assert_eq!(
+        root.allocate(Placement::Specific(GIB), P, VmPerms::MAY_ALL)
+            .unwrap_err(),
+        Error::InvalidArgs
+    );
+}
+
+fn unaligned_len<B: Backend>() {
+    let (pool, root) = space::<B>(GIB);
+    let v = vmo(&pool, 8);
+    root.map(&v, 0, 8 * P, MapOptions::specific(0, RW)).unwrap();
+    root.protect(0, 4 * P - 1, R).unwrap();
+    assert_eq!(
+        root.query(3 * P).unwrap().perms,
+        R,
+        "length rounded up: 4 pages"
+    );
+    assert_eq!(root.query(4 * P).unwrap().perms, RW);
+    root.unmap(0, 4 * P - 1).unwrap();
+    assert_eq!(root.query(3 * P).unwrap_err(), Error::NotFound);
+    assert!(root.query(4 * P).is_ok());
+}
+
+fn unaligned_len_map<B: Backend>() {
+    let (pool, root) = space::<B>(GIB);
+    let v = vmo(&pool, 4);
+    let base = root.map(&v, 0, 4 * P - 1, MapOptions::anywhere(R)).unwrap();
+    assert_eq!(root.query(base).unwrap().len, 4 * P);
+}
+
+fn unmap_split<B: Backend>() {
+    let (pool, root) = space::<B>(GIB);
+    let v = patterned(&pool, 4);
+    root.map(&v, 0, 4 * P, MapOptions::specific(0, RW)).unwrap();
+    let mut cpu = SoftCpu::new(&root, &pool);
+    for i in 0..4 {
+        cpu.read_u8(i * P).unwrap();
+    }
+    root.unmap(P, 2 * P).unwrap();
+    let left = root.query(0).unwrap();
+    let right = root.query(3 * P).unwrap();
+    assert_eq!((left.base, left.len, left.vmo_offset), (0, P, 0));
+    assert_eq!((right.base, right.len, right.vmo_offset), (3 * P, P, 3 * P));
+    assert_eq!(cpu.read_u8(0).unwrap(), 1);
+    assert_eq!(cpu.read_u8(3 * P).unwrap(), 4);
+    assert_eq!(cpu.read_u8(P).unwrap_err().error, Error::NotFound);
+    assert!(installed::<B>(&root, 2 * P).is_none());
+}
+
+fn unmap_multiple<B: Backend>() {
+    let (pool, root) = space::<B>(GIB);
+    let v = vmo(&pool, 4);
+    for i in 0..3 {
+        root.map(&v, 0, 4 * P, MapOptions::specific(i * 4 * P, R))
+            .unwrap();
+    }
+    root.unmap(2 * P, 8 * P).unwrap();
+    assert_eq!(root.query(P).unwrap().len, 2 * P);
+    assert_eq!(root.query(4 * P).unwrap_err(), Error::NotFound);
+    assert_eq!(root.query(10 * P).unwrap().base, 10 * P);
+}
+
+fn unmap_base_not_mapped<B: Backend>() {
+    let (pool, root) = space::<B>(GIB);
+    let v = vmo(&pool, 2);
+    root.map(&v, 0, 2 * P, MapOptions::specific(P, R)).unwrap();
+    root.unmap(0, 4 * P).unwrap();
+    assert_eq!(root.query(P).unwrap_err(), Error::NotFound);
+    assert_eq!(
+        root.unmap(0, 4 * P).unwrap_err(),
+        Error::NotFound,
+        "nothing there"
+    );
+}
+
+fn allocate_unsatisfiable<B: Backend>() {
+    let (_pool, root) = space::<B>(16 * P);
+    assert_eq!(
+        root.allocate(Placement::Anywhere { align: P }, 17 * P, VmPerms::MAY_ALL)
+            .unwrap_err(),
+        Error::NoMemory
+    );
+    root.allocate(Placement::Specific(0), 10 * P, VmPerms::MAY_ALL)
+        .unwrap();
+    assert_eq!(
+        root.allocate(Placement::Anywhere { align: P }, 7 * P, VmPerms::MAY_ALL)
+            .unwrap_err(),
+        Error::NoMemory
+    );
+}
+
+fn destroyed_vmar<B: Backend>() {
+    let (pool, root) = space::<B>(GIB);
+    let sub = root
+        .allocate(Placement::Anywhere { align: P }, 16 * P, VmPerms::MAY_ALL)
+        .unwrap();
+    let subsub = sub
+        .allocate(Placement::Anywhere { align: P }, 4 * P, VmPerms::MAY_ALL)
+        .unwrap();
+    sub.destroy().unwrap();
+    let v = vmo(&pool, 1);
+    for h in [&sub, &subsub] {
+        assert_eq!(
+            h.map(&v, 0, P, MapOptions::anywhere(R)).unwrap_err(),
+            Error::BadState
+        );
+        assert_eq!(
+            h.allocate(Placement::Anywhere { align: P }, P, VmPerms::MAY_ALL)
+                .unwrap_err(),
+            Error::BadState
+        );
+        assert_eq!(h.unmap(0, P).unwrap_err(), Error::BadState);
+        assert_eq!(h.protect(0, P, R).unwrap_err(), Error::BadState);
+        assert_eq!(h.destroy().unwrap_err(), Error::BadState);
+    }
+}
+
+fn map_over_destroyed<B: Backend>() {
+    let (pool, root) = space::<B>(GIB);
+    let sub = root
+        .allocate(Placement::Specific(0), 16 * P, VmPerms::MAY_ALL)
+        .unwrap();
+    let v = vmo(&pool, 16);
+    assert_eq!(
+        root.map(&v, 0, 16 * P, MapOptions::specific(0, R))
+            .unwrap_err(),
+        Error::AlreadyExists
+    );
+    sub.destroy().unwrap();
+    root.map(&v, 0, 16 * P, MapOptions::specific(0, R)).unwrap();
+}
+
+fn alignment_vmar_map<B: Backend>() {
+    let (pool, root) = space::<B>(GIB);
+    let v = vmo(&pool, 1);
+    root.map(&v, 0, P, MapOptions::specific(P, R)).unwrap();
+    for align in [P, 1 << 16, 1 << 21, 1 << 28] {
+        let mut o = MapOptions::anywhere(R);
+        o.placement = Placement::Anywhere { align };
+        let base = root.map(&v, 0, P, o).unwrap();
+        assert_eq!(base % align, 0);
+    }
+    let mut o = MapOptions::anywhere(R);
+    o.placement = Placement::Anywhere { align: 3 * P };
+    assert_eq!(root.map(&v, 0, P, o).unwrap_err(), Error::InvalidArgs);
+    o.placement = Placement::Anywhere { align: 2 * GIB };
+    assert_eq!(root.map(&v, 0, P, o).unwrap_err(), Error::NoMemory);
+}
+
+fn alignment_vmar_allocate<B: Backend>() {
+    let (_pool, root) = space::<B>(GIB);
+    root.allocate(Placement::Specific(P), P, VmPerms::MAY_ALL)
+        .unwrap();
+    for align in [1u64 << 16, 1 << 21] {
+        let sub = root
+            .allocate(Placement::Anywhere { align }, P, VmPerms::MAY_ALL)
+            .unwrap();
+        assert_eq!(sub.range().unwrap().0 % align, 0);
+    }
+    assert_eq!(
+        root.allocate(Placement::Anywhere { align: 100 }, P, VmPerms::MAY_ALL)
+            .unwrap_err(),
+        Error::InvalidArgs
+    );
+}
+
+fn overmapping<B: Backend>() {
+    let (pool, root) = space::<B>(GIB);
+    let v = vmo(&pool, 4);
+    root.map(&v, 0, 4 * P, MapOptions::specific(4 * P, R))
+        .unwrap();
+    assert_eq!(
+        root.map(&v, 0, 4 * P, MapOptions::specific(2 * P, R))
+            .unwrap_err(),
+        Error::AlreadyExists
+    );
+    assert_eq!(
+        root.map(&v, 0, P, MapOptions::specific(7 * P, R))
+            .unwrap_err(),
+        Error::AlreadyExists
+    );
+    root.map(&v, 0, 2 * P, MapOptions::specific(2 * P, R))
+        .unwrap();
+}
+
+fn invalid_args<B: Backend>() {
+    let (pool, root) = space::<B>(GIB);
+    let v = vmo(&pool, 4);
+    assert_eq!(
+        root.map(&v, 0, 0, MapOptions::anywhere(R)).unwrap_err(),
+        Error::InvalidArgs
+    );
+    assert_eq!(
+        root.map(&v, 1, P, MapOptions::anywhere(R)).unwrap_err(),
+        Error::InvalidArgs
+    );
+    assert_eq!(
+        root.map(&v, 0, P, MapOptions::specific(1, R)).unwrap_err(),
+        Error::InvalidArgs
+    );
+    assert_eq!(
+        root.map(&v, 0, P, MapOptions::anywhere(VmPerms::WRITE))
+            .unwrap_err(),
+        Error::InvalidArgs
+    );
+    assert_eq!(
+        root.map(&v, 0, P, MapOptions::anywhere(VmPerms::EXEC))
+            .unwrap_err(),
+        Error::InvalidArgs
+    );
+    assert_eq!(
+        root.map(&v, 0, P, MapOptions::anywhere(R | VmPerms::MAY_READ))
+            .unwrap_err(),
+        Error::InvalidArgs
+    );
+    assert_eq!(
+        root.map(&v, u64::MAX & !(P - 1), 2 * P, MapOptions::anywhere(R))
+            .unwrap_err(),
+        Error::OutOfRange
+    );
+    assert_eq!(
+        root.map(&v, 0, u64::MAX, MapOptions::anywhere(R))
+            .unwrap_err(),
+        Error::OutOfRange
+    );
+    assert_eq!(root.unmap(0, 0).unwrap_err(), Error::InvalidArgs);
+    assert_eq!(root.protect(P + 1, P, R).unwrap_err(), Error::InvalidArgs);
+    assert_eq!(
+        root.allocate(Placement::Anywhere { align: P }, P, R)
+            .unwrap_err(),
+        Error::InvalidArgs
+    );
+    assert!(Vmar::new_root(P + 1, B::stage2()).is_err());
+    assert!(Vmar::new_root(0, B::stage2()).is_err());
+    assert_eq!(
+        Vmar::new_root(1 << 49, B::stage2()).err(),
+        Some(Error::OutOfRange)
+    );
+}
+
+fn rights_drop<B: Backend>() {
+    let (pool, root) = space::<B>(GIB);
+    let v = patterned(&pool, 2);
+    let ro = v.duplicate(Rights::READ | Rights::MAP).unwrap();
+    assert_eq!(
+        root.map(&ro, 0, P, MapOptions::anywhere(RW)).unwrap_err(),
+        Error::AccessDenied
+    );
+    assert_eq!(
+        root.map(&ro, 0, P, MapOptions::anywhere(R | VmPerms::EXEC))
+            .unwrap_err(),
+        Error::AccessDenied
+    );
+    let nomap = v.duplicate(Rights::READ | Rights::WRITE).unwrap();
+    assert_eq!(
+        root.map(&nomap, 0, P, MapOptions::anywhere(R)).unwrap_err(),
+        Error::AccessDenied
+    );
+    let base = root.map(&ro, 0, 2 * P, MapOptions::anywhere(R)).unwrap();
+    assert_eq!(root.protect(base, P, RW).unwrap_err(), Error::AccessDenied);
+    let mut cpu = SoftCpu::new(&root, &pool);
+    assert_eq!(cpu.read_u8(base + P).unwrap(), 2);
+    assert_eq!(
+        cpu.write_u8(base, 9).unwrap_err().error,
+        Error::AccessDenied
+    );
+}
+
+fn protect<B: Backend>() {
+    let (pool, root) = space::<B>(GIB);
+    let v = vmo(&pool, 4);
+    let base = root.map(&v, 0, 4 * P, MapOptions::anywhere(RW)).unwrap();
+    let mut cpu = SoftCpu::new(&root, &pool);
+    cpu.write_u8(base, 7).unwrap();
+    root.protect(base, 4 * P, R).unwrap();
+    let t = installed::<B>(&root, base).unwrap();
+    assert!(
+        !t.perms.contains(ept::S2Perms::WRITE),
+        "downgraded before return"
+    );
+    assert_eq!(
+        cpu.write_u8(base, 8).unwrap_err().error,
+        Error::AccessDenied
+    );
+    assert_eq!(cpu.read_u8(base).unwrap(), 7);
+    assert_eq!(cpu.fetch(base).unwrap_err().error, Error::AccessDenied);
+    root.protect(base, 4 * P, RW | VmPerms::EXEC).unwrap();
+    cpu.write_u8(base, 8).unwrap();
+    assert_eq!(cpu.fetch(base).unwrap(), 8);
+    root.protect(base, P, VmPerms::empty()).unwrap();
+    assert!(
+        installed::<B>(&root, base).is_none(),
+        "no access: entry removed"
+    );
+    assert_eq!(cpu.read_u8(base).unwrap_err().error, Error::AccessDenied);
+    assert_eq!(
+        root.protect(base, 8 * P, R).unwrap_err(),
+        Error::NotFound,
+        "hole after the mapping"
+    );
+}
+
+fn nested_region_perms<B: Backend>() {
+    let (pool, root) = space::<B>(GIB);
+    let ro_region = root
+        .allocate(Placement::Anywhere { align: P }, 16 * P, VmPerms::MAY_READ)
+        .unwrap();
+    let v = vmo(&pool, 4);
+    assert_eq!(
+        ro_region
+            .map(&v, 0, P, MapOptions::anywhere(RW))
+            .unwrap_err(),
+        Error::AccessDenied
+    );
+    let base = ro_region.map(&v, 0, P, MapOptions::anywhere(R)).unwrap();
+    assert_eq!(
+        root.protect(base, P, RW).unwrap_err(),
+        Error::AccessDenied,
+        "region MAY bits bind protect too"
+    );
+    assert_eq!(
+        ro_region
+            .allocate(
+                Placement::Anywhere { align: P },
+                P,
+                VmPerms::MAY_READ | VmPerms::MAY_WRITE
+            )
+            .unwrap_err(),
+        Error::AccessDenied
+    );
+    ro_region
+        .allocate(Placement::Anywhere { align: P }, P, VmPerms::MAY_READ)
+        .unwrap();
+}
+
+fn map_specific_overwrite<B: Backend>() {
+    let (pool, root) = space::<B>(GIB);
+    let a = patterned(&pool, 4);
+    let b = vmo(&pool, 2);
+    b.write(0, &[100]).unwrap();
+    b.write(P, &[101]).unwrap();
+    root.map(&a, 0, 4 * P, MapOptions::specific(0, RW)).unwrap();
+    let mut cpu = SoftCpu::new(&root, &pool);
+    for i in 0..4 {
+        cpu.read_u8(i * P).unwrap();
+    }
+    let mut o = MapOptions::specific(0, R);
+    o.placement = Placement::SpecificOverwrite(P);
+    root.map(&b, 0, 2 * P, o).unwrap();
+    let got: Vec<u8> = (0..4).map(|i| cpu.read_u8(i * P).unwrap()).collect();
+    assert_eq!(got, vec![1, 100, 101, 4]);
+    root.allocate(Placement::Specific(8 * P), 4 * P, VmPerms::MAY_ALL)
+        .unwrap();
+    o.placement = Placement::SpecificOverwrite(7 * P);
+    assert_eq!(
+        root.map(&b, 0, 2 * P, o).unwrap_err(),
+        Error::InvalidArgs,
+        "overlaps a sub-region"
+    );
+}
+
+fn protect_split<B: Backend>() {
+    let (pool, root) = space::<B>(GIB);
+    let v = vmo(&pool, 4);
+    root.map(&v, 0, 4 * P, MapOptions::specific(0, RW)).unwrap();
+    root.protect(P, 2 * P, R).unwrap();
+    let parts: Vec<_> = [0, P, 3 * P]
+        .iter()
+        .map(|&a| root.query(a).unwrap())
+        .collect();
+    assert_eq!(
+        parts
+            .iter()
+            .map(|m| (m.base, m.len, m.perms))
+            .collect::<Vec<_>>(),
+        vec![(0, P, RW), (P, 2 * P, R), (3 * P, P, RW)]
+    );
+    assert_eq!(parts[1].vmo_offset, P);
+}
+
+fn protect_multiple<B: Backend>() {
+    let (pool, root) = space::<B>(GIB);
+    let v = vmo(&pool, 4);
+    for i in 0..3 {
+        root.map(&v, 0, 4 * P, MapOptions::specific(i * 4 * P, RW))
+            .unwrap();
+    }
+    root.protect(2 * P, 8 * P, R).unwrap();
+    assert_eq!(root.query(P).unwrap().perms, RW);
+    assert_eq!(root.query(5 * P).unwrap().perms, R);
+    assert_eq!(root.query(9 * P).unwrap().perms, R);
+    assert_eq!(root.query(10 * P).unwrap().perms, RW);
+}
+
+struct FilledPager;
+impl vmo::Pager for FilledPager {
+    fn commit_page(&self, idx: u64, buf: &mut [u8; 4096]) -> vmo::Result<()> {
+        buf.fill(idx as u8 ^ 0x5a);
+        Ok(())
+    }
+    fn commit_overwrite(&self, _: u64) -> vmo::Result<()> {
+        Ok(())
+    }
+    fn update_page(&self, _: u64) -> vmo::Result<()> {
+        Ok(())
+    }
+    fn decommit_page(&self, _: u64, _: &[u8; 4096]) -> vmo::Result<()> {
+        Ok(())
+    }
+}
+
+fn protect_over_demand_paged<B: Backend>() {
+    let (pool, root) = space::<B>(GIB);
+    let v = Vmo::new_paged(&pool, 64 * P, VmoFlags::empty(), Arc::new(FilledPager)).unwrap();
+    assert_eq!(
+        root.map(&v, 0, 64 * P, MapOptions::anywhere(RW))
+            .unwrap_err(),
+        Error::NotSupported
+    );
+    let base = root
+        .map(&v, 0, 64 * P, MapOptions::anywhere(RW).allow_faults())
+        .unwrap();
+    root.protect(base, 64 * P, R).unwrap();
+    assert_eq!(v.committed_bytes(), 0);
+    let mut cpu = SoftCpu::new(&root, &pool);
+    assert_eq!(cpu.read_u8(base + 3 * P).unwrap(), 3 ^ 0x5a);
+    assert_eq!(cpu.faults, 1, "one fault");
+    assert_eq!(
+        root.fault_stats().fault_around,
+        15,
+        "default fault-around installs 16 pages"
+    );
+    for i in 3..19 {
+        assert!(installed::<B>(&root, base + i * P).is_some());
+    }
+    assert_eq!(
+        cpu.write_u8(base, 1).unwrap_err().error,
+        Error::AccessDenied
+    );
+}
+
+fn protect_large_uncommitted<B: Backend>() {
+    let (pool, root) = space::<B>(8 * GIB);
+    let v = Vmo::new(&pool, 4 * GIB, VmoFlags::empty()).unwrap();
+    let base = root.map(&v, 0, 4 * GIB, MapOptions::anywhere(RW)).unwrap();
+    root.protect(base, 4 * GIB, R).unwrap();
+    assert_eq!(v.committed_bytes(), 0);
+    assert_eq!(pool.stats().allocated, 0);
+}
+
+fn unmap_large_uncommitted<B: Backend>() {
+    let (pool, root) = space::<B>(8 * GIB);
+    let v = Vmo::new(&pool, 4 * GIB, VmoFlags::empty()).unwrap();
+    let base = root.map(&v, 0, 4 * GIB, MapOptions::anywhere(RW)).unwrap();
+    root.unmap(base + GIB, 2 * GIB).unwrap();
+    assert_eq!(pool.stats().allocated, 0);
+    assert_eq!(root.query(base + GIB - P).unwrap().len, GIB);
+}
+
+fn partial_unmap_and_read<B: Backend>() {
+    let (pool, root) = space::<B>(GIB);
+    let v = patterned(&pool, 4);
+    let base = root.map(&v, 0, 4 * P, MapOptions::anywhere(RW)).unwrap();
+    root.unmap(base + P, P).unwrap();
+    let mut cpu = SoftCpu::new(&root, &pool);
+    assert_eq!(cpu.read_u8(base).unwrap(), 1);
+    assert_eq!(cpu.read_u8(base + 2 * P).unwrap(), 3);
+    assert_eq!(cpu.read_u8(base + P).unwrap_err().error, Error::NotFound);
+}
+
+fn partial_unmap_and_write<B: Backend>() {
+    let (pool, root) = space::<B>(GIB);
+    let v = vmo(&pool, 4);
+    let base = root.map(&v, 0, 4 * P, MapOptions::anywhere(RW)).unwrap();
+    root.unmap(base + 2 * P, P).unwrap();
+    let mut cpu = SoftCpu::new(&root, &pool);
+    cpu.write_u8(base + 3 * P, 9).unwrap();
+    assert_eq!(
+        cpu.write_u8(base + 2 * P, 9).unwrap_err().error,
+        Error::NotFound
+    );
+    let mut b = [0u8];
+    v.read(3 * P, &mut b).unwrap();
+    assert_eq!(b[0], 9, "the write landed in the Vmo at the right offset");
+}
+
+fn partial_unmap_with_vmar_offset<B: Backend>() {
+    let (pool, root) = space::<B>(GIB);
+    let sub = root
+        .allocate(Placement::Specific(64 * P), 32 * P, VmPerms::MAY_ALL)
+        .unwrap();
+    let v = patterned(&pool, 8);
+    sub.map(&v, 2 * P, 4 * P, MapOptions::specific(4 * P, RW))
+        .unwrap();
+    sub.unmap(5 * P, P).unwrap();
+    let m = root.query(68 * P + 2 * P).unwrap();
+    assert_eq!((m.base, m.len, m.vmo_offset), (70 * P, 2 * P, 4 * P));
+    let mut cpu = SoftCpu::new(&root, &pool);
+    assert_eq!(cpu.read_u8(68 * P).unwrap(), 3);
+    assert_eq!(cpu.read_u8(70 * P).unwrap(), 5);
+}
+
+fn allow_faults<B: Backend>() {
+    let (pool, root) = space::<B>(GIB);
+    let v = patterned(&pool, 2);
+    assert_eq!(
+        root.map(&v, 0, 4 * P, MapOptions::anywhere(RW))
+            .unwrap_err(),
+        Error::NotSupported
+    );
+    let base = root
+        .map(&v, 0, 4 * P, MapOptions::anywhere(RW).allow_faults())
+        .unwrap();
+    let mut cpu = SoftCpu::new(&root, &pool);
+    assert_eq!(cpu.read_u8(base + P).unwrap(), 2);
+    assert_eq!(
+        cpu.read_u8(base + 3 * P).unwrap_err().error,
+        Error::OutOfRange,
+        "past the Vmo's end"
+    );
+    let r = Vmo::new(&pool, 4 * P, VmoFlags::RESIZABLE).unwrap();
+    assert_eq!(
+        root.map(&r, 0, 4 * P, MapOptions::anywhere(RW))
+            .unwrap_err(),
+        Error::NotSupported
+    );
+    let rb = root
+        .map(&r, 0, 4 * P, MapOptions::anywhere(RW).allow_faults())
+        .unwrap();
+    cpu.write_u8(rb + 3 * P, 5).unwrap();
+    r.resize(2 * P).unwrap();
+    assert!(
+        installed::<B>(&root, rb + 3 * P).is_none(),
+        "shrinking unmapped the tail"
+    );
+    assert_eq!(
+        cpu.read_u8(rb + 3 * P).unwrap_err().error,
+        Error::OutOfRange
+    );
+    r.resize(4 * P).unwrap();
+    assert_eq!(cpu.read_u8(rb + 3 * P).unwrap(), 0);
+}
+
+fn concurrent_unmap_read_memory<B: Backend>() {
+    let (pool, root) = space::<B>(GIB);
+    let v = patterned(&pool, 16);
+    root.map(&v, 0, 16 * P, MapOptions::specific(0, RW))
+        .unwrap();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            let mut cpu = SoftCpu::new(&root, &pool);
+            let mut ok = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for i in 0..16 {
+                    match cpu.read_u8(i * P) {
+                        Ok(b) => {
+                            assert_eq!(b, i as u8 + 1);
+                            ok += 1;
+                        }
+                        Err(f) => assert_eq!(f.error, Error::NotFound),
+                    }
+                }
+            }
+            ok
+        });
+        for _ in 0..300 {
+            root.unmap(4 * P, 8 * P).unwrap();
+            root.map(&v, 4 * P, 8 * P, MapOptions::specific(4 * P, RW))
+                .unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(reader.join().unwrap() > 0);
+    });
+}
+
+fn fault_outside_every_mapping_installs_nothing<B: Backend>() {
+    let (pool, root) = space::<B>(GIB);
+    let v = vmo(&pool, 1);
+    root.map(&v, 0, P, MapOptions::specific(0, R)).unwrap();
+    for gpa in [P, GIB - 1, GIB, u64::MAX, 1 << 47] {
+        let f = ept::FaultInfo::new(gpa, ept::Access::WRITE, ept::FaultKind::NotPresent);
+        assert_eq!(root.handle_fault(f).unwrap_err(), Error::NotFound);
+    }
+    let f = ept::FaultInfo::new(5, ept::Access::WRITE, ept::FaultKind::NotPresent);
+    assert_eq!(root.handle_fault(f).unwrap_err(), Error::AccessDenied);
+    assert!(installed::<B>(&root, 0).is_none());
+    assert_eq!(pool.stats().allocated, 0);
+    assert_eq!(root.fault_stats().refused, 6);
+}
+
+fn one_flush_per_operation<B: Backend>() {
+    let (pool, root) = space::<B>(GIB);
+    let v = vmo(&pool, 64);
+    root.map(&v, 0, 64 * P, MapOptions::specific(0, RW))
+        .unwrap();
+    let mut cpu = SoftCpu::new(&root, &pool);
+    for i in 0..64 {
+        cpu.write_u8(i * P, 1).unwrap();
+    }
+    let before = root.with_stage2(|s| B::flushes(s));
+    root.protect(0, 64 * P, R).unwrap();
+    assert_eq!(root.with_stage2(|s| B::flushes(s)), before + 1);
+    root.unmap(0, 64 * P).unwrap();
+    assert_eq!(root.with_stage2(|s| B::flushes(s)), before + 2);
+    assert_eq!(
+        root.with_stage2(|s| B::table_frames(s)),
+        Some(1),
+        "empty tables freed: only the root is left"
+    );
+}
+
+fn host_writes_reach_the_guest<B: Backend>() {
+    let (pool, root) = space::<B>(GIB);
+    let v = patterned(&pool, 2);
+    let snap = v.create_child(ChildKind::Snapshot, 0, 2 * P).unwrap();
+    root.map(&v, 0, 2 * P, MapOptions::specific(0, RW)).unwrap();
+    let mut cpu = SoftCpu::new(&root, &pool);
+    assert_eq!(
+        cpu.read_u8(0).unwrap(),
+        1,
+        "installed read-only: shared with the snapshot"
+    );
+    v.write(0, &[42]).unwrap(); // host-side write breaks COW: the old translation must go
+    assert_eq!(cpu.read_u8(0).unwrap(), 42);
+    let mut b = [0u8];
+    snap.read(0, &mut b).unwrap();
+    assert_eq!(b[0], 1);
+    cpu.read_u8(P).unwrap();
+    v.decommit(P, P).unwrap();
+    assert_eq!(
+        cpu.read_u8(P).unwrap(),
+        0,
+        "decommit dropped the translation"
+    );
+}
+
+fn teardown_frees_every_frame<B: Backend>() {
+    let pool = FramePool::heap();
+    {
+        let root = Vmar::new_root(GIB, B::stage2()).unwrap();
+        let v = vmo(&pool, 32);
+        root.map(&v, 0, 32 * P, MapOptions::specific(0, RW))
+            .unwrap();
+        let mut cpu = SoftCpu::new(&root, &pool);
+        for i in 0..32 {
+            cpu.write_u8(i * P, 1).unwrap();
+        }
+        let child = root.fork(B::stage2()).unwrap();
+        let mut ccpu = SoftCpu::new(&child, &pool);
+        ccpu.write_u8(0, 2).unwrap();
+        assert_eq!(pool.stats().live, 33);
+    }
+    assert_eq!(pool.stats().live, 0);
+}
+
+for_each_backend!(
+    destroy,
+    basic_allocate,
+    map_in_compact,
+    allocate_oob,
+    unaligned_len,
+    unaligned_len_map,
+    unmap_split,
+    unmap_multiple,
+    unmap_base_not_mapped,
+    allocate_unsatisfiable,
+    destroyed_vmar,
+    map_over_destroyed,
+    alignment_vmar_map,
+    alignment_vmar_allocate,
+    overmapping,
+    invalid_args,
+    rights_drop,
+    protect,
+    nested_region_perms,
+    map_specific_overwrite,
+    protect_split,
+    protect_multiple,
+    protect_over_demand_paged,
+    protect_large_uncommitted,
+    unmap_large_uncommitted,
+    partial_unmap_and_read,
+    partial_unmap_and_write,
+    partial_unmap_with_vmar_offset,
+    allow_faults,
+    concurrent_unmap_read_memory,
+    fault_outside_every_mapping_installs_nothing,
+    one_flush_per_operation,
+    host_writes_reach_the_guest,
+    teardown_frees_every_frame,
+);
