@@ -21,6 +21,7 @@ pub mod space;
 pub mod stage2_interim;
 pub mod svm;
 pub mod vcpu;
+pub mod vmx;
 
 core::arch::global_asm!(include_str!("boot.s"));
 
@@ -54,7 +55,10 @@ extern "C" fn hv_main(magic: u32, mbi: u32) -> ! {
         }
     } else if vmx {
         println!("backend: vmx (Intel VT-x + EPT)");
-        Err(alloc::string::String::from("vmx backend not implemented yet"))
+        match vmx::init() {
+            Ok(mut b) => scenario::run(&mut b),
+            Err(e) => Err(alloc::format!("vmx init: {e}")),
+        }
     } else {
         Err(alloc::string::String::from("no usable virtualization extension (need SVM+NPT or VMX)"))
     };
