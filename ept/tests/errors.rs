@@ -442,3 +442,32 @@ proptest! {
         prop_assert_eq!(mem.bad_frees(), 0);
     }
 }
+
+/// Accessed/dirty bits set by the "hardware" (written straight into the leaf) are reported by
+/// `query` and survive splits and permission changes.
+#[test]
+fn accessed_dirty_survive_split_and_protect() {
+    use ept::entry::EntryFormat;
+    let mem = HeapPhysMem::new();
+    let mut t = EptTable::with_invalidate(&mem, CountingInvalidate::default(), true).unwrap();
+    t.map(0, M2, PageSize::Size2M, S2Perms::RWX, WB).unwrap();
+    // Walk root → PDPT → PD by hand and set A (8) and D (9) in the 2 MiB leaf.
+    let mut table = t.page_table().root();
+    for _ in 0..2 {
+        let e = EptEntry::from_raw(unsafe { mem.frame_ptr(table).read() });
+        table = e.table_address();
+    }
+    unsafe {
+        let p = mem.frame_ptr(table);
+        p.write(p.read() | (1 << 8) | (1 << 9));
+    }
+    let q = t.query(0).unwrap();
+    assert!(q.accessed && q.dirty);
+    assert_eq!(t.protect(K4, K4, S2Perms::READ), Ok(1));
+    for gpa in [0, K4, 2 * K4] {
+        let q = t.query(gpa).unwrap();
+        assert_eq!(q.size, PageSize::Size4K);
+        assert!(q.accessed && q.dirty, "{gpa:#x}");
+    }
+    assert_eq!(t.query(K4).unwrap().perms, S2Perms::READ);
+}

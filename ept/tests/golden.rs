@@ -324,3 +324,24 @@ fn npf_cases() {
     assert_eq!(decode_svm_exit(0x4e, 0x6, GPA), Err(DecodeError::NotAFault));
     assert_eq!(decode_svm_exit(0x7b, 0x6, GPA), Err(DecodeError::NotAFault));
 }
+
+#[test]
+fn entry_helpers_never_panic_on_odd_levels() {
+    for level in [0usize, 1, 4, 5, 9, usize::MAX] {
+        let e = EptEntry::leaf(level, u64::MAX, S2Perms::RWX, MemType::WriteBack);
+        let _ = (
+            e.split_child(level, u64::MAX),
+            e.leaf_address(level),
+            e.is_leaf(level),
+        );
+        let n = NptEntry::leaf(level, u64::MAX, S2Perms::RWX, MemType::WriteBack);
+        let _ = (
+            n.split_child(level, u64::MAX),
+            n.leaf_address(level),
+            n.mem_type(level),
+        );
+    }
+    let e = EptEntry::leaf(2, 0x20_0000, S2Perms::RWX, MemType::WriteBack);
+    assert_eq!(e.split_child(1, 0), e);
+    assert_eq!(e.split_child(2, 512 + 1), e.split_child(2, 1));
+}

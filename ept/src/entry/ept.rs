@@ -131,8 +131,11 @@ impl EntryFormat for EptEntry {
         (self - (EptEntry::READ | EptEntry::WRITE | EptEntry::EXEC)) | Self::perm_bits(perms)
     }
     fn split_child(self, level: usize, index: u64) -> Self {
+        if !matches!(level, 2 | 3) {
+            return self;
+        }
         let child_level = level - 1;
-        let pa = self.leaf_address(level) + index * super::level_size(child_level);
+        let pa = self.leaf_address(level) + (index % 512) * super::level_size(child_level);
         let keep = EptEntry::READ
             | EptEntry::WRITE
             | EptEntry::EXEC

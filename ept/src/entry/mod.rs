@@ -20,8 +20,16 @@ use crate::{Error, MemType, S2Perms};
 /// Bits 51:12 of an entry: the frame or table address.
 pub const ADDRESS_MASK: u64 = 0x000f_ffff_ffff_f000;
 
-/// Size in bytes of the region one entry at `level` (1..=4) covers.
+/// Size in bytes of the region one entry at `level` (1..=4) covers. Levels outside 1..=5 are
+/// clamped into that range (never a panic).
 pub const fn level_size(level: usize) -> u64 {
+    let level = if level < 1 {
+        1
+    } else if level > 5 {
+        5
+    } else {
+        level
+    };
     1u64 << (12 + 9 * (level as u32 - 1))
 }
 
@@ -66,8 +74,9 @@ pub trait EntryFormat: Copy + Eq + core::fmt::Debug + Send + Sync + 'static {
     fn dirty(self) -> bool;
     /// The same leaf with `perms` (already accepted by `check`); everything else kept.
     fn with_perms(self, perms: S2Perms) -> Self;
-    /// The leaf at `level - 1` that maps child `index` (0..512) of this leaf at `level` (2 or
-    /// 3) when it is split: same permissions, memory type and accessed/dirty state.
+    /// The leaf at `level - 1` that maps child `index` (0..512, taken modulo 512) of this leaf
+    /// at `level` (2 or 3) when it is split: same permissions, memory type and accessed/dirty
+    /// state. For any other `level` the entry is returned unchanged.
     fn split_child(self, level: usize, index: u64) -> Self;
 }
 

@@ -147,8 +147,11 @@ impl EntryFormat for NptEntry {
             | Self::perm_bits(perms)
     }
     fn split_child(self, level: usize, index: u64) -> Self {
+        if !matches!(level, 2 | 3) {
+            return self;
+        }
         let child_level = level - 1;
-        let pa = self.leaf_address(level) + index * super::level_size(child_level);
+        let pa = self.leaf_address(level) + (index % 512) * super::level_size(child_level);
         let keep = NptEntry::PRESENT
             | NptEntry::WRITABLE
             | NptEntry::USER
