@@ -658,36 +658,43 @@ fn allow_faults<B: Backend>() {
 }
 
 fn concurrent_unmap_read_memory<B: Backend>() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     let (pool, root) = space::<B>(GIB);
     let v = patterned(&pool, 16);
     root.map(&v, 0, 16 * P, MapOptions::specific(0, RW))
         .unwrap();
-    let stop = std::sync::atomic::AtomicBool::new(false);
+    let stop = AtomicBool::new(false);
+    let (reads, refused) = (AtomicU64::new(0), AtomicU64::new(0));
     std::thread::scope(|s| {
-        let reader = s.spawn(|| {
+        s.spawn(|| {
             let mut cpu = SoftCpu::new(&root, &pool);
-            let mut ok = 0;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) {
                 for i in 0..16 {
                     match cpu.read_u8(i * P) {
                         Ok(b) => {
                             assert_eq!(b, i as u8 + 1);
-                            ok += 1;
+                            reads.fetch_add(1, Ordering::Relaxed);
                         }
-                        Err(f) => assert_eq!(f.error, Error::NotFound),
+                        Err(f) => {
+                            assert_eq!(f.error, Error::NotFound);
+                            refused.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                 }
             }
-            ok
         });
-        for _ in 0..300 {
+        // Keep remapping until both threads have really overlapped (a loaded machine may start
+        // the reader late), at least 300 rounds.
+        let mut rounds = 0;
+        while rounds < 300 || reads.load(Ordering::Relaxed) < 2000 {
             root.unmap(4 * P, 8 * P).unwrap();
             root.map(&v, 4 * P, 8 * P, MapOptions::specific(4 * P, RW))
                 .unwrap();
+            rounds += 1;
         }
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        assert!(reader.join().unwrap() > 0);
+        stop.store(true, Ordering::Relaxed);
     });
+    assert!(reads.load(Ordering::Relaxed) >= 2000);
 }
 
 fn fault_outside_every_mapping_installs_nothing<B: Backend>() {

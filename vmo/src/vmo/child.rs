@@ -98,7 +98,7 @@ impl Vmo {
         let visible_end = (offset + size).min(self.size()).max(offset);
         let (first, last) = ((base + offset) / PAGE, (base + visible_end) / PAGE);
         let pages = self.lock_root_pages();
-        if pages.pager.is_some() && kind == ChildKind::Snapshot {
+        if pages.source.pager.is_some() && kind == ChildKind::Snapshot {
             return Err(Error::NotSupported);
         }
         if pages.any_pinned_in(first, last) {

@@ -54,7 +54,7 @@ impl Vmo {
             let dst = &mut buf[c.buf_off..c.buf_off + c.len];
             match pages.get(c.idx) {
                 Some(frame) => frame.read(c.in_page, dst)?,
-                None if pages.pager.is_some() => pages
+                None if pages.source.pager.is_some() => pages
                     .commit(&self.inner.pool, c.idx, false)?
                     .0
                     .read(c.in_page, dst)?,
@@ -105,7 +105,7 @@ impl Vmo {
         let mut result = Ok(());
         for c in chunks(base + offset, len) {
             let whole = c.len == PAGE as usize;
-            if whole && pages.pager.is_none() && !contiguous && !pages.is_pinned(c.idx) {
+            if whole && pages.source.pager.is_none() && !contiguous && !pages.is_pinned(c.idx) {
                 if pages.get(c.idx).is_some() {
                     dropped.push(c.idx);
                 }

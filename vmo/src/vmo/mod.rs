@@ -217,7 +217,7 @@ impl Vmo {
     }
 
     pub fn is_pager_backed(&self) -> bool {
-        self.lock_root_pages().pager.is_some()
+        self.lock_root_pages().source.pager.is_some()
     }
 
     pub fn is_slice(&self) -> bool {
@@ -333,10 +333,8 @@ impl Vmo {
         let end = check_range(offset, len, self.size())?;
         let (_, base) = self.root();
         let (first, last) = pages_touched(base + offset, base + end);
-        let mut pages = self.lock_root_pages();
-        for idx in first..last {
-            pages.commit(&self.inner.pool, idx, false)?;
-        }
+        self.lock_root_pages()
+            .commit_range(&self.inner.pool, first, last)?;
         Ok(())
     }
 

@@ -30,6 +30,41 @@ use xarray::XArray;
 use crate::pager::Pager;
 use crate::{Error, Frame, FramePool, Result, FRAME_SIZE};
 
+/// Where a fresh page's contents come from: zeros, or a pager.
+pub(crate) struct PageSource {
+    pub pager: Option<Arc<dyn Pager>>,
+    /// Pager page index of slot 0 (a snapshot child at an offset reads the parent's pages).
+    base: u64,
+    /// Whether this page set owns the pager's backing store: only then are `update_page`,
+    /// `commit_overwrite` and `decommit_page` called. Snapshot children read through the
+    /// pager but never write back (their writes are private).
+    writeback: bool,
+}
+
+impl PageSource {
+    /// A frame for empty slot `idx` (zero-filled, or the pager's data; with `overwrite` the
+    /// caller overwrites the whole page, so nothing is read).
+    fn fresh_frame(&self, pool: &FramePool, idx: u64, overwrite: bool) -> Result<Frame> {
+        match (&self.pager, overwrite) {
+            (Some(pager), true) => {
+                if self.writeback {
+                    pager.commit_overwrite(self.base + idx)?;
+                }
+                pool.alloc_uninit()
+            }
+            (Some(pager), false) => {
+                let frame = pool.alloc_uninit()?;
+                let mut buf = [0u8; FRAME_SIZE];
+                pager.commit_page(self.base + idx, &mut buf)?;
+                frame.write(0, &buf)?;
+                Ok(frame)
+            }
+            (None, true) => pool.alloc_uninit(),
+            (None, false) => pool.alloc_zeroed(),
+        }
+    }
+}
+
 /// A saved copy of the page array (O(1) to take, shares every frame).
 pub(crate) struct ResetPoint {
     array: XArray<Frame>,
@@ -44,13 +79,7 @@ pub(crate) struct Pages {
     committed: u64,
     /// Page index → pin count.
     pinned: BTreeMap<u64, u32>,
-    pub pager: Option<Arc<dyn Pager>>,
-    /// Pager page index of slot 0 (a snapshot child at an offset reads the parent's pages).
-    pager_base: u64,
-    /// Whether this page set owns the pager's backing store: only then are `update_page`,
-    /// `commit_overwrite` and `decommit_page` called. Snapshot children read through the
-    /// pager but never write back (their writes are private).
-    pager_writeback: bool,
+    pub source: PageSource,
     reset_point: Option<ResetPoint>,
     changed: BTreeSet<u64>,
 }
@@ -74,9 +103,11 @@ impl Pages {
             array: XArray::new(),
             committed: 0,
             pinned: BTreeMap::new(),
-            pager,
-            pager_base: 0,
-            pager_writeback: true,
+            source: PageSource {
+                pager,
+                base: 0,
+                writeback: true,
+            },
             reset_point: None,
             changed: BTreeSet::new(),
         }
@@ -120,35 +151,43 @@ impl Pages {
         if let Some(f) = self.get(idx) {
             return Ok((f, false));
         }
-        let frame = self.fresh_frame(pool, idx, overwrite)?;
+        let frame = self.source.fresh_frame(pool, idx, overwrite)?;
         self.store(idx, frame.clone());
         Ok((frame, true))
     }
 
-    /// A frame for empty slot `idx`, not yet stored.
-    fn fresh_frame(&self, pool: &FramePool, idx: u64, overwrite: bool) -> Result<Frame> {
-        match (&self.pager, overwrite) {
-            (Some(pager), true) => {
-                if self.pager_writeback {
-                    pager.commit_overwrite(self.pager_base + idx)?;
+    /// Commits every empty slot in `[first, last)` walking one mutable cursor; returns how many
+    /// were committed. On an error the slots committed so far stay committed.
+    pub fn commit_range(&mut self, pool: &FramePool, first: u64, last: u64) -> Result<u64> {
+        let mut fresh = Vec::new();
+        let mut result = Ok(());
+        let mut cursor = self.array.cursor_mut(first);
+        for idx in first..last {
+            if cursor.load().is_none() {
+                match self.source.fresh_frame(pool, idx, false) {
+                    Ok(frame) => {
+                        cursor.store(frame);
+                        fresh.push(idx);
+                    }
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
                 }
-                pool.alloc_uninit()
             }
-            (Some(pager), false) => {
-                let frame = pool.alloc_uninit()?;
-                let mut buf = [0u8; FRAME_SIZE];
-                pager.commit_page(self.pager_base + idx, &mut buf)?;
-                frame.write(0, &buf)?;
-                Ok(frame)
-            }
-            (None, true) => pool.alloc_uninit(),
-            (None, false) => pool.alloc_zeroed(),
+            cursor.next();
         }
+        drop(cursor);
+        self.committed += fresh.len() as u64;
+        for &idx in &fresh {
+            self.note_change(idx);
+        }
+        result.map(|()| fresh.len() as u64)
     }
 
     /// Would committing slot `idx` need pager I/O?
     pub fn needs_io(&self, idx: u64) -> bool {
-        self.pager.is_some() && self.array.load(idx).is_none()
+        self.source.pager.is_some() && self.array.load(idx).is_none()
     }
 
     /// Makes slot `idx` committed and private to this Vmo, so it may be written. `overwrite`:
@@ -160,7 +199,7 @@ impl Pages {
         overwrite: bool,
     ) -> Result<(Frame, PageOrigin)> {
         if self.array.load(idx).is_none() {
-            let frame = self.fresh_frame(pool, idx, overwrite)?;
+            let frame = self.source.fresh_frame(pool, idx, overwrite)?;
             self.store(idx, frame.clone());
             let origin = PageOrigin {
                 committed: true,
@@ -231,18 +270,18 @@ impl Pages {
         };
         self.committed -= 1;
         self.note_change(idx);
-        if let (Some(pager), true) = (&self.pager, self.pager_writeback) {
+        if let (Some(pager), true) = (&self.source.pager, self.source.writeback) {
             let mut buf = [0u8; FRAME_SIZE];
             frame.read(0, &mut buf)?;
-            pager.decommit_page(self.pager_base + idx, &buf)?;
+            pager.decommit_page(self.source.base + idx, &buf)?;
         }
         Ok(Some(frame))
     }
 
     /// Tells the pager that slot `idx` was written (no-op without a write-back pager).
     pub fn mark_dirty(&self, idx: u64) -> Result<()> {
-        match (&self.pager, self.pager_writeback) {
-            (Some(pager), true) => pager.update_page(self.pager_base + idx),
+        match (&self.source.pager, self.source.writeback) {
+            (Some(pager), true) => pager.update_page(self.source.base + idx),
             _ => Ok(()),
         }
     }
@@ -295,9 +334,9 @@ impl Pages {
     /// A copy of this page set sharing every frame (the body of a snapshot child), keeping only
     /// slots `[start, end)` and renumbering them from 0.
     pub fn snapshot(&self, start: u64, end: u64, size: u64) -> Pages {
-        let mut child = Pages::new(size, self.pager.clone());
-        child.pager_base = self.pager_base + start;
-        child.pager_writeback = false;
+        let mut child = Pages::new(size, self.source.pager.clone());
+        child.source.base = self.source.base + start;
+        child.source.writeback = false;
         if start == 0 {
             child.array = self.array.clone();
             child.committed = self.committed;
