@@ -178,3 +178,17 @@ impl vmo::FrameAlloc for PhysFrames {
         pa as *mut u8
     }
 }
+
+// SAFETY: frames come zeroed from `alloc_zeroed`, 4 KiB aligned, unique until freed, and are
+// identity mapped, so the address is a valid pointer to 512 u64s.
+unsafe impl ept::PhysMem for PhysFrames {
+    fn alloc_frame(&self) -> Option<u64> {
+        alloc_zeroed()
+    }
+    unsafe fn free_frame(&self, pa: u64) {
+        free(pa)
+    }
+    fn frame_ptr(&self, pa: u64) -> *mut u64 {
+        pa as *mut u64
+    }
+}

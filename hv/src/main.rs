@@ -18,7 +18,7 @@ pub mod rt;
 pub mod scenario;
 pub mod serial;
 pub mod space;
-pub mod stage2_interim;
+pub mod stage2;
 pub mod svm;
 pub mod vcpu;
 pub mod vmx;

@@ -14,11 +14,11 @@ use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 
-use vmo::FramePool;
+use vmo::{Error as VmoError, FramePool};
 
 use crate::guest::{self, Role};
 use crate::println;
-use crate::space::{FaultError, Space};
+use crate::space::Space;
 use crate::vcpu::{Backend, Exit, Vcpu};
 
 #[derive(Debug, PartialEq, Eq)]
@@ -36,7 +36,7 @@ struct Guest {
     /// (tag, value, extra) of every HC_REPORT.
     reports: Vec<(u64, u64, u64)>,
     exits: u64,
-    stop_error: Option<FaultError>,
+    stop_error: Option<VmoError>,
 }
 
 enum SliceEnd {
@@ -49,10 +49,11 @@ enum SliceEnd {
 const SLICE_LIMIT: u64 = 100_000;
 
 fn new_guest(backend: &mut dyn Backend, pool: &FramePool, name: &str, role: Role) -> Result<Guest, String> {
-    let (s2, root) = backend.new_stage2().map_err(|e| format!("stage2: {e}"))?;
-    let mut space = Space::new(pool.clone(), s2);
-    let st = guest::load(&mut space, role, backend.hypercall_insn()).map_err(|e| format!("load: {e}"))?;
-    let vcpu = backend.new_vcpu(&st, root)?;
+    let table = backend.new_stage2().map_err(|e| format!("stage2: {e}"))?;
+    let ctx = table.context();
+    let space = Space::new(guest::GUEST_PHYS_SIZE, table).map_err(|e| format!("vmar: {e}"))?;
+    let st = guest::load(pool, &space, role, backend.hypercall_insn()).map_err(|e| format!("load: {e}"))?;
+    let vcpu = backend.new_vcpu(&st, ctx)?;
     Ok(Guest {
         name: name.into(),
         space,
@@ -75,20 +76,35 @@ fn run_slice(g: &mut Guest) -> SliceEnd {
         g.exits += 1;
         match exit {
             Exit::Stage2Fault(f) => match g.space.handle_fault(&f) {
-                Ok(_) => g.vcpu.flush_stage2(),
+                Ok(_) => {
+                    let v = g.space.take_tlb_control();
+                    if v != 0 {
+                        g.vcpu.tlb_control(v);
+                    }
+                }
                 Err(e) => {
-                    let region = g.space.mapping_name(f.gpa).unwrap_or("unmapped");
+                    let region = match g.space.perms_at(f.gpa) {
+                        Some(p) => format!("mapped {:?}", p),
+                        None => String::from("no mapping"),
+                    };
                     stop(
                         g,
                         format!(
-                            "second-level fault not resolvable: {} ({:?} access to GPA {:#x}, region: {}, RIP {:#x})",
-                            e,
+                            "second-level fault not resolvable: {} ({:?} access to GPA {:#x}, {}, RIP {:#x})",
+                            match e {
+                                VmoError::NotFound => "no mapping covers this guest-physical address (NotFound)",
+                                VmoError::AccessDenied => "access denied by the mapping's permissions (AccessDenied)",
+                                _ => "fault path error",
+                            },
                             f.access,
                             f.gpa,
                             region,
                             g.vcpu.rip()
                         ),
                     );
+                    if !matches!(e, VmoError::NotFound | VmoError::AccessDenied) {
+                        println!("guest {}: fault path error {:?}", g.name, e);
+                    }
                     g.stop_error = Some(e);
                     return SliceEnd::Finished;
                 }
@@ -151,11 +167,12 @@ fn fork(backend: &mut dyn Backend, guests: &mut Vec<Guest>, p: usize) -> Result<
     let parent_state = guests[p].vcpu.state();
     let mut out = [0; 2];
     for k in 1..=2u64 {
-        let (s2, root) = backend.new_stage2().map_err(|e| format!("stage2: {e}"))?;
-        let space = guests[p].space.fork(s2).map_err(|e| format!("fork: {e}"))?;
+        let table = backend.new_stage2().map_err(|e| format!("stage2: {e}"))?;
+        let ctx = table.context();
+        let space = guests[p].space.fork(table).map_err(|e| format!("fork: {e}"))?;
         let mut st = parent_state;
         st.gprs.rax = k;
-        let vcpu = backend.new_vcpu(&st, root)?;
+        let vcpu = backend.new_vcpu(&st, ctx)?;
         guests.push(Guest {
             name: format!("{}.child{}", guests[p].name, k),
             space,
@@ -169,7 +186,10 @@ fn fork(backend: &mut dyn Backend, guests: &mut Vec<Guest>, p: usize) -> Result<
     }
     // The parent's writable entries were downgraded by the fork.
     guests[p].vcpu.gprs().rax = 0;
-    guests[p].vcpu.flush_stage2();
+    let v = guests[p].space.take_tlb_control();
+    if v != 0 {
+        guests[p].vcpu.tlb_control(v);
+    }
     Ok(out)
 }
 
@@ -206,7 +226,7 @@ pub fn run(backend: &mut dyn Backend) -> Result<String, String> {
                         guests[kids[0]].name,
                         guests[kids[1]].name,
                         (0..guest::DATA_PAGES)
-                            .filter(|p| guests[i].space.frame_of(guest::DATA_BASE + p * 4096).is_some())
+                            .filter(|p| guests[i].space.installed(guest::DATA_BASE + p * 4096).is_some())
                             .count()
                     );
                     queue.push_back(kids[0]);
@@ -221,22 +241,26 @@ pub fn run(backend: &mut dyn Backend) -> Result<String, String> {
 
     let mut ok = true;
     for g in &guests {
-        let s = &g.space.stats;
+        let s = g.space.stats();
         println!(
-            "guest {}: {:?}; {} exits; stage2 faults: {} committed, {} mapped, {} copied (COW), {} upgraded, {} spurious",
-            g.name, g.status, g.exits, s.committed, s.mapped, s.copied, s.upgraded, s.spurious
+            "guest {}: {:?}; {} exits; Vmar faults: {} ({} committed, {} installed, {} copied (COW), {} upgraded, {} spurious, {} refused)",
+            g.name, g.status, g.exits, s.faults, s.commits, s.installs, s.copies, s.upgrades, s.spurious, s.refused
         );
+        if g.space.flush_failures() != 0 {
+            println!("CHECK FAILED: {} INVEPT failures for {}", g.space.flush_failures(), g.name);
+            ok = false;
+        }
     }
     let rogue_oob = &guests[0];
     check(
         &mut ok,
-        rogue_oob.stop_error == Some(FaultError::NotMapped) && !rogue_oob.reports.iter().any(|r| r.0 == guest::TAG_SURVIVED),
+        rogue_oob.stop_error == Some(VmoError::NotFound) && !rogue_oob.reports.iter().any(|r| r.0 == guest::TAG_SURVIVED),
         "rogue-oob was stopped for touching GPA outside its mappings",
     );
     let rogue_ro = &guests[2];
     check(
         &mut ok,
-        matches!(rogue_ro.stop_error, Some(FaultError::AccessDenied { .. }))
+        rogue_ro.stop_error == Some(VmoError::AccessDenied)
             && !rogue_ro.reports.iter().any(|r| r.0 == guest::TAG_SURVIVED),
         "rogue-ro was stopped for writing its read-only code mapping",
     );
@@ -290,7 +314,8 @@ pub fn run(backend: &mut dyn Backend) -> Result<String, String> {
                     pmism += 1;
                 }
             }
-            match (g.space.frame_of(base), guests[p].space.frame_of(base)) {
+            // What the hardware translates: the child's and the parent's installed frames.
+            match (g.space.installed(base).map(|t| t.pa), guests[p].space.installed(base).map(|t| t.pa)) {
                 (Some(a), Some(b)) if a == b => shared += 1,
                 (Some(_), Some(_)) => copied += 1,
                 _ => {}
@@ -313,10 +338,7 @@ pub fn run(backend: &mut dyn Backend) -> Result<String, String> {
         total_copied += copied;
         total_shared += shared;
     }
-    let faults: u64 = guests.iter().map(|g| {
-        let s = &g.space.stats;
-        s.committed + s.mapped + s.copied + s.upgraded + s.spurious
-    }).sum();
+    let faults: u64 = guests.iter().map(|g| g.space.stats().faults).sum();
     let stats = pool.stats();
     println!(
         "frames: pool allocated {}, live {}, COW copies {}",

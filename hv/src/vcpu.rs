@@ -11,6 +11,8 @@ use alloc::boxed::Box;
 
 use ept::FaultInfo;
 
+use crate::stage2::HvTable;
+
 /// Guest general-purpose registers except RSP (which lives in the VMCS/VMCB). The order is
 /// fixed: the entry trampolines index it.
 #[repr(C)]
@@ -75,18 +77,19 @@ pub trait Vcpu {
     fn rip(&self) -> u64;
     /// The state a fork copies.
     fn state(&self) -> VcpuState;
-    /// Drops cached second-level translations of this vCPU's table before the next entry
-    /// (INVEPT single-context / TLB_CONTROL for this ASID).
-    fn flush_stage2(&mut self);
+    /// A deferred second-level flush from the table's hook: the SVM TLB_CONTROL value the next
+    /// VMRUN must carry. VMX ignores it (its hook ran INVEPT already).
+    fn tlb_control(&mut self, value: u8);
 }
 
 /// A hardware backend: makes second-level tables of its format and vCPUs that use them.
 pub trait Backend {
     fn name(&self) -> &'static str;
-    /// A fresh, empty second-level table and its root physical address.
-    fn new_stage2(&self) -> Result<(Box<dyn ept::Stage2>, u64), ept::Error>;
-    /// A vCPU starting from `state` that translates through the table at `stage2_root`.
-    fn new_vcpu(&mut self, state: &VcpuState, stage2_root: u64) -> Result<Box<dyn Vcpu>, &'static str>;
+    /// A fresh, empty second-level table of this backend's format.
+    fn new_stage2(&self) -> Result<HvTable, ept::Error>;
+    /// A vCPU starting from `state` that translates through the table with `context` (EPTP
+    /// value or nCR3, from `HvTable::context`).
+    fn new_vcpu(&mut self, state: &VcpuState, context: u64) -> Result<Box<dyn Vcpu>, &'static str>;
     /// Bytes of the hypercall instruction (patched into guest payloads).
     fn hypercall_insn(&self) -> [u8; 3];
 }

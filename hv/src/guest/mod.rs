@@ -1,14 +1,15 @@
 //! Guest payloads and the guest-physical layout they run in.
 //!
 //! Owns the payload bytes (payload.s, assembled into the kernel image as data), the layout
-//! constants, and `load`, which builds a guest: maps its regions into a `Space`, writes the
-//! guest's own page tables and code through the memory model (committing pages, installing
-//! nothing in the second-level table), and returns the initial vCPU state.
+//! constants, and `load`, which builds a guest: one RAM Vmo whose parts are mapped into the
+//! guest's Vmar with per-region permissions; the guest's own page tables and code are written
+//! into the Vmo (committing pages, installing nothing in the second-level table); returns the
+//! initial vCPU state.
 //! Invariant: the layout below matches the addresses hard-coded in payload.s.
 
 use crate::space::Space;
 use crate::vcpu::{Gprs, VcpuState};
-use ept::S2Perms;
+use vmo::{FramePool, VmPerms, Vmo, VmoFlags};
 
 core::arch::global_asm!(include_str!("payload.s"));
 
@@ -82,29 +83,56 @@ fn payload() -> (&'static [u8], usize) {
     }
 }
 
-/// Maps the regions, writes page tables and code, and returns the entry state.
-pub fn load(space: &mut Space, role: Role, hypercall: [u8; 3]) -> Result<VcpuState, vmo::Error> {
-    space.map(PT_BASE, 3, S2Perms::RW, "page tables")?;
-    space.map(CODE_BASE, CODE_PAGES, S2Perms::READ | S2Perms::EXEC, "code (read-only)")?;
-    space.map(STACK_BASE, STACK_PAGES, S2Perms::RW, "stack")?;
-    space.map(DATA_BASE, DATA_PAGES, S2Perms::RW, "data")?;
+/// Size of the guest's address space (its root Vmar).
+pub const GUEST_PHYS_SIZE: u64 = 1 << 30;
+
+/// The regions: (guest-physical base, pages, permissions). They are consecutive in the RAM Vmo.
+pub const REGIONS: [(u64, u64, VmPerms); 4] = [
+    (PT_BASE, 3, VmPerms::RW),
+    (CODE_BASE, CODE_PAGES, VmPerms::READ.union(VmPerms::EXEC)),
+    (STACK_BASE, STACK_PAGES, VmPerms::RW),
+    (DATA_BASE, DATA_PAGES, VmPerms::RW),
+];
+
+/// Offset in the RAM Vmo of guest-physical `gpa` (which must lie in a region).
+fn ram_offset(gpa: u64) -> u64 {
+    let mut off = 0;
+    for (base, pages, _) in REGIONS {
+        if gpa >= base && gpa < base + pages * 4096 {
+            return off + (gpa - base);
+        }
+        off += pages * 4096;
+    }
+    u64::MAX
+}
+
+/// Creates the guest's RAM Vmo, maps the regions, writes page tables and code, and returns
+/// the entry state.
+pub fn load(pool: &FramePool, space: &Space, role: Role, hypercall: [u8; 3]) -> Result<VcpuState, vmo::Error> {
+    let total: u64 = REGIONS.iter().map(|r| r.1).sum();
+    let ram = Vmo::new(pool, total * 4096, VmoFlags::empty())?;
+    let mut off = 0;
+    for (base, pages, perms) in REGIONS {
+        space.map(&ram, off, base, pages, perms)?;
+        off += pages * 4096;
+    }
 
     // PML4[0] -> PDPT, PDPT[0] -> PD, PD[i] = 2 MiB page i (P|RW|PS, A and D preset so the
-    // guest's walks do not write its tables).
-    space.write(PT_BASE, &(PT_BASE + 0x1000 | 0x23).to_le_bytes())?;
-    space.write(PT_BASE + 0x1000, &(PT_BASE + 0x2000 | 0x23).to_le_bytes())?;
+    // guest's walks need not write its tables).
+    ram.write(ram_offset(PT_BASE), &(PT_BASE + 0x1000 | 0x23).to_le_bytes())?;
+    ram.write(ram_offset(PT_BASE + 0x1000), &(PT_BASE + 0x2000 | 0x23).to_le_bytes())?;
     let mut pd = [0u8; 4096];
     for i in 0..512u64 {
         pd[i as usize * 8..i as usize * 8 + 8].copy_from_slice(&((i << 21) | 0xE3).to_le_bytes());
     }
-    space.write(PT_BASE + 0x2000, &pd)?;
+    ram.write(ram_offset(PT_BASE + 0x2000), &pd)?;
 
     let (code, hc_off) = payload();
     if code.len() as u64 > CODE_PAGES * 4096 {
         return Err(vmo::Error::OutOfRange);
     }
-    space.write(CODE_BASE, code)?;
-    space.write(CODE_BASE + hc_off as u64, &hypercall)?;
+    ram.write(ram_offset(CODE_BASE), code)?;
+    ram.write(ram_offset(CODE_BASE) + hc_off as u64, &hypercall)?;
 
     let gprs = Gprs { rdi: role as u64, ..Gprs::default() };
     Ok(VcpuState {

@@ -11,11 +11,11 @@ pub mod vmcb;
 
 use alloc::boxed::Box;
 
-use ept::{Access, FaultInfo, FaultKind};
+use ept::DecodeError;
 
 use crate::cpu::{self, rdmsr, wrmsr, MSR_EFER};
 use crate::frames;
-use crate::stage2_interim::{Format, Table};
+use crate::stage2::HvTable;
 use crate::vcpu::{Backend, Exit, Gprs, Vcpu, VcpuState};
 use vmcb::*;
 
@@ -73,8 +73,8 @@ pub struct SvmVcpu {
     vmcb: Vmcb,
     gprs: Gprs,
     nrips: bool,
-    flush_cmd: u8,
-    flush_next: bool,
+    /// TLB_CONTROL for the next VMRUN (set by the NPT flush hook through `tlb_control`).
+    tlb_next: u8,
 }
 
 impl Backend for Svm {
@@ -82,10 +82,8 @@ impl Backend for Svm {
         "svm"
     }
 
-    fn new_stage2(&self) -> Result<(Box<dyn ept::Stage2>, u64), ept::Error> {
-        let t = Table::new(Format::Npt)?;
-        let root = t.root();
-        Ok((Box::new(t), root))
+    fn new_stage2(&self) -> Result<HvTable, ept::Error> {
+        HvTable::new_npt(self.flush_by_asid)
     }
 
     fn new_vcpu(&mut self, st: &VcpuState, stage2_root: u64) -> Result<Box<dyn Vcpu>, &'static str> {
@@ -130,8 +128,7 @@ impl Backend for Svm {
             vmcb: v,
             gprs: st.gprs,
             nrips: self.nrips,
-            flush_cmd: if self.flush_by_asid { 3 } else { 1 },
-            flush_next: false,
+            tlb_next: 0,
         }))
     }
 
@@ -151,9 +148,9 @@ impl SvmVcpu {
 impl Vcpu for SvmVcpu {
     fn run(&mut self) -> Exit {
         self.vmcb.w64(RAX, self.gprs.rax);
-        if self.flush_next {
-            self.vmcb.w8(TLB_CONTROL, self.flush_cmd);
-            self.flush_next = false;
+        if self.tlb_next != 0 {
+            self.vmcb.w8(TLB_CONTROL, self.tlb_next);
+            self.tlb_next = 0;
         }
         self.vmcb.w64(VMCB_CLEAN, 0);
         unsafe { hv_svm_run(self.vmcb.pa(), &mut self.gprs) };
@@ -177,7 +174,11 @@ impl Vcpu for SvmVcpu {
                 let size = if info1 & (1 << 4) != 0 { 1 } else if info1 & (1 << 5) != 0 { 2 } else { 4 };
                 Exit::Io { port: (info1 >> 16) as u16, size, write: info1 & 1 == 0, value: self.gprs.rax as u32 }
             }
-            EXIT_NPF => Exit::Stage2Fault(decode_npf(info1, info2)),
+            EXIT_NPF => match ept::decode_npf(info1, info2) {
+                Ok(f) => Exit::Stage2Fault(f),
+                Err(DecodeError::NptMisconfig { gpa }) => Exit::Misconfig { gpa },
+                Err(_) => Exit::Unexpected { code: EXIT_NPF, detail: info1 },
+            },
             EXIT_SHUTDOWN => Exit::Shutdown,
             c if (EXIT_EXCP_BASE..EXIT_EXCP_BASE + 32).contains(&c) => {
                 Exit::Exception { vector: (c - EXIT_EXCP_BASE) as u8, error: info1 }
@@ -207,8 +208,9 @@ impl Vcpu for SvmVcpu {
         }
     }
 
-    fn flush_stage2(&mut self) {
-        self.flush_next = true;
+    fn tlb_control(&mut self, value: u8) {
+        // 1 (flush all) is the stronger of the two values the hook produces.
+        self.tlb_next = if self.tlb_next == 1 || value == 1 { 1 } else { value.max(self.tlb_next) };
     }
 }
 
@@ -216,20 +218,4 @@ impl Drop for SvmVcpu {
     fn drop(&mut self) {
         frames::free(self.vmcb.pa());
     }
-}
-
-/// NPF: EXITINFO1 is a page-fault error code (P, W, U, RSV, I/D) plus bit 32 (final
-/// translation) / bit 33 (guest page-table walk); EXITINFO2 is the faulting GPA.
-fn decode_npf(info1: u64, gpa: u64) -> FaultInfo {
-    let access = if info1 & 2 != 0 {
-        Access::WRITE
-    } else if info1 & (1 << 4) != 0 {
-        Access::EXEC
-    } else {
-        Access::READ
-    };
-    let kind = if info1 & 1 != 0 { FaultKind::Permission } else { FaultKind::NotPresent };
-    let mut f = FaultInfo::new(gpa, access, kind);
-    f.guest_walk = info1 & (1 << 33) != 0;
-    f
 }

@@ -12,13 +12,14 @@
 use alloc::boxed::Box;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use ept::{Access, FaultInfo, FaultKind};
+use ept::vmx::{invept, InveptDescriptor, InveptKind};
+use ept::DecodeError;
 use x86::bits64::vmx;
 use x86::vmx::vmcs::{control, guest, host, ro};
 
 use crate::cpu::{self, rdmsr, wrmsr, MSR_EFER};
 use crate::frames;
-use crate::stage2_interim::{Format, Table};
+use crate::stage2::HvTable;
 use crate::vcpu::{Backend, Exit, Gprs, Vcpu, VcpuState};
 
 core::arch::global_asm!(include_str!("entry.s"));
@@ -83,8 +84,8 @@ pub fn init() -> Result<Vmx, &'static str> {
         return Err("enable-EPT not allowed");
     }
     let cap = rdmsr(IA32_VMX_EPT_VPID_CAP);
-    if cap & (1 << 6) == 0 || cap & (1 << 14) == 0 || cap & (1 << 20) == 0 || cap & (1 << 25) == 0 {
-        return Err("EPT lacks 4-level walks, WB tables or single-context INVEPT");
+    if cap & (1 << 6) == 0 || cap & (1 << 14) == 0 || cap & (1 << 20) == 0 || cap & (3 << 25) != 3 << 25 {
+        return Err("EPT lacks 4-level walks, WB tables, or single- and all-context INVEPT");
     }
     let fc = rdmsr(IA32_FEATURE_CONTROL);
     if fc & 1 == 0 {
@@ -159,23 +160,6 @@ fn make_current(vmcs: u64) -> bool {
     ok
 }
 
-/// INVEPT single-context (type 1) for `eptp`. Returns false on VMfail.
-fn invept_single(eptp: u64) -> bool {
-    let desc: [u64; 2] = [eptp, 0];
-    let ok: u8;
-    unsafe {
-        core::arch::asm!(
-            "invept {t}, xmmword ptr [{d}]",
-            "setna {ok}",
-            t = in(reg) 1u64,
-            d = in(reg) &desc,
-            ok = out(reg_byte) ok,
-            options(nostack)
-        );
-    }
-    ok == 0
-}
-
 pub struct VmxVcpu {
     vmcs: u64,
     eptp: u64,
@@ -189,13 +173,13 @@ impl Backend for Vmx {
         "vmx"
     }
 
-    fn new_stage2(&self) -> Result<(Box<dyn ept::Stage2>, u64), ept::Error> {
-        let t = Table::new(Format::Ept)?;
-        let root = t.root();
-        Ok((Box::new(t), root))
+    fn new_stage2(&self) -> Result<HvTable, ept::Error> {
+        // SAFETY: `init` entered VMX root operation and checked single-context INVEPT; the
+        // capability MSR check also covers all-context (bit 26) below.
+        unsafe { HvTable::new_ept() }
     }
 
-    fn new_vcpu(&mut self, st: &VcpuState, stage2_root: u64) -> Result<Box<dyn Vcpu>, &'static str> {
+    fn new_vcpu(&mut self, st: &VcpuState, eptp: u64) -> Result<Box<dyn Vcpu>, &'static str> {
         let vmcs = frames::alloc_zeroed().ok_or("no memory for a VMCS")?;
         unsafe { (vmcs as *mut u32).write_volatile(self.revision) };
         if unsafe { vmx::vmclear(vmcs) }.is_err() {
@@ -207,8 +191,6 @@ impl Backend for Vmx {
             frames::free(vmcs);
             return Err("VMPTRLD failed");
         }
-        // EPTP: write-back tables, 4-level walk.
-        let eptp = stage2_root | 6 | (3 << 3);
         let mut f = None;
         let f = &mut f;
         w(control::PINBASED_EXEC_CONTROLS, self.pin as u64, f);
@@ -324,7 +306,8 @@ impl Vcpu for VmxVcpu {
             return Exit::Unexpected { code: u64::MAX, detail: 0 };
         }
         if self.flush_next {
-            if !invept_single(self.eptp) {
+            // A new EPTP may equal that of a freed table whose translations are still cached.
+            if unsafe { invept(InveptKind::SingleContext, &InveptDescriptor::new(self.eptp)) }.is_err() {
                 return Exit::Unexpected { code: u64::MAX - 1, detail: self.eptp };
             }
             self.flush_next = false;
@@ -365,8 +348,16 @@ impl Vcpu for VmxVcpu {
                     value: self.gprs.rax as u32,
                 }
             }
-            48 => Exit::Stage2Fault(decode_ept_violation(qual, r(ro::GUEST_PHYSICAL_ADDR_FULL), r(ro::GUEST_LINEAR_ADDR))),
-            49 => Exit::Misconfig { gpa: r(ro::GUEST_PHYSICAL_ADDR_FULL) },
+            48 | 49 => match ept::decode_vmx_exit(
+                reason as u32,
+                qual,
+                r(ro::GUEST_PHYSICAL_ADDR_FULL),
+                r(ro::GUEST_LINEAR_ADDR),
+            ) {
+                Ok(f) => Exit::Stage2Fault(f),
+                Err(DecodeError::EptMisconfig { gpa }) => Exit::Misconfig { gpa },
+                Err(_) => Exit::Unexpected { code: reason, detail: qual },
+            },
             n => Exit::Unexpected { code: n, detail: qual },
         }
     }
@@ -394,8 +385,8 @@ impl Vcpu for VmxVcpu {
         }
     }
 
-    fn flush_stage2(&mut self) {
-        self.flush_next = true;
+    fn tlb_control(&mut self, _value: u8) {
+        // The EPT table's hook executes INVEPT itself.
     }
 }
 
@@ -407,25 +398,4 @@ impl Drop for VmxVcpu {
         }
         frames::free(self.vmcs);
     }
-}
-
-/// EPT violation qualification: bits 0-2 = the access (R/W/X), bits 3-5 = what the entry
-/// allowed (any set: the page was present), bit 7 = linear address valid, bit 8 = the access
-/// was the final translation (clear: the guest's own page walk), bit 12 = NMI unblocking.
-fn decode_ept_violation(qual: u64, gpa: u64, gla: u64) -> FaultInfo {
-    let access = if qual & 2 != 0 {
-        Access::WRITE
-    } else if qual & 4 != 0 {
-        Access::EXEC
-    } else {
-        Access::READ
-    };
-    let kind = if qual & 0x38 != 0 { FaultKind::Permission } else { FaultKind::NotPresent };
-    let mut f = FaultInfo::new(gpa, access, kind);
-    if qual & (1 << 7) != 0 {
-        f.gla = Some(gla);
-        f.guest_walk = qual & (1 << 8) == 0;
-    }
-    f.nmi_unblocking = qual & (1 << 12) != 0;
-    f
 }

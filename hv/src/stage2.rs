@@ -1,0 +1,99 @@
+//! The second-level tables hv hands to `vmo::Vmar`: `ept::EptTable` (INVEPT hook) and
+//! `ept::NptTable` (TLB_CONTROL hook) over the host frame allocator, behind one type so the
+//! scenario is backend-neutral.
+//!
+//! Invariants: tables take their frames from `frames::PhysFrames` (identity mapped, so a
+//! frame's pointer is its address); flushes go through ept's `Invalidate` hooks — INVEPT runs
+//! at once, an NPT flush leaves a TLB_CONTROL value that `take_tlb_control` hands to the
+//! vCPU's next VMRUN.
+
+use ept::{
+    EptTable, FlushScope, MemType, NptTable, NptTlbControl, PageSize, S2Perms, Stage2, Translation,
+};
+use ept::vmx::InveptInvalidate;
+
+use crate::frames::PhysFrames;
+
+pub enum HvTable {
+    Ept(EptTable<PhysFrames, InveptInvalidate>),
+    Npt(NptTable<PhysFrames, NptTlbControl>),
+}
+
+impl HvTable {
+    /// An empty EPT table whose flushes execute INVEPT.
+    ///
+    /// # Safety
+    /// The CPU is in VMX root operation with single- and all-context INVEPT support.
+    pub unsafe fn new_ept() -> Result<Self, ept::Error> {
+        Ok(HvTable::Ept(EptTable::with_invalidate(PhysFrames, unsafe { InveptInvalidate::new() }, false)?))
+    }
+
+    /// An empty nested page table; `flush_by_asid` selects TLB_CONTROL 3 (this ASID) over 1.
+    pub fn new_npt(flush_by_asid: bool) -> Result<Self, ept::Error> {
+        let hook = if flush_by_asid { NptTlbControl::new() } else { NptTlbControl::flush_all_only() };
+        Ok(HvTable::Npt(NptTable::with_invalidate(PhysFrames, hook)?))
+    }
+
+    /// What the vCPU loads: the EPTP value, or the nCR3.
+    pub fn context(&self) -> u64 {
+        match self {
+            HvTable::Ept(t) => t.eptp().bits(),
+            HvTable::Npt(t) => t.ncr3(),
+        }
+    }
+
+    /// The TLB_CONTROL value the next VMRUN must carry (0 for EPT: INVEPT already ran).
+    pub fn take_tlb_control(&mut self) -> u8 {
+        match self {
+            HvTable::Ept(_) => 0,
+            HvTable::Npt(t) => t.invalidator_mut().take() as u8,
+        }
+    }
+
+    /// INVEPT executions that failed (always 0 for NPT).
+    pub fn flush_failures(&self) -> u64 {
+        match self {
+            HvTable::Ept(t) => t.invalidator().failures,
+            HvTable::Npt(_) => 0,
+        }
+    }
+}
+
+impl Stage2 for HvTable {
+    fn map(&mut self, gpa: u64, pa: u64, size: PageSize, perms: S2Perms, mt: MemType) -> Result<Option<Translation>, ept::Error> {
+        match self {
+            HvTable::Ept(t) => t.map(gpa, pa, size, perms, mt),
+            HvTable::Npt(t) => t.map(gpa, pa, size, perms, mt),
+        }
+    }
+    fn unmap(&mut self, gpa: u64, len: u64) -> Result<u64, ept::Error> {
+        match self {
+            HvTable::Ept(t) => t.unmap(gpa, len),
+            HvTable::Npt(t) => t.unmap(gpa, len),
+        }
+    }
+    fn protect(&mut self, gpa: u64, len: u64, perms: S2Perms) -> Result<u64, ept::Error> {
+        match self {
+            HvTable::Ept(t) => t.protect(gpa, len, perms),
+            HvTable::Npt(t) => t.protect(gpa, len, perms),
+        }
+    }
+    fn query(&self, gpa: u64) -> Option<Translation> {
+        match self {
+            HvTable::Ept(t) => t.query(gpa),
+            HvTable::Npt(t) => t.query(gpa),
+        }
+    }
+    fn flush(&mut self, scope: FlushScope) {
+        match self {
+            HvTable::Ept(t) => t.flush(scope),
+            HvTable::Npt(t) => t.flush(scope),
+        }
+    }
+    fn flush_pending(&self) -> bool {
+        match self {
+            HvTable::Ept(t) => t.flush_pending(),
+            HvTable::Npt(t) => t.flush_pending(),
+        }
+    }
+}
