@@ -8,6 +8,8 @@
 //!                      reads it from guest memory (through the fault path) and logs it.
 //!   - `HC_REPORT (2)`: `rdi` = a value handed to the VMM's caller → `VmExit::Report(value)`;
 //!                      returns `rdi + 1` (so guests can check the round trip).
+//!   - other numbers reach the VMM's caller as `VmExit::Hypercall` with `rax = HC_ERR`
+//!     preset; workloads define their own (`HC_NEXT (3)`: the key-value store's request loop).
 //!
 //! Invariants: decoding never panics; unknown numbers and bad arguments are guest-visible
 //! errors (`rax = HC_ERR`) and the guest continues.
@@ -18,6 +20,9 @@ pub const PORT_CALL: u16 = 0x11;
 pub const HC_EXIT: u8 = 0;
 pub const HC_LOG: u8 = 1;
 pub const HC_REPORT: u8 = 2;
+/// Workload call (key-value store): "give me the next request"; served by `workload`, not by
+/// the VMM core (it arrives as `VmExit::Hypercall`).
+pub const HC_NEXT: u8 = 3;
 
 /// Result of a failed hypercall.
 pub const HC_ERR: u64 = u64::MAX;

@@ -16,7 +16,9 @@
 //!   exit dispatch;
 //! - [`hypercall`]: the guest↔VMM port-I/O hypercall ABI;
 //! - [`vcpu_state`]: complete vCPU state save/restore (the vCPU half of a snapshot);
-//! - [`payload`]: guest programs (hand-encoded x86-64) and the boot page tables.
+//! - [`payload`]: the guest-physical layout, boot page tables, hand-encoded test programs;
+//! - [`workload`]: the key-value store guest (`guest/kvstore.rs`, a `no_std` Rust program
+//!   built by `build.rs`) and its host-side driver.
 //!
 //! Errors: every fallible operation returns [`Error`]; bad guest behaviour (touching memory
 //! outside its address space, bad hypercall arguments) is reported as a value, never a panic.
@@ -30,6 +32,7 @@ pub mod reservation;
 pub mod uffd;
 pub mod vcpu_state;
 pub mod vm;
+pub mod workload;
 
 pub use fault_thread::{FaultError, FaultStats, FaultThread, Resolver};
 pub use kvm_stage2::KvmStage2;

@@ -7,6 +7,7 @@
 //! 0x1000        PML4        0x2000 PDPT        0x3000.. one PD per GiB (2 MiB pages, U/S=1)
 //! 0x10000       code (CODE_GPA), up to STACK_TOP - STACK_SIZE
 //! 0x80000       top of the CPL3 stack (STACK_TOP), grows down
+//! 0x90000       workload mailbox page (MAILBOX_GPA)
 //! 0x100000..    data (DATA_GPA): free for the workload
 //! ```
 //! Invariants: everything the boot image writes lies below `DATA_GPA`; the page tables map
@@ -25,6 +26,7 @@ pub const MAX_MEM: u64 = 8 << 30;
 pub const CODE_GPA: u64 = 0x10000;
 pub const STACK_TOP: u64 = 0x80000;
 pub const STACK_SIZE: u64 = 0x10000;
+pub const MAILBOX_GPA: u64 = 0x90000;
 pub const DATA_GPA: u64 = 0x100000;
 
 pub const SEL_USER_CODE: u16 = 0x1b;

@@ -57,6 +57,12 @@ pub enum VmExit {
     GuestFault(FaultError),
     /// `Kicker::kick` interrupted the run.
     Kicked,
+    /// A hypercall number the VMM core does not serve (a workload's call): `rax` already
+    /// holds `HC_ERR`; the caller may answer with `set_hypercall_result` before running on.
+    Hypercall {
+        nr: u8,
+        args: [u64; 3],
+    },
     /// An exit this VMM does not handle (its debug text).
     Unhandled(String),
 }
@@ -365,6 +371,69 @@ impl GuestVm {
         self.vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))
     }
 
+    /// Sets `rax`, the result of the hypercall the guest is stopped at (after
+    /// `VmExit::Hypercall`).
+    pub fn set_hypercall_result(&mut self, value: u64) -> Result<()> {
+        let mut regs = self.vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+        regs.rax = value;
+        self.vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))
+    }
+
+    /// A `vm-memory` view of guest RAM (the reservation). Accesses to pages not yet installed
+    /// fault in through the resolver like guest accesses. Unlike `read_guest`/`write_guest`,
+    /// an access the resolver refuses hits a poisoned page and raises SIGSEGV: use it only for
+    /// ranges the memory model maps (devices check descriptors against the Vmar first).
+    pub fn guest_memory(&self) -> Result<vm_memory::GuestMemoryMmap> {
+        use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+        // SAFETY: the reservation is a live mapping of exactly this size and these flags, and
+        // it outlives every use through `self.res` (the view must not outlive the VM).
+        let region = unsafe {
+            MmapRegion::build_raw(
+                self.res.hva() as *mut u8,
+                self.res.size() as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            )
+        }
+        .map_err(|e| Error::InvalidArgs(format!("vm-memory region: {e}")))?;
+        let region = GuestRegionMmap::new(region, GuestAddress(self.res.gpa_base()))
+            .ok_or_else(|| Error::InvalidArgs("vm-memory region overflows".into()))?;
+        GuestMemoryMmap::from_regions(vec![region])
+            .map_err(|e| Error::InvalidArgs(format!("vm-memory: {e}")))
+    }
+
+    /// Loads a static ELF guest program (linked inside `[CODE_GPA, STACK_TOP - STACK_SIZE)`)
+    /// with linux-loader, writes it and the boot image through the fault path, and points the
+    /// vCPU at its entry in 64-bit CPL3 with `args`.
+    ///
+    /// The ELF is parsed and placed by linux-loader into a private staging memory first, so a
+    /// malformed image is an error and never touches guest memory.
+    pub fn load_elf(&mut self, elf: &[u8], args: GuestArgs) -> Result<()> {
+        use linux_loader::loader::{Elf, KernelLoader};
+        use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+        let limit = payload::STACK_TOP - payload::STACK_SIZE;
+        let staging = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), limit as usize)])
+            .map_err(|e| Error::Payload(format!("staging memory: {e}")))?;
+        let loaded = Elf::load(&staging, None, &mut std::io::Cursor::new(elf), None)
+            .map_err(|e| Error::Payload(format!("ELF: {e}")))?;
+        let entry = loaded.kernel_load.0;
+        let end = loaded.kernel_end;
+        if entry < payload::CODE_GPA || entry >= end || end > limit {
+            return Err(Error::Payload(format!(
+                "ELF entry {entry:#x} / end {end:#x} outside [{:#x}, {limit:#x})",
+                payload::CODE_GPA
+            )));
+        }
+        let mut image = vec![0u8; (end - payload::CODE_GPA) as usize];
+        staging
+            .read_slice(&mut image, GuestAddress(payload::CODE_GPA))
+            .map_err(|e| Error::Payload(format!("staging read: {e}")))?;
+        for (gpa, bytes) in payload::boot_image(self.res.size(), &image)? {
+            self.write_guest(gpa, &bytes)?;
+        }
+        self.setup_long_mode(entry, args)
+    }
+
     /// Saves the complete vCPU state (call between runs).
     pub fn save_state(&self) -> Result<VcpuState> {
         VcpuState::save(&self.vcpu, &self.msrs, false)
@@ -492,7 +561,13 @@ impl GuestVm {
                     Err(_) => (HC_ERR, None),
                 }
             }
-            Hypercall::Invalid { .. } => (HC_ERR, None),
+            Hypercall::Invalid { nr } => (
+                HC_ERR,
+                Some(VmExit::Hypercall {
+                    nr,
+                    args: [regs.rdi, regs.rsi, regs.rdx],
+                }),
+            ),
         };
         regs.rax = ret;
         self.vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
