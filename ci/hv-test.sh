@@ -43,6 +43,8 @@ common=(
     "scenario: 3 guests loaded; second-level tables empty"
     "guest rogue-oob stopped: second-level fault not resolvable: no mapping covers .*GPA 0x30000000"
     "guest rogue-ro stopped: second-level fault not resolvable: access denied .*WRITE.*GPA 0x10000"
+    "guest rogue-misconfig stopped: second-level table entry malformed: .* at GPA 0x100000"
+    "guest main says \\(port 0xE9\\): filled 32 data pages, asking to fork"
     "fork: main -> main.child1, main.child2"
     "fork: main.child1 data pages: 12 copied, 20 shared with the parent"
     "fork: main.child2 data pages: 12 copied, 20 shared with the parent"
@@ -59,7 +61,7 @@ timeout 120 qemu-system-x86_64 -accel tcg -cpu qemu64,+svm,+npt -m 128 -cdrom "$
 echo "hv-test: qemu exit status $rc (33 = pass via isa-debug-exit) in $(echo "$(date +%s.%N) - $s" | bc) s"
 touch "$out/qemu-serial.txt"
 [ $rc = 33 ] || { echo "hv-test: qemu: unexpected exit status $rc" >&2; fail=1; }
-check qemu "$out/qemu-serial.txt" "${common[@]}" "backend: svm" "HV-VERDICT: PASS backend=svm"
+check qemu "$out/qemu-serial.txt" "${common[@]}" "backend: svm" "malformed: NPF with reserved bits" "HV-VERDICT: PASS backend=svm"
 
 echo "== hv-test: Bochs, cpu model corei7_haswell_4770 (VMX/EPT backend)"
 cat > "$out/bochsrc" <<BXRC
@@ -88,7 +90,7 @@ touch "$out/bochs-serial.txt"
 [ $rc = 124 ] && { echo "hv-test: bochs timed out" >&2; fail=1; }
 grep -q "Shutdown port: shutdown requested" "$out/bochs-log.txt" 2>/dev/null \
     || { echo "hv-test: bochs did not end through the shutdown port; log tail:" >&2; tail -20 "$out/bochs-log.txt" >&2 || true; fail=1; }
-check bochs "$out/bochs-serial.txt" "${common[@]}" "backend: vmx" "vmx: VMXON ok" "HV-VERDICT: PASS backend=vmx"
+check bochs "$out/bochs-serial.txt" "${common[@]}" "backend: vmx" "vmx: VMXON ok" "malformed: EPT misconfiguration \\(exit 49\\)" "HV-VERDICT: PASS backend=vmx"
 
 echo "hv-test: total $(( $(date +%s) - t0 )) s"
 if [ $fail != 0 ]; then

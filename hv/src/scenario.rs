@@ -37,6 +37,10 @@ struct Guest {
     reports: Vec<(u64, u64, u64)>,
     exits: u64,
     stop_error: Option<VmoError>,
+    /// GPA of an EPT misconfiguration / NPT reserved-bit fault that stopped the guest.
+    misconfig: Option<u64>,
+    /// Bytes written to the debug port 0xE9, collected into lines.
+    console: String,
 }
 
 enum SliceEnd {
@@ -62,6 +66,8 @@ fn new_guest(backend: &mut dyn Backend, pool: &FramePool, name: &str, role: Role
         reports: Vec::new(),
         exits: 0,
         stop_error: None,
+        misconfig: None,
+        console: String::new(),
     })
 }
 
@@ -133,15 +139,30 @@ fn run_slice(g: &mut Guest) -> SliceEnd {
             }
             Exit::Io { port, size, write, value } => {
                 if write && port == 0xE9 {
-                    println!("guest {}: debug port byte {:#x}", g.name, value as u8);
+                    let c = value as u8;
+                    if c == b'\n' {
+                        println!("guest {} says (port 0xE9): {}", g.name, g.console);
+                        g.console.clear();
+                    } else if g.console.len() < 200 {
+                        g.console.push(if c.is_ascii_graphic() || c == b' ' { c as char } else { '?' });
+                    }
                 } else if !write {
                     // Reads from absent devices return all ones.
                     let mask = if size >= 4 { 0xFFFF_FFFF } else { (1u64 << (size * 8)) - 1 };
                     g.vcpu.gprs().rax |= mask;
                 }
             }
-            Exit::Misconfig { gpa } => {
-                stop(g, format!("EPT misconfiguration at GPA {:#x} (second-level table is malformed)", gpa));
+            Exit::Misconfig { gpa, what } => {
+                g.misconfig = Some(gpa);
+                stop(
+                    g,
+                    format!(
+                        "second-level table entry malformed: {} at GPA {:#x}, RIP {:#x}",
+                        what,
+                        gpa,
+                        g.vcpu.rip()
+                    ),
+                );
                 return SliceEnd::Finished;
             }
             Exit::Exception { vector, error } => {
@@ -181,6 +202,8 @@ fn fork(backend: &mut dyn Backend, guests: &mut Vec<Guest>, p: usize) -> Result<
             reports: Vec::new(),
             exits: 0,
             stop_error: None,
+            misconfig: None,
+            console: String::new(),
         });
         out[k as usize - 1] = guests.len() - 1;
     }
@@ -211,6 +234,13 @@ pub fn run(backend: &mut dyn Backend) -> Result<String, String> {
     guests.push(new_guest(backend, &pool, "main", Role::Main)?);
     guests.push(new_guest(backend, &pool, "rogue-ro", Role::WriteReadOnly)?);
     println!("scenario: {} guests loaded; second-level tables empty (every page arrives by fault)", guests.len());
+    guests.push(new_guest(backend, &pool, "rogue-misconfig", Role::ReadCorruptedEntry)?);
+    // Deliberately break the table entry this guest will read (the misconfiguration test).
+    let corrupted = guests[3].space.corrupt_leaf(guest::DATA_BASE);
+    if corrupted.is_none() {
+        return Err(String::from("could not install and corrupt the misconfiguration test entry"));
+    }
+    println!("scenario: rogue-misconfig: its DATA page was installed by a host-side fault, then the entry deliberately corrupted");
 
     let mut queue: VecDeque<usize> = (0..guests.len()).collect();
     let mut forked = None;
@@ -239,6 +269,9 @@ pub fn run(backend: &mut dyn Backend) -> Result<String, String> {
         }
     }
 
+    if let Some(e) = corrupted {
+        guests[3].space.restore_leaf(e);
+    }
     let mut ok = true;
     for g in &guests {
         let s = g.space.stats();
@@ -263,6 +296,12 @@ pub fn run(backend: &mut dyn Backend) -> Result<String, String> {
         rogue_ro.stop_error == Some(VmoError::AccessDenied)
             && !rogue_ro.reports.iter().any(|r| r.0 == guest::TAG_SURVIVED),
         "rogue-ro was stopped for writing its read-only code mapping",
+    );
+    let rogue_mc = &guests[3];
+    check(
+        &mut ok,
+        rogue_mc.misconfig == Some(guest::DATA_BASE) && !rogue_mc.reports.iter().any(|r| r.0 == guest::TAG_SURVIVED),
+        "rogue-misconfig was stopped at the malformed second-level entry",
     );
     let snapshot_sum = guest::checksum(guest::parent_value);
     let main = &guests[1];

@@ -63,6 +63,30 @@ impl Space {
         m.vmo.read(m.vmo_offset + (gpa - m.base), buf)
     }
 
+    /// TEST ONLY: commits and installs the page at `gpa` through the fault path (a host-side
+    /// read fault), then overwrites its leaf entry with a value the hardware rejects (EPT
+    /// misconfiguration / NPT reserved bit) and flushes. Returns (entry pointer, original value)
+    /// so the caller can restore the table before teardown.
+    pub fn corrupt_leaf(&self, gpa: u64) -> Option<(*mut u64, u64)> {
+        let f = FaultInfo::new(gpa, ept::Access::READ, ept::FaultKind::NotPresent);
+        self.vmar.handle_fault(f).ok()?;
+        self.vmar.with_stage2(|t| {
+            let p = t.leaf_entry(gpa)?;
+            let orig = unsafe { p.read_volatile() };
+            unsafe { p.write_volatile(t.corrupted(orig)) };
+            ept::Stage2::flush(t, ept::FlushScope::Context);
+            Some((p, orig))
+        })
+    }
+
+    /// Puts back an entry `corrupt_leaf` changed.
+    pub fn restore_leaf(&self, entry: (*mut u64, u64)) {
+        self.vmar.with_stage2(|t| {
+            unsafe { entry.0.write_volatile(entry.1) };
+            ept::Stage2::flush(t, ept::FlushScope::Context);
+        });
+    }
+
     pub fn stats(&self) -> FaultStats {
         self.vmar.fault_stats()
     }

@@ -50,6 +50,35 @@ impl HvTable {
         }
     }
 
+    /// Pointer to the 4 KiB leaf entry translating `gpa`, found by walking the table in
+    /// (identity-mapped) memory. Only for the deliberate-corruption test (`Space::corrupt_leaf`).
+    pub fn leaf_entry(&self, gpa: u64) -> Option<*mut u64> {
+        const ADDR: u64 = 0x000F_FFFF_FFFF_F000;
+        let (mut table, present): (u64, fn(u64) -> bool) = match self {
+            HvTable::Ept(_) => (self.context() & ADDR, |e| e & 7 != 0),
+            HvTable::Npt(_) => (self.context() & ADDR, |e| e & 1 != 0),
+        };
+        for level in (2..=4u32).rev() {
+            let idx = (gpa >> (12 + 9 * (level - 1))) & 511;
+            let e = unsafe { ((table + idx * 8) as *const u64).read_volatile() };
+            if !present(e) || e & (1 << 7) != 0 {
+                return None;
+            }
+            table = e & ADDR;
+        }
+        let p = (table + ((gpa >> 12) & 511) * 8) as *mut u64;
+        present(unsafe { p.read_volatile() }).then_some(p)
+    }
+
+    /// The value that makes a present leaf invalid for the hardware: EPT write-only (a
+    /// misconfiguration, exit 49), NPT with reserved bit 50 set (NPF with RSVD).
+    pub fn corrupted(&self, entry: u64) -> u64 {
+        match self {
+            HvTable::Ept(_) => (entry & !7) | 2,
+            HvTable::Npt(_) => entry | (1 << 50),
+        }
+    }
+
     /// INVEPT executions that failed (always 0 for NPT).
     pub fn flush_failures(&self) -> u64 {
         match self {

@@ -60,8 +60,9 @@ pub enum Exit {
     Io { port: u16, size: u8, write: bool, value: u32 },
     /// Second-level fault (EPT violation / NPF), decoded.
     Stage2Fault(FaultInfo),
-    /// EPT misconfiguration: the table is malformed at `gpa`; the guest cannot continue.
-    Misconfig { gpa: u64 },
+    /// The second-level table is malformed at `gpa` (EPT misconfiguration, exit 49; or an NPF
+    /// with the reserved-bit flag); the guest cannot continue. `what` names the hardware report.
+    Misconfig { gpa: u64, what: &'static str },
     /// An exception in the guest (intercepted; the guest has no IDT of its own).
     Exception { vector: u8, error: u64 },
     /// Triple fault / shutdown.

@@ -51,6 +51,7 @@ pub enum Role {
     Main = 0,
     OutOfBounds = 1,
     WriteReadOnly = 2,
+    ReadCorruptedEntry = 3,
 }
 
 /// Expected value of the qword at `gpa` in the parent's snapshot.

@@ -1,7 +1,9 @@
 # The guest payload: 64-bit code run at guest-physical 0x10000 (copied there by guest/mod.rs).
 # Position independent except for the fixed guest-physical layout in guest/mod.rs (DATA at
 # 0x100000, 32 pages). RDI at entry selects the role: 0 = main (fill, fork, children write),
-# 1 = touch memory outside any mapping, 2 = write the read-only code mapping.
+# 1 = touch memory outside any mapping, 2 = write the read-only code mapping, 3 = read DATA
+# (whose second-level entry the hypervisor corrupted on purpose: EPT misconfiguration / NPT
+# reserved bit). The main role also prints a line on the debug port 0xE9 (an I/O exit).
 # Hypercall ABI: RAX = number (1 report, 2 fork, 3 yield), RDI/RSI/RDX = arguments, result
 # in RAX, every other register preserved. The hypercall instruction at hv_guest_hypercall is
 # VMCALL; the SVM backend patches it to VMMCALL when loading.
@@ -12,6 +14,8 @@ hv_guest_start:
     je .Lg_oob
     cmp rdi, 2
     je .Lg_ro
+    cmp rdi, 3
+    je .Lg_misconfig
 
     # Fill every qword of DATA with (address ^ SEED).
     mov rbx, 0x100000
@@ -24,6 +28,16 @@ hv_guest_start:
     add rbx, 8
     cmp rbx, rcx
     jb .Lg_fill
+    lea rsi, [rip + .Lg_msg]
+    mov edx, 0xE9
+.Lg_print:
+    mov al, [rsi]
+    test al, al
+    jz .Lg_printed
+    out dx, al
+    inc rsi
+    jmp .Lg_print
+.Lg_printed:
     call .Lg_checksum
     mov rsi, rax
     mov edi, 1
@@ -88,6 +102,10 @@ hv_guest_start:
 .Lg_ro:
     mov rax, 0x10000
     mov byte ptr [rax], 0x90
+    jmp .Lg_survived
+.Lg_misconfig:
+    mov rax, 0x100000
+    mov rax, [rax]
 .Lg_survived:
     mov edi, 0xBAD
     xor esi, esi
@@ -106,6 +124,9 @@ hv_guest_start:
     cmp rbx, 0x120000
     jb .Lg_cs
     ret
+
+.Lg_msg:
+    .asciz "filled 32 data pages, asking to fork\n"
 
 .global hv_guest_hypercall
 hv_guest_hypercall:

@@ -176,7 +176,7 @@ impl Vcpu for SvmVcpu {
             }
             EXIT_NPF => match ept::decode_npf(info1, info2) {
                 Ok(f) => Exit::Stage2Fault(f),
-                Err(DecodeError::NptMisconfig { gpa }) => Exit::Misconfig { gpa },
+                Err(DecodeError::NptMisconfig { gpa }) => Exit::Misconfig { gpa, what: "NPF with reserved bits (RSVD)" },
                 Err(_) => Exit::Unexpected { code: EXIT_NPF, detail: info1 },
             },
             EXIT_SHUTDOWN => Exit::Shutdown,

@@ -355,7 +355,7 @@ impl Vcpu for VmxVcpu {
                 r(ro::GUEST_LINEAR_ADDR),
             ) {
                 Ok(f) => Exit::Stage2Fault(f),
-                Err(DecodeError::EptMisconfig { gpa }) => Exit::Misconfig { gpa },
+                Err(DecodeError::EptMisconfig { gpa }) => Exit::Misconfig { gpa, what: "EPT misconfiguration (exit 49)" },
                 Err(_) => Exit::Unexpected { code: reason, detail: qual },
             },
             n => Exit::Unexpected { code: n, detail: qual },
