@@ -3,11 +3,18 @@
 # backend) and fails unless each run's serial output holds the expected verdict and figures.
 # Installs the emulators and ISO tools through apt-get when missing (root, Debian 12).
 # Never skips: a missing tool that cannot be installed is a failure.
+# --no-install: do not call apt-get (the cargo test wrapper tests/tests/hv_boot.rs uses it after
+# checking the tools itself); a missing tool is then still a failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 t0=$(date +%s)
 
-ci/setup.sh qemu-system-x86 bochs bochsbios vgabios bochs-term grub-pc-bin grub-common xorriso mtools
+if [ "${1:-}" != "--no-install" ]; then
+    ci/setup.sh qemu-system-x86 bochs bochsbios vgabios bochs-term grub-pc-bin grub-common xorriso mtools
+fi
+for tool in qemu-system-x86_64 bochs grub-mkrescue grub-file xorriso mformat bc; do
+    command -v "$tool" >/dev/null || { echo "hv-test: $tool is missing" >&2; exit 1; }
+done
 ci/build-hv.sh 2>&1 | grep -E "^(error|warning: unused|build-hv)" || true
 test -f hv/target/hv.iso || { echo "hv-test: no ISO built" >&2; exit 1; }
 # Re-run so that a build failure fails this script (the filtered run above hides the rc).
