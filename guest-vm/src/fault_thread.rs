@@ -57,6 +57,8 @@ pub struct FaultShared {
     resolved: AtomicU64,
     failed: AtomicU64,
     error: Mutex<Option<FaultError>>,
+    /// Poisoned pages: (host address, the page was installed).
+    poisoned: Mutex<Vec<(u64, bool)>>,
     kick: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
 }
 
@@ -86,6 +88,11 @@ impl FaultShared {
     /// Sets the function that stops the VM's vCPUs after a resolver error.
     pub fn set_kick(&self, kick: Arc<dyn Fn() + Send + Sync>) {
         *self.kick.lock().unwrap_or_else(|p| p.into_inner()) = Some(kick);
+    }
+
+    /// Takes the list of poisoned pages (host address, was installed) for `unpoison`.
+    pub(crate) fn take_poisoned(&self) -> Vec<(u64, bool)> {
+        std::mem::take(&mut *self.poisoned.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     fn record(&self, e: FaultError) {
@@ -216,7 +223,12 @@ fn serve(res: &Reservation, resolver: &mut Resolver, sh: &FaultShared, stop: &Ev
                 }
                 Err(error) => {
                     // Poison first so the woken thread fails instead of faulting again.
-                    let _ = res.poison(page);
+                    if res.poison(page, pf.wp).is_ok() {
+                        sh.poisoned
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push((page, pf.wp));
+                    }
                     sh.record(FaultError {
                         fault: info,
                         error,

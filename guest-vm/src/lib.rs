@@ -12,6 +12,8 @@
 //!   reservation with `mmap(MAP_SHARED|MAP_FIXED)` and write-protects with uffd-WP;
 //! - [`fault_thread`]: the thread that turns userfaultfd events into `ept::FaultInfo`, hands them
 //!   to one resolver (the product's resolver is `Vmar::handle_fault`), and wakes the faulter;
+//! - [`guest`]: `Guest`, the product: a `vmo::Vmar` over `KvmStage2` whose `handle_fault` is
+//!   the fault thread's resolver, plus its `GuestVm`; snapshot, fork, reset;
 //! - [`vm`]: the VMM — KVM VM, memslot, one vCPU in 64-bit long mode running guest code at CPL3,
 //!   exit dispatch;
 //! - [`hypercall`]: the guest↔VMM port-I/O hypercall ABI;
@@ -24,6 +26,7 @@
 //! outside its address space, bad hypercall arguments) is reported as a value, never a panic.
 
 pub mod fault_thread;
+pub mod guest;
 pub mod hypercall;
 pub mod kvm_stage2;
 pub mod memfd_pool;
@@ -35,8 +38,9 @@ pub mod vm;
 pub mod workload;
 
 pub use fault_thread::{FaultError, FaultStats, FaultThread, Resolver};
+pub use guest::Guest;
 pub use kvm_stage2::KvmStage2;
-pub use memfd_pool::MemfdFrameAlloc;
+pub use memfd_pool::{HostFrames, MemfdFrameAlloc};
 pub use reservation::Reservation;
 pub use vcpu_state::VcpuState;
 pub use vm::{GuestVm, VmExit};
@@ -68,6 +72,14 @@ pub enum Error {
     BadState(String),
     /// The guest image does not fit the guest memory layout.
     Payload(String),
+    /// The memory model (Vmo / Vmar) refused an operation.
+    Vmo(vmo::Error),
+}
+
+impl From<vmo::Error> for Error {
+    fn from(e: vmo::Error) -> Self {
+        Error::Vmo(e)
+    }
 }
 
 impl fmt::Display for Error {
@@ -85,6 +97,7 @@ impl fmt::Display for Error {
             Error::InvalidArgs(s) => write!(f, "invalid arguments: {s}"),
             Error::BadState(s) => write!(f, "bad state: {s}"),
             Error::Payload(s) => write!(f, "guest payload: {s}"),
+            Error::Vmo(e) => write!(f, "memory model: {e}"),
         }
     }
 }

@@ -251,6 +251,23 @@ impl Drop for MemfdFrameAlloc {
     }
 }
 
+/// The frames of this process's guests: the memfd allocator (which `KvmStage2` maps from) and
+/// the counted `FramePool` over it (which Vmos allocate from). Cheap to clone.
+#[derive(Clone)]
+pub struct HostFrames {
+    pub alloc: std::sync::Arc<MemfdFrameAlloc>,
+    pub pool: vmo::FramePool,
+}
+
+impl HostFrames {
+    /// A memfd of `capacity` bytes (sparse: memory is used only by frames in use).
+    pub fn new(capacity: u64) -> Result<Self> {
+        let alloc = std::sync::Arc::new(MemfdFrameAlloc::new(capacity)?);
+        let pool = vmo::FramePool::new(alloc.clone());
+        Ok(HostFrames { alloc, pool })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,8 @@
 //! Invariants:
 //! - the mapping lives exactly as long as this value (unmapped on drop); every piece of it is
 //!   either an anonymous MISSING-registered reservation piece, a memfd frame installed by
-//!   `KvmStage2` (registered WP), or a poisoned piece (`poison`) after a failed resolution;
+//!   `KvmStage2` (registered WP), or a poisoned page (`poison`) after a failed resolution,
+//!   until `unpoison`;
 //! - anonymous pieces never hold data: a MISSING fault is only ever answered by installing a
 //!   frame over the page (never by `UFFDIO_COPY`/zeropage into the anonymous piece).
 
@@ -112,29 +113,67 @@ impl Reservation {
         self.uffd.register(hva, len, true, false)
     }
 
-    /// Makes the page at `hva` fail every access with a plain fault (PROT_NONE): a vCPU that
-    /// retries the access gets `KVM_RUN = -EFAULT` (CPL3) or an MMIO exit (PVM CPL0) instead of
-    /// blocking forever on an unresolvable userfaultfd event. Used after a resolver error.
-    pub(crate) fn poison(&self, hva: u64) -> Result<()> {
+    /// Makes the page at `hva` fail with a plain fault, so a vCPU that retries the access gets
+    /// `KVM_RUN = -EFAULT` (CPL3) instead of blocking forever on an unresolvable userfaultfd
+    /// event. Used after a resolver error. A not-present page becomes a PROT_NONE piece; an
+    /// installed page that refused a write (`installed`) keeps its frame but becomes
+    /// PROT_READ (the Stage2 record stays true). `unpoison` undoes either.
+    pub(crate) fn poison(&self, hva: u64, installed: bool) -> Result<()> {
         let page = hva & !(PAGE_SIZE - 1);
         if self.gpa_of(page).is_none() {
             return Err(Error::InvalidArgs(format!("poison {hva:#x} outside")));
         }
-        // SAFETY: the page lies inside our own mapping.
-        let p = unsafe {
-            libc::mmap(
-                page as *mut libc::c_void,
-                PAGE_SIZE as usize,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
-                -1,
-                0,
-            )
+        let ok = if installed {
+            // SAFETY: the page lies inside our own mapping.
+            unsafe {
+                libc::mprotect(
+                    page as *mut libc::c_void,
+                    PAGE_SIZE as usize,
+                    libc::PROT_READ,
+                ) == 0
+            }
+        } else {
+            // SAFETY: the page lies inside our own mapping; MAP_FIXED replaces only it.
+            let p = unsafe {
+                libc::mmap(
+                    page as *mut libc::c_void,
+                    PAGE_SIZE as usize,
+                    libc::PROT_NONE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                    -1,
+                    0,
+                )
+            };
+            p != libc::MAP_FAILED
         };
-        if p == libc::MAP_FAILED {
-            return Err(last_os("mmap(poison)"));
+        if !ok {
+            return Err(last_os("poison guest page"));
         }
         Ok(())
+    }
+
+    /// Undoes `poison(hva, installed)`: the page faults through userfaultfd again.
+    pub(crate) fn unpoison(&self, hva: u64, installed: bool) -> Result<()> {
+        let page = hva & !(PAGE_SIZE - 1);
+        let gpa = self
+            .gpa_of(page)
+            .ok_or_else(|| Error::InvalidArgs(format!("unpoison {hva:#x} outside")))?;
+        if installed {
+            // SAFETY: the page lies inside our own mapping. The uffd-WP bit survives mprotect.
+            let r = unsafe {
+                libc::mprotect(
+                    page as *mut libc::c_void,
+                    PAGE_SIZE as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                )
+            };
+            if r != 0 {
+                return Err(last_os("unpoison guest page"));
+            }
+            Ok(())
+        } else {
+            self.restore(gpa, PAGE_SIZE)
+        }
     }
 }
 

@@ -444,6 +444,18 @@ impl GuestVm {
         state.restore(&self.vcpu)
     }
 
+    /// Makes a VM stopped by a refused fault runnable again: un-poisons the pages the fault
+    /// thread poisoned and clears the stop. The caller restores memory (Vmar reset) and vCPU
+    /// state first; otherwise the guest simply faults again.
+    pub fn recover(&mut self) -> Result<()> {
+        for (hva, installed) in self.faults.shared().take_poisoned() {
+            self.res.unpoison(hva, installed)?;
+        }
+        let _ = self.faults.shared().take_error();
+        self.stopped = None;
+        Ok(())
+    }
+
     /// The fault that stopped this VM, if any.
     pub fn stopped_by(&self) -> Option<&FaultError> {
         self.stopped.as_ref()

@@ -11,6 +11,8 @@
 //! fault path (`read_guest`), so the driver works on a freshly forked VM whose mailbox page is
 //! not installed yet; a guest that stops answering (done, fault, shutdown) is an error value.
 
+use std::borrow::BorrowMut;
+
 use crate::hypercall::HC_NEXT;
 use crate::payload::{DATA_GPA, MAILBOX_GPA};
 use crate::vm::{GuestArgs, GuestVm, VmExit};
@@ -70,23 +72,24 @@ pub fn memory_for(buckets: u64) -> u64 {
     (DATA_GPA + buckets * BUCKET_SIZE).next_multiple_of(2 << 20)
 }
 
-/// A running key-value store guest.
-pub struct KvStore {
-    vm: GuestVm,
+/// A running key-value store guest, over a bare `GuestVm` or a `Guest` (anything that lends
+/// a `GuestVm`).
+pub struct KvStore<V: BorrowMut<GuestVm> = GuestVm> {
+    vm: V,
     /// The guest is stopped at `HC_NEXT`, waiting for a request.
     waiting: bool,
 }
 
-impl KvStore {
+impl<V: BorrowMut<GuestVm>> KvStore<V> {
     /// Loads the store into `vm` (fresh) with a table of `buckets` (power of two) buckets and
     /// runs it to its first request.
-    pub fn boot(mut vm: GuestVm, buckets: u64) -> Result<Self> {
-        if !buckets.is_power_of_two() || memory_for(buckets) > vm.reservation().size() {
+    pub fn boot(mut vm: V, buckets: u64) -> Result<Self> {
+        if !buckets.is_power_of_two() || memory_for(buckets) > vm.borrow().reservation().size() {
             return Err(Error::InvalidArgs(format!(
                 "{buckets} buckets: not a power of two or more than guest memory holds"
             )));
         }
-        vm.load_elf(
+        vm.borrow_mut().load_elf(
             KVSTORE_ELF,
             GuestArgs {
                 rdi: buckets,
@@ -99,25 +102,34 @@ impl KvStore {
     }
 
     /// Wraps a VM that is stopped at the store's `HC_NEXT` (a restored or forked snapshot).
-    pub fn resume(vm: GuestVm) -> Self {
+    pub fn resume(vm: V) -> Self {
         KvStore { vm, waiting: true }
     }
 
     pub fn vm(&self) -> &GuestVm {
-        &self.vm
+        self.vm.borrow()
     }
 
     pub fn vm_mut(&mut self) -> &mut GuestVm {
+        self.vm.borrow_mut()
+    }
+
+    /// The guest this store runs in.
+    pub fn inner(&self) -> &V {
+        &self.vm
+    }
+
+    pub fn inner_mut(&mut self) -> &mut V {
         &mut self.vm
     }
 
-    pub fn into_vm(self) -> GuestVm {
+    pub fn into_inner(self) -> V {
         self.vm
     }
 
     fn wait_next(&mut self) -> Result<()> {
         loop {
-            match self.vm.run()? {
+            match self.vm.borrow_mut().run()? {
                 VmExit::Hypercall { nr: HC_NEXT, .. } => {
                     self.waiting = true;
                     return Ok(());
@@ -146,12 +158,14 @@ impl KvStore {
         mb[8..16].copy_from_slice(&req.arg.to_le_bytes());
         mb[16..24].copy_from_slice(&(req.data.len() as u64).to_le_bytes());
         mb[24..24 + req.data.len()].copy_from_slice(&req.data);
-        self.vm.write_guest(MAILBOX_GPA, &mb)?;
-        self.vm.set_hypercall_result(req.op)?;
+        self.vm.borrow().write_guest(MAILBOX_GPA, &mb)?;
+        self.vm.borrow_mut().set_hypercall_result(req.op)?;
         self.waiting = false;
         self.wait_next()?;
         let mut r = [0u8; 24 + VALUE_MAX];
-        self.vm.read_guest(MAILBOX_GPA + RESPONSE_OFF, &mut r)?;
+        self.vm
+            .borrow()
+            .read_guest(MAILBOX_GPA + RESPONSE_OFF, &mut r)?;
         let word = |i: usize| u64::from_le_bytes(r[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
         let len = (word(2) as usize).min(VALUE_MAX);
         Ok(Response {
@@ -231,10 +245,10 @@ impl KvStore {
     }
 
     /// Tells the guest there is no more work; it reports done.
-    pub fn finish(mut self) -> Result<GuestVm> {
+    pub fn finish(mut self) -> Result<V> {
         if self.waiting {
-            self.vm.set_hypercall_result(0)?;
-            match self.vm.run()? {
+            self.vm.borrow_mut().set_hypercall_result(0)?;
+            match self.vm.borrow_mut().run()? {
                 VmExit::Done(0) => {}
                 other => {
                     return Err(Error::BadState(format!(

@@ -1,0 +1,160 @@
+//! `Guest`: a KVM guest whose guest-physical memory is a `vmo::Vmar` — the product path.
+//!
+//! Wiring: guest RAM is one anonymous Vmo (frames from the process's memfd `HostFrames`)
+//! mapped read-write at GPA 0 of a root `Vmar<KvmStage2>`; the VM's fault thread calls
+//! `Vmar::handle_fault` for every userfaultfd event (MISSING → not-present, WP → permission),
+//! and the Vmar installs frames through `KvmStage2`. The VMM's own accesses (loader, mailbox)
+//! raise the same events, so CPU and VMM see one memory.
+//!
+//! Snapshot / fork / reset:
+//! - `snapshot` (guest stopped at an exit): the complete vCPU state; `fork(&state)` forks the
+//!   Vmar (`Vmar::fork`: parent and child share every frame copy-on-write; cost independent
+//!   of guest size) into a new reservation + VM + fault thread, and restores the state there;
+//! - `reset(&state)`: `Vmar::reset` (drops only pages changed since the fork / reset point),
+//!   un-poisons pages a refused fault poisoned, restores the vCPU state.
+//!
+//! Invariants: a `Guest` is driven from one thread at a time (the vCPU thread); forks are taken
+//! only while the parent's vCPU is stopped (the Vmar's fork contract); dropping a `Guest` stops
+//! its fault thread before its reservation is unmapped, and returns every frame it alone held.
+
+use std::sync::Arc;
+
+use vmo::{MapOptions, VmPerms, Vmar, Vmo, VmoFlags};
+
+use crate::fault_thread::Resolver;
+use crate::kvm_stage2::KvmStage2;
+use crate::memfd_pool::HostFrames;
+use crate::reservation::Reservation;
+use crate::uffd::Uffd;
+use crate::vcpu_state::VcpuState;
+use crate::vm::GuestVm;
+use crate::{Error, Result};
+
+/// A guest container; see the module documentation.
+pub struct Guest {
+    // Field order is drop order: the VM (and its fault thread, which holds a Vmar clone)
+    // goes first.
+    vm: GuestVm,
+    vmar: Vmar<KvmStage2>,
+    frames: HostFrames,
+    mem_size: u64,
+}
+
+/// The resolver that makes `vmar` the fault path of a VM.
+pub fn vmar_resolver(vmar: &Vmar<KvmStage2>) -> Resolver {
+    let vmar = vmar.clone();
+    Box::new(move |fault| vmar.handle_fault(fault).map(drop))
+}
+
+fn new_backend(frames: &HostFrames, mem_size: u64) -> Result<(Arc<Reservation>, KvmStage2)> {
+    let uffd = Arc::new(Uffd::open()?);
+    let res = Arc::new(Reservation::new(0, mem_size, uffd)?);
+    let stage2 = KvmStage2::new(res.clone(), frames.alloc.clone());
+    Ok((res, stage2))
+}
+
+impl Guest {
+    /// A fresh guest with `mem_size` bytes of RAM at GPA 0 (nothing committed yet).
+    pub fn new(frames: &HostFrames, mem_size: u64) -> Result<Self> {
+        let (res, stage2) = new_backend(frames, mem_size)?;
+        let vmar = Vmar::new_root(mem_size, stage2)?;
+        let ram = Vmo::new(&frames.pool, mem_size, VmoFlags::empty())?;
+        vmar.map(&ram, 0, mem_size, MapOptions::specific(0, VmPerms::RW))?;
+        let vm = GuestVm::new(res, vmar_resolver(&vmar))?;
+        Ok(Guest {
+            vm,
+            vmar,
+            frames: frames.clone(),
+            mem_size,
+        })
+    }
+
+    pub fn vm(&self) -> &GuestVm {
+        &self.vm
+    }
+
+    pub fn vm_mut(&mut self) -> &mut GuestVm {
+        &mut self.vm
+    }
+
+    pub fn vmar(&self) -> &Vmar<KvmStage2> {
+        &self.vmar
+    }
+
+    pub fn mem_size(&self) -> u64 {
+        self.mem_size
+    }
+
+    /// The complete vCPU state (the guest must be stopped at an exit, as it is between runs).
+    pub fn snapshot(&self) -> Result<VcpuState> {
+        self.vm.save_state()
+    }
+
+    /// A child guest: a copy-on-write fork of this guest's memory in a new VM, with vCPU
+    /// `state` (from `snapshot`). This guest must not be running.
+    pub fn fork(&self, state: &VcpuState) -> Result<Guest> {
+        let (res, stage2) = new_backend(&self.frames, self.mem_size)?;
+        let vmar = self.vmar.fork(stage2)?;
+        let mut vm = GuestVm::new(res, vmar_resolver(&vmar))?;
+        vm.restore_state(state)?;
+        Ok(Guest {
+            vm,
+            vmar,
+            frames: self.frames.clone(),
+            mem_size: self.mem_size,
+        })
+    }
+
+    /// Makes the current memory the state `reset` returns to (for a guest that was not forked).
+    pub fn set_reset_point(&self) -> Result<()> {
+        Ok(self.vmar.set_reset_point()?)
+    }
+
+    /// Returns memory to the fork (or last reset point) — dropping only the pages changed since
+    /// — and the vCPU to `state`. Also recovers a VM stopped by a refused fault. Returns the
+    /// number of pages dropped.
+    pub fn reset(&mut self, state: &VcpuState) -> Result<u64> {
+        let dropped = self.vmar.reset()?;
+        self.vm.recover()?;
+        self.vm.restore_state(state)?;
+        Ok(dropped)
+    }
+
+    /// Pages installed in this guest's second-level backend (its resident guest memory).
+    pub fn installed_pages(&self) -> u64 {
+        self.vmar.with_stage2(|s| s.mapped_pages())
+    }
+
+    /// Consumes the guest into its parts (VM first: drop it before the Vmar).
+    pub fn into_parts(self) -> (GuestVm, Vmar<KvmStage2>) {
+        (self.vm, self.vmar)
+    }
+}
+
+impl std::fmt::Debug for Guest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Guest")
+            .field("mem_size", &self.mem_size)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Result of `Error` conversion for callers matching on the memory model's refusal.
+pub fn vmo_error(e: &Error) -> Option<vmo::Error> {
+    match e {
+        Error::Vmo(v) => Some(*v),
+        _ => None,
+    }
+}
+
+impl std::borrow::Borrow<GuestVm> for Guest {
+    fn borrow(&self) -> &GuestVm {
+        &self.vm
+    }
+}
+
+impl std::borrow::BorrowMut<GuestVm> for Guest {
+    fn borrow_mut(&mut self) -> &mut GuestVm {
+        &mut self.vm
+    }
+}
