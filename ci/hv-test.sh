@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Boots the hv kernel under QEMU TCG (AMD SVM + NPT backend) and under Bochs (Intel VMX + EPT
-# backend) and fails unless each run's serial output holds the expected verdict and figures.
+# Boots the hv kernel under QEMU TCG (AMD SVM + NPT backend; GRUB ISO and PVH -kernel) and under
+# Bochs (Intel VMX + EPT backend, GRUB ISO), and fails unless each run's serial output holds the
+# expected verdict and figures.
 # Installs the emulators and ISO tools through apt-get when missing (root, Debian 12).
 # Never skips: a missing tool that cannot be installed is a failure.
 # --no-install: do not call apt-get (the cargo test wrapper tests/tests/hv_boot.rs uses it after
@@ -15,13 +16,16 @@ fi
 for tool in qemu-system-x86_64 bochs grub-mkrescue grub-file xorriso mformat bc; do
     command -v "$tool" >/dev/null || { echo "hv-test: $tool is missing" >&2; exit 1; }
 done
-ci/build-hv.sh 2>&1 | grep -E "^(error|warning: unused|build-hv)" || true
-test -f hv/target/hv.iso || { echo "hv-test: no ISO built" >&2; exit 1; }
-# Re-run so that a build failure fails this script (the filtered run above hides the rc).
-ci/build-hv.sh >/dev/null 2>&1 || { ci/build-hv.sh; exit 1; }
-
 out=hv/target/run
 rm -rf "$out"; mkdir -p "$out"
+s=$(date +%s)
+if ! ci/build-hv.sh >"$out/build.log" 2>&1; then
+    cat "$out/build.log" >&2
+    echo "hv-test: kernel build failed" >&2
+    exit 1
+fi
+grep -E "^build-hv" "$out/build.log"
+echo "hv-test: build + ISO in $(( $(date +%s) - s )) s"
 iso=$(realpath hv/target/hv.iso)
 fail=0
 
@@ -68,7 +72,18 @@ timeout 120 qemu-system-x86_64 -accel tcg -cpu qemu64,+svm,+npt -m 128 -cdrom "$
 echo "hv-test: qemu exit status $rc (33 = pass via isa-debug-exit) in $(echo "$(date +%s.%N) - $s" | bc) s"
 touch "$out/qemu-serial.txt"
 [ $rc = 33 ] || { echo "hv-test: qemu: unexpected exit status $rc" >&2; fail=1; }
-check qemu "$out/qemu-serial.txt" "${common[@]}" "backend: svm" "malformed: NPF with reserved bits" "HV-VERDICT: PASS backend=svm"
+check qemu "$out/qemu-serial.txt" "${common[@]}" "boot protocol: multiboot2" "backend: svm" "malformed: NPF with reserved bits" "HV-VERDICT: PASS backend=svm"
+
+echo "== hv-test: QEMU TCG -kernel (PVH entry, no GRUB), SVM/NPT backend"
+s=$(date +%s.%N)
+rc=0
+timeout 120 qemu-system-x86_64 -accel tcg -cpu qemu64,+svm,+npt -m 128 -kernel hv/target/hv.elf \
+    -display none -serial "file:$out/qemu-pvh-serial.txt" -monitor none -no-reboot \
+    -device isa-debug-exit,iobase=0xf4,iosize=0x04 </dev/null >"$out/qemu-pvh-stdout.txt" 2>&1 || rc=$?
+echo "hv-test: qemu (PVH) exit status $rc in $(echo "$(date +%s.%N) - $s" | bc) s"
+touch "$out/qemu-pvh-serial.txt"
+[ $rc = 33 ] || { echo "hv-test: qemu (PVH): unexpected exit status $rc" >&2; fail=1; }
+check qemu-pvh "$out/qemu-pvh-serial.txt" "${common[@]}" "boot protocol: PVH" "backend: svm" "HV-VERDICT: PASS backend=svm"
 
 echo "== hv-test: Bochs, cpu model corei7_haswell_4770 (VMX/EPT backend)"
 cat > "$out/bochsrc" <<BXRC
@@ -97,7 +112,7 @@ touch "$out/bochs-serial.txt"
 [ $rc = 124 ] && { echo "hv-test: bochs timed out" >&2; fail=1; }
 grep -q "Shutdown port: shutdown requested" "$out/bochs-log.txt" 2>/dev/null \
     || { echo "hv-test: bochs did not end through the shutdown port; log tail:" >&2; tail -20 "$out/bochs-log.txt" >&2 || true; fail=1; }
-check bochs "$out/bochs-serial.txt" "${common[@]}" "backend: vmx" "vmx: VMXON ok" "malformed: EPT misconfiguration \\(exit 49\\)" "HV-VERDICT: PASS backend=vmx"
+check bochs "$out/bochs-serial.txt" "${common[@]}" "boot protocol: multiboot2" "backend: vmx" "vmx: VMXON ok" "malformed: EPT misconfiguration \\(exit 49\\)" "HV-VERDICT: PASS backend=vmx"
 
 echo "hv-test: total $(( $(date +%s) - t0 )) s"
 if [ $fail != 0 ]; then

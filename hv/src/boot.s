@@ -1,4 +1,4 @@
-# hv boot: multiboot2 header, 32-bit entry, long mode, exception stubs.
+# hv boot: multiboot2 header, PVH note, 32-bit entries, long mode, exception stubs.
 # Owns: the initial identity map (0-4 GiB, 2 MiB pages), the boot stack, the GDT (null, code64
 # 0x08, data 0x10, TSS 0x18 filled in by Rust), and the 32 exception entry stubs.
 # Invariant: on entry to kmain paging is on with VA == PA below 4 GiB, SSE is usable,
@@ -14,6 +14,16 @@ mb2_header:
     .short 0
     .short 0
     .long 8
+
+# PVH (Xen ELF note XEN_ELFNOTE_PHYS32_ENTRY = 18): QEMU's -kernel enters at hv_pvh_start in
+# 32-bit protected mode, paging off, EBX = physical address of the hvm_start_info.
+.section .note.Xen, "a", @note
+.align 4
+    .long 4
+    .long 4
+    .long 18
+    .asciz "Xen"
+    .long hv_pvh_start
 
 .section .data
 .align 16
@@ -53,6 +63,11 @@ hv_stack_top:
 
 .section .text.boot, "ax"
 .code32
+# PVH entry: mark the boot protocol in EAX (the hvm_start_info magic) and join the common path.
+.global hv_pvh_start
+hv_pvh_start:
+    mov eax, 0x336ec578
+    jmp _start
 .global _start
 _start:
     cli

@@ -1,4 +1,5 @@
-//! Physical frame allocator built from the multiboot2 memory map.
+//! Physical frame allocator built from the boot memory map (multiboot2 through GRUB, or the PVH
+//! hvm_start_info memory map through QEMU -kernel).
 //!
 //! Owns all RAM above the kernel image and the boot information: the heap is carved from the
 //! start of the largest usable region, the rest hands out 4 KiB frames (a bump pointer over the
@@ -56,26 +57,65 @@ fn align_up(v: u64, a: u64) -> u64 {
     (v + a - 1) & !(a - 1)
 }
 
+/// The hvm_start_info magic; boot.s also puts it in EAX on the PVH entry.
+pub const PVH_MAGIC: u32 = 0x336e_c578;
+
+/// Which boot protocol started the kernel.
+pub fn protocol(magic: u32) -> &'static str {
+    match magic {
+        multiboot2::MAGIC => "multiboot2",
+        PVH_MAGIC => "PVH",
+        _ => "unknown",
+    }
+}
+
 /// Reads the memory map, reserves `heap_size` bytes for the heap, and gives the rest to the
 /// frame allocator. Returns an error string when the boot information is unusable.
-pub fn init(magic: u32, mbi: u32, heap_size: u64) -> Result<BootMemory, &'static str> {
-    if magic != multiboot2::MAGIC {
-        return Err("not booted by a multiboot2 loader (bad magic)");
+pub fn init(magic: u32, info: u32, heap_size: u64) -> Result<BootMemory, &'static str> {
+    let mut areas = [(0u64, 0u64); MAX_REGIONS];
+    let mut n = 0;
+    let info_end;
+    if magic == multiboot2::MAGIC {
+        let mbi = unsafe { BootInformation::load(info as usize as *const BootInformationHeader) }
+            .map_err(|_| "multiboot2 boot information is malformed")?;
+        let mmap = mbi.memory_map_tag().ok_or("no multiboot2 memory map")?;
+        info_end = mbi.end_address() as u64;
+        for area in mmap.memory_areas() {
+            if area.typ() == MemoryAreaType::Available && n < MAX_REGIONS {
+                areas[n] = (area.start_address(), area.end_address());
+                n += 1;
+            }
+        }
+    } else if magic == PVH_MAGIC {
+        // struct hvm_start_info: magic, version, flags, nr_modules (u32), modlist, cmdline,
+        // rsdp (u64), then (version >= 1) memmap_paddr (u64), memmap_entries (u32).
+        let p = info as u64;
+        let rd32 = |a: u64| unsafe { (a as *const u32).read_unaligned() };
+        let rd64 = |a: u64| unsafe { (a as *const u64).read_unaligned() };
+        if rd32(p) != PVH_MAGIC || rd32(p + 4) < 1 {
+            return Err("PVH start info without a memory map (version < 1)");
+        }
+        let (map, entries) = (rd64(p + 40), rd32(p + 48) as u64);
+        for i in 0..entries {
+            // struct hvm_memmap_table_entry: addr, size (u64), type (u32), reserved (u32).
+            let e = map + i * 24;
+            if rd32(e + 16) == 1 && n < MAX_REGIONS {
+                areas[n] = (rd64(e), rd64(e) + rd64(e + 8));
+                n += 1;
+            }
+        }
+        info_end = (p + 56).max(map + entries * 24);
+    } else {
+        return Err("unknown boot protocol (neither multiboot2 nor PVH)");
     }
-    let info = unsafe { BootInformation::load(mbi as usize as *const BootInformationHeader) }
-        .map_err(|_| "multiboot2 boot information is malformed")?;
-    let mmap = info.memory_map_tag().ok_or("no multiboot2 memory map")?;
     let kernel_end = core::ptr::addr_of!(__kernel_end) as u64;
-    let floor = align_up(kernel_end.max(info.end_address() as u64).max(1 << 20), FRAME);
+    let floor = align_up(kernel_end.max(info_end).max(1 << 20), FRAME);
 
     let mut inner = FRAMES.lock();
     let mut best: Option<usize> = None;
-    for area in mmap.memory_areas() {
-        if area.typ() != MemoryAreaType::Available {
-            continue;
-        }
-        let start = align_up(area.start_address().max(floor), FRAME);
-        let end = area.end_address().min(LIMIT) & !(FRAME - 1);
+    for &(a_start, a_end) in &areas[..n] {
+        let start = align_up(a_start.max(floor), FRAME);
+        let end = a_end.min(LIMIT) & !(FRAME - 1);
         if end <= start || inner.count == MAX_REGIONS {
             continue;
         }

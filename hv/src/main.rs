@@ -1,6 +1,6 @@
 //! hv: a bare-metal type-1 hypervisor kernel.
 //!
-//! Boots through multiboot2 (GRUB) under QEMU or Bochs, then picks a virtualization backend by
+//! Boots through multiboot2 (GRUB ISO; QEMU or Bochs) or PVH (`qemu -kernel`), then picks a virtualization backend by
 //! CPUID (AMD SVM + NPT, or Intel VMX + EPT) and runs the guest scenario (`scenario`). Every
 //! guest page reaches the second-level tables through a fault; forks share frames copy-on-write.
 //! The run ends with one `HV-VERDICT:` line on COM1 and an emulator exit.
@@ -30,7 +30,7 @@ const HEAP_SIZE: u64 = 16 << 20;
 #[no_mangle]
 extern "C" fn hv_main(magic: u32, mbi: u32) -> ! {
     serial::init();
-    println!("hv: hypervisor kernel starting");
+    println!("hv: hypervisor kernel starting (boot protocol: {})", frames::protocol(magic));
     cpu::init_tables();
     let mem = match frames::init(magic, mbi, HEAP_SIZE) {
         Ok(m) => m,
