@@ -9,8 +9,10 @@
 
 extern crate alloc;
 
+pub mod checks;
 pub mod cpu;
 pub mod exit;
+pub mod fork;
 pub mod frames;
 pub mod guest;
 pub mod heap;

@@ -1,6 +1,7 @@
-//! The guest scenario both backends run, and its checks: a round-robin scheduler over guests,
-//! the hypercall handler (report, fork, yield), the fork of a guest (Space fork + vCPU state
-//! copy into two children), and the final verdict.
+//! The guest scenario both backends run: the guests (main, three rogues), a round-robin
+//! scheduler, and the exit handler (second-level faults to the Vmar fault path, hypercalls
+//! report / fork / yield, HLT, debug-port I/O, everything else stops the guest with a report).
+//! Forking lives in fork.rs, the checks and the verdict in checks.rs.
 //!
 //! Invariants: every second-level fault of every guest goes through `Space::handle_fault`;
 //! a guest whose fault cannot be resolved, or that raises an exception, triple-faults or exits
@@ -22,25 +23,25 @@ use crate::space::Space;
 use crate::vcpu::{Backend, Exit, Vcpu};
 
 #[derive(Debug, PartialEq, Eq)]
-enum Status {
+pub(crate) enum Status {
     Runnable,
     Done,
     Stopped(String),
 }
 
-struct Guest {
-    name: String,
-    space: Space,
-    vcpu: Box<dyn Vcpu>,
-    status: Status,
+pub(crate) struct Guest {
+    pub(crate) name: String,
+    pub(crate) space: Space,
+    pub(crate) vcpu: Box<dyn Vcpu>,
+    pub(crate) status: Status,
     /// (tag, value, extra) of every HC_REPORT.
-    reports: Vec<(u64, u64, u64)>,
-    exits: u64,
-    stop_error: Option<VmoError>,
+    pub(crate) reports: Vec<(u64, u64, u64)>,
+    pub(crate) exits: u64,
+    pub(crate) stop_error: Option<VmoError>,
     /// GPA of an EPT misconfiguration / NPT reserved-bit fault that stopped the guest.
-    misconfig: Option<u64>,
+    pub(crate) misconfig: Option<u64>,
     /// Bytes written to the debug port 0xE9, collected into lines.
-    console: String,
+    pub(crate) console: String,
 }
 
 enum SliceEnd {
@@ -71,7 +72,7 @@ fn new_guest(backend: &mut dyn Backend, pool: &FramePool, name: &str, role: Role
     })
 }
 
-fn stop(g: &mut Guest, why: String) {
+pub(crate) fn stop(g: &mut Guest, why: String) {
     println!("guest {} stopped: {}", g.name, why);
     g.status = Status::Stopped(why);
 }
@@ -183,48 +184,6 @@ fn run_slice(g: &mut Guest) -> SliceEnd {
     SliceEnd::Finished
 }
 
-/// Forks guest `p` into two children appended to `guests`; returns their indices.
-fn fork(backend: &mut dyn Backend, guests: &mut Vec<Guest>, p: usize) -> Result<[usize; 2], String> {
-    let parent_state = guests[p].vcpu.state();
-    let mut out = [0; 2];
-    for k in 1..=2u64 {
-        let table = backend.new_stage2().map_err(|e| format!("stage2: {e}"))?;
-        let ctx = table.context();
-        let space = guests[p].space.fork(table).map_err(|e| format!("fork: {e}"))?;
-        let mut st = parent_state;
-        st.gprs.rax = k;
-        let vcpu = backend.new_vcpu(&st, ctx)?;
-        guests.push(Guest {
-            name: format!("{}.child{}", guests[p].name, k),
-            space,
-            vcpu,
-            status: Status::Runnable,
-            reports: Vec::new(),
-            exits: 0,
-            stop_error: None,
-            misconfig: None,
-            console: String::new(),
-        });
-        out[k as usize - 1] = guests.len() - 1;
-    }
-    // The parent's writable entries were downgraded by the fork.
-    guests[p].vcpu.gprs().rax = 0;
-    let v = guests[p].space.take_tlb_control();
-    if v != 0 {
-        guests[p].vcpu.tlb_control(v);
-    }
-    Ok(out)
-}
-
-fn check(ok: &mut bool, cond: bool, what: &str) {
-    if cond {
-        println!("check ok: {}", what);
-    } else {
-        println!("CHECK FAILED: {}", what);
-        *ok = false;
-    }
-}
-
 /// Runs the scenario on `backend`; returns the verdict detail on success.
 pub fn run(backend: &mut dyn Backend) -> Result<String, String> {
     let pool = FramePool::new(Arc::new(crate::frames::PhysFrames));
@@ -248,7 +207,7 @@ pub fn run(backend: &mut dyn Backend) -> Result<String, String> {
         match run_slice(&mut guests[i]) {
             SliceEnd::Yield => queue.push_back(i),
             SliceEnd::Finished => {}
-            SliceEnd::Fork => match fork(backend, &mut guests, i) {
+            SliceEnd::Fork => match crate::fork::fork(backend, &mut guests, i) {
                 Ok(kids) => {
                     println!(
                         "fork: {} -> {}, {} (copy-on-write; {} data pages committed in the parent)",
@@ -272,139 +231,5 @@ pub fn run(backend: &mut dyn Backend) -> Result<String, String> {
     if let Some(e) = corrupted {
         guests[3].space.restore_leaf(e);
     }
-    let mut ok = true;
-    for g in &guests {
-        let s = g.space.stats();
-        println!(
-            "guest {}: {:?}; {} exits; Vmar faults: {} ({} committed, {} installed, {} copied (COW), {} upgraded, {} spurious, {} refused)",
-            g.name, g.status, g.exits, s.faults, s.commits, s.installs, s.copies, s.upgrades, s.spurious, s.refused
-        );
-        if g.space.flush_failures() != 0 {
-            println!("CHECK FAILED: {} INVEPT failures for {}", g.space.flush_failures(), g.name);
-            ok = false;
-        }
-    }
-    let rogue_oob = &guests[0];
-    check(
-        &mut ok,
-        rogue_oob.stop_error == Some(VmoError::NotFound) && !rogue_oob.reports.iter().any(|r| r.0 == guest::TAG_SURVIVED),
-        "rogue-oob was stopped for touching GPA outside its mappings",
-    );
-    let rogue_ro = &guests[2];
-    check(
-        &mut ok,
-        rogue_ro.stop_error == Some(VmoError::AccessDenied)
-            && !rogue_ro.reports.iter().any(|r| r.0 == guest::TAG_SURVIVED),
-        "rogue-ro was stopped for writing its read-only code mapping",
-    );
-    let rogue_mc = &guests[3];
-    check(
-        &mut ok,
-        rogue_mc.misconfig == Some(guest::DATA_BASE) && !rogue_mc.reports.iter().any(|r| r.0 == guest::TAG_SURVIVED),
-        "rogue-misconfig was stopped at the malformed second-level entry",
-    );
-    let snapshot_sum = guest::checksum(guest::parent_value);
-    let main = &guests[1];
-    check(&mut ok, main.status == Status::Done, "main guest ran to completion after the rogues were stopped");
-    check(
-        &mut ok,
-        main.reports.iter().any(|r| r.0 == guest::TAG_FILLED && r.1 == snapshot_sum),
-        "main guest's checksum of its filled memory is right",
-    );
-    let Some((p, kids)) = forked else {
-        println!("CHECK FAILED: the main guest never forked");
-        return Err(String::from("no fork"));
-    };
-    check(
-        &mut ok,
-        guests[p].reports.iter().any(|r| r.0 == guest::TAG_PARENT_AFTER && r.1 == snapshot_sum),
-        "parent still sees its snapshot after both children wrote (checksum unchanged)",
-    );
-    let mut total_copied = 0;
-    let mut total_shared = 0;
-    for (k, &c) in kids.iter().enumerate() {
-        let k = k as u64 + 1;
-        let g = &guests[c];
-        let want = guest::checksum(|a| guest::child_value(k, a));
-        check(&mut ok, g.status == Status::Done, &format!("{} ran to completion", g.name));
-        check(
-            &mut ok,
-            g.reports.iter().any(|r| r.0 == guest::TAG_CHILD && r.2 == k && r.1 == want),
-            &format!("{} reported checksum {:#x} = its own writes + the shared snapshot", g.name, want),
-        );
-        // Host-side view: every qword of the child's memory, and of the parent's.
-        let mut mism = 0;
-        let mut pmism = 0;
-        let (mut shared, mut copied) = (0, 0);
-        for page in 0..guest::DATA_PAGES {
-            let base = guest::DATA_BASE + page * 4096;
-            let mut buf = [0u8; 4096];
-            let mut pbuf = [0u8; 4096];
-            let _ = g.space.read(base, &mut buf);
-            let _ = guests[p].space.read(base, &mut pbuf);
-            for i in 0..512u64 {
-                let a = base + i * 8;
-                let v = u64::from_le_bytes(buf[i as usize * 8..i as usize * 8 + 8].try_into().unwrap_or([0; 8]));
-                let pv = u64::from_le_bytes(pbuf[i as usize * 8..i as usize * 8 + 8].try_into().unwrap_or([0; 8]));
-                if v != guest::child_value(k, a) {
-                    mism += 1;
-                }
-                if pv != guest::parent_value(a) {
-                    pmism += 1;
-                }
-            }
-            // What the hardware translates: the child's and the parent's installed frames.
-            match (g.space.installed(base).map(|t| t.pa), guests[p].space.installed(base).map(|t| t.pa)) {
-                (Some(a), Some(b)) if a == b => shared += 1,
-                (Some(_), Some(_)) => copied += 1,
-                _ => {}
-            }
-        }
-        check(&mut ok, mism == 0 && pmism == 0, &format!("{}: host view of memory matches (isolation)", g.name));
-        println!(
-            "fork: {} data pages: {} copied, {} shared with the parent (expected {} / {})",
-            g.name,
-            copied,
-            shared,
-            guest::CHILD_PAGES,
-            guest::DATA_PAGES - guest::CHILD_PAGES
-        );
-        check(
-            &mut ok,
-            copied == guest::CHILD_PAGES && shared == guest::DATA_PAGES - guest::CHILD_PAGES,
-            &format!("{} copied exactly the pages it wrote", g.name),
-        );
-        total_copied += copied;
-        total_shared += shared;
-    }
-    let faults: u64 = guests.iter().map(|g| g.space.stats().faults).sum();
-    let stats = pool.stats();
-    println!(
-        "frames: pool allocated {}, live {}, COW copies {}",
-        stats.allocated, stats.live, stats.cow_copies
-    );
-    drop(guests);
-    let after = pool.stats();
-    let frames_after = crate::frames::stats().0;
-    check(
-        &mut ok,
-        after.live == 0 && frames_after == frames_before,
-        &format!(
-            "all guest frames and tables freed after teardown (pool live {}, host frames {} -> {})",
-            after.live, frames_before, frames_after
-        ),
-    );
-    let detail = format!(
-        "backend={} stage2-faults={} data-pages-copied={} data-pages-shared={}",
-        backend.name(),
-        faults,
-        total_copied,
-        total_shared
-    );
-    if ok {
-        println!("isolation: OK (children see only their own writes plus the snapshot; parent unchanged)");
-        Ok(detail)
-    } else {
-        Err(detail)
-    }
+    crate::checks::verify(backend.name(), guests, forked, &pool, frames_before)
 }

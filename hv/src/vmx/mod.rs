@@ -1,9 +1,10 @@
 //! Intel VMX backend with EPT.
 //!
 //! Owns: CR4.VMXE, the VMXON region, the VM-execution controls (computed once from the
-//! (TRUE_)capability MSRs), and one VMCS per vCPU. VMCS field encodings and VMXON / VMCLEAR /
-//! VMPTRLD / VMREAD / VMWRITE come from the `x86` crate; the entry trampoline (entry.s) and
-//! INVEPT are ours.
+//! (TRUE_)capability MSRs), and one VMCS per vCPU. VMCS field encodings come from the `x86`
+//! crate; INVEPT from `ept` (feature `hw`). The VMX instructions are small asm wrappers here
+//! that test CF/ZF inside the same asm block (the `x86` crate 0.52 reads RFLAGS in a separate
+//! block, and a VMWRITE was misreported as failed that way); the entry trampoline is entry.s.
 //! Invariants: a VMCS is made current (VMPTRLD) before any VMREAD/VMWRITE or entry on its
 //! behalf (`CURRENT` tracks which one is); a VMCS is VMLAUNCHed once and VMRESUMEd after;
 //! guest GPRs live in `Gprs` and are swapped by the trampoline; an INVEPT single-context for
@@ -14,7 +15,6 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use ept::vmx::{invept, InveptDescriptor, InveptKind};
 use ept::DecodeError;
-use x86::bits64::vmx;
 use x86::vmx::vmcs::{control, guest, host, ro};
 
 use crate::cpu::{self, rdmsr, wrmsr, MSR_EFER};
@@ -115,7 +115,9 @@ pub fn init() -> Result<Vmx, &'static str> {
 
     let region = frames::alloc_zeroed().ok_or("no memory for the VMXON region")?;
     unsafe { (region as *mut u32).write_volatile(revision) };
-    unsafe { vmx::vmxon(region) }.map_err(|_| "VMXON failed")?;
+    if !vmxon(region) {
+        return Err("VMXON failed");
+    }
     crate::println!(
         "vmx: VMXON ok (revision {:#x}, TRUE controls {}); EPT cap {:#x}; controls pin {:#x} proc {:#x} proc2 {:#x} exit {:#x} entry {:#x}",
         revision, true_ctls, cap, pin, proc1, proc2, exit, entry
@@ -123,8 +125,23 @@ pub fn init() -> Result<Vmx, &'static str> {
     Ok(Vmx { revision, pin, proc1, proc2, exit, entry, cr0_fixed, cr4_fixed })
 }
 
-/// VMWRITE with the VMfail check in the same asm block (the `x86` crate reads RFLAGS in a
-/// separate block, where compiler-scheduled instructions can clobber it).
+/// VMXON / VMCLEAR / VMPTRLD of the 4 KiB region at physical `pa`; false on VMfail.
+macro_rules! vmx_region_insn {
+    ($name:ident, $insn:literal) => {
+        fn $name(pa: u64) -> bool {
+            let fail: u8;
+            unsafe {
+                core::arch::asm!(concat!($insn, " qword ptr [{p}]"), "setna {r}", p = in(reg) &pa, r = out(reg_byte) fail, options(nostack));
+            }
+            fail == 0
+        }
+    };
+}
+vmx_region_insn!(vmxon, "vmxon");
+vmx_region_insn!(vmclear, "vmclear");
+vmx_region_insn!(vmptrld, "vmptrld");
+
+/// VMWRITE with the VMfail check in the same asm block.
 fn vmwrite(field: u32, v: u64) -> bool {
     let fail: u8;
     unsafe {
@@ -153,7 +170,7 @@ fn make_current(vmcs: u64) -> bool {
     if CURRENT.load(Ordering::Relaxed) == vmcs {
         return true;
     }
-    let ok = unsafe { vmx::vmptrld(vmcs) }.is_ok();
+    let ok = vmptrld(vmcs);
     if ok {
         CURRENT.store(vmcs, Ordering::Relaxed);
     }
@@ -182,7 +199,7 @@ impl Backend for Vmx {
     fn new_vcpu(&mut self, st: &VcpuState, eptp: u64) -> Result<Box<dyn Vcpu>, &'static str> {
         let vmcs = frames::alloc_zeroed().ok_or("no memory for a VMCS")?;
         unsafe { (vmcs as *mut u32).write_volatile(self.revision) };
-        if unsafe { vmx::vmclear(vmcs) }.is_err() {
+        if !vmclear(vmcs) {
             frames::free(vmcs);
             return Err("VMCLEAR failed");
         }
@@ -392,7 +409,7 @@ impl Vcpu for VmxVcpu {
 
 impl Drop for VmxVcpu {
     fn drop(&mut self) {
-        let _ = unsafe { vmx::vmclear(self.vmcs) };
+        vmclear(self.vmcs);
         if CURRENT.load(Ordering::Relaxed) == self.vmcs {
             CURRENT.store(0, Ordering::Relaxed);
         }

@@ -1,0 +1,172 @@
+//! The scenario's checks and verdict: rogue guests stopped for the right reason, the main guest
+//! and both children completed with the checksums their writes imply, every child's memory (read
+//! on the host through its Vmar) equal to its own writes plus the snapshot, the parent unchanged,
+//! pages copied vs shared counted from what the second-level tables translate, and no frame
+//! leaked after teardown.
+//!
+//! Invariant: each expectation prints one `check ok:` or `CHECK FAILED:` line; the verdict is
+//! PASS only if none failed.
+
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use vmo::{Error as VmoError, FramePool};
+
+use crate::guest;
+use crate::println;
+use crate::scenario::{Guest, Status};
+
+fn check(ok: &mut bool, cond: bool, what: &str) {
+    if cond {
+        println!("check ok: {}", what);
+    } else {
+        println!("CHECK FAILED: {}", what);
+        *ok = false;
+    }
+}
+
+/// Checks the finished scenario and tears it down; `Ok(detail)` for a PASS verdict.
+pub(crate) fn verify(
+    backend: &str,
+    guests: Vec<Guest>,
+    forked: Option<(usize, [usize; 2])>,
+    pool: &FramePool,
+    frames_before: u64,
+) -> Result<String, String> {
+    let mut ok = true;
+    for g in &guests {
+        let s = g.space.stats();
+        println!(
+            "guest {}: {:?}; {} exits; Vmar faults: {} ({} committed, {} installed, {} copied (COW), {} upgraded, {} spurious, {} refused)",
+            g.name, g.status, g.exits, s.faults, s.commits, s.installs, s.copies, s.upgrades, s.spurious, s.refused
+        );
+        if g.space.flush_failures() != 0 {
+            println!("CHECK FAILED: {} INVEPT failures for {}", g.space.flush_failures(), g.name);
+            ok = false;
+        }
+    }
+    let rogue_oob = &guests[0];
+    check(
+        &mut ok,
+        rogue_oob.stop_error == Some(VmoError::NotFound) && !rogue_oob.reports.iter().any(|r| r.0 == guest::TAG_SURVIVED),
+        "rogue-oob was stopped for touching GPA outside its mappings",
+    );
+    let rogue_ro = &guests[2];
+    check(
+        &mut ok,
+        rogue_ro.stop_error == Some(VmoError::AccessDenied)
+            && !rogue_ro.reports.iter().any(|r| r.0 == guest::TAG_SURVIVED),
+        "rogue-ro was stopped for writing its read-only code mapping",
+    );
+    let rogue_mc = &guests[3];
+    check(
+        &mut ok,
+        rogue_mc.misconfig == Some(guest::DATA_BASE) && !rogue_mc.reports.iter().any(|r| r.0 == guest::TAG_SURVIVED),
+        "rogue-misconfig was stopped at the malformed second-level entry",
+    );
+    let snapshot_sum = guest::checksum(guest::parent_value);
+    let main = &guests[1];
+    check(&mut ok, main.status == Status::Done, "main guest ran to completion after the rogues were stopped");
+    check(
+        &mut ok,
+        main.reports.iter().any(|r| r.0 == guest::TAG_FILLED && r.1 == snapshot_sum),
+        "main guest's checksum of its filled memory is right",
+    );
+    let Some((p, kids)) = forked else {
+        println!("CHECK FAILED: the main guest never forked");
+        return Err(String::from("no fork"));
+    };
+    check(
+        &mut ok,
+        guests[p].reports.iter().any(|r| r.0 == guest::TAG_PARENT_AFTER && r.1 == snapshot_sum),
+        "parent still sees its snapshot after both children wrote (checksum unchanged)",
+    );
+    let mut total_copied = 0;
+    let mut total_shared = 0;
+    for (k, &c) in kids.iter().enumerate() {
+        let k = k as u64 + 1;
+        let g = &guests[c];
+        let want = guest::checksum(|a| guest::child_value(k, a));
+        check(&mut ok, g.status == Status::Done, &format!("{} ran to completion", g.name));
+        check(
+            &mut ok,
+            g.reports.iter().any(|r| r.0 == guest::TAG_CHILD && r.2 == k && r.1 == want),
+            &format!("{} reported checksum {:#x} = its own writes + the shared snapshot", g.name, want),
+        );
+        // Host-side view: every qword of the child's memory, and of the parent's.
+        let mut mism = 0;
+        let mut pmism = 0;
+        let (mut shared, mut copied) = (0, 0);
+        for page in 0..guest::DATA_PAGES {
+            let base = guest::DATA_BASE + page * 4096;
+            let mut buf = [0u8; 4096];
+            let mut pbuf = [0u8; 4096];
+            let _ = g.space.read(base, &mut buf);
+            let _ = guests[p].space.read(base, &mut pbuf);
+            for i in 0..512u64 {
+                let a = base + i * 8;
+                let v = u64::from_le_bytes(buf[i as usize * 8..i as usize * 8 + 8].try_into().unwrap_or([0; 8]));
+                let pv = u64::from_le_bytes(pbuf[i as usize * 8..i as usize * 8 + 8].try_into().unwrap_or([0; 8]));
+                if v != guest::child_value(k, a) {
+                    mism += 1;
+                }
+                if pv != guest::parent_value(a) {
+                    pmism += 1;
+                }
+            }
+            // What the hardware translates: the child's and the parent's installed frames.
+            match (g.space.installed(base).map(|t| t.pa), guests[p].space.installed(base).map(|t| t.pa)) {
+                (Some(a), Some(b)) if a == b => shared += 1,
+                (Some(_), Some(_)) => copied += 1,
+                _ => {}
+            }
+        }
+        check(&mut ok, mism == 0 && pmism == 0, &format!("{}: host view of memory matches (isolation)", g.name));
+        println!(
+            "fork: {} data pages: {} copied, {} shared with the parent (expected {} / {})",
+            g.name,
+            copied,
+            shared,
+            guest::CHILD_PAGES,
+            guest::DATA_PAGES - guest::CHILD_PAGES
+        );
+        check(
+            &mut ok,
+            copied == guest::CHILD_PAGES && shared == guest::DATA_PAGES - guest::CHILD_PAGES,
+            &format!("{} copied exactly the pages it wrote", g.name),
+        );
+        total_copied += copied;
+        total_shared += shared;
+    }
+    let faults: u64 = guests.iter().map(|g| g.space.stats().faults).sum();
+    let stats = pool.stats();
+    println!(
+        "frames: pool allocated {}, live {}, COW copies {}",
+        stats.allocated, stats.live, stats.cow_copies
+    );
+    drop(guests);
+    let after = pool.stats();
+    let frames_after = crate::frames::stats().0;
+    check(
+        &mut ok,
+        after.live == 0 && frames_after == frames_before,
+        &format!(
+            "all guest frames and tables freed after teardown (pool live {}, host frames {} -> {})",
+            after.live, frames_before, frames_after
+        ),
+    );
+    let detail = format!(
+        "backend={} stage2-faults={} data-pages-copied={} data-pages-shared={}",
+        backend,
+        faults,
+        total_copied,
+        total_shared
+    );
+    if ok {
+        println!("isolation: OK (children see only their own writes plus the snapshot; parent unchanged)");
+        Ok(detail)
+    } else {
+        Err(detail)
+    }
+}
