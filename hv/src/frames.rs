@@ -122,7 +122,7 @@ pub fn init(magic: u32, info: u32, heap_size: u64) -> Result<BootMemory, &'stati
         let i = inner.count;
         inner.regions[i] = (start, end);
         inner.count += 1;
-        if best.map_or(true, |b| end - start > inner.regions[b].1 - inner.regions[b].0) {
+        if best.is_none_or(|b| end - start > inner.regions[b].1 - inner.regions[b].0) {
             best = Some(i);
         }
     }

@@ -6,12 +6,16 @@
 
 use core::arch::asm;
 
+/// # Safety
+/// C semantics: the pointers are valid for `n` bytes (and, for memcpy, do not overlap).
 #[no_mangle]
 pub unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
     asm!("rep movsb", inout("rcx") n => _, inout("rdi") dst => _, inout("rsi") src => _, options(nostack, preserves_flags));
     dst
 }
 
+/// # Safety
+/// C semantics: the pointers are valid for `n` bytes (and, for memcpy, do not overlap).
 #[no_mangle]
 pub unsafe extern "C" fn memmove(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
     if (dst as usize) <= (src as usize) || (dst as usize) >= (src as usize) + n {
@@ -24,12 +28,16 @@ pub unsafe extern "C" fn memmove(dst: *mut u8, src: *const u8, n: usize) -> *mut
     dst
 }
 
+/// # Safety
+/// C semantics: the pointers are valid for `n` bytes (and, for memcpy, do not overlap).
 #[no_mangle]
 pub unsafe extern "C" fn memset(dst: *mut u8, c: i32, n: usize) -> *mut u8 {
     asm!("rep stosb", inout("rcx") n => _, inout("rdi") dst => _, in("al") c as u8, options(nostack, preserves_flags));
     dst
 }
 
+/// # Safety
+/// C semantics: the pointers are valid for `n` bytes (and, for memcpy, do not overlap).
 #[no_mangle]
 pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     let mut i = 0;
@@ -43,6 +51,8 @@ pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     0
 }
 
+/// # Safety
+/// C semantics: the pointers are valid for `n` bytes (and, for memcpy, do not overlap).
 #[no_mangle]
 pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     memcmp(a, b, n)

@@ -120,8 +120,8 @@ pub fn load(pool: &FramePool, space: &Space, role: Role, hypercall: [u8; 3]) -> 
 
     // PML4[0] -> PDPT, PDPT[0] -> PD, PD[i] = 2 MiB page i (P|RW|PS, A and D preset so the
     // guest's walks need not write its tables).
-    ram.write(ram_offset(PT_BASE), &(PT_BASE + 0x1000 | 0x23).to_le_bytes())?;
-    ram.write(ram_offset(PT_BASE + 0x1000), &(PT_BASE + 0x2000 | 0x23).to_le_bytes())?;
+    ram.write(ram_offset(PT_BASE), &((PT_BASE + 0x1000) | 0x23).to_le_bytes())?;
+    ram.write(ram_offset(PT_BASE + 0x1000), &((PT_BASE + 0x2000) | 0x23).to_le_bytes())?;
     let mut pd = [0u8; 4096];
     for i in 0..512u64 {
         pd[i as usize * 8..i as usize * 8 + 8].copy_from_slice(&((i << 21) | 0xE3).to_le_bytes());
