@@ -255,3 +255,39 @@ fn measure_product_fault_costs() {
     );
     assert!(dropped >= n);
 }
+
+/// A guest spinning on another thread is stopped with the kicker, snapshotted, forked; the
+/// child resumes from exactly the snapshot (its counter register continues from there).
+#[test]
+fn snapshot_of_a_running_guest_via_kick() {
+    require_kvm!();
+    let frames = HostFrames::new(64 << 20).unwrap();
+    let mut g = Guest::new(&frames, 4 << 20).unwrap();
+    // spin: inc rbx ; jmp spin
+    g.vm_mut()
+        .load(&[0x48, 0xff, 0xc3, 0xeb, 0xfb], GuestArgs::default())
+        .unwrap();
+    let kick = g.vm().kicker();
+    let runner = std::thread::spawn(move || {
+        let exit = g.vm_mut().run().unwrap();
+        (g, exit)
+    });
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    kick.kick();
+    let (g, exit) = runner.join().unwrap();
+    assert_eq!(exit, VmExit::Kicked);
+    let state = g.snapshot().unwrap();
+    assert!(state.regs.rbx > 1000, "guest ran: rbx = {}", state.regs.rbx);
+    let mut child = g.fork(&state).unwrap();
+    let again = child.snapshot().unwrap();
+    assert_eq!(again.regs.rbx, state.regs.rbx);
+    assert_eq!(again.regs.rip, state.regs.rip);
+    let k = child.vm().kicker();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        k.kick();
+    });
+    assert_eq!(child.vm_mut().run().unwrap(), VmExit::Kicked);
+    t.join().unwrap();
+    assert!(child.snapshot().unwrap().regs.rbx > state.regs.rbx);
+}
