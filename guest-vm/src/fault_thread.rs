@@ -138,11 +138,11 @@ impl FaultThread {
     pub fn spawn(res: Arc<Reservation>, mut resolver: Resolver) -> Result<Self> {
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Sys {
             what: "eventfd",
-            err: e.into(),
+            err: e,
         })?;
         let stop_fd = stop.try_clone().map_err(|e| Error::Sys {
             what: "eventfd clone",
-            err: e.into(),
+            err: e,
         })?;
         let shared = Arc::new(FaultShared::default());
         let sh = shared.clone();

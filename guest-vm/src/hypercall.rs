@@ -4,10 +4,10 @@
 //! - `out PORT_CALL, al` — hypercall number `al`; arguments in `rdi`, `rsi`, `rdx`; the VMM
 //!   writes the result to `rax` before the guest continues (`HC_ERR` for a bad call).
 //!   - `HC_EXIT (0)`:   stop; `rdi` = exit code → `VmExit::Exit(code)`.
-//!   - `HC_LOG (1)`:    `rdi` = GPA, `rsi` = length (≤ `LOG_MAX`) of a UTF-8 message; the VMM
-//!                      reads it from guest memory (through the fault path) and logs it.
+//!   - `HC_LOG (1)`: `rdi` = GPA, `rsi` = length (≤ `LOG_MAX`) of a UTF-8 message; the VMM
+//!     reads it from guest memory (through the fault path) and logs it.
 //!   - `HC_REPORT (2)`: `rdi` = a value handed to the VMM's caller → `VmExit::Report(value)`;
-//!                      returns `rdi + 1` (so guests can check the round trip).
+//!     returns `rdi + 1` (so guests can check the round trip).
 //!   - other numbers reach the VMM's caller as `VmExit::Hypercall` with `rax = HC_ERR`
 //!     preset; workloads define their own (`HC_NEXT (3)`: the key-value store's request loop).
 //!

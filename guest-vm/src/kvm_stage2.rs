@@ -171,7 +171,7 @@ impl KvmStage2 {
     }
 
     fn check_range(&self, gpa: u64, len: u64) -> Result<(), ept::Error> {
-        if gpa % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 || len == 0 {
+        if !gpa.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) || len == 0 {
             return Err(ept::Error::InvalidArgs);
         }
         let end = gpa.checked_add(len).ok_or(ept::Error::OutOfRange)?;
@@ -273,7 +273,7 @@ impl Stage2 for KvmStage2 {
         mem_type: MemType,
     ) -> Result<Option<Translation>, ept::Error> {
         let len = size.bytes();
-        if gpa % len != 0 || pa % len != 0 {
+        if !gpa.is_multiple_of(len) || !pa.is_multiple_of(len) {
             return Err(ept::Error::InvalidArgs);
         }
         if !perms.contains(S2Perms::READ) {

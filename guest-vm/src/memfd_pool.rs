@@ -117,7 +117,7 @@ impl MemfdFrameAlloc {
     /// A pool of `capacity` bytes (a multiple of 4 KiB, non-zero). Memory is committed lazily:
     /// the memfd is sparse until frames are written.
     pub fn new(capacity: u64) -> Result<Self> {
-        if capacity == 0 || capacity % PAGE_SIZE != 0 {
+        if capacity == 0 || !capacity.is_multiple_of(PAGE_SIZE) {
             return Err(Error::InvalidArgs(format!(
                 "frame pool capacity {capacity:#x} is not a non-zero multiple of 4 KiB"
             )));
@@ -191,7 +191,7 @@ impl MemfdFrameAlloc {
     /// neighbouring GPA, so the two installs merge into one VMA); otherwise any frame.
     pub fn alloc_frame_near(&self, pa: Paddr) -> Option<Paddr> {
         let mut free = self.lock();
-        if pa % PAGE_SIZE == 0 && pa < self.capacity && free.take_at(pa / PAGE_SIZE, 1) {
+        if pa.is_multiple_of(PAGE_SIZE) && pa < self.capacity && free.take_at(pa / PAGE_SIZE, 1) {
             return Some(pa);
         }
         free.take(1).map(|f| f * PAGE_SIZE)
@@ -217,7 +217,7 @@ impl FrameAlloc for MemfdFrameAlloc {
     }
 
     fn free_frame(&self, pa: Paddr) {
-        if pa % PAGE_SIZE != 0 || pa >= self.capacity {
+        if !pa.is_multiple_of(PAGE_SIZE) || pa >= self.capacity {
             return;
         }
         if self.lock().give(pa / PAGE_SIZE) {

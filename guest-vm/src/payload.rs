@@ -35,7 +35,7 @@ pub const SEL_TSS: u16 = 0x28;
 
 /// The boot image: (gpa, bytes) pieces the VMM writes before the first run.
 pub fn boot_image(mem_size: u64, code: &[u8]) -> Result<Vec<(u64, Vec<u8>)>> {
-    if mem_size < DATA_GPA || mem_size > MAX_MEM {
+    if !(DATA_GPA..=MAX_MEM).contains(&mem_size) {
         return Err(Error::Payload(format!(
             "guest memory {mem_size:#x} must be between {DATA_GPA:#x} and {MAX_MEM:#x}"
         )));

@@ -33,7 +33,7 @@ impl Reservation {
     /// Reserves `size` bytes (multiple of 4 KiB) for guest-physical `[gpa_base, gpa_base+size)`
     /// and registers them with `uffd` in MISSING mode.
     pub fn new(gpa_base: u64, size: u64, uffd: Arc<Uffd>) -> Result<Self> {
-        if size == 0 || size % PAGE_SIZE != 0 || gpa_base % PAGE_SIZE != 0 {
+        if size == 0 || !size.is_multiple_of(PAGE_SIZE) || !gpa_base.is_multiple_of(PAGE_SIZE) {
             return Err(Error::InvalidArgs(format!(
                 "reservation gpa {gpa_base:#x} size {size:#x} not page aligned / empty"
             )));

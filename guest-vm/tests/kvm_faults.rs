@@ -264,7 +264,8 @@ fn kick_interrupts_a_spinning_guest() {
 #[test]
 fn measure_fault_cost() {
     require_kvm!();
-    for &(n, label) in &[(4000u64, "write")] {
+    {
+        let &(n, label) = &(4000u64, "write");
         let (mem, mut vm) = boot(payload::write_loop(), loop_args(DATA_GPA, n, PAGE, 1));
         let t = Instant::now();
         assert_eq!(vm.run().unwrap(), VmExit::Done(1));
