@@ -164,6 +164,11 @@ impl FramePool {
         self.shared.cow_upgrades.fetch_add(1, Ordering::AcqRel);
     }
 
+    /// Whether two handles name the same pool.
+    pub fn same_pool(&self, other: &FramePool) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
     /// Whether `frame` came from this pool.
     pub fn owns(&self, frame: &Frame) -> bool {
         Arc::ptr_eq(&self.shared, &frame.inner.pool)

@@ -5,11 +5,13 @@
 
 extern crate alloc;
 
+pub mod dma;
 pub mod frame;
 pub mod pager;
 pub mod vmar;
 pub mod vmo;
 
+pub use dma::{DevicePerms, DmaDomain, DmaSegment, DmaStats};
 pub use frame::{Frame, FrameAlloc, FramePool, FrameStats, HeapFrameAlloc, Paddr, FRAME_SIZE};
 pub use pager::Pager;
 pub use vmar::{

@@ -91,18 +91,19 @@ impl Vmo {
         size: u64,
         flags: VmoFlags,
     ) -> Result<Vmo> {
-        if self.inner.flags.contains(VmoFlags::CONTIGUOUS) {
-            return Err(Error::NotSupported);
-        }
         let (_, base) = self.root();
         let visible_end = (offset + size).min(self.size()).max(offset);
         let (first, last) = ((base + offset) / PAGE, (base + visible_end) / PAGE);
         let pages = self.lock_root_pages();
-        if pages.source.pager.is_some() && kind == ChildKind::Snapshot {
-            return Err(Error::NotSupported);
-        }
+        // Pins first: an assigned DMA Vmo reports BadState whatever else it is.
         if pages.any_pinned_in(first, last) {
             return Err(Error::BadState);
+        }
+        if self.inner.flags.contains(VmoFlags::CONTIGUOUS) {
+            return Err(Error::NotSupported);
+        }
+        if pages.source.pager.is_some() && kind == ChildKind::Snapshot {
+            return Err(Error::NotSupported);
         }
         let child_pages: Pages = pages.snapshot(first, last, size);
         if child_pages.committed_pages() > 0 {

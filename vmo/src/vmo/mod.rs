@@ -365,18 +365,19 @@ impl Vmo {
     }
 
     /// Frees the committed pages covering `[offset, offset + len)`; they read as zeros (or the
-    /// pager's data) afterwards. Pinned pages → `BadState`; contiguous Vmos → `NotSupported`.
+    /// pager's data) afterwards. Pinned pages → `BadState` (checked first, so an assigned DMA
+    /// Vmo reports BadState); contiguous Vmos → `NotSupported`.
     pub fn decommit(&self, offset: u64, len: u64) -> Result<()> {
         self.require(Rights::WRITE)?;
-        if self.inner.flags.contains(VmoFlags::CONTIGUOUS) {
-            return Err(Error::NotSupported);
-        }
         let end = check_range(offset, len, self.size())?;
         let (_, base) = self.root();
         let (first, last) = pages_touched(base + offset, base + end);
         let mut pages = self.lock_root_pages();
         if pages.any_pinned_in(first, last) {
             return Err(Error::BadState);
+        }
+        if self.inner.flags.contains(VmoFlags::CONTIGUOUS) {
+            return Err(Error::NotSupported);
         }
         self.drop_pages(&mut pages, first, last)
     }
