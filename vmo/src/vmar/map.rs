@@ -171,7 +171,7 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
         if opts.perms != opts.perms.access() {
             return Err(Error::InvalidArgs);
         }
-        if vmo_offset % PAGE != 0 {
+        if !vmo_offset.is_multiple_of(PAGE) {
             return Err(Error::InvalidArgs);
         }
         let (_, rounded) = checked_range(0, len, u64::MAX)?;

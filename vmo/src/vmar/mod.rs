@@ -189,7 +189,7 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
     /// A root region covering guest-physical `[0, size)` (page aligned, non-zero, below
     /// 2^48), translated by `stage2` (which must be empty). The root may hold any permission.
     pub fn new_root(size: u64, stage2: S) -> Result<Self> {
-        if size == 0 || size % PAGE != 0 {
+        if size == 0 || !size.is_multiple_of(PAGE) {
             return Err(Error::InvalidArgs);
         }
         if size > ept::GPA_LIMIT {
@@ -258,7 +258,7 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
 /// Returns `(start, end)` relative offsets. Zero length or a misaligned offset → InvalidArgs;
 /// arithmetic overflow → OutOfRange; a range leaving the region → InvalidArgs (as Zircon).
 pub(crate) fn checked_range(offset: u64, len: u64, region_len: u64) -> Result<(u64, u64)> {
-    if len == 0 || offset % PAGE != 0 {
+    if len == 0 || !offset.is_multiple_of(PAGE) {
         return Err(Error::InvalidArgs);
     }
     let len = len.checked_add(PAGE - 1).ok_or(Error::OutOfRange)? & !(PAGE - 1);

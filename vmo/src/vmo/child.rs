@@ -43,7 +43,7 @@ impl Vmo {
         flags: VmoFlags,
     ) -> Result<Vmo> {
         self.require(Rights::READ | Rights::DUPLICATE)?;
-        if offset % PAGE != 0 || !VmoFlags::RESIZABLE.contains(flags) {
+        if !offset.is_multiple_of(PAGE) || !VmoFlags::RESIZABLE.contains(flags) {
             return Err(Error::InvalidArgs);
         }
         let size = page_round_up(size)?;
