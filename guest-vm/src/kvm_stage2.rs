@@ -203,7 +203,16 @@ impl KvmStage2 {
             return Err(map_err("mmap(MAP_SHARED|MAP_FIXED frame)"));
         }
         let uffd = self.res.uffd();
-        uffd.register(hva, len, false, true)?;
+        // Registering can split VMAs too: ENOMEM there is the same map-count limit.
+        uffd.register(hva, len, false, true).map_err(|e| match e {
+            Error::Sys { what, err } if err.raw_os_error() == Some(libc::ENOMEM) => {
+                Error::MapCountLimit {
+                    limit: max_map_count().unwrap_or(0),
+                    detail: format!("{what}: {err}"),
+                }
+            }
+            other => other,
+        })?;
         if !writable {
             uffd.writeprotect(hva, len, true, false)?;
         }
