@@ -8,7 +8,15 @@
 use std::path::Path;
 use std::process::Command;
 
-const TOOLS: [&str; 7] = ["qemu-system-x86_64", "bochs", "grub-mkrescue", "grub-file", "xorriso", "mformat", "bc"];
+const TOOLS: [&str; 7] = [
+    "qemu-system-x86_64",
+    "bochs",
+    "grub-mkrescue",
+    "grub-file",
+    "xorriso",
+    "mformat",
+    "bc",
+];
 
 fn have(tool: &str) -> bool {
     Command::new("sh")
@@ -45,6 +53,9 @@ fn hv_boots_and_forks_under_qemu_svm_and_bochs_vmx() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     println!("{stdout}");
     eprintln!("{stderr}");
-    assert!(out.status.success(), "ci/hv-test.sh failed (see output above)");
+    assert!(
+        out.status.success(),
+        "ci/hv-test.sh failed (see output above)"
+    );
     assert!(stdout.contains("hv-test: qemu: PASS") && stdout.contains("hv-test: bochs: PASS"));
 }

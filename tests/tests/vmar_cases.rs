@@ -777,7 +777,34 @@ fn teardown_frees_every_frame<B: Backend>() {
     assert_eq!(pool.stats().live, 0);
 }
 
+fn fault_around_installs_committed_neighbours_only<B: Backend>() {
+    let (pool, root) = space::<B>(GIB);
+    let v = vmo(&pool, 64);
+    v.write(0, &vec![3u8; 24 * P as usize]).unwrap(); // pages 0..24 committed, 24..64 not
+    root.map(&v, 0, 64 * P, MapOptions::specific(0, RW))
+        .unwrap();
+    let mut cpu = SoftCpu::new(&root, &pool);
+    for i in 0..24 {
+        assert_eq!(cpu.read_u8(i * P).unwrap(), 3);
+    }
+    assert_eq!(cpu.faults, 2, "pages 0..16 and 16..24 arrive in two faults");
+    assert_eq!(root.fault_stats().fault_around, 22);
+    assert!(
+        installed::<B>(&root, 24 * P).is_none(),
+        "uncommitted anonymous pages are not touched"
+    );
+    assert_eq!(pool.stats().live, 24, "fault-around commits nothing");
+    // Private pages come in writable: writing them needs no further fault.
+    cpu.write_u8(5 * P, 4).unwrap();
+    assert_eq!(cpu.faults, 2);
+    root.set_fault_around(1);
+    cpu.read_u8(30 * P).unwrap();
+    cpu.read_u8(31 * P).unwrap();
+    assert_eq!(cpu.faults, 4, "fault-around off");
+}
+
 for_each_backend!(
+    fault_around_installs_committed_neighbours_only,
     destroy,
     basic_allocate,
     map_in_compact,

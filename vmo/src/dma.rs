@@ -99,7 +99,11 @@ impl<S: Stage2 + Send + 'static> DmaDomain<S> {
         if !vmo.pool().same_pool(&self.pool) || perms.is_empty() {
             return Err(Error::InvalidArgs);
         }
-        if len == 0 || !len.is_multiple_of(PAGE) || !vmo_offset.is_multiple_of(PAGE) || !iova.is_multiple_of(PAGE) {
+        if len == 0
+            || !len.is_multiple_of(PAGE)
+            || !vmo_offset.is_multiple_of(PAGE)
+            || !iova.is_multiple_of(PAGE)
+        {
             return Err(Error::InvalidArgs);
         }
         // The table entry needs READ even for a write-only device (neither EPT nor NPT can

@@ -17,7 +17,9 @@ pub use pager::Pager;
 pub use vmar::{
     FaultOutcome, FaultStats, MapOptions, MappingInfo, Placement, Resolution, VmPerms, Vmar,
 };
-pub use vmo::{ChildKind, PageOrigin, RangeChange, Rights, Vmo, VmoFlags, VmoObserver};
+pub use vmo::{
+    ChildKind, FaultAccess, PageOrigin, RangeChange, Rights, Vmo, VmoFlags, VmoObserver,
+};
 
 /// Errors of the memory model; the meanings follow Zircon's status codes (CONTRACTS.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -126,7 +126,7 @@ fn rights_are_checked_on_every_operation() {
         "no escalation"
     );
     assert_eq!(
-        wo.fault_page(0, false, |_, _, _| Ok(())),
+        wo.fault_page(0, vmo::FaultAccess::Read, |_, _, _| Ok(())),
         Err(Error::AccessDenied)
     );
 }

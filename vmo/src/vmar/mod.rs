@@ -142,7 +142,8 @@ pub(crate) struct Space<S: Stage2 + Send + 'static> {
     tree: spin::RwLock<Tree<S>>,
     stage2: spin::Mutex<S>,
     counters: Counters,
-    /// Pages installed around a read fault on pager-backed mappings (including the faulting one).
+    /// Pages a fault may install: the faulting one plus committed neighbours after it (see
+    /// `page_fault.rs`).
     fault_around: AtomicU64,
     /// While non-zero, observers leave flushes pending for the operation in progress to do once.
     defer_flush: AtomicU32,
@@ -182,7 +183,7 @@ impl<S: Stage2 + Send + 'static> Clone for Vmar<S> {
     }
 }
 
-/// Default number of pages a pager-backed read fault installs.
+/// Default number of pages one fault may install (fault-around).
 pub const DEFAULT_FAULT_AROUND: u64 = 16;
 
 impl<S: Stage2 + Send + 'static> Vmar<S> {
@@ -241,7 +242,8 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
         }
     }
 
-    /// Pages installed per read fault on pager-backed mappings (≥ 1; default 16).
+    /// Pages one fault may install, counting the faulting page (≥ 1; default 16; 1 turns
+    /// fault-around off).
     pub fn set_fault_around(&self, pages: u64) {
         self.space
             .fault_around

@@ -18,7 +18,7 @@ use ept::{Access, FaultInfo, MemType, PageSize, S2Perms, Stage2};
 
 use super::tree::Mapping;
 use super::{VmPerms, Vmar, PAGE};
-use crate::{Error, Result};
+use crate::{Error, FaultAccess, Result};
 
 /// What the fault path did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -114,7 +114,12 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
                 present => present.is_some(),
             }
         };
-        let (pa, perms, origin) = self.install(m, page, write)?;
+        let access = if write {
+            FaultAccess::Write
+        } else {
+            FaultAccess::Read
+        };
+        let (pa, perms, origin) = self.install(m, page, access)?.ok_or(Error::BadState)?;
         let c = &self.space.counters;
         let outcome = if origin.copied {
             c.copies.fetch_add(1, Ordering::Relaxed);
@@ -135,10 +140,7 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
                 dirty.insert(page);
             }
         }
-        let mut pages = 1;
-        if !write && m.vmo.is_pager_backed() {
-            pages += self.fault_around(m, page);
-        }
+        let pages = 1 + self.fault_around(m, page, write);
         Ok(Resolution {
             gpa: page,
             pa,
@@ -148,16 +150,17 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
         })
     }
 
-    /// Makes the page at `page` present in the Vmo and installs it; returns frame, perms, origin.
+    /// Makes the page at `page` present in the Vmo (as `access` asks) and installs it; returns
+    /// frame, perms and origin, or `None` when `ReadIfCommitted` found nothing to install.
     fn install(
         &self,
         m: &Mapping<S>,
         page: u64,
-        write: bool,
-    ) -> Result<(u64, S2Perms, crate::PageOrigin)> {
+        access: FaultAccess,
+    ) -> Result<Option<(u64, S2Perms, crate::PageOrigin)>> {
         let full = m.perms.to_stage2();
         m.vmo
-            .fault_page(m.vmo_page(page), write, |frame, writable, origin| {
+            .fault_page(m.vmo_page(page), access, |frame, writable, origin| {
                 let perms = if writable {
                     full
                 } else {
@@ -176,10 +179,22 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
             })
     }
 
-    /// Installs up to `fault_around - 1` pages after `page` inside the mapping that are not
-    /// installed yet. Stops at the first error (the fault itself is already resolved).
-    fn fault_around(&self, m: &Mapping<S>, page: u64) -> u64 {
+    /// Fault-around: installs up to `fault_around - 1` pages after `page` inside the mapping
+    /// that are not installed yet, so a guest streaming through memory pays one exit per run
+    /// instead of one per page. Pages already committed are installed (read-only unless private
+    /// to the Vmo); uncommitted pages are committed only for a read fault on a pager-backed
+    /// mapping (read-ahead). Never commits anonymous memory the guest has not touched. Stops
+    /// at the first page it must skip or that fails (the fault itself is already resolved).
+    fn fault_around(&self, m: &Mapping<S>, page: u64, write: bool) -> u64 {
         let n = self.space.fault_around.load(Ordering::Relaxed);
+        if n <= 1 {
+            return 0;
+        }
+        let access = if !write && m.vmo.is_pager_backed() {
+            FaultAccess::Read
+        } else {
+            FaultAccess::ReadIfCommitted
+        };
         let vmo_end = m.base + m.vmo.size().saturating_sub(m.vmo_offset);
         let end = m.end().min(vmo_end).min(page.saturating_add(n * PAGE));
         let mut installed = 0;
@@ -187,10 +202,10 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
         while next < end {
             let present = self.space.stage2.lock().query(next).is_some();
             if !present {
-                if self.install(m, next, false).is_err() {
-                    break;
+                match self.install(m, next, access) {
+                    Ok(Some(_)) => installed += 1,
+                    Ok(None) | Err(_) => break,
                 }
-                installed += 1;
             }
             next += PAGE;
         }

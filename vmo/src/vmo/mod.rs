@@ -36,6 +36,17 @@ pub use pages::PageOrigin;
 use pages::Pages;
 
 const PAGE: u64 = FRAME_SIZE as u64;
+
+/// What `Vmo::fault_page` is asked to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultAccess {
+    /// Commit if needed (zero or pager), install.
+    Read,
+    /// Commit if needed and make private (copy-on-write), install writable.
+    Write,
+    /// Install only if already committed; never commit or do I/O.
+    ReadIfCommitted,
+}
 /// Largest Vmo: offsets must stay representable as guest-physical addresses with room to add.
 pub const MAX_VMO_SIZE: u64 = 1 << 52;
 
@@ -451,13 +462,15 @@ impl Vmo {
     /// present (and private, for a write) and runs `install(frame, writable, origin)` while the
     /// page set is locked, so the translation installed cannot outlive the frame. `writable` is
     /// true when the frame is private and may be mapped writable. Needs READ (and WRITE for a
-    /// write).
+    /// write). With `FaultAccess::ReadIfCommitted` nothing is committed: an empty page returns
+    /// `Ok(None)` without calling `install` (fault-around of neighbour pages).
     pub fn fault_page<R>(
         &self,
         page_idx: u64,
-        write: bool,
+        access: FaultAccess,
         install: impl FnOnce(&Frame, bool, PageOrigin) -> Result<R>,
-    ) -> Result<R> {
+    ) -> Result<Option<R>> {
+        let write = access == FaultAccess::Write;
         self.require(if write {
             Rights::READ | Rights::WRITE
         } else {
@@ -468,25 +481,41 @@ impl Vmo {
         let (_, base) = self.root();
         let idx = (base + offset) / PAGE;
         let mut pages = self.lock_root_pages();
-        if write {
-            let (frame, origin) = pages.private(&self.inner.pool, idx, false)?;
-            if origin.replaced {
-                // Other mappings of this object may still translate the old frame.
-                self.notify(idx * PAGE, PAGE, RangeChange::Unmap);
+        match access {
+            FaultAccess::Write => {
+                let (frame, origin) = pages.private(&self.inner.pool, idx, false)?;
+                if origin.replaced {
+                    // Other mappings of this object may still translate the old frame.
+                    self.notify(idx * PAGE, PAGE, RangeChange::Unmap);
+                }
+                pages.mark_dirty(idx)?;
+                install(&frame, true, origin).map(Some)
             }
-            pages.mark_dirty(idx)?;
-            install(&frame, true, origin)
-        } else {
-            let (frame, committed) = pages.commit(&self.inner.pool, idx, false)?;
-            let writable = pages.is_private(idx);
-            install(
-                &frame,
-                writable,
-                PageOrigin {
-                    committed,
-                    ..PageOrigin::default()
-                },
-            )
+            FaultAccess::Read => {
+                // Privacy is judged before taking our own handle (which would count as a sharer).
+                let committed = pages.commit(&self.inner.pool, idx, false)?.1;
+                let writable = pages.is_private(idx);
+                let frame = pages.get(idx).ok_or(Error::BadState)?;
+                install(
+                    &frame,
+                    writable,
+                    PageOrigin {
+                        committed,
+                        ..PageOrigin::default()
+                    },
+                )
+                .map(Some)
+            }
+            // `is_committed` takes no handle: a temporary one in the scrutinee would live
+            // through the arms and make every frame look shared.
+            FaultAccess::ReadIfCommitted => match pages.is_committed(idx) {
+                true => {
+                    let writable = pages.is_private(idx);
+                    let frame = pages.get(idx).ok_or(Error::BadState)?;
+                    install(&frame, writable, PageOrigin::default()).map(Some)
+                }
+                false => Ok(None),
+            },
         }
     }
 

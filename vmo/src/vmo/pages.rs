@@ -126,6 +126,11 @@ impl Pages {
         self.array.load(idx).map(|f| (*f).clone())
     }
 
+    /// Whether slot `idx` is occupied (no handle is taken).
+    pub fn is_committed(&self, idx: u64) -> bool {
+        self.array.load(idx).is_some()
+    }
+
     /// Occupied slots in `[start, end)`, in order.
     pub fn committed_in(&self, start: u64, end: u64) -> Vec<u64> {
         self.array.range(start..end).map(|(i, _)| i).collect()
