@@ -31,6 +31,10 @@ fn have(tool: &str) -> bool {
 fn hv_boots_and_forks_under_qemu_svm_and_bochs_vmx() {
     let missing: Vec<&str> = TOOLS.iter().copied().filter(|t| !have(t)).collect();
     if !missing.is_empty() {
+        assert!(
+            std::env::var_os("GUESTMEM_REQUIRE_EMULATORS").is_none(),
+            "hv_boot: missing {missing:?} and GUESTMEM_REQUIRE_EMULATORS is set (CI must not skip)"
+        );
         eprintln!(
             "SKIPPED hv_boot: missing {missing:?}; install qemu-system-x86 bochs bochsbios vgabios \
              grub-pc-bin grub-common xorriso mtools bc (ci/hv-test.sh does it)"
