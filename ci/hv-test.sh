@@ -16,6 +16,12 @@ fi
 for tool in qemu-system-x86_64 bochs grub-mkrescue grub-file xorriso mformat bc; do
     command -v "$tool" >/dev/null || { echo "hv-test: $tool is missing" >&2; exit 1; }
 done
+# One run at a time on this checkout: concurrent runs (e.g. two `cargo test --workspace`) would
+# share hv/target/iso, hv/target/hv.iso and the run directory.
+mkdir -p hv/target
+exec 9>hv/target/.hv-test.lock
+flock 9
+
 out=hv/target/run
 rm -rf "$out"; mkdir -p "$out"
 s=$(date +%s)
