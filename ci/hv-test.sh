@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Boots the hv kernel under QEMU TCG (AMD SVM + NPT backend; GRUB ISO and PVH -kernel) and under
-# Bochs (Intel VMX + EPT backend, GRUB ISO), and fails unless each run's serial output holds the
-# expected verdict and figures.
+# Bochs (Intel VMX + EPT backend with a Haswell model; SVM + NPT again with the Ryzen model), and
+# fails unless each run's serial output holds the expected verdict and figures.
 # Installs the emulators and ISO tools through apt-get when missing (root, Debian 12).
 # Never skips: a missing tool that cannot be installed is a failure.
 # --no-install: do not call apt-get (the cargo test wrapper tests/tests/hv_boot.rs uses it after
@@ -91,34 +91,45 @@ touch "$out/qemu-pvh-serial.txt"
 [ $rc = 33 ] || { echo "hv-test: qemu (PVH): unexpected exit status $rc" >&2; fail=1; }
 check qemu-pvh "$out/qemu-pvh-serial.txt" "${common[@]}" "boot protocol: PVH" "backend: svm" "HV-VERDICT: PASS backend=svm"
 
-echo "== hv-test: Bochs, cpu model corei7_haswell_4770 (VMX/EPT backend)"
-cat > "$out/bochsrc" <<BXRC
+# bochs_run NAME MODEL PATTERN...: boots the ISO in Bochs with CPU model MODEL.
+bochs_run() {
+    local name=$1 model=$2; shift 2
+    cat > "$out/$name.bochsrc" <<BXRC
 megs: 128
 romimage: file=/usr/share/bochs/BIOS-bochs-latest
 vgaromimage: file=/usr/share/bochs/VGABIOS-lgpl-latest
-cpu: model=corei7_haswell_4770, count=1, ips=100000000, reset_on_triple_fault=0
+cpu: model=$model, count=1, ips=100000000, reset_on_triple_fault=0
 clock: sync=none, time0=local
 ata0-master: type=cdrom, path=$iso, status=inserted
 boot: cdrom
 display_library: rfb, options="timeout=0"
-com1: enabled=1, mode=file, dev=$out/bochs-serial.txt
+com1: enabled=1, mode=file, dev=$out/$name-serial.txt
 port_e9_hack: enabled=1
-log: $out/bochs-log.txt
+log: $out/$name-log.txt
 panic: action=fatal
 error: action=report
 info: action=report
 debug: action=ignore
 BXRC
-echo c > "$out/bochs.rc"
-s=$(date +%s.%N)
-rc=0
-timeout 180 bochs -q -f "$out/bochsrc" -rc "$out/bochs.rc" </dev/null >"$out/bochs-stdout.txt" 2>&1 || rc=$?
-echo "hv-test: bochs exit status $rc (1 is normal: the shutdown port) in $(echo "$(date +%s.%N) - $s" | bc) s"
-touch "$out/bochs-serial.txt"
-[ $rc = 124 ] && { echo "hv-test: bochs timed out" >&2; fail=1; }
-grep -q "Shutdown port: shutdown requested" "$out/bochs-log.txt" 2>/dev/null \
-    || { echo "hv-test: bochs did not end through the shutdown port; log tail:" >&2; tail -20 "$out/bochs-log.txt" >&2 || true; fail=1; }
-check bochs "$out/bochs-serial.txt" "${common[@]}" "boot protocol: multiboot2" "backend: vmx" "vmx: VMXON ok" "malformed: EPT misconfiguration \\(exit 49\\)" "HV-VERDICT: PASS backend=vmx"
+    echo c > "$out/bochs.rc"
+    local s rc=0
+    s=$(date +%s.%N)
+    timeout 180 bochs -q -f "$out/$name.bochsrc" -rc "$out/bochs.rc" </dev/null >"$out/$name-stdout.txt" 2>&1 || rc=$?
+    echo "hv-test: $name exit status $rc (1 is normal: the shutdown port) in $(echo "$(date +%s.%N) - $s" | bc) s"
+    touch "$out/$name-serial.txt"
+    [ $rc = 124 ] && { echo "hv-test: $name timed out" >&2; fail=1; }
+    grep -q "Shutdown port: shutdown requested" "$out/$name-log.txt" 2>/dev/null \
+        || { echo "hv-test: $name did not end through the shutdown port; log tail:" >&2; tail -20 "$out/$name-log.txt" >&2 || true; fail=1; }
+    check "$name" "$out/$name-serial.txt" "$@"
+}
+
+echo "== hv-test: Bochs, cpu model corei7_haswell_4770 (VMX/EPT backend)"
+bochs_run bochs corei7_haswell_4770 "${common[@]}" "boot protocol: multiboot2" "backend: vmx" "vmx: VMXON ok" \
+    "malformed: EPT misconfiguration \\(exit 49\\)" "HV-VERDICT: PASS backend=vmx"
+
+echo "== hv-test: Bochs, cpu model ryzen (SVM/NPT backend on a second SVM implementation: NRIPS, FlushByAsid)"
+bochs_run bochs-ryzen ryzen "${common[@]}" "boot protocol: multiboot2" "backend: svm" "NRIPS=true, FlushByAsid=true" \
+    "malformed: NPF with reserved bits" "HV-VERDICT: PASS backend=svm"
 
 echo "hv-test: total $(( $(date +%s) - t0 )) s"
 if [ $fail != 0 ]; then
