@@ -4,11 +4,13 @@
 //! entry is missing or lacks permission.
 //!
 //! The conformance suite (`tests/tests/*.rs`) is generic over `Backend`, so the same cases run
-//! on `EptTable` and `NptTable` here, and on guest-vm's KVM backend where that is available.
+//! on `EptTable`, `NptTable` and guest-vm's `KvmStage2` (where /dev/kvm and root are available).
 //!
 //! Invariant of `SoftCpu`: the translation is looked up and the frame accessed under the
 //! Stage2 lock, so (like a TLB that the unmapper flushes) an access never reaches a frame that
 //! was unmapped and freed before it.
+
+use std::sync::Arc;
 
 use ept::{Access, FaultInfo, FaultKind, HeapPhysMem, S2Perms, Stage2};
 use vmo::{FramePool, Resolution, Vmar};
@@ -17,8 +19,17 @@ use vmo::{FramePool, Resolution, Vmar};
 pub trait Backend {
     type S: Stage2 + Send + 'static;
     const NAME: &'static str;
-    /// An empty table.
-    fn stage2() -> Self::S;
+    /// Why this backend cannot run here (it is then skipped with that reason, or fails when
+    /// the environment demands it); `Ok` when it can.
+    fn available() -> Result<(), String> {
+        Ok(())
+    }
+    /// A fresh frame pool the backend can translate to.
+    fn pool() -> FramePool {
+        FramePool::heap()
+    }
+    /// An empty table for frames of `pool`.
+    fn stage2(pool: &FramePool) -> Self::S;
     /// Table frames the backend currently holds (for leak checks); `None` if it has none.
     fn table_frames(s: &Self::S) -> Option<usize>;
     /// TLB flushes issued so far.
@@ -31,7 +42,7 @@ pub struct Npt;
 impl Backend for Ept {
     type S = ept::EptTable<HeapPhysMem>;
     const NAME: &'static str = "ept";
-    fn stage2() -> Self::S {
+    fn stage2(_pool: &FramePool) -> Self::S {
         ept::EptTable::new(HeapPhysMem::new()).expect("root table frame")
     }
     fn table_frames(s: &Self::S) -> Option<usize> {
@@ -45,7 +56,7 @@ impl Backend for Ept {
 impl Backend for Npt {
     type S = ept::NptTable<HeapPhysMem>;
     const NAME: &'static str = "npt";
-    fn stage2() -> Self::S {
+    fn stage2(_pool: &FramePool) -> Self::S {
         ept::NptTable::new(HeapPhysMem::new()).expect("root table frame")
     }
     fn table_frames(s: &Self::S) -> Option<usize> {
@@ -53,6 +64,79 @@ impl Backend for Npt {
     }
     fn flushes(s: &Self::S) -> u64 {
         s.flush_count()
+    }
+}
+
+/// guest-vm's KVM backend: `KvmStage2` installs memfd frames into a userfaultfd-registered
+/// reservation with `mmap(MAP_FIXED)`. The software CPU reads the frames through the pool, so the
+/// suite checks the backend's bookkeeping and mmap/unmap/protect behaviour with every Vmar case;
+/// guest-vm's own tests drive the same backend with real KVM guests.
+pub struct Kvm;
+
+/// Address space each KVM-backend table reserves (covers every root the suite creates).
+const KVM_RESERVATION: u64 = 16 << 30;
+
+fn memfd_allocs() -> &'static std::sync::Mutex<Vec<(usize, Arc<guest_vm::MemfdFrameAlloc>)>> {
+    static ALLOCS: std::sync::OnceLock<
+        std::sync::Mutex<Vec<(usize, Arc<guest_vm::MemfdFrameAlloc>)>>,
+    > = std::sync::OnceLock::new();
+    ALLOCS.get_or_init(Default::default)
+}
+
+fn pool_key(pool: &FramePool) -> usize {
+    Arc::as_ptr(pool.allocator()) as *const () as usize
+}
+
+impl Backend for Kvm {
+    type S = guest_vm::KvmStage2;
+    const NAME: &'static str = "kvm";
+    fn available() -> Result<(), String> {
+        guest_vm::vm::check_host().map_err(|e| e.to_string())
+    }
+    fn pool() -> FramePool {
+        let alloc =
+            Arc::new(guest_vm::MemfdFrameAlloc::new(KVM_RESERVATION).expect("memfd frame pool"));
+        let pool = FramePool::new(alloc.clone());
+        memfd_allocs()
+            .lock()
+            .unwrap()
+            .push((pool_key(&pool), alloc));
+        pool
+    }
+    fn stage2(pool: &FramePool) -> Self::S {
+        let key = pool_key(pool);
+        let alloc = memfd_allocs()
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, a)| a.clone())
+            .expect("pool made by Kvm::pool");
+        let uffd = Arc::new(guest_vm::uffd::Uffd::open().expect("userfaultfd"));
+        let res =
+            Arc::new(guest_vm::Reservation::new(0, KVM_RESERVATION, uffd).expect("reservation"));
+        guest_vm::KvmStage2::new(res, alloc)
+    }
+    fn table_frames(_s: &Self::S) -> Option<usize> {
+        None
+    }
+    fn flushes(s: &Self::S) -> u64 {
+        s.stats().flushes
+    }
+}
+
+/// Runs `f` if backend `B` is available; otherwise prints why it is skipped, or fails when
+/// `GUESTMEM_REQUIRE_KVM` is set (CI: nothing may be skipped).
+pub fn run_if_available<B: Backend>(test: &str, f: impl FnOnce()) {
+    match B::available() {
+        Ok(()) => f(),
+        Err(why) if std::env::var_os("GUESTMEM_REQUIRE_KVM").is_some() => {
+            panic!(
+                "{test} on {}: backend unavailable ({why}) and GUESTMEM_REQUIRE_KVM is set",
+                B::NAME
+            )
+        }
+        Err(why) => println!("SKIP: {test} on {}: {why}", B::NAME),
     }
 }
 
@@ -169,7 +253,7 @@ impl<'a, S: Stage2 + Send + 'static> SoftCpu<'a, S> {
     }
 }
 
-/// Instantiates a generic test function `fn name<B: Backend>()` once per table backend.
+/// Instantiates a generic test function `fn name<B: Backend>()` once per backend.
 #[macro_export]
 macro_rules! for_each_backend {
     ($($name:ident),* $(,)?) => {
@@ -178,6 +262,11 @@ macro_rules! for_each_backend {
         }
         mod npt_backend {
             $( #[test] fn $name() { super::$name::<$crate::Npt>() } )*
+        }
+        mod kvm_backend {
+            $( #[test] fn $name() {
+                $crate::run_if_available::<$crate::Kvm>(stringify!($name), super::$name::<$crate::Kvm>)
+            } )*
         }
     };
 }

@@ -92,11 +92,11 @@ impl Model {
 }
 
 fn fork_isolation_matches_the_model<B: Backend>() {
-    let pool = FramePool::heap();
+    let pool = B::pool();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let mut model = Model::default();
     {
-        let parent = Vmar::new_root(1 << 30, B::stage2()).unwrap();
+        let parent = Vmar::new_root(1 << 30, B::stage2(&pool)).unwrap();
         let ram = Vmo::new(&pool, PAGES * P, VmoFlags::empty()).unwrap();
         parent
             .map(&ram, 0, PAGES * P, MapOptions::specific(0, VmPerms::RW))
@@ -114,13 +114,13 @@ fn fork_isolation_matches_the_model<B: Backend>() {
         }
         // 8 children of the parent, then 2 grandchildren under each of the first 3 children.
         for _ in 0..8 {
-            let child = vmars[0].fork(B::stage2()).unwrap();
+            let child = vmars[0].fork(B::stage2(&pool)).unwrap();
             vmars.push(child);
             model.fork(0);
         }
         for c in 1..4 {
             for _ in 0..2 {
-                let g = vmars[c].fork(B::stage2()).unwrap();
+                let g = vmars[c].fork(B::stage2(&pool)).unwrap();
                 vmars.push(g);
                 model.fork(c);
             }
@@ -176,8 +176,8 @@ fn fork_isolation_matches_the_model<B: Backend>() {
 }
 
 fn reset_restores_the_snapshot_and_frees_dirtied_frames<B: Backend>() {
-    let pool = FramePool::heap();
-    let parent = Vmar::new_root(1 << 30, B::stage2()).unwrap();
+    let pool = B::pool();
+    let parent = Vmar::new_root(1 << 30, B::stage2(&pool)).unwrap();
     let ram = Vmo::new(&pool, PAGES * P, VmoFlags::empty()).unwrap();
     parent
         .map(&ram, 0, PAGES * P, MapOptions::specific(0, VmPerms::RW))
@@ -186,7 +186,7 @@ fn reset_restores_the_snapshot_and_frees_dirtied_frames<B: Backend>() {
     for page in 0..PAGES / 2 {
         pcpu.write_u8(page * P, page as u8 + 1).unwrap();
     }
-    let child = parent.fork(B::stage2()).unwrap();
+    let child = parent.fork(B::stage2(&pool)).unwrap();
     let live_at_fork = pool.stats().live;
     let mut rng = Rng(42);
     for round in 0..5 {
@@ -220,8 +220,8 @@ fn reset_restores_the_snapshot_and_frees_dirtied_frames<B: Backend>() {
 }
 
 fn concurrent_faults_commit_once_copy_once<B: Backend>() {
-    let pool = FramePool::heap();
-    let root = Vmar::new_root(1 << 30, B::stage2()).unwrap();
+    let pool = B::pool();
+    let root = Vmar::new_root(1 << 30, B::stage2(&pool)).unwrap();
     let ram = Vmo::new(&pool, 16 * P, VmoFlags::empty()).unwrap();
     root.map(&ram, 0, 16 * P, MapOptions::specific(0, VmPerms::RW))
         .unwrap();
@@ -241,7 +241,7 @@ fn concurrent_faults_commit_once_copy_once<B: Backend>() {
     write_all(&root);
     assert_eq!(root.fault_stats().commits, 16, "one commit per page");
     assert_eq!(pool.stats().allocated, 16);
-    let child = root.fork(B::stage2()).unwrap();
+    let child = root.fork(B::stage2(&pool)).unwrap();
     // Parent's frames are shared now; children writing concurrently copy each page once.
     let before = pool.stats().cow_copies;
     std::thread::scope(|s| {
@@ -274,8 +274,8 @@ fn concurrent_faults_commit_once_copy_once<B: Backend>() {
 }
 
 fn fork_write_protects_the_parent_with_one_flush<B: Backend>() {
-    let pool = FramePool::heap();
-    let root = Vmar::new_root(1 << 30, B::stage2()).unwrap();
+    let pool = B::pool();
+    let root = Vmar::new_root(1 << 30, B::stage2(&pool)).unwrap();
     let a = Vmo::new(&pool, 8 * P, VmoFlags::empty()).unwrap();
     let b = Vmo::new(&pool, 8 * P, VmoFlags::empty()).unwrap();
     root.map(&a, 0, 8 * P, MapOptions::specific(0, VmPerms::RW))
@@ -287,7 +287,7 @@ fn fork_write_protects_the_parent_with_one_flush<B: Backend>() {
         cpu.write_u8(page * P, 1).unwrap();
     }
     let flushes = root.with_stage2(|s| B::flushes(s));
-    let _child = root.fork(B::stage2()).unwrap();
+    let _child = root.fork(B::stage2(&pool)).unwrap();
     assert_eq!(
         root.with_stage2(|s| B::flushes(s)),
         flushes + 1,
@@ -308,8 +308,8 @@ fn fork_write_protects_the_parent_with_one_flush<B: Backend>() {
 }
 
 fn shared_mappings_stay_shared_and_dma_is_copied<B: Backend>() {
-    let pool = FramePool::heap();
-    let root = Vmar::new_root(1 << 30, B::stage2()).unwrap();
+    let pool = B::pool();
+    let root = Vmar::new_root(1 << 30, B::stage2(&pool)).unwrap();
     let shm = Vmo::new(&pool, 4 * P, VmoFlags::empty()).unwrap();
     let dma = Vmo::new_contiguous(&pool, 4 * P, true).unwrap();
     dma.pin(0, 4 * P).unwrap();
@@ -324,7 +324,7 @@ fn shared_mappings_stay_shared_and_dma_is_copied<B: Backend>() {
         .unwrap();
     let mut cpu = SoftCpu::new(&root, &pool);
     cpu.write_u8(16 * P, 7).unwrap();
-    let child = root.fork(B::stage2()).unwrap();
+    let child = root.fork(B::stage2(&pool)).unwrap();
     let mut ccpu = SoftCpu::new(&child, &pool);
     ccpu.write_u8(0, 5).unwrap();
     assert_eq!(
@@ -367,8 +367,8 @@ fn shared_mappings_stay_shared_and_dma_is_copied<B: Backend>() {
 }
 
 fn dirty_tracking_reports_exactly_the_written_pages<B: Backend>() {
-    let pool = FramePool::heap();
-    let root = Vmar::new_root(1 << 30, B::stage2()).unwrap();
+    let pool = B::pool();
+    let root = Vmar::new_root(1 << 30, B::stage2(&pool)).unwrap();
     let ram = Vmo::new(&pool, 32 * P, VmoFlags::empty()).unwrap();
     root.map(&ram, 0, 32 * P, MapOptions::specific(0, VmPerms::RW))
         .unwrap();

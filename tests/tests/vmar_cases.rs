@@ -13,10 +13,9 @@ const R: VmPerms = VmPerms::READ;
 const RW: VmPerms = VmPerms::RW;
 
 fn space<B: Backend>(size: u64) -> (FramePool, Vmar<B::S>) {
-    (
-        FramePool::heap(),
-        Vmar::new_root(size, B::stage2()).unwrap(),
-    )
+    let pool = B::pool();
+    let root = Vmar::new_root(size, B::stage2(&pool)).unwrap();
+    (pool, root)
 }
 
 fn vmo(pool: &FramePool, pages: u64) -> Vmo {
@@ -346,10 +345,10 @@ fn invalid_args<B: Backend>() {
             .unwrap_err(),
         Error::InvalidArgs
     );
-    assert!(Vmar::new_root(P + 1, B::stage2()).is_err());
-    assert!(Vmar::new_root(0, B::stage2()).is_err());
+    assert!(Vmar::new_root(P + 1, B::stage2(&pool)).is_err());
+    assert!(Vmar::new_root(0, B::stage2(&pool)).is_err());
     assert_eq!(
-        Vmar::new_root(1 << 49, B::stage2()).err(),
+        Vmar::new_root(1 << 49, B::stage2(&pool)).err(),
         Some(Error::OutOfRange)
     );
 }
@@ -726,10 +725,10 @@ fn one_flush_per_operation<B: Backend>() {
     assert_eq!(root.with_stage2(|s| B::flushes(s)), before + 1);
     root.unmap(0, 64 * P).unwrap();
     assert_eq!(root.with_stage2(|s| B::flushes(s)), before + 2);
-    assert_eq!(
-        root.with_stage2(|s| B::table_frames(s)),
-        Some(1),
-        "empty tables freed: only the root is left"
+    let frames = root.with_stage2(|s| B::table_frames(s));
+    assert!(
+        matches!(frames, None | Some(1)),
+        "empty tables freed, only the root is left: {frames:?}"
     );
 }
 
@@ -759,9 +758,9 @@ fn host_writes_reach_the_guest<B: Backend>() {
 }
 
 fn teardown_frees_every_frame<B: Backend>() {
-    let pool = FramePool::heap();
+    let pool = B::pool();
     {
-        let root = Vmar::new_root(GIB, B::stage2()).unwrap();
+        let root = Vmar::new_root(GIB, B::stage2(&pool)).unwrap();
         let v = vmo(&pool, 32);
         root.map(&v, 0, 32 * P, MapOptions::specific(0, RW))
             .unwrap();
@@ -769,7 +768,7 @@ fn teardown_frees_every_frame<B: Backend>() {
         for i in 0..32 {
             cpu.write_u8(i * P, 1).unwrap();
         }
-        let child = root.fork(B::stage2()).unwrap();
+        let child = root.fork(B::stage2(&pool)).unwrap();
         let mut ccpu = SoftCpu::new(&child, &pool);
         ccpu.write_u8(0, 2).unwrap();
         assert_eq!(pool.stats().live, 33);
