@@ -14,7 +14,7 @@
 
 extern crate alloc;
 
-use alloc::alloc::{alloc_zeroed, dealloc, Layout};
+use alloc::alloc::{dealloc, Layout};
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -287,21 +287,32 @@ fn check_in_frame(offset: usize, len: usize) -> Result<(), Error> {
     }
 }
 
-/// Frames from the global heap, with fake physical addresses. Contiguous runs are one heap
-/// block; the block is released when all its frames have been freed.
+/// Frames from the global heap, with fake physical addresses (host builds and tests).
+///
+/// Single frames come from slabs of `SLAB_FRAMES` frames (one heap block each) and are recycled
+/// through a free list; slabs are kept for reuse and released when the allocator drops.
+/// Contiguous runs of more than one frame are one heap block of their own, released when all
+/// its frames have been freed. Fresh memory is not zeroed here (the pool zeroes or overwrites).
 pub struct HeapFrameAlloc {
     state: spin::Mutex<HeapState>,
 }
 
+/// Frames per slab (256 KiB): amortises the heap's per-allocation cost and alignment waste.
+const SLAB_FRAMES: usize = 64;
+
 struct HeapBlock {
     ptr: *mut u8,
     frames: usize,
+    /// Frames of a contiguous run still allocated; unused for slabs.
     live: usize,
+    slab: bool,
 }
 
 struct HeapState {
     /// Fake physical address of a block's first frame → the block.
     blocks: alloc::collections::BTreeMap<Paddr, HeapBlock>,
+    /// Free single-frame slots in slabs.
+    free_slots: Vec<Paddr>,
     next_pa: Paddr,
 }
 
@@ -321,6 +332,7 @@ impl HeapFrameAlloc {
         HeapFrameAlloc {
             state: spin::Mutex::new(HeapState {
                 blocks: alloc::collections::BTreeMap::new(),
+                free_slots: Vec::new(),
                 // Fake addresses start above 4 GiB so a zero or small value is never a frame.
                 next_pa: 1 << 32,
             }),
@@ -335,24 +347,15 @@ impl HeapFrameAlloc {
         let (&start, block) = state.blocks.range(..=pa).next_back()?;
         (pa < start + (block.frames * FRAME_SIZE) as u64).then_some((start, block))
     }
-}
 
-impl FrameAlloc for HeapFrameAlloc {
-    fn alloc_frame(&self) -> Option<Paddr> {
-        self.alloc_contiguous(1)
-    }
-
-    fn alloc_contiguous(&self, count: usize) -> Option<Paddr> {
+    /// A new heap block of `count` frames at a fresh fake address.
+    fn new_block(st: &mut HeapState, count: usize, slab: bool) -> Option<Paddr> {
         let layout = Self::layout(count)?;
-        if count == 0 {
-            return None;
-        }
-        // SAFETY: the layout has non-zero size.
-        let ptr = unsafe { alloc_zeroed(layout) };
+        // SAFETY: the layout has non-zero size (count ≥ 1).
+        let ptr = unsafe { alloc::alloc::alloc(layout) };
         if ptr.is_null() {
             return None;
         }
-        let mut st = self.state.lock();
         let pa = st.next_pa;
         st.next_pa += (count * FRAME_SIZE) as u64;
         st.blocks.insert(
@@ -361,22 +364,51 @@ impl FrameAlloc for HeapFrameAlloc {
                 ptr,
                 frames: count,
                 live: count,
+                slab,
             },
         );
         Some(pa)
     }
+}
+
+impl FrameAlloc for HeapFrameAlloc {
+    fn alloc_frame(&self) -> Option<Paddr> {
+        let mut st = self.state.lock();
+        if let Some(pa) = st.free_slots.pop() {
+            return Some(pa);
+        }
+        let base = Self::new_block(&mut st, SLAB_FRAMES, true)?;
+        st.free_slots.extend(
+            (1..SLAB_FRAMES as u64)
+                .rev()
+                .map(|i| base + i * FRAME_SIZE as u64),
+        );
+        Some(base)
+    }
+
+    fn alloc_contiguous(&self, count: usize) -> Option<Paddr> {
+        match count {
+            0 => None,
+            1 => self.alloc_frame(),
+            n => Self::new_block(&mut self.state.lock(), n, false),
+        }
+    }
 
     fn free_frame(&self, pa: Paddr) {
         let mut st = self.state.lock();
-        let Some((start, _)) = Self::block_of(&st, pa) else {
+        let Some((start, block)) = Self::block_of(&st, pa) else {
             return;
         };
+        if block.slab {
+            st.free_slots.push(pa);
+            return;
+        }
         let block = st.blocks.get_mut(&start).expect("block found above");
         block.live -= 1;
         if block.live == 0 {
             let block = st.blocks.remove(&start).expect("block found above");
             let layout = Self::layout(block.frames).expect("layout was valid at allocation");
-            // SAFETY: allocated with this layout in `alloc_contiguous`, freed once.
+            // SAFETY: allocated with this layout in `new_block`, freed once.
             unsafe { dealloc(block.ptr, layout) };
         }
     }
@@ -387,6 +419,18 @@ impl FrameAlloc for HeapFrameAlloc {
             // SAFETY: `pa` lies inside the block, so the offset is inside its allocation.
             Some((start, block)) => unsafe { block.ptr.add((pa - start) as usize) },
             None => core::ptr::null_mut(),
+        }
+    }
+}
+
+impl Drop for HeapFrameAlloc {
+    fn drop(&mut self) {
+        for (_, block) in core::mem::take(&mut self.state.get_mut().blocks) {
+            if let Some(layout) = Self::layout(block.frames) {
+                // SAFETY: allocated with this layout in `new_block`; the allocator is going
+                // away, so no frame of it is in use any more (pools hold an Arc to it).
+                unsafe { dealloc(block.ptr, layout) };
+            }
         }
     }
 }
