@@ -19,6 +19,8 @@
 //! - [`hypercall`]: the guest↔VMM port-I/O hypercall ABI;
 //! - [`vcpu_state`]: complete vCPU state save/restore (the vCPU half of a snapshot);
 //! - [`payload`]: the guest-physical layout, boot page tables, hand-encoded test programs;
+//! - [`virtio`]: secure DMA — a virtio-blk device (virtio-queue over vm-memory's `IommuMemory`)
+//!   that reaches guest memory only through its `vmo::DmaDomain`;
 //! - [`workload`]: the key-value store guest (`guest/kvstore.rs`, a `no_std` Rust program
 //!   built by `build.rs`) and its host-side driver.
 //!
@@ -34,6 +36,7 @@ pub mod payload;
 pub mod reservation;
 pub mod uffd;
 pub mod vcpu_state;
+pub mod virtio;
 pub mod vm;
 pub mod workload;
 
