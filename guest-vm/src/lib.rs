@@ -22,18 +22,32 @@
 //! - [`virtio`]: secure DMA — a virtio-blk device (virtio-queue over vm-memory's `IommuMemory`)
 //!   that reaches guest memory only through its `vmo::DmaDomain`;
 //! - [`workload`]: the key-value store guest (`guest/kvstore.rs`, a `no_std` Rust program
-//!   built by `build.rs`) and its host-side driver.
+//!   built by `build.rs`) and its host-side driver;
+//! - [`kvmodel`], [`streams`]: a host replica of the guest's table and checked request streams;
+//! - [`fleet`]: fork N children and run them concurrently, each on its own vCPU thread;
+//! - [`demo`], [`demo_print`], [`single`]: the `guest-vm demo` / `fork` / `run` jobs;
+//! - [`bench`], [`bench_baseline`], [`bench_print`], [`measure`]: `guest-vm bench`.
 //!
 //! Errors: every fallible operation returns [`Error`]; bad guest behaviour (touching memory
 //! outside its address space, bad hypercall arguments) is reported as a value, never a panic.
 
+pub mod bench;
+pub mod bench_baseline;
+pub mod bench_print;
+pub mod demo;
+pub mod demo_print;
 pub mod fault_thread;
+pub mod fleet;
 pub mod guest;
 pub mod hypercall;
 pub mod kvm_stage2;
+pub mod kvmodel;
+pub mod measure;
 pub mod memfd_pool;
 pub mod payload;
 pub mod reservation;
+pub mod single;
+pub mod streams;
 pub mod uffd;
 pub mod vcpu_state;
 pub mod virtio;

@@ -1,7 +1,8 @@
 //! `KvmStage2` semantics checked from the host side (no vCPU): the `ept::Stage2` contract
 //! (alignment, overlap, same-size replacement, splitting of large leaves on unmap/protect,
 //! query) and that the reservation really shows the installed memfd frames. Needs
-//! userfaultfd with write-protect (root here); skips with a printed reason otherwise.
+//! userfaultfd with write-protect (root here); skips with a printed reason otherwise, or fails
+//! when `GUESTMEM_REQUIRE_KVM=1`.
 
 use std::sync::Arc;
 
@@ -17,6 +18,9 @@ fn setup() -> Option<(KvmStage2, Arc<MemfdFrameAlloc>)> {
     let uffd = match Uffd::open() {
         Ok(u) => Arc::new(u),
         Err(e) => {
+            if std::env::var("GUESTMEM_REQUIRE_KVM").is_ok_and(|v| v == "1") {
+                panic!("GUESTMEM_REQUIRE_KVM=1 but userfaultfd is unavailable: {e}");
+            }
             println!("SKIP: {e}");
             return None;
         }

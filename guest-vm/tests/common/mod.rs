@@ -128,10 +128,21 @@ pub fn skip_reason() -> Option<String> {
     guest_vm::vm::check_host().err().map(|e| e.to_string())
 }
 
+/// Whether CI demands the KVM tests (`GUESTMEM_REQUIRE_KVM=1`): then a missing KVM fails the
+/// test instead of skipping it.
+pub fn kvm_required() -> bool {
+    std::env::var("GUESTMEM_REQUIRE_KVM").is_ok_and(|v| v == "1")
+}
+
+/// Returns early from a test that needs KVM when the host cannot run guests, printing
+/// `SKIP: <reason>`; fails the test instead when `GUESTMEM_REQUIRE_KVM=1`.
 #[macro_export]
 macro_rules! require_kvm {
     () => {
         if let Some(why) = common::skip_reason() {
+            if common::kvm_required() {
+                panic!("GUESTMEM_REQUIRE_KVM=1 but this host cannot run KVM guests: {why}");
+            }
             println!("SKIP: {why}");
             return;
         }

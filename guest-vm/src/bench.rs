@@ -1,0 +1,342 @@
+//! `guest-vm bench`: our paths side by side with the kernel's, in one run, as medians and
+//! ratios (absolute times on this nested host mean little; ratios against a baseline measured
+//! in the same run do).
+//!
+//! Rows (ours vs baseline):
+//! - fork of a guest with S MiB resident (new VM + vCPU + `Vmar::fork`, state restored) vs
+//!   Linux `fork()` of this process holding S MiB resident, and vs a new VM over a
+//!   `MAP_PRIVATE` memfd (the Firecracker restore model), for each size;
+//! - first-touch guest write fault through uffd + `Vmar::handle_fault`, and the same pass after
+//!   `Guest::prefault`, vs the same guest loop over plain anonymous memory (KVM + the kernel's
+//!   page fault, no uffd);
+//! - copy-on-write of a shared frame by a forked guest vs kernel COW of a `MAP_PRIVATE` memfd
+//!   page, and vs `memcpy` of 4 KiB;
+//! - reset with D dirtied pages vs re-creating the VM from the snapshot (`fork` again).
+//!
+//! Invariant: the guests are dropped between measurements; a failure is an `Err`, never a
+//! partial table presented as complete.
+
+use std::time::{Duration, Instant};
+
+use crate::bench_baseline::{self as base, OverlayKind};
+use crate::measure::{median, ratio, us};
+use crate::payload::{self, DATA_GPA};
+use crate::vm::{GuestArgs, VmExit};
+use crate::{Error, Guest, HostFrames, Result, PAGE_SIZE};
+
+/// What to measure.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BenchOptions {
+    /// Resident sizes (MiB) of the fork rows.
+    pub sizes_mib: Vec<u64>,
+    /// Repetitions per measurement (the median is reported).
+    pub reps: usize,
+    /// Pages per fault / COW pass.
+    pub pages: u64,
+    /// Dirtied-page counts of the reset rows.
+    pub dirty: Vec<u64>,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            sizes_mib: vec![64, 1024],
+            reps: 7,
+            pages: 4096,
+            dirty: vec![16, 256, 4096],
+        }
+    }
+}
+
+/// One comparison: median of ours, median of the baseline, `ours / baseline`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Row {
+    pub what: String,
+    pub ours: String,
+    pub ours_us: f64,
+    pub baseline: String,
+    pub baseline_us: f64,
+    pub ratio: f64,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BenchReport {
+    pub options: BenchOptions,
+    pub rows: Vec<Row>,
+}
+
+fn row(what: String, ours: &str, o: f64, baseline: &str, b: f64) -> Row {
+    Row {
+        what,
+        ours: ours.into(),
+        ours_us: o,
+        baseline: baseline.into(),
+        baseline_us: b,
+        ratio: ratio(o, b),
+    }
+}
+
+fn progress(msg: &str) {
+    eprintln!("[bench] {msg}");
+}
+
+impl BenchOptions {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |s: String| Err(Error::InvalidArgs(s));
+        if self.sizes_mib.is_empty() || self.sizes_mib.iter().any(|&s| s == 0 || s > 4096) {
+            return bad(format!(
+                "sizes must be 1..=4096 MiB, got {:?}",
+                self.sizes_mib
+            ));
+        }
+        if self.reps == 0 || self.reps > 1000 {
+            return bad(format!("reps must be 1..=1000, got {}", self.reps));
+        }
+        if self.pages == 0 || self.pages > 262_144 {
+            return bad(format!("pages must be 1..=262144, got {}", self.pages));
+        }
+        if self.dirty.is_empty() || self.dirty.iter().any(|&d| d == 0 || d > self.pages) {
+            return bad(format!(
+                "dirty counts must be 1..={} (pages), got {:?}",
+                self.pages, self.dirty
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Guest memory holding `data` bytes above `DATA_GPA`, rounded to 2 MiB.
+fn guest_mem(data: u64) -> u64 {
+    (DATA_GPA + data).next_multiple_of(2 << 20)
+}
+
+fn loop_args(pages: u64) -> GuestArgs {
+    GuestArgs {
+        rdi: DATA_GPA,
+        rcx: pages,
+        rdx: PAGE_SIZE,
+        rax: 7,
+        ..Default::default()
+    }
+}
+
+/// A guest loaded with the write loop over `pages` pages (not run yet).
+fn write_guest(frames: &HostFrames, pages: u64) -> Result<Guest> {
+    let mut g = Guest::new(frames, guest_mem(pages * PAGE_SIZE))?;
+    g.vm_mut().load(&payload::write_loop(), loop_args(pages))?;
+    Ok(g)
+}
+
+fn run_done(g: &mut Guest) -> Result<Duration> {
+    let t = Instant::now();
+    match g.vm_mut().run()? {
+        VmExit::Done(7) => Ok(t.elapsed()),
+        other => Err(Error::BadState(format!(
+            "bench guest stopped with {other:?}"
+        ))),
+    }
+}
+
+fn per_page(d: Duration, pages: u64) -> f64 {
+    us(d) / pages as f64
+}
+
+fn fork_rows(o: &BenchOptions, frames: &HostFrames, rows: &mut Vec<Row>) -> Result<()> {
+    let kvm = kvm_ioctls::Kvm::new()
+        .map_err(|e| Error::KvmUnavailable(format!("cannot open /dev/kvm: {e}")))?;
+    for &mib in &o.sizes_mib {
+        let size = mib << 20;
+        progress(&format!(
+            "fork: Linux fork() of a process with {mib} MiB resident"
+        ));
+        let linux = {
+            let _resident = base::Mapping::resident_anon(size)?;
+            let mut s = Vec::new();
+            for _ in 0..o.reps {
+                s.push(us(base::linux_fork()?));
+            }
+            median(&s)
+        };
+        progress(&format!("fork: guest with {mib} MiB resident"));
+        let mut g = Guest::new(frames, guest_mem(size))?;
+        g.vm_mut().load(&payload::write_loop(), loop_args(1))?;
+        g.prefault(DATA_GPA, size, true)?;
+        let state = g.snapshot()?;
+        let mut ours = Vec::new();
+        for _ in 0..o.reps {
+            let t = Instant::now();
+            let child = g.fork(&state)?;
+            ours.push(us(t.elapsed()));
+            drop(child);
+        }
+        let ours = median(&ours);
+        progress(&format!(
+            "fork: MAP_PRIVATE memfd VM of {mib} MiB (Firecracker model)"
+        ));
+        let memfd = base::filled_memfd(guest_mem(size))?;
+        let mut fc = Vec::new();
+        for _ in 0..o.reps {
+            let t = Instant::now();
+            let vm = base::private_memfd_vm(&kvm, &memfd, guest_mem(size), &state)?;
+            fc.push(us(t.elapsed()));
+            drop(vm);
+        }
+        drop(memfd);
+        drop(g);
+        let what = format!("fork, {mib} MiB resident");
+        rows.push(row(
+            what.clone(),
+            "guest fork (VM+vCPU+Vmar::fork)",
+            ours,
+            "Linux fork()+waitpid",
+            linux,
+        ));
+        rows.push(row(
+            what,
+            "guest fork (VM+vCPU+Vmar::fork)",
+            ours,
+            "new VM over MAP_PRIVATE memfd",
+            median(&fc),
+        ));
+    }
+    Ok(())
+}
+
+fn fault_rows(o: &BenchOptions, frames: &HostFrames, rows: &mut Vec<Row>) -> Result<()> {
+    let n = o.pages;
+    progress(&format!("faults: {n} first-touch guest writes, three ways"));
+    let (mut uffd, mut pre, mut kernel) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..o.reps {
+        let mut g = write_guest(frames, n)?;
+        uffd.push(per_page(run_done(&mut g)?, n));
+        drop(g);
+        let mut g = write_guest(frames, n)?;
+        let t = Instant::now();
+        g.prefault(DATA_GPA, n * PAGE_SIZE, true)?;
+        let p = t.elapsed();
+        pre.push(per_page(p + run_done(&mut g)?, n));
+        drop(g);
+        let mut g = write_guest(frames, n)?;
+        base::overlay(&g, DATA_GPA, n * PAGE_SIZE, OverlayKind::Anonymous)?;
+        kernel.push(per_page(run_done(&mut g)?, n));
+        drop(g);
+    }
+    let k = median(&kernel);
+    rows.push(row(
+        "first-touch fault, per page".into(),
+        "uffd MISSING -> Vmar::handle_fault -> mmap",
+        median(&uffd),
+        "KVM + kernel anon fault (no uffd)",
+        k,
+    ));
+    rows.push(row(
+        "first-touch, VMM prefault, per page".into(),
+        "Guest::prefault + guest pass",
+        median(&pre),
+        "KVM + kernel anon fault (no uffd)",
+        k,
+    ));
+    Ok(())
+}
+
+fn cow_rows(o: &BenchOptions, frames: &HostFrames, rows: &mut Vec<Row>) -> Result<()> {
+    let n = o.pages;
+    progress(&format!(
+        "copy-on-write: {n} pages written by a forked guest"
+    ));
+    let mut parent = write_guest(frames, n)?;
+    let entry = parent.snapshot()?;
+    run_done(&mut parent)?;
+    let (mut ours, mut kernel) = (Vec::new(), Vec::new());
+    for _ in 0..o.reps {
+        let mut child = parent.fork(&entry)?;
+        ours.push(per_page(run_done(&mut child)?, n));
+        let copies = child.vmar().fault_stats().copies;
+        if copies < n {
+            return Err(Error::BadState(format!(
+                "COW pass copied {copies} of {n} pages"
+            )));
+        }
+        drop(child);
+        let mut g = write_guest(frames, n)?;
+        let _memfd = base::overlay(&g, DATA_GPA, n * PAGE_SIZE, OverlayKind::PrivateMemfd)?;
+        kernel.push(per_page(run_done(&mut g)?, n));
+        drop(g);
+    }
+    let copy = us(base::memcpy_4k(100_000));
+    let ours = median(&ours);
+    rows.push(row(
+        "COW of a shared page, per page".into(),
+        "guest write -> uffd -> Vmar copy -> mmap",
+        ours,
+        "KVM + kernel COW of MAP_PRIVATE memfd",
+        median(&kernel),
+    ));
+    rows.push(row(
+        "COW of a shared page, per page".into(),
+        "guest write -> uffd -> Vmar copy -> mmap",
+        ours,
+        "memcpy 4 KiB",
+        copy,
+    ));
+
+    progress("reset vs re-creating the VM");
+    let mut child = parent.fork(&entry)?;
+    for &d in &o.dirty {
+        let (mut reset, mut recreate) = (Vec::new(), Vec::new());
+        for _ in 0..o.reps {
+            child.reset(&entry)?;
+            let mut regs = child.vm().vcpu().get_regs().map_err(|err| Error::Kvm {
+                what: "KVM_GET_REGS",
+                err,
+            })?;
+            regs.rcx = d;
+            child
+                .vm()
+                .vcpu()
+                .set_regs(&regs)
+                .map_err(|err| Error::Kvm {
+                    what: "KVM_SET_REGS",
+                    err,
+                })?;
+            run_done(&mut child)?;
+            let t = Instant::now();
+            let dropped = child.reset(&entry)?;
+            reset.push(us(t.elapsed()));
+            if dropped < d {
+                return Err(Error::BadState(format!(
+                    "reset dropped {dropped} of {d} pages"
+                )));
+            }
+            let t = Instant::now();
+            let fresh = parent.fork(&entry)?;
+            let old = std::mem::replace(&mut child, fresh);
+            drop(old);
+            recreate.push(us(t.elapsed()));
+        }
+        rows.push(row(
+            format!("reset, {d} dirtied pages"),
+            "Guest::reset (drop dirtied pages)",
+            median(&reset),
+            "drop VM + fork a new one",
+            median(&recreate),
+        ));
+    }
+    Ok(())
+}
+
+/// Runs every measurement; see the module documentation.
+pub fn run(o: &BenchOptions) -> Result<BenchReport> {
+    o.validate()?;
+    crate::vm::check_host()?;
+    let biggest = o.sizes_mib.iter().copied().max().unwrap_or(64) << 20;
+    let frames = HostFrames::new(guest_mem(biggest).max(guest_mem(o.pages * PAGE_SIZE)) * 4)?;
+    let mut rows = Vec::new();
+    fork_rows(o, &frames, &mut rows)?;
+    fault_rows(o, &frames, &mut rows)?;
+    cow_rows(o, &frames, &mut rows)?;
+    Ok(BenchReport {
+        options: o.clone(),
+        rows,
+    })
+}

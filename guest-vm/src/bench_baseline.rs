@@ -1,0 +1,217 @@
+//! The kernel's own mechanisms the benchmark compares our paths with, measured in the same
+//! process on the same machine:
+//! - `linux_fork`: `fork()` of this process while it holds `size` bytes of resident anonymous
+//!   memory; the child calls `_exit(0)`; the time runs until `waitpid` returns;
+//! - `private_memfd_vm`: the Firecracker restore model — a new KVM VM + vCPU whose memslot is
+//!   a `MAP_PRIVATE` mapping of a memfd holding the snapshot (kernel copy-on-write);
+//! - `Overlay`: replaces part of a guest's memslot host range with plain anonymous memory
+//!   (KVM + the kernel's page fault, no userfaultfd) or with a `MAP_PRIVATE` memfd mapping;
+//! - `memcpy_4k`: copying one 4 KiB page.
+//!
+//! Invariants: every mapping made here is unmapped by its owner's `Drop`; overlays only ever
+//! cover a range inside a live reservation of the caller's guest.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+
+use crate::vcpu_state::VcpuState;
+use crate::{last_os, Error, Guest, Result, PAGE_SIZE};
+
+/// An anonymous or file mapping owned by the benchmark.
+pub struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Mapping {
+    fn map(len: u64, prot: i32, flags: i32, fd: i32) -> Result<Self> {
+        // SAFETY: a fresh mapping chosen by the kernel; checked below.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len as usize, prot, flags, fd, 0) };
+        if p == libc::MAP_FAILED {
+            return Err(last_os("mmap(benchmark mapping)"));
+        }
+        Ok(Mapping {
+            ptr: p.cast(),
+            len: len as usize,
+        })
+    }
+
+    /// `len` bytes of anonymous memory with every page written (resident).
+    pub fn resident_anon(len: u64) -> Result<Self> {
+        let m = Self::map(
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+        )?;
+        for off in (0..m.len).step_by(PAGE_SIZE as usize) {
+            // SAFETY: inside the mapping.
+            unsafe { m.ptr.add(off).write_volatile(1) };
+        }
+        Ok(m)
+    }
+
+    pub fn addr(&self) -> u64 {
+        self.ptr as u64
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping, unmapped once.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// One `fork()` + child `_exit(0)` + `waitpid`, timed.
+pub fn linux_fork() -> Result<Duration> {
+    let t = Instant::now();
+    // SAFETY: the child only calls the async-signal-safe `_exit`.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(last_os("fork"));
+    }
+    if pid == 0 {
+        // SAFETY: terminating the child without running any parent state.
+        unsafe { libc::_exit(0) };
+    }
+    let mut status = 0;
+    // SAFETY: our own child.
+    if unsafe { libc::waitpid(pid, &mut status, 0) } != pid {
+        return Err(last_os("waitpid"));
+    }
+    Ok(t.elapsed())
+}
+
+/// A memfd of `len` bytes whose every page is written (the "snapshot file").
+pub fn filled_memfd(len: u64) -> Result<OwnedFd> {
+    // SAFETY: valid name and flags.
+    let raw = unsafe { libc::memfd_create(c"bench-snapshot".as_ptr(), libc::MFD_CLOEXEC) };
+    if raw < 0 {
+        return Err(last_os("memfd_create"));
+    }
+    // SAFETY: a fresh descriptor we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: valid descriptor.
+    if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
+        return Err(last_os("ftruncate"));
+    }
+    let m = Mapping::map(
+        len,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_SHARED,
+        fd.as_raw_fd(),
+    )?;
+    for off in (0..m.len).step_by(PAGE_SIZE as usize) {
+        // SAFETY: inside the mapping.
+        unsafe { m.ptr.add(off).write_volatile(0x5a) };
+    }
+    Ok(fd)
+}
+
+/// A VM restored the Firecracker way: memslot = `MAP_PRIVATE` view of `memfd`.
+pub struct PrivateVm {
+    _vcpu: VcpuFd,
+    _vm: VmFd,
+    _mem: Mapping,
+}
+
+/// Creates a VM + vCPU over a private mapping of `memfd` (`len` bytes) and restores `state`.
+pub fn private_memfd_vm(
+    kvm: &Kvm,
+    memfd: &OwnedFd,
+    len: u64,
+    state: &VcpuState,
+) -> Result<PrivateVm> {
+    let kvm_err = |what| move |err| Error::Kvm { what, err };
+    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    let mem = Mapping::map(
+        len,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+        memfd.as_raw_fd(),
+    )?;
+    let region = kvm_userspace_memory_region {
+        slot: 0,
+        flags: 0,
+        guest_phys_addr: 0,
+        memory_size: len,
+        userspace_addr: mem.addr(),
+    };
+    // SAFETY: the mapping outlives the VM (both owned by `PrivateVm`, VM dropped first).
+    unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+    state.restore(&vcpu)?;
+    Ok(PrivateVm {
+        _vcpu: vcpu,
+        _vm: vm,
+        _mem: mem,
+    })
+}
+
+/// How an `Overlay` backs a range of a guest's memslot.
+#[derive(Clone, Copy, Debug)]
+pub enum OverlayKind {
+    /// Anonymous private memory: KVM faults go to the kernel's page-fault path only.
+    Anonymous,
+    /// A `MAP_PRIVATE` view of a filled memfd: guest writes are kernel copy-on-write.
+    PrivateMemfd,
+}
+
+/// Replaces guest-physical `[gpa, gpa+len)` of `guest`'s memslot with kernel-managed memory
+/// (see `OverlayKind`). The guest's Vmar does not know; use it only for ranges the guest's
+/// Vmar never installed, and drop the guest afterwards.
+pub fn overlay(guest: &Guest, gpa: u64, len: u64, kind: OverlayKind) -> Result<Option<OwnedFd>> {
+    let hva =
+        guest.vm().reservation().hva_of(gpa, len).ok_or_else(|| {
+            Error::InvalidArgs(format!("overlay {gpa:#x}+{len:#x} outside guest"))
+        })?;
+    let (flags, fd) = match kind {
+        OverlayKind::Anonymous => (
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+            None,
+        ),
+        OverlayKind::PrivateMemfd => (
+            libc::MAP_PRIVATE | libc::MAP_NORESERVE | libc::MAP_FIXED,
+            Some(filled_memfd(len)?),
+        ),
+    };
+    let raw = fd.as_ref().map_or(-1, |f| f.as_raw_fd());
+    // SAFETY: the range lies inside the guest's own reservation (checked above); MAP_FIXED
+    // replaces only it, and the reservation's Drop unmaps it with the rest.
+    let p = unsafe {
+        libc::mmap(
+            hva as *mut libc::c_void,
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags,
+            raw,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(last_os("mmap(overlay)"));
+    }
+    Ok(fd)
+}
+
+/// Median-free single sample: copying one 4 KiB page `n` times between distinct resident
+/// pages; returns the time per copy.
+pub fn memcpy_4k(n: usize) -> Duration {
+    let src = vec![0x5au8; PAGE_SIZE as usize * 64];
+    let mut dst = vec![0u8; PAGE_SIZE as usize * 64];
+    let t = Instant::now();
+    for i in 0..n {
+        let k = (i % 64) * PAGE_SIZE as usize;
+        dst[k..k + PAGE_SIZE as usize].copy_from_slice(&src[k..k + PAGE_SIZE as usize]);
+        std::hint::black_box(&mut dst);
+    }
+    t.elapsed() / n.max(1) as u32
+}
