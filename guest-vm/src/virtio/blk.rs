@@ -192,10 +192,13 @@ impl<D: DiskBackend, S: Stage2 + Send + 'static> VirtioBlk<D, S> {
         &self.mem
     }
 
-    /// Driver OK: sets up the queue. Refused (InvalidArgs) unless the size is a power of two
+    /// Driver OK: sets up the queue (replacing any previous one). Refused (InvalidArgs, and
+    /// the device is left without a queue) unless the size is a power of two
     /// ≤ `MAX_QUEUE_SIZE`, the parts are aligned, and the descriptor table and avail ring are
     /// device-readable and the used ring device-writable through the domain.
     pub fn activate(&mut self, cfg: QueueConfig) -> Result<()> {
+        // A refused configuration leaves the device without a queue (it needs a reset).
+        self.queue = None;
         let bad = |what: &str, e: virtio_queue::Error| {
             Error::InvalidArgs(format!("virtqueue {what}: {e}"))
         };
@@ -344,7 +347,7 @@ fn request<D: DiskBackend>(
     let in_range = |len: usize| -> Option<u64> {
         let off = hdr.sector.checked_mul(SECTOR_SIZE)?;
         let end = off.checked_add(len as u64)?;
-        (len as u64 % SECTOR_SIZE == 0 && end <= capacity).then_some(off)
+        ((len as u64).is_multiple_of(SECTOR_SIZE) && end <= capacity).then_some(off)
     };
     match hdr.req_type {
         VIRTIO_BLK_T_IN => {
