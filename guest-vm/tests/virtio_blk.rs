@@ -563,3 +563,64 @@ fn on_a_kvm_guest() {
     }
     assert_eq!(frames.pool.stats().live, 0);
 }
+
+/// `DmaMemory` on its own (vm-memory `Bytes` / `GuestMemory` through `IommuMemory`): only the
+/// assigned ranges translate, with the device perms; a refused access moves no byte.
+#[test]
+fn iommu_memory_translates_only_assigned_ranges() {
+    use guest_vm::virtio::{dma_memory, DeviceDma};
+    use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
+    let frames = HostFrames::new(64 << 20).unwrap();
+    {
+        let g = guest(&frames);
+        let mut dma = DeviceDma::new(
+            &frames,
+            GUEST,
+            DomainTable::new(HeapPhysMem::new()).unwrap(),
+        )
+        .unwrap();
+        let rw = vmo::DevicePerms::READ | vmo::DevicePerms::WRITE;
+        dma.add_contiguous(&g, "rw", BASE, 2 * P, rw).unwrap();
+        dma.add_contiguous(&g, "ro", BASE + 3 * P, P, vmo::DevicePerms::READ)
+            .unwrap();
+        let mem = dma_memory(&frames, dma.domain().clone()).unwrap();
+        let ram = guest_vm::virtio::GuestRam::new(&g, &frames);
+        ram.fill(BASE + 2 * P, P as usize, CANARY).unwrap();
+
+        mem.write_slice(b"device", GuestAddress(BASE + P - 3))
+            .unwrap();
+        let mut b = [0u8; 6];
+        ram.read(BASE + P - 3, &mut b).unwrap();
+        assert_eq!(
+            &b, b"device",
+            "the guest sees the device's write across pages"
+        );
+        assert!(mem.check_range(GuestAddress(BASE), 2 * P as usize, Permissions::ReadWrite));
+        assert!(mem.check_range(GuestAddress(BASE + 3 * P), P as usize, Permissions::Read));
+        assert!(!mem.check_range(GuestAddress(BASE + 3 * P), 1, Permissions::Write));
+        assert!(!mem.check_range(GuestAddress(BASE + 2 * P), 1, Permissions::Read));
+        // Refused: across the region's end, outside, wrap-around, against perms.
+        let big = vec![0xeeu8; 2 * P as usize];
+        assert!(mem.write_slice(&big, GuestAddress(BASE + P)).is_err());
+        assert!(mem.write_slice(&[1], GuestAddress(BASE + 2 * P)).is_err());
+        assert!(mem
+            .write_slice(&[1; 64], GuestAddress(u64::MAX - 31))
+            .is_err());
+        assert!(mem.write_slice(&[1], GuestAddress(BASE + 3 * P)).is_err());
+        assert!(mem.read_obj::<u64>(GuestAddress(1 << 41)).is_err());
+        let mut page = vec![0u8; P as usize];
+        ram.read(BASE + 2 * P, &mut page).unwrap();
+        assert!(page.iter().all(|&x| x == CANARY), "no byte moved");
+        ram.read(BASE + P, &mut page).unwrap();
+        assert!(
+            page[3..].iter().all(|&x| x == 0),
+            "the refused write left the region alone"
+        );
+        assert_eq!(dma.domain().stats().refused, 7);
+        // After unassign, the same addresses are refused.
+        dma.teardown().unwrap();
+        assert!(mem.read_obj::<u8>(GuestAddress(BASE)).is_err());
+        drop(mem);
+    }
+    assert_eq!(frames.pool.stats().live, 0);
+}

@@ -148,6 +148,7 @@ impl<D: Stage2 + Send + 'static> DeviceDma<D> {
             )));
         }
         self.domain.assign(vmo, 0, len, gpa, perms)?;
+        let i = self.regions.len();
         self.regions.push(DmaRegion {
             name: name.to_string(),
             vmo: vmo.clone(),
@@ -155,7 +156,7 @@ impl<D: Stage2 + Send + 'static> DeviceDma<D> {
             len,
             perms,
         });
-        Ok(self.regions.last().expect("just pushed"))
+        Ok(&self.regions[i])
     }
 
     /// Unassigns (unpins) every region; the guest keeps its mappings. Idempotent.
