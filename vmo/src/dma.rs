@@ -37,10 +37,14 @@ bitflags::bitflags! {
     }
 }
 
-/// One host-contiguous piece of a translated device access.
+/// One contiguous piece of a translated device access: contiguous both in host memory and in
+/// frame (physical) addresses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DmaSegment {
+    /// Host pointer to the first byte.
     pub host: *mut u8,
+    /// Frame (physical) address of the first byte, as the pool's allocator numbers frames.
+    pub pa: u64,
     pub len: usize,
 }
 
@@ -190,12 +194,17 @@ impl<S: Stage2 + Send + 'static> DmaDomain<S> {
             let Some((&start, a)) = assigned.range(..=iova).next_back() else {
                 return self.refuse(Error::NotFound);
             };
-            if end > start + a.len {
+            // Even a zero-length access must name an address inside the region.
+            if iova >= start + a.len || end > start + a.len {
                 return self.refuse(Error::NotFound);
             }
             if !a.perms.contains(access) {
                 return self.refuse(Error::AccessDenied);
             }
+        }
+        if len == 0 {
+            self.translated.fetch_add(1, Ordering::Relaxed);
+            return Ok(Vec::new());
         }
         let (need, fault_access) = if access.contains(DevicePerms::WRITE) {
             (S2Perms::WRITE, Access::WRITE)
@@ -226,11 +235,18 @@ impl<S: Stage2 + Send + 'static> DmaDomain<S> {
             }
             // SAFETY: `at - page` < PAGE, inside the frame.
             let host = unsafe { host.add((at - page) as usize) };
+            let pa = pa + (at - page);
             match segments.last_mut() {
-                // SAFETY: only compares addresses.
-                Some(last) if unsafe { last.host.add(last.len) } == host => last.len += n as usize,
+                // Merge only when both the host and the frame addresses continue.
+                Some(last)
+                    if last.host.wrapping_add(last.len) == host
+                        && last.pa + last.len as u64 == pa =>
+                {
+                    last.len += n as usize
+                }
                 _ => segments.push(DmaSegment {
                     host,
+                    pa,
                     len: n as usize,
                 }),
             }

@@ -38,6 +38,7 @@ fn valid_accesses_reach_the_assigned_frames() {
         .unwrap();
     assert_eq!(segs.len(), 1);
     assert_eq!(segs[0].len, 3 * P as usize);
+    assert_eq!(segs[0].pa, buf.contiguous_base().unwrap() + 100);
     // SAFETY: inside the assigned region.
     unsafe { *segs[0].host.add(P as usize) = 0xab };
     let mut b = [0u8];

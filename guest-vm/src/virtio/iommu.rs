@@ -97,13 +97,12 @@ impl<S: Stage2 + Send + 'static> Iommu for DomainIommu<S> {
             .domain
             .translate(iova.0, length as u64, perms)
             .map_err(|e| cannot(iova, length, format!("DMA domain refused: {e:?}")))?;
-        // Host pointers of the memfd mapping → frame addresses (the backend's address space).
-        let base = vmo::FrameAlloc::frame_ptr(&*self.frames, 0) as usize;
+        // Segments carry frame addresses: memfd offsets, the backend's address space.
         let capacity = self.frames.capacity() as usize;
         let mut iotlb = Iotlb::new();
         let mut at = iova.0;
         for seg in segments {
-            let pa = (seg.host as usize).wrapping_sub(base);
+            let pa = seg.pa as usize;
             if pa >= capacity || seg.len > capacity - pa {
                 return Err(IommuError::IommuMisconfigured {
                     reason: format!(
