@@ -13,6 +13,10 @@
 //!
 //! Invariants:
 //! - `leaves` holds disjoint leaves (start GPA → leaf) and matches the host mappings exactly;
+//! - `writable` is exactly the set of leaf starts whose perms contain WRITE, and `odd_ro` the
+//!   number of other leaves whose perms are not plain READ; together they let the common
+//!   write-protect of a fork (`protect(range, READ)`) visit only the writable leaves, so forking
+//!   a guest again does not walk every installed page;
 //!   every installed VMA has the same flags (RW, shared, uffd-WP registered), so GPA-adjacent
 //!   leaves over offset-adjacent frames merge into one VMA;
 //! - execute permission is recorded but not enforced (KVM cannot express it per host page);
@@ -21,7 +25,7 @@
 //!   when the process may write `/proc/sys/vm/max_map_count`; otherwise the operation fails
 //!   with `ept::Error::NoMemory` and `last_error()` says why — never a panic.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use ept::{FlushScope, MemType, PageSize, S2Perms, Stage2, Translation};
@@ -54,6 +58,10 @@ pub struct KvmStage2 {
     res: Arc<Reservation>,
     frames: Arc<MemfdFrameAlloc>,
     leaves: BTreeMap<u64, Leaf>,
+    /// Starts of the leaves with WRITE (see the module invariants).
+    writable: BTreeSet<u64>,
+    /// Leaves without WRITE whose perms are not plain READ.
+    odd_ro: u64,
     flush_pending: bool,
     stats: Stage2Stats,
     last_error: Option<String>,
@@ -103,6 +111,8 @@ impl KvmStage2 {
             res,
             frames,
             leaves: BTreeMap::new(),
+            writable: BTreeSet::new(),
+            odd_ro: 0,
             flush_pending: false,
             stats: Stage2Stats::default(),
             last_error: None,
@@ -133,6 +143,37 @@ impl KvmStage2 {
     /// carry it).
     pub fn last_error(&self) -> Option<&str> {
         self.last_error.as_deref()
+    }
+
+    fn index(&mut self, start: u64, leaf: &Leaf, add: bool) {
+        if leaf.perms.contains(S2Perms::WRITE) {
+            if add {
+                self.writable.insert(start);
+            } else {
+                self.writable.remove(&start);
+            }
+        } else if leaf.perms != S2Perms::READ {
+            if add {
+                self.odd_ro += 1;
+            } else {
+                self.odd_ro -= 1;
+            }
+        }
+    }
+
+    /// Records `leaf` at `start` (replacing any leaf there), keeping the indexes true.
+    fn put_leaf(&mut self, start: u64, leaf: Leaf) {
+        if let Some(old) = self.leaves.insert(start, leaf) {
+            self.index(start, &old, false);
+        }
+        self.index(start, &leaf, true);
+    }
+
+    /// Forgets the leaf at `start`, keeping the indexes true.
+    fn take_leaf(&mut self, start: u64) -> Option<Leaf> {
+        let old = self.leaves.remove(&start)?;
+        self.index(start, &old, false);
+        Some(old)
     }
 
     fn fail(&mut self, e: Error) -> ept::Error {
@@ -234,10 +275,10 @@ impl KvmStage2 {
                 PageSize::Size2M => PageSize::Size4K,
                 PageSize::Size4K => return,
             };
-            self.leaves.remove(&start);
+            self.take_leaf(start);
             for i in 0..512 {
                 let off = i * child.bytes();
-                self.leaves.insert(
+                self.put_leaf(
                     start + off,
                     Leaf {
                         pa: leaf.pa + off,
@@ -257,6 +298,47 @@ impl KvmStage2 {
             .range(gpa..gpa + len)
             .map(|(&s, &l)| (s, l))
             .collect()
+    }
+}
+
+impl KvmStage2 {
+    /// `protect(gpa, len, READ)` when every read-only leaf is plain READ (`odd_ro == 0`): only
+    /// the writable leaves in the range change, and only they are visited.
+    fn write_protect(&mut self, gpa: u64, len: u64) -> Result<u64, ept::Error> {
+        self.split_at(gpa);
+        self.split_at(gpa + len);
+        let starts: Vec<u64> = self.writable.range(gpa..gpa + len).copied().collect();
+        if starts.is_empty() {
+            return Ok(0);
+        }
+        let mut changed = 0;
+        let mut pieces = Vec::with_capacity(starts.len());
+        for &s in &starts {
+            let bytes = self.leaves.get(&s).map_or(PAGE_SIZE, |l| l.size.bytes());
+            changed += bytes / PAGE_SIZE;
+            pieces.push((s, bytes));
+        }
+        let uffd = self.res.uffd().clone();
+        for (s, l) in runs(pieces) {
+            let hva = self.res.hva_of(s, l).expect("leaf inside reservation");
+            if let Err(e) = uffd.writeprotect(hva, l, true, false) {
+                return Err(self.fail(e));
+            }
+        }
+        for s in starts {
+            if let Some(&leaf) = self.leaves.get(&s) {
+                self.put_leaf(
+                    s,
+                    Leaf {
+                        perms: S2Perms::READ,
+                        ..leaf
+                    },
+                );
+            }
+        }
+        self.stats.protects += 1;
+        self.flush_pending = true;
+        Ok(changed)
     }
 }
 
@@ -311,7 +393,7 @@ impl Stage2 for KvmStage2 {
         let writable = perms.contains(S2Perms::WRITE);
         self.with_map_retry(|me| me.install(gpa, pa, len, writable))?;
         self.stats.maps += 1;
-        self.leaves.insert(
+        self.put_leaf(
             gpa,
             Leaf {
                 pa,
@@ -347,7 +429,7 @@ impl Stage2 for KvmStage2 {
         }
         let mut pages = 0;
         for (s, l) in &gone {
-            self.leaves.remove(s);
+            self.take_leaf(*s);
             pages += l.size.bytes() / PAGE_SIZE;
         }
         self.stats.unmaps += 1;
@@ -364,6 +446,9 @@ impl Stage2 for KvmStage2 {
             });
         }
         self.check_range(gpa, len)?;
+        if perms == S2Perms::READ && self.odd_ro == 0 {
+            return self.write_protect(gpa, len);
+        }
         let writable = perms.contains(S2Perms::WRITE);
         let mut changed = 0;
         let mut flip = Vec::new();
@@ -385,8 +470,13 @@ impl Stage2 for KvmStage2 {
                 return Err(self.fail(e));
             }
         }
-        for (_, leaf) in self.leaves.range_mut(gpa..gpa + len) {
-            leaf.perms = perms;
+        let starts: Vec<u64> = self.leaves.range(gpa..gpa + len).map(|(&s, _)| s).collect();
+        for start in starts {
+            if let Some(&leaf) = self.leaves.get(&start) {
+                if leaf.perms != perms {
+                    self.put_leaf(start, Leaf { perms, ..leaf });
+                }
+            }
         }
         if changed > 0 {
             self.stats.protects += 1;

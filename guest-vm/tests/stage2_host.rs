@@ -128,3 +128,45 @@ fn large_leaves_split_on_partial_unmap_and_protect() {
     assert_eq!(s.unmap(0, 16 << 20).unwrap(), 509);
     assert_eq!(s.mapped_pages(), 0);
 }
+
+/// The fork's write-protect (`protect(range, READ)`) changes exactly the writable leaves —
+/// through the fast path that visits only them, and through the general path once a
+/// read-only leaf carries other perms — and a second one changes nothing.
+#[test]
+fn write_protect_changes_exactly_the_writable_leaves() {
+    let Some((mut s, frames)) = setup() else {
+        return;
+    };
+    let wb = MemType::WriteBack;
+    let mut map = |s: &mut KvmStage2, gpa: u64, perms: S2Perms| {
+        let f = frames.alloc_frame().unwrap();
+        s.map(gpa, f, PageSize::Size4K, perms, wb).unwrap();
+    };
+    for i in 0..8 {
+        map(&mut s, 0x10_0000 + i * P, S2Perms::RW);
+    }
+    map(&mut s, 0x20_0000, S2Perms::READ);
+    let big = frames
+        .alloc_contiguous(1024)
+        .unwrap()
+        .next_multiple_of(2 << 20);
+    s.map(0x40_0000, big, PageSize::Size2M, S2Perms::RW, wb)
+        .unwrap();
+    // A range that cuts the 2 MiB leaf: only its first 16 pages change.
+    assert_eq!(s.protect(0, 0x40_0000 + 16 * P, S2Perms::READ), Ok(8 + 16));
+    assert_eq!(s.query(0x10_3000).unwrap().perms, S2Perms::READ);
+    assert_eq!(s.query(0x40_f000).unwrap().perms, S2Perms::READ);
+    assert_eq!(s.query(0x41_0000).unwrap().perms, S2Perms::RW);
+    assert_eq!(s.protect(0, 0x40_0000 + 16 * P, S2Perms::READ), Ok(0));
+    // Back to RW, then a read-only leaf with EXEC: the general path counts it too.
+    assert_eq!(s.protect(0x10_0000, 8 * P, S2Perms::RW), Ok(8));
+    map(&mut s, 0x30_0000, S2Perms::READ | S2Perms::EXEC);
+    assert_eq!(s.protect(0x10_0000, 0x21_0000, S2Perms::READ), Ok(8 + 1));
+    assert_eq!(s.query(0x30_0000).unwrap().perms, S2Perms::READ);
+    assert_eq!(s.protect(0, 16 << 20, S2Perms::READ), Ok(512 - 16));
+    assert_eq!(s.protect(0, 16 << 20, S2Perms::READ), Ok(0));
+    // Unmapping keeps the index true: a remapped writable page is protected again.
+    s.unmap(0x10_0000, P).unwrap();
+    map(&mut s, 0x10_0000, S2Perms::RW);
+    assert_eq!(s.protect(0, 16 << 20, S2Perms::READ), Ok(1));
+}
