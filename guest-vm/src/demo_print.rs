@@ -70,6 +70,18 @@ pub fn render(r: &DemoReport) -> String {
         r.options.requests,
         r.concurrent_run_ms
     );
+    let serial: f64 = r
+        .children
+        .iter()
+        .filter_map(|c| c.run.as_ref().map(|x| x.elapsed_ms))
+        .sum();
+    let _ = writeln!(
+        o,
+        "  (the children's run times add up to {serial:.1} ms: {:.1}x overlap on this machine's \
+         {} CPUs)",
+        crate::measure::ratio(serial, r.concurrent_run_ms),
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
     let _ = writeln!(o);
     let _ = writeln!(
         o,

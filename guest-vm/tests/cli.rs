@@ -70,7 +70,7 @@ fn help_lists_every_command() {
 #[test]
 fn demo_without_root_says_why() {
     // SAFETY: no arguments.
-    if unsafe { libc_geteuid() } != 0 || Command::new("setpriv").arg("--help").output().is_err() {
+    if unsafe { libc::geteuid() } != 0 || Command::new("setpriv").arg("--help").output().is_err() {
         println!("SKIP: needs root and setpriv to drop privileges");
         return;
     }
@@ -92,11 +92,6 @@ fn demo_without_root_says_why() {
     );
     assert!(!err.contains("panicked"), "{err}");
     assert!(text(&out.stdout).contains("VERDICT: FAIL"));
-}
-
-extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
 }
 
 #[test]

@@ -138,7 +138,7 @@ fn write_protect_changes_exactly_the_writable_leaves() {
         return;
     };
     let wb = MemType::WriteBack;
-    let mut map = |s: &mut KvmStage2, gpa: u64, perms: S2Perms| {
+    let map = |s: &mut KvmStage2, gpa: u64, perms: S2Perms| {
         let f = frames.alloc_frame().unwrap();
         s.map(gpa, f, PageSize::Size4K, perms, wb).unwrap();
     };
