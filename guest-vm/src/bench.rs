@@ -24,6 +24,9 @@ use crate::payload::{self, DATA_GPA};
 use crate::vm::{GuestArgs, VmExit};
 use crate::{Error, Guest, HostFrames, Result, PAGE_SIZE};
 
+/// Fault-around window of the streaming row (pages).
+const STREAM_WINDOW: u64 = 32;
+
 /// What to measure.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct BenchOptions {
@@ -218,9 +221,14 @@ fn fault_rows(o: &BenchOptions, frames: &HostFrames, rows: &mut Vec<Row>) -> Res
     let n = o.pages;
     progress(&format!("faults: {n} first-touch guest writes, three ways"));
     let (mut uffd, mut pre, mut kernel) = (Vec::new(), Vec::new(), Vec::new());
+    let mut around = Vec::new();
     for _ in 0..o.reps {
         let mut g = write_guest(frames, n)?;
         uffd.push(per_page(run_done(&mut g)?, n));
+        drop(g);
+        let mut g = write_guest(frames, n)?;
+        g.set_stream_fault_around(STREAM_WINDOW);
+        around.push(per_page(run_done(&mut g)?, n));
         drop(g);
         let mut g = write_guest(frames, n)?;
         let t = Instant::now();
@@ -238,6 +246,13 @@ fn fault_rows(o: &BenchOptions, frames: &HostFrames, rows: &mut Vec<Row>) -> Res
         "first-touch fault, per page".into(),
         "uffd MISSING -> Vmar::handle_fault -> mmap",
         median(&uffd),
+        "KVM + kernel anon fault (no uffd)",
+        k,
+    ));
+    rows.push(row(
+        format!("first-touch, streaming fault-around {STREAM_WINDOW}, per page"),
+        "uffd fault + Vmar commits the next pages",
+        median(&around),
         "KVM + kernel anon fault (no uffd)",
         k,
     ));
