@@ -135,3 +135,21 @@ fn demo_json_and_fork_command() {
     assert_eq!(v["children"].as_array().map(Vec::len), Some(2));
     assert!(v["reset_ms_median"].is_null(), "fork has no reset phase");
 }
+
+/// The smallest `bench` (1 MiB, one repetition) runs every comparison and prints JSON with a
+/// median and a ratio per row; the real figures come from `guest-vm bench` in release.
+#[test]
+fn tiny_bench_prints_json_rows() {
+    require_kvm!();
+    let out = guest_vm(&[
+        "bench", "--sizes", "1", "--reps", "1", "--pages", "8", "--dirty", "4", "--json",
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let rows = v["rows"].as_array().expect("rows");
+    assert!(rows.len() >= 9, "{rows:?}");
+    for r in rows {
+        assert!(r["ours_us"].as_f64().is_some_and(|x| x > 0.0), "{r}");
+        assert!(r["ratio"].as_f64().is_some_and(|x| x > 0.0), "{r}");
+    }
+}
