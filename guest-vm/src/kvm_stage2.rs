@@ -15,8 +15,8 @@
 //! - `leaves` holds disjoint leaves (start GPA → leaf) and matches the host mappings exactly;
 //! - `writable` is exactly the set of leaf starts whose perms contain WRITE, and `odd_ro` the
 //!   number of other leaves whose perms are not plain READ; together they let the common
-//!   write-protect of a fork (`protect(range, READ)`) visit only the writable leaves, so forking
-//!   a guest again does not walk every installed page;
+//!   write-protect of a fork (`protect(range, READ)`) return in O(log n) when nothing in the
+//!   range is writable, so forking a snapshot again does not walk every installed page;
 //!   every installed VMA has the same flags (RW, shared, uffd-WP registered), so GPA-adjacent
 //!   leaves over offset-adjacent frames merge into one VMA;
 //! - execute permission is recorded but not enforced (KVM cannot express it per host page);
@@ -302,21 +302,22 @@ impl KvmStage2 {
 }
 
 impl KvmStage2 {
-    /// `protect(gpa, len, READ)` when every read-only leaf is plain READ (`odd_ro == 0`): only
-    /// the writable leaves in the range change, and only they are visited.
+    /// `protect(gpa, len, READ)` when every read-only leaf is plain READ (`odd_ro == 0`): a
+    /// range without writable leaves (every fork after the first) costs O(log n); otherwise
+    /// one ioctl per run of writable leaves and linear passes over the range's records.
     fn write_protect(&mut self, gpa: u64, len: u64) -> Result<u64, ept::Error> {
         self.split_at(gpa);
         self.split_at(gpa + len);
-        let starts: Vec<u64> = self.writable.range(gpa..gpa + len).copied().collect();
-        if starts.is_empty() {
+        if self.writable.range(gpa..gpa + len).next().is_none() {
             return Ok(0);
         }
         let mut changed = 0;
-        let mut pieces = Vec::with_capacity(starts.len());
-        for &s in &starts {
-            let bytes = self.leaves.get(&s).map_or(PAGE_SIZE, |l| l.size.bytes());
-            changed += bytes / PAGE_SIZE;
-            pieces.push((s, bytes));
+        let mut pieces = Vec::new();
+        for (&s, l) in self.leaves.range(gpa..gpa + len) {
+            if l.perms.contains(S2Perms::WRITE) {
+                changed += l.size.bytes() / PAGE_SIZE;
+                pieces.push((s, l.size.bytes()));
+            }
         }
         let uffd = self.res.uffd().clone();
         for (s, l) in runs(pieces) {
@@ -325,17 +326,14 @@ impl KvmStage2 {
                 return Err(self.fail(e));
             }
         }
-        for s in starts {
-            if let Some(&leaf) = self.leaves.get(&s) {
-                self.put_leaf(
-                    s,
-                    Leaf {
-                        perms: S2Perms::READ,
-                        ..leaf
-                    },
-                );
-            }
+        // Every read-only leaf is plain READ (`odd_ro == 0`), so after this the whole range is:
+        // one linear pass over the records and one bulk cut of the writable index.
+        for leaf in self.leaves.range_mut(gpa..gpa + len).map(|(_, l)| l) {
+            leaf.perms = S2Perms::READ;
         }
+        let mut inside = self.writable.split_off(&gpa);
+        let mut after = inside.split_off(&(gpa + len));
+        self.writable.append(&mut after);
         self.stats.protects += 1;
         self.flush_pending = true;
         Ok(changed)
