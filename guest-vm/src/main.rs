@@ -47,14 +47,14 @@ enum Cmd {
     /// The main job: snapshot a running guest, fork concurrent children, verify, reset.
     Demo {
         /// Children to fork.
-        #[arg(long, short = 'n', default_value_t = 4, value_parser = parse_children)]
+        #[arg(long, short = 'n', default_value_t = 8, value_parser = parse_children)]
         children: usize,
         #[command(flatten)]
         w: Workload,
     },
     /// Fork N concurrent children of a snapshot and verify isolation (no reset phase).
     Fork {
-        #[arg(long, short = 'n', default_value_t = 4, value_parser = parse_children)]
+        #[arg(long, short = 'n', default_value_t = 8, value_parser = parse_children)]
         children: usize,
         #[command(flatten)]
         w: Workload,
