@@ -8,7 +8,8 @@
 //!   `MAP_PRIVATE` memfd (the Firecracker restore model), for each size;
 //! - first-touch guest write fault through uffd + `Vmar::handle_fault`, and the same pass after
 //!   `Guest::prefault`, vs the same guest loop over plain anonymous memory (KVM + the kernel's
-//!   page fault, no uffd);
+//!   page fault, no uffd); the first-touch row also vs anonymous memory served by userfaultfd
+//!   MISSING + `UFFDIO_COPY` from a handler thread (the post-copy / lazy-restore mechanism);
 //! - copy-on-write of a shared frame by a forked guest vs kernel COW of a `MAP_PRIVATE` memfd
 //!   page, and vs `memcpy` of 4 KiB;
 //! - reset with D dirtied pages vs re-creating the VM from the snapshot (`fork` again).
@@ -219,9 +220,11 @@ fn fork_rows(o: &BenchOptions, frames: &HostFrames, rows: &mut Vec<Row>) -> Resu
 
 fn fault_rows(o: &BenchOptions, frames: &HostFrames, rows: &mut Vec<Row>) -> Result<()> {
     let n = o.pages;
-    progress(&format!("faults: {n} first-touch guest writes, three ways"));
+    progress(&format!(
+        "faults: {n} first-touch guest writes (ours, fault-around, prefault, kernel, UFFDIO_COPY)"
+    ));
     let (mut uffd, mut pre, mut kernel) = (Vec::new(), Vec::new(), Vec::new());
-    let mut around = Vec::new();
+    let (mut around, mut copy) = (Vec::new(), Vec::new());
     for _ in 0..o.reps {
         let mut g = write_guest(frames, n)?;
         uffd.push(per_page(run_done(&mut g)?, n));
@@ -240,14 +243,33 @@ fn fault_rows(o: &BenchOptions, frames: &HostFrames, rows: &mut Vec<Row>) -> Res
         base::overlay(&g, DATA_GPA, n * PAGE_SIZE, OverlayKind::Anonymous)?;
         kernel.push(per_page(run_done(&mut g)?, n));
         drop(g);
+        let mut g = write_guest(frames, n)?;
+        let server = base::uffd_copy_overlay(&g, DATA_GPA, n * PAGE_SIZE)?;
+        let pass = run_done(&mut g)?;
+        let copies = server.finish()?;
+        if copies != n {
+            return Err(Error::BadState(format!(
+                "UFFDIO_COPY pass copied {copies} of {n} pages"
+            )));
+        }
+        copy.push(per_page(pass, n));
+        drop(g);
     }
     let k = median(&kernel);
+    let ours = median(&uffd);
     rows.push(row(
         "first-touch fault, per page".into(),
         "uffd MISSING -> Vmar::handle_fault -> mmap",
-        median(&uffd),
+        ours,
         "KVM + kernel anon fault (no uffd)",
         k,
+    ));
+    rows.push(row(
+        "first-touch fault, per page".into(),
+        "uffd MISSING -> Vmar::handle_fault -> mmap",
+        ours,
+        "uffd MISSING + UFFDIO_COPY (anon slot, handler thread)",
+        median(&copy),
     ));
     rows.push(row(
         format!("first-touch, streaming fault-around {STREAM_WINDOW}, per page"),

@@ -6,17 +6,24 @@
 //!   a `MAP_PRIVATE` mapping of a memfd holding the snapshot (kernel copy-on-write);
 //! - `Overlay`: replaces part of a guest's memslot host range with plain anonymous memory
 //!   (KVM + the kernel's page fault, no userfaultfd) or with a `MAP_PRIVATE` memfd mapping;
+//! - `CopyServer` (`uffd_copy_overlay`): the post-copy / lazy-restore mechanism — an anonymous
+//!   overlay registered MISSING with a userfaultfd of its own, whose handler thread answers
+//!   every fault with `UFFDIO_COPY` of a filled page;
 //! - `memcpy_4k`: copying one 4 KiB page.
 //!
-//! Invariants: every mapping made here is unmapped by its owner's `Drop`; overlays only ever
-//! cover a range inside a live reservation of the caller's guest.
+//! Invariants: every mapping made here is unmapped by its owner's `Drop`, and a `CopyServer`'s
+//! thread is stopped and joined by its `finish` or `Drop`; overlays only ever cover a range
+//! inside a live reservation of the caller's guest.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vmm_sys_util::eventfd::EventFd;
 
+use crate::uffd::Uffd;
 use crate::vcpu_state::VcpuState;
 use crate::{last_os, Error, Guest, Result, PAGE_SIZE};
 
@@ -200,6 +207,98 @@ pub fn overlay(guest: &Guest, gpa: u64, len: u64, kind: OverlayKind) -> Result<O
         return Err(last_os("mmap(overlay)"));
     }
     Ok(fd)
+}
+
+/// A running `UFFDIO_COPY` fault server over one overlay (see `uffd_copy_overlay`).
+pub struct CopyServer {
+    stop: EventFd,
+    handle: Option<JoinHandle<Result<u64>>>,
+    /// The page every fault is filled from; outlives the thread (joined first).
+    _src: Mapping,
+}
+
+/// Replaces `[gpa, gpa+len)` of `guest` with an anonymous `Overlay` registered MISSING with a
+/// new userfaultfd, served by a thread that answers each fault with `UFFDIO_COPY` of a filled
+/// page (which wakes the faulter). Same caveats as `overlay`. On a copy error the thread
+/// exits and closes its userfaultfd, so blocked faulters fall back to kernel faults instead of
+/// hanging; `finish` reports the error.
+pub fn uffd_copy_overlay(guest: &Guest, gpa: u64, len: u64) -> Result<CopyServer> {
+    overlay(guest, gpa, len, OverlayKind::Anonymous)?;
+    let hva =
+        guest.vm().reservation().hva_of(gpa, len).ok_or_else(|| {
+            Error::InvalidArgs(format!("overlay {gpa:#x}+{len:#x} outside guest"))
+        })?;
+    let uffd = Uffd::open()?;
+    uffd.register(hva, len, true, false)?;
+    let src = Mapping::resident_anon(PAGE_SIZE)?;
+    let src_addr = src.addr();
+    let sys = |what| move |err| Error::Sys { what, err };
+    let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(sys("eventfd"))?;
+    let stop_rx = stop.try_clone().map_err(sys("eventfd clone"))?;
+    let handle = std::thread::Builder::new()
+        .name("uffd-copy".into())
+        .spawn(move || serve_copies(uffd, src_addr, &stop_rx))
+        .map_err(sys("spawn UFFDIO_COPY thread"))?;
+    Ok(CopyServer {
+        stop,
+        handle: Some(handle),
+        _src: src,
+    })
+}
+
+impl CopyServer {
+    /// Stops the thread; returns the number of pages it copied, or its error.
+    pub fn finish(mut self) -> Result<u64> {
+        self.join()
+    }
+
+    fn join(&mut self) -> Result<u64> {
+        let _ = self.stop.write(1);
+        match self.handle.take().map(JoinHandle::join) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(Error::BadState("UFFDIO_COPY thread panicked".into())),
+            None => Ok(0),
+        }
+    }
+}
+
+impl Drop for CopyServer {
+    fn drop(&mut self) {
+        let _ = self.join();
+    }
+}
+
+/// The `CopyServer` thread: owns the userfaultfd (dropping it on return releases any blocked
+/// faulter) and copies the page at `src` into every faulting page until `stop` fires.
+fn serve_copies(uffd: Uffd, src: u64, stop: &EventFd) -> Result<u64> {
+    let mut events = Vec::new();
+    let mut copies = 0;
+    loop {
+        let mut fds = [uffd.raw(), stop.as_raw_fd()].map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        // SAFETY: two valid pollfds.
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(Error::Sys {
+                what: "poll(userfaultfd)",
+                err,
+            });
+        }
+        if fds[1].revents != 0 {
+            return Ok(copies);
+        }
+        uffd.read_faults(&mut events)?;
+        for pf in &events {
+            uffd.copy(pf.addr & !(PAGE_SIZE - 1), src, PAGE_SIZE, false)?;
+            copies += 1;
+        }
+    }
 }
 
 /// Median-free single sample: copying one 4 KiB page `n` times between distinct resident

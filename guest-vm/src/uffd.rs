@@ -1,5 +1,5 @@
-//! The userfaultfd syscall layer: open, API handshake, register, write-protect, wake, read
-//! events. Types and ioctl numbers come from `linux-raw-sys` (no bindgen / libclang needed).
+//! The userfaultfd syscall layer: open, API handshake, register, write-protect, wake, copy,
+//! read events. Types and ioctl numbers come from `linux-raw-sys` (no bindgen / libclang needed).
 //!
 //! Invariants:
 //! - the descriptor is opened without `UFFD_USER_MODE_ONLY`, because KVM's accesses to guest
@@ -7,7 +7,9 @@
 //! - the API handshake requires `PAGEFAULT_FLAG_WP` and `WP_HUGETLBFS_SHMEM` (write-protect of
 //!   memfd `MAP_SHARED` mappings) and `THREAD_ID` (who faulted); without them `open` fails with
 //!   `Error::UffdUnavailable`;
-//! - the descriptor is non-blocking; readers wait with `poll`.
+//! - the descriptor is non-blocking; readers wait with `poll`;
+//! - `copy` (`UFFDIO_COPY`) is for ranges a caller registered itself (the benchmark's
+//!   post-copy baseline); a `Reservation` is never answered with it (reservation.rs).
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
@@ -136,6 +138,28 @@ impl Uffd {
         // SAFETY: valid descriptor and argument.
         if unsafe { libc::ioctl(self.raw(), io::UFFDIO_WAKE as _, &mut arg) } != 0 {
             return Err(ioctl_err("UFFDIO_WAKE"));
+        }
+        Ok(())
+    }
+
+    /// Fills the missing pages `[dst, dst+len)` with a copy of `[src, src+len)` of this process
+    /// (`UFFDIO_COPY`; both page aligned, `dst` registered MISSING) and wakes the threads
+    /// blocked on them unless `dontwake`. A page already present is an error (`EEXIST`).
+    pub fn copy(&self, dst: u64, src: u64, len: u64, dontwake: bool) -> Result<()> {
+        let mut arg = g::uffdio_copy {
+            dst,
+            src,
+            len,
+            mode: if dontwake {
+                g::UFFDIO_COPY_MODE_DONTWAKE as u64
+            } else {
+                0
+            },
+            copy: 0,
+        };
+        // SAFETY: valid descriptor and argument; the kernel checks both ranges.
+        if unsafe { libc::ioctl(self.raw(), io::UFFDIO_COPY as _, &mut arg) } != 0 {
+            return Err(ioctl_err("UFFDIO_COPY"));
         }
         Ok(())
     }

@@ -136,8 +136,9 @@ fn demo_json_and_fork_command() {
     assert!(v["reset_ms_median"].is_null(), "fork has no reset phase");
 }
 
-/// The smallest `bench` (1 MiB, one repetition) runs every comparison and prints JSON with a
-/// median and a ratio per row; the real figures come from `guest-vm bench` in release.
+/// The smallest `bench` (1 MiB, one repetition) runs every comparison (including the
+/// userfaultfd MISSING + UFFDIO_COPY baseline) and prints JSON with a median and a ratio per
+/// row; the real figures come from `guest-vm bench` in release.
 #[test]
 fn tiny_bench_prints_json_rows() {
     require_kvm!();
@@ -147,7 +148,15 @@ fn tiny_bench_prints_json_rows() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
     let rows = v["rows"].as_array().expect("rows");
-    assert!(rows.len() >= 9, "{rows:?}");
+    assert!(rows.len() >= 10, "{rows:?}");
+    assert!(
+        rows.iter()
+            .any(|r| r["what"] == "first-touch fault, per page"
+                && r["baseline"]
+                    .as_str()
+                    .is_some_and(|b| b.contains("UFFDIO_COPY"))),
+        "no UFFDIO_COPY baseline row: {rows:?}"
+    );
     for r in rows {
         assert!(r["ours_us"].as_f64().is_some_and(|x| x > 0.0), "{r}");
         assert!(r["ratio"].as_f64().is_some_and(|x| x > 0.0), "{r}");
