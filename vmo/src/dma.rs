@@ -60,8 +60,16 @@ struct Assignment {
 pub struct DmaStats {
     /// Device accesses translated.
     pub translated: u64,
-    /// Device accesses refused.
+    /// Device accesses refused (the sum of the reasons below).
     pub refused: u64,
+    /// … because the range is outside every assigned region or crosses a region's end.
+    pub outside: u64,
+    /// … because `iova + len` wraps around 64 bits.
+    pub wrapped: u64,
+    /// … because the region's device perms forbid the access.
+    pub denied: u64,
+    /// … for any other reason (malformed access, a frame that vanished).
+    pub other: u64,
 }
 
 /// A device's view of guest memory.
@@ -69,7 +77,8 @@ pub struct DmaDomain<S: Stage2 + Send + 'static> {
     pool: FramePool,
     iova: Vmar<S>,
     assigned: spin::Mutex<BTreeMap<u64, Assignment>>,
-    refused: AtomicU64,
+    /// Refusals by reason: outside, wrapped, denied, other (see `DmaStats`).
+    refused: [AtomicU64; 4],
     translated: AtomicU64,
 }
 
@@ -81,7 +90,7 @@ impl<S: Stage2 + Send + 'static> DmaDomain<S> {
             pool: pool.clone(),
             iova: Vmar::new_root(iova_size, stage2)?,
             assigned: spin::Mutex::new(BTreeMap::new()),
-            refused: AtomicU64::new(0),
+            refused: Default::default(),
             translated: AtomicU64::new(0),
         })
     }
@@ -163,14 +172,26 @@ impl<S: Stage2 + Send + 'static> DmaDomain<S> {
     }
 
     pub fn stats(&self) -> DmaStats {
+        let [outside, wrapped, denied, other] =
+            self.refused.each_ref().map(|c| c.load(Ordering::Relaxed));
         DmaStats {
             translated: self.translated.load(Ordering::Relaxed),
-            refused: self.refused.load(Ordering::Relaxed),
+            refused: outside + wrapped + denied + other,
+            outside,
+            wrapped,
+            denied,
+            other,
         }
     }
 
     fn refuse<T>(&self, e: Error) -> Result<T> {
-        self.refused.fetch_add(1, Ordering::Relaxed);
+        let reason = match e {
+            Error::NotFound => 0,
+            Error::OutOfRange => 1,
+            Error::AccessDenied => 2,
+            _ => 3,
+        };
+        self.refused[reason].fetch_add(1, Ordering::Relaxed);
         Err(e)
     }
 
@@ -183,9 +204,6 @@ impl<S: Stage2 + Send + 'static> DmaDomain<S> {
         let Some(end) = iova.checked_add(len) else {
             return self.refuse(Error::OutOfRange);
         };
-        if len == 0 {
-            return Ok(Vec::new());
-        }
         if access.is_empty() || access.bits() & !DevicePerms::all().bits() != 0 {
             return self.refuse(Error::InvalidArgs);
         }

@@ -77,6 +77,7 @@ fn bad_device_accesses_are_refused_and_counted() {
             Error::AccessDenied,
         ), // device write into a read-only region
         (1 << 40, 16, DevicePerms::READ, Error::NotFound),            // beyond the IOVA space
+        (0x2000_0000, 0, DevicePerms::READ, Error::NotFound), // zero length at a bogus address
     ];
     for (i, &(iova, len, access, want)) in cases.iter().enumerate() {
         assert_eq!(
@@ -85,7 +86,13 @@ fn bad_device_accesses_are_refused_and_counted() {
             "case {i}"
         );
     }
-    assert_eq!(d.stats().refused, cases.len() as u64);
+    let stats = d.stats();
+    assert_eq!(stats.refused, cases.len() as u64);
+    assert_eq!(
+        (stats.outside, stats.wrapped, stats.denied, stats.other),
+        (5, 2, 1, 0),
+        "refusals by reason"
+    );
     assert_eq!(d.stats().translated, 0);
     // The domain still serves valid requests.
     assert_eq!(
