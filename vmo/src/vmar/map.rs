@@ -236,9 +236,7 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
         );
         tree.insert_mapping(mapping)?;
         if !replaced.is_empty() {
-            let mut stage2 = self.space.stage2.lock();
-            stage2.unmap(base, rounded)?;
-            self.space.flush_if_pending(&mut stage2);
+            self.space.unmap_range(base, rounded)?;
         }
         drop(tree);
         drop(replaced);

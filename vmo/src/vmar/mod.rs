@@ -151,6 +151,14 @@ pub(crate) struct Space<S: Stage2 + Send + 'static> {
 }
 
 impl<S: Stage2 + Send + 'static> Space<S> {
+    /// Removes every translation in `[gpa, gpa + len)` and flushes once (unless deferred).
+    pub(crate) fn unmap_range(&self, gpa: u64, len: u64) -> Result<()> {
+        let mut stage2 = self.stage2.lock();
+        stage2.unmap(gpa, len)?;
+        self.flush_if_pending(&mut stage2);
+        Ok(())
+    }
+
     /// Flushes if an operation left stale translations behind (and nobody defers it).
     pub(crate) fn flush_if_pending(&self, stage2: &mut S) {
         if self.defer_flush.load(Ordering::Acquire) == 0 && stage2.flush_pending() {

@@ -68,11 +68,7 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
             (r.base, r.len)
         };
         let removed = tree.destroy_region(self.region)?;
-        {
-            let mut stage2 = self.space.stage2.lock();
-            stage2.unmap(base, len)?;
-            self.space.flush_if_pending(&mut stage2);
-        }
+        self.space.unmap_range(base, len)?;
         drop(tree);
         drop(removed);
         Ok(())

@@ -41,11 +41,7 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
                 }
             }
         }
-        {
-            let mut stage2 = self.space.stage2.lock();
-            stage2.unmap(start, end - start)?;
-            self.space.flush_if_pending(&mut stage2);
-        }
+        self.space.unmap_range(start, end - start)?;
         drop(tree);
         drop(removed);
         Ok(())

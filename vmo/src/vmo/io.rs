@@ -8,7 +8,7 @@
 
 use alloc::vec::Vec;
 
-use super::{check_range, runs, RangeChange, Rights, Vmo, VmoFlags, PAGE};
+use super::{check_range, RangeChange, Rights, Vmo, VmoFlags, PAGE};
 use crate::Result;
 
 /// One piece of a byte range that lies inside one page.
@@ -88,7 +88,7 @@ impl Vmo {
                 break;
             }
         }
-        self.unmap_replaced(&replaced);
+        self.unmap_pages(&replaced);
         result
     }
 
@@ -127,7 +127,7 @@ impl Vmo {
         }
         replaced.extend_from_slice(&dropped);
         replaced.sort_unstable();
-        self.unmap_replaced(&replaced);
+        self.unmap_pages(&replaced);
         let mut freed = Vec::new();
         for idx in dropped {
             if let Ok(Some(f)) = pages.remove(idx) {
@@ -139,12 +139,13 @@ impl Vmo {
         result
     }
 
-    /// Drops translations of root pages whose frames changed (ascending indices).
-    fn unmap_replaced(&self, replaced: &[u64]) {
-        if replaced.is_empty() {
+    /// Drops every translation of the root pages `slots` (ascending indices), telling each
+    /// observer once.
+    pub(super) fn unmap_pages(&self, slots: &[u64]) {
+        if slots.is_empty() {
             return;
         }
-        let ranges: Vec<(u64, u64)> = runs(replaced)
+        let ranges: Vec<(u64, u64)> = runs(slots)
             .into_iter()
             .map(|(a, b)| (a * PAGE, (b - a) * PAGE))
             .collect();
@@ -152,4 +153,16 @@ impl Vmo {
             .lock()
             .notify(&ranges, RangeChange::Unmap);
     }
+}
+
+/// Coalesces ascending indices into half-open runs.
+fn runs(sorted: &[u64]) -> alloc::vec::Vec<(u64, u64)> {
+    let mut out: alloc::vec::Vec<(u64, u64)> = alloc::vec::Vec::new();
+    for &i in sorted {
+        match out.last_mut() {
+            Some(last) if last.1 == i => last.1 = i + 1,
+            _ => out.push((i, i + 1)),
+        }
+    }
+    out
 }

@@ -349,25 +349,28 @@ impl Vmo {
         Ok(())
     }
 
-    /// Commits the page at `page_idx` of this object, blocking on pager I/O if needed.
-    pub fn commit_on(&self, page_idx: u64) -> Result<Frame> {
-        self.require(Rights::READ)?;
+    /// Root slot of page `page_idx` of this object; OutOfRange past the end.
+    fn root_slot(&self, page_idx: u64) -> Result<u64> {
         let offset = page_idx.checked_mul(PAGE).ok_or(Error::OutOfRange)?;
         check_range(offset, PAGE, self.size())?;
         let (_, base) = self.root();
+        Ok((base + offset) / PAGE)
+    }
+
+    /// Commits the page at `page_idx` of this object, blocking on pager I/O if needed.
+    pub fn commit_on(&self, page_idx: u64) -> Result<Frame> {
+        self.require(Rights::READ)?;
+        let idx = self.root_slot(page_idx)?;
         Ok(self
             .lock_root_pages()
-            .commit(&self.inner.pool, (base + offset) / PAGE, false)?
+            .commit(&self.inner.pool, idx, false)?
             .0)
     }
 
     /// Like `commit_on`, but reports `ShouldWait` instead of doing pager I/O.
     pub fn try_commit_page(&self, page_idx: u64) -> Result<Frame> {
         self.require(Rights::READ)?;
-        let offset = page_idx.checked_mul(PAGE).ok_or(Error::OutOfRange)?;
-        check_range(offset, PAGE, self.size())?;
-        let (_, base) = self.root();
-        let idx = (base + offset) / PAGE;
+        let idx = self.root_slot(page_idx)?;
         let mut pages = self.lock_root_pages();
         if pages.needs_io(idx) {
             return Err(Error::ShouldWait);
@@ -476,10 +479,7 @@ impl Vmo {
         } else {
             Rights::READ
         })?;
-        let offset = page_idx.checked_mul(PAGE).ok_or(Error::OutOfRange)?;
-        check_range(offset, PAGE, self.size())?;
-        let (_, base) = self.root();
-        let idx = (base + offset) / PAGE;
+        let idx = self.root_slot(page_idx)?;
         let mut pages = self.lock_root_pages();
         match access {
             FaultAccess::Write => {
@@ -609,28 +609,10 @@ impl Vmo {
             return Err(Error::BadState);
         }
         let changed = pages.changed();
-        let ranges: alloc::vec::Vec<(u64, u64)> = runs(&changed)
-            .into_iter()
-            .map(|(a, b)| (a * PAGE, (b - a) * PAGE))
-            .collect();
-        self.root_observers()
-            .lock()
-            .notify(&ranges, RangeChange::Unmap);
+        self.unmap_pages(&changed);
         let old = pages.reset()?;
         drop(pages);
         drop(old);
         Ok(changed.len() as u64)
     }
-}
-
-/// Coalesces ascending indices into half-open runs.
-pub(crate) fn runs(sorted: &[u64]) -> alloc::vec::Vec<(u64, u64)> {
-    let mut out: alloc::vec::Vec<(u64, u64)> = alloc::vec::Vec::new();
-    for &i in sorted {
-        match out.last_mut() {
-            Some(last) if last.1 == i => last.1 = i + 1,
-            _ => out.push((i, i + 1)),
-        }
-    }
-    out
 }
