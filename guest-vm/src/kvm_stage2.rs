@@ -365,13 +365,7 @@ impl Stage2 for KvmStage2 {
         if !gpa.is_multiple_of(len) || !pa.is_multiple_of(len) {
             return Err(ept::Error::InvalidArgs);
         }
-        if !perms.contains(S2Perms::READ) {
-            return Err(if perms.is_empty() {
-                ept::Error::InvalidArgs
-            } else {
-                ept::Error::NotSupported
-            });
-        }
+        check_perms(perms)?;
         self.check_range(gpa, len)?;
         match pa.checked_add(len) {
             Some(end) if end <= self.frames.capacity() && pa < ept::PA_LIMIT => {}
@@ -436,13 +430,7 @@ impl Stage2 for KvmStage2 {
     }
 
     fn protect(&mut self, gpa: u64, len: u64, perms: S2Perms) -> Result<u64, ept::Error> {
-        if !perms.contains(S2Perms::READ) {
-            return Err(if perms.is_empty() {
-                ept::Error::InvalidArgs
-            } else {
-                ept::Error::NotSupported
-            });
-        }
+        check_perms(perms)?;
         self.check_range(gpa, len)?;
         if perms == S2Perms::READ && self.odd_ro == 0 {
             return self.write_protect(gpa, len);
@@ -504,5 +492,15 @@ impl Stage2 for KvmStage2 {
 
     fn flush_pending(&self) -> bool {
         self.flush_pending
+    }
+}
+
+/// Perms an installed page can have here: READ is always needed (an empty set is a caller
+/// error; write- or execute-only cannot be expressed by a host mapping).
+fn check_perms(perms: S2Perms) -> Result<(), ept::Error> {
+    match perms {
+        p if p.contains(S2Perms::READ) => Ok(()),
+        p if p.is_empty() => Err(ept::Error::InvalidArgs),
+        _ => Err(ept::Error::NotSupported),
     }
 }

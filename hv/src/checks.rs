@@ -42,14 +42,19 @@ pub(crate) fn verify(
             g.name, g.status, g.exits, s.faults, s.commits, s.installs, s.copies, s.upgrades, s.spurious, s.refused
         );
         if g.space.flush_failures() != 0 {
-            println!("CHECK FAILED: {} INVEPT failures for {}", g.space.flush_failures(), g.name);
+            println!(
+                "CHECK FAILED: {} INVEPT failures for {}",
+                g.space.flush_failures(),
+                g.name
+            );
             ok = false;
         }
     }
     let rogue_oob = &guests[0];
     check(
         &mut ok,
-        rogue_oob.stop_error == Some(VmoError::NotFound) && !rogue_oob.reports.iter().any(|r| r.0 == guest::TAG_SURVIVED),
+        rogue_oob.stop_error == Some(VmoError::NotFound)
+            && !rogue_oob.reports.iter().any(|r| r.0 == guest::TAG_SURVIVED),
         "rogue-oob was stopped for touching GPA outside its mappings",
     );
     let rogue_ro = &guests[2];
@@ -62,15 +67,22 @@ pub(crate) fn verify(
     let rogue_mc = &guests[3];
     check(
         &mut ok,
-        rogue_mc.misconfig == Some(guest::DATA_BASE) && !rogue_mc.reports.iter().any(|r| r.0 == guest::TAG_SURVIVED),
+        rogue_mc.misconfig == Some(guest::DATA_BASE)
+            && !rogue_mc.reports.iter().any(|r| r.0 == guest::TAG_SURVIVED),
         "rogue-misconfig was stopped at the malformed second-level entry",
     );
     let snapshot_sum = guest::checksum(guest::parent_value);
     let main = &guests[1];
-    check(&mut ok, main.status == Status::Done, "main guest ran to completion after the rogues were stopped");
     check(
         &mut ok,
-        main.reports.iter().any(|r| r.0 == guest::TAG_FILLED && r.1 == snapshot_sum),
+        main.status == Status::Done,
+        "main guest ran to completion after the rogues were stopped",
+    );
+    check(
+        &mut ok,
+        main.reports
+            .iter()
+            .any(|r| r.0 == guest::TAG_FILLED && r.1 == snapshot_sum),
         "main guest's checksum of its filled memory is right",
     );
     let Some((p, kids)) = forked else {
@@ -79,7 +91,10 @@ pub(crate) fn verify(
     };
     check(
         &mut ok,
-        guests[p].reports.iter().any(|r| r.0 == guest::TAG_PARENT_AFTER && r.1 == snapshot_sum),
+        guests[p]
+            .reports
+            .iter()
+            .any(|r| r.0 == guest::TAG_PARENT_AFTER && r.1 == snapshot_sum),
         "parent still sees its snapshot after both children wrote (checksum unchanged)",
     );
     let mut total_copied = 0;
@@ -88,11 +103,20 @@ pub(crate) fn verify(
         let k = k as u64 + 1;
         let g = &guests[c];
         let want = guest::checksum(|a| guest::child_value(k, a));
-        check(&mut ok, g.status == Status::Done, &format!("{} ran to completion", g.name));
         check(
             &mut ok,
-            g.reports.iter().any(|r| r.0 == guest::TAG_CHILD && r.2 == k && r.1 == want),
-            &format!("{} reported checksum {:#x} = its own writes + the shared snapshot", g.name, want),
+            g.status == Status::Done,
+            &format!("{} ran to completion", g.name),
+        );
+        check(
+            &mut ok,
+            g.reports
+                .iter()
+                .any(|r| r.0 == guest::TAG_CHILD && r.2 == k && r.1 == want),
+            &format!(
+                "{} reported checksum {:#x} = its own writes + the shared snapshot",
+                g.name, want
+            ),
         );
         // Host-side view: every qword of the child's memory, and of the parent's.
         let mut mism = 0;
@@ -106,8 +130,16 @@ pub(crate) fn verify(
             let _ = guests[p].space.read(base, &mut pbuf);
             for i in 0..512u64 {
                 let a = base + i * 8;
-                let v = u64::from_le_bytes(buf[i as usize * 8..i as usize * 8 + 8].try_into().unwrap_or([0; 8]));
-                let pv = u64::from_le_bytes(pbuf[i as usize * 8..i as usize * 8 + 8].try_into().unwrap_or([0; 8]));
+                let v = u64::from_le_bytes(
+                    buf[i as usize * 8..i as usize * 8 + 8]
+                        .try_into()
+                        .unwrap_or([0; 8]),
+                );
+                let pv = u64::from_le_bytes(
+                    pbuf[i as usize * 8..i as usize * 8 + 8]
+                        .try_into()
+                        .unwrap_or([0; 8]),
+                );
                 if v != guest::child_value(k, a) {
                     mism += 1;
                 }
@@ -116,13 +148,20 @@ pub(crate) fn verify(
                 }
             }
             // What the hardware translates: the child's and the parent's installed frames.
-            match (g.space.installed(base).map(|t| t.pa), guests[p].space.installed(base).map(|t| t.pa)) {
+            match (
+                g.space.installed(base).map(|t| t.pa),
+                guests[p].space.installed(base).map(|t| t.pa),
+            ) {
                 (Some(a), Some(b)) if a == b => shared += 1,
                 (Some(_), Some(_)) => copied += 1,
                 _ => {}
             }
         }
-        check(&mut ok, mism == 0 && pmism == 0, &format!("{}: host view of memory matches (isolation)", g.name));
+        check(
+            &mut ok,
+            mism == 0 && pmism == 0,
+            &format!("{}: host view of memory matches (isolation)", g.name),
+        );
         println!(
             "fork: {} data pages: {} copied, {} shared with the parent (expected {} / {})",
             g.name,
@@ -158,10 +197,7 @@ pub(crate) fn verify(
     );
     let detail = format!(
         "backend={} stage2-faults={} data-pages-copied={} data-pages-shared={}",
-        backend,
-        faults,
-        total_copied,
-        total_shared
+        backend, faults, total_copied, total_shared
     );
     if ok {
         println!("isolation: OK (children see only their own writes plus the snapshot; parent unchanged)");

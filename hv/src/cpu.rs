@@ -12,23 +12,33 @@ pub const SEL_DATA: u16 = 0x10;
 pub const SEL_TSS: u16 = 0x18;
 
 pub fn outb(port: u16, v: u8) {
-    unsafe { asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack, preserves_flags))
+    }
 }
 pub fn outw(port: u16, v: u16) {
-    unsafe { asm!("out dx, ax", in("dx") port, in("ax") v, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("out dx, ax", in("dx") port, in("ax") v, options(nomem, nostack, preserves_flags))
+    }
 }
 pub fn outl(port: u16, v: u32) {
-    unsafe { asm!("out dx, eax", in("dx") port, in("eax") v, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") v, options(nomem, nostack, preserves_flags))
+    }
 }
 pub fn inb(port: u16) -> u8 {
     let v: u8;
-    unsafe { asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack, preserves_flags))
+    }
     v
 }
 
 pub fn rdmsr(msr: u32) -> u64 {
     let (lo, hi): (u32, u32);
-    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
+    }
     ((hi as u64) << 32) | lo as u64
 }
 pub fn wrmsr(msr: u32, v: u64) {
@@ -68,7 +78,12 @@ pub struct CpuidResult {
 
 pub fn cpuid(leaf: u32, sub: u32) -> CpuidResult {
     let r = core::arch::x86_64::__cpuid_count(leaf, sub);
-    CpuidResult { eax: r.eax, ebx: r.ebx, ecx: r.ecx, edx: r.edx }
+    CpuidResult {
+        eax: r.eax,
+        ebx: r.ebx,
+        ecx: r.ecx,
+        edx: r.edx,
+    }
 }
 
 /// AMD SVM with nested paging: CPUID 8000_0001 ECX.SVM(2) and 8000_000A EDX.NP(0).
@@ -121,7 +136,15 @@ struct IdtGate {
 }
 #[repr(C, align(16))]
 struct Idt([IdtGate; 32]);
-static mut IDT: Idt = Idt([IdtGate { off_lo: 0, sel: 0, ist: 0, attr: 0, off_mid: 0, off_hi: 0, zero: 0 }; 32]);
+static mut IDT: Idt = Idt([IdtGate {
+    off_lo: 0,
+    sel: 0,
+    ist: 0,
+    attr: 0,
+    off_mid: 0,
+    off_hi: 0,
+    zero: 0,
+}; 32]);
 
 extern "C" {
     static mut hv_gdt: [u64; 5];
@@ -164,7 +187,10 @@ pub fn init_tables() {
                 zero: 0,
             };
         }
-        let p = DescPtr { limit: (core::mem::size_of::<Idt>() - 1) as u16, base: idt as *const Idt as u64 };
+        let p = DescPtr {
+            limit: (core::mem::size_of::<Idt>() - 1) as u16,
+            base: idt as *const Idt as u64,
+        };
         asm!("lidt [{}]", in(reg) &p, options(nostack, preserves_flags));
     }
 }

@@ -23,7 +23,12 @@ fn ports(pass: bool) -> ! {
 
 /// Prints `HV-VERDICT: PASS|FAIL <detail>` and ends the run.
 pub fn finish(pass: bool, detail: &str) -> ! {
-    crate::println!("{} {} {}", VERDICT_PREFIX, if pass { "PASS" } else { "FAIL" }, detail);
+    crate::println!(
+        "{} {} {}",
+        VERDICT_PREFIX,
+        if pass { "PASS" } else { "FAIL" },
+        detail
+    );
     ports(pass)
 }
 

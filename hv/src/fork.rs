@@ -10,31 +10,32 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use crate::scenario::{Guest, Status};
+use crate::scenario::Guest;
 use crate::vcpu::Backend;
 
 /// Forks guest `p` into two children appended to `guests`; returns their indices.
-pub(crate) fn fork(backend: &mut dyn Backend, guests: &mut Vec<Guest>, p: usize) -> Result<[usize; 2], String> {
+pub(crate) fn fork(
+    backend: &mut dyn Backend,
+    guests: &mut Vec<Guest>,
+    p: usize,
+) -> Result<[usize; 2], String> {
     let parent_state = guests[p].vcpu.state();
     let mut out = [0; 2];
     for k in 1..=2u64 {
         let table = backend.new_stage2().map_err(|e| format!("stage2: {e}"))?;
         let ctx = table.context();
-        let space = guests[p].space.fork(table).map_err(|e| format!("fork: {e}"))?;
+        let space = guests[p]
+            .space
+            .fork(table)
+            .map_err(|e| format!("fork: {e}"))?;
         let mut st = parent_state;
         st.gprs.rax = k;
         let vcpu = backend.new_vcpu(&st, ctx)?;
-        guests.push(Guest {
-            name: format!("{}.child{}", guests[p].name, k),
+        guests.push(Guest::runnable(
+            format!("{}.child{}", guests[p].name, k),
             space,
             vcpu,
-            status: Status::Runnable,
-            reports: Vec::new(),
-            exits: 0,
-            stop_error: None,
-            misconfig: None,
-            console: String::new(),
-        });
+        ));
         out[k as usize - 1] = guests.len() - 1;
     }
     // The parent's writable entries were downgraded by the fork.

@@ -132,10 +132,16 @@ pub fn init(magic: u32, info: u32, heap_size: u64) -> Result<BootMemory, &'stati
         return Err("not enough RAM for the heap");
     }
     inner.regions[best].0 = bs + heap_size;
-    inner.total = (0..inner.count).map(|i| (inner.regions[i].1 - inner.regions[i].0) / FRAME).sum();
+    inner.total = (0..inner.count)
+        .map(|i| (inner.regions[i].1 - inner.regions[i].0) / FRAME)
+        .sum();
     inner.cur = 0;
     inner.next = inner.regions[0].0;
-    Ok(BootMemory { heap_start: bs, heap_size, frames_total: inner.total })
+    Ok(BootMemory {
+        heap_start: bs,
+        heap_size,
+        frames_total: inner.total,
+    })
 }
 
 impl Inner {

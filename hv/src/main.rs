@@ -32,7 +32,10 @@ const HEAP_SIZE: u64 = 16 << 20;
 #[no_mangle]
 extern "C" fn hv_main(magic: u32, mbi: u32) -> ! {
     serial::init();
-    println!("hv: hypervisor kernel starting (boot protocol: {})", frames::protocol(magic));
+    println!(
+        "hv: hypervisor kernel starting (boot protocol: {})",
+        frames::protocol(magic)
+    );
     cpu::init_tables();
     let mem = match frames::init(magic, mbi, HEAP_SIZE) {
         Ok(m) => m,
@@ -62,7 +65,9 @@ extern "C" fn hv_main(magic: u32, mbi: u32) -> ! {
             Err(e) => Err(alloc::format!("vmx init: {e}")),
         }
     } else {
-        Err(alloc::string::String::from("no usable virtualization extension (need SVM+NPT or VMX)"))
+        Err(alloc::string::String::from(
+            "no usable virtualization extension (need SVM+NPT or VMX)",
+        ))
     };
     match result {
         Ok(detail) => exit::finish(true, &detail),

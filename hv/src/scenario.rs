@@ -44,6 +44,23 @@ pub(crate) struct Guest {
     pub(crate) console: String,
 }
 
+impl Guest {
+    /// A guest that has not run yet.
+    pub(crate) fn runnable(name: String, space: Space, vcpu: Box<dyn Vcpu>) -> Guest {
+        Guest {
+            name,
+            space,
+            vcpu,
+            status: Status::Runnable,
+            reports: Vec::new(),
+            exits: 0,
+            stop_error: None,
+            misconfig: None,
+            console: String::new(),
+        }
+    }
+}
+
 enum SliceEnd {
     Yield,
     Fork,
@@ -53,23 +70,19 @@ enum SliceEnd {
 /// Exits one guest may take in one slice before it is stopped as runaway.
 const SLICE_LIMIT: u64 = 100_000;
 
-fn new_guest(backend: &mut dyn Backend, pool: &FramePool, name: &str, role: Role) -> Result<Guest, String> {
+fn new_guest(
+    backend: &mut dyn Backend,
+    pool: &FramePool,
+    name: &str,
+    role: Role,
+) -> Result<Guest, String> {
     let table = backend.new_stage2().map_err(|e| format!("stage2: {e}"))?;
     let ctx = table.context();
     let space = Space::new(guest::GUEST_PHYS_SIZE, table).map_err(|e| format!("vmar: {e}"))?;
-    let st = guest::load(pool, &space, role, backend.hypercall_insn()).map_err(|e| format!("load: {e}"))?;
+    let st = guest::load(pool, &space, role, backend.hypercall_insn())
+        .map_err(|e| format!("load: {e}"))?;
     let vcpu = backend.new_vcpu(&st, ctx)?;
-    Ok(Guest {
-        name: name.into(),
-        space,
-        vcpu,
-        status: Status::Runnable,
-        reports: Vec::new(),
-        exits: 0,
-        stop_error: None,
-        misconfig: None,
-        console: String::new(),
-    })
+    Ok(Guest::runnable(name.into(), space, vcpu))
 }
 
 pub(crate) fn stop(g: &mut Guest, why: String) {
@@ -138,18 +151,31 @@ fn run_slice(g: &mut Guest) -> SliceEnd {
                 g.status = Status::Done;
                 return SliceEnd::Finished;
             }
-            Exit::Io { port, size, write, value } => {
+            Exit::Io {
+                port,
+                size,
+                write,
+                value,
+            } => {
                 if write && port == 0xE9 {
                     let c = value as u8;
                     if c == b'\n' {
                         println!("guest {} says (port 0xE9): {}", g.name, g.console);
                         g.console.clear();
                     } else if g.console.len() < 200 {
-                        g.console.push(if c.is_ascii_graphic() || c == b' ' { c as char } else { '?' });
+                        g.console.push(if c.is_ascii_graphic() || c == b' ' {
+                            c as char
+                        } else {
+                            '?'
+                        });
                     }
                 } else if !write {
                     // Reads from absent devices return all ones.
-                    let mask = if size >= 4 { 0xFFFF_FFFF } else { (1u64 << (size * 8)) - 1 };
+                    let mask = if size >= 4 {
+                        0xFFFF_FFFF
+                    } else {
+                        (1u64 << (size * 8)) - 1
+                    };
                     g.vcpu.gprs().rax |= mask;
                 }
             }
@@ -167,20 +193,42 @@ fn run_slice(g: &mut Guest) -> SliceEnd {
                 return SliceEnd::Finished;
             }
             Exit::Exception { vector, error } => {
-                stop(g, format!("exception {} (error code {:#x}) at RIP {:#x}", vector, error, g.vcpu.rip()));
+                stop(
+                    g,
+                    format!(
+                        "exception {} (error code {:#x}) at RIP {:#x}",
+                        vector,
+                        error,
+                        g.vcpu.rip()
+                    ),
+                );
                 return SliceEnd::Finished;
             }
             Exit::Shutdown => {
-                stop(g, format!("triple fault / shutdown at RIP {:#x}", g.vcpu.rip()));
+                stop(
+                    g,
+                    format!("triple fault / shutdown at RIP {:#x}", g.vcpu.rip()),
+                );
                 return SliceEnd::Finished;
             }
             Exit::Unexpected { code, detail } => {
-                stop(g, format!("unexpected exit {:#x} (detail {:#x}) at RIP {:#x}", code, detail, g.vcpu.rip()));
+                stop(
+                    g,
+                    format!(
+                        "unexpected exit {:#x} (detail {:#x}) at RIP {:#x}",
+                        code,
+                        detail,
+                        g.vcpu.rip()
+                    ),
+                );
                 return SliceEnd::Finished;
             }
         }
     }
-    stop(g, format!("runaway: {} exits without yielding", SLICE_LIMIT));
+    stop(
+        g,
+        format!("runaway: {} exits without yielding", SLICE_LIMIT),
+    );
     SliceEnd::Finished
 }
 
@@ -192,12 +240,22 @@ pub fn run(backend: &mut dyn Backend) -> Result<String, String> {
     guests.push(new_guest(backend, &pool, "rogue-oob", Role::OutOfBounds)?);
     guests.push(new_guest(backend, &pool, "main", Role::Main)?);
     guests.push(new_guest(backend, &pool, "rogue-ro", Role::WriteReadOnly)?);
-    println!("scenario: {} guests loaded; second-level tables empty (every page arrives by fault)", guests.len());
-    guests.push(new_guest(backend, &pool, "rogue-misconfig", Role::ReadCorruptedEntry)?);
+    println!(
+        "scenario: {} guests loaded; second-level tables empty (every page arrives by fault)",
+        guests.len()
+    );
+    guests.push(new_guest(
+        backend,
+        &pool,
+        "rogue-misconfig",
+        Role::ReadCorruptedEntry,
+    )?);
     // Deliberately break the table entry this guest will read (the misconfiguration test).
     let corrupted = guests[3].space.corrupt_leaf(guest::DATA_BASE);
     if corrupted.is_none() {
-        return Err(String::from("could not install and corrupt the misconfiguration test entry"));
+        return Err(String::from(
+            "could not install and corrupt the misconfiguration test entry",
+        ));
     }
     println!("scenario: rogue-misconfig: its DATA page was installed by a host-side fault, then the entry deliberately corrupted");
 
@@ -207,9 +265,10 @@ pub fn run(backend: &mut dyn Backend) -> Result<String, String> {
         match run_slice(&mut guests[i]) {
             SliceEnd::Yield => queue.push_back(i),
             SliceEnd::Finished => {}
-            SliceEnd::Fork => match crate::fork::fork(backend, &mut guests, i) {
-                Ok(kids) => {
-                    println!(
+            SliceEnd::Fork => {
+                match crate::fork::fork(backend, &mut guests, i) {
+                    Ok(kids) => {
+                        println!(
                         "fork: {} -> {}, {} (copy-on-write; {} data pages committed in the parent)",
                         guests[i].name,
                         guests[kids[0]].name,
@@ -218,13 +277,14 @@ pub fn run(backend: &mut dyn Backend) -> Result<String, String> {
                             .filter(|p| guests[i].space.installed(guest::DATA_BASE + p * 4096).is_some())
                             .count()
                     );
-                    queue.push_back(kids[0]);
-                    queue.push_back(kids[1]);
-                    queue.push_back(i);
-                    forked = Some((i, kids));
+                        queue.push_back(kids[0]);
+                        queue.push_back(kids[1]);
+                        queue.push_back(i);
+                        forked = Some((i, kids));
+                    }
+                    Err(e) => stop(&mut guests[i], format!("fork failed: {e}")),
                 }
-                Err(e) => stop(&mut guests[i], format!("fork failed: {e}")),
-            },
+            }
         }
     }
 

@@ -19,12 +19,26 @@ pub struct Space {
 impl Space {
     /// A root Vmar over guest-physical `[0, size)` translated by `table` (empty).
     pub fn new(size: u64, table: HvTable) -> vmo::Result<Self> {
-        Ok(Space { vmar: Vmar::new_root(size, table)? })
+        Ok(Space {
+            vmar: Vmar::new_root(size, table)?,
+        })
     }
 
     /// Maps `pages` pages of `vmo` from `vmo_offset` at guest-physical `gpa` with `perms`.
-    pub fn map(&self, vmo: &Vmo, vmo_offset: u64, gpa: u64, pages: u64, perms: VmPerms) -> vmo::Result<()> {
-        self.vmar.map(vmo, vmo_offset, pages * 4096, MapOptions::specific(gpa, perms))?;
+    pub fn map(
+        &self,
+        vmo: &Vmo,
+        vmo_offset: u64,
+        gpa: u64,
+        pages: u64,
+        perms: VmPerms,
+    ) -> vmo::Result<()> {
+        self.vmar.map(
+            vmo,
+            vmo_offset,
+            pages * 4096,
+            MapOptions::specific(gpa, perms),
+        )?;
         Ok(())
     }
 
@@ -35,7 +49,9 @@ impl Space {
 
     /// Copy-on-write fork of the whole space into a child translated by `table` (empty).
     pub fn fork(&self, table: HvTable) -> vmo::Result<Space> {
-        Ok(Space { vmar: self.vmar.fork(table)? })
+        Ok(Space {
+            vmar: self.vmar.fork(table)?,
+        })
     }
 
     /// The TLB_CONTROL value the vCPU's next VMRUN must carry (0: nothing, or EPT).

@@ -7,10 +7,10 @@
 //! at once, an NPT flush leaves a TLB_CONTROL value that `take_tlb_control` hands to the
 //! vCPU's next VMRUN.
 
+use ept::vmx::InveptInvalidate;
 use ept::{
     EptTable, FlushScope, MemType, NptTable, NptTlbControl, PageSize, S2Perms, Stage2, Translation,
 };
-use ept::vmx::InveptInvalidate;
 
 use crate::frames::PhysFrames;
 
@@ -25,12 +25,20 @@ impl HvTable {
     /// # Safety
     /// The CPU is in VMX root operation with single- and all-context INVEPT support.
     pub unsafe fn new_ept() -> Result<Self, ept::Error> {
-        Ok(HvTable::Ept(EptTable::with_invalidate(PhysFrames, unsafe { InveptInvalidate::new() }, false)?))
+        Ok(HvTable::Ept(EptTable::with_invalidate(
+            PhysFrames,
+            unsafe { InveptInvalidate::new() },
+            false,
+        )?))
     }
 
     /// An empty nested page table; `flush_by_asid` selects TLB_CONTROL 3 (this ASID) over 1.
     pub fn new_npt(flush_by_asid: bool) -> Result<Self, ept::Error> {
-        let hook = if flush_by_asid { NptTlbControl::new() } else { NptTlbControl::flush_all_only() };
+        let hook = if flush_by_asid {
+            NptTlbControl::new()
+        } else {
+            NptTlbControl::flush_all_only()
+        };
         Ok(HvTable::Npt(NptTable::with_invalidate(PhysFrames, hook)?))
     }
 
@@ -89,7 +97,14 @@ impl HvTable {
 }
 
 impl Stage2 for HvTable {
-    fn map(&mut self, gpa: u64, pa: u64, size: PageSize, perms: S2Perms, mt: MemType) -> Result<Option<Translation>, ept::Error> {
+    fn map(
+        &mut self,
+        gpa: u64,
+        pa: u64,
+        size: PageSize,
+        perms: S2Perms,
+        mt: MemType,
+    ) -> Result<Option<Translation>, ept::Error> {
         match self {
             HvTable::Ept(t) => t.map(gpa, pa, size, perms, mt),
             HvTable::Npt(t) => t.map(gpa, pa, size, perms, mt),

@@ -57,7 +57,12 @@ pub enum Exit {
     /// HLT: the guest is done (or idle).
     Hlt,
     /// Port I/O (`value` is what an OUT wrote; an IN reads all ones).
-    Io { port: u16, size: u8, write: bool, value: u32 },
+    Io {
+        port: u16,
+        size: u8,
+        write: bool,
+        value: u32,
+    },
     /// Second-level fault (EPT violation / NPF), decoded.
     Stage2Fault(FaultInfo),
     /// The second-level table is malformed at `gpa` (EPT misconfiguration, exit 49; or an NPF

@@ -4,7 +4,7 @@
 
 use conformance::{for_each_backend, Backend, SoftCpu};
 use std::collections::HashMap;
-use vmo::{FramePool, MapOptions, VmPerms, Vmar, Vmo, VmoFlags};
+use vmo::{MapOptions, VmPerms, Vmar, Vmo, VmoFlags};
 
 const P: u64 = 4096;
 const PAGES: u64 = 64;

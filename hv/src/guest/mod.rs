@@ -109,7 +109,12 @@ fn ram_offset(gpa: u64) -> u64 {
 
 /// Creates the guest's RAM Vmo, maps the regions, writes page tables and code, and returns
 /// the entry state.
-pub fn load(pool: &FramePool, space: &Space, role: Role, hypercall: [u8; 3]) -> Result<VcpuState, vmo::Error> {
+pub fn load(
+    pool: &FramePool,
+    space: &Space,
+    role: Role,
+    hypercall: [u8; 3],
+) -> Result<VcpuState, vmo::Error> {
     let total: u64 = REGIONS.iter().map(|r| r.1).sum();
     let ram = Vmo::new(pool, total * 4096, VmoFlags::empty())?;
     let mut off = 0;
@@ -120,8 +125,14 @@ pub fn load(pool: &FramePool, space: &Space, role: Role, hypercall: [u8; 3]) -> 
 
     // PML4[0] -> PDPT, PDPT[0] -> PD, PD[i] = 2 MiB page i (P|RW|PS, A and D preset so the
     // guest's walks need not write its tables).
-    ram.write(ram_offset(PT_BASE), &((PT_BASE + 0x1000) | 0x23).to_le_bytes())?;
-    ram.write(ram_offset(PT_BASE + 0x1000), &((PT_BASE + 0x2000) | 0x23).to_le_bytes())?;
+    ram.write(
+        ram_offset(PT_BASE),
+        &((PT_BASE + 0x1000) | 0x23).to_le_bytes(),
+    )?;
+    ram.write(
+        ram_offset(PT_BASE + 0x1000),
+        &((PT_BASE + 0x2000) | 0x23).to_le_bytes(),
+    )?;
     let mut pd = [0u8; 4096];
     for i in 0..512u64 {
         pd[i as usize * 8..i as usize * 8 + 8].copy_from_slice(&((i << 21) | 0xE3).to_le_bytes());
@@ -135,7 +146,10 @@ pub fn load(pool: &FramePool, space: &Space, role: Role, hypercall: [u8; 3]) -> 
     ram.write(ram_offset(CODE_BASE), code)?;
     ram.write(ram_offset(CODE_BASE) + hc_off as u64, &hypercall)?;
 
-    let gprs = Gprs { rdi: role as u64, ..Gprs::default() };
+    let gprs = Gprs {
+        rdi: role as u64,
+        ..Gprs::default()
+    };
     Ok(VcpuState {
         gprs,
         rip: CODE_BASE,
@@ -143,7 +157,7 @@ pub fn load(pool: &FramePool, space: &Space, role: Role, hypercall: [u8; 3]) -> 
         rflags: 0x2,
         cr0: 0x8001_0033, // PG | WP | NE | ET | MP | PE
         cr3: PT_BASE,
-        cr4: 0x620,       // PAE | OSFXSR | OSXMMEXCPT
-        efer: 0x500,      // LME | LMA
+        cr4: 0x620,  // PAE | OSFXSR | OSXMMEXCPT
+        efer: 0x500, // LME | LMA
     })
 }

@@ -86,7 +86,11 @@ impl Backend for Svm {
         HvTable::new_npt(self.flush_by_asid)
     }
 
-    fn new_vcpu(&mut self, st: &VcpuState, stage2_root: u64) -> Result<Box<dyn Vcpu>, &'static str> {
+    fn new_vcpu(
+        &mut self,
+        st: &VcpuState,
+        stage2_root: u64,
+    ) -> Result<Box<dyn Vcpu>, &'static str> {
         if self.next_asid >= self.max_asid {
             return Err("out of ASIDs");
         }
@@ -95,7 +99,10 @@ impl Backend for Svm {
         let pa = frames::alloc_zeroed().ok_or("no memory for a VMCB")?;
         let mut v = unsafe { Vmcb::new(pa) };
         v.w32(INTERCEPT_EXCEPTIONS, 0xFFFF_FFFF);
-        v.w32(INTERCEPT_MISC1, INTERCEPT_HLT | INTERCEPT_IOIO_PROT | INTERCEPT_SHUTDOWN);
+        v.w32(
+            INTERCEPT_MISC1,
+            INTERCEPT_HLT | INTERCEPT_IOIO_PROT | INTERCEPT_SHUTDOWN,
+        );
         v.w32(INTERCEPT_MISC2, INTERCEPT_VMRUN | INTERCEPT_VMMCALL);
         v.w64(IOPM_BASE_PA, self.iopm);
         v.w64(MSRPM_BASE_PA, self.msrpm);
@@ -139,8 +146,16 @@ impl Backend for Svm {
 
 impl SvmVcpu {
     fn advance(&mut self, len: u64) {
-        let next = if self.nrips { self.vmcb.r64(NEXT_RIP) } else { 0 };
-        let rip = if next != 0 { next } else { self.vmcb.r64(RIP) + len };
+        let next = if self.nrips {
+            self.vmcb.r64(NEXT_RIP)
+        } else {
+            0
+        };
+        let rip = if next != 0 {
+            next
+        } else {
+            self.vmcb.r64(RIP) + len
+        };
         self.vmcb.w64(RIP, rip);
     }
 }
@@ -171,19 +186,40 @@ impl Vcpu for SvmVcpu {
             EXIT_IOIO => {
                 // EXITINFO2 holds the RIP of the next instruction for IOIO intercepts.
                 self.vmcb.w64(RIP, info2);
-                let size = if info1 & (1 << 4) != 0 { 1 } else if info1 & (1 << 5) != 0 { 2 } else { 4 };
-                Exit::Io { port: (info1 >> 16) as u16, size, write: info1 & 1 == 0, value: self.gprs.rax as u32 }
+                let size = if info1 & (1 << 4) != 0 {
+                    1
+                } else if info1 & (1 << 5) != 0 {
+                    2
+                } else {
+                    4
+                };
+                Exit::Io {
+                    port: (info1 >> 16) as u16,
+                    size,
+                    write: info1 & 1 == 0,
+                    value: self.gprs.rax as u32,
+                }
             }
             EXIT_NPF => match ept::decode_npf(info1, info2) {
                 Ok(f) => Exit::Stage2Fault(f),
-                Err(DecodeError::NptMisconfig { gpa }) => Exit::Misconfig { gpa, what: "NPF with reserved bits (RSVD)" },
-                Err(_) => Exit::Unexpected { code: EXIT_NPF, detail: info1 },
+                Err(DecodeError::NptMisconfig { gpa }) => Exit::Misconfig {
+                    gpa,
+                    what: "NPF with reserved bits (RSVD)",
+                },
+                Err(_) => Exit::Unexpected {
+                    code: EXIT_NPF,
+                    detail: info1,
+                },
             },
             EXIT_SHUTDOWN => Exit::Shutdown,
-            c if (EXIT_EXCP_BASE..EXIT_EXCP_BASE + 32).contains(&c) => {
-                Exit::Exception { vector: (c - EXIT_EXCP_BASE) as u8, error: info1 }
-            }
-            c => Exit::Unexpected { code: c, detail: info1 },
+            c if (EXIT_EXCP_BASE..EXIT_EXCP_BASE + 32).contains(&c) => Exit::Exception {
+                vector: (c - EXIT_EXCP_BASE) as u8,
+                error: info1,
+            },
+            c => Exit::Unexpected {
+                code: c,
+                detail: info1,
+            },
         }
     }
 
@@ -210,7 +246,11 @@ impl Vcpu for SvmVcpu {
 
     fn tlb_control(&mut self, value: u8) {
         // 1 (flush all) is the stronger of the two values the hook produces.
-        self.tlb_next = if self.tlb_next == 1 || value == 1 { 1 } else { value.max(self.tlb_next) };
+        self.tlb_next = if self.tlb_next == 1 || value == 1 {
+            1
+        } else {
+            value.max(self.tlb_next)
+        };
     }
 }
 

@@ -84,7 +84,11 @@ pub fn init() -> Result<Vmx, &'static str> {
         return Err("enable-EPT not allowed");
     }
     let cap = rdmsr(IA32_VMX_EPT_VPID_CAP);
-    if cap & (1 << 6) == 0 || cap & (1 << 14) == 0 || cap & (1 << 20) == 0 || cap & (3 << 25) != 3 << 25 {
+    if cap & (1 << 6) == 0
+        || cap & (1 << 14) == 0
+        || cap & (1 << 20) == 0
+        || cap & (3 << 25) != 3 << 25
+    {
         return Err("EPT lacks 4-level walks, WB tables, or single- and all-context INVEPT");
     }
     let fc = rdmsr(IA32_FEATURE_CONTROL);
@@ -99,17 +103,35 @@ pub fn init() -> Result<Vmx, &'static str> {
     cpu::set_cr4((cpu::cr4() | CR4_VMXE | cr4_fixed.0) & cr4_fixed.1);
 
     let (pin_msr, proc_msr, exit_msr, entry_msr) = if true_ctls {
-        (IA32_VMX_TRUE_PINBASED_CTLS, IA32_VMX_TRUE_PROCBASED_CTLS, IA32_VMX_TRUE_EXIT_CTLS, IA32_VMX_TRUE_ENTRY_CTLS)
+        (
+            IA32_VMX_TRUE_PINBASED_CTLS,
+            IA32_VMX_TRUE_PROCBASED_CTLS,
+            IA32_VMX_TRUE_EXIT_CTLS,
+            IA32_VMX_TRUE_ENTRY_CTLS,
+        )
     } else {
-        (IA32_VMX_PINBASED_CTLS, IA32_VMX_PROCBASED_CTLS, IA32_VMX_EXIT_CTLS, IA32_VMX_ENTRY_CTLS)
+        (
+            IA32_VMX_PINBASED_CTLS,
+            IA32_VMX_PROCBASED_CTLS,
+            IA32_VMX_EXIT_CTLS,
+            IA32_VMX_ENTRY_CTLS,
+        )
     };
     let pin = adjust(0, pin_msr, "pin-based controls")?;
     // HLT exiting (7), unconditional I/O exiting (24), secondary controls (31).
-    let proc1 = adjust((1 << 7) | (1 << 24) | (1 << 31), proc_msr, "processor-based controls")?;
+    let proc1 = adjust(
+        (1 << 7) | (1 << 24) | (1 << 31),
+        proc_msr,
+        "processor-based controls",
+    )?;
     // Enable EPT (1).
     let proc2 = adjust(1 << 1, IA32_VMX_PROCBASED_CTLS2, "secondary controls")?;
     // Host address-space size (9), save EFER (20), load EFER (21).
-    let exit = adjust((1 << 9) | (1 << 20) | (1 << 21), exit_msr, "VM-exit controls")?;
+    let exit = adjust(
+        (1 << 9) | (1 << 20) | (1 << 21),
+        exit_msr,
+        "VM-exit controls",
+    )?;
     // IA-32e mode guest (9), load EFER (15).
     let entry = adjust((1 << 9) | (1 << 15), entry_msr, "VM-entry controls")?;
 
@@ -122,7 +144,16 @@ pub fn init() -> Result<Vmx, &'static str> {
         "vmx: VMXON ok (revision {:#x}, TRUE controls {}); EPT cap {:#x}; controls pin {:#x} proc {:#x} proc2 {:#x} exit {:#x} entry {:#x}",
         revision, true_ctls, cap, pin, proc1, proc2, exit, entry
     );
-    Ok(Vmx { revision, pin, proc1, proc2, exit, entry, cr0_fixed, cr4_fixed })
+    Ok(Vmx {
+        revision,
+        pin,
+        proc1,
+        proc2,
+        exit,
+        entry,
+        cr0_fixed,
+        cr4_fixed,
+    })
 }
 
 /// VMXON / VMCLEAR / VMPTRLD of the 4 KiB region at physical `pa`; false on VMfail.
@@ -163,7 +194,11 @@ fn r(field: u32) -> u64 {
     unsafe {
         core::arch::asm!("vmread {v}, {f}", "setna {r}", f = in(reg) field as u64, v = out(reg) v, r = out(reg_byte) fail, options(nostack));
     }
-    if fail == 0 { v } else { 0 }
+    if fail == 0 {
+        v
+    } else {
+        0
+    }
 }
 
 fn make_current(vmcs: u64) -> bool {
@@ -211,8 +246,16 @@ impl Backend for Vmx {
         let mut f = None;
         let f = &mut f;
         w(control::PINBASED_EXEC_CONTROLS, self.pin as u64, f);
-        w(control::PRIMARY_PROCBASED_EXEC_CONTROLS, self.proc1 as u64, f);
-        w(control::SECONDARY_PROCBASED_EXEC_CONTROLS, self.proc2 as u64, f);
+        w(
+            control::PRIMARY_PROCBASED_EXEC_CONTROLS,
+            self.proc1 as u64,
+            f,
+        );
+        w(
+            control::SECONDARY_PROCBASED_EXEC_CONTROLS,
+            self.proc2 as u64,
+            f,
+        );
         w(control::VMEXIT_CONTROLS, self.exit as u64, f);
         w(control::VMENTRY_CONTROLS, self.entry as u64, f);
         w(control::EXCEPTION_BITMAP, 0xFFFF_FFFF, f);
@@ -234,7 +277,13 @@ impl Backend for Vmx {
         w(host::CR3, cpu::cr3(), f);
         w(host::CR4, cpu::cr4(), f);
         w(host::CS_SELECTOR, cpu::SEL_CODE as u64, f);
-        for sel in [host::SS_SELECTOR, host::DS_SELECTOR, host::ES_SELECTOR, host::FS_SELECTOR, host::GS_SELECTOR] {
+        for sel in [
+            host::SS_SELECTOR,
+            host::DS_SELECTOR,
+            host::ES_SELECTOR,
+            host::FS_SELECTOR,
+            host::GS_SELECTOR,
+        ] {
             w(sel, cpu::SEL_DATA as u64, f);
         }
         w(host::TR_SELECTOR, cpu::SEL_TSS as u64, f);
@@ -252,9 +301,17 @@ impl Backend for Vmx {
         w(host::RIP, hv_vmx_exit as *const () as u64, f);
 
         // Guest state: 64-bit, CPL0, flat segments.
-        w(guest::CR0, (st.cr0 | self.cr0_fixed.0) & self.cr0_fixed.1, f);
+        w(
+            guest::CR0,
+            (st.cr0 | self.cr0_fixed.0) & self.cr0_fixed.1,
+            f,
+        );
         w(guest::CR3, st.cr3, f);
-        w(guest::CR4, (st.cr4 | CR4_VMXE | self.cr4_fixed.0) & self.cr4_fixed.1, f);
+        w(
+            guest::CR4,
+            (st.cr4 | CR4_VMXE | self.cr4_fixed.0) & self.cr4_fixed.1,
+            f,
+        );
         w(guest::DR7, 0x400, f);
         w(guest::RFLAGS, st.rflags, f);
         w(guest::RIP, st.rip, f);
@@ -264,11 +321,36 @@ impl Backend for Vmx {
         w(guest::CS_LIMIT, 0xFFFF_FFFF, f);
         w(guest::CS_ACCESS_RIGHTS, 0xA09B, f);
         for (sel, base, limit, ar) in [
-            (guest::SS_SELECTOR, guest::SS_BASE, guest::SS_LIMIT, guest::SS_ACCESS_RIGHTS),
-            (guest::DS_SELECTOR, guest::DS_BASE, guest::DS_LIMIT, guest::DS_ACCESS_RIGHTS),
-            (guest::ES_SELECTOR, guest::ES_BASE, guest::ES_LIMIT, guest::ES_ACCESS_RIGHTS),
-            (guest::FS_SELECTOR, guest::FS_BASE, guest::FS_LIMIT, guest::FS_ACCESS_RIGHTS),
-            (guest::GS_SELECTOR, guest::GS_BASE, guest::GS_LIMIT, guest::GS_ACCESS_RIGHTS),
+            (
+                guest::SS_SELECTOR,
+                guest::SS_BASE,
+                guest::SS_LIMIT,
+                guest::SS_ACCESS_RIGHTS,
+            ),
+            (
+                guest::DS_SELECTOR,
+                guest::DS_BASE,
+                guest::DS_LIMIT,
+                guest::DS_ACCESS_RIGHTS,
+            ),
+            (
+                guest::ES_SELECTOR,
+                guest::ES_BASE,
+                guest::ES_LIMIT,
+                guest::ES_ACCESS_RIGHTS,
+            ),
+            (
+                guest::FS_SELECTOR,
+                guest::FS_BASE,
+                guest::FS_LIMIT,
+                guest::FS_ACCESS_RIGHTS,
+            ),
+            (
+                guest::GS_SELECTOR,
+                guest::GS_BASE,
+                guest::GS_LIMIT,
+                guest::GS_ACCESS_RIGHTS,
+            ),
         ] {
             w(sel, 0x10, f);
             w(base, 0, f);
@@ -301,7 +383,13 @@ impl Backend for Vmx {
             frames::free(vmcs);
             return Err("VMWRITE failed while building a VMCS");
         }
-        Ok(Box::new(VmxVcpu { vmcs, eptp, gprs: st.gprs, launched: false, flush_next: true }))
+        Ok(Box::new(VmxVcpu {
+            vmcs,
+            eptp,
+            gprs: st.gprs,
+            launched: false,
+            flush_next: true,
+        }))
     }
 
     fn hypercall_insn(&self) -> [u8; 3] {
@@ -320,32 +408,57 @@ impl VmxVcpu {
 impl Vcpu for VmxVcpu {
     fn run(&mut self) -> Exit {
         if !make_current(self.vmcs) {
-            return Exit::Unexpected { code: u64::MAX, detail: 0 };
+            return Exit::Unexpected {
+                code: u64::MAX,
+                detail: 0,
+            };
         }
         if self.flush_next {
             // A new EPTP may equal that of a freed table whose translations are still cached.
-            if unsafe { invept(InveptKind::SingleContext, &InveptDescriptor::new(self.eptp)) }.is_err() {
-                return Exit::Unexpected { code: u64::MAX - 1, detail: self.eptp };
+            if unsafe { invept(InveptKind::SingleContext, &InveptDescriptor::new(self.eptp)) }
+                .is_err()
+            {
+                return Exit::Unexpected {
+                    code: u64::MAX - 1,
+                    detail: self.eptp,
+                };
             }
             self.flush_next = false;
         }
         let rc = unsafe { hv_vmx_enter(self.launched as u64, &mut self.gprs) };
         if rc != 0 {
             // VMfail: 1 = invalid (no current VMCS), 2 = valid (see VM-instruction error).
-            let err = if rc == 2 { r(ro::VM_INSTRUCTION_ERROR) } else { 0 };
-            return Exit::Unexpected { code: 0xF000_0000 | rc, detail: err };
+            let err = if rc == 2 {
+                r(ro::VM_INSTRUCTION_ERROR)
+            } else {
+                0
+            };
+            return Exit::Unexpected {
+                code: 0xF000_0000 | rc,
+                detail: err,
+            };
         }
         self.launched = true;
         let reason = r(ro::EXIT_REASON);
         let qual = r(ro::EXIT_QUALIFICATION);
         if reason & (1 << 31) != 0 {
-            return Exit::Unexpected { code: reason, detail: qual };
+            return Exit::Unexpected {
+                code: reason,
+                detail: qual,
+            };
         }
         match reason & 0xFFFF {
             0 => {
                 let info = r(ro::VMEXIT_INTERRUPTION_INFO);
-                let error = if info & (1 << 11) != 0 { r(ro::VMEXIT_INTERRUPTION_ERR_CODE) } else { 0 };
-                Exit::Exception { vector: info as u8, error }
+                let error = if info & (1 << 11) != 0 {
+                    r(ro::VMEXIT_INTERRUPTION_ERR_CODE)
+                } else {
+                    0
+                };
+                Exit::Exception {
+                    vector: info as u8,
+                    error,
+                }
             }
             2 => Exit::Shutdown,
             12 => {
@@ -372,10 +485,19 @@ impl Vcpu for VmxVcpu {
                 r(ro::GUEST_LINEAR_ADDR),
             ) {
                 Ok(f) => Exit::Stage2Fault(f),
-                Err(DecodeError::EptMisconfig { gpa }) => Exit::Misconfig { gpa, what: "EPT misconfiguration (exit 49)" },
-                Err(_) => Exit::Unexpected { code: reason, detail: qual },
+                Err(DecodeError::EptMisconfig { gpa }) => Exit::Misconfig {
+                    gpa,
+                    what: "EPT misconfiguration (exit 49)",
+                },
+                Err(_) => Exit::Unexpected {
+                    code: reason,
+                    detail: qual,
+                },
             },
-            n => Exit::Unexpected { code: n, detail: qual },
+            n => Exit::Unexpected {
+                code: n,
+                detail: qual,
+            },
         }
     }
 
