@@ -6,8 +6,9 @@
 
 mod common;
 
-use guest_vm::payload::{self, DATA_GPA};
-use guest_vm::vm::{GuestArgs, VmExit};
+use guest_vm::vmm::x86_64::layout::DATA_GPA;
+use guest_vm::vmm::{GuestArgs, VmExit};
+use guest_vm::workload::programs;
 use guest_vm::{Guest, HostFrames};
 
 const PAGES: u64 = 1024;
@@ -21,7 +22,7 @@ fn writer(frames: &HostFrames, count: u64, stride: u64) -> Guest {
         rax: 0x61,
         ..Default::default()
     };
-    g.vm_mut().load(&payload::write_loop(), args).unwrap();
+    g.vm_mut().load(&programs::write_loop(), args).unwrap();
     g
 }
 

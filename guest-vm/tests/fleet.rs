@@ -10,12 +10,12 @@ mod common;
 use std::collections::BTreeSet;
 
 use ept::{S2Perms, Stage2};
-use guest_vm::demo::named_extra_pages;
-use guest_vm::fleet;
-use guest_vm::kvmodel::TableModel;
-use guest_vm::payload::DATA_GPA;
-use guest_vm::streams::{self, FILL_FIRST};
-use guest_vm::workload::{memory_for, KvStore, BUCKET_SIZE};
+use guest_vm::vmm::x86_64::layout::DATA_GPA;
+use guest_vm::workload::fleet;
+use guest_vm::workload::kvstore::named_extra_pages;
+use guest_vm::workload::kvstore::{memory_for, KvStore, BUCKET_SIZE};
+use guest_vm::workload::model::TableModel;
+use guest_vm::workload::streams::{self, FILL_FIRST};
 use guest_vm::{Guest, HostFrames, PAGE_SIZE};
 
 const BUCKETS: u64 = 1 << 15; // 2 MiB table

@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 
 use common::{TestMem, PAGE};
 use ept::{Access, FaultKind, S2Perms, Stage2};
-use guest_vm::payload::{self, DATA_GPA};
-use guest_vm::vm::{GuestArgs, GuestVm, VmExit};
+use guest_vm::vmm::x86_64::layout::DATA_GPA;
+use guest_vm::vmm::{GuestArgs, GuestVm, VmExit};
+use guest_vm::workload::programs;
 
 const MEM: u64 = 64 << 20;
 const POOL: u64 = 128 << 20;
@@ -36,7 +37,7 @@ fn loop_args(addr: u64, count: u64, stride: u64, al: u64) -> GuestArgs {
 fn guest_writes_arrive_as_missing_faults_and_land_in_memfd_frames() {
     require_kvm!();
     let n = 256;
-    let (mem, mut vm) = boot(payload::write_loop(), loop_args(DATA_GPA, n, PAGE, 0x42));
+    let (mem, mut vm) = boot(programs::write_loop(), loop_args(DATA_GPA, n, PAGE, 0x42));
     let before = vm.fault_stats();
     assert_eq!(vm.run().unwrap(), VmExit::Done(0x42));
     let after = vm.fault_stats();
@@ -67,7 +68,7 @@ fn guest_writes_arrive_as_missing_faults_and_land_in_memfd_frames() {
 fn guest_reads_fault_in_zero_pages_and_see_host_data() {
     require_kvm!();
     let n = 64;
-    let (mem, mut vm) = boot(payload::read_loop(), loop_args(DATA_GPA, n, PAGE, 0));
+    let (mem, mut vm) = boot(programs::read_loop(), loop_args(DATA_GPA, n, PAGE, 0));
     // One page written by the host through the fault path before the guest runs.
     vm.write_guest(DATA_GPA + 5 * PAGE, &[7]).unwrap();
     assert_eq!(vm.run().unwrap(), VmExit::Done(7));
@@ -84,7 +85,7 @@ fn guest_reads_fault_in_zero_pages_and_see_host_data() {
 fn write_to_write_protected_frame_arrives_as_wp_fault_and_copies() {
     require_kvm!();
     let n = 16;
-    let (mem, mut vm) = boot(payload::increment_loop(), loop_args(DATA_GPA, n, PAGE, 0));
+    let (mem, mut vm) = boot(programs::increment_loop(), loop_args(DATA_GPA, n, PAGE, 0));
     let mut old = Vec::new();
     {
         let mut m = mem.lock().unwrap();
@@ -122,7 +123,7 @@ fn write_to_write_protected_frame_arrives_as_wp_fault_and_copies() {
 fn readonly_pages_read_without_faults_and_protect_toggles_wp() {
     require_kvm!();
     let n = 8;
-    let (mem, mut vm) = boot(payload::read_loop(), loop_args(DATA_GPA, n, PAGE, 0));
+    let (mem, mut vm) = boot(programs::read_loop(), loop_args(DATA_GPA, n, PAGE, 0));
     {
         let mut m = mem.lock().unwrap();
         for i in 0..n {
@@ -154,7 +155,7 @@ fn readonly_pages_read_without_faults_and_protect_toggles_wp() {
 fn unmap_then_retouch_faults_again_with_fresh_frames() {
     require_kvm!();
     let n = 32;
-    let (mem, mut vm) = boot(payload::increment_loop(), loop_args(DATA_GPA, n, PAGE, 0));
+    let (mem, mut vm) = boot(programs::increment_loop(), loop_args(DATA_GPA, n, PAGE, 0));
     assert_eq!(vm.run().unwrap(), VmExit::Done(0));
     {
         let mut m = mem.lock().unwrap();
@@ -168,7 +169,7 @@ fn unmap_then_retouch_faults_again_with_fresh_frames() {
     }
     let state = {
         let mut s = vm.save_state().unwrap();
-        s.regs.rip = payload::CODE_GPA;
+        s.regs.rip = guest_vm::vmm::x86_64::layout::CODE_GPA;
         s.regs.rdi = DATA_GPA;
         s.regs.rcx = n;
         s.regs.rdx = PAGE;
@@ -189,7 +190,7 @@ fn unmap_then_retouch_faults_again_with_fresh_frames() {
 fn resolver_error_stops_the_guest_with_a_report() {
     require_kvm!();
     let n = 8;
-    let (mem, mut vm) = boot(payload::write_loop(), loop_args(DATA_GPA, n, PAGE, 0x11));
+    let (mem, mut vm) = boot(programs::write_loop(), loop_args(DATA_GPA, n, PAGE, 0x11));
     // Only the first 3 data pages belong to the guest.
     mem.lock().unwrap().allowed = vec![(0, DATA_GPA + 3 * PAGE, true)];
     let exit = vm.run().unwrap();
@@ -209,7 +210,7 @@ fn resolver_error_stops_the_guest_with_a_report() {
 #[test]
 fn write_to_readonly_vmar_range_stops_the_guest() {
     require_kvm!();
-    let (mem, mut vm) = boot(payload::write_loop(), loop_args(DATA_GPA, 1, PAGE, 0x11));
+    let (mem, mut vm) = boot(programs::write_loop(), loop_args(DATA_GPA, 1, PAGE, 0x11));
     {
         let mut m = mem.lock().unwrap();
         m.allowed = vec![(0, DATA_GPA, true), (DATA_GPA, DATA_GPA + PAGE, false)];
@@ -228,7 +229,7 @@ fn write_to_readonly_vmar_range_stops_the_guest() {
 fn hypercalls_return_values_and_vcpu_state_restores() {
     require_kvm!();
     let (_mem, mut vm) = boot(
-        payload::hypercall_probe(),
+        programs::hypercall_probe(),
         GuestArgs {
             rdi: 41,
             ..Default::default()
@@ -266,7 +267,7 @@ fn measure_fault_cost() {
     require_kvm!();
     {
         let &(n, label) = &(4000u64, "write");
-        let (mem, mut vm) = boot(payload::write_loop(), loop_args(DATA_GPA, n, PAGE, 1));
+        let (mem, mut vm) = boot(programs::write_loop(), loop_args(DATA_GPA, n, PAGE, 1));
         let t = Instant::now();
         assert_eq!(vm.run().unwrap(), VmExit::Done(1));
         let dt = t.elapsed();
@@ -281,7 +282,7 @@ fn measure_fault_cost() {
         // Second pass over installed pages: no faults.
         let again = vm.fault_stats();
         let mut s = vm.save_state().unwrap();
-        s.regs.rip = payload::CODE_GPA;
+        s.regs.rip = guest_vm::vmm::x86_64::layout::CODE_GPA;
         s.regs.rdi = DATA_GPA;
         s.regs.rcx = n;
         s.regs.rdx = PAGE;

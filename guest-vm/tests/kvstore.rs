@@ -7,8 +7,8 @@ mod common;
 use std::time::Instant;
 
 use common::TestMem;
-use guest_vm::vm::GuestVm;
-use guest_vm::workload::{fill_value, memory_for, KvStore, ST_OK};
+use guest_vm::vmm::GuestVm;
+use guest_vm::workload::kvstore::{fill_value, memory_for, KvStore, ST_OK};
 
 #[test]
 fn kvstore_builds_a_multi_mib_table_and_serves_requests() {
@@ -36,13 +36,13 @@ fn kvstore_builds_a_multi_mib_table_and_serves_requests() {
     assert_eq!(kv.checksum().unwrap(), sum1);
     // Bad requests are guest-visible statuses / host errors, not crashes.
     assert!(kv
-        .call(&guest_vm::workload::Request {
+        .call(&guest_vm::workload::kvstore::Request {
             op: 99,
             key: 0,
             arg: 0,
             data: vec![]
         })
-        .is_ok_and(|r| r.status == guest_vm::workload::ST_BAD_REQUEST));
+        .is_ok_and(|r| r.status == guest_vm::workload::kvstore::ST_BAD_REQUEST));
     // vCPU state snapshot at a request boundary, restore after more writes: the guest resumes
     // at the same request loop (memory is not rolled back here: that is the Vmar's fork/reset).
     let state = kv.vm().save_state().unwrap();

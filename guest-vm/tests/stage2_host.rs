@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use ept::{MemType, PageSize, S2Perms, Stage2};
-use guest_vm::uffd::Uffd;
+use guest_vm::sys::uffd::Uffd;
 use guest_vm::{KvmStage2, MemfdFrameAlloc, Reservation};
 use vmo::FrameAlloc;
 
@@ -25,15 +25,15 @@ fn setup() -> Option<(KvmStage2, Arc<MemfdFrameAlloc>)> {
             return None;
         }
     };
-    let res = Arc::new(Reservation::new(0, 16 << 20, uffd).unwrap());
+    let res = Arc::new(Reservation::new(guest_vm::Gpa(0), 16 << 20, uffd).unwrap());
     let frames = Arc::new(MemfdFrameAlloc::new(32 << 20).unwrap());
     Some((KvmStage2::new(res, frames.clone()), frames))
 }
 
 fn host_byte(s: &KvmStage2, gpa: u64) -> u8 {
-    let hva = s.reservation().hva_of(gpa, 1).unwrap();
+    let hva = s.reservation().hva_of(guest_vm::Gpa(gpa), 1).unwrap();
     // SAFETY: the test only reads pages it installed.
-    unsafe { *(hva as *const u8) }
+    unsafe { *hva.as_mut_ptr::<u8>() }
 }
 
 #[test]

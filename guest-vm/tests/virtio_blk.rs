@@ -507,7 +507,7 @@ fn demo_report_serves_and_refuses() {
 /// under `GUESTMEM_REQUIRE_KVM=1`).
 #[test]
 fn on_a_kvm_guest() {
-    if let Err(e) = guest_vm::vm::check_host() {
+    if let Err(e) = guest_vm::vmm::check_host() {
         if std::env::var("GUESTMEM_REQUIRE_KVM").is_ok_and(|v| v == "1") {
             panic!("GUESTMEM_REQUIRE_KVM=1 but KVM is unavailable: {e}");
         }

@@ -7,9 +7,10 @@ mod common;
 use std::time::Instant;
 
 use ept::FaultKind;
-use guest_vm::payload::{self, DATA_GPA};
-use guest_vm::vm::{GuestArgs, VmExit};
-use guest_vm::workload::{fill_value, memory_for, KvStore, ST_OK};
+use guest_vm::vmm::x86_64::layout::DATA_GPA;
+use guest_vm::vmm::{GuestArgs, VmExit};
+use guest_vm::workload::kvstore::{fill_value, memory_for, KvStore, ST_OK};
+use guest_vm::workload::programs;
 use guest_vm::{Guest, HostFrames};
 
 const BUCKETS: u64 = 1 << 16; // 4 MiB table
@@ -154,13 +155,13 @@ fn guest_touching_unmapped_gpa_is_stopped_and_others_keep_running() {
         rax: 0x33,
         ..Default::default()
     };
-    bad.vm_mut().load(&payload::write_loop(), args).unwrap();
+    bad.vm_mut().load(&programs::write_loop(), args).unwrap();
     bad.set_reset_point().unwrap();
     let state = bad.snapshot().unwrap();
     let mut good = Guest::new(&frames, mem).unwrap();
     good.vm_mut()
         .load(
-            &payload::write_loop(),
+            &programs::write_loop(),
             GuestArgs {
                 rdi: DATA_GPA,
                 rcx: 16,
@@ -201,7 +202,7 @@ fn measure_product_fault_costs() {
         ..Default::default()
     };
     let mut g = Guest::new(&frames, 32 << 20).unwrap();
-    g.vm_mut().load(&payload::increment_loop(), args).unwrap();
+    g.vm_mut().load(&programs::increment_loop(), args).unwrap();
     let entry = g.snapshot().unwrap();
     let t = Instant::now();
     assert_eq!(g.vm_mut().run().unwrap(), VmExit::Done(1));
@@ -221,7 +222,7 @@ fn measure_product_fault_costs() {
     );
     // The same pass with the range prefaulted by the VMM (no exits, no uffd round trips).
     let mut h = Guest::new(&frames, 32 << 20).unwrap();
-    h.vm_mut().load(&payload::increment_loop(), args).unwrap();
+    h.vm_mut().load(&programs::increment_loop(), args).unwrap();
     let t = Instant::now();
     assert_eq!(h.prefault(DATA_GPA, n * 4096, true).unwrap(), n);
     let pre = t.elapsed();

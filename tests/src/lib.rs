@@ -91,7 +91,7 @@ impl Backend for Kvm {
     type S = guest_vm::KvmStage2;
     const NAME: &'static str = "kvm";
     fn available() -> Result<(), String> {
-        guest_vm::vm::check_host().map_err(|e| e.to_string())
+        guest_vm::vmm::check_host().map_err(|e| e.to_string())
     }
     fn pool() -> FramePool {
         let alloc =
@@ -112,9 +112,11 @@ impl Backend for Kvm {
             .find(|(k, _)| *k == key)
             .map(|(_, a)| a.clone())
             .expect("pool made by Kvm::pool");
-        let uffd = Arc::new(guest_vm::uffd::Uffd::open().expect("userfaultfd"));
-        let res =
-            Arc::new(guest_vm::Reservation::new(0, KVM_RESERVATION, uffd).expect("reservation"));
+        let uffd = Arc::new(guest_vm::sys::uffd::Uffd::open().expect("userfaultfd"));
+        let res = Arc::new(
+            guest_vm::Reservation::new(guest_vm::Gpa(0), KVM_RESERVATION, uffd)
+                .expect("reservation"),
+        );
         guest_vm::KvmStage2::new(res, alloc)
     }
     fn table_frames(_s: &Self::S) -> Option<usize> {

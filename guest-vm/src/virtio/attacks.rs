@@ -18,7 +18,7 @@ use super::blk::Outcome;
 use super::disk::DiskBackend;
 use super::driver::{RawDesc, DATA_OFF, STATUS_OFF, STATUS_UNSET};
 use super::rig::BlkRig;
-use crate::Result;
+use crate::error::Result;
 
 /// One hostile driver behaviour.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

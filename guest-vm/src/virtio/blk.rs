@@ -38,7 +38,7 @@ use vm_memory::{ByteValued, GuestAddress};
 use super::disk::{DiskBackend, SECTOR_SIZE};
 use super::dma_region::DeviceDma;
 use super::iommu::{dma_memory, DmaMemory};
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// Largest queue the device offers.
 pub const MAX_QUEUE_SIZE: u16 = 256;

@@ -19,8 +19,9 @@ use std::sync::Arc;
 use ept::Stage2;
 use vmo::{DevicePerms, DmaDomain, MapOptions, Placement, VmPerms, Vmar, Vmo, VmoFlags};
 
-use crate::memfd_pool::HostFrames;
-use crate::{Error, Result, PAGE_SIZE};
+use crate::error::{Error, Result};
+use crate::memory::frames::HostFrames;
+use crate::PAGE_SIZE;
 
 /// One region assigned to a device.
 #[derive(Clone, Debug)]

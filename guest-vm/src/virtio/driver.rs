@@ -20,8 +20,9 @@ use vmo::{FrameAlloc, Vmar};
 
 use super::blk::{Completion, QueueConfig, VirtioBlk};
 use super::disk::DiskBackend;
-use crate::memfd_pool::HostFrames;
-use crate::{Error, Result, PAGE_SIZE};
+use crate::error::{Error, Result};
+use crate::memory::frames::HostFrames;
+use crate::PAGE_SIZE;
 
 /// The guest's memory as its CPU sees it (the Vmar's fault path, like `Guest::prefault`).
 pub struct GuestRam<G: Stage2 + Send + 'static> {

@@ -19,7 +19,6 @@
 
 use std::fmt;
 use std::fs::File;
-use std::os::fd::FromRawFd;
 use std::sync::Arc;
 
 use ept::Stage2;
@@ -30,8 +29,8 @@ use vm_memory::{
 };
 use vmo::{DevicePerms, DmaDomain};
 
-use crate::memfd_pool::{HostFrames, MemfdFrameAlloc};
-use crate::{last_os, Error, Result};
+use crate::error::{Error, Result};
+use crate::memory::frames::{HostFrames, MemfdFrameAlloc};
 
 /// The guest memory a device sees: IOVAs translated by its `DmaDomain` into the frame memfd.
 pub type DmaMemory<S> = IommuMemory<GuestMemoryMmap, DomainIommu<S>>;
@@ -133,13 +132,16 @@ pub fn dma_memory<S: Stage2 + Send + 'static>(
     domain: Arc<DmaDomain<S>>,
 ) -> Result<DmaMemory<S>> {
     // A second shared mapping of the frame memfd (coherent with the pool's own mapping).
-    // SAFETY: `fd()` is a live descriptor owned by the allocator; dup gives us our own.
-    let fd = unsafe { libc::dup(frames.alloc.fd()) };
-    if fd < 0 {
-        return Err(last_os("dup(frame memfd)"));
-    }
-    // SAFETY: `fd` is a fresh descriptor we own.
-    let file = unsafe { File::from_raw_fd(fd) };
+    let file = File::from(
+        frames
+            .alloc
+            .memfd()
+            .try_clone_to_owned()
+            .map_err(|err| Error::Sys {
+                what: "dup(frame memfd)",
+                err,
+            })?,
+    );
     let size = frames.alloc.capacity() as usize;
     let region = MmapRegion::from_file(FileOffset::new(file, 0), size)
         .map_err(|e| Error::InvalidArgs(format!("vm-memory region over the frame memfd: {e}")))?;

@@ -12,7 +12,8 @@
 //!   descriptors into guest memory like a guest driver (and can write malicious ones);
 //! - [`attacks`]: the malicious-driver scenarios and what each one changed;
 //! - [`rig`]: the standard layout (regions with canary pages around them) wiring the above;
-//! - [`demo`]: `demo_report`, valid and malicious requests with the DMA figures.
+//! - [`report`]: `demo_report`, the DMA section of the demo: valid and malicious requests
+//!   served on the standard rig, with the domain's figures.
 //!
 //! Fork policy (from `vmo::Vmar::fork`): a DMA region mapped in the guest is copied eagerly
 //! into the child, unpinned and unassigned; the child's device assigns the copies again
@@ -20,17 +21,17 @@
 
 pub mod attacks;
 pub mod blk;
-pub mod demo;
 pub mod disk;
 pub mod dma_region;
 pub mod driver;
 pub mod iommu;
+pub mod report;
 pub mod rig;
 
 pub use blk::{BlkStats, Completion, Outcome, QueueConfig, Refusal, VirtioBlk};
-pub use demo::{demo_report, demo_report_on, DmaDemoReport};
 pub use disk::{DiskBackend, FileDisk, MemDisk, SECTOR_SIZE};
 pub use dma_region::{DeviceDma, DmaRegion};
 pub use driver::{BlkDriver, GuestRam, RawDesc};
 pub use iommu::{dma_memory, DmaMemory, DomainIommu};
+pub use report::{demo_report, demo_report_on, DmaDemoReport};
 pub use rig::{BlkLayout, BlkRig, DomainTable};

@@ -21,8 +21,9 @@ use super::blk::{QueueConfig, VirtioBlk};
 use super::disk::DiskBackend;
 use super::dma_region::DeviceDma;
 use super::driver::{BlkDriver, GuestRam};
-use crate::memfd_pool::HostFrames;
-use crate::{Error, Result, PAGE_SIZE};
+use crate::error::{Error, Result};
+use crate::memory::frames::HostFrames;
+use crate::PAGE_SIZE;
 
 /// The DMA domain's translation table: EPT format (what VT-d second-level tables use).
 pub type DomainTable = EptTable<HeapPhysMem>;

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use ept::{Access, FaultInfo, FaultKind, MemType, PageSize, S2Perms, Stage2};
-use guest_vm::uffd::Uffd;
+use guest_vm::sys::uffd::Uffd;
 use guest_vm::{KvmStage2, MemfdFrameAlloc, Reservation, Resolver};
 use vmo::{Frame, FramePool};
 
@@ -32,7 +32,8 @@ impl TestMem {
     /// everything allowed read-write.
     pub fn new(mem_size: u64, pool_size: u64) -> (Arc<Mutex<TestMem>>, Arc<Reservation>) {
         let uffd = Arc::new(Uffd::open().expect("userfaultfd"));
-        let res = Arc::new(Reservation::new(0, mem_size, uffd).expect("reservation"));
+        let res =
+            Arc::new(Reservation::new(guest_vm::Gpa(0), mem_size, uffd).expect("reservation"));
         let alloc = Arc::new(MemfdFrameAlloc::new(pool_size).expect("memfd pool"));
         let pool = FramePool::new(alloc.clone());
         let stage2 = KvmStage2::new(res.clone(), alloc.clone());
@@ -48,9 +49,9 @@ impl TestMem {
     }
 
     /// The resolver handed to `GuestVm::new`.
-    pub fn resolver(mem: &Arc<Mutex<TestMem>>) -> Resolver {
+    pub fn resolver(mem: &Arc<Mutex<TestMem>>) -> impl Resolver + 'static {
         let mem = mem.clone();
-        Box::new(move |f| mem.lock().unwrap().resolve(f))
+        move |f| mem.lock().unwrap().resolve(f)
     }
 
     fn resolve(&mut self, f: FaultInfo) -> vmo::Result<()> {
@@ -125,7 +126,7 @@ impl TestMem {
 
 /// `Some(reason)` when the KVM tests cannot run here.
 pub fn skip_reason() -> Option<String> {
-    guest_vm::vm::check_host().err().map(|e| e.to_string())
+    guest_vm::vmm::check_host().err().map(|e| e.to_string())
 }
 
 /// Whether CI demands the KVM tests (`GUESTMEM_REQUIRE_KVM=1`): then a missing KVM fails the

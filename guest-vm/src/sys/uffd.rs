@@ -1,5 +1,8 @@
 //! The userfaultfd syscall layer: open, API handshake, register, write-protect, wake, copy,
-//! read events. Types and ioctl numbers come from `linux-raw-sys` (no bindgen / libclang needed).
+//! read events. Types and ioctl numbers come from `linux-raw-sys` (no bindgen / libclang
+//! needed); each number is also recomputed from its `_IOWR`/`_IOR`/`_IO` definition in
+//! `<linux/userfaultfd.h>` and checked against the bindings at compile time.
+//! Modes are named: [`RegisterMode`] (MISSING / WP), [`Protection`] and [`Wake`].
 //!
 //! Invariants:
 //! - the descriptor is opened without `UFFD_USER_MODE_ONLY`, because KVM's accesses to guest
@@ -16,11 +19,64 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use linux_raw_sys::general as g;
 use linux_raw_sys::ioctl as io;
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
-// <linux/userfaultfd.h>; linux-raw-sys does not export these two.
+// <linux/userfaultfd.h>, `struct uffdio_writeprotect.mode`; linux-raw-sys does not export
+// these two bits.
 const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
 const UFFDIO_WRITEPROTECT_MODE_DONTWAKE: u64 = 1 << 1;
+
+/// `_IOC(dir, type, nr, size)` of `<asm-generic/ioctl.h>` (x86-64 layout).
+const fn ioc(dir: u32, ty: u32, nr: u32, size: usize) -> u32 {
+    (dir << 30) | ((size as u32) << 16) | (ty << 8) | nr
+}
+const IOC_NONE: u32 = 0;
+const IOC_WRITE: u32 = 1;
+const IOC_READ: u32 = 2;
+const UFFDIO: u32 = 0xAA;
+const fn iowr<T>(nr: u32) -> u32 {
+    ioc(IOC_READ | IOC_WRITE, UFFDIO, nr, std::mem::size_of::<T>())
+}
+const fn ior<T>(nr: u32) -> u32 {
+    ioc(IOC_READ, UFFDIO, nr, std::mem::size_of::<T>())
+}
+
+// The bindings' numbers are what the header defines.
+const _: () = assert!(io::UFFDIO_API == iowr::<g::uffdio_api>(0x3F));
+const _: () = assert!(io::UFFDIO_REGISTER == iowr::<g::uffdio_register>(0x00));
+const _: () = assert!(io::UFFDIO_WAKE == ior::<g::uffdio_range>(0x02));
+const _: () = assert!(io::UFFDIO_COPY == iowr::<g::uffdio_copy>(0x03));
+const _: () = assert!(io::UFFDIO_WRITEPROTECT == iowr::<g::uffdio_writeprotect>(0x06));
+/// `USERFAULTFD_IOC_NEW = _IO(0xAA, 0x00)` of `<linux/userfaultfd.h>` (the `/dev/userfaultfd`
+/// ioctl; linux-raw-sys does not export it).
+const USERFAULTFD_IOC_NEW: u32 = ioc(IOC_NONE, UFFDIO, 0x00, 0);
+
+bitflags::bitflags! {
+    /// `UFFDIO_REGISTER` modes.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct RegisterMode: u64 {
+        /// Faults on missing pages (anonymous reservation pieces) become events.
+        const MISSING = g::UFFDIO_REGISTER_MODE_MISSING as u64;
+        /// Writes to write-protected pages become events.
+        const WP = g::UFFDIO_REGISTER_MODE_WP as u64;
+    }
+}
+
+/// What `writeprotect` does to a range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protection {
+    /// Set write protection: a later write raises a WP event.
+    Protect,
+    /// Clear write protection.
+    Unprotect,
+}
+
+/// Whether an ioctl that resolves pages also wakes the threads blocked on them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wake {
+    Wake,
+    DontWake,
+}
 
 /// One page-fault event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,18 +146,11 @@ impl Uffd {
         Ok(Uffd { fd })
     }
 
-    /// Registers `[addr, addr+len)` (all of it must be mapped) with `missing` and/or `wp` mode.
-    pub fn register(&self, addr: u64, len: u64, missing: bool, wp: bool) -> Result<()> {
-        let mut mode = 0;
-        if missing {
-            mode |= g::UFFDIO_REGISTER_MODE_MISSING as u64;
-        }
-        if wp {
-            mode |= g::UFFDIO_REGISTER_MODE_WP as u64;
-        }
+    /// Registers `[addr, addr+len)` (all of it must be mapped) in `mode`.
+    pub fn register(&self, addr: u64, len: u64, mode: RegisterMode) -> Result<()> {
         let mut reg = g::uffdio_register {
             range: g::uffdio_range { start: addr, len },
-            mode,
+            mode: mode.bits(),
             ioctls: 0,
         };
         // SAFETY: valid descriptor and argument.
@@ -111,14 +160,14 @@ impl Uffd {
         Ok(())
     }
 
-    /// Sets (`wp = true`) or clears write protection of `[addr, addr+len)`. Clearing also wakes
-    /// threads blocked on the range unless `dontwake`.
-    pub fn writeprotect(&self, addr: u64, len: u64, wp: bool, dontwake: bool) -> Result<()> {
+    /// Sets or clears write protection of `[addr, addr+len)`. Clearing also wakes threads
+    /// blocked on the range unless `Wake::DontWake`.
+    pub fn writeprotect(&self, addr: u64, len: u64, prot: Protection, wake: Wake) -> Result<()> {
         let mut mode = 0;
-        if wp {
+        if prot == Protection::Protect {
             mode |= UFFDIO_WRITEPROTECT_MODE_WP;
         }
-        if dontwake {
+        if wake == Wake::DontWake {
             mode |= UFFDIO_WRITEPROTECT_MODE_DONTWAKE;
         }
         let mut arg = g::uffdio_writeprotect {
@@ -144,13 +193,13 @@ impl Uffd {
 
     /// Fills the missing pages `[dst, dst+len)` with a copy of `[src, src+len)` of this process
     /// (`UFFDIO_COPY`; both page aligned, `dst` registered MISSING) and wakes the threads
-    /// blocked on them unless `dontwake`. A page already present is an error (`EEXIST`).
-    pub fn copy(&self, dst: u64, src: u64, len: u64, dontwake: bool) -> Result<()> {
+    /// blocked on them unless `Wake::DontWake`. A page already present is an error (`EEXIST`).
+    pub fn copy(&self, dst: u64, src: u64, len: u64, wake: Wake) -> Result<()> {
         let mut arg = g::uffdio_copy {
             dst,
             src,
             len,
-            mode: if dontwake {
+            mode: if wake == Wake::DontWake {
                 g::UFFDIO_COPY_MODE_DONTWAKE as u64
             } else {
                 0
@@ -219,8 +268,6 @@ fn open_dev_userfaultfd(flags: i32) -> std::io::Result<i32> {
         .write(true)
         .custom_flags(libc::O_CLOEXEC)
         .open("/dev/userfaultfd")?;
-    // USERFAULTFD_IOC_NEW = _IO(0xAA, 0x00)
-    const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xAA00;
     // SAFETY: valid descriptor; the ioctl takes the flags as an integer.
     let fd = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW as _, flags) };
     if fd < 0 {

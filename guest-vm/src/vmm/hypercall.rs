@@ -13,6 +13,13 @@
 //!
 //! Invariants: decoding never panics; unknown numbers and bad arguments are guest-visible
 //! errors (`rax = HC_ERR`) and the guest continues.
+//!
+//! `GuestVm::serve_hypercall` (below) is the VMM core's side: it serves `HC_EXIT`, `HC_LOG`
+//! and `HC_REPORT` and hands every other number to the caller.
+
+use super::exit::VmExit;
+use super::GuestVm;
+use crate::error::{kvm_err, Result};
 
 pub const PORT_DONE: u16 = 0x10;
 pub const PORT_CALL: u16 = 0x11;
@@ -59,6 +66,41 @@ impl Hypercall {
             HC_REPORT => Hypercall::Report { value: rdi },
             _ => Hypercall::Invalid { nr },
         }
+    }
+}
+
+impl GuestVm {
+    /// Serves hypercall `nr` (the guest is stopped at its `out PORT_CALL`); `Some` when the
+    /// caller must see it.
+    pub(super) fn serve_hypercall(&mut self, nr: u8) -> Result<Option<VmExit>> {
+        let mut regs = self.vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+        let call = Hypercall::decode(nr, regs.rdi, regs.rsi, regs.rdx);
+        let (ret, exit) = match call {
+            Hypercall::Exit { code } => (0, Some(VmExit::Exit(code))),
+            Hypercall::Report { value } => (value.wrapping_add(1), Some(VmExit::Report(value))),
+            Hypercall::Log { gpa, len } => {
+                let mut buf = vec![0u8; len as usize];
+                match self.read_guest(gpa, &mut buf) {
+                    Ok(()) => {
+                        let s = String::from_utf8_lossy(&buf).into_owned();
+                        tracing::info!(target: "guest", "{s}");
+                        self.log.push(s);
+                        (0, None)
+                    }
+                    Err(_) => (HC_ERR, None),
+                }
+            }
+            Hypercall::Invalid { nr } => (
+                HC_ERR,
+                Some(VmExit::Hypercall {
+                    nr,
+                    args: [regs.rdi, regs.rsi, regs.rdx],
+                }),
+            ),
+        };
+        regs.rax = ret;
+        self.vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+        Ok(exit)
     }
 }
 

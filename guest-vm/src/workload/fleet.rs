@@ -14,11 +14,12 @@
 
 use std::time::{Duration, Instant};
 
-use crate::kvmodel::TableModel;
-use crate::streams::{self, Op, ServeCounts};
-use crate::vcpu_state::VcpuState;
-use crate::workload::KvStore;
-use crate::{Error, Guest, Result};
+use super::kvstore::KvStore;
+use super::model::TableModel;
+use super::streams::{self, Op, ServeCounts};
+use crate::error::{Error, Result};
+use crate::guest::Guest;
+use crate::vmm::vcpu_state::VcpuState;
 
 /// One forked child with its request stream's model.
 pub struct Child {

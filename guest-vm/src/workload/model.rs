@@ -13,8 +13,8 @@
 
 use std::collections::BTreeSet;
 
-use crate::payload::DATA_GPA;
-use crate::workload::{fill_value, BUCKET_SIZE, ST_FULL, ST_NOT_FOUND, ST_OK, VALUE_MAX};
+use super::kvstore::{fill_value, BUCKET_SIZE, ST_FULL, ST_NOT_FOUND, ST_OK, VALUE_MAX};
+use crate::vmm::x86_64::layout::DATA_GPA;
 use crate::PAGE_SIZE;
 
 #[derive(Clone, Debug, PartialEq, Eq)]

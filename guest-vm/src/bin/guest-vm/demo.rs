@@ -20,33 +20,19 @@
 
 use std::time::Instant;
 
-use crate::fleet::{self, GuestMemory, RunOutcome};
-use crate::kvmodel::TableModel;
+use guest_vm::vmm::x86_64::layout::DATA_GPA;
+use guest_vm::workload::fleet::{self, GuestMemory, RunOutcome};
+use guest_vm::workload::kvstore::{memory_for, KvStore, BUCKET_SIZE, EXTRA_PAGES_MAX};
+use guest_vm::workload::model::TableModel;
+use guest_vm::workload::streams::{self, FILL_FIRST};
+use guest_vm::{Error, Guest, HostFrames, Result, PAGE_SIZE};
+
 use crate::measure::{median, ms};
-use crate::payload::{DATA_GPA, MAILBOX_GPA, PDPT_GPA, PD_GPA, PML4_GPA, STACK_TOP};
-use crate::streams::{self, FILL_FIRST};
-use crate::workload::{memory_for, KvStore, BUCKET_SIZE};
-use crate::{Error, Guest, HostFrames, Result, PAGE_SIZE};
 
 /// Most children a demo forks.
 pub const MAX_CHILDREN: usize = 64;
 /// Largest table (MiB).
 pub const MAX_TABLE_MIB: u64 = 4096;
-/// Pages a child may hold beyond the table pages it wrote: the mailbox page, the guest's stack
-/// page and the three page-table pages (PML4, PDPT, PD) KVM writes accessed/dirty bits into.
-pub const EXTRA_PAGES_MAX: u64 = 5;
-
-/// The pages `EXTRA_PAGES_MAX` stands for.
-pub fn named_extra_pages() -> [(u64, &'static str); 5] {
-    [
-        (MAILBOX_GPA, "mailbox"),
-        (STACK_TOP - PAGE_SIZE, "guest stack"),
-        (PML4_GPA, "PML4"),
-        (PDPT_GPA, "PDPT"),
-        (PD_GPA, "PD"),
-    ]
-}
-
 /// What to run.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct DemoOptions {
@@ -184,7 +170,7 @@ fn progress(msg: &str) {
 /// Runs the demo; see the module documentation.
 pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
     let (buckets, keys) = opts.validate()?;
-    crate::vm::check_host()?;
+    guest_vm::vmm::check_host()?;
     let mem = memory_for(buckets);
     let frames = HostFrames::new(mem * (opts.children as u64 + 2))?;
     let mut checks = Vec::new();
@@ -392,7 +378,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
 /// same frame pool, with a check that every attack was contained.
 fn dma_section(frames: &HostFrames, checks: &mut Vec<Check>) -> Option<String> {
     progress("virtio-blk device over a DMA domain");
-    match crate::virtio::demo_report(frames) {
+    match guest_vm::virtio::demo_report(frames) {
         Ok(r) => {
             let contained = r.contained() == r.attacks.len();
             check(

@@ -3,8 +3,10 @@
 //!
 //! - MISSING event (anonymous reservation page) → `FaultInfo { kind: NotPresent }`;
 //!   WP event (write to an installed, write-protected frame) → `kind: Permission`, access WRITE.
-//! - The resolver is the memory model's fault path. In the product it is
-//!   `move |f| vmar.handle_fault(f).map(drop)`; it installs pages through `KvmStage2`.
+//! - The resolver is the memory model's fault path: a [`Resolver`]. In the product it is the
+//!   guest's `Vmar<KvmStage2>` itself (`Vmar::handle_fault`, which installs pages through
+//!   `KvmStage2`); tests hand in closures. The walk is: uffd event → this thread →
+//!   `Vmar::handle_fault` → Vmo → `Stage2`.
 //! - A resolver error (the guest touched memory outside its Vmar, or wrote a read-only
 //!   mapping) never leaves the faulter blocked and never panics: the error is recorded
 //!   (`FaultShared::take_error`), the page is poisoned (PROT_NONE, so the retried access fails
@@ -24,12 +26,32 @@ use std::thread::JoinHandle;
 use ept::{Access, FaultInfo, FaultKind};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::reservation::Reservation;
-use crate::uffd::PageFault;
-use crate::{Error, Result, PAGE_SIZE};
+use crate::addr::Hva;
+use crate::error::{Error, Result};
+use crate::memory::reservation::Reservation;
+use crate::memory::stage2::KvmStage2;
+use crate::sys::uffd::PageFault;
+use crate::PAGE_SIZE;
 
-/// The fault path the thread calls for every event. Runs on the fault thread.
-pub type Resolver = Box<dyn FnMut(FaultInfo) -> vmo::Result<()> + Send>;
+/// The fault path the thread calls for every event; runs on the fault thread. Implemented by
+/// the product's `Vmar<KvmStage2>` and by closures (tests).
+pub trait Resolver: Send {
+    /// Resolves `fault` (installs what it needs through the backend) or refuses it.
+    fn resolve(&mut self, fault: FaultInfo) -> vmo::Result<()>;
+}
+
+impl<F: FnMut(FaultInfo) -> vmo::Result<()> + Send> Resolver for F {
+    fn resolve(&mut self, fault: FaultInfo) -> vmo::Result<()> {
+        self(fault)
+    }
+}
+
+/// The product: the guest's Vmar resolves its own faults.
+impl Resolver for vmo::Vmar<KvmStage2> {
+    fn resolve(&mut self, fault: FaultInfo) -> vmo::Result<()> {
+        self.handle_fault(fault).map(drop)
+    }
+}
 
 /// A fault the resolver refused: the report the stopped VM returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,7 +83,7 @@ pub struct FaultShared {
     resolve_ns: AtomicU64,
     error: Mutex<Option<FaultError>>,
     /// Poisoned pages: (host address, the page was installed).
-    poisoned: Mutex<Vec<(u64, bool)>>,
+    poisoned: Mutex<Vec<(Hva, bool)>>,
     kick: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
 }
 
@@ -95,7 +117,7 @@ impl FaultShared {
     }
 
     /// Takes the list of poisoned pages (host address, was installed) for `unpoison`.
-    pub(crate) fn take_poisoned(&self) -> Vec<(u64, bool)> {
+    pub(crate) fn take_poisoned(&self) -> Vec<(Hva, bool)> {
         std::mem::take(&mut *self.poisoned.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
@@ -122,7 +144,7 @@ pub struct FaultThread {
 
 /// The `FaultInfo` a userfaultfd event on `res` stands for, if the address is in range.
 pub fn fault_info(res: &Reservation, pf: &PageFault) -> Option<FaultInfo> {
-    let gpa = res.gpa_of(pf.addr)?;
+    let gpa = res.gpa_of(Hva(pf.addr))?.raw();
     let (access, kind) = if pf.wp {
         (Access::WRITE, FaultKind::Permission)
     } else if pf.write {
@@ -135,7 +157,8 @@ pub fn fault_info(res: &Reservation, pf: &PageFault) -> Option<FaultInfo> {
 
 impl FaultThread {
     /// Starts the thread serving `res`'s userfaultfd with `resolver`.
-    pub fn spawn(res: Arc<Reservation>, mut resolver: Resolver) -> Result<Self> {
+    pub fn spawn(res: Arc<Reservation>, resolver: impl Resolver + 'static) -> Result<Self> {
+        let mut resolver: Box<dyn Resolver> = Box::new(resolver);
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Sys {
             what: "eventfd",
             err: e,
@@ -148,7 +171,7 @@ impl FaultThread {
         let sh = shared.clone();
         let handle = std::thread::Builder::new()
             .name("uffd-faults".into())
-            .spawn(move || serve(&res, &mut resolver, &sh, &stop_fd))
+            .spawn(move || serve(&res, resolver.as_mut(), &sh, &stop_fd))
             .map_err(|e| Error::Sys {
                 what: "spawn fault thread",
                 err: e,
@@ -178,7 +201,7 @@ impl Drop for FaultThread {
     }
 }
 
-fn serve(res: &Reservation, resolver: &mut Resolver, sh: &FaultShared, stop: &EventFd) {
+fn serve(res: &Reservation, resolver: &mut dyn Resolver, sh: &FaultShared, stop: &EventFd) {
     let uffd = res.uffd().clone();
     let mut events = Vec::new();
     loop {
@@ -194,7 +217,7 @@ fn serve(res: &Reservation, resolver: &mut Resolver, sh: &FaultShared, stop: &Ev
                 revents: 0,
             },
         ];
-        // SAFETY: two valid pollfds.
+        // SAFETY: `fds` is an array of two initialized pollfds that outlives the call.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
         if n < 0 {
             if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
@@ -222,7 +245,7 @@ fn serve(res: &Reservation, resolver: &mut Resolver, sh: &FaultShared, stop: &Ev
                 continue;
             };
             let t = std::time::Instant::now();
-            let outcome = resolver(info);
+            let outcome = resolver.resolve(info);
             sh.resolve_ns
                 .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
             match outcome {
@@ -231,11 +254,11 @@ fn serve(res: &Reservation, resolver: &mut Resolver, sh: &FaultShared, stop: &Ev
                 }
                 Err(error) => {
                     // Poison first so the woken thread fails instead of faulting again.
-                    if res.poison(page, pf.wp).is_ok() {
+                    if res.poison(Hva(page), pf.wp).is_ok() {
                         sh.poisoned
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
-                            .push((page, pf.wp));
+                            .push((Hva(page), pf.wp));
                     }
                     sh.record(FaultError {
                         fault: info,

@@ -16,7 +16,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, VcpuFd};
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// MSRs a long-mode guest (CPL3 workload + small CPL0 setup) uses.
 pub const MSRS_IN_USE: &[u32] = &[

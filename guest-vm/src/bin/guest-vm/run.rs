@@ -5,14 +5,15 @@
 
 use std::time::Instant;
 
+use guest_vm::vmm::x86_64::layout::DATA_GPA;
+use guest_vm::workload::fleet::{self, GuestMemory};
+use guest_vm::workload::kvstore::{memory_for, KvStore, BUCKET_SIZE};
+use guest_vm::workload::model::TableModel;
+use guest_vm::workload::streams::{self, ServeCounts, FILL_FIRST};
+use guest_vm::{Guest, HostFrames, Result};
+
 use crate::demo::DemoOptions;
-use crate::fleet::{self, GuestMemory};
-use crate::kvmodel::TableModel;
 use crate::measure::ms;
-use crate::payload::DATA_GPA;
-use crate::streams::{self, ServeCounts, FILL_FIRST};
-use crate::workload::{memory_for, KvStore, BUCKET_SIZE};
-use crate::{Guest, HostFrames, Result};
 
 /// What `run` did.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -31,7 +32,7 @@ pub struct SingleReport {
 /// Boots, fills (prefaulting the table first when `prefault`), serves stream `seed`.
 pub fn run(opts: &DemoOptions, seed: u64, prefault: bool) -> Result<SingleReport> {
     let (buckets, keys) = opts.validate()?;
-    crate::vm::check_host()?;
+    guest_vm::vmm::check_host()?;
     let mem = memory_for(buckets);
     let frames = HostFrames::new(mem * 2)?;
     let t = Instant::now();

@@ -13,7 +13,13 @@
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use guest_vm::demo::{DemoOptions, MAX_CHILDREN, MAX_TABLE_MIB};
+mod bench;
+mod demo;
+mod demo_report;
+mod measure;
+mod run;
+
+use demo::{DemoOptions, MAX_CHILDREN, MAX_TABLE_MIB};
 
 #[derive(Parser)]
 #[command(
@@ -135,11 +141,11 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<(), guest_vm::Error> {
 }
 
 fn demo(opts: &DemoOptions, json: bool) -> Result<bool, guest_vm::Error> {
-    let report = guest_vm::demo::run(opts)?;
+    let report = demo::run(opts)?;
     if json {
         print_json(&report)?;
     } else {
-        print!("{}", guest_vm::demo_print::render(&report));
+        print!("{}", demo_report::render(&report));
     }
     Ok(report.passed)
 }
@@ -153,7 +159,7 @@ fn run(cmd: Cmd) -> Result<bool, guest_vm::Error> {
             no_prefault,
             w,
         } => {
-            let r = guest_vm::single::run(&options(1, &w, false), seed, !no_prefault)?;
+            let r = run::run(&options(1, &w, false), seed, !no_prefault)?;
             if w.json {
                 print_json(&r)?;
             } else {
@@ -181,17 +187,17 @@ fn run(cmd: Cmd) -> Result<bool, guest_vm::Error> {
             Ok(true)
         }
         Cmd::Bench(a) => {
-            let opts = guest_vm::bench::BenchOptions {
+            let opts = bench::BenchOptions {
                 sizes_mib: a.sizes,
                 reps: a.reps as usize,
                 pages: a.pages,
                 dirty: a.dirty,
             };
-            let r = guest_vm::bench::run(&opts)?;
+            let r = bench::run(&opts)?;
             if a.json {
                 print_json(&r)?;
             } else {
-                print!("{}", guest_vm::bench_print::render(&r));
+                print!("{}", bench::print::render(&r));
             }
             Ok(true)
         }

@@ -19,11 +19,16 @@
 
 use std::time::{Duration, Instant};
 
-use crate::bench_baseline::{self as base, OverlayKind};
+use guest_vm::vmm::x86_64::layout::DATA_GPA;
+use guest_vm::vmm::{GuestArgs, VmExit};
+use guest_vm::workload::programs;
+use guest_vm::{Error, Guest, HostFrames, Result, PAGE_SIZE};
+
 use crate::measure::{median, ratio, us};
-use crate::payload::{self, DATA_GPA};
-use crate::vm::{GuestArgs, VmExit};
-use crate::{Error, Guest, HostFrames, Result, PAGE_SIZE};
+use baseline::{self as base, OverlayKind};
+
+pub mod baseline;
+pub mod print;
 
 /// Fault-around window of the streaming row (pages).
 const STREAM_WINDOW: u64 = 32;
@@ -127,7 +132,7 @@ fn loop_args(pages: u64) -> GuestArgs {
 /// A guest loaded with the write loop over `pages` pages (not run yet).
 fn write_guest(frames: &HostFrames, pages: u64) -> Result<Guest> {
     let mut g = Guest::new(frames, guest_mem(pages * PAGE_SIZE))?;
-    g.vm_mut().load(&payload::write_loop(), loop_args(pages))?;
+    g.vm_mut().load(&programs::write_loop(), loop_args(pages))?;
     Ok(g)
 }
 
@@ -154,7 +159,7 @@ fn fork_rows(o: &BenchOptions, frames: &HostFrames, rows: &mut Vec<Row>) -> Resu
             "fork: Linux fork() of a process with {mib} MiB resident"
         ));
         let linux = {
-            let _resident = base::Mapping::resident_anon(size)?;
+            let _resident = base::resident_anon(size)?;
             let mut s = Vec::new();
             for _ in 0..o.reps {
                 s.push(us(base::linux_fork()?));
@@ -163,7 +168,7 @@ fn fork_rows(o: &BenchOptions, frames: &HostFrames, rows: &mut Vec<Row>) -> Resu
         };
         progress(&format!("fork: guest with {mib} MiB resident"));
         let mut g = Guest::new(frames, guest_mem(size))?;
-        g.vm_mut().load(&payload::write_loop(), loop_args(1))?;
+        g.vm_mut().load(&programs::write_loop(), loop_args(1))?;
         g.prefault(DATA_GPA, size, true)?;
         let state = g.snapshot()?;
         // The first fork write-protects every installed page of the parent (O(resident));
@@ -380,7 +385,7 @@ fn dirty_run(child: &mut Guest, d: u64) -> Result<()> {
 /// Runs every measurement; see the module documentation.
 pub fn run(o: &BenchOptions) -> Result<BenchReport> {
     o.validate()?;
-    crate::vm::check_host()?;
+    guest_vm::vmm::check_host()?;
     let biggest = o.sizes_mib.iter().copied().max().unwrap_or(64) << 20;
     let frames = HostFrames::new(guest_mem(biggest).max(guest_mem(o.pages * PAGE_SIZE)) * 4)?;
     let mut rows = Vec::new();

@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use crate::bench::BenchReport;
+use super::BenchReport;
 
 fn fmt_us(v: f64) -> String {
     if v >= 1000.0 {

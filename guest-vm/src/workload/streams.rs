@@ -11,10 +11,10 @@
 
 use std::borrow::BorrowMut;
 
-use crate::kvmodel::TableModel;
-use crate::vm::GuestVm;
-use crate::workload::{KvStore, ST_OK};
-use crate::{Error, Result};
+use super::kvstore::{KvStore, ST_OK};
+use super::model::TableModel;
+use crate::error::{Error, Result};
+use crate::vmm::GuestVm;
 
 /// First key of the snapshot's FILL.
 pub const FILL_FIRST: u64 = 1000;
@@ -178,7 +178,7 @@ mod tests {
         assert_ne!(stream(1, 200, 1000, 4), stream(2, 200, 1000, 4));
         for op in stream(0, 500, 1000, 4) {
             if let Op::Put { key, value } = op {
-                assert!(value.len() <= crate::workload::VALUE_MAX);
+                assert!(value.len() <= crate::workload::kvstore::VALUE_MAX);
                 assert!(key < own_key(1, 0), "seed 0 writes only its own range");
             }
         }

@@ -28,14 +28,17 @@ use std::sync::Arc;
 
 use vmo::{MapOptions, VmPerms, Vmar, Vmo, VmoFlags};
 
-use crate::fault_thread::Resolver;
-use crate::kvm_stage2::KvmStage2;
-use crate::memfd_pool::HostFrames;
-use crate::reservation::Reservation;
-use crate::uffd::Uffd;
-use crate::vcpu_state::VcpuState;
-use crate::vm::GuestVm;
-use crate::{Error, Result};
+use crate::addr::Gpa;
+use crate::error::{Error, Result};
+use crate::memory::frames::HostFrames;
+use crate::memory::reservation::Reservation;
+use crate::memory::stage2::KvmStage2;
+use crate::sys::uffd::Uffd;
+use crate::vmm::vcpu_state::VcpuState;
+use crate::vmm::GuestVm;
+
+/// The fault thread's resolver while streaming fault-around lives here (see below).
+type Resolver = Box<dyn FnMut(ept::FaultInfo) -> vmo::Result<()> + Send>;
 
 /// A guest container; see the module documentation.
 pub struct Guest {
@@ -92,7 +95,7 @@ pub fn streaming_resolver(vmar: &Vmar<KvmStage2>, window: Arc<AtomicU64>) -> Res
 
 fn new_backend(frames: &HostFrames, mem_size: u64) -> Result<(Arc<Reservation>, KvmStage2)> {
     let uffd = Arc::new(Uffd::open()?);
-    let res = Arc::new(Reservation::new(0, mem_size, uffd)?);
+    let res = Arc::new(Reservation::new(Gpa(0), mem_size, uffd)?);
     let stage2 = KvmStage2::new(res.clone(), frames.alloc.clone());
     Ok((res, stage2))
 }

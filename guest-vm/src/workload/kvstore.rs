@@ -13,13 +13,28 @@
 
 use std::borrow::BorrowMut;
 
-use crate::hypercall::HC_NEXT;
-use crate::payload::{DATA_GPA, MAILBOX_GPA};
-use crate::vm::{GuestArgs, GuestVm, VmExit};
-use crate::{Error, Result};
+use crate::error::{Error, Result};
+use crate::vmm::hypercall::HC_NEXT;
+use crate::vmm::x86_64::layout::{DATA_GPA, MAILBOX_GPA, PDPT_GPA, PD_GPA, PML4_GPA, STACK_TOP};
+use crate::vmm::{GuestArgs, GuestVm, VmExit};
 
 /// The guest program, a static ELF.
 pub const KVSTORE_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kvstore.elf"));
+
+/// Pages a child may hold beyond the table pages it wrote: the mailbox page, the guest's stack
+/// page and the three page-table pages (PML4, PDPT, PD) KVM writes accessed/dirty bits into.
+pub const EXTRA_PAGES_MAX: u64 = 5;
+
+/// The pages `EXTRA_PAGES_MAX` stands for.
+pub fn named_extra_pages() -> [(u64, &'static str); 5] {
+    [
+        (MAILBOX_GPA, "mailbox"),
+        (STACK_TOP - crate::PAGE_SIZE, "guest stack"),
+        (PML4_GPA, "PML4"),
+        (PDPT_GPA, "PDPT"),
+        (PD_GPA, "PD"),
+    ]
+}
 
 pub const BUCKET_SIZE: u64 = 64;
 pub const VALUE_MAX: usize = 48;

@@ -18,8 +18,8 @@ use vmo::{ChildKind, DevicePerms, MapOptions, VmPerms, Vmar, Vmo, VmoFlags};
 use super::attacks::{self, Attack, AttackResult};
 use super::disk::MemDisk;
 use super::rig::{BlkRig, DomainTable};
-use crate::memfd_pool::HostFrames;
-use crate::{Error, Result};
+use crate::error::{Error, Result};
+use crate::memory::frames::HostFrames;
 
 /// Guest RAM of the standalone demo.
 const DEMO_GUEST: u64 = 4 << 20;

@@ -1,4 +1,6 @@
 //! `KvmStage2`: the `ept::Stage2` backend of a KVM guest whose memslot is a `Reservation`.
+//! (The host mapping operations themselves are the reservation's: it is the one writer of the
+//! memslot's host range.)
 //!
 //! A "second-level translation" here is a host mapping inside the memslot's host range:
 //! - `map(gpa, pa, size, perms)` = `mmap(MAP_SHARED|MAP_FIXED)` of memfd offset `pa` at
@@ -24,15 +26,26 @@
 //! - `vm.max_map_count` exhaustion (ENOMEM from mmap) is retried once after raising the limit
 //!   when the process may write `/proc/sys/vm/max_map_count`; otherwise the operation fails
 //!   with `ept::Error::NoMemory` and `last_error()` says why — never a panic.
+//!
+//! `check_invariants` states the index invariants as code; it runs at the end of every
+//! mutating operation in debug builds (for up to `CHECKED_LEAVES` leaves: the check is linear).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use ept::{FlushScope, MemType, PageSize, S2Perms, Stage2, Translation};
 
-use crate::memfd_pool::MemfdFrameAlloc;
-use crate::reservation::Reservation;
-use crate::{Error, PAGE_SIZE};
+use crate::addr::{Gpa, MemfdOffset};
+use crate::error::Error;
+use crate::memory::frames::MemfdFrameAlloc;
+use crate::memory::reservation::Reservation;
+use crate::sys::mmap::ensure_max_map_count;
+use crate::sys::uffd::Protection;
+use crate::PAGE_SIZE;
+
+/// Debug builds check the index invariants after every change while there are at most this
+/// many leaves (the check walks them all).
+const CHECKED_LEAVES: usize = 1 << 14;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Leaf {
@@ -65,43 +78,6 @@ pub struct KvmStage2 {
     flush_pending: bool,
     stats: Stage2Stats,
     last_error: Option<String>,
-}
-
-/// `vm.max_map_count` as a number.
-pub fn max_map_count() -> Option<u64> {
-    std::fs::read_to_string("/proc/sys/vm/max_map_count")
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-}
-
-/// Raises `vm.max_map_count` to at least `min` (root only). Returns the value now in force.
-pub fn ensure_max_map_count(min: u64) -> crate::Result<u64> {
-    let cur = max_map_count().unwrap_or(0);
-    if cur >= min {
-        return Ok(cur);
-    }
-    std::fs::write("/proc/sys/vm/max_map_count", min.to_string()).map_err(|e| {
-        Error::MapCountLimit {
-            limit: cur,
-            detail: format!("writing /proc/sys/vm/max_map_count failed: {e}"),
-        }
-    })?;
-    Ok(max_map_count().unwrap_or(min))
-}
-
-/// An mmap failure; ENOMEM is reported as the map-count limit it almost always is here.
-pub(crate) fn map_err(what: &'static str) -> Error {
-    let err = std::io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::ENOMEM) {
-        Error::MapCountLimit {
-            limit: max_map_count().unwrap_or(0),
-            detail: format!("{what}: {err}"),
-        }
-    } else {
-        Error::Sys { what, err }
-    }
 }
 
 impl KvmStage2 {
@@ -145,6 +121,52 @@ impl KvmStage2 {
         self.last_error.as_deref()
     }
 
+    /// The module invariants as code: leaves are disjoint, aligned to their size and inside the
+    /// reservation; `writable` is exactly the starts of leaves with WRITE; `odd_ro` counts the
+    /// other leaves whose perms are not plain READ. Panics on a violation.
+    pub fn check_invariants(&self) {
+        let mut prev_end = 0u64;
+        let mut writable = 0usize;
+        let mut odd_ro = 0u64;
+        for (&start, leaf) in &self.leaves {
+            let len = leaf.size.bytes();
+            assert!(
+                start >= prev_end,
+                "leaf at {start:#x} overlaps the one before"
+            );
+            assert!(
+                start.is_multiple_of(len) && leaf.pa.is_multiple_of(len),
+                "misaligned leaf"
+            );
+            assert!(
+                self.res.hva_of(Gpa(start), len).is_some(),
+                "leaf {start:#x} outside the reservation"
+            );
+            if leaf.perms.contains(S2Perms::WRITE) {
+                assert!(
+                    self.writable.contains(&start),
+                    "writable leaf {start:#x} not indexed"
+                );
+                writable += 1;
+            } else if leaf.perms != S2Perms::READ {
+                odd_ro += 1;
+            }
+            prev_end = start + len;
+        }
+        assert_eq!(
+            writable,
+            self.writable.len(),
+            "writable index holds non-writable leaves"
+        );
+        assert_eq!(odd_ro, self.odd_ro, "odd read-only leaf count");
+    }
+
+    fn debug_check(&self) {
+        if cfg!(debug_assertions) && self.leaves.len() <= CHECKED_LEAVES {
+            self.check_invariants();
+        }
+    }
+
     fn index(&mut self, start: u64, leaf: &Leaf, add: bool) {
         if leaf.perms.contains(S2Perms::WRITE) {
             if add {
@@ -182,7 +204,8 @@ impl KvmStage2 {
             Error::Sys { err, .. } if err.raw_os_error() == Some(libc::ENOMEM) => {
                 ept::Error::NoMemory
             }
-            Error::InvalidArgs(_) => ept::Error::InvalidArgs,
+            Error::InvalidArgs(_) | Error::Misaligned { .. } => ept::Error::InvalidArgs,
+            Error::OutsideGuest { .. } => ept::Error::OutOfRange,
             _ => ept::Error::NoMemory,
         };
         self.last_error = Some(e.to_string());
@@ -216,48 +239,28 @@ impl KvmStage2 {
             return Err(ept::Error::InvalidArgs);
         }
         let end = gpa.checked_add(len).ok_or(ept::Error::OutOfRange)?;
-        if end > ept::GPA_LIMIT || self.res.hva_of(gpa, len).is_none() {
+        if end > ept::GPA_LIMIT || self.res.hva_of(Gpa(gpa), len).is_none() {
             return Err(ept::Error::OutOfRange);
         }
         Ok(())
     }
 
     fn install(&self, gpa: u64, pa: u64, len: u64, writable: bool) -> crate::Result<()> {
-        let hva = self.res.hva_of(gpa, len).expect("range checked by caller");
-        let mut flags = libc::MAP_SHARED | libc::MAP_FIXED;
-        if !writable {
-            // Write protection is applied to present PTEs; populate read-only installs first.
-            flags |= libc::MAP_POPULATE;
-        }
-        // SAFETY: the target lies inside our reservation; MAP_FIXED replaces only that range.
-        let p = unsafe {
-            libc::mmap(
-                hva as *mut libc::c_void,
-                len as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                flags,
-                self.frames.fd(),
-                pa as libc::off_t,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(map_err("mmap(MAP_SHARED|MAP_FIXED frame)"));
-        }
-        let uffd = self.res.uffd();
-        // Registering can split VMAs too: ENOMEM there is the same map-count limit.
-        uffd.register(hva, len, false, true).map_err(|e| match e {
-            Error::Sys { what, err } if err.raw_os_error() == Some(libc::ENOMEM) => {
-                Error::MapCountLimit {
-                    limit: max_map_count().unwrap_or(0),
-                    detail: format!("{what}: {err}"),
+        let frame = MemfdOffset(pa);
+        self.res
+            .install_frame(Gpa(gpa), len, self.frames.memfd(), frame, writable)
+    }
+
+    /// Sets the recorded perms of every leaf in `[gpa, gpa+len)` (leaf boundaries) to `perms`.
+    fn set_perms_in(&mut self, gpa: u64, len: u64, perms: S2Perms) {
+        let starts: Vec<u64> = self.leaves.range(gpa..gpa + len).map(|(&s, _)| s).collect();
+        for start in starts {
+            if let Some(&leaf) = self.leaves.get(&start) {
+                if leaf.perms != perms {
+                    self.put_leaf(start, Leaf { perms, ..leaf });
                 }
             }
-            other => other,
-        })?;
-        if !writable {
-            uffd.writeprotect(hva, len, true, false)?;
         }
-        Ok(())
     }
 
     /// Splits the large leaf containing `addr` (if it starts before `addr`) until `addr` is a
@@ -319,10 +322,10 @@ impl KvmStage2 {
                 pieces.push((s, l.size.bytes()));
             }
         }
-        let uffd = self.res.uffd().clone();
         for (s, l) in runs(pieces) {
-            let hva = self.res.hva_of(s, l).expect("leaf inside reservation");
-            if let Err(e) = uffd.writeprotect(hva, l, true, false) {
+            if let Err(e) = self.res.write_protect(Gpa(s), l, Protection::Protect) {
+                // The runs before this one are read-only on the host now: say so.
+                self.set_perms_in(gpa, s - gpa, S2Perms::READ);
                 return Err(self.fail(e));
             }
         }
@@ -336,6 +339,7 @@ impl KvmStage2 {
         self.writable.append(&mut after);
         self.stats.protects += 1;
         self.flush_pending = true;
+        self.debug_check();
         Ok(changed)
     }
 }
@@ -394,6 +398,7 @@ impl Stage2 for KvmStage2 {
                 mem_type,
             },
         );
+        self.debug_check();
         Ok(replaced.map(|l| {
             self.flush_pending = true;
             Translation {
@@ -417,7 +422,7 @@ impl Stage2 for KvmStage2 {
         let pieces = runs(gone.iter().map(|(s, l)| (*s, l.size.bytes())));
         for (s, l) in pieces {
             let res = self.res.clone();
-            self.with_map_retry(|_| res.restore(s, l))?;
+            self.with_map_retry(|_| res.restore(Gpa(s), l))?;
         }
         let mut pages = 0;
         for (s, l) in &gone {
@@ -426,6 +431,7 @@ impl Stage2 for KvmStage2 {
         }
         self.stats.unmaps += 1;
         self.flush_pending = true;
+        self.debug_check();
         Ok(pages)
     }
 
@@ -449,25 +455,30 @@ impl Stage2 for KvmStage2 {
             }
             downgraded |= !perms.contains(l.perms);
         }
-        let uffd = self.res.uffd().clone();
-        for (s, l) in runs(flip) {
-            let hva = self.res.hva_of(s, l).expect("leaf inside reservation");
-            if let Err(e) = uffd.writeprotect(hva, l, !writable, false) {
+        let prot = if writable {
+            Protection::Unprotect
+        } else {
+            Protection::Protect
+        };
+        let flip = runs(flip);
+        for (i, &(s, l)) in flip.iter().enumerate() {
+            if let Err(e) = self.res.write_protect(Gpa(s), l, prot) {
+                // The runs before this one changed on the host: their records follow, so no
+                // page is writable while its record says read-only (or the reverse).
+                for &(ds, dl) in &flip[..i] {
+                    self.set_perms_in(ds, dl, perms);
+                }
+                self.flush_pending |= downgraded;
+                self.debug_check();
                 return Err(self.fail(e));
             }
         }
-        let starts: Vec<u64> = self.leaves.range(gpa..gpa + len).map(|(&s, _)| s).collect();
-        for start in starts {
-            if let Some(&leaf) = self.leaves.get(&start) {
-                if leaf.perms != perms {
-                    self.put_leaf(start, Leaf { perms, ..leaf });
-                }
-            }
-        }
+        self.set_perms_in(gpa, len, perms);
         if changed > 0 {
             self.stats.protects += 1;
         }
         self.flush_pending |= downgraded;
+        self.debug_check();
         Ok(changed)
     }
 

@@ -15,7 +15,7 @@
 //! thread is stopped and joined by its `finish` or `Drop`; overlays only ever cover a range
 //! inside a live reservation of the caller's guest.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -23,53 +23,26 @@ use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::uffd::Uffd;
-use crate::vcpu_state::VcpuState;
-use crate::{last_os, Error, Guest, Result, PAGE_SIZE};
+use guest_vm::sys::memfd;
+use guest_vm::sys::mmap::{Backing, MapFlags, Mmap, Prot};
+use guest_vm::sys::uffd::{RegisterMode, Uffd, Wake};
+use guest_vm::vmm::vcpu_state::VcpuState;
+use guest_vm::{Error, Gpa, Guest, Result, PAGE_SIZE};
 
-/// An anonymous or file mapping owned by the benchmark.
-pub struct Mapping {
-    ptr: *mut u8,
-    len: usize,
+/// `len` bytes of anonymous memory with every page written (resident).
+pub fn resident_anon(len: u64) -> Result<Mmap> {
+    let m = Mmap::new(len, Prot::ReadWrite, Backing::Anonymous, MapFlags::empty())?;
+    for off in (0..len).step_by(PAGE_SIZE as usize) {
+        // SAFETY: `off < len`, inside the fresh read-write mapping nothing else uses.
+        unsafe { m.as_ptr().add(off as usize).write_volatile(1) };
+    }
+    Ok(m)
 }
 
-impl Mapping {
-    fn map(len: u64, prot: i32, flags: i32, fd: i32) -> Result<Self> {
-        // SAFETY: a fresh mapping chosen by the kernel; checked below.
-        let p = unsafe { libc::mmap(std::ptr::null_mut(), len as usize, prot, flags, fd, 0) };
-        if p == libc::MAP_FAILED {
-            return Err(last_os("mmap(benchmark mapping)"));
-        }
-        Ok(Mapping {
-            ptr: p.cast(),
-            len: len as usize,
-        })
-    }
-
-    /// `len` bytes of anonymous memory with every page written (resident).
-    pub fn resident_anon(len: u64) -> Result<Self> {
-        let m = Self::map(
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-        )?;
-        for off in (0..m.len).step_by(PAGE_SIZE as usize) {
-            // SAFETY: inside the mapping.
-            unsafe { m.ptr.add(off).write_volatile(1) };
-        }
-        Ok(m)
-    }
-
-    pub fn addr(&self) -> u64 {
-        self.ptr as u64
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: our own mapping, unmapped once.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+fn last_os(what: &'static str) -> Error {
+    Error::Sys {
+        what,
+        err: std::io::Error::last_os_error(),
     }
 }
 
@@ -95,26 +68,19 @@ pub fn linux_fork() -> Result<Duration> {
 
 /// A memfd of `len` bytes whose every page is written (the "snapshot file").
 pub fn filled_memfd(len: u64) -> Result<OwnedFd> {
-    // SAFETY: valid name and flags.
-    let raw = unsafe { libc::memfd_create(c"bench-snapshot".as_ptr(), libc::MFD_CLOEXEC) };
-    if raw < 0 {
-        return Err(last_os("memfd_create"));
-    }
-    // SAFETY: a fresh descriptor we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    // SAFETY: valid descriptor.
-    if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
-        return Err(last_os("ftruncate"));
-    }
-    let m = Mapping::map(
+    let fd = memfd::create(c"bench-snapshot", len)?;
+    let m = Mmap::new(
         len,
-        libc::PROT_READ | libc::PROT_WRITE,
-        libc::MAP_SHARED,
-        fd.as_raw_fd(),
+        Prot::ReadWrite,
+        Backing::Shared {
+            fd: fd.as_fd(),
+            offset: 0,
+        },
+        MapFlags::empty(),
     )?;
-    for off in (0..m.len).step_by(PAGE_SIZE as usize) {
-        // SAFETY: inside the mapping.
-        unsafe { m.ptr.add(off).write_volatile(0x5a) };
+    for off in (0..len).step_by(PAGE_SIZE as usize) {
+        // SAFETY: `off < len`, inside the fresh read-write mapping nothing else uses.
+        unsafe { m.as_ptr().add(off as usize).write_volatile(0x5a) };
     }
     Ok(fd)
 }
@@ -123,7 +89,7 @@ pub fn filled_memfd(len: u64) -> Result<OwnedFd> {
 pub struct PrivateVm {
     _vcpu: VcpuFd,
     _vm: VmFd,
-    _mem: Mapping,
+    _mem: Mmap,
 }
 
 /// Creates a VM + vCPU over a private mapping of `memfd` (`len` bytes) and restores `state`.
@@ -135,11 +101,14 @@ pub fn private_memfd_vm(
 ) -> Result<PrivateVm> {
     let kvm_err = |what| move |err| Error::Kvm { what, err };
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-    let mem = Mapping::map(
+    let mem = Mmap::new(
         len,
-        libc::PROT_READ | libc::PROT_WRITE,
-        libc::MAP_PRIVATE | libc::MAP_NORESERVE,
-        memfd.as_raw_fd(),
+        Prot::ReadWrite,
+        Backing::Private {
+            fd: memfd.as_fd(),
+            offset: 0,
+        },
+        MapFlags::NORESERVE,
     )?;
     let region = kvm_userspace_memory_region {
         slot: 0,
@@ -176,36 +145,33 @@ pub enum OverlayKind {
 /// (see `OverlayKind`). The guest's Vmar does not know; use it only for ranges the guest's
 /// Vmar never installed, and drop the guest afterwards.
 pub fn overlay(guest: &Guest, gpa: u64, len: u64, kind: OverlayKind) -> Result<Option<OwnedFd>> {
-    let hva =
-        guest.vm().reservation().hva_of(gpa, len).ok_or_else(|| {
-            Error::InvalidArgs(format!("overlay {gpa:#x}+{len:#x} outside guest"))
-        })?;
-    let (flags, fd) = match kind {
-        OverlayKind::Anonymous => (
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
-            None,
-        ),
-        OverlayKind::PrivateMemfd => (
-            libc::MAP_PRIVATE | libc::MAP_NORESERVE | libc::MAP_FIXED,
-            Some(filled_memfd(len)?),
-        ),
+    let res = guest.vm().reservation();
+    let hva = res
+        .hva_of(Gpa(gpa), len)
+        .ok_or(Error::OutsideGuest { gpa, len })?;
+    let fd = match kind {
+        OverlayKind::Anonymous => None,
+        OverlayKind::PrivateMemfd => Some(filled_memfd(len)?),
     };
-    let raw = fd.as_ref().map_or(-1, |f| f.as_raw_fd());
-    // SAFETY: the range lies inside the guest's own reservation (checked above); MAP_FIXED
-    // replaces only it, and the reservation's Drop unmaps it with the rest.
-    let p = unsafe {
-        libc::mmap(
-            hva as *mut libc::c_void,
-            len as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            flags,
-            raw,
-            0,
-        )
+    let backing = match &fd {
+        None => Backing::Anonymous,
+        Some(f) => Backing::Private {
+            fd: f.as_fd(),
+            offset: 0,
+        },
     };
-    if p == libc::MAP_FAILED {
-        return Err(last_os("mmap(overlay)"));
-    }
+    // SAFETY: guest memory is never borrowed as a reference (the reservation's invariant);
+    // the range lies inside the guest's own reservation, whose Drop unmaps it with the rest.
+    unsafe {
+        res.host_mapping().replace(
+            "mmap(overlay)",
+            hva.raw(),
+            len,
+            Prot::ReadWrite,
+            backing,
+            MapFlags::NORESERVE,
+        )?
+    };
     Ok(fd)
 }
 
@@ -214,7 +180,7 @@ pub struct CopyServer {
     stop: EventFd,
     handle: Option<JoinHandle<Result<u64>>>,
     /// The page every fault is filled from; outlives the thread (joined first).
-    _src: Mapping,
+    _src: Mmap,
 }
 
 /// Replaces `[gpa, gpa+len)` of `guest` with an anonymous `Overlay` registered MISSING with a
@@ -224,13 +190,14 @@ pub struct CopyServer {
 /// hanging; `finish` reports the error.
 pub fn uffd_copy_overlay(guest: &Guest, gpa: u64, len: u64) -> Result<CopyServer> {
     overlay(guest, gpa, len, OverlayKind::Anonymous)?;
-    let hva =
-        guest.vm().reservation().hva_of(gpa, len).ok_or_else(|| {
-            Error::InvalidArgs(format!("overlay {gpa:#x}+{len:#x} outside guest"))
-        })?;
+    let hva = guest
+        .vm()
+        .reservation()
+        .hva_of(Gpa(gpa), len)
+        .ok_or(Error::OutsideGuest { gpa, len })?;
     let uffd = Uffd::open()?;
-    uffd.register(hva, len, true, false)?;
-    let src = Mapping::resident_anon(PAGE_SIZE)?;
+    uffd.register(hva.raw(), len, RegisterMode::MISSING)?;
+    let src = resident_anon(PAGE_SIZE)?;
     let src_addr = src.addr();
     let sys = |what| move |err| Error::Sys { what, err };
     let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(sys("eventfd"))?;
@@ -279,7 +246,7 @@ fn serve_copies(uffd: Uffd, src: u64, stop: &EventFd) -> Result<u64> {
             events: libc::POLLIN,
             revents: 0,
         });
-        // SAFETY: two valid pollfds.
+        // SAFETY: `fds` is an array of two initialized pollfds that outlives the call.
         if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
             let err = std::io::Error::last_os_error();
             if err.kind() == std::io::ErrorKind::Interrupted {
@@ -295,7 +262,7 @@ fn serve_copies(uffd: Uffd, src: u64, stop: &EventFd) -> Result<u64> {
         }
         uffd.read_faults(&mut events)?;
         for pf in &events {
-            uffd.copy(pf.addr & !(PAGE_SIZE - 1), src, PAGE_SIZE, false)?;
+            uffd.copy(pf.addr & !(PAGE_SIZE - 1), src, PAGE_SIZE, Wake::Wake)?;
             copies += 1;
         }
     }

@@ -6,7 +6,7 @@ use std::fmt::Write;
 use crate::demo::DemoReport;
 
 fn kib(pages: u64) -> u64 {
-    pages * crate::PAGE_SIZE / 1024
+    pages * guest_vm::PAGE_SIZE / 1024
 }
 
 /// The verdict line of `r`.

@@ -14,14 +14,21 @@
 //! - a freed frame's memory is returned to the kernel (`FALLOC_FL_PUNCH_HOLE`), so the memfd's
 //!   resident size is the frames in use; a re-allocated frame reads as zeros;
 //! - capacity is fixed at construction; exhaustion is `None`, never a panic.
+//!
+//! `FreeSet::check_invariants` states the free-set invariants as code; it runs after every
+//! change of the set in debug builds.
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::Mutex;
 
 use vmo::{FrameAlloc, Paddr};
 
-use crate::{last_os, Error, Result, PAGE_SIZE};
+use crate::addr::MemfdOffset;
+use crate::error::{Error, Result};
+use crate::sys::memfd;
+use crate::sys::mmap::{Backing, MapFlags, Mmap, Prot};
+use crate::PAGE_SIZE;
 
 struct FreeSet {
     /// First frame number of a free run → its length in frames.
@@ -29,9 +36,48 @@ struct FreeSet {
     /// Next-fit cursor (frame number).
     cursor: u64,
     free_frames: u64,
+    /// Frames in the pool.
+    capacity: u64,
 }
 
 impl FreeSet {
+    fn new(capacity: u64) -> Self {
+        let mut runs = BTreeMap::new();
+        runs.insert(0, capacity);
+        FreeSet {
+            runs,
+            cursor: 0,
+            free_frames: capacity,
+            capacity,
+        }
+    }
+
+    /// The module invariants: runs are non-empty, inside the pool, disjoint and not adjacent
+    /// (coalesced), and `free_frames` is their total.
+    fn check_invariants(&self) {
+        let mut total = 0;
+        let mut prev_end: Option<u64> = None;
+        for (&start, &len) in &self.runs {
+            assert!(len > 0, "empty free run at frame {start}");
+            assert!(
+                start + len <= self.capacity,
+                "free run {start}+{len} beyond the pool"
+            );
+            if let Some(end) = prev_end {
+                assert!(start > end, "free runs overlap or touch at frame {start}");
+            }
+            prev_end = Some(start + len);
+            total += len;
+        }
+        assert_eq!(total, self.free_frames, "free frame count");
+    }
+
+    fn debug_check(&self) {
+        if cfg!(debug_assertions) {
+            self.check_invariants();
+        }
+    }
+
     /// Takes `count` frames starting exactly at `start` if they are free.
     fn take_at(&mut self, start: u64, count: u64) -> bool {
         let Some((&rs, &rl)) = self.runs.range(..=start).next_back() else {
@@ -50,6 +96,7 @@ impl FreeSet {
         }
         self.free_frames -= count;
         self.cursor = end;
+        self.debug_check();
         true
     }
 
@@ -95,23 +142,20 @@ impl FreeSet {
         }
         self.runs.insert(start, len);
         self.free_frames += 1;
+        self.debug_check();
         true
     }
 }
 
 /// Frames as offsets of one memfd; see the module documentation.
 pub struct MemfdFrameAlloc {
+    /// The whole memfd, `MAP_SHARED`: the host's view of every frame's bytes. Declared before
+    /// `fd` (dropped first; either order is sound).
+    view: Mmap,
     fd: OwnedFd,
-    base: *mut u8,
     capacity: u64,
     free: Mutex<FreeSet>,
 }
-
-// SAFETY: `base` is a shared mapping owned by this value for its whole life; the free set is
-// behind a mutex, and frame bytes are the callers' business (as with physical memory).
-unsafe impl Send for MemfdFrameAlloc {}
-// SAFETY: as above.
-unsafe impl Sync for MemfdFrameAlloc {}
 
 impl MemfdFrameAlloc {
     /// A pool of `capacity` bytes (a multiple of 4 KiB, non-zero). Memory is committed lazily:
@@ -122,49 +166,42 @@ impl MemfdFrameAlloc {
                 "frame pool capacity {capacity:#x} is not a non-zero multiple of 4 KiB"
             )));
         }
-        // SAFETY: the name is a valid C string; flags are valid.
-        let raw = unsafe { libc::memfd_create(c"guest-frames".as_ptr(), libc::MFD_CLOEXEC) };
-        if raw < 0 {
-            return Err(last_os("memfd_create"));
-        }
-        // SAFETY: `raw` is a fresh descriptor we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        // SAFETY: valid descriptor.
-        if unsafe { libc::ftruncate(fd.as_raw_fd(), capacity as libc::off_t) } != 0 {
-            return Err(last_os("ftruncate(frame memfd)"));
-        }
-        // SAFETY: a fresh shared mapping of the whole file; checked below.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                capacity as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_NORESERVE,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(last_os("mmap(frame memfd)"));
-        }
-        let frames = capacity / PAGE_SIZE;
-        let mut runs = BTreeMap::new();
-        runs.insert(0, frames);
-        Ok(MemfdFrameAlloc {
-            fd,
-            base: base.cast(),
+        let fd = memfd::create(c"guest-frames", capacity)?;
+        let view = Mmap::new(
             capacity,
-            free: Mutex::new(FreeSet {
-                runs,
-                cursor: 0,
-                free_frames: frames,
-            }),
+            Prot::ReadWrite,
+            Backing::Shared {
+                fd: fd.as_fd(),
+                offset: 0,
+            },
+            MapFlags::NORESERVE,
+        )?;
+        Ok(MemfdFrameAlloc {
+            view,
+            fd,
+            capacity,
+            free: Mutex::new(FreeSet::new(capacity / PAGE_SIZE)),
         })
     }
 
     /// The memfd (for `mmap(MAP_SHARED|MAP_FIXED, fd, pa)` installs).
     pub fn fd(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+
+    /// The memfd, borrowed (for `sys::mmap` installs).
+    pub fn memfd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// The memfd offset of frame `pa`, if it is a frame of this pool.
+    pub fn offset_of(&self, pa: Paddr) -> Option<MemfdOffset> {
+        (pa.is_multiple_of(PAGE_SIZE) && pa < self.capacity).then_some(MemfdOffset(pa))
+    }
+
+    /// Checks the free-set invariants of the module documentation (panics on a violation).
+    pub fn check_invariants(&self) {
+        self.lock().check_invariants();
     }
 
     /// Capacity in bytes.
@@ -179,12 +216,7 @@ impl MemfdFrameAlloc {
 
     /// Bytes of the memfd the kernel actually holds (frames written and not freed).
     pub fn resident_bytes(&self) -> Result<u64> {
-        // SAFETY: zeroed stat is a valid out-parameter; the descriptor is valid.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        if unsafe { libc::fstat(self.fd.as_raw_fd(), &mut st) } != 0 {
-            return Err(last_os("fstat(frame memfd)"));
-        }
-        Ok(st.st_blocks as u64 * 512)
+        memfd::resident_bytes(self.fd.as_fd())
     }
 
     /// Allocates the frame at `pa` if it is free (e.g. the offset after the frame backing the
@@ -223,15 +255,7 @@ impl FrameAlloc for MemfdFrameAlloc {
         if self.lock().give(pa / PAGE_SIZE) {
             // Give the memory back; the frame reads as zeros when handed out again. A failure
             // only means the memory stays committed, which is harmless.
-            // SAFETY: valid descriptor, range inside the file.
-            unsafe {
-                libc::fallocate(
-                    self.fd.as_raw_fd(),
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    pa as libc::off_t,
-                    PAGE_SIZE as libc::off_t,
-                )
-            };
+            let _ = memfd::punch_hole(self.fd.as_fd(), pa, PAGE_SIZE);
         }
     }
 
@@ -239,15 +263,8 @@ impl FrameAlloc for MemfdFrameAlloc {
         if pa >= self.capacity {
             return std::ptr::null_mut();
         }
-        // SAFETY: `pa` is inside the mapping.
-        unsafe { self.base.add(pa as usize) }
-    }
-}
-
-impl Drop for MemfdFrameAlloc {
-    fn drop(&mut self) {
-        // SAFETY: the mapping was made in `new` with this size and is unmapped once.
-        unsafe { libc::munmap(self.base.cast(), self.capacity as usize) };
+        // SAFETY: `pa < capacity`, the length of the view, so the result stays inside it.
+        unsafe { self.view.as_ptr().add(pa as usize) }
     }
 }
 
@@ -314,10 +331,12 @@ mod tests {
         let y = a.alloc_frame_near(10 * PAGE_SIZE).unwrap();
         assert_ne!(y, 10 * PAGE_SIZE);
         let p = a.frame_ptr(x);
+        // SAFETY: `x` is an allocated frame of `a`, a page of the live view.
         unsafe { p.write_bytes(0xab, PAGE_SIZE as usize) };
         assert!(a.resident_bytes().unwrap() >= PAGE_SIZE);
         a.free_frame(x);
         assert_eq!(a.alloc_frame_near(x), Some(x));
+        // SAFETY: as above.
         assert_eq!(unsafe { *a.frame_ptr(x).add(100) }, 0);
         assert!(a.frame_ptr(64 * PAGE_SIZE).is_null());
     }
@@ -338,6 +357,34 @@ mod tests {
         assert_eq!(pool.stats().live, 0);
         assert_eq!(a.free_frames(), 32);
         assert_eq!(a.resident_bytes().unwrap(), 0);
+    }
+
+    #[test]
+    fn free_set_keeps_its_invariants_under_random_traffic() {
+        let mut set = FreeSet::new(64);
+        let mut held: Vec<u64> = Vec::new();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..5_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if x % 3 == 0 || held.is_empty() {
+                if let Some(f) = set.take(1 + x % 4) {
+                    held.extend(f..f + 1 + x % 4);
+                }
+            } else {
+                let i = (x as usize / 3) % held.len();
+                assert!(set.give(held.swap_remove(i)));
+            }
+            set.check_invariants();
+            assert_eq!(set.free_frames + held.len() as u64, 64);
+        }
+        for f in held {
+            assert!(set.give(f));
+            assert!(!set.give(f), "double free refused");
+        }
+        set.check_invariants();
+        assert_eq!(set.runs.len(), 1, "everything coalesced back into one run");
     }
 
     #[test]

@@ -1,0 +1,23 @@
+//! The KVM second-level backend (DESIGN.md "The KVM backend"): guest frames are offsets of one
+//! memfd, a memslot's host range is a userfaultfd-watched reservation, and a second-level
+//! translation is a host mapping of a frame inside it.
+//!
+//! - [`frames`]: `MemfdFrameAlloc`, the `vmo::FrameAlloc` whose frames are 4 KiB offsets of
+//!   one memfd, and `HostFrames` (that allocator plus the counted `vmo::FramePool` over it);
+//! - [`reservation`]: `Reservation`, the memslot's host range and its userfaultfd — the one
+//!   writer of that range (install a frame, put an anonymous piece back, write-protect,
+//!   poison);
+//! - [`stage2`]: `KvmStage2`, the `ept::Stage2` backend: records installed leaves (and the
+//!   index of writable ones) and asks the reservation to change the host range;
+//! - [`fault_thread`]: the thread that turns userfaultfd events into `ept::FaultInfo`, hands
+//!   them to a `Resolver` (the product's is the guest's `Vmar<KvmStage2>`), and wakes the
+//!   faulter.
+//!
+//! Floors: `frames` and `reservation` use only `sys`; `stage2` uses both; `fault_thread` uses
+//! `reservation` (and names `stage2` for the product resolver). Nothing here knows about KVM
+//! VMs or vCPUs.
+
+pub mod fault_thread;
+pub mod frames;
+pub mod reservation;
+pub mod stage2;

@@ -1,0 +1,104 @@
+//! The VMM's own accesses to guest memory: `write_guest` / `read_guest` and the vm-memory view.
+//!
+//! Host accesses go through the reservation with `process_vm_readv/writev`, so a page not yet
+//! installed raises the same userfaultfd event as a guest access (and is resolved by the same
+//! fault path), and an address the resolver refuses fails with an error instead of a signal.
+//!
+//! Invariant: no Rust reference into guest memory is ever created here (the reservation's
+//! invariant that makes replacing its pieces sound).
+
+use super::GuestVm;
+use crate::addr::Gpa;
+use crate::error::{Error, Result};
+
+impl GuestVm {
+    /// Writes `data` at `gpa` through the reservation (pages not yet installed fault in through
+    /// the resolver). Outside the memslot or refused by the resolver: an error, never a signal.
+    pub fn write_guest(&self, gpa: u64, data: &[u8]) -> Result<()> {
+        self.host_access(gpa, data.as_ptr() as *mut u8, data.len(), true)
+    }
+
+    /// Reads `buf.len()` bytes at `gpa`; see `write_guest`.
+    pub fn read_guest(&self, gpa: u64, buf: &mut [u8]) -> Result<()> {
+        self.host_access(gpa, buf.as_mut_ptr(), buf.len(), false)
+    }
+
+    fn host_access(&self, gpa: u64, local: *mut u8, len: usize, write: bool) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let hva = self
+            .res
+            .hva_of(Gpa(gpa), len as u64)
+            .ok_or(Error::OutsideGuest {
+                gpa,
+                len: len as u64,
+            })?;
+        let mut done = 0usize;
+        while done < len {
+            let l = libc::iovec {
+                iov_base: local.wrapping_add(done).cast(),
+                iov_len: len - done,
+            };
+            let r = libc::iovec {
+                iov_base: hva.add(done as u64).as_mut_ptr(),
+                iov_len: len - done,
+            };
+            // SAFETY: `l` describes the caller's own buffer of `len` bytes (we never write into
+            // it for a write access); `r` lies inside the reservation and is checked by the
+            // kernel, which fails with EFAULT instead of raising a signal.
+            let n = unsafe {
+                if write {
+                    libc::process_vm_writev(libc::getpid(), &l, 1, &r, 1, 0)
+                } else {
+                    libc::process_vm_readv(libc::getpid(), &l, 1, &r, 1, 0)
+                }
+            };
+            if n < 0 {
+                let err = std::io::Error::last_os_error();
+                if err.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(Error::Sys {
+                    what: if write {
+                        "write guest memory"
+                    } else {
+                        "read guest memory"
+                    },
+                    err,
+                });
+            }
+            if n == 0 {
+                return Err(Error::InvalidArgs(format!(
+                    "guest memory at {:#x} is not accessible (refused by the resolver)",
+                    gpa + done as u64
+                )));
+            }
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    /// A `vm-memory` view of guest RAM (the reservation). Accesses to pages not yet installed
+    /// fault in through the resolver like guest accesses. Unlike `read_guest`/`write_guest`,
+    /// an access the resolver refuses hits a poisoned page and raises SIGSEGV: use it only for
+    /// ranges the memory model maps (devices check descriptors against the Vmar first).
+    pub fn guest_memory(&self) -> Result<vm_memory::GuestMemoryMmap> {
+        use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+        // SAFETY: the reservation is a live mapping of exactly this size and these flags, and
+        // it outlives every use through `self.res` (the view must not outlive the VM).
+        let region = unsafe {
+            MmapRegion::build_raw(
+                self.res.hva().as_mut_ptr(),
+                self.res.size() as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            )
+        }
+        .map_err(|e| Error::InvalidArgs(format!("vm-memory region: {e}")))?;
+        let region = GuestRegionMmap::new(region, GuestAddress(self.res.gpa_base().raw()))
+            .ok_or_else(|| Error::InvalidArgs("vm-memory region overflows".into()))?;
+        GuestMemoryMmap::from_regions(vec![region])
+            .map_err(|e| Error::InvalidArgs(format!("vm-memory: {e}")))
+    }
+}
