@@ -35,7 +35,8 @@ pub enum Attack {
     WrapAround,
     /// A chain whose first buffers are valid and whose third walks out of the regions.
     ChainWalksOut,
-    /// An indirect descriptor table placed outside the regions.
+    /// An indirect descriptor table placed outside the regions (indirect descriptors are not
+    /// negotiated: refused before the table is read).
     IndirectTableOutside,
     /// A read whose data buffer is the device-read-only region.
     WriteIntoReadOnly,
@@ -145,6 +146,7 @@ fn short(r: &super::blk::Refusal) -> String {
         BrokenChain => "broken chain".into(),
         NoStatus => "no status byte".into(),
         Dma(_) => "DMA domain".into(),
+        Indirect => "indirect, not negotiated".into(),
     }
 }
 

@@ -13,9 +13,20 @@
 //!   header) / UNSUPP (unknown type): the status byte is written, the chain is returned in the
 //!   used ring with the number of bytes written;
 //! - refused: the chain is malformed (head index ≥ queue size, a descriptor loop or a next
-//!   index ≥ queue size — `DescriptorChain` stops there and the last descriptor still has
-//!   NEXT —, no writable status byte) or the domain refused one of its buffers. Nothing is
-//!   read from or written to the buffers; the head (if in range) is returned with length 0.
+//!   index ≥ queue size — the walk stops there and the last descriptor still has NEXT —, no
+//!   writable status byte, a descriptor with VIRTQ_DESC_F_INDIRECT) or the domain refused one
+//!   of its buffers. Nothing is read from or written to the buffers; the head (if in range) is
+//!   returned with length 0.
+//!
+//! Indirect descriptors: VIRTIO_RING_F_INDIRECT_DESC is not offered (`FEATURES`), so it is never
+//! negotiated, and a driver MUST NOT set VIRTQ_DESC_F_INDIRECT (virtio 1.2 §2.7.5.3.1). The
+//! device walks each chain's descriptors itself (`walk`) before handing it to virtio-queue —
+//! whose `DescriptorChain` would follow an indirect table whatever was negotiated — and fails a
+//! chain that has one (`Refusal::Indirect`): the table it names is never read, its buffers are
+//! never touched. Smallest surface: Linux's virtio-blk uses indirect descriptors only when
+//! offered. (`Reader::new`/`Writer::new` read the descriptors again; a driver that rewrites a
+//! published descriptor in between — also forbidden — could still get a table followed, but
+//! only through the domain, like every other access.)
 //!
 //! Invariants: all of a chain's buffers are translated (`Reader::new`/`Writer::new`) before the
 //! first byte is moved, so a refused request writes nothing; a malicious driver gets a status
@@ -31,9 +42,10 @@ use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_T_OUT,
 };
 use virtio_bindings::bindings::virtio_config::{VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1};
+use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
-use vm_memory::{ByteValued, GuestAddress};
+use vm_memory::{Address, ByteValued, Bytes, GuestAddress};
 
 use super::disk::{DiskBackend, SECTOR_SIZE};
 use super::dma_region::DeviceDma;
@@ -44,9 +56,13 @@ use crate::error::{Error, Result};
 pub const MAX_QUEUE_SIZE: u16 = 256;
 
 /// Feature bits offered: VERSION_1, ACCESS_PLATFORM (accesses go through the platform IOMMU,
-/// i.e. the DMA domain), BLK_F_FLUSH.
+/// i.e. the DMA domain), BLK_F_FLUSH. Not RING_F_INDIRECT_DESC: a chain with an indirect
+/// descriptor is refused (see the module documentation).
 pub const FEATURES: u64 =
     (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_ACCESS_PLATFORM) | (1 << VIRTIO_BLK_F_FLUSH);
+
+// `walk` refuses every indirect descriptor; offering the feature needs a negotiated path first.
+const _: () = assert!(FEATURES & (1 << VIRTIO_RING_F_INDIRECT_DESC) == 0);
 
 /// The request header a driver puts first in a chain.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -82,6 +98,9 @@ pub enum Refusal {
     /// The DMA domain refused a buffer (outside the regions, across a region's end, 64-bit
     /// wrap-around, against the region's perms).
     Dma(String),
+    /// A descriptor has VIRTQ_DESC_F_INDIRECT, but VIRTIO_RING_F_INDIRECT_DESC was not
+    /// negotiated (it is never offered); the indirect table was not read.
+    Indirect,
 }
 
 /// What became of one request.
@@ -246,6 +265,7 @@ impl<D: DiskBackend, S: Stage2 + Send + 'static> VirtioBlk<D, S> {
                 return Err(Error::BadState(format!("virtqueue: {e}")));
             }
         };
+        let desc_table = GuestAddress(queue.desc_table());
         let mut done = Vec::with_capacity(chains.len());
         for chain in chains {
             let head = chain.head_index();
@@ -255,6 +275,7 @@ impl<D: DiskBackend, S: Stage2 + Send + 'static> VirtioBlk<D, S> {
                 &self.id,
                 &mut self.stats,
                 chain,
+                desc_table,
                 queue.size(),
             );
             match &outcome {
@@ -281,6 +302,41 @@ fn refused(r: Refusal) -> (Outcome, u32) {
     (Outcome::Refused(r), 0)
 }
 
+/// The descriptors of chain `head` in the table at `desc_table`, as `DescriptorChain` yields
+/// them — at most `queue_size`; the walk stops before a next index ≥ `queue_size`, a descriptor
+/// the domain refuses, or a byte total past 2^32 — except that a descriptor with
+/// VIRTQ_DESC_F_INDIRECT is refused instead of followed (not negotiated; see the module
+/// documentation). Each descriptor is read once, through the domain.
+fn walk<S: Stage2 + Send + 'static>(
+    mem: &DmaMemory<S>,
+    desc_table: GuestAddress,
+    queue_size: u16,
+    head: u16,
+) -> std::result::Result<Vec<Descriptor>, Refusal> {
+    let mut descs = Vec::new();
+    let mut next = head;
+    let mut bytes = 0u32;
+    while descs.len() < usize::from(queue_size) && next < queue_size {
+        let at = desc_table.checked_add(u64::from(next) * size_of::<Descriptor>() as u64);
+        let Some(desc) = at.and_then(|a| mem.read_obj::<Descriptor>(a).ok()) else {
+            break;
+        };
+        if desc.refers_to_indirect_table() {
+            return Err(Refusal::Indirect);
+        }
+        let Some(total) = bytes.checked_add(desc.len()) else {
+            break;
+        };
+        bytes = total;
+        descs.push(desc);
+        if !desc.has_next() {
+            break;
+        }
+        next = desc.next();
+    }
+    Ok(descs)
+}
+
 /// Serves one chain: validates its shape, translates all its buffers, then moves data.
 fn serve<D: DiskBackend, S: Stage2 + Send + 'static>(
     mem: &DmaMemory<S>,
@@ -288,10 +344,15 @@ fn serve<D: DiskBackend, S: Stage2 + Send + 'static>(
     id: &[u8],
     stats: &mut BlkStats,
     chain: DescriptorChain<&DmaMemory<S>>,
+    desc_table: GuestAddress,
     queue_size: u16,
 ) -> (Outcome, u32) {
     let head = chain.head_index();
-    let descs: Vec<Descriptor> = chain.clone().collect();
+    // Walked here, not by `DescriptorChain` (which follows indirect tables unasked).
+    let descs = match walk(mem, desc_table, queue_size, head) {
+        Ok(d) => d,
+        Err(r) => return refused(r),
+    };
     let Some(last) = descs.last() else {
         return refused(Refusal::BadHead(head));
     };
