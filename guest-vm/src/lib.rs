@@ -42,5 +42,5 @@ pub use memory::stage2::KvmStage2;
 pub use vmm::vcpu_state::VcpuState;
 pub use vmm::{GuestArgs, GuestVm, VmExit};
 
-/// Size of one page / frame (the workspace's one page-size constant).
-pub const PAGE_SIZE: u64 = ept::PAGE_SIZE;
+/// Size of one page / frame: the workspace's one page-size constant.
+pub use ept::PAGE_SIZE;

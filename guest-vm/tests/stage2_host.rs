@@ -44,6 +44,7 @@ fn map_query_replace_and_overlap() {
     let wb = MemType::WriteBack;
     let a = frames.alloc_frame().unwrap();
     let b = frames.alloc_frame().unwrap();
+    // SAFETY: `a` and `b` are allocated frames of `frames`, nothing else writes them.
     unsafe {
         *frames.frame_ptr(a) = 0xaa;
         *frames.frame_ptr(b) = 0xbb;
@@ -105,6 +106,7 @@ fn large_leaves_split_on_partial_unmap_and_protect() {
     let run = frames.alloc_contiguous(1024).unwrap();
     let pa = run.next_multiple_of(M2);
     for i in 0..512u64 {
+        // SAFETY: a frame of the contiguous run allocated above.
         unsafe { *frames.frame_ptr(pa + i * P) = i as u8 };
     }
     s.map(M2, pa, PageSize::Size2M, S2Perms::RW, wb).unwrap();

@@ -69,18 +69,18 @@ pub fn streaming_resolver(vmar: &Vmar<KvmStage2>, window: Arc<AtomicU64>) -> Res
         let r = vmar.handle_fault(fault)?;
         let w = window.load(Ordering::Relaxed);
         let write = fault.access.contains(Access::WRITE);
-        let page = fault.gpa & !(crate::PAGE_SIZE - 1);
+        let page = fault.gpa & !(ept::PAGE_SIZE - 1);
         let streaming = write
             && fault.kind == FaultKind::NotPresent
             && r.outcome == FaultOutcome::Committed
-            && last_write == page.checked_sub(crate::PAGE_SIZE);
+            && last_write == page.checked_sub(ept::PAGE_SIZE);
         last_write = write.then_some(page);
         if w == 0 || !streaming {
             return Ok(());
         }
         let mut next = page;
         for _ in 0..w {
-            next += crate::PAGE_SIZE;
+            next += ept::PAGE_SIZE;
             if vmar.with_stage2(|s| ept::Stage2::query(s, next).is_some()) {
                 break;
             }
@@ -179,13 +179,13 @@ impl Guest {
     pub fn prefault(&self, gpa: u64, len: u64, write: bool) -> Result<u64> {
         use ept::{Access, FaultInfo, FaultKind};
         let access = if write { Access::WRITE } else { Access::READ };
-        let start = gpa & !(crate::PAGE_SIZE - 1);
+        let start = gpa & !(ept::PAGE_SIZE - 1);
         let end = gpa
             .checked_add(len)
             .filter(|&e| e <= self.mem_size)
             .ok_or_else(|| Error::InvalidArgs(format!("prefault {gpa:#x}+{len:#x}")))?;
         let mut pages = 0;
-        for page in (start..end).step_by(crate::PAGE_SIZE as usize) {
+        for page in (start..end).step_by(ept::PAGE_SIZE as usize) {
             self.vmar
                 .handle_fault(FaultInfo::new(page, access, FaultKind::NotPresent))?;
             pages += 1;

@@ -31,7 +31,7 @@ use crate::error::{Error, Result};
 use crate::memory::reservation::Reservation;
 use crate::memory::stage2::KvmStage2;
 use crate::sys::uffd::PageFault;
-use crate::PAGE_SIZE;
+use ept::PAGE_SIZE;
 
 /// The fault path the thread calls for every event; runs on the fault thread. Implemented by
 /// the product's `Vmar<KvmStage2>` and by closures (tests).

@@ -28,7 +28,7 @@ use crate::addr::MemfdOffset;
 use crate::error::{Error, Result};
 use crate::sys::memfd;
 use crate::sys::mmap::{Backing, MapFlags, Mmap, Prot};
-use crate::PAGE_SIZE;
+use ept::PAGE_SIZE;
 
 struct FreeSet {
     /// First frame number of a free run → its length in frames.
@@ -368,7 +368,7 @@ mod tests {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            if x % 3 == 0 || held.is_empty() {
+            if x.is_multiple_of(3) || held.is_empty() {
                 if let Some(f) = set.take(1 + x % 4) {
                     held.extend(f..f + 1 + x % 4);
                 }

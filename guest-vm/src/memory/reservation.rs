@@ -30,7 +30,7 @@ use crate::addr::{Gpa, Hva, MemfdOffset};
 use crate::error::{Error, Result};
 use crate::sys::mmap::{Backing, MapFlags, Mmap, Prot};
 use crate::sys::uffd::{Protection, RegisterMode, Uffd, Wake};
-use crate::PAGE_SIZE;
+use ept::PAGE_SIZE;
 
 /// The host range of one memslot; shared (`Arc`) by the Stage2 backend, the fault thread and
 /// the VM.
@@ -184,13 +184,14 @@ impl Reservation {
         if self.gpa_of(Hva(page)).is_none() {
             return Err(Error::InvalidArgs(format!("poison {:#x} outside", hva.0)));
         }
-        // SAFETY (both arms): guest memory is never borrowed as a reference (module invariants).
         if installed {
+            // SAFETY: guest memory is never borrowed as a reference (module invariants).
             unsafe {
                 self.map
                     .protect("poison guest page", page, PAGE_SIZE, Prot::Read)
             }
         } else {
+            // SAFETY: as above.
             unsafe {
                 self.map.replace(
                     "poison guest page",

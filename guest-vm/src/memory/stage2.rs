@@ -41,7 +41,7 @@ use crate::memory::frames::MemfdFrameAlloc;
 use crate::memory::reservation::Reservation;
 use crate::sys::mmap::ensure_max_map_count;
 use crate::sys::uffd::Protection;
-use crate::PAGE_SIZE;
+use ept::PAGE_SIZE;
 
 /// Debug builds check the index invariants after every change while there are at most this
 /// many leaves (the check walks them all).
@@ -216,7 +216,7 @@ impl KvmStage2 {
     /// retries once.
     fn with_map_retry(
         &mut self,
-        mut op: impl FnMut(&Self) -> crate::Result<()>,
+        mut op: impl FnMut(&Self) -> crate::error::Result<()>,
     ) -> Result<(), ept::Error> {
         match op(self) {
             Ok(()) => Ok(()),
@@ -245,7 +245,7 @@ impl KvmStage2 {
         Ok(())
     }
 
-    fn install(&self, gpa: u64, pa: u64, len: u64, writable: bool) -> crate::Result<()> {
+    fn install(&self, gpa: u64, pa: u64, len: u64, writable: bool) -> crate::error::Result<()> {
         let frame = MemfdOffset(pa);
         self.res
             .install_frame(Gpa(gpa), len, self.frames.memfd(), frame, writable)

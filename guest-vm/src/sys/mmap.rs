@@ -19,7 +19,7 @@
 use std::os::fd::{AsRawFd, BorrowedFd};
 
 use crate::error::{Error, Result};
-use crate::PAGE_SIZE;
+use ept::PAGE_SIZE;
 
 /// Protection of a mapping or a piece of one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -21,7 +21,7 @@ use vmo::{DevicePerms, DmaDomain, MapOptions, Placement, VmPerms, Vmar, Vmo, Vmo
 
 use crate::error::{Error, Result};
 use crate::memory::frames::HostFrames;
-use crate::PAGE_SIZE;
+use ept::PAGE_SIZE;
 
 /// One region assigned to a device.
 #[derive(Clone, Debug)]

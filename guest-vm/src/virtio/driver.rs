@@ -22,7 +22,7 @@ use super::blk::{Completion, QueueConfig, VirtioBlk};
 use super::disk::DiskBackend;
 use crate::error::{Error, Result};
 use crate::memory::frames::HostFrames;
-use crate::PAGE_SIZE;
+use ept::PAGE_SIZE;
 
 /// The guest's memory as its CPU sees it (the Vmar's fault path, like `Guest::prefault`).
 pub struct GuestRam<G: Stage2 + Send + 'static> {

@@ -23,7 +23,7 @@ use super::dma_region::DeviceDma;
 use super::driver::{BlkDriver, GuestRam};
 use crate::error::{Error, Result};
 use crate::memory::frames::HostFrames;
-use crate::PAGE_SIZE;
+use ept::PAGE_SIZE;
 
 /// The DMA domain's translation table: EPT format (what VT-d second-level tables use).
 pub type DomainTable = EptTable<HeapPhysMem>;

@@ -1,12 +1,8 @@
-//! `VmExit`: why `GuestVm::run` returned to its caller, and the translation of KVM's exits
-//! into it.
+//! `VmExit`: why `GuestVm::run` returned to its caller.
 //!
-//! Invariant: every exit is completed before the next `KVM_RUN` (port and MMIO reads get
-//! all-ones data here), so a caller may run again after any `VmExit` other than `GuestFault`.
+//! Invariant: every exit is completed before `run` returns it (port and MMIO reads get
+//! all-ones data), so a caller may run again after any `VmExit` other than `GuestFault`.
 
-use kvm_ioctls::VcpuExit;
-
-use super::hypercall::{PORT_CALL, PORT_DONE};
 use crate::memory::fault_thread::FaultError;
 
 /// Why `run` returned.
@@ -44,47 +40,4 @@ pub enum VmExit {
     },
     /// An exit this VMM does not handle (its debug text).
     Unhandled(String),
-}
-
-/// What the run loop does with one successful `KVM_RUN`.
-pub(super) enum Step {
-    /// Return this to the caller.
-    Exit(VmExit),
-    /// `out PORT_CALL, al`: serve hypercall `al`.
-    Hypercall(u8),
-    /// Completed here; run again.
-    Continue,
-}
-
-/// Classifies a KVM exit, completing reads (all-ones) on the way.
-pub(super) fn classify(exit: VcpuExit<'_>) -> Step {
-    match exit {
-        VcpuExit::IoOut(PORT_DONE, data) => Step::Exit(VmExit::Done(data[0])),
-        VcpuExit::IoOut(PORT_CALL, data) => Step::Hypercall(data[0]),
-        VcpuExit::IoOut(port, data) => Step::Exit(VmExit::IoOut {
-            port,
-            data: data.to_vec(),
-        }),
-        VcpuExit::IoIn(_, data) => {
-            data.fill(0xff);
-            Step::Continue
-        }
-        VcpuExit::MmioRead(addr, data) => {
-            data.fill(0xff);
-            Step::Exit(VmExit::Mmio {
-                addr,
-                write: false,
-                data: data.to_vec(),
-            })
-        }
-        VcpuExit::MmioWrite(addr, data) => Step::Exit(VmExit::Mmio {
-            addr,
-            write: true,
-            data: data.to_vec(),
-        }),
-        VcpuExit::Hlt => Step::Exit(VmExit::Hlt),
-        VcpuExit::Shutdown => Step::Exit(VmExit::Shutdown),
-        VcpuExit::Intr => Step::Continue,
-        other => Step::Exit(VmExit::Unhandled(format!("{other:?}"))),
-    }
 }

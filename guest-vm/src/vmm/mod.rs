@@ -7,8 +7,9 @@
 //! on the fault thread. The VM never installs memory itself: every page arrives through the
 //! resolver, including the pages the VMM writes when it loads the boot image.
 //!
-//! - this file: `GuestVm` (construction, accessors, vCPU state, recovery) and the run loop;
-//! - [`exit`]: `VmExit` and the classification of KVM exits;
+//! - this file: `GuestVm` (construction, accessors, vCPU state, recovery) and the run loop
+//!   (which classifies KVM's exits);
+//! - [`exit`]: `VmExit`, what `run` returns;
 //! - [`kick`]: `Kicker`, stopping a running vCPU from any thread;
 //! - [`access`]: the VMM's reads and writes of guest memory, and the vm-memory view;
 //! - [`load`]: loading a guest program (boot image + code or ELF) and its entry state;
@@ -35,7 +36,7 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
 pub use exit::VmExit;
 pub use kick::Kicker;
@@ -45,7 +46,7 @@ use crate::error::{kvm_err, Error, Result};
 use crate::memory::fault_thread::{FaultError, FaultShared, FaultStats, FaultThread, Resolver};
 use crate::memory::reservation::Reservation;
 use crate::sys::uffd::Uffd;
-use exit::Step;
+use hypercall::{PORT_CALL, PORT_DONE};
 use kick::KickState;
 use vcpu_state::{readable_msrs, VcpuState};
 
@@ -191,7 +192,7 @@ impl GuestVm {
                 return Ok(VmExit::GuestFault(e));
             }
             self.kick.entering();
-            let r = self.vcpu.run().map(exit::classify);
+            let r = self.vcpu.run().map(classify);
             self.kick.left();
             let exit = match r {
                 Ok(Step::Exit(e)) => e,
@@ -232,6 +233,49 @@ impl GuestVm {
             };
             return Ok(exit);
         }
+    }
+}
+
+/// What the run loop does with one successful `KVM_RUN`.
+enum Step {
+    /// Return this to the caller.
+    Exit(VmExit),
+    /// `out PORT_CALL, al`: serve hypercall `al`.
+    Hypercall(u8),
+    /// Completed here; run again.
+    Continue,
+}
+
+/// Classifies a KVM exit, completing reads (all-ones) on the way.
+fn classify(exit: VcpuExit<'_>) -> Step {
+    match exit {
+        VcpuExit::IoOut(PORT_DONE, data) => Step::Exit(VmExit::Done(data[0])),
+        VcpuExit::IoOut(PORT_CALL, data) => Step::Hypercall(data[0]),
+        VcpuExit::IoOut(port, data) => Step::Exit(VmExit::IoOut {
+            port,
+            data: data.to_vec(),
+        }),
+        VcpuExit::IoIn(_, data) => {
+            data.fill(0xff);
+            Step::Continue
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            data.fill(0xff);
+            Step::Exit(VmExit::Mmio {
+                addr,
+                write: false,
+                data: data.to_vec(),
+            })
+        }
+        VcpuExit::MmioWrite(addr, data) => Step::Exit(VmExit::Mmio {
+            addr,
+            write: true,
+            data: data.to_vec(),
+        }),
+        VcpuExit::Hlt => Step::Exit(VmExit::Hlt),
+        VcpuExit::Shutdown => Step::Exit(VmExit::Shutdown),
+        VcpuExit::Intr => Step::Continue,
+        other => Step::Exit(VmExit::Unhandled(format!("{other:?}"))),
     }
 }
 

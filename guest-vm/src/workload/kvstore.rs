@@ -29,7 +29,7 @@ pub const EXTRA_PAGES_MAX: u64 = 5;
 pub fn named_extra_pages() -> [(u64, &'static str); 5] {
     [
         (MAILBOX_GPA, "mailbox"),
-        (STACK_TOP - crate::PAGE_SIZE, "guest stack"),
+        (STACK_TOP - ept::PAGE_SIZE, "guest stack"),
         (PML4_GPA, "PML4"),
         (PDPT_GPA, "PDPT"),
         (PD_GPA, "PD"),

@@ -15,7 +15,7 @@ use std::collections::BTreeSet;
 
 use super::kvstore::{fill_value, BUCKET_SIZE, ST_FULL, ST_NOT_FOUND, ST_OK, VALUE_MAX};
 use crate::vmm::x86_64::layout::DATA_GPA;
-use crate::PAGE_SIZE;
+use ept::PAGE_SIZE;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Slot {

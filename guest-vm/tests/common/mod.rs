@@ -102,6 +102,7 @@ impl TestMem {
     /// Installs a fresh frame filled with `byte` at `gpa` with `perms` (host side, no fault).
     pub fn preinstall(&mut self, gpa: u64, byte: u8, perms: S2Perms) {
         let frame = self.pool.alloc_uninit().unwrap();
+        // SAFETY: a fresh frame of the pool that nothing else references yet.
         unsafe { frame.ptr().write_bytes(byte, PAGE as usize) };
         self.stage2
             .map(

@@ -15,7 +15,7 @@ use super::layout::{
     CODE_GPA, DATA_GPA, GDT_GPA, MAX_MEM, PDPT_GPA, PD_GPA, PML4_GPA, STACK_SIZE, STACK_TOP,
 };
 use crate::error::{Error, Result};
-use crate::PAGE_SIZE;
+use ept::PAGE_SIZE;
 
 /// One segment descriptor, as the fields the SDM (Vol. 3A §3.4.5) and `kvm_segment` share.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

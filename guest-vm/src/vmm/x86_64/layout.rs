@@ -12,7 +12,7 @@
 //! overlap; everything the boot image writes lies below `DATA_GPA`; the page directories of
 //! `MAX_MEM` fit between `PD_GPA` and `CODE_GPA`.
 
-use crate::PAGE_SIZE;
+use ept::PAGE_SIZE;
 
 pub const GDT_GPA: u64 = 0x800;
 pub const PML4_GPA: u64 = 0x1000;
