@@ -9,10 +9,19 @@
 //! Exit status: 0 on success, 1 when a check fails or the host cannot run guests (the message
 //! says what is missing), 2 for bad command-line input. Logs go to stderr through `tracing`
 //! (`RUST_LOG=guest_vm=debug`).
+//!
+//! The binary's modules (applications of the `guest_vm` library, not part of its API):
+//! - this file: argument parsing (clap) and dispatch;
+//! - [`demo`]: the `demo` / `fork` job and its checks (`DemoReport`);
+//! - [`demo_report`]: the demo's human-readable report;
+//! - [`run`]: the `run` job (one guest, one checked stream);
+//! - [`bench`]: `guest-vm bench` (rows, `baseline` mechanisms, `print`);
+//! - [`measure`]: medians and unit conversions shared by the jobs.
 
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+
 mod bench;
 mod demo;
 mod demo_report;

@@ -16,6 +16,9 @@
 //!
 //! Invariant: the guests are dropped between measurements; a failure is an `Err`, never a
 //! partial table presented as complete.
+//!
+//! Children: [`baseline`] (the kernel mechanisms measured beside ours) and [`print`] (the
+//! table).
 
 use std::time::{Duration, Instant};
 
