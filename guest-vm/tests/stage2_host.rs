@@ -172,3 +172,87 @@ fn write_protect_changes_exactly_the_writable_leaves() {
     map(&mut s, 0x10_0000, S2Perms::RW);
     assert_eq!(s.protect(0, 16 << 20, S2Perms::READ), Ok(1));
 }
+
+/// A write-protect that fails halfway (here: the host range behind the second run was
+/// replaced by memory userfaultfd does not watch, so its `UFFDIO_WRITEPROTECT` fails) leaves
+/// the records true: the runs already protected on the host read as read-only, the rest as
+/// before, and the index invariants hold. Before the fix the records kept saying "writable"
+/// for pages that were read-only on the host, or — on the unprotect direction — the reverse.
+#[test]
+fn protect_failing_halfway_keeps_records_true() {
+    use guest_vm::sys::mmap::{Backing, MapFlags, Prot};
+    let Some((mut s, frames)) = setup() else {
+        return;
+    };
+    let wb = MemType::WriteBack;
+    for gpa in [0, 2 * P] {
+        let f = frames.alloc_frame().unwrap();
+        s.map(gpa, f, PageSize::Size4K, S2Perms::RW, wb).unwrap();
+    }
+    // Sabotage the second run: anonymous memory, not registered with userfaultfd.
+    let res = s.reservation().clone();
+    let hva = res.hva_of(guest_vm::Gpa(2 * P), P).unwrap();
+    // SAFETY: the test holds no reference into guest memory.
+    unsafe {
+        res.host_mapping()
+            .replace(
+                "sabotage",
+                hva.raw(),
+                P,
+                Prot::ReadWrite,
+                Backing::Anonymous,
+                MapFlags::empty(),
+            )
+            .unwrap()
+    };
+    assert!(s.protect(0, 3 * P, S2Perms::READ).is_err());
+    assert_eq!(
+        s.query(0).unwrap().perms,
+        S2Perms::READ,
+        "protected on the host, so recorded"
+    );
+    assert_eq!(
+        s.query(2 * P).unwrap().perms,
+        S2Perms::RW,
+        "not protected, still recorded RW"
+    );
+    s.check_invariants();
+
+    // The other direction: unprotect fails on the sabotaged run after the first succeeded.
+    let f = frames.alloc_frame().unwrap();
+    s.map(4 * P, f, PageSize::Size4K, S2Perms::READ, wb)
+        .unwrap();
+    // Page 2 becomes a fresh read-only leaf (unmapping also repairs the sabotaged piece).
+    s.unmap(2 * P, P).unwrap();
+    let f2 = frames.alloc_frame().unwrap();
+    s.map(2 * P, f2, PageSize::Size4K, S2Perms::READ, wb)
+        .unwrap();
+    // Page 0 READ, page 2 READ, page 4 READ; sabotage page 4.
+    let hva4 = res.hva_of(guest_vm::Gpa(4 * P), P).unwrap();
+    // SAFETY: as above.
+    unsafe {
+        res.host_mapping()
+            .replace(
+                "sabotage",
+                hva4.raw(),
+                P,
+                Prot::ReadWrite,
+                Backing::Anonymous,
+                MapFlags::empty(),
+            )
+            .unwrap()
+    };
+    assert!(s.protect(0, 5 * P, S2Perms::RW).is_err());
+    assert_eq!(
+        s.query(0).unwrap().perms,
+        S2Perms::RW,
+        "unprotected on the host, so recorded"
+    );
+    assert_eq!(s.query(2 * P).unwrap().perms, S2Perms::RW);
+    assert_eq!(
+        s.query(4 * P).unwrap().perms,
+        S2Perms::READ,
+        "still protected in the records"
+    );
+    s.check_invariants();
+}

@@ -515,3 +515,99 @@ fn check_perms(perms: S2Perms) -> Result<(), ept::Error> {
         _ => Err(ept::Error::NotSupported),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::uffd::Uffd;
+    use std::collections::BTreeMap;
+    use vmo::FrameAlloc;
+
+    /// Random map / unmap / protect traffic (4 KiB and 2 MiB leaves) against a page-level
+    /// model: after every step the leaf index keeps its invariants and every page's record
+    /// matches the model.
+    #[test]
+    fn leaf_index_matches_a_page_model_under_random_traffic() {
+        const PAGES: u64 = 2048; // 8 MiB: four 2 MiB slots
+        let uffd = Arc::new(Uffd::open().expect("userfaultfd (root)"));
+        let res = Arc::new(Reservation::new(Gpa(0), PAGES * PAGE_SIZE, uffd).unwrap());
+        let frames = Arc::new(MemfdFrameAlloc::new(16 << 20).unwrap());
+        let mut s = KvmStage2::new(res, frames.clone());
+        let mut model: BTreeMap<u64, S2Perms> = BTreeMap::new();
+        let big = frames
+            .alloc_contiguous(1024)
+            .unwrap()
+            .next_multiple_of(2 << 20);
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..400 {
+            let r = next();
+            let page = r % PAGES;
+            let perms = [S2Perms::READ, S2Perms::RW, S2Perms::RWX][(r >> 20) as usize % 3];
+            match (r >> 16) % 4 {
+                0 => {
+                    let f = frames.alloc_frame().unwrap();
+                    let ok = s
+                        .map(
+                            page * PAGE_SIZE,
+                            f,
+                            PageSize::Size4K,
+                            perms,
+                            MemType::WriteBack,
+                        )
+                        .is_ok();
+                    if ok {
+                        model.insert(page, perms);
+                    } else {
+                        frames.free_frame(f);
+                    }
+                }
+                1 => {
+                    let slot = (page / 512) * 512;
+                    if (slot..slot + 512).all(|p| !model.contains_key(&p)) {
+                        let pa = big + (slot / 512 % 2) * (2 << 20);
+                        s.map(
+                            slot * PAGE_SIZE,
+                            pa,
+                            PageSize::Size2M,
+                            perms,
+                            MemType::WriteBack,
+                        )
+                        .unwrap();
+                        for p in slot..slot + 512 {
+                            model.insert(p, perms);
+                        }
+                    }
+                }
+                2 => {
+                    let len = 1 + next() % 600;
+                    let len = len.min(PAGES - page);
+                    s.unmap(page * PAGE_SIZE, len * PAGE_SIZE).unwrap();
+                    for p in page..page + len {
+                        model.remove(&p);
+                    }
+                }
+                _ => {
+                    let len = (1 + next() % 600).min(PAGES - page);
+                    s.protect(page * PAGE_SIZE, len * PAGE_SIZE, perms).unwrap();
+                    for p in page..page + len {
+                        if let Some(m) = model.get_mut(&p) {
+                            *m = perms;
+                        }
+                    }
+                }
+            }
+            s.check_invariants();
+            for p in (0..PAGES).step_by(7) {
+                let got = s.query(p * PAGE_SIZE).map(|t| t.perms);
+                assert_eq!(got, model.get(&p).copied(), "page {p}");
+            }
+        }
+        assert_eq!(s.mapped_pages(), model.len() as u64);
+    }
+}
