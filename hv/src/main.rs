@@ -9,23 +9,12 @@
 
 extern crate alloc;
 
-pub mod checks;
-pub mod cpu;
-pub mod exit;
-pub mod fork;
-pub mod frames;
-pub mod guest;
-pub mod heap;
-pub mod rt;
+pub mod platform;
 pub mod scenario;
-pub mod serial;
-pub mod space;
-pub mod stage2;
-pub mod svm;
-pub mod vcpu;
-pub mod vmx;
+pub mod virt;
 
-core::arch::global_asm!(include_str!("boot.s"));
+use platform::{cpu, frames, heap, serial, shutdown as exit};
+use virt::{svm, vmx};
 
 const HEAP_SIZE: u64 = 16 << 20;
 

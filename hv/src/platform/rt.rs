@@ -66,14 +66,14 @@ pub extern "C" fn rust_eh_personality() {}
 
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo) -> ! {
-    crate::serial::print_fmt_unlocked(format_args!("\nHYPERVISOR PANIC: {info}\n"));
-    crate::exit::finish_unlocked(false, "hypervisor panic")
+    crate::platform::serial::print_fmt_unlocked(format_args!("\nHYPERVISOR PANIC: {info}\n"));
+    crate::platform::shutdown::finish_unlocked(false, "hypervisor panic")
 }
 
 /// The precompiled `alloc` has landing pads that call this; with `panic = "abort"` nothing
 /// unwinds, so reaching it is a bug.
 #[no_mangle]
 pub extern "C" fn _Unwind_Resume() -> ! {
-    crate::serial::print_fmt_unlocked(format_args!("\n_Unwind_Resume reached\n"));
-    crate::exit::finish_unlocked(false, "unwind attempted")
+    crate::platform::serial::print_fmt_unlocked(format_args!("\n_Unwind_Resume reached\n"));
+    crate::platform::shutdown::finish_unlocked(false, "unwind attempted")
 }

@@ -11,7 +11,7 @@ use alloc::boxed::Box;
 
 use ept::FaultInfo;
 
-use crate::stage2::HvTable;
+use crate::virt::stage2::HvTable;
 
 /// Guest general-purpose registers except RSP (which lives in the VMCS/VMCB). The order is
 /// fixed: the entry trampolines index it.

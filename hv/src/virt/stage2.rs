@@ -12,7 +12,7 @@ use ept::{
     EptTable, FlushScope, MemType, NptTable, NptTlbControl, PageSize, S2Perms, Stage2, Translation,
 };
 
-use crate::frames::PhysFrames;
+use crate::platform::frames::PhysFrames;
 
 pub enum HvTable {
     Ept(EptTable<PhysFrames, InveptInvalidate>),

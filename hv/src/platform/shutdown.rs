@@ -5,12 +5,12 @@
 //! verdict line is what counts). Then ACPI-style 0x604 for good measure, then halt forever.
 //! Invariant: the verdict line is fully transmitted (LSR.TEMT) before any exit port is touched.
 
-use crate::cpu::{outb, outl, outw};
+use crate::platform::cpu::{outb, outl, outw};
 
 pub const VERDICT_PREFIX: &str = "HV-VERDICT:";
 
 fn ports(pass: bool) -> ! {
-    crate::serial::flush();
+    crate::platform::serial::flush();
     outl(0xF4, if pass { 0x10 } else { 0x11 });
     for b in b"Shutdown" {
         outb(0x8900, *b);
@@ -34,7 +34,7 @@ pub fn finish(pass: bool, detail: &str) -> ! {
 
 /// As `finish`, for exception and panic context (does not take the serial lock).
 pub fn finish_unlocked(pass: bool, detail: &str) -> ! {
-    crate::serial::print_fmt_unlocked(format_args!(
+    crate::platform::serial::print_fmt_unlocked(format_args!(
         "{} {} {}\n",
         VERDICT_PREFIX,
         if pass { "PASS" } else { "FAIL" },

@@ -212,9 +212,9 @@ pub struct ExceptionFrame {
 extern "C" fn hv_exception(f: &ExceptionFrame) -> ! {
     let cr2: u64;
     unsafe { asm!("mov {}, cr2", out(reg) cr2, options(nomem, nostack, preserves_flags)) }
-    crate::serial::print_fmt_unlocked(format_args!(
+    crate::platform::serial::print_fmt_unlocked(format_args!(
         "\nHOST EXCEPTION vector {} error {:#x} rip {:#x} rsp {:#x} cr2 {:#x}\n",
         f.vector, f.error, f.rip, f.rsp, cr2
     ));
-    crate::exit::finish_unlocked(false, "host exception")
+    crate::platform::shutdown::finish_unlocked(false, "host exception")
 }

@@ -10,7 +10,7 @@
 use ept::{FaultInfo, Translation};
 use vmo::{FaultStats, MapOptions, Resolution, VmPerms, Vmar, Vmo};
 
-use crate::stage2::HvTable;
+use crate::virt::stage2::HvTable;
 
 pub struct Space {
     vmar: Vmar<HvTable>,

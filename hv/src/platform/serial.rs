@@ -7,7 +7,7 @@
 use core::fmt::{self, Write};
 use spin::Mutex;
 
-use crate::cpu::{inb, outb};
+use crate::platform::cpu::{inb, outb};
 
 const COM1: u16 = 0x3F8;
 
@@ -58,11 +58,11 @@ pub fn print_fmt_unlocked(args: fmt::Arguments) {
 
 #[macro_export]
 macro_rules! print {
-    ($($arg:tt)*) => { $crate::serial::print_fmt(format_args!($($arg)*)) };
+    ($($arg:tt)*) => { $crate::platform::serial::print_fmt(format_args!($($arg)*)) };
 }
 
 #[macro_export]
 macro_rules! println {
     () => { $crate::print!("\n") };
-    ($($arg:tt)*) => { $crate::serial::print_fmt(format_args!("{}\n", format_args!($($arg)*))) };
+    ($($arg:tt)*) => { $crate::platform::serial::print_fmt(format_args!("{}\n", format_args!($($arg)*))) };
 }

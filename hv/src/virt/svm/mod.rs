@@ -13,10 +13,10 @@ use alloc::boxed::Box;
 
 use ept::DecodeError;
 
-use crate::cpu::{self, rdmsr, wrmsr, MSR_EFER};
-use crate::frames;
-use crate::stage2::HvTable;
-use crate::vcpu::{Backend, Exit, Gprs, Vcpu, VcpuState};
+use crate::platform::cpu::{self, rdmsr, wrmsr, MSR_EFER};
+use crate::platform::frames;
+use crate::virt::stage2::HvTable;
+use crate::virt::vcpu::{Backend, Exit, Gprs, Vcpu, VcpuState};
 use vmcb::*;
 
 core::arch::global_asm!(include_str!("entry.s"));

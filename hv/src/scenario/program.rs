@@ -7,11 +7,11 @@
 //! initial vCPU state.
 //! Invariant: the layout below matches the addresses hard-coded in payload.s.
 
-use crate::space::Space;
-use crate::vcpu::{Gprs, VcpuState};
+use crate::scenario::space::Space;
+use crate::virt::vcpu::{Gprs, VcpuState};
 use vmo::{FramePool, VmPerms, Vmo, VmoFlags};
 
-core::arch::global_asm!(include_str!("payload.s"));
+core::arch::global_asm!(include_str!("program.s"));
 
 extern "C" {
     static hv_guest_start: u8;

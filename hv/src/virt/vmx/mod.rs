@@ -17,10 +17,10 @@ use ept::vmx::{invept, InveptDescriptor, InveptKind};
 use ept::DecodeError;
 use x86::vmx::vmcs::{control, guest, host, ro};
 
-use crate::cpu::{self, rdmsr, wrmsr, MSR_EFER};
-use crate::frames;
-use crate::stage2::HvTable;
-use crate::vcpu::{Backend, Exit, Gprs, Vcpu, VcpuState};
+use crate::platform::cpu::{self, rdmsr, wrmsr, MSR_EFER};
+use crate::platform::frames;
+use crate::virt::stage2::HvTable;
+use crate::virt::vcpu::{Backend, Exit, Gprs, Vcpu, VcpuState};
 
 core::arch::global_asm!(include_str!("entry.s"));
 

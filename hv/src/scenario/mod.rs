@@ -8,6 +8,11 @@
 //! unexpectedly, is stopped with a report and the others keep running; the hypervisor never
 //! panics on guest behaviour. The verdict is PASS only if every expectation below held.
 
+pub mod checks;
+pub mod fork;
+pub mod program;
+pub mod space;
+
 use alloc::boxed::Box;
 use alloc::collections::VecDeque;
 use alloc::format;
@@ -17,10 +22,10 @@ use alloc::vec::Vec;
 
 use vmo::{Error as VmoError, FramePool};
 
-use crate::guest::{self, Role};
+use program::Role;
 use crate::println;
-use crate::space::Space;
-use crate::vcpu::{Backend, Exit, Vcpu};
+use crate::scenario::space::Space;
+use crate::virt::vcpu::{Backend, Exit, Vcpu};
 
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Status {
@@ -78,8 +83,8 @@ fn new_guest(
 ) -> Result<Guest, String> {
     let table = backend.new_stage2().map_err(|e| format!("stage2: {e}"))?;
     let ctx = table.context();
-    let space = Space::new(guest::GUEST_PHYS_SIZE, table).map_err(|e| format!("vmar: {e}"))?;
-    let st = guest::load(pool, &space, role, backend.hypercall_insn())
+    let space = Space::new(program::GUEST_PHYS_SIZE, table).map_err(|e| format!("vmar: {e}"))?;
+    let st = program::load(pool, &space, role, backend.hypercall_insn())
         .map_err(|e| format!("load: {e}"))?;
     let vcpu = backend.new_vcpu(&st, ctx)?;
     Ok(Guest::runnable(name.into(), space, vcpu))
@@ -132,12 +137,12 @@ fn run_slice(g: &mut Guest) -> SliceEnd {
             Exit::Hypercall => {
                 let r = *g.vcpu.gprs();
                 match r.rax {
-                    guest::HC_REPORT => {
+                    program::HC_REPORT => {
                         g.reports.push((r.rdi, r.rsi, r.rdx));
                         g.vcpu.gprs().rax = 0;
                     }
-                    guest::HC_FORK => return SliceEnd::Fork,
-                    guest::HC_YIELD => {
+                    program::HC_FORK => return SliceEnd::Fork,
+                    program::HC_YIELD => {
                         g.vcpu.gprs().rax = 0;
                         return SliceEnd::Yield;
                     }
@@ -234,8 +239,8 @@ fn run_slice(g: &mut Guest) -> SliceEnd {
 
 /// Runs the scenario on `backend`; returns the verdict detail on success.
 pub fn run(backend: &mut dyn Backend) -> Result<String, String> {
-    let pool = FramePool::new(Arc::new(crate::frames::PhysFrames));
-    let frames_before = crate::frames::stats().0;
+    let pool = FramePool::new(Arc::new(crate::platform::frames::PhysFrames));
+    let frames_before = crate::platform::frames::stats().0;
     let mut guests = Vec::new();
     guests.push(new_guest(backend, &pool, "rogue-oob", Role::OutOfBounds)?);
     guests.push(new_guest(backend, &pool, "main", Role::Main)?);
@@ -251,7 +256,7 @@ pub fn run(backend: &mut dyn Backend) -> Result<String, String> {
         Role::ReadCorruptedEntry,
     )?);
     // Deliberately break the table entry this guest will read (the misconfiguration test).
-    let corrupted = guests[3].space.corrupt_leaf(guest::DATA_BASE);
+    let corrupted = guests[3].space.corrupt_leaf(program::DATA_BASE);
     if corrupted.is_none() {
         return Err(String::from(
             "could not install and corrupt the misconfiguration test entry",
@@ -266,15 +271,15 @@ pub fn run(backend: &mut dyn Backend) -> Result<String, String> {
             SliceEnd::Yield => queue.push_back(i),
             SliceEnd::Finished => {}
             SliceEnd::Fork => {
-                match crate::fork::fork(backend, &mut guests, i) {
+                match crate::scenario::fork::fork(backend, &mut guests, i) {
                     Ok(kids) => {
                         println!(
                         "fork: {} -> {}, {} (copy-on-write; {} data pages committed in the parent)",
                         guests[i].name,
                         guests[kids[0]].name,
                         guests[kids[1]].name,
-                        (0..guest::DATA_PAGES)
-                            .filter(|p| guests[i].space.installed(guest::DATA_BASE + p * 4096).is_some())
+                        (0..program::DATA_PAGES)
+                            .filter(|p| guests[i].space.installed(program::DATA_BASE + p * 4096).is_some())
                             .count()
                     );
                         queue.push_back(kids[0]);
@@ -291,5 +296,5 @@ pub fn run(backend: &mut dyn Backend) -> Result<String, String> {
     if let Some(e) = corrupted {
         guests[3].space.restore_leaf(e);
     }
-    crate::checks::verify(backend.name(), guests, forked, &pool, frames_before)
+    crate::scenario::checks::verify(backend.name(), guests, forked, &pool, frames_before)
 }
