@@ -7,7 +7,7 @@
 use core::fmt::{self, Write};
 use spin::Mutex;
 
-use crate::platform::cpu::{inb, outb};
+use super::cpu::{inb, outb};
 
 const COM1: u16 = 0x3F8;
 

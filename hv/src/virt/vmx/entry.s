@@ -1,8 +1,9 @@
 # VMX world switch. u64 hv_vmx_enter(u64 launched [rdi], Gprs *gprs [rsi]).
-# Writes HOST_RSP (0x6C14) = the current stack, loads the 15 guest GPRs from *gprs, and runs
-# VMLAUNCH (launched == 0) or VMRESUME. Falls through only on VMfail: returns 1 (VMfailInvalid,
-# CF) or 2 (VMfailValid, ZF). A VM exit lands at hv_vmx_exit (HOST_RIP), which stores the guest
-# GPRs back into *gprs and returns 0 to the caller of hv_vmx_enter.
+# Writes HOST_RSP (0x6C14) = the current stack, loads the 15 guest GPRs from *gprs (RAX here,
+# the rest through GUEST_GPRS_LOAD of ../gprs.s), and runs VMLAUNCH (launched == 0) or
+# VMRESUME. Falls through only on VMfail: returns 1 (VMfailInvalid, CF) or 2 (VMfailValid, ZF).
+# A VM exit lands at hv_vmx_exit (HOST_RIP), which stores the guest GPRs back into *gprs
+# (GUEST_GPRS_SAVE, then RAX) and returns 0 to the caller of hv_vmx_enter.
 .section .text
 .global hv_vmx_enter
 hv_vmx_enter:
@@ -17,20 +18,7 @@ hv_vmx_enter:
     vmwrite rax, rsp
     test rdi, rdi
     mov rax, [rsi]
-    mov rbx, [rsi + 8]
-    mov rcx, [rsi + 16]
-    mov rdx, [rsi + 24]
-    mov rdi, [rsi + 40]
-    mov rbp, [rsi + 48]
-    mov r8, [rsi + 56]
-    mov r9, [rsi + 64]
-    mov r10, [rsi + 72]
-    mov r11, [rsi + 80]
-    mov r12, [rsi + 88]
-    mov r13, [rsi + 96]
-    mov r14, [rsi + 104]
-    mov r15, [rsi + 112]
-    mov rsi, [rsi + 32]
+    GUEST_GPRS_LOAD
     jnz .Lvmx_resume
     vmlaunch
     jmp .Lvmx_fail
@@ -54,20 +42,7 @@ hv_vmx_enter:
 hv_vmx_exit:
     push rax
     mov rax, [rsp + 8]
-    mov [rax + 8], rbx
-    mov [rax + 16], rcx
-    mov [rax + 24], rdx
-    mov [rax + 32], rsi
-    mov [rax + 40], rdi
-    mov [rax + 48], rbp
-    mov [rax + 56], r8
-    mov [rax + 64], r9
-    mov [rax + 72], r10
-    mov [rax + 80], r11
-    mov [rax + 88], r12
-    mov [rax + 96], r13
-    mov [rax + 104], r14
-    mov [rax + 112], r15
+    GUEST_GPRS_SAVE
     pop rbx
     mov [rax], rbx
     add rsp, 8

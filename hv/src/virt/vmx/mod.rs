@@ -1,31 +1,50 @@
 //! Intel VMX backend with EPT.
 //!
 //! Owns: CR4.VMXE, the VMXON region, the VM-execution controls (computed once from the
-//! (TRUE_)capability MSRs), and one VMCS per vCPU. VMCS field encodings come from the `x86`
-//! crate; INVEPT from `ept` (feature `hw`). The VMX instructions are small asm wrappers here
-//! that test CF/ZF inside the same asm block (the `x86` crate 0.52 reads RFLAGS in a separate
-//! block, and a VMWRITE was misreported as failed that way); the entry trampoline is entry.s.
-//! Invariants: a VMCS is made current (VMPTRLD) before any VMREAD/VMWRITE or entry on its
-//! behalf (`CURRENT` tracks which one is); a VMCS is VMLAUNCHed once and VMRESUMEd after;
-//! guest GPRs live in `Gprs` and are swapped by the trampoline; an INVEPT single-context for
-//! the vCPU's EPTP precedes the first entry after any change to its EPT.
+//! (TRUE_)capability MSRs, SDM Vol. 3 appendix A), and one VMCS per vCPU. INVEPT comes from
+//! `ept` (feature `hw`).
+//!
+//! One job per file:
+//! - `mod.rs` — VMX capabilities and VMXON (`init`), the `Backend` (`Vmx`) and the `Vcpu`
+//!   (`VmxVcpu`: entry, exit, its VMCS's life cycle).
+//! - `vmcs` — the VMCS instructions (`vmread`, `vmwrite`, VMPTRLD, VMCLEAR, VMXON), which VMCS
+//!   is current, and what a new vCPU's VMCS holds.
+//! - `exit` — the exit reasons as named constants and their decoding into `Exit`.
+//! - `entry.s` — the world switch (`hv_vmx_enter` / `hv_vmx_exit`), around the shared guest
+//!   GPR save/restore of `../gprs.s`.
+//!
+//! Invariants: a VMCS is made current before any `vmread`/`vmwrite` or entry on its behalf
+//! (vmcs.rs tracks which one is); a VMCS is VMLAUNCHed once and VMRESUMEd after, and VMCLEARed
+//! before its frame is freed; guest GPRs live in `Gprs` and are swapped by the trampoline; an
+//! INVEPT single-context for the vCPU's EPTP precedes its first entry (later EPT changes are
+//! flushed by the table's INVEPT hook).
+
+pub mod exit;
+pub mod vmcs;
 
 use alloc::boxed::Box;
-use core::sync::atomic::{AtomicU64, Ordering};
 
 use ept::vmx::{invept, InveptDescriptor, InveptKind};
-use ept::DecodeError;
-use x86::vmx::vmcs::{control, guest, host, ro};
+use x86::vmx::vmcs::{guest, ro};
 
-use crate::platform::cpu::{self, rdmsr, wrmsr, MSR_EFER};
+use crate::platform::cpu::{self, rdmsr, wrmsr};
 use crate::platform::frames;
 use crate::virt::stage2::HvTable;
 use crate::virt::vcpu::{Backend, Exit, Gprs, Vcpu, VcpuState};
 
-core::arch::global_asm!(include_str!("entry.s"));
+core::arch::global_asm!(
+    include_str!("../gprs.s"),
+    include_str!("entry.s"),
+    ".purgem GUEST_GPRS_LOAD",
+    ".purgem GUEST_GPRS_SAVE",
+);
 
 extern "C" {
+    /// entry.s: writes HOST_RSP, loads the guest GPRs from `*gprs` and runs VMLAUNCH
+    /// (`launched == 0`) or VMRESUME. Returns 0 after a VM exit (guest GPRs stored back), 1 on
+    /// VMfailInvalid, 2 on VMfailValid.
     fn hv_vmx_enter(launched: u64, gprs: *mut Gprs) -> u64;
+    /// entry.s: HOST_RIP, where a VM exit lands; not callable from Rust.
     fn hv_vmx_exit();
 }
 
@@ -46,11 +65,46 @@ const IA32_VMX_TRUE_PROCBASED_CTLS: u32 = 0x48E;
 const IA32_VMX_TRUE_EXIT_CTLS: u32 = 0x48F;
 const IA32_VMX_TRUE_ENTRY_CTLS: u32 = 0x490;
 
+/// CR4.VMXE (SDM Vol. 3, "Enabling and Entering VMX Operation").
 const CR4_VMXE: u64 = 1 << 13;
 
-/// The VMCS currently loaded on this CPU (physical address; 0 = none).
-static CURRENT: AtomicU64 = AtomicU64::new(0);
+/// IA32_VMX_BASIC (SDM Vol. 3, appendix A.1 "Basic VMX Information"): bits 30:0 VMCS
+/// revision id, bit 55 TRUE capability MSRs present.
+const BASIC_REVISION: u64 = 0x7FFF_FFFF;
+const BASIC_TRUE_CTLS: u64 = 1 << 55;
+/// Allowed-1 half of IA32_VMX_PROCBASED_CTLS: "activate secondary controls" may be set.
+const PROCBASED_SECONDARY_ALLOWED: u64 = 1 << 63;
+/// Allowed-1 half of IA32_VMX_PROCBASED_CTLS2: "enable EPT" may be set.
+const PROCBASED2_EPT_ALLOWED: u64 = 1 << 33;
+/// IA32_VMX_EPT_VPID_CAP (SDM Vol. 3, appendix A.10 "VPID and EPT Capabilities"): 4-level
+/// page walk (6), write-back paging structures (14), INVEPT (20), single-context (25) and
+/// all-context (26) INVEPT.
+const EPT_CAP_WALK4: u64 = 1 << 6;
+const EPT_CAP_WB: u64 = 1 << 14;
+const EPT_CAP_INVEPT: u64 = 1 << 20;
+const EPT_CAP_INVEPT_SINGLE_ALL: u64 = 3 << 25;
+/// IA32_FEATURE_CONTROL: lock (0), VMX outside SMX (2).
+const FEATURE_CONTROL_LOCK: u64 = 1 << 0;
+const FEATURE_CONTROL_VMX_OUTSIDE_SMX: u64 = 1 << 2;
 
+/// Primary processor-based VM-execution controls (SDM Vol. 3, table "Definitions of Primary
+/// Processor-Based VM-Execution Controls").
+const PROC_HLT_EXITING: u32 = 1 << 7;
+const PROC_UNCOND_IO_EXITING: u32 = 1 << 24;
+const PROC_ACTIVATE_SECONDARY: u32 = 1 << 31;
+/// Secondary processor-based control "enable EPT" (table "Definitions of Secondary
+/// Processor-Based VM-Execution Controls").
+const PROC2_ENABLE_EPT: u32 = 1 << 1;
+/// VM-exit controls (table "Definitions of VM-Exit Controls").
+const EXIT_HOST_ADDR_SPACE_SIZE: u32 = 1 << 9;
+const EXIT_SAVE_EFER: u32 = 1 << 20;
+const EXIT_LOAD_EFER: u32 = 1 << 21;
+/// VM-entry controls (table "Definitions of VM-Entry Controls").
+const ENTRY_IA32E_GUEST: u32 = 1 << 9;
+const ENTRY_LOAD_EFER: u32 = 1 << 15;
+
+/// The VMX backend after VMXON: the VMCS revision id, the VM-execution controls as the
+/// capability MSRs allow them, and the CR0/CR4 fixed bits guests must also obey.
 pub struct Vmx {
     revision: u32,
     pin: u32,
@@ -75,26 +129,29 @@ fn adjust(want: u32, msr: u32, what: &'static str) -> Result<u32, &'static str> 
 /// Enters VMX operation. Fails with a reason when VMX or EPT is not usable.
 pub fn init() -> Result<Vmx, &'static str> {
     let basic = rdmsr(IA32_VMX_BASIC);
-    let revision = (basic & 0x7FFF_FFFF) as u32;
-    let true_ctls = basic & (1 << 55) != 0;
-    if rdmsr(IA32_VMX_PROCBASED_CTLS) & (1 << 63) == 0 {
+    let revision = (basic & BASIC_REVISION) as u32;
+    let true_ctls = basic & BASIC_TRUE_CTLS != 0;
+    if rdmsr(IA32_VMX_PROCBASED_CTLS) & PROCBASED_SECONDARY_ALLOWED == 0 {
         return Err("no secondary processor-based controls (so no EPT)");
     }
-    if rdmsr(IA32_VMX_PROCBASED_CTLS2) & (1 << 33) == 0 {
+    if rdmsr(IA32_VMX_PROCBASED_CTLS2) & PROCBASED2_EPT_ALLOWED == 0 {
         return Err("enable-EPT not allowed");
     }
     let cap = rdmsr(IA32_VMX_EPT_VPID_CAP);
-    if cap & (1 << 6) == 0
-        || cap & (1 << 14) == 0
-        || cap & (1 << 20) == 0
-        || cap & (3 << 25) != 3 << 25
+    if cap & EPT_CAP_WALK4 == 0
+        || cap & EPT_CAP_WB == 0
+        || cap & EPT_CAP_INVEPT == 0
+        || cap & EPT_CAP_INVEPT_SINGLE_ALL != EPT_CAP_INVEPT_SINGLE_ALL
     {
         return Err("EPT lacks 4-level walks, WB tables, or single- and all-context INVEPT");
     }
     let fc = rdmsr(IA32_FEATURE_CONTROL);
-    if fc & 1 == 0 {
-        wrmsr(IA32_FEATURE_CONTROL, fc | 0x5);
-    } else if fc & 0x4 == 0 {
+    if fc & FEATURE_CONTROL_LOCK == 0 {
+        wrmsr(
+            IA32_FEATURE_CONTROL,
+            fc | FEATURE_CONTROL_LOCK | FEATURE_CONTROL_VMX_OUTSIDE_SMX,
+        );
+    } else if fc & FEATURE_CONTROL_VMX_OUTSIDE_SMX == 0 {
         return Err("VMX outside SMX disabled by firmware (IA32_FEATURE_CONTROL locked)");
     }
     let cr0_fixed = (rdmsr(IA32_VMX_CR0_FIXED0), rdmsr(IA32_VMX_CR0_FIXED1));
@@ -118,26 +175,29 @@ pub fn init() -> Result<Vmx, &'static str> {
         )
     };
     let pin = adjust(0, pin_msr, "pin-based controls")?;
-    // HLT exiting (7), unconditional I/O exiting (24), secondary controls (31).
     let proc1 = adjust(
-        (1 << 7) | (1 << 24) | (1 << 31),
+        PROC_HLT_EXITING | PROC_UNCOND_IO_EXITING | PROC_ACTIVATE_SECONDARY,
         proc_msr,
         "processor-based controls",
     )?;
-    // Enable EPT (1).
-    let proc2 = adjust(1 << 1, IA32_VMX_PROCBASED_CTLS2, "secondary controls")?;
-    // Host address-space size (9), save EFER (20), load EFER (21).
+    let proc2 = adjust(PROC2_ENABLE_EPT, IA32_VMX_PROCBASED_CTLS2, "secondary controls")?;
     let exit = adjust(
-        (1 << 9) | (1 << 20) | (1 << 21),
+        EXIT_HOST_ADDR_SPACE_SIZE | EXIT_SAVE_EFER | EXIT_LOAD_EFER,
         exit_msr,
         "VM-exit controls",
     )?;
-    // IA-32e mode guest (9), load EFER (15).
-    let entry = adjust((1 << 9) | (1 << 15), entry_msr, "VM-entry controls")?;
+    let entry = adjust(
+        ENTRY_IA32E_GUEST | ENTRY_LOAD_EFER,
+        entry_msr,
+        "VM-entry controls",
+    )?;
 
     let region = frames::alloc_zeroed().ok_or("no memory for the VMXON region")?;
+    // SAFETY: `alloc_zeroed` just handed this identity-mapped 4 KiB frame to us alone.
     unsafe { (region as *mut u32).write_volatile(revision) };
-    if !vmxon(region) {
+    // SAFETY: `region` is an aligned frame holding the revision id that is never freed (VMX
+    // operation lasts until the run ends); CR0/CR4 were just set to the fixed bits with VMXE.
+    if !unsafe { vmcs::vmxon(region) } {
         return Err("VMXON failed");
     }
     crate::println!(
@@ -156,63 +216,8 @@ pub fn init() -> Result<Vmx, &'static str> {
     })
 }
 
-/// VMXON / VMCLEAR / VMPTRLD of the 4 KiB region at physical `pa`; false on VMfail.
-macro_rules! vmx_region_insn {
-    ($name:ident, $insn:literal) => {
-        fn $name(pa: u64) -> bool {
-            let fail: u8;
-            unsafe {
-                core::arch::asm!(concat!($insn, " qword ptr [{p}]"), "setna {r}", p = in(reg) &pa, r = out(reg_byte) fail, options(nostack));
-            }
-            fail == 0
-        }
-    };
-}
-vmx_region_insn!(vmxon, "vmxon");
-vmx_region_insn!(vmclear, "vmclear");
-vmx_region_insn!(vmptrld, "vmptrld");
-
-/// VMWRITE with the VMfail check in the same asm block.
-fn vmwrite(field: u32, v: u64) -> bool {
-    let fail: u8;
-    unsafe {
-        core::arch::asm!("vmwrite {f}, {v}", "setna {r}", f = in(reg) field as u64, v = in(reg) v, r = out(reg_byte) fail, options(nostack));
-    }
-    fail == 0
-}
-
-fn w(field: u32, v: u64, failed: &mut Option<u32>) {
-    if !vmwrite(field, v) && failed.is_none() {
-        *failed = Some(field);
-    }
-}
-
-/// VMREAD (0 on VMfail).
-fn r(field: u32) -> u64 {
-    let v: u64;
-    let fail: u8;
-    unsafe {
-        core::arch::asm!("vmread {v}, {f}", "setna {r}", f = in(reg) field as u64, v = out(reg) v, r = out(reg_byte) fail, options(nostack));
-    }
-    if fail == 0 {
-        v
-    } else {
-        0
-    }
-}
-
-fn make_current(vmcs: u64) -> bool {
-    if CURRENT.load(Ordering::Relaxed) == vmcs {
-        return true;
-    }
-    let ok = vmptrld(vmcs);
-    if ok {
-        CURRENT.store(vmcs, Ordering::Relaxed);
-    }
-    ok
-}
-
 pub struct VmxVcpu {
+    /// The VMCS region (a frame owned by this vCPU, VMCLEARed and freed on drop).
     vmcs: u64,
     eptp: u64,
     gprs: Gprs,
@@ -226,170 +231,38 @@ impl Backend for Vmx {
     }
 
     fn new_stage2(&self) -> Result<HvTable, ept::Error> {
-        // SAFETY: `init` entered VMX root operation and checked single-context INVEPT; the
-        // capability MSR check also covers all-context (bit 26) below.
+        // SAFETY: `init` entered VMX root operation (which lasts for the rest of the run) and
+        // checked IA32_VMX_EPT_VPID_CAP for INVEPT with single- and all-context types.
         unsafe { HvTable::new_ept() }
     }
 
     fn new_vcpu(&mut self, st: &VcpuState, eptp: u64) -> Result<Box<dyn Vcpu>, &'static str> {
         let vmcs = frames::alloc_zeroed().ok_or("no memory for a VMCS")?;
+        // SAFETY: `alloc_zeroed` just handed this identity-mapped 4 KiB frame to us alone.
         unsafe { (vmcs as *mut u32).write_volatile(self.revision) };
-        if !vmclear(vmcs) {
-            frames::free(vmcs);
-            return Err("VMCLEAR failed");
-        }
-        CURRENT.store(0, Ordering::Relaxed);
-        if !make_current(vmcs) {
-            frames::free(vmcs);
-            return Err("VMPTRLD failed");
-        }
-        let mut f = None;
-        let f = &mut f;
-        w(control::PINBASED_EXEC_CONTROLS, self.pin as u64, f);
-        w(
-            control::PRIMARY_PROCBASED_EXEC_CONTROLS,
-            self.proc1 as u64,
-            f,
-        );
-        w(
-            control::SECONDARY_PROCBASED_EXEC_CONTROLS,
-            self.proc2 as u64,
-            f,
-        );
-        w(control::VMEXIT_CONTROLS, self.exit as u64, f);
-        w(control::VMENTRY_CONTROLS, self.entry as u64, f);
-        w(control::EXCEPTION_BITMAP, 0xFFFF_FFFF, f);
-        w(control::PAGE_FAULT_ERR_CODE_MASK, 0, f);
-        w(control::PAGE_FAULT_ERR_CODE_MATCH, 0, f);
-        w(control::CR3_TARGET_COUNT, 0, f);
-        w(control::VMEXIT_MSR_STORE_COUNT, 0, f);
-        w(control::VMEXIT_MSR_LOAD_COUNT, 0, f);
-        w(control::VMENTRY_MSR_LOAD_COUNT, 0, f);
-        w(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0, f);
-        w(control::EPTP_FULL, eptp, f);
-        w(control::CR0_GUEST_HOST_MASK, 0, f);
-        w(control::CR4_GUEST_HOST_MASK, 0, f);
-        w(control::CR0_READ_SHADOW, st.cr0, f);
-        w(control::CR4_READ_SHADOW, st.cr4, f);
-
-        // Host state: this kernel, resuming at hv_vmx_exit (HOST_RSP is set by the trampoline).
-        w(host::CR0, cpu::cr0(), f);
-        w(host::CR3, cpu::cr3(), f);
-        w(host::CR4, cpu::cr4(), f);
-        w(host::CS_SELECTOR, cpu::SEL_CODE as u64, f);
-        for sel in [
-            host::SS_SELECTOR,
-            host::DS_SELECTOR,
-            host::ES_SELECTOR,
-            host::FS_SELECTOR,
-            host::GS_SELECTOR,
-        ] {
-            w(sel, cpu::SEL_DATA as u64, f);
-        }
-        w(host::TR_SELECTOR, cpu::SEL_TSS as u64, f);
-        w(host::FS_BASE, 0, f);
-        w(host::GS_BASE, 0, f);
-        w(host::TR_BASE, cpu::tss_base(), f);
-        let gdt = cpu::sgdt();
-        let idt = cpu::sidt();
-        w(host::GDTR_BASE, gdt.base, f);
-        w(host::IDTR_BASE, idt.base, f);
-        w(host::IA32_SYSENTER_CS, 0, f);
-        w(host::IA32_SYSENTER_ESP, 0, f);
-        w(host::IA32_SYSENTER_EIP, 0, f);
-        w(host::IA32_EFER_FULL, rdmsr(MSR_EFER), f);
-        w(host::RIP, hv_vmx_exit as *const () as u64, f);
-
-        // Guest state: 64-bit, CPL0, flat segments.
-        w(
-            guest::CR0,
-            (st.cr0 | self.cr0_fixed.0) & self.cr0_fixed.1,
-            f,
-        );
-        w(guest::CR3, st.cr3, f);
-        w(
-            guest::CR4,
-            (st.cr4 | CR4_VMXE | self.cr4_fixed.0) & self.cr4_fixed.1,
-            f,
-        );
-        w(guest::DR7, 0x400, f);
-        w(guest::RFLAGS, st.rflags, f);
-        w(guest::RIP, st.rip, f);
-        w(guest::RSP, st.rsp, f);
-        w(guest::CS_SELECTOR, 0x08, f);
-        w(guest::CS_BASE, 0, f);
-        w(guest::CS_LIMIT, 0xFFFF_FFFF, f);
-        w(guest::CS_ACCESS_RIGHTS, 0xA09B, f);
-        for (sel, base, limit, ar) in [
-            (
-                guest::SS_SELECTOR,
-                guest::SS_BASE,
-                guest::SS_LIMIT,
-                guest::SS_ACCESS_RIGHTS,
-            ),
-            (
-                guest::DS_SELECTOR,
-                guest::DS_BASE,
-                guest::DS_LIMIT,
-                guest::DS_ACCESS_RIGHTS,
-            ),
-            (
-                guest::ES_SELECTOR,
-                guest::ES_BASE,
-                guest::ES_LIMIT,
-                guest::ES_ACCESS_RIGHTS,
-            ),
-            (
-                guest::FS_SELECTOR,
-                guest::FS_BASE,
-                guest::FS_LIMIT,
-                guest::FS_ACCESS_RIGHTS,
-            ),
-            (
-                guest::GS_SELECTOR,
-                guest::GS_BASE,
-                guest::GS_LIMIT,
-                guest::GS_ACCESS_RIGHTS,
-            ),
-        ] {
-            w(sel, 0x10, f);
-            w(base, 0, f);
-            w(limit, 0xFFFF_FFFF, f);
-            w(ar, 0xC093, f);
-        }
-        w(guest::LDTR_SELECTOR, 0, f);
-        w(guest::LDTR_BASE, 0, f);
-        w(guest::LDTR_LIMIT, 0, f);
-        w(guest::LDTR_ACCESS_RIGHTS, 0x10000, f);
-        w(guest::TR_SELECTOR, 0x18, f);
-        w(guest::TR_BASE, 0, f);
-        w(guest::TR_LIMIT, 0x67, f);
-        w(guest::TR_ACCESS_RIGHTS, 0x8B, f);
-        w(guest::GDTR_BASE, 0, f);
-        w(guest::GDTR_LIMIT, 0xFFFF, f);
-        w(guest::IDTR_BASE, 0, f);
-        w(guest::IDTR_LIMIT, 0, f);
-        w(guest::IA32_EFER_FULL, st.efer, f);
-        w(guest::IA32_DEBUGCTL_FULL, 0, f);
-        w(guest::IA32_SYSENTER_CS, 0, f);
-        w(guest::IA32_SYSENTER_ESP, 0, f);
-        w(guest::IA32_SYSENTER_EIP, 0, f);
-        w(guest::LINK_PTR_FULL, u64::MAX, f);
-        w(guest::INTERRUPTIBILITY_STATE, 0, f);
-        w(guest::ACTIVITY_STATE, 0, f);
-        w(guest::PENDING_DBG_EXCEPTIONS, 0, f);
-        if let Some(field) = *f {
-            crate::println!("vmx: VMWRITE of field {:#x} failed", field);
-            frames::free(vmcs);
-            return Err("VMWRITE failed while building a VMCS");
-        }
-        Ok(Box::new(VmxVcpu {
+        // From here on `vcpu` owns the frame: its drop VMCLEARs and frees it on every error.
+        let vcpu = VmxVcpu {
             vmcs,
             eptp,
             gprs: st.gprs,
             launched: false,
             flush_next: true,
-        }))
+        };
+        // SAFETY: `vmcs` is an aligned frame with the revision id, owned by `vcpu`; VMX root
+        // operation since `init`.
+        if !unsafe { vmcs::vmclear(vmcs) } {
+            return Err("VMCLEAR failed");
+        }
+        vmcs::forget_current();
+        // SAFETY: as for the VMCLEAR: a VMCS region owned by `vcpu`.
+        if !unsafe { vmcs::make_current(vmcs) } {
+            return Err("VMPTRLD failed");
+        }
+        if let Err(field) = vmcs::fill(self, st, eptp, hv_vmx_exit as *const () as u64) {
+            crate::println!("vmx: VMWRITE of field {:#x} failed", field);
+            return Err("VMWRITE failed while building a VMCS");
+        }
+        Ok(Box::new(vcpu))
     }
 
     fn hypercall_insn(&self) -> [u8; 3] {
@@ -398,16 +271,16 @@ impl Backend for Vmx {
 }
 
 impl VmxVcpu {
-    fn advance(&mut self) {
-        let len = r(ro::VMEXIT_INSTRUCTION_LEN);
-        let mut f = None;
-        w(guest::RIP, r(guest::RIP) + len, &mut f);
+    /// Makes this vCPU's VMCS current; false on VMfail.
+    fn make_current(&self) -> bool {
+        // SAFETY: `self.vmcs` is the VMCS region this vCPU owns until its drop.
+        unsafe { vmcs::make_current(self.vmcs) }
     }
 }
 
 impl Vcpu for VmxVcpu {
     fn run(&mut self) -> Exit {
-        if !make_current(self.vmcs) {
+        if !self.make_current() {
             return Exit::Unexpected {
                 code: u64::MAX,
                 detail: 0,
@@ -415,6 +288,7 @@ impl Vcpu for VmxVcpu {
         }
         if self.flush_next {
             // A new EPTP may equal that of a freed table whose translations are still cached.
+            // SAFETY: VMX root operation since `init`, which checked single-context INVEPT.
             if unsafe { invept(InveptKind::SingleContext, &InveptDescriptor::new(self.eptp)) }
                 .is_err()
             {
@@ -425,11 +299,16 @@ impl Vcpu for VmxVcpu {
             }
             self.flush_next = false;
         }
+        // SAFETY: this vCPU's VMCS is current and was filled by `vmcs::fill`: host state is
+        // this kernel (its CR0/CR3/CR4, GDT, TSS, EFER) resuming at `hv_vmx_exit`, which
+        // restores the callee-saved registers and the stack `hv_vmx_enter` saved, so the call
+        // behaves as an ordinary extern "C" call. The guest runs only in the memory its EPT
+        // (built by the Vmar from frames it owns) maps. `gprs` is valid for the call.
         let rc = unsafe { hv_vmx_enter(self.launched as u64, &mut self.gprs) };
         if rc != 0 {
             // VMfail: 1 = invalid (no current VMCS), 2 = valid (see VM-instruction error).
             let err = if rc == 2 {
-                r(ro::VM_INSTRUCTION_ERROR)
+                vmcs::vmread(ro::VM_INSTRUCTION_ERROR)
             } else {
                 0
             };
@@ -439,66 +318,7 @@ impl Vcpu for VmxVcpu {
             };
         }
         self.launched = true;
-        let reason = r(ro::EXIT_REASON);
-        let qual = r(ro::EXIT_QUALIFICATION);
-        if reason & (1 << 31) != 0 {
-            return Exit::Unexpected {
-                code: reason,
-                detail: qual,
-            };
-        }
-        match reason & 0xFFFF {
-            0 => {
-                let info = r(ro::VMEXIT_INTERRUPTION_INFO);
-                let error = if info & (1 << 11) != 0 {
-                    r(ro::VMEXIT_INTERRUPTION_ERR_CODE)
-                } else {
-                    0
-                };
-                Exit::Exception {
-                    vector: info as u8,
-                    error,
-                }
-            }
-            2 => Exit::Shutdown,
-            12 => {
-                self.advance();
-                Exit::Hlt
-            }
-            18 => {
-                self.advance();
-                Exit::Hypercall
-            }
-            30 => {
-                self.advance();
-                Exit::Io {
-                    port: (qual >> 16) as u16,
-                    size: (qual & 7) as u8 + 1,
-                    write: qual & (1 << 3) == 0,
-                    value: self.gprs.rax as u32,
-                }
-            }
-            48 | 49 => match ept::decode_vmx_exit(
-                reason as u32,
-                qual,
-                r(ro::GUEST_PHYSICAL_ADDR_FULL),
-                r(ro::GUEST_LINEAR_ADDR),
-            ) {
-                Ok(f) => Exit::Stage2Fault(f),
-                Err(DecodeError::EptMisconfig { gpa }) => Exit::Misconfig {
-                    gpa,
-                    what: "EPT misconfiguration (exit 49)",
-                },
-                Err(_) => Exit::Unexpected {
-                    code: reason,
-                    detail: qual,
-                },
-            },
-            n => Exit::Unexpected {
-                code: n,
-                detail: qual,
-            },
-        }
+        exit::decode(self.gprs.rax)
     }
 
     fn gprs(&mut self) -> &mut Gprs {
@@ -506,21 +326,21 @@ impl Vcpu for VmxVcpu {
     }
 
     fn rip(&self) -> u64 {
-        make_current(self.vmcs);
-        r(guest::RIP)
+        self.make_current();
+        vmcs::vmread(guest::RIP)
     }
 
     fn state(&self) -> VcpuState {
-        make_current(self.vmcs);
+        self.make_current();
         VcpuState {
             gprs: self.gprs,
-            rip: r(guest::RIP),
-            rsp: r(guest::RSP),
-            rflags: r(guest::RFLAGS),
-            cr0: r(guest::CR0),
-            cr3: r(guest::CR3),
-            cr4: r(guest::CR4),
-            efer: r(guest::IA32_EFER_FULL),
+            rip: vmcs::vmread(guest::RIP),
+            rsp: vmcs::vmread(guest::RSP),
+            rflags: vmcs::vmread(guest::RFLAGS),
+            cr0: vmcs::vmread(guest::CR0),
+            cr3: vmcs::vmread(guest::CR3),
+            cr4: vmcs::vmread(guest::CR4),
+            efer: vmcs::vmread(guest::IA32_EFER_FULL),
         }
     }
 
@@ -531,10 +351,12 @@ impl Vcpu for VmxVcpu {
 
 impl Drop for VmxVcpu {
     fn drop(&mut self) {
-        vmclear(self.vmcs);
-        if CURRENT.load(Ordering::Relaxed) == self.vmcs {
-            CURRENT.store(0, Ordering::Relaxed);
-        }
-        frames::free(self.vmcs);
+        // SAFETY: `self.vmcs` is this vCPU's VMCS region; clearing it makes the processor
+        // write back and forget it, so the frame can be freed below.
+        unsafe { vmcs::vmclear(self.vmcs) };
+        vmcs::cleared(self.vmcs);
+        // SAFETY: allocated by `new_vcpu`, freed once (here), and no longer active or current
+        // after the VMCLEAR: no software or processor use remains.
+        unsafe { frames::free(self.vmcs) };
     }
 }
