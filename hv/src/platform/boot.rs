@@ -66,9 +66,9 @@ pub fn memory_map(magic: u32, info: u32) -> Result<MemoryMap, &'static str> {
         // struct hvm_start_info: magic, version, flags, nr_modules (u32), modlist, cmdline,
         // rsdp (u64), then (version >= 1) memmap_paddr (u64), memmap_entries (u32).
         let p = info as u64;
-        // SAFETY (both readers): the PVH loader placed hvm_start_info and the memory map it
-        // points to in identity-mapped RAM below 4 GiB that nothing has reused (module
-        // invariant); only offsets inside those structures are read, unaligned-tolerant.
+        // SAFETY: the PVH loader placed hvm_start_info and the memory map it points to in
+        // identity-mapped RAM below 4 GiB that nothing has reused (module invariant); only
+        // offsets inside those structures are read, unaligned-tolerant.
         let rd32 = |a: u64| unsafe { (a as *const u32).read_unaligned() };
         // SAFETY: as for `rd32`.
         let rd64 = |a: u64| unsafe { (a as *const u64).read_unaligned() };

@@ -11,11 +11,13 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
+use ept::PAGE_SIZE;
 use vmo::{Error as VmoError, FramePool};
 
-use crate::scenario::program;
+use super::guest::{Guest, Status};
+use super::program;
+use crate::platform::frames;
 use crate::println;
-use crate::scenario::{Guest, Status};
 
 fn check(ok: &mut bool, cond: bool, what: &str) {
     if cond {
@@ -54,21 +56,30 @@ pub(crate) fn verify(
     check(
         &mut ok,
         rogue_oob.stop_error == Some(VmoError::NotFound)
-            && !rogue_oob.reports.iter().any(|r| r.0 == program::TAG_SURVIVED),
+            && !rogue_oob
+                .reports
+                .iter()
+                .any(|r| r.0 == program::TAG_SURVIVED),
         "rogue-oob was stopped for touching GPA outside its mappings",
     );
     let rogue_ro = &guests[2];
     check(
         &mut ok,
         rogue_ro.stop_error == Some(VmoError::AccessDenied)
-            && !rogue_ro.reports.iter().any(|r| r.0 == program::TAG_SURVIVED),
+            && !rogue_ro
+                .reports
+                .iter()
+                .any(|r| r.0 == program::TAG_SURVIVED),
         "rogue-ro was stopped for writing its read-only code mapping",
     );
     let rogue_mc = &guests[3];
     check(
         &mut ok,
         rogue_mc.misconfig == Some(program::DATA_BASE)
-            && !rogue_mc.reports.iter().any(|r| r.0 == program::TAG_SURVIVED),
+            && !rogue_mc
+                .reports
+                .iter()
+                .any(|r| r.0 == program::TAG_SURVIVED),
         "rogue-misconfig was stopped at the malformed second-level entry",
     );
     let snapshot_sum = program::checksum(program::parent_value);
@@ -123,9 +134,9 @@ pub(crate) fn verify(
         let mut pmism = 0;
         let (mut shared, mut copied) = (0, 0);
         for page in 0..program::DATA_PAGES {
-            let base = program::DATA_BASE + page * 4096;
-            let mut buf = [0u8; 4096];
-            let mut pbuf = [0u8; 4096];
+            let base = program::DATA_BASE + page * PAGE_SIZE;
+            let mut buf = [0u8; PAGE_SIZE as usize];
+            let mut pbuf = [0u8; PAGE_SIZE as usize];
             let _ = g.space.read(base, &mut buf);
             let _ = guests[p].space.read(base, &mut pbuf);
             for i in 0..512u64 {
@@ -186,7 +197,7 @@ pub(crate) fn verify(
     );
     drop(guests);
     let after = pool.stats();
-    let frames_after = crate::platform::frames::stats().0;
+    let frames_after = frames::stats().0;
     check(
         &mut ok,
         after.live == 0 && frames_after == frames_before,

@@ -10,7 +10,7 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use crate::scenario::Guest;
+use super::guest::Guest;
 use crate::virt::vcpu::Backend;
 
 /// Forks guest `p` into two children appended to `guests`; returns their indices.

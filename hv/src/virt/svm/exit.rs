@@ -45,11 +45,7 @@ const HLT_LEN: u64 = 1;
 /// Moves guest RIP past the intercepted instruction of length `len` (NRIP when available).
 fn advance(vmcb: &mut Vmcb, nrips: bool, len: u64) {
     let next = if nrips { vmcb.r64(NEXT_RIP) } else { 0 };
-    let rip = if next != 0 {
-        next
-    } else {
-        vmcb.r64(RIP) + len
-    };
+    let rip = if next != 0 { next } else { vmcb.r64(RIP) + len };
     vmcb.w64(RIP, rip);
 }
 

@@ -74,9 +74,7 @@ pub fn init() -> Result<Svm, &'static str> {
     let iopm = frames::alloc_contiguous(IOPM_FRAMES).ok_or("no memory for the IOPM")?;
     // SAFETY: `alloc_contiguous` just handed these identity-mapped frames to us alone; all
     // ones intercepts every port. They stay allocated for the rest of the run.
-    unsafe {
-        core::ptr::write_bytes(iopm as *mut u8, 0xFF, (IOPM_FRAMES * PAGE_SIZE) as usize)
-    };
+    unsafe { core::ptr::write_bytes(iopm as *mut u8, 0xFF, (IOPM_FRAMES * PAGE_SIZE) as usize) };
     let msrpm = frames::alloc_contiguous(MSRPM_FRAMES).ok_or("no memory for the MSRPM")?;
     // SAFETY: as for the IOPM; all zeroes intercepts no MSR access.
     unsafe { core::ptr::write_bytes(msrpm as *mut u8, 0, (MSRPM_FRAMES * PAGE_SIZE) as usize) };

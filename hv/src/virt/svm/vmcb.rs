@@ -80,7 +80,10 @@ impl Vmcb {
     /// The address of a `T` at `off`, checked to lie inside the page and to be aligned.
     fn at<T>(&self, off: usize) -> *mut T {
         let size = core::mem::size_of::<T>();
-        assert!(off.is_multiple_of(size) && off + size <= VMCB_SIZE, "VMCB offset {off:#x}");
+        assert!(
+            off.is_multiple_of(size) && off + size <= VMCB_SIZE,
+            "VMCB offset {off:#x}"
+        );
         (self.pa as usize + off) as *mut T
     }
     pub fn r64(&self, off: usize) -> u64 {

@@ -180,7 +180,11 @@ pub fn init() -> Result<Vmx, &'static str> {
         proc_msr,
         "processor-based controls",
     )?;
-    let proc2 = adjust(PROC2_ENABLE_EPT, IA32_VMX_PROCBASED_CTLS2, "secondary controls")?;
+    let proc2 = adjust(
+        PROC2_ENABLE_EPT,
+        IA32_VMX_PROCBASED_CTLS2,
+        "secondary controls",
+    )?;
     let exit = adjust(
         EXIT_HOST_ADDR_SPACE_SIZE | EXIT_SAVE_EFER | EXIT_LOAD_EFER,
         exit_msr,
