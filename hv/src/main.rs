@@ -24,7 +24,8 @@ pub mod platform;
 pub mod scenario;
 pub mod virt;
 
-use platform::{boot, cpu, frames, heap, serial, shutdown, traps};
+use platform::serial::{self, println};
+use platform::{boot, cpu, frames, heap, shutdown, traps};
 use virt::{svm, vmx};
 
 const HEAP_SIZE: u64 = 16 << 20;

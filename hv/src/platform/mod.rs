@@ -9,7 +9,7 @@
 //! - `heap` — the global allocator over the region `frames` reserves at boot.
 //! - `frames` — the physical frame allocator (identity mapped), also as `vmo::FrameAlloc` and
 //!   `ept::PhysMem`.
-//! - `serial` — COM1, the only console (`print!` / `println!`).
+//! - `serial` — COM1, the only console (`println!`).
 //! - `cpu` — port I/O, MSRs, control registers, CPUID, descriptor pointers, the TSS slot.
 //! - `traps` — the exception IDT (traps.s stubs) and the handler that ends the run.
 //! - `shutdown` — the verdict line and the emulators' exit devices.

@@ -56,13 +56,11 @@ pub fn print_fmt_unlocked(args: fmt::Arguments) {
     let _ = Serial.write_fmt(args);
 }
 
-#[macro_export]
-macro_rules! print {
-    ($($arg:tt)*) => { $crate::platform::serial::print_fmt(format_args!($($arg)*)) };
-}
-
-#[macro_export]
+/// Prints a line to COM1 (takes the serial lock). A path-scoped macro: import it as
+/// `crate::platform::serial::println`.
 macro_rules! println {
-    () => { $crate::print!("\n") };
+    () => { $crate::platform::serial::print_fmt(format_args!("\n")) };
     ($($arg:tt)*) => { $crate::platform::serial::print_fmt(format_args!("{}\n", format_args!($($arg)*))) };
 }
+
+pub(crate) use println;

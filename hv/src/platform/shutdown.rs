@@ -34,7 +34,7 @@ fn ports(pass: bool) -> ! {
 
 /// Prints `HV-VERDICT: PASS|FAIL <detail>` and ends the run.
 pub fn finish(pass: bool, detail: &str) -> ! {
-    crate::println!(
+    serial::println!(
         "{} {} {}",
         VERDICT_PREFIX,
         if pass { "PASS" } else { "FAIL" },

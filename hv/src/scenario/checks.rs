@@ -17,7 +17,7 @@ use vmo::{Error as VmoError, FramePool};
 use super::guest::{Guest, Status};
 use super::program;
 use crate::platform::frames;
-use crate::println;
+use crate::platform::serial::println;
 
 fn check(ok: &mut bool, cond: bool, what: &str) {
     if cond {

@@ -12,7 +12,7 @@ use alloc::vec::Vec;
 use vmo::Error as VmoError;
 
 use super::space::Space;
-use crate::println;
+use crate::platform::serial::println;
 use crate::virt::vcpu::Vcpu;
 
 #[derive(Debug, PartialEq, Eq)]

@@ -36,7 +36,7 @@ use ept::PAGE_SIZE;
 use vmo::FramePool;
 
 use crate::platform::frames::{self, PhysFrames};
-use crate::println;
+use crate::platform::serial::println;
 use crate::virt::vcpu::Backend;
 use guest::Guest;
 use program::Role;

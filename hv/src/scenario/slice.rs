@@ -15,7 +15,7 @@ use vmo::Error as VmoError;
 
 use super::guest::{Guest, Status};
 use super::program;
-use crate::println;
+use crate::platform::serial::println;
 use crate::virt::vcpu::Exit;
 
 /// Why a slice ended.

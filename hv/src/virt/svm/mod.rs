@@ -78,7 +78,7 @@ pub fn init() -> Result<Svm, &'static str> {
     let msrpm = frames::alloc_contiguous(MSRPM_FRAMES).ok_or("no memory for the MSRPM")?;
     // SAFETY: as for the IOPM; all zeroes intercepts no MSR access.
     unsafe { core::ptr::write_bytes(msrpm as *mut u8, 0, (MSRPM_FRAMES * PAGE_SIZE) as usize) };
-    crate::println!(
+    crate::platform::serial::println!(
         "svm: SVM rev {}, {} ASIDs, NRIPS={}, FlushByAsid={}; EFER={:#x}",
         l.eax & 0xFF,
         l.ebx,

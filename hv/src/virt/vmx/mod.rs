@@ -31,6 +31,7 @@ use crate::platform::cpu::{self, rdmsr, wrmsr};
 use crate::platform::frames;
 use crate::virt::stage2::HvTable;
 use crate::virt::vcpu::{Backend, Exit, Gprs, Vcpu, VcpuState};
+use vmcs::{Controls, CR4_VMXE};
 
 core::arch::global_asm!(
     include_str!("../gprs.s"),
@@ -64,9 +65,6 @@ const IA32_VMX_TRUE_PINBASED_CTLS: u32 = 0x48D;
 const IA32_VMX_TRUE_PROCBASED_CTLS: u32 = 0x48E;
 const IA32_VMX_TRUE_EXIT_CTLS: u32 = 0x48F;
 const IA32_VMX_TRUE_ENTRY_CTLS: u32 = 0x490;
-
-/// CR4.VMXE (SDM Vol. 3, "Enabling and Entering VMX Operation").
-const CR4_VMXE: u64 = 1 << 13;
 
 /// IA32_VMX_BASIC (SDM Vol. 3, appendix A.1 "Basic VMX Information"): bits 30:0 VMCS
 /// revision id, bit 55 TRUE capability MSRs present.
@@ -103,17 +101,10 @@ const EXIT_LOAD_EFER: u32 = 1 << 21;
 const ENTRY_IA32E_GUEST: u32 = 1 << 9;
 const ENTRY_LOAD_EFER: u32 = 1 << 15;
 
-/// The VMX backend after VMXON: the VMCS revision id, the VM-execution controls as the
-/// capability MSRs allow them, and the CR0/CR4 fixed bits guests must also obey.
+/// The VMX backend after VMXON: the VMCS revision id and what every VMCS gets.
 pub struct Vmx {
     revision: u32,
-    pin: u32,
-    proc1: u32,
-    proc2: u32,
-    exit: u32,
-    entry: u32,
-    cr0_fixed: (u64, u64),
-    cr4_fixed: (u64, u64),
+    controls: Controls,
 }
 
 /// `(want | allowed-0) & allowed-1`; an error if a wanted bit is not allowed.
@@ -204,19 +195,21 @@ pub fn init() -> Result<Vmx, &'static str> {
     if !unsafe { vmcs::vmxon(region) } {
         return Err("VMXON failed");
     }
-    crate::println!(
+    crate::platform::serial::println!(
         "vmx: VMXON ok (revision {:#x}, TRUE controls {}); EPT cap {:#x}; controls pin {:#x} proc {:#x} proc2 {:#x} exit {:#x} entry {:#x}",
         revision, true_ctls, cap, pin, proc1, proc2, exit, entry
     );
     Ok(Vmx {
         revision,
-        pin,
-        proc1,
-        proc2,
-        exit,
-        entry,
-        cr0_fixed,
-        cr4_fixed,
+        controls: Controls {
+            pin,
+            proc1,
+            proc2,
+            exit,
+            entry,
+            cr0_fixed,
+            cr4_fixed,
+        },
     })
 }
 
@@ -262,8 +255,8 @@ impl Backend for Vmx {
         if !unsafe { vmcs::make_current(vmcs) } {
             return Err("VMPTRLD failed");
         }
-        if let Err(field) = vmcs::fill(self, st, eptp, hv_vmx_exit as *const () as u64) {
-            crate::println!("vmx: VMWRITE of field {:#x} failed", field);
+        if let Err(field) = vmcs::fill(&self.controls, st, eptp, hv_vmx_exit as *const () as u64) {
+            crate::platform::serial::println!("vmx: VMWRITE of field {:#x} failed", field);
             return Err("VMWRITE failed while building a VMCS");
         }
         Ok(Box::new(vcpu))

@@ -23,10 +23,24 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use x86::vmx::vmcs::{control, guest, host};
 
-use super::Vmx;
-use super::CR4_VMXE;
 use crate::platform::cpu::{self, rdmsr, MSR_EFER};
 use crate::virt::vcpu::VcpuState;
+
+/// CR4.VMXE (SDM Vol. 3, "Enabling and Entering VMX Operation"): set in the host and, through
+/// the CR4 fixed bits, in every guest.
+pub(super) const CR4_VMXE: u64 = 1 << 13;
+
+/// What every VMCS of this CPU gets: the VM-execution, exit and entry controls as the
+/// capability MSRs allow them, and the CR0/CR4 fixed bits (FIXED0, FIXED1) guests must obey.
+pub(super) struct Controls {
+    pub(super) pin: u32,
+    pub(super) proc1: u32,
+    pub(super) proc2: u32,
+    pub(super) exit: u32,
+    pub(super) entry: u32,
+    pub(super) cr0_fixed: (u64, u64),
+    pub(super) cr4_fixed: (u64, u64),
+}
 
 /// The VMCS currently loaded on this CPU (physical address; 0 = none).
 static CURRENT: AtomicU64 = AtomicU64::new(0);
@@ -144,10 +158,10 @@ impl Writes {
 }
 
 /// Fills the current VMCS for a vCPU that starts from `st` and translates through `eptp`:
-/// the controls `vmx` computed, host state = this kernel resuming at `host_rip` (HOST_RSP is
+/// the controls `vmx`, host state = this kernel resuming at `host_rip` (HOST_RSP is
 /// written by the entry trampoline), guest state = 64-bit, CPL0, flat segments. Returns the
 /// first field whose VMWRITE failed.
-pub(super) fn fill(vmx: &Vmx, st: &VcpuState, eptp: u64, host_rip: u64) -> Result<(), u32> {
+pub(super) fn fill(vmx: &Controls, st: &VcpuState, eptp: u64, host_rip: u64) -> Result<(), u32> {
     let mut w = Writes { failed: None };
     let f = &mut w;
     f.vmwrite(control::PINBASED_EXEC_CONTROLS, vmx.pin as u64);
