@@ -2,8 +2,8 @@
 # Invariant: every stub leaves the frame traps.rs's ExceptionFrame describes (vector, error code
 # - zero where the CPU pushes none -, then the CPU's RIP/CS/RFLAGS/RSP/SS) and calls
 # hv_exception, which never returns.
-# Exception stubs: push a zero error code where the CPU does not, then the vector, then call
-# hv_exception(frame) which reports and ends the run (never returns).
+# Stubs: push a zero error code where the CPU does not, then the vector, then call
+# hv_exception(frame) with a 16-byte aligned stack.
 .section .text
 .irp n, 0,1,2,3,4,5,6,7,9,15,16,18,19,20,22,23,24,25,26,27,28,31
 hv_isr_\n:
