@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Builds the hv kernel (its own cargo project with kernel build flags, see hv/.cargo/config.toml)
-# and a GRUB rescue ISO that boots it through multiboot2 (BIOS; Bochs and QEMU).
+# Runs clippy on the hv kernel (its own cargo project with kernel build flags, see
+# hv/.cargo/config.toml), builds it, and makes a GRUB rescue ISO that boots it through multiboot2
+# (BIOS; Bochs and QEMU).
 # Output: hv/target/hv.elf and hv/target/hv.iso. Needs grub-pc-bin, grub-common, xorriso, mtools
 # (ci/hv-test.sh installs them). Extra cargo args (e.g. --features ...) are passed through.
 set -euo pipefail
 cd "$(dirname "$0")/../hv"
 
+# Lints first (hv/Cargo.toml denies clippy::undocumented_unsafe_blocks): an unsafe block without
+# its SAFETY comment fails the build. Same flags and features as the build below.
+cargo clippy --release --locked "$@"
 cargo build --release --locked "$@"
 elf=target/x86_64-unknown-linux-gnu/release/hv
 grub-file --is-x86-multiboot2 "$elf" || { echo "build-hv: $elf is not a multiboot2 kernel" >&2; exit 1; }

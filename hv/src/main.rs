@@ -1,31 +1,32 @@
 //! hv: a bare-metal type-1 hypervisor kernel.
 //!
-//! Boots through multiboot2 (GRUB ISO; QEMU or Bochs) or PVH (`qemu -kernel`), then picks a virtualization backend by
-//! CPUID (AMD SVM + NPT, or Intel VMX + EPT) and runs the guest scenario (`scenario`). Every
-//! guest page reaches the second-level tables through a fault; forks share frames copy-on-write.
-//! The run ends with one `HV-VERDICT:` line on COM1 and an emulator exit.
+//! Boots through multiboot2 (GRUB ISO; QEMU or Bochs) or PVH (`qemu -kernel`), then picks a
+//! virtualization backend by CPUID (AMD SVM + NPT, or Intel VMX + EPT) and runs the guest
+//! scenario. Every guest page reaches the second-level tables through a fault; forks share
+//! frames copy-on-write. The run ends with one `HV-VERDICT:` line on COM1 and an emulator exit.
+//!
+//! Three floors, each importing only the floors below it:
+//! - `platform` — the bare machine: boot, runtime, heap, frames, serial, CPU primitives,
+//!   traps, shutdown.
+//! - `virt` — hardware virtualization, vendor-neutral above (`Vcpu`, `Backend`, `HvTable`) and
+//!   the vendors beside each other below (`vmx`, `svm`).
+//! - `scenario` — what this kernel runs on a backend: the guests, their address spaces, fork,
+//!   the checks and the verdict.
+//!
+//! This file only wires them: `hv_main` (called by boot.s) initialises the platform, picks the
+//! backend and hands it to the scenario.
 #![no_std]
 #![no_main]
 
 extern crate alloc;
 
-pub mod checks;
-pub mod cpu;
-pub mod exit;
-pub mod fork;
-pub mod frames;
-pub mod guest;
-pub mod heap;
-pub mod rt;
+pub mod platform;
 pub mod scenario;
-pub mod serial;
-pub mod space;
-pub mod stage2;
-pub mod svm;
-pub mod vcpu;
-pub mod vmx;
+pub mod virt;
 
-core::arch::global_asm!(include_str!("boot.s"));
+use platform::serial::{self, println};
+use platform::{boot, cpu, frames, heap, shutdown, traps};
+use virt::{svm, vmx};
 
 const HEAP_SIZE: u64 = 16 << 20;
 
@@ -34,14 +35,17 @@ extern "C" fn hv_main(magic: u32, mbi: u32) -> ! {
     serial::init();
     println!(
         "hv: hypervisor kernel starting (boot protocol: {})",
-        frames::protocol(magic)
+        boot::protocol(magic)
     );
     cpu::init_tables();
-    let mem = match frames::init(magic, mbi, HEAP_SIZE) {
+    traps::init();
+    let mem = match boot::memory_map(magic, mbi).and_then(|map| frames::init(&map, HEAP_SIZE)) {
         Ok(m) => m,
-        Err(e) => exit::finish(false, e),
+        Err(e) => shutdown::finish(false, e),
     };
-    heap::init(mem.heap_start, mem.heap_size);
+    // SAFETY: `frames::init` reserved this region for the heap (the frame allocator never
+    // hands it out); this is the only call, before the first allocation.
+    unsafe { heap::init(mem.heap_start, mem.heap_size) };
     println!(
         "hv: heap {} MiB at {:#x}, {} free frames ({} MiB)",
         mem.heap_size >> 20,
@@ -70,7 +74,7 @@ extern "C" fn hv_main(magic: u32, mbi: u32) -> ! {
         ))
     };
     match result {
-        Ok(detail) => exit::finish(true, &detail),
-        Err(detail) => exit::finish(false, &detail),
+        Ok(detail) => shutdown::finish(true, &detail),
+        Err(detail) => shutdown::finish(false, &detail),
     }
 }

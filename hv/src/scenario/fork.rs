@@ -10,8 +10,8 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use crate::scenario::Guest;
-use crate::vcpu::Backend;
+use super::guest::Guest;
+use crate::virt::vcpu::Backend;
 
 /// Forks guest `p` into two children appended to `guests`; returns their indices.
 pub(crate) fn fork(

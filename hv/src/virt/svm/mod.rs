@@ -6,28 +6,52 @@
 //! Invariants: VMRUN and VMMCALL are always intercepted (VMRUN must be); guest EFER.SVME is set
 //! (VMRUN's consistency check); guest GPRs other than RAX/RSP live in `Gprs` and are swapped by
 //! the trampoline (entry.s); TLB_CONTROL is set for exactly the next VMRUN after a table change.
+//!
+//! One job per file:
+//! - `mod.rs` — SVM enablement (`init`), the `Backend` (`Svm`) and the `Vcpu` (`SvmVcpu`:
+//!   a VMCB's contents and life cycle, VMRUN).
+//! - `vmcb` — the VMCB layout (APM Vol. 2 appendix B) and bounds-checked access to one page.
+//! - `exit` — the exit codes as named constants and their decoding into `Exit`.
+//! - `entry.s` — the world switch (`hv_svm_run`), around the shared guest GPR save/restore of
+//!   `../gprs.s`.
 
+pub mod exit;
 pub mod vmcb;
 
 use alloc::boxed::Box;
 
-use ept::DecodeError;
+use crate::platform::cpu::{self, rdmsr, wrmsr, MSR_EFER};
+use ept::PAGE_SIZE;
 
-use crate::cpu::{self, rdmsr, wrmsr, MSR_EFER};
-use crate::frames;
-use crate::stage2::HvTable;
-use crate::vcpu::{Backend, Exit, Gprs, Vcpu, VcpuState};
+use crate::platform::frames;
+use crate::virt::stage2::HvTable;
+use crate::virt::vcpu::{Backend, Exit, Gprs, Vcpu, VcpuState};
 use vmcb::*;
 
-core::arch::global_asm!(include_str!("entry.s"));
+core::arch::global_asm!(
+    include_str!("../gprs.s"),
+    include_str!("entry.s"),
+    ".purgem GUEST_GPRS_LOAD",
+    ".purgem GUEST_GPRS_SAVE",
+);
 
 extern "C" {
+    /// entry.s: loads the guest GPRs from `*gprs` (RAX and RSP come from the VMCB), runs
+    /// VMRUN on the VMCB at `vmcb_pa`, stores the guest GPRs back and returns 0.
     fn hv_svm_run(vmcb_pa: u64, gprs: *mut Gprs) -> u64;
 }
 
+/// SVM MSRs and bits (APM Vol. 2 §15.30 "SVM-Related MSRs", §15.4 "Enabling SVM").
 const MSR_VM_CR: u32 = 0xC001_0114;
 const MSR_VM_HSAVE_PA: u32 = 0xC001_0117;
+const VM_CR_SVMDIS: u64 = 1 << 4;
 const EFER_SVME: u64 = 1 << 12;
+/// CPUID 8000_000A EDX: NRIP save (3), flush by ASID (6).
+const CPUID_SVM_NRIPS: u32 = 1 << 3;
+const CPUID_SVM_FLUSH_BY_ASID: u32 = 1 << 6;
+/// Frames of the I/O permission map (12 KiB) and of the MSR permission map (8 KiB).
+const IOPM_FRAMES: u64 = 3;
+const MSRPM_FRAMES: u64 = 2;
 
 pub struct Svm {
     iopm: u64,
@@ -40,23 +64,26 @@ pub struct Svm {
 
 /// Enables SVM on this CPU. Fails with a reason when SVM is disabled or memory is short.
 pub fn init() -> Result<Svm, &'static str> {
-    if rdmsr(MSR_VM_CR) & (1 << 4) != 0 {
+    if rdmsr(MSR_VM_CR) & VM_CR_SVMDIS != 0 {
         return Err("SVM disabled by firmware (VM_CR.SVMDIS)");
     }
     let l = cpu::cpuid(0x8000_000A, 0);
     wrmsr(MSR_EFER, rdmsr(MSR_EFER) | EFER_SVME);
     let hsave = frames::alloc_zeroed().ok_or("no memory for the host save area")?;
     wrmsr(MSR_VM_HSAVE_PA, hsave);
-    let iopm = frames::alloc_contiguous(3).ok_or("no memory for the IOPM")?;
-    unsafe { core::ptr::write_bytes(iopm as *mut u8, 0xFF, 3 * 4096) };
-    let msrpm = frames::alloc_contiguous(2).ok_or("no memory for the MSRPM")?;
-    unsafe { core::ptr::write_bytes(msrpm as *mut u8, 0, 2 * 4096) };
-    crate::println!(
+    let iopm = frames::alloc_contiguous(IOPM_FRAMES).ok_or("no memory for the IOPM")?;
+    // SAFETY: `alloc_contiguous` just handed these identity-mapped frames to us alone; all
+    // ones intercepts every port. They stay allocated for the rest of the run.
+    unsafe { core::ptr::write_bytes(iopm as *mut u8, 0xFF, (IOPM_FRAMES * PAGE_SIZE) as usize) };
+    let msrpm = frames::alloc_contiguous(MSRPM_FRAMES).ok_or("no memory for the MSRPM")?;
+    // SAFETY: as for the IOPM; all zeroes intercepts no MSR access.
+    unsafe { core::ptr::write_bytes(msrpm as *mut u8, 0, (MSRPM_FRAMES * PAGE_SIZE) as usize) };
+    crate::platform::serial::println!(
         "svm: SVM rev {}, {} ASIDs, NRIPS={}, FlushByAsid={}; EFER={:#x}",
         l.eax & 0xFF,
         l.ebx,
-        l.edx & (1 << 3) != 0,
-        l.edx & (1 << 6) != 0,
+        l.edx & CPUID_SVM_NRIPS != 0,
+        l.edx & CPUID_SVM_FLUSH_BY_ASID != 0,
         rdmsr(MSR_EFER)
     );
     Ok(Svm {
@@ -64,8 +91,8 @@ pub fn init() -> Result<Svm, &'static str> {
         msrpm,
         next_asid: 1,
         max_asid: l.ebx.max(2),
-        nrips: l.edx & (1 << 3) != 0,
-        flush_by_asid: l.edx & (1 << 6) != 0,
+        nrips: l.edx & CPUID_SVM_NRIPS != 0,
+        flush_by_asid: l.edx & CPUID_SVM_FLUSH_BY_ASID != 0,
     })
 }
 
@@ -97,6 +124,8 @@ impl Backend for Svm {
         let asid = self.next_asid;
         self.next_asid += 1;
         let pa = frames::alloc_zeroed().ok_or("no memory for a VMCB")?;
+        // SAFETY: `alloc_zeroed` just handed this zeroed 4 KiB frame to us alone; the vCPU
+        // owns it (and the view) until its drop frees it.
         let mut v = unsafe { Vmcb::new(pa) };
         v.w32(INTERCEPT_EXCEPTIONS, 0xFFFF_FFFF);
         v.w32(
@@ -144,22 +173,6 @@ impl Backend for Svm {
     }
 }
 
-impl SvmVcpu {
-    fn advance(&mut self, len: u64) {
-        let next = if self.nrips {
-            self.vmcb.r64(NEXT_RIP)
-        } else {
-            0
-        };
-        let rip = if next != 0 {
-            next
-        } else {
-            self.vmcb.r64(RIP) + len
-        };
-        self.vmcb.w64(RIP, rip);
-    }
-}
-
 impl Vcpu for SvmVcpu {
     fn run(&mut self) -> Exit {
         self.vmcb.w64(RAX, self.gprs.rax);
@@ -168,59 +181,15 @@ impl Vcpu for SvmVcpu {
             self.tlb_next = 0;
         }
         self.vmcb.w64(VMCB_CLEAN, 0);
+        // SAFETY: the VMCB is this vCPU's page, filled by `new_vcpu` (VMRUN intercepted, an
+        // ASID of its own, nested paging on through the table the Vmar owns, EFER.SVME); the
+        // host save area was set by `init`. #VMEXIT restores the host's RSP/RIP/RAX from it and
+        // `hv_svm_run` restores the callee-saved registers, so the call behaves as an ordinary
+        // extern "C" call. `gprs` is valid for the call.
         unsafe { hv_svm_run(self.vmcb.pa(), &mut self.gprs) };
         self.gprs.rax = self.vmcb.r64(RAX);
         self.vmcb.w8(TLB_CONTROL, 0);
-        let code = self.vmcb.r64(EXITCODE);
-        let info1 = self.vmcb.r64(EXITINFO1);
-        let info2 = self.vmcb.r64(EXITINFO2);
-        match code {
-            EXIT_VMMCALL => {
-                self.advance(3);
-                Exit::Hypercall
-            }
-            EXIT_HLT => {
-                self.advance(1);
-                Exit::Hlt
-            }
-            EXIT_IOIO => {
-                // EXITINFO2 holds the RIP of the next instruction for IOIO intercepts.
-                self.vmcb.w64(RIP, info2);
-                let size = if info1 & (1 << 4) != 0 {
-                    1
-                } else if info1 & (1 << 5) != 0 {
-                    2
-                } else {
-                    4
-                };
-                Exit::Io {
-                    port: (info1 >> 16) as u16,
-                    size,
-                    write: info1 & 1 == 0,
-                    value: self.gprs.rax as u32,
-                }
-            }
-            EXIT_NPF => match ept::decode_npf(info1, info2) {
-                Ok(f) => Exit::Stage2Fault(f),
-                Err(DecodeError::NptMisconfig { gpa }) => Exit::Misconfig {
-                    gpa,
-                    what: "NPF with reserved bits (RSVD)",
-                },
-                Err(_) => Exit::Unexpected {
-                    code: EXIT_NPF,
-                    detail: info1,
-                },
-            },
-            EXIT_SHUTDOWN => Exit::Shutdown,
-            c if (EXIT_EXCP_BASE..EXIT_EXCP_BASE + 32).contains(&c) => Exit::Exception {
-                vector: (c - EXIT_EXCP_BASE) as u8,
-                error: info1,
-            },
-            c => Exit::Unexpected {
-                code: c,
-                detail: info1,
-            },
-        }
+        exit::decode(&mut self.vmcb, self.nrips, self.gprs.rax)
     }
 
     fn gprs(&mut self) -> &mut Gprs {
@@ -256,6 +225,8 @@ impl Vcpu for SvmVcpu {
 
 impl Drop for SvmVcpu {
     fn drop(&mut self) {
-        frames::free(self.vmcb.pa());
+        // SAFETY: allocated by `new_vcpu`, freed once (here); the processor uses a VMCB only
+        // during VMRUN, and no VMRUN of this vCPU can follow its drop.
+        unsafe { frames::free(self.vmcb.pa()) };
     }
 }

@@ -11,11 +11,13 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
+use ept::PAGE_SIZE;
 use vmo::{Error as VmoError, FramePool};
 
-use crate::guest;
-use crate::println;
-use crate::scenario::{Guest, Status};
+use super::guest::{Guest, Status};
+use super::program;
+use crate::platform::frames;
+use crate::platform::serial::println;
 
 fn check(ok: &mut bool, cond: bool, what: &str) {
     if cond {
@@ -54,24 +56,33 @@ pub(crate) fn verify(
     check(
         &mut ok,
         rogue_oob.stop_error == Some(VmoError::NotFound)
-            && !rogue_oob.reports.iter().any(|r| r.0 == guest::TAG_SURVIVED),
+            && !rogue_oob
+                .reports
+                .iter()
+                .any(|r| r.0 == program::TAG_SURVIVED),
         "rogue-oob was stopped for touching GPA outside its mappings",
     );
     let rogue_ro = &guests[2];
     check(
         &mut ok,
         rogue_ro.stop_error == Some(VmoError::AccessDenied)
-            && !rogue_ro.reports.iter().any(|r| r.0 == guest::TAG_SURVIVED),
+            && !rogue_ro
+                .reports
+                .iter()
+                .any(|r| r.0 == program::TAG_SURVIVED),
         "rogue-ro was stopped for writing its read-only code mapping",
     );
     let rogue_mc = &guests[3];
     check(
         &mut ok,
-        rogue_mc.misconfig == Some(guest::DATA_BASE)
-            && !rogue_mc.reports.iter().any(|r| r.0 == guest::TAG_SURVIVED),
+        rogue_mc.misconfig == Some(program::DATA_BASE)
+            && !rogue_mc
+                .reports
+                .iter()
+                .any(|r| r.0 == program::TAG_SURVIVED),
         "rogue-misconfig was stopped at the malformed second-level entry",
     );
-    let snapshot_sum = guest::checksum(guest::parent_value);
+    let snapshot_sum = program::checksum(program::parent_value);
     let main = &guests[1];
     check(
         &mut ok,
@@ -82,7 +93,7 @@ pub(crate) fn verify(
         &mut ok,
         main.reports
             .iter()
-            .any(|r| r.0 == guest::TAG_FILLED && r.1 == snapshot_sum),
+            .any(|r| r.0 == program::TAG_FILLED && r.1 == snapshot_sum),
         "main guest's checksum of its filled memory is right",
     );
     let Some((p, kids)) = forked else {
@@ -94,7 +105,7 @@ pub(crate) fn verify(
         guests[p]
             .reports
             .iter()
-            .any(|r| r.0 == guest::TAG_PARENT_AFTER && r.1 == snapshot_sum),
+            .any(|r| r.0 == program::TAG_PARENT_AFTER && r.1 == snapshot_sum),
         "parent still sees its snapshot after both children wrote (checksum unchanged)",
     );
     let mut total_copied = 0;
@@ -102,7 +113,7 @@ pub(crate) fn verify(
     for (k, &c) in kids.iter().enumerate() {
         let k = k as u64 + 1;
         let g = &guests[c];
-        let want = guest::checksum(|a| guest::child_value(k, a));
+        let want = program::checksum(|a| program::child_value(k, a));
         check(
             &mut ok,
             g.status == Status::Done,
@@ -112,7 +123,7 @@ pub(crate) fn verify(
             &mut ok,
             g.reports
                 .iter()
-                .any(|r| r.0 == guest::TAG_CHILD && r.2 == k && r.1 == want),
+                .any(|r| r.0 == program::TAG_CHILD && r.2 == k && r.1 == want),
             &format!(
                 "{} reported checksum {:#x} = its own writes + the shared snapshot",
                 g.name, want
@@ -122,10 +133,10 @@ pub(crate) fn verify(
         let mut mism = 0;
         let mut pmism = 0;
         let (mut shared, mut copied) = (0, 0);
-        for page in 0..guest::DATA_PAGES {
-            let base = guest::DATA_BASE + page * 4096;
-            let mut buf = [0u8; 4096];
-            let mut pbuf = [0u8; 4096];
+        for page in 0..program::DATA_PAGES {
+            let base = program::DATA_BASE + page * PAGE_SIZE;
+            let mut buf = [0u8; PAGE_SIZE as usize];
+            let mut pbuf = [0u8; PAGE_SIZE as usize];
             let _ = g.space.read(base, &mut buf);
             let _ = guests[p].space.read(base, &mut pbuf);
             for i in 0..512u64 {
@@ -140,10 +151,10 @@ pub(crate) fn verify(
                         .try_into()
                         .unwrap_or([0; 8]),
                 );
-                if v != guest::child_value(k, a) {
+                if v != program::child_value(k, a) {
                     mism += 1;
                 }
-                if pv != guest::parent_value(a) {
+                if pv != program::parent_value(a) {
                     pmism += 1;
                 }
             }
@@ -167,12 +178,12 @@ pub(crate) fn verify(
             g.name,
             copied,
             shared,
-            guest::CHILD_PAGES,
-            guest::DATA_PAGES - guest::CHILD_PAGES
+            program::CHILD_PAGES,
+            program::DATA_PAGES - program::CHILD_PAGES
         );
         check(
             &mut ok,
-            copied == guest::CHILD_PAGES && shared == guest::DATA_PAGES - guest::CHILD_PAGES,
+            copied == program::CHILD_PAGES && shared == program::DATA_PAGES - program::CHILD_PAGES,
             &format!("{} copied exactly the pages it wrote", g.name),
         );
         total_copied += copied;
@@ -186,7 +197,7 @@ pub(crate) fn verify(
     );
     drop(guests);
     let after = pool.stats();
-    let frames_after = crate::frames::stats().0;
+    let frames_after = frames::stats().0;
     check(
         &mut ok,
         after.live == 0 && frames_after == frames_before,

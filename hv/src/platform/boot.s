@@ -1,6 +1,6 @@
-# hv boot: multiboot2 header, PVH note, 32-bit entries, long mode, exception stubs.
-# Owns: the initial identity map (0-4 GiB, 2 MiB pages), the boot stack, the GDT (null, code64
-# 0x08, data 0x10, TSS 0x18 filled in by Rust), and the 32 exception entry stubs.
+# hv boot: multiboot2 header, PVH note, 32-bit entries, long mode.
+# Owns: the initial identity map (0-4 GiB, 2 MiB pages), the boot stack, and the GDT (null,
+# code64 0x08, data 0x10, TSS 0x18 filled in by Rust). The exception stubs are traps.s.
 # Invariant: on entry to kmain paging is on with VA == PA below 4 GiB, SSE is usable,
 # interrupts are off (and stay off), and .bss is zero.
 
@@ -149,31 +149,3 @@ long_mode:
     cli
     hlt
     jmp .Lhalt
-
-# Exception stubs: push a zero error code where the CPU does not, then the vector, then call
-# hv_exception(frame) which reports and ends the run (never returns).
-.section .text
-.irp n, 0,1,2,3,4,5,6,7,9,15,16,18,19,20,22,23,24,25,26,27,28,31
-hv_isr_\n:
-    push 0
-    push \n
-    jmp hv_isr_common
-.endr
-.irp n, 8,10,11,12,13,14,17,21,29,30
-hv_isr_\n:
-    push \n
-    jmp hv_isr_common
-.endr
-hv_isr_common:
-    mov rdi, rsp
-    and rsp, -16
-    call hv_exception
-    ud2
-
-.section .rodata
-.align 8
-.global hv_isr_table
-hv_isr_table:
-.irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
-    .quad hv_isr_\n
-.endr

@@ -10,10 +10,10 @@
 
 use spin::Mutex;
 
-use multiboot2::{BootInformation, BootInformationHeader, MemoryAreaType};
+use super::boot::MemoryMap;
 
-pub const FRAME: u64 = 4096;
-const MAX_REGIONS: usize = 32;
+const FRAME: u64 = ept::PAGE_SIZE;
+const MAX_REGIONS: usize = super::boot::MAX_AREAS;
 const LIMIT: u64 = 1 << 32;
 
 struct Inner {
@@ -57,63 +57,17 @@ fn align_up(v: u64, a: u64) -> u64 {
     (v + a - 1) & !(a - 1)
 }
 
-/// The hvm_start_info magic; boot.s also puts it in EAX on the PVH entry.
-pub const PVH_MAGIC: u32 = 0x336e_c578;
-
-/// Which boot protocol started the kernel.
-pub fn protocol(magic: u32) -> &'static str {
-    match magic {
-        multiboot2::MAGIC => "multiboot2",
-        PVH_MAGIC => "PVH",
-        _ => "unknown",
-    }
-}
-
-/// Reads the memory map, reserves `heap_size` bytes for the heap, and gives the rest to the
-/// frame allocator. Returns an error string when the boot information is unusable.
-pub fn init(magic: u32, info: u32, heap_size: u64) -> Result<BootMemory, &'static str> {
-    let mut areas = [(0u64, 0u64); MAX_REGIONS];
-    let mut n = 0;
-    let info_end;
-    if magic == multiboot2::MAGIC {
-        let mbi = unsafe { BootInformation::load(info as usize as *const BootInformationHeader) }
-            .map_err(|_| "multiboot2 boot information is malformed")?;
-        let mmap = mbi.memory_map_tag().ok_or("no multiboot2 memory map")?;
-        info_end = mbi.end_address() as u64;
-        for area in mmap.memory_areas() {
-            if area.typ() == MemoryAreaType::Available && n < MAX_REGIONS {
-                areas[n] = (area.start_address(), area.end_address());
-                n += 1;
-            }
-        }
-    } else if magic == PVH_MAGIC {
-        // struct hvm_start_info: magic, version, flags, nr_modules (u32), modlist, cmdline,
-        // rsdp (u64), then (version >= 1) memmap_paddr (u64), memmap_entries (u32).
-        let p = info as u64;
-        let rd32 = |a: u64| unsafe { (a as *const u32).read_unaligned() };
-        let rd64 = |a: u64| unsafe { (a as *const u64).read_unaligned() };
-        if rd32(p) != PVH_MAGIC || rd32(p + 4) < 1 {
-            return Err("PVH start info without a memory map (version < 1)");
-        }
-        let (map, entries) = (rd64(p + 40), rd32(p + 48) as u64);
-        for i in 0..entries {
-            // struct hvm_memmap_table_entry: addr, size (u64), type (u32), reserved (u32).
-            let e = map + i * 24;
-            if rd32(e + 16) == 1 && n < MAX_REGIONS {
-                areas[n] = (rd64(e), rd64(e) + rd64(e + 8));
-                n += 1;
-            }
-        }
-        info_end = (p + 56).max(map + entries * 24);
-    } else {
-        return Err("unknown boot protocol (neither multiboot2 nor PVH)");
-    }
+/// Gives the usable RAM of `map` above the kernel image and the boot information to the
+/// allocator, after reserving `heap_size` bytes for the heap at the start of the largest area.
+/// Runs once, at boot.
+pub fn init(map: &MemoryMap, heap_size: u64) -> Result<BootMemory, &'static str> {
+    let info_end = map.info_end;
     let kernel_end = core::ptr::addr_of!(__kernel_end) as u64;
     let floor = align_up(kernel_end.max(info_end).max(1 << 20), FRAME);
 
     let mut inner = FRAMES.lock();
     let mut best: Option<usize> = None;
-    for &(a_start, a_end) in &areas[..n] {
+    for &(a_start, a_end) in map.areas() {
         let start = align_up(a_start.max(floor), FRAME);
         let end = a_end.min(LIMIT) & !(FRAME - 1);
         if end <= start || inner.count == MAX_REGIONS {
@@ -167,6 +121,9 @@ pub fn alloc() -> Option<u64> {
     let mut f = FRAMES.lock();
     let pa = if f.free_head != 0 {
         let pa = f.free_head;
+        // SAFETY: `pa` heads the free list, so it is a freed frame of this allocator (owned by
+        // nobody else, identity mapped, 4 KiB aligned) whose first qword `free` wrote; the lock
+        // is held.
         f.free_head = unsafe { *(pa as *const u64) };
         pa
     } else {
@@ -180,6 +137,8 @@ pub fn alloc() -> Option<u64> {
 /// One zero-filled frame.
 pub fn alloc_zeroed() -> Option<u64> {
     let pa = alloc()?;
+    // SAFETY: `alloc` just handed out the 4 KiB frame at `pa` to this caller alone; it is
+    // identity-mapped RAM (VA == PA), so the pointer is valid for 4096 bytes of writes.
     unsafe { core::ptr::write_bytes(pa as *mut u8, 0, FRAME as usize) };
     Some(pa)
 }
@@ -193,8 +152,16 @@ pub fn alloc_contiguous(count: u64) -> Option<u64> {
     Some(pa)
 }
 
-pub fn free(pa: u64) {
+/// Gives a frame back.
+///
+/// # Safety
+/// `pa` came from `alloc`, `alloc_zeroed` or `alloc_contiguous` (frames of a contiguous run are
+/// freed one by one), is freed once, and neither software nor a hardware walker (VMCB, VMCS,
+/// second-level table) uses it afterwards: its first qword becomes the free-list link.
+pub unsafe fn free(pa: u64) {
     let mut f = FRAMES.lock();
+    // SAFETY: by the caller's promise the frame is allocated, identity mapped and no longer
+    // used, so the allocator may store its free-list link in it; the lock is held.
     unsafe { *(pa as *mut u64) = f.free_head };
     f.free_head = pa;
     f.live -= 1;
@@ -218,7 +185,11 @@ impl vmo::FrameAlloc for PhysFrames {
         alloc_contiguous(count as u64)
     }
     fn free_frame(&self, pa: vmo::Paddr) {
-        free(pa)
+        // SAFETY: vmo's `FramePool` (this impl's only user, in `scenario`) frees only frames it
+        // obtained from `alloc_frame` / `alloc_contiguous` above, each once, after its last
+        // user (mapping or second-level translation) is gone — the promise `frame_ptr`'s
+        // users rely on too.
+        unsafe { free(pa) }
     }
     fn frame_ptr(&self, pa: vmo::Paddr) -> *mut u8 {
         pa as *mut u8
@@ -232,7 +203,9 @@ unsafe impl ept::PhysMem for PhysFrames {
         alloc_zeroed()
     }
     unsafe fn free_frame(&self, pa: u64) {
-        free(pa)
+        // SAFETY: the caller promises `pa` came from `alloc_frame` (hence from `alloc`) and
+        // is unused afterwards: exactly `free`'s contract.
+        unsafe { free(pa) }
     }
     fn frame_ptr(&self, pa: u64) -> *mut u64 {
         pa as *mut u64

@@ -12,7 +12,7 @@ use ept::{
     EptTable, FlushScope, MemType, NptTable, NptTlbControl, PageSize, S2Perms, Stage2, Translation,
 };
 
-use crate::frames::PhysFrames;
+use crate::platform::frames::PhysFrames;
 
 pub enum HvTable {
     Ept(EptTable<PhysFrames, InveptInvalidate>),
@@ -27,6 +27,8 @@ impl HvTable {
     pub unsafe fn new_ept() -> Result<Self, ept::Error> {
         Ok(HvTable::Ept(EptTable::with_invalidate(
             PhysFrames,
+            // SAFETY: the caller's promise (VMX root operation with single- and all-context
+            // INVEPT, for the rest of the run) is exactly `InveptInvalidate::new`'s contract.
             unsafe { InveptInvalidate::new() },
             false,
         )?))
@@ -60,6 +62,7 @@ impl HvTable {
 
     /// Pointer to the 4 KiB leaf entry translating `gpa`, found by walking the table in
     /// (identity-mapped) memory. Only for the deliberate-corruption test (`Space::corrupt_leaf`).
+    /// The pointer is valid while the table is neither changed nor dropped.
     pub fn leaf_entry(&self, gpa: u64) -> Option<*mut u64> {
         const ADDR: u64 = 0x000F_FFFF_FFFF_F000;
         let (mut table, present): (u64, fn(u64) -> bool) = match self {
@@ -68,6 +71,9 @@ impl HvTable {
         };
         for level in (2..=4u32).rev() {
             let idx = (gpa >> (12 + 9 * (level - 1))) & 511;
+            // SAFETY: `table` is a frame of this table (the root from `context`, then the
+            // frame a present non-leaf entry names), identity mapped and alive while `&self`
+            // is borrowed; `idx < 512` keeps the read inside it, 8-byte aligned.
             let e = unsafe { ((table + idx * 8) as *const u64).read_volatile() };
             if !present(e) || e & (1 << 7) != 0 {
                 return None;
@@ -75,6 +81,7 @@ impl HvTable {
             table = e & ADDR;
         }
         let p = (table + ((gpa >> 12) & 511) * 8) as *mut u64;
+        // SAFETY: as in the loop: `table` is now the page-table frame of `gpa`, index < 512.
         present(unsafe { p.read_volatile() }).then_some(p)
     }
 

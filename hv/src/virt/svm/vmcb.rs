@@ -3,7 +3,11 @@
 //!
 //! Invariant: every offset here is from APM Table B-1 (control area, 0x000-0x3FF) or Table B-2
 //! (state save area, starting at 0x400); accesses are volatile because the processor reads and
-//! writes the page on VMRUN / #VMEXIT.
+//! writes the page on VMRUN / #VMEXIT. The exit codes are exit.rs.
+//!
+//! Soundness: a `Vmcb` is made only by `Vmcb::new` (unsafe), whose caller hands over a frame
+//! it owns for the view's lifetime; every accessor checks that its access lies inside that
+//! 4 KiB page and is aligned (all offsets below are), so no offset can reach outside it.
 
 // Control area.
 pub const INTERCEPT_EXCEPTIONS: usize = 0x008;
@@ -56,19 +60,13 @@ pub const INTERCEPT_SHUTDOWN: u32 = 1 << 31;
 pub const INTERCEPT_VMRUN: u32 = 1 << 0;
 pub const INTERCEPT_VMMCALL: u32 = 1 << 1;
 
-// Exit codes.
-pub const EXIT_EXCP_BASE: u64 = 0x40;
-pub const EXIT_HLT: u64 = 0x78;
-pub const EXIT_IOIO: u64 = 0x7B;
-pub const EXIT_SHUTDOWN: u64 = 0x7F;
-pub const EXIT_VMMCALL: u64 = 0x81;
-pub const EXIT_NPF: u64 = 0x400;
-pub const EXIT_INVALID: u64 = u64::MAX;
-
 /// A view over one VMCB page (identity mapped, so the pointer is the physical address).
 pub struct Vmcb {
     pa: u64,
 }
+
+/// Bytes of a VMCB.
+const VMCB_SIZE: usize = 4096;
 
 impl Vmcb {
     /// # Safety
@@ -79,27 +77,43 @@ impl Vmcb {
     pub fn pa(&self) -> u64 {
         self.pa
     }
+    /// The address of a `T` at `off`, checked to lie inside the page and to be aligned.
+    fn at<T>(&self, off: usize) -> *mut T {
+        let size = core::mem::size_of::<T>();
+        assert!(
+            off.is_multiple_of(size) && off + size <= VMCB_SIZE,
+            "VMCB offset {off:#x}"
+        );
+        (self.pa as usize + off) as *mut T
+    }
     pub fn r64(&self, off: usize) -> u64 {
-        unsafe { ((self.pa as usize + off) as *const u64).read_volatile() }
+        // SAFETY: `at` checked that the u64 lies inside the page `new` was given (owned for
+        // this view's lifetime) and is aligned.
+        unsafe { self.at::<u64>(off).read_volatile() }
     }
     pub fn w64(&mut self, off: usize, v: u64) {
-        unsafe { ((self.pa as usize + off) as *mut u64).write_volatile(v) }
+        // SAFETY: as for `r64`; `&mut self` keeps host writes to the page exclusive.
+        unsafe { self.at::<u64>(off).write_volatile(v) }
     }
     pub fn w32(&mut self, off: usize, v: u32) {
-        unsafe { ((self.pa as usize + off) as *mut u32).write_volatile(v) }
+        // SAFETY: as for `w64` (a u32 inside the page, aligned).
+        unsafe { self.at::<u32>(off).write_volatile(v) }
     }
     pub fn w8(&mut self, off: usize, v: u8) {
-        unsafe { ((self.pa as usize + off) as *mut u8).write_volatile(v) }
+        // SAFETY: as for `w64` (one byte inside the page).
+        unsafe { self.at::<u8>(off).write_volatile(v) }
     }
     /// A segment register in the state save area: selector, attributes (descriptor bits 40-47
     /// in 7:0 and 52-55 in 11:8), limit, base.
     pub fn seg(&mut self, off: usize, sel: u16, attr: u16, limit: u32, base: u64) {
+        let slot = self.at::<[u64; 2]>(off) as *mut u8;
+        // SAFETY: `at` checked the 16-byte slot lies inside the page and is 8-byte aligned,
+        // so the four fields at +0/+2/+4/+8 are inside it and each aligned for its width.
         unsafe {
-            let p = (self.pa as usize + off) as *mut u8;
-            (p as *mut u16).write_volatile(sel);
-            (p.add(2) as *mut u16).write_volatile(attr);
-            (p.add(4) as *mut u32).write_volatile(limit);
-            (p.add(8) as *mut u64).write_volatile(base);
+            (slot as *mut u16).write_volatile(sel);
+            (slot.add(2) as *mut u16).write_volatile(attr);
+            (slot.add(4) as *mut u32).write_volatile(limit);
+            (slot.add(8) as *mut u64).write_volatile(base);
         }
     }
 }

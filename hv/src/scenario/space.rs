@@ -1,16 +1,24 @@
-//! A guest's physical address space: a thin handle over `vmo::Vmar` with hv's second-level
-//! table, plus the host-side views the scenario's checks need.
+//! A guest's physical address space: `vmo::Vmar` over hv's second-level table, plus the
+//! host-side views the scenario's checks need and the deliberate table corruption of the
+//! misconfiguration test.
 //!
 //! The fault path is `vmo::Vmar::handle_fault` itself — the same code the host tests and
-//! guest-vm's KVM backend run; both hardware backends call it through `handle_fault` here.
+//! guest-vm's KVM backend run; the exit handler (slice.rs) calls it on `vmar()` directly.
 //! Invariants: nothing is installed in the second-level table except by the fault path (no
 //! pre-mapping); after any Vmar operation the caller hands `take_tlb_control` to the vCPU so a
 //! deferred NPT flush reaches the next VMRUN.
 
-use ept::{FaultInfo, Translation};
-use vmo::{FaultStats, MapOptions, Resolution, VmPerms, Vmar, Vmo};
+use ept::{FaultInfo, Translation, PAGE_SIZE};
+use vmo::{FaultStats, MapOptions, VmPerms, Vmar, Vmo};
 
-use crate::stage2::HvTable;
+use crate::virt::stage2::HvTable;
+
+/// A leaf entry `Space::corrupt_leaf` changed: what to put back with `restore_leaf`.
+pub struct CorruptedLeaf {
+    gpa: u64,
+    original: u64,
+    corrupted: u64,
+}
 
 pub struct Space {
     vmar: Vmar<HvTable>,
@@ -36,15 +44,15 @@ impl Space {
         self.vmar.map(
             vmo,
             vmo_offset,
-            pages * 4096,
+            pages * PAGE_SIZE,
             MapOptions::specific(gpa, perms),
         )?;
         Ok(())
     }
 
-    /// THE fault path (vmo's `Vmar::handle_fault`).
-    pub fn handle_fault(&self, fault: &FaultInfo) -> vmo::Result<Resolution> {
-        self.vmar.handle_fault(*fault)
+    /// The Vmar: its `handle_fault` is the guest's fault path.
+    pub fn vmar(&self) -> &Vmar<HvTable> {
+        &self.vmar
     }
 
     /// Copy-on-write fork of the whole space into a child translated by `table` (empty).
@@ -81,24 +89,42 @@ impl Space {
 
     /// TEST ONLY: commits and installs the page at `gpa` through the fault path (a host-side
     /// read fault), then overwrites its leaf entry with a value the hardware rejects (EPT
-    /// misconfiguration / NPT reserved bit) and flushes. Returns (entry pointer, original value)
-    /// so the caller can restore the table before teardown.
-    pub fn corrupt_leaf(&self, gpa: u64) -> Option<(*mut u64, u64)> {
+    /// misconfiguration / NPT reserved bit) and flushes. Returns what `restore_leaf` needs to
+    /// put the table back before teardown.
+    pub fn corrupt_leaf(&self, gpa: u64) -> Option<CorruptedLeaf> {
         let f = FaultInfo::new(gpa, ept::Access::READ, ept::FaultKind::NotPresent);
         self.vmar.handle_fault(f).ok()?;
         self.vmar.with_stage2(|t| {
             let p = t.leaf_entry(gpa)?;
-            let orig = unsafe { p.read_volatile() };
-            unsafe { p.write_volatile(t.corrupted(orig)) };
+            // SAFETY: `leaf_entry` just found `p` by walking the live table, which
+            // `with_stage2` lends us exclusively: it points at a present 4 KiB leaf entry in a
+            // table frame the table owns (identity mapped, 8-byte aligned).
+            let original = unsafe { p.read_volatile() };
+            let corrupted = t.corrupted(original);
+            // SAFETY: as for the read; the hardware walker may read the entry concurrently,
+            // which is why the access is volatile and a flush follows.
+            unsafe { p.write_volatile(corrupted) };
             ept::Stage2::flush(t, ept::FlushScope::Context);
-            Some((p, orig))
+            Some(CorruptedLeaf {
+                gpa,
+                original,
+                corrupted,
+            })
         })
     }
 
-    /// Puts back an entry `corrupt_leaf` changed.
-    pub fn restore_leaf(&self, entry: (*mut u64, u64)) {
+    /// Puts back an entry `corrupt_leaf` changed, if the table still holds it there.
+    pub fn restore_leaf(&self, leaf: CorruptedLeaf) {
         self.vmar.with_stage2(|t| {
-            unsafe { entry.0.write_volatile(entry.1) };
+            let Some(p) = t.leaf_entry(leaf.gpa) else {
+                return;
+            };
+            // SAFETY: `leaf_entry` found `p` by walking the live table, lent exclusively
+            // by `with_stage2`: a 4 KiB leaf entry slot in a frame the table owns.
+            if unsafe { p.read_volatile() } == leaf.corrupted {
+                // SAFETY: as for the read.
+                unsafe { p.write_volatile(leaf.original) };
+            }
             ept::Stage2::flush(t, ept::FlushScope::Context);
         });
     }

@@ -1,17 +1,20 @@
-//! Guest payloads and the guest-physical layout they run in.
+//! The guest program and the guest-physical layout it runs in.
 //!
-//! Owns the payload bytes (payload.s, assembled into the kernel image as data), the layout
-//! constants, and `load`, which builds a guest: one RAM Vmo whose parts are mapped into the
+//! Owns the program bytes (program.s, assembled into the kernel image as data), its hypercall
+//! ABI and roles, the layout constants, the values the program writes (what the checks
+//! expect), and `load`, which builds a guest: one RAM Vmo whose parts are mapped into the
 //! guest's Vmar with per-region permissions; the guest's own page tables and code are written
 //! into the Vmo (committing pages, installing nothing in the second-level table); returns the
 //! initial vCPU state.
-//! Invariant: the layout below matches the addresses hard-coded in payload.s.
+//! Invariant: the layout below matches the addresses hard-coded in program.s.
 
-use crate::space::Space;
-use crate::vcpu::{Gprs, VcpuState};
+use ept::PAGE_SIZE;
+
+use super::space::Space;
+use crate::virt::vcpu::{Gprs, VcpuState};
 use vmo::{FramePool, VmPerms, Vmo, VmoFlags};
 
-core::arch::global_asm!(include_str!("payload.s"));
+core::arch::global_asm!(include_str!("program.s"));
 
 extern "C" {
     static hv_guest_start: u8;
@@ -61,7 +64,7 @@ pub fn parent_value(gpa: u64) -> u64 {
 
 /// Expected value of the qword at `gpa` as child `k` sees it after its writes.
 pub fn child_value(k: u64, gpa: u64) -> u64 {
-    let page = (gpa - DATA_BASE) / 4096;
+    let page = (gpa - DATA_BASE) / PAGE_SIZE;
     let first = child_first_page(k);
     if page >= first && page < first + CHILD_PAGES {
         (gpa + k).wrapping_mul(GOLDEN)
@@ -76,6 +79,9 @@ pub fn checksum(value: impl Fn(u64) -> u64) -> u64 {
 }
 
 fn payload() -> (&'static [u8], usize) {
+    // SAFETY: the three symbols are labels of program.s in one read-only section, in the order
+    // start <= hypercall < end, so `[start, end)` is immutable data of the kernel image that
+    // lives forever; only their addresses are taken.
     unsafe {
         let start = core::ptr::addr_of!(hv_guest_start);
         let len = core::ptr::addr_of!(hv_guest_end) as usize - start as usize;
@@ -99,10 +105,10 @@ pub const REGIONS: [(u64, u64, VmPerms); 4] = [
 fn ram_offset(gpa: u64) -> u64 {
     let mut off = 0;
     for (base, pages, _) in REGIONS {
-        if gpa >= base && gpa < base + pages * 4096 {
+        if gpa >= base && gpa < base + pages * PAGE_SIZE {
             return off + (gpa - base);
         }
-        off += pages * 4096;
+        off += pages * PAGE_SIZE;
     }
     u64::MAX
 }
@@ -116,31 +122,31 @@ pub fn load(
     hypercall: [u8; 3],
 ) -> Result<VcpuState, vmo::Error> {
     let total: u64 = REGIONS.iter().map(|r| r.1).sum();
-    let ram = Vmo::new(pool, total * 4096, VmoFlags::empty())?;
+    let ram = Vmo::new(pool, total * PAGE_SIZE, VmoFlags::empty())?;
     let mut off = 0;
     for (base, pages, perms) in REGIONS {
         space.map(&ram, off, base, pages, perms)?;
-        off += pages * 4096;
+        off += pages * PAGE_SIZE;
     }
 
     // PML4[0] -> PDPT, PDPT[0] -> PD, PD[i] = 2 MiB page i (P|RW|PS, A and D preset so the
     // guest's walks need not write its tables).
     ram.write(
         ram_offset(PT_BASE),
-        &((PT_BASE + 0x1000) | 0x23).to_le_bytes(),
+        &((PT_BASE + PAGE_SIZE) | 0x23).to_le_bytes(),
     )?;
     ram.write(
-        ram_offset(PT_BASE + 0x1000),
-        &((PT_BASE + 0x2000) | 0x23).to_le_bytes(),
+        ram_offset(PT_BASE + PAGE_SIZE),
+        &((PT_BASE + 2 * PAGE_SIZE) | 0x23).to_le_bytes(),
     )?;
-    let mut pd = [0u8; 4096];
+    let mut pd = [0u8; PAGE_SIZE as usize];
     for i in 0..512u64 {
         pd[i as usize * 8..i as usize * 8 + 8].copy_from_slice(&((i << 21) | 0xE3).to_le_bytes());
     }
-    ram.write(ram_offset(PT_BASE + 0x2000), &pd)?;
+    ram.write(ram_offset(PT_BASE + 2 * PAGE_SIZE), &pd)?;
 
     let (code, hc_off) = payload();
-    if code.len() as u64 > CODE_PAGES * 4096 {
+    if code.len() as u64 > CODE_PAGES * PAGE_SIZE {
         return Err(vmo::Error::OutOfRange);
     }
     ram.write(ram_offset(CODE_BASE), code)?;
@@ -153,7 +159,7 @@ pub fn load(
     Ok(VcpuState {
         gprs,
         rip: CODE_BASE,
-        rsp: STACK_BASE + STACK_PAGES * 4096,
+        rsp: STACK_BASE + STACK_PAGES * PAGE_SIZE,
         rflags: 0x2,
         cr0: 0x8001_0033, // PG | WP | NE | ET | MP | PE
         cr3: PT_BASE,

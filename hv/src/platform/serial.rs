@@ -7,7 +7,7 @@
 use core::fmt::{self, Write};
 use spin::Mutex;
 
-use crate::cpu::{inb, outb};
+use super::cpu::{inb, outb};
 
 const COM1: u16 = 0x3F8;
 
@@ -56,13 +56,11 @@ pub fn print_fmt_unlocked(args: fmt::Arguments) {
     let _ = Serial.write_fmt(args);
 }
 
-#[macro_export]
-macro_rules! print {
-    ($($arg:tt)*) => { $crate::serial::print_fmt(format_args!($($arg)*)) };
+/// Prints a line to COM1 (takes the serial lock). A path-scoped macro: import it as
+/// `crate::platform::serial::println`.
+macro_rules! println {
+    () => { $crate::platform::serial::print_fmt(format_args!("\n")) };
+    ($($arg:tt)*) => { $crate::platform::serial::print_fmt(format_args!("{}\n", format_args!($($arg)*))) };
 }
 
-#[macro_export]
-macro_rules! println {
-    () => { $crate::print!("\n") };
-    ($($arg:tt)*) => { $crate::serial::print_fmt(format_args!("{}\n", format_args!($($arg)*))) };
-}
+pub(crate) use println;

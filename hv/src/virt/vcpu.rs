@@ -1,6 +1,6 @@
 //! The backend-neutral vCPU model: guest registers, the architectural state a fork copies, the
 //! exits the scenario handles, and the `Vcpu` / `Backend` traits both hardware backends
-//! (svm/, vmx/) implement.
+//! (svm/, vmx/) implement. Nothing here knows a vendor.
 //!
 //! Invariants: after `Vcpu::run` returns, `gprs()` holds the guest's general registers as the
 //! guest left them; for `Hypercall`, `Hlt` and `Io` exits the guest RIP already points past the
@@ -11,10 +11,10 @@ use alloc::boxed::Box;
 
 use ept::FaultInfo;
 
-use crate::stage2::HvTable;
+use crate::virt::stage2::HvTable;
 
 /// Guest general-purpose registers except RSP (which lives in the VMCS/VMCB). The order is
-/// fixed: the entry trampolines index it.
+/// fixed: the shared save/restore macros of gprs.s index it (pinned by the asserts below).
 #[repr(C)]
 #[derive(Clone, Copy, Default, Debug)]
 pub struct Gprs {
@@ -34,6 +34,21 @@ pub struct Gprs {
     pub r14: u64,
     pub r15: u64,
 }
+
+// The offsets gprs.s and vmx/entry.s hard-code.
+const _: () = {
+    use core::mem::{offset_of, size_of};
+    assert!(offset_of!(Gprs, rax) == 0);
+    assert!(offset_of!(Gprs, rbx) == 8);
+    assert!(offset_of!(Gprs, rcx) == 16);
+    assert!(offset_of!(Gprs, rdx) == 24);
+    assert!(offset_of!(Gprs, rsi) == 32);
+    assert!(offset_of!(Gprs, rdi) == 40);
+    assert!(offset_of!(Gprs, rbp) == 48);
+    assert!(offset_of!(Gprs, r8) == 56);
+    assert!(offset_of!(Gprs, r15) == 112);
+    assert!(size_of::<Gprs>() == 120);
+};
 
 /// What a fork copies from parent to child, and what a new vCPU starts from. The guest runs in
 /// 64-bit mode at CPL0 with flat segments (code 0x08, data 0x10).

@@ -1,5 +1,5 @@
-# The guest payload: 64-bit code run at guest-physical 0x10000 (copied there by guest/mod.rs).
-# Position independent except for the fixed guest-physical layout in guest/mod.rs (DATA at
+# The guest program: 64-bit code run at guest-physical 0x10000 (copied there by program.rs).
+# Position independent except for the fixed guest-physical layout in program.rs (DATA at
 # 0x100000, 32 pages). RDI at entry selects the role: 0 = main (fill, fork, children write),
 # 1 = touch memory outside any mapping, 2 = write the read-only code mapping, 3 = read DATA
 # (whose second-level entry the hypervisor corrupted on purpose: EPT misconfiguration / NPT
