@@ -4,7 +4,7 @@
 use ept::*;
 use proptest::prelude::*;
 
-const K4: u64 = 4096;
+const K4: u64 = PAGE_SIZE;
 const M2: u64 = 2 << 20;
 const G1: u64 = 1 << 30;
 const WB: MemType = MemType::WriteBack;
@@ -333,7 +333,7 @@ fn heap_phys_mem_accounting() {
     assert_eq!(mem.alloc_frame(), None);
     assert!(frames
         .iter()
-        .all(|f| f % 4096 == 0 && *f != 0 && *f < PA_LIMIT));
+        .all(|f| f % PAGE_SIZE == 0 && *f != 0 && *f < PA_LIMIT));
     let p = mem.frame_ptr(frames[3]);
     unsafe { p.add(511).write(0xdead) };
     unsafe { mem.free_frame(frames[3]) };

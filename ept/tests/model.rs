@@ -11,7 +11,7 @@ use ept::entry::EntryFormat;
 use ept::*;
 use proptest::prelude::*;
 
-const K4: u64 = 4096;
+const K4: u64 = PAGE_SIZE;
 const M2: u64 = 2 << 20;
 const G1: u64 = 1 << 30;
 

@@ -45,7 +45,7 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
         let mut stage2 = self.space.stage2.lock();
         for &page in &pages {
             if let Some(m) = tree.mapping_at(page) {
-                stage2.protect(page, super::PAGE, (m.perms - VmPerms::WRITE).to_stage2())?;
+                stage2.protect(page, crate::PAGE_SIZE, (m.perms - VmPerms::WRITE).to_stage2())?;
             }
         }
         self.space.flush_if_pending(&mut stage2);

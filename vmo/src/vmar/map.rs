@@ -15,7 +15,7 @@ use ept::Stage2;
 
 use super::observer::MappingObserver;
 use super::tree::{Child, Mapping, RegionId, Tree};
-use super::{checked_range, Space, VmPerms, Vmar, PAGE};
+use super::{checked_range, Space, VmPerms, Vmar, PAGE_SIZE};
 use crate::vmo::VmoObserver;
 use crate::{Error, Result, Rights, Vmo, VmoFlags};
 
@@ -54,7 +54,7 @@ impl MapOptions {
 
     pub fn anywhere(perms: VmPerms) -> Self {
         MapOptions {
-            placement: Placement::Anywhere { align: PAGE },
+            placement: Placement::Anywhere { align: PAGE_SIZE },
             perms,
             allow_faults: false,
             shared: false,
@@ -171,7 +171,7 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
         if opts.perms != opts.perms.access() {
             return Err(Error::InvalidArgs);
         }
-        if !vmo_offset.is_multiple_of(PAGE) {
+        if !vmo_offset.is_multiple_of(PAGE_SIZE) {
             return Err(Error::InvalidArgs);
         }
         let (_, rounded) = checked_range(0, len, u64::MAX)?;
@@ -215,7 +215,7 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
                 s
             }
             Placement::Anywhere { align } => {
-                if !align.is_power_of_two() || align < PAGE {
+                if !align.is_power_of_two() || align < PAGE_SIZE {
                     return Err(Error::InvalidArgs);
                 }
                 region.find_gap(rounded, align).ok_or(Error::NoMemory)?

@@ -36,13 +36,11 @@ use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use ept::{FlushScope, S2Perms, Stage2};
 
-use crate::{Error, Result, FRAME_SIZE};
+use crate::{Error, Result, PAGE_SIZE};
 pub use map::{MapOptions, Placement};
 pub use page_fault::{FaultOutcome, Resolution};
 pub use region::MappingInfo;
 use tree::{RegionId, Tree};
-
-pub(crate) const PAGE: u64 = FRAME_SIZE as u64;
 
 bitflags::bitflags! {
     /// Permissions of a mapping (READ/WRITE/EXEC) and of a region (MAY_*: the most any
@@ -198,7 +196,7 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
     /// A root region covering guest-physical `[0, size)` (page aligned, non-zero, below
     /// 2^48), translated by `stage2` (which must be empty). The root may hold any permission.
     pub fn new_root(size: u64, stage2: S) -> Result<Self> {
-        if size == 0 || !size.is_multiple_of(PAGE) {
+        if size == 0 || !size.is_multiple_of(PAGE_SIZE) {
             return Err(Error::InvalidArgs);
         }
         if size > ept::GPA_LIMIT {
@@ -268,10 +266,10 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
 /// Returns `(start, end)` relative offsets. Zero length or a misaligned offset → InvalidArgs;
 /// arithmetic overflow → OutOfRange; a range leaving the region → InvalidArgs (as Zircon).
 pub(crate) fn checked_range(offset: u64, len: u64, region_len: u64) -> Result<(u64, u64)> {
-    if len == 0 || !offset.is_multiple_of(PAGE) {
+    if len == 0 || !offset.is_multiple_of(PAGE_SIZE) {
         return Err(Error::InvalidArgs);
     }
-    let len = len.checked_add(PAGE - 1).ok_or(Error::OutOfRange)? & !(PAGE - 1);
+    let len = len.checked_add(PAGE_SIZE - 1).ok_or(Error::OutOfRange)? & !(PAGE_SIZE - 1);
     let end = offset.checked_add(len).ok_or(Error::OutOfRange)?;
     if end > region_len {
         return Err(Error::InvalidArgs);

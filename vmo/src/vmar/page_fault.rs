@@ -17,7 +17,7 @@ use core::sync::atomic::Ordering;
 use ept::{Access, FaultInfo, MemType, PageSize, S2Perms, Stage2};
 
 use super::tree::Mapping;
-use super::{VmPerms, Vmar, PAGE};
+use super::{VmPerms, Vmar, PAGE_SIZE};
 use crate::{Error, FaultAccess, Result};
 
 /// What the fault path did.
@@ -89,7 +89,7 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
     }
 
     fn resolve(&self, fault: FaultInfo) -> Result<Resolution> {
-        let page = fault.gpa & !(PAGE - 1);
+        let page = fault.gpa & !(PAGE_SIZE - 1);
         let tree = self.space.tree.read();
         let m = tree.mapping_at(page).ok_or(Error::NotFound)?;
         let (need_vm, need_s2) = needed(fault.access);
@@ -196,9 +196,9 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
             FaultAccess::ReadIfCommitted
         };
         let vmo_end = m.base + m.vmo.size().saturating_sub(m.vmo_offset);
-        let end = m.end().min(vmo_end).min(page.saturating_add(n * PAGE));
+        let end = m.end().min(vmo_end).min(page.saturating_add(n * PAGE_SIZE));
         let mut installed = 0;
-        let mut next = page + PAGE;
+        let mut next = page + PAGE_SIZE;
         while next < end {
             let present = self.space.stage2.lock().query(next).is_some();
             if !present {
@@ -207,7 +207,7 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
                     Ok(None) | Err(_) => break,
                 }
             }
-            next += PAGE;
+            next += PAGE_SIZE;
         }
         self.space
             .counters

@@ -8,7 +8,7 @@
 use ept::Stage2;
 
 use super::map::Placement;
-use super::{checked_range, VmPerms, Vmar, PAGE};
+use super::{checked_range, VmPerms, Vmar, PAGE_SIZE};
 use crate::{Error, Result, Rights, Vmo};
 
 /// What `query` reports about the mapping at an address.
@@ -46,7 +46,7 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
             }
             Placement::SpecificOverwrite(_) => return Err(Error::InvalidArgs),
             Placement::Anywhere { align } => {
-                if !align.is_power_of_two() || align < PAGE {
+                if !align.is_power_of_two() || align < PAGE_SIZE {
                     return Err(Error::InvalidArgs);
                 }
                 region.find_gap(rounded, align).ok_or(Error::NoMemory)?

@@ -14,7 +14,7 @@ use alloc::vec::Vec;
 use ept::Stage2;
 
 use super::observer::MappingObserver;
-use super::{VmPerms, PAGE};
+use super::{VmPerms, PAGE_SIZE};
 use crate::vmo::ObserverId;
 use crate::{Error, Result, Vmo};
 
@@ -101,7 +101,7 @@ impl<S: Stage2 + Send + 'static> Mapping<S> {
 
     /// Vmo page index of guest-physical `gpa` (inside the mapping).
     pub fn vmo_page(&self, gpa: u64) -> u64 {
-        (self.vmo_offset + (gpa - self.base)) / PAGE
+        (self.vmo_offset + (gpa - self.base)) / PAGE_SIZE
     }
 }
 

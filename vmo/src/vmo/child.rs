@@ -16,7 +16,7 @@ use alloc::sync::Arc;
 
 use super::observer::Observers;
 use super::pages::Pages;
-use super::{check_range, page_round_up, Body, RangeChange, Rights, Vmo, VmoFlags, PAGE};
+use super::{check_range, page_round_up, Body, RangeChange, Rights, Vmo, VmoFlags, PAGE_SIZE};
 use crate::{Error, Result};
 
 /// The kind of child `create_child` makes.
@@ -43,7 +43,7 @@ impl Vmo {
         flags: VmoFlags,
     ) -> Result<Vmo> {
         self.require(Rights::READ | Rights::DUPLICATE)?;
-        if !offset.is_multiple_of(PAGE) || !VmoFlags::RESIZABLE.contains(flags) {
+        if !offset.is_multiple_of(PAGE_SIZE) || !VmoFlags::RESIZABLE.contains(flags) {
             return Err(Error::InvalidArgs);
         }
         let size = page_round_up(size)?;
@@ -93,7 +93,7 @@ impl Vmo {
     ) -> Result<Vmo> {
         let (_, base) = self.root();
         let visible_end = (offset + size).min(self.size()).max(offset);
-        let (first, last) = ((base + offset) / PAGE, (base + visible_end) / PAGE);
+        let (first, last) = ((base + offset) / PAGE_SIZE, (base + visible_end) / PAGE_SIZE);
         let pages = self.lock_root_pages();
         // Pins first: an assigned DMA Vmo reports BadState whatever else it is.
         if pages.any_pinned_in(first, last) {
@@ -109,8 +109,8 @@ impl Vmo {
         if child_pages.committed_pages() > 0 {
             // The window's frames are shared now: no translation may keep writing them.
             self.notify(
-                first * PAGE,
-                (last - first) * PAGE,
+                first * PAGE_SIZE,
+                (last - first) * PAGE_SIZE,
                 RangeChange::WriteProtect,
             );
         }

@@ -8,7 +8,7 @@
 
 use alloc::vec::Vec;
 
-use super::{check_range, RangeChange, Rights, Vmo, VmoFlags, PAGE};
+use super::{check_range, RangeChange, Rights, Vmo, VmoFlags, PAGE_SIZE};
 use crate::Result;
 
 /// One piece of a byte range that lies inside one page.
@@ -30,10 +30,10 @@ fn chunks(start: u64, len: u64) -> impl Iterator<Item = Chunk> {
         if pos >= end {
             return None;
         }
-        let in_page = pos % PAGE;
-        let n = (PAGE - in_page).min(end - pos);
+        let in_page = pos % PAGE_SIZE;
+        let n = (PAGE_SIZE - in_page).min(end - pos);
         let chunk = Chunk {
-            idx: pos / PAGE,
+            idx: pos / PAGE_SIZE,
             in_page: in_page as usize,
             buf_off: (pos - start) as usize,
             len: n as usize,
@@ -73,7 +73,7 @@ impl Vmo {
         let mut replaced = Vec::new();
         let mut result = Ok(());
         for c in chunks(base + offset, data.len() as u64) {
-            let whole = c.len == PAGE as usize;
+            let whole = c.len == PAGE_SIZE as usize;
             let step = pages
                 .private(&self.inner.pool, c.idx, whole)
                 .and_then(|(frame, origin)| {
@@ -104,7 +104,7 @@ impl Vmo {
         let mut dropped = Vec::new();
         let mut result = Ok(());
         for c in chunks(base + offset, len) {
-            let whole = c.len == PAGE as usize;
+            let whole = c.len == PAGE_SIZE as usize;
             if whole && pages.source.pager.is_none() && !contiguous && !pages.is_pinned(c.idx) {
                 if pages.get(c.idx).is_some() {
                     dropped.push(c.idx);
@@ -147,7 +147,7 @@ impl Vmo {
         }
         let ranges: Vec<(u64, u64)> = runs(slots)
             .into_iter()
-            .map(|(a, b)| (a * PAGE, (b - a) * PAGE))
+            .map(|(a, b)| (a * PAGE_SIZE, (b - a) * PAGE_SIZE))
             .collect();
         self.root_observers()
             .lock()

@@ -28,14 +28,12 @@ pub(crate) mod pages;
 use alloc::sync::{Arc, Weak};
 
 use crate::pager::Pager;
-use crate::{Error, Frame, FramePool, Paddr, Result, FRAME_SIZE};
+use crate::{Error, Frame, FramePool, Paddr, Result, PAGE_BYTES, PAGE_SIZE};
 pub use child::ChildKind;
 use observer::Observers;
 pub use observer::{ObserverId, RangeChange, VmoObserver};
 pub use pages::PageOrigin;
 use pages::Pages;
-
-const PAGE: u64 = FRAME_SIZE as u64;
 
 /// What `Vmo::fault_page` is asked to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -117,7 +115,7 @@ impl core::fmt::Debug for Vmo {
 
 /// Rounds `bytes` up to whole pages, or `OutOfRange` past `MAX_VMO_SIZE`.
 fn page_round_up(bytes: u64) -> Result<u64> {
-    let rounded = bytes.checked_add(PAGE - 1).ok_or(Error::OutOfRange)? & !(PAGE - 1);
+    let rounded = bytes.checked_add(PAGE_SIZE - 1).ok_or(Error::OutOfRange)? & !(PAGE_SIZE - 1);
     if rounded > MAX_VMO_SIZE {
         return Err(Error::OutOfRange);
     }
@@ -135,7 +133,7 @@ fn check_range(offset: u64, len: u64, size: u64) -> Result<u64> {
 
 /// Page indices `[first, last)` touched by bytes `[offset, end)`.
 fn pages_touched(offset: u64, end: u64) -> (u64, u64) {
-    (offset / PAGE, end.div_ceil(PAGE))
+    (offset / PAGE_SIZE, end.div_ceil(PAGE_SIZE))
 }
 
 impl Vmo {
@@ -197,7 +195,7 @@ impl Vmo {
         if dma {
             flags |= VmoFlags::DMA;
         }
-        let frames = pool.alloc_contiguous((size / PAGE) as usize)?;
+        let frames = pool.alloc_contiguous((size / PAGE_SIZE) as usize)?;
         let vmo = Self::new_pages(pool, size, flags, None)?;
         {
             let mut pages = vmo.lock_root_pages();
@@ -305,11 +303,11 @@ impl Vmo {
     /// Bytes committed in this object's page set (see the module doc for shared frames).
     pub fn committed_bytes(&self) -> u64 {
         match &self.inner.body {
-            Body::Pages { pages, .. } => pages.lock().committed_pages() * PAGE,
+            Body::Pages { pages, .. } => pages.lock().committed_pages() * PAGE_SIZE,
             Body::Slice { .. } => {
                 let (first, last) = self.root_page_span(0, self.size());
                 let pages = self.lock_root_pages();
-                pages.committed_in(first, last).len() as u64 * PAGE
+                pages.committed_in(first, last).len() as u64 * PAGE_SIZE
             }
         }
     }
@@ -326,7 +324,7 @@ impl Vmo {
             return None;
         }
         let (_, base) = self.root();
-        self.lock_root_pages().get(base / PAGE).map(|f| f.paddr())
+        self.lock_root_pages().get(base / PAGE_SIZE).map(|f| f.paddr())
     }
 
     /// The committed frame holding byte `offset`, if any (no commit, no rights beyond READ).
@@ -334,7 +332,7 @@ impl Vmo {
         self.require(Rights::READ)?;
         check_range(offset, 1, self.size())?;
         let (_, base) = self.root();
-        Ok(self.lock_root_pages().get((base + offset) / PAGE))
+        Ok(self.lock_root_pages().get((base + offset) / PAGE_SIZE))
     }
 
     /// Commits the pages covering `[offset, offset + len)` (zero-filled or from the pager),
@@ -351,10 +349,10 @@ impl Vmo {
 
     /// Root slot of page `page_idx` of this object; OutOfRange past the end.
     fn root_slot(&self, page_idx: u64) -> Result<u64> {
-        let offset = page_idx.checked_mul(PAGE).ok_or(Error::OutOfRange)?;
-        check_range(offset, PAGE, self.size())?;
+        let offset = page_idx.checked_mul(PAGE_SIZE).ok_or(Error::OutOfRange)?;
+        check_range(offset, PAGE_SIZE, self.size())?;
         let (_, base) = self.root();
-        Ok((base + offset) / PAGE)
+        Ok((base + offset) / PAGE_SIZE)
     }
 
     /// Commits the page at `page_idx` of this object, blocking on pager I/O if needed.
@@ -402,7 +400,7 @@ impl Vmo {
         if committed.is_empty() {
             return Ok(());
         }
-        self.notify(first * PAGE, (last - first) * PAGE, RangeChange::Unmap);
+        self.notify(first * PAGE_SIZE, (last - first) * PAGE_SIZE, RangeChange::Unmap);
         for idx in committed {
             pages.remove(idx)?;
         }
@@ -420,7 +418,7 @@ impl Vmo {
         let mut pages = self.lock_root_pages();
         let old_size = pages.size;
         if new_size < old_size {
-            let (first, last) = (new_size / PAGE, old_size / PAGE);
+            let (first, last) = (new_size / PAGE_SIZE, old_size / PAGE_SIZE);
             if pages.any_pinned_in(first, last) {
                 return Err(Error::BadState);
             }
@@ -443,7 +441,7 @@ impl Vmo {
         let (first, last) = self.root_page_span(offset, end - offset);
         let mut pages = self.lock_root_pages();
         // Pinning breaks sharing: translations of shared frames in the range must go.
-        self.notify(first * PAGE, (last - first) * PAGE, RangeChange::Unmap);
+        self.notify(first * PAGE_SIZE, (last - first) * PAGE_SIZE, RangeChange::Unmap);
         pages.pin(&self.inner.pool, first, last)
     }
 
@@ -486,7 +484,7 @@ impl Vmo {
                 let (frame, origin) = pages.private(&self.inner.pool, idx, false)?;
                 if origin.replaced {
                     // Other mappings of this object may still translate the old frame.
-                    self.notify(idx * PAGE, PAGE, RangeChange::Unmap);
+                    self.notify(idx * PAGE_SIZE, PAGE_SIZE, RangeChange::Unmap);
                 }
                 pages.mark_dirty(idx)?;
                 install(&frame, true, origin).map(Some)
@@ -522,7 +520,7 @@ impl Vmo {
     /// Whether the page at `page_idx` is committed (no commit happens).
     pub fn is_committed(&self, page_idx: u64) -> bool {
         let (_, base) = self.root();
-        self.lock_root_pages().get(base / PAGE + page_idx).is_some()
+        self.lock_root_pages().get(base / PAGE_SIZE + page_idx).is_some()
     }
 
     /// Remembers the current contents as the state `reset` returns to (page sets only). The
@@ -586,9 +584,9 @@ impl Vmo {
         let (first, last) = self.root_page_span(0, size);
         let (_, base) = self.root();
         let committed = self.lock_root_pages().committed_in(first, last);
-        let mut buf = alloc::vec![0u8; FRAME_SIZE];
+        let mut buf = alloc::vec![0u8; PAGE_BYTES];
         for idx in committed {
-            let offset = idx * PAGE - base;
+            let offset = idx * PAGE_SIZE - base;
             self.restricted(Rights::READ).read(offset, &mut buf)?;
             copy.write(offset, &buf)?;
         }

@@ -28,7 +28,7 @@ use alloc::vec::Vec;
 use xarray::XArray;
 
 use crate::pager::Pager;
-use crate::{Error, Frame, FramePool, Result, FRAME_SIZE};
+use crate::{Error, Frame, FramePool, Result, PAGE_BYTES, PAGE_SIZE};
 
 /// Where a fresh page's contents come from: zeros, or a pager.
 pub(crate) struct PageSource {
@@ -54,7 +54,7 @@ impl PageSource {
             }
             (Some(pager), false) => {
                 let frame = pool.alloc_uninit()?;
-                let mut buf = [0u8; FRAME_SIZE];
+                let mut buf = [0u8; PAGE_BYTES];
                 pager.commit_page(self.base + idx, &mut buf)?;
                 frame.write(0, &buf)?;
                 Ok(frame)
@@ -114,7 +114,7 @@ impl Pages {
     }
 
     pub fn page_count(&self) -> u64 {
-        self.size / FRAME_SIZE as u64
+        self.size / PAGE_SIZE
     }
 
     pub fn committed_pages(&self) -> u64 {
@@ -276,7 +276,7 @@ impl Pages {
         self.committed -= 1;
         self.note_change(idx);
         if let (Some(pager), true) = (&self.source.pager, self.source.writeback) {
-            let mut buf = [0u8; FRAME_SIZE];
+            let mut buf = [0u8; PAGE_BYTES];
             frame.read(0, &mut buf)?;
             pager.decommit_page(self.source.base + idx, &buf)?;
         }
@@ -364,7 +364,7 @@ impl Pages {
 
     /// Sets the size; the caller has checked pins. Returns the frames dropped past the new end.
     pub fn resize(&mut self, new_size: u64) -> Result<Vec<Frame>> {
-        let new_pages = new_size / FRAME_SIZE as u64;
+        let new_pages = new_size / PAGE_SIZE;
         let mut dropped = Vec::new();
         for idx in self.committed_in(new_pages, self.page_count().max(new_pages)) {
             if let Some(f) = self.remove(idx)? {
