@@ -39,7 +39,7 @@ use ept::{FlushScope, S2Perms, Stage2};
 use crate::{Error, Result, PAGE_SIZE};
 pub use map::{MapOptions, Placement};
 pub use page_fault::{FaultOutcome, Resolution};
-pub use region::MappingInfo;
+pub use tree::MappingInfo;
 use tree::{RegionId, Tree};
 
 bitflags::bitflags! {
@@ -150,11 +150,12 @@ pub(crate) struct Space<S: Stage2 + Send + 'static> {
 
 impl<S: Stage2 + Send + 'static> Space<S> {
     /// Removes every translation in `[gpa, gpa + len)` and flushes once (unless deferred).
+    /// On a backend error, what it did remove is flushed too and the error returned.
     pub(crate) fn unmap_range(&self, gpa: u64, len: u64) -> Result<()> {
         let mut stage2 = self.stage2.lock();
-        stage2.unmap(gpa, len)?;
+        let result = stage2.unmap(gpa, len);
         self.flush_if_pending(&mut stage2);
-        Ok(())
+        result.map(drop).map_err(Error::from)
     }
 
     /// Flushes if an operation left stale translations behind (and nobody defers it).

@@ -5,9 +5,16 @@
 //! - a region's `children` are keyed by base address, never overlap, and lie inside the region;
 //! - every mapping appears once in `mappings` (keyed by base) and once in the `children` of the
 //!   region that holds it, with the same length;
-//! - a destroyed region is gone from `regions`; handles naming it get `BadState`.
+//! - a destroyed region is gone from `regions`; handles naming it get `BadState`;
+//! - bases, lengths and Vmo offsets are page aligned and lengths non-zero; the root is region 0,
+//!   at 0, without parent; every other region is a child of a live parent.
+//!
+//! `Tree::check_invariants` checks all of these in O(regions + mappings); `Space` runs it under
+//! `cfg(debug_assertions)` at the end of every operation that changes the tree.
 
 use alloc::collections::BTreeMap;
+use alloc::format;
+use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 
@@ -76,8 +83,11 @@ impl Region {
     }
 }
 
-/// One Vmo mapped at `[base, base + len)`.
-pub(crate) struct Mapping<S: Stage2 + Send + 'static> {
+/// What one mapping is: `len` bytes of `vmo` from `vmo_offset`, placed at guest-physical
+/// `base` with `perms`. The tree stores one per mapping; `Vmar::query` returns a copy (whose
+/// Vmo handle carries only the rights the mapping needs).
+#[derive(Clone, Debug)]
+pub struct MappingInfo {
     pub base: u64,
     pub len: u64,
     pub vmo: Vmo,
@@ -88,13 +98,9 @@ pub(crate) struct Mapping<S: Stage2 + Send + 'static> {
     pub shared: bool,
     /// May extend past the Vmo's end / map a resizable or pager Vmo; faults there are errors.
     pub allow_faults: bool,
-    pub region: RegionId,
-    /// Keeps the Vmo observer registration alive; removed on drop.
-    pub _observer: Arc<MappingObserver<S>>,
-    pub observer_id: ObserverId,
 }
 
-impl<S: Stage2 + Send + 'static> Mapping<S> {
+impl MappingInfo {
     pub fn end(&self) -> u64 {
         self.base + self.len
     }
@@ -103,11 +109,41 @@ impl<S: Stage2 + Send + 'static> Mapping<S> {
     pub fn vmo_page(&self, gpa: u64) -> u64 {
         (self.vmo_offset + (gpa - self.base)) / PAGE_SIZE
     }
+
+    /// The part `[from, to)` of this mapping (inside it) with `perms`.
+    pub(crate) fn piece(&self, from: u64, to: u64, perms: VmPerms) -> MappingInfo {
+        debug_assert!(self.base <= from && from < to && to <= self.end());
+        MappingInfo {
+            base: from,
+            len: to - from,
+            vmo: self.vmo.clone(),
+            vmo_offset: self.vmo_offset + (from - self.base),
+            perms,
+            shared: self.shared,
+            allow_faults: self.allow_faults,
+        }
+    }
+}
+
+/// A mapping in the tree: what it is, the region holding it, and its Vmo observer.
+pub(crate) struct Mapping<S: Stage2 + Send + 'static> {
+    pub info: MappingInfo,
+    pub region: RegionId,
+    /// Keeps the Vmo observer registration alive; removed on drop.
+    pub _observer: Arc<MappingObserver<S>>,
+    pub observer_id: ObserverId,
+}
+
+impl<S: Stage2 + Send + 'static> core::ops::Deref for Mapping<S> {
+    type Target = MappingInfo;
+    fn deref(&self) -> &MappingInfo {
+        &self.info
+    }
 }
 
 impl<S: Stage2 + Send + 'static> Drop for Mapping<S> {
     fn drop(&mut self) {
-        self.vmo.remove_observer(self.observer_id);
+        self.info.vmo.remove_observer(self.observer_id);
     }
 }
 
@@ -221,5 +257,69 @@ impl<S: Stage2 + Send + 'static> Tree<S> {
     /// Region ids in creation order (fork rebuilds them in this order, parents first).
     pub fn region_ids(&self) -> Vec<RegionId> {
         self.regions.keys().copied().collect()
+    }
+
+    /// Checks the module's invariants; the first violation found, described.
+    pub fn check_invariants(&self) -> core::result::Result<(), String> {
+        let aligned = |v: u64| v.is_multiple_of(PAGE_SIZE);
+        let root = self.regions.get(&ROOT).ok_or("the root region is gone")?;
+        if root.base != 0 || root.parent.is_some() {
+            return Err(format!("root at {:#x} with parent {:?}", root.base, root.parent));
+        }
+        let mut mapping_children = 0;
+        for (&id, r) in &self.regions {
+            if r.len == 0 || !aligned(r.base) || !aligned(r.len) || r.base.checked_add(r.len).is_none() {
+                return Err(format!("region {id}: bad range {:#x}+{:#x}", r.base, r.len));
+            }
+            if id != ROOT {
+                let parent = r.parent.and_then(|p| self.regions.get(&p));
+                match parent.and_then(|p| p.children.get(&r.base)) {
+                    Some(Child::Region(cid, len)) if *cid == id && *len == r.len => {}
+                    other => return Err(format!("region {id}: parent's child entry is {other:?}")),
+                }
+            }
+            let mut cursor = r.base;
+            for (&b, c) in &r.children {
+                if b < cursor || c.len() == 0 || b.checked_add(c.len()).is_none_or(|e| e > r.end()) {
+                    return Err(format!("region {id}: child {c:?} at {b:#x} overlaps or leaves it"));
+                }
+                cursor = b + c.len();
+                match *c {
+                    Child::Region(cid, len) => match self.regions.get(&cid) {
+                        Some(sub) if sub.base == b && sub.len == len && sub.parent == Some(id) => {}
+                        _ => return Err(format!("region {id}: child region {cid} at {b:#x} mismatch")),
+                    },
+                    Child::Mapping(len) => {
+                        mapping_children += 1;
+                        match self.mappings.get(&b) {
+                            Some(m) if m.base == b && m.len == len && m.region == id => {}
+                            _ => return Err(format!("region {id}: child mapping at {b:#x} mismatch")),
+                        }
+                    }
+                }
+            }
+        }
+        if mapping_children != self.mappings.len() {
+            return Err(format!(
+                "{} mappings, {mapping_children} mapping children",
+                self.mappings.len()
+            ));
+        }
+        let mut cursor = 0;
+        for (&b, m) in &self.mappings {
+            if b != m.base || b < cursor || !aligned(m.len) || !aligned(m.vmo_offset) {
+                return Err(format!("mapping at {b:#x} (base {:#x}) misplaced", m.base));
+            }
+            cursor = m.end();
+        }
+        Ok(())
+    }
+
+    /// `check_invariants` in debug builds, panicking with the violation.
+    pub fn debug_check(&self) {
+        #[cfg(debug_assertions)]
+        if let Err(e) = self.check_invariants() {
+            panic!("Vmar tree invariant violated: {e}");
+        }
     }
 }

@@ -108,11 +108,12 @@ impl Vmo {
         let child_pages: Pages = pages.snapshot(first, last, size);
         if child_pages.committed_pages() > 0 {
             // The window's frames are shared now: no translation may keep writing them.
+            // On a backend failure the child (and its frame references) is dropped unmade.
             self.notify(
                 first * PAGE_SIZE,
                 (last - first) * PAGE_SIZE,
                 RangeChange::WriteProtect,
-            );
+            )?;
         }
         drop(pages);
         let body = Body::Pages {

@@ -282,9 +282,10 @@ impl Vmo {
         }
     }
 
-    /// Tells observers of the root about a change of root bytes `[start, start + len)`.
-    fn notify(&self, start: u64, len: u64, change: RangeChange) {
-        self.root_observers().lock().notify(&[(start, len)], change);
+    /// Tells observers of the root about a coming change of root bytes `[start, start + len)`.
+    /// An error (an observer's backend failed) means the change must not happen.
+    fn notify(&self, start: u64, len: u64, change: RangeChange) -> Result<()> {
+        self.root_observers().lock().notify(&[(start, len)], change)
     }
 
     /// Registers `observer` for changes of this object's pages.
@@ -336,15 +337,19 @@ impl Vmo {
     }
 
     /// Commits the pages covering `[offset, offset + len)` (zero-filled or from the pager),
-    /// walking the range once under one lock.
+    /// walking the range once under one lock. A zero-length range commits nothing.
     pub fn commit(&self, offset: u64, len: u64) -> Result<()> {
         self.require(Rights::WRITE)?;
         let end = check_range(offset, len, self.size())?;
+        if len == 0 {
+            return Ok(());
+        }
         let (_, base) = self.root();
         let (first, last) = pages_touched(base + offset, base + end);
-        self.lock_root_pages()
-            .commit_range(&self.inner.pool, first, last)?;
-        Ok(())
+        let mut pages = self.lock_root_pages();
+        let result = pages.commit_range(&self.inner.pool, first, last);
+        pages.debug_check();
+        result.map(drop)
     }
 
     /// Root slot of page `page_idx` of this object; OutOfRange past the end.
@@ -378,10 +383,14 @@ impl Vmo {
 
     /// Frees the committed pages covering `[offset, offset + len)`; they read as zeros (or the
     /// pager's data) afterwards. Pinned pages → `BadState` (checked first, so an assigned DMA
-    /// Vmo reports BadState); contiguous Vmos → `NotSupported`.
+    /// Vmo reports BadState); contiguous Vmos → `NotSupported`. A zero-length range frees
+    /// nothing. The pages' translations go first; if that fails, nothing is freed.
     pub fn decommit(&self, offset: u64, len: u64) -> Result<()> {
         self.require(Rights::WRITE)?;
         let end = check_range(offset, len, self.size())?;
+        if len == 0 {
+            return Ok(());
+        }
         let (_, base) = self.root();
         let (first, last) = pages_touched(base + offset, base + end);
         let mut pages = self.lock_root_pages();
@@ -400,11 +409,16 @@ impl Vmo {
         if committed.is_empty() {
             return Ok(());
         }
-        self.notify(first * PAGE_SIZE, (last - first) * PAGE_SIZE, RangeChange::Unmap);
+        self.notify(first * PAGE_SIZE, (last - first) * PAGE_SIZE, RangeChange::Unmap)?;
+        let mut result = Ok(());
         for idx in committed {
-            pages.remove(idx)?;
+            if let Err(e) = pages.remove(idx) {
+                result = Err(e);
+                break;
+            }
         }
-        Ok(())
+        pages.debug_check();
+        result
     }
 
     /// Changes the size (RESIZABLE only; rounded up to pages). Shrinking drops the tail's
@@ -422,9 +436,10 @@ impl Vmo {
             if pages.any_pinned_in(first, last) {
                 return Err(Error::BadState);
             }
-            self.notify(new_size, old_size - new_size, RangeChange::Unmap);
+            self.notify(new_size, old_size - new_size, RangeChange::Unmap)?;
         }
         let dropped = pages.resize(new_size)?;
+        pages.debug_check();
         drop(pages);
         drop(dropped);
         Ok(())
@@ -441,8 +456,10 @@ impl Vmo {
         let (first, last) = self.root_page_span(offset, end - offset);
         let mut pages = self.lock_root_pages();
         // Pinning breaks sharing: translations of shared frames in the range must go.
-        self.notify(first * PAGE_SIZE, (last - first) * PAGE_SIZE, RangeChange::Unmap);
-        pages.pin(&self.inner.pool, first, last)
+        self.notify(first * PAGE_SIZE, (last - first) * PAGE_SIZE, RangeChange::Unmap)?;
+        let result = pages.pin(&self.inner.pool, first, last);
+        pages.debug_check();
+        result
     }
 
     /// Drops one pin from each page covering `[offset, offset + len)`; all must be pinned.
@@ -479,13 +496,26 @@ impl Vmo {
         })?;
         let idx = self.root_slot(page_idx)?;
         let mut pages = self.lock_root_pages();
+        let result = self.fault_page_locked(&mut pages, idx, access, install);
+        pages.debug_check();
+        result
+    }
+
+    /// `fault_page` with root slot `idx` and the page set locked.
+    fn fault_page_locked<R>(
+        &self,
+        pages: &mut Pages,
+        idx: u64,
+        access: FaultAccess,
+        install: impl FnOnce(&Frame, bool, PageOrigin) -> Result<R>,
+    ) -> Result<Option<R>> {
         match access {
             FaultAccess::Write => {
-                let (frame, origin) = pages.private(&self.inner.pool, idx, false)?;
-                if origin.replaced {
-                    // Other mappings of this object may still translate the old frame.
-                    self.notify(idx * PAGE_SIZE, PAGE_SIZE, RangeChange::Unmap);
-                }
+                // Other mappings of this object may still translate a shared frame that the
+                // copy replaces: they drop it first, or nothing changes.
+                let (frame, origin) = pages.private(&self.inner.pool, idx, false, &mut |idx| {
+                    self.notify(idx * PAGE_SIZE, PAGE_SIZE, RangeChange::Unmap)
+                })?;
                 pages.mark_dirty(idx)?;
                 install(&frame, true, origin).map(Some)
             }
@@ -533,10 +563,13 @@ impl Vmo {
         if pages.any_pinned() {
             return Err(Error::BadState);
         }
-        pages.set_reset_point();
+        // The saved state will share every frame: no translation may keep writing them, so the
+        // downgrade comes first and a backend failure leaves the old reset point in place.
         if pages.committed_pages() > 0 {
-            self.notify(0, pages.size, RangeChange::WriteProtect);
+            self.notify(0, pages.size, RangeChange::WriteProtect)?;
         }
+        pages.set_reset_point();
+        pages.debug_check();
         Ok(())
     }
 
@@ -599,18 +632,52 @@ impl Vmo {
     }
 
     /// Returns to the reset point, dropping only the pages changed since (their translations
-    /// go first). Returns how many pages were dropped. No reset point → `BadState`.
+    /// go first). Returns how many pages were dropped. No reset point, or pinned pages →
+    /// `BadState`; a backend failure while dropping translations → that error, nothing reset.
     pub fn reset(&self) -> Result<u64> {
         self.require(Rights::WRITE)?;
-        let mut pages = self.lock_root_pages();
-        if !pages.has_reset_point() {
+        Vmo::reset_objects(core::slice::from_ref(self))
+    }
+
+    /// Resets the page set behind every handle in `vmos` (duplicates allowed), all or nothing,
+    /// whatever rights the handles carry: the caller (`Vmar::reset`) owns the reset points it
+    /// set. Every page set is locked (in address order, so two concurrent calls cannot
+    /// deadlock) and checked first (reset point, no pins: else `BadState`); then the
+    /// translations of every changed page are dropped (a backend failure returns its error
+    /// with nothing reset; translations already dropped just refault); only then are the
+    /// arrays swapped, which cannot fail. Returns the pages dropped.
+    pub(crate) fn reset_objects(vmos: &[Vmo]) -> Result<u64> {
+        let key = |v: &Vmo| Arc::as_ptr(&v.inner_root()) as usize;
+        let mut roots: alloc::vec::Vec<&Vmo> = vmos.iter().collect();
+        roots.sort_by_key(|v| key(v));
+        roots.dedup_by_key(|v| key(v));
+        let mut guards: alloc::vec::Vec<_> = roots.iter().map(|v| v.lock_root_pages()).collect();
+        if guards
+            .iter()
+            .any(|p| !p.has_reset_point() || p.any_pinned())
+        {
             return Err(Error::BadState);
         }
-        let changed = pages.changed();
-        self.unmap_pages(&changed);
-        let old = pages.reset()?;
-        drop(pages);
+        let changed: alloc::vec::Vec<alloc::vec::Vec<u64>> =
+            guards.iter().map(|p| p.changed()).collect();
+        for (vmo, slots) in roots.iter().zip(&changed) {
+            vmo.unmap_pages(slots)?;
+        }
+        let mut old = alloc::vec::Vec::new();
+        for pages in guards.iter_mut() {
+            old.push(pages.reset()?);
+            pages.debug_check();
+        }
+        drop(guards);
         drop(old);
-        Ok(changed.len() as u64)
+        Ok(changed.iter().map(|c| c.len() as u64).sum())
+    }
+
+    /// The object holding this handle's page set (itself, or a slice's root).
+    fn inner_root(&self) -> Arc<VmoInner> {
+        match &self.inner.body {
+            Body::Pages { .. } => self.inner.clone(),
+            Body::Slice { root, .. } => root.clone(),
+        }
     }
 }

@@ -20,15 +20,30 @@
 //! - pinned slots are private and never removed or shared (the Vmo refuses snapshots while any
 //!   page is pinned);
 //! - when a reset point exists, `changed` holds every slot stored or removed since it was taken,
-//!   so a reset knows exactly which installed translations to drop.
+//!   so a reset knows exactly which installed translations to drop;
+//! - the size is page aligned and at most `MAX_VMO_SIZE`; no slot at or past `size` is
+//!   occupied (resize and snapshot windows remove them); pin counts are non-zero and name
+//!   committed slots; without a reset point `changed` is empty.
+//!
+//! `check_invariants` checks the countable ones in O(size in pages) — xarray 0.1.1's `range`
+//! visits every index — (privacy of pinned slots is not checked: judging it makes array paths
+//! exclusive, a change). Debug builds run it at the end of every Vmo operation that changes the
+//! page set of a Vmo of at most `DEBUG_CHECK_MAX_PAGES` pages, so the suites' large guests (up
+//! to GiBs, faulted a page at a time) do not turn quadratic; the model tests call it after
+//! every step.
 
 use alloc::collections::{BTreeMap, BTreeSet};
+use alloc::format;
+use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use xarray::XArray;
 
 use crate::pager::Pager;
 use crate::{Error, Frame, FramePool, Result, PAGE_BYTES, PAGE_SIZE};
+
+/// Size in pages above which debug builds skip the automatic `check_invariants`.
+pub(crate) const DEBUG_CHECK_MAX_PAGES: u64 = 4096;
 
 /// Where a fresh page's contents come from: zeros, or a pager.
 pub(crate) struct PageSource {
@@ -196,12 +211,15 @@ impl Pages {
     }
 
     /// Makes slot `idx` committed and private to this Vmo, so it may be written. `overwrite`:
-    /// the caller overwrites the whole page (no read, no copy needed).
+    /// the caller overwrites the whole page (no read, no copy needed). When the slot's frame is
+    /// shared and must be replaced, `before_replace(idx)` runs first (the caller drops the old
+    /// frame's translations there); if it fails, the slot keeps its frame and the error returns.
     pub fn private(
         &mut self,
         pool: &FramePool,
         idx: u64,
         overwrite: bool,
+        before_replace: &mut dyn FnMut(u64) -> Result<()>,
     ) -> Result<(Frame, PageOrigin)> {
         if self.array.load(idx).is_none() {
             let frame = self.source.fresh_frame(pool, idx, overwrite)?;
@@ -218,6 +236,10 @@ impl Pages {
         if frame.ref_count() == 1 {
             cursor.store(frame.clone());
             return Ok((frame, PageOrigin::default()));
+        }
+        if let Err(e) = before_replace(idx) {
+            cursor.store(frame);
+            return Err(e);
         }
         let copy = if overwrite {
             pool.alloc_uninit()
@@ -311,7 +333,8 @@ impl Pages {
     /// Pins slots `[start, end)`: commits them privately and counts a pin on each.
     pub fn pin(&mut self, pool: &FramePool, start: u64, end: u64) -> Result<()> {
         for idx in start..end {
-            if let Err(e) = self.private(pool, idx, false) {
+            // The caller dropped the range's translations before pinning.
+            if let Err(e) = self.private(pool, idx, false, &mut |_| Ok(())) {
                 // Undo the pins taken so far; committed pages stay committed.
                 self.unpin(start, idx)?;
                 return Err(e);
@@ -406,5 +429,58 @@ impl Pages {
         self.size = point.size;
         self.changed.clear();
         Ok(old)
+    }
+
+    /// Checks the module's invariants; the first violation found, described.
+    pub fn check_invariants(&self) -> core::result::Result<(), String> {
+        if !self.size.is_multiple_of(PAGE_SIZE) || self.size > super::MAX_VMO_SIZE {
+            return Err(format!("size {:#x}", self.size));
+        }
+        // A slot past the end would make `committed` exceed the slots counted inside.
+        let pages = self.page_count();
+        let occupied = self.array.range(0..pages).count() as u64;
+        if occupied != self.committed {
+            return Err(format!(
+                "committed {} but {occupied} slots occupied below {pages}",
+                self.committed
+            ));
+        }
+        for (&idx, &count) in &self.pinned {
+            if count == 0 || idx >= pages || !self.is_committed(idx) {
+                return Err(format!("pinned slot {idx} (count {count}) not committed"));
+            }
+        }
+        match &self.reset_point {
+            None if !self.changed.is_empty() => {
+                return Err(format!("{} changed slots without a reset point", self.changed.len()))
+            }
+            None => {}
+            Some(point) => {
+                let saved = point.array.range(0..point.size / PAGE_SIZE).count() as u64;
+                if saved != point.committed || !point.size.is_multiple_of(PAGE_SIZE) {
+                    return Err(format!(
+                        "reset point: committed {} but {saved} slots, size {:#x}",
+                        point.committed, point.size
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `check_invariants` in debug builds (Vmos up to `DEBUG_CHECK_MAX_PAGES` pages, and reset
+    /// points no larger), panicking with the violation.
+    pub fn debug_check(&self) {
+        #[cfg(debug_assertions)]
+        if self.page_count() <= DEBUG_CHECK_MAX_PAGES
+            && self
+                .reset_point
+                .as_ref()
+                .is_none_or(|p| p.size / PAGE_SIZE <= DEBUG_CHECK_MAX_PAGES)
+        {
+            if let Err(e) = self.check_invariants() {
+                panic!("Pages invariant violated: {e}");
+            }
+        }
     }
 }
