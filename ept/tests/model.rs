@@ -322,6 +322,9 @@ fn run<E: EntryFormat>(
             op
         );
         prop_assert_eq!(mem.live_frames(), t.table_frames() + t.retired_frames());
+        if let Err(e) = t.check_invariants() {
+            prop_assert!(false, "op {}: {:?}: {}", n, op, e);
+        }
         if n % 16 == 15 {
             compare_all(&t, &model)?;
         }

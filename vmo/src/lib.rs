@@ -21,6 +21,7 @@ pub const PAGE_BYTES: usize = PAGE_SIZE as usize;
 pub use pager::Pager;
 pub use vmar::{
     FaultOutcome, FaultStats, MapOptions, MappingInfo, Placement, Resolution, VmPerms, Vmar,
+    DEFAULT_FAULT_AROUND, MAX_FAULT_AROUND,
 };
 pub use vmo::{
     ChildKind, FaultAccess, PageOrigin, RangeChange, Rights, Vmo, VmoFlags, VmoObserver,

@@ -69,6 +69,10 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
             fault_around: core::sync::atomic::AtomicU64::new(
                 self.space.fault_around.load(Ordering::Relaxed),
             ),
+            stream_window: core::sync::atomic::AtomicU64::new(
+                self.space.stream_window.load(Ordering::Relaxed),
+            ),
+            last_write: core::sync::atomic::AtomicU64::new(super::NO_PAGE),
             defer_flush: core::sync::atomic::AtomicU32::new(0),
             dirty: spin::Mutex::new(None),
         });

@@ -141,8 +141,13 @@ pub(crate) struct Space<S: Stage2 + Send + 'static> {
     stage2: spin::Mutex<S>,
     counters: Counters,
     /// Pages a fault may install: the faulting one plus committed neighbours after it (see
-    /// `page_fault.rs`).
+    /// `page_fault.rs`); 1..=MAX_FAULT_AROUND.
     fault_around: AtomicU64,
+    /// Streaming fault-around window in pages (0 = off, at most MAX_FAULT_AROUND).
+    stream_window: AtomicU64,
+    /// Page of the last resolved write fault (`NO_PAGE` after any other fault): streaming
+    /// starts when a write fault follows one on the page before.
+    last_write: AtomicU64,
     /// While non-zero, observers leave flushes pending for the operation in progress to do once.
     defer_flush: AtomicU32,
     dirty: spin::Mutex<Option<alloc::collections::BTreeSet<u64>>>,
@@ -192,6 +197,11 @@ impl<S: Stage2 + Send + 'static> Clone for Vmar<S> {
 
 /// Default number of pages one fault may install (fault-around).
 pub const DEFAULT_FAULT_AROUND: u64 = 16;
+/// Most pages one fault may install (either fault-around knob is clamped to it): one page
+/// table's worth, so a fault's work stays bounded and its arithmetic cannot overflow.
+pub const MAX_FAULT_AROUND: u64 = 512;
+/// `Space::last_write` when the last fault was not a write.
+pub(crate) const NO_PAGE: u64 = u64::MAX;
 
 impl<S: Stage2 + Send + 'static> Vmar<S> {
     /// A root region covering guest-physical `[0, size)` (page aligned, non-zero, below
@@ -208,6 +218,8 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
             stage2: spin::Mutex::new(stage2),
             counters: Counters::default(),
             fault_around: AtomicU64::new(DEFAULT_FAULT_AROUND),
+            stream_window: AtomicU64::new(0),
+            last_write: AtomicU64::new(NO_PAGE),
             defer_flush: AtomicU32::new(0),
             dirty: spin::Mutex::new(None),
         };
@@ -249,12 +261,63 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
         }
     }
 
-    /// Pages one fault may install, counting the faulting page (≥ 1; default 16; 1 turns
-    /// fault-around off).
+    /// Pages one fault may install, counting the faulting page (default 16; 1 turns
+    /// fault-around off; clamped to `1..=MAX_FAULT_AROUND`). Applies to the whole space.
     pub fn set_fault_around(&self, pages: u64) {
         self.space
             .fault_around
-            .store(pages.max(1), Ordering::Relaxed);
+            .store(pages.clamp(1, MAX_FAULT_AROUND), Ordering::Relaxed);
+    }
+
+    /// Streaming fault-around window (pages; 0 = off, the default; clamped to
+    /// `MAX_FAULT_AROUND`). When a write fault on a not-present page commits a fresh page and
+    /// the previous fault of this space was a write to the page before it, the fault path also
+    /// commits and installs writable up to `pages` following pages of the same mapping,
+    /// stopping at the first one that is already installed, is not empty in the Vmo (so a fork
+    /// never copies a shared page it did not write), or fails. Off while dirty tracking is on.
+    /// Applies to the whole space; forks inherit it.
+    pub fn set_stream_fault_around(&self, pages: u64) {
+        self.space
+            .stream_window
+            .store(pages.min(MAX_FAULT_AROUND), Ordering::Relaxed);
+    }
+
+    /// Checks the invariants of this address space's region tree (`tree.rs`) and that every
+    /// installed translation inside a mapping translates to the frame the Vmo holds there,
+    /// with at most the mapping's perms. Meant for quiescent points (tests): O(regions +
+    /// mapped pages). The tree part runs in debug builds after every tree change.
+    pub fn check_invariants(&self) -> core::result::Result<(), alloc::string::String> {
+        let tree = self.space.tree.read();
+        tree.check_invariants()?;
+        for m in tree.mappings.values() {
+            let allowed = m.perms.to_stage2();
+            let vmo = m.vmo.restricted(crate::Rights::READ);
+            for i in 0..m.len / PAGE_SIZE {
+                let gpa = m.base + i * PAGE_SIZE;
+                // Lock order: the Vmo's page lock before (not inside) the stage2 lock.
+                let frame = vmo.committed_frame(m.vmo_offset + i * PAGE_SIZE);
+                let Some(t) = self.space.stage2.lock().query(gpa) else {
+                    continue;
+                };
+                if !allowed.contains(t.perms) {
+                    return Err(alloc::format!(
+                        "{gpa:#x}: installed {:?} beyond the mapping's {:?}",
+                        t.perms,
+                        m.perms
+                    ));
+                }
+                match frame {
+                    Ok(Some(f)) if f.paddr() == t.pa_of(gpa) => {}
+                    other => {
+                        return Err(alloc::format!(
+                            "{gpa:#x}: translates to {:#x}, the Vmo holds {other:?}",
+                            t.pa_of(gpa)
+                        ))
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Whether two handles name the same address space.
