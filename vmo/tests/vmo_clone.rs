@@ -393,6 +393,7 @@ mod model {
             let mut vmos: Vec<(Vmo, HashMap<u64, u8>)> =
                 vec![(Vmo::new(&pool, PAGES * P, VmoFlags::empty()).unwrap(), HashMap::new())];
             for op in ops {
+                let op_desc = format!("{op:?}");
                 if vmos.is_empty() {
                     vmos.push((Vmo::new(&pool, PAGES * P, VmoFlags::empty()).unwrap(), HashMap::new()));
                 }
@@ -440,6 +441,11 @@ mod model {
                 }
                 let alive: Vec<&Vmo> = vmos.iter().map(|(v, _)| v).collect();
                 prop_assert_eq!(pool.stats().live, distinct_frames(&alive));
+                for v in &alive {
+                    if let Err(e) = v.check_invariants() {
+                        prop_assert!(false, "after {:?}: {}", op_desc, e);
+                    }
+                }
             }
             drop(vmos);
             prop_assert_eq!(pool.stats().live, 0);

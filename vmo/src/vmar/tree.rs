@@ -7,7 +7,8 @@
 //!   region that holds it, with the same length;
 //! - a destroyed region is gone from `regions`; handles naming it get `BadState`;
 //! - bases, lengths and Vmo offsets are page aligned and lengths non-zero; the root is region 0,
-//!   at 0, without parent; every other region is a child of a live parent.
+//!   at 0, without parent (or, once destroyed, the tree is empty); every other region is a
+//!   child of a live parent.
 //!
 //! `Tree::check_invariants` checks all of these in O(regions + mappings); `Space` runs it under
 //! `cfg(debug_assertions)` at the end of every operation that changes the tree.
@@ -262,7 +263,17 @@ impl<S: Stage2 + Send + 'static> Tree<S> {
     /// Checks the module's invariants; the first violation found, described.
     pub fn check_invariants(&self) -> core::result::Result<(), String> {
         let aligned = |v: u64| v.is_multiple_of(PAGE_SIZE);
-        let root = self.regions.get(&ROOT).ok_or("the root region is gone")?;
+        let Some(root) = self.regions.get(&ROOT) else {
+            // A destroyed root leaves nothing behind.
+            if self.regions.is_empty() && self.mappings.is_empty() {
+                return Ok(());
+            }
+            return Err(format!(
+                "root destroyed but {} regions, {} mappings left",
+                self.regions.len(),
+                self.mappings.len()
+            ));
+        };
         if root.base != 0 || root.parent.is_some() {
             return Err(format!("root at {:#x} with parent {:?}", root.base, root.parent));
         }
@@ -321,5 +332,94 @@ impl<S: Stage2 + Send + 'static> Tree<S> {
         if let Err(e) = self.check_invariants() {
             panic!("Vmar tree invariant violated: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{FramePool, VmoFlags};
+    use alloc::sync::Weak;
+    use ept::{EptTable, HeapPhysMem};
+
+    type S = EptTable<HeapPhysMem>;
+    const P: u64 = PAGE_SIZE;
+
+    fn mapping(vmo: &Vmo, base: u64, len: u64, region: RegionId) -> Mapping<S> {
+        let info = MappingInfo {
+            base,
+            len,
+            vmo: vmo.clone(),
+            vmo_offset: 0,
+            perms: VmPerms::RW,
+            shared: false,
+            allow_faults: false,
+        };
+        let observer = Arc::new(MappingObserver {
+            space: Weak::new(),
+            gpa: base,
+            vmo_offset: 0,
+            len,
+            perms: VmPerms::RW,
+        });
+        Mapping {
+            info,
+            region,
+            _observer: observer,
+            observer_id: crate::vmo::ObserverId(0),
+        }
+    }
+
+    #[test]
+    fn regions_and_mappings_keep_the_invariants() {
+        let pool = FramePool::heap();
+        let vmo = Vmo::new(&pool, 4 * P, VmoFlags::empty()).unwrap();
+        let mut t: Tree<S> = Tree::new(64 * P);
+        let sub = t.add_region(ROOT, 16 * P, 16 * P, VmPerms::MAY_ALL).unwrap();
+        t.insert_mapping(mapping(&vmo, 0, 4 * P, ROOT)).unwrap();
+        t.insert_mapping(mapping(&vmo, 20 * P, 4 * P, sub)).unwrap();
+        t.check_invariants().unwrap();
+        assert_eq!(t.mapping_at(21 * P).map(|m| m.base), Some(20 * P));
+        assert!(t.mapping_at(24 * P).is_none());
+        assert_eq!(t.mappings_in(2 * P, 21 * P), alloc::vec![0, 20 * P]);
+        let removed = t.destroy_region(sub).unwrap();
+        assert_eq!(removed.len(), 1);
+        t.check_invariants().unwrap();
+        assert_eq!(t.region(sub).err(), Some(Error::BadState));
+        assert!(t.remove_mapping(0).is_some());
+        t.check_invariants().unwrap();
+        t.destroy_region(ROOT).unwrap();
+        t.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn children_in_and_find_gap() {
+        let mut t: Tree<S> = Tree::new(64 * P);
+        t.add_region(ROOT, 4 * P, 4 * P, VmPerms::MAY_ALL).unwrap();
+        t.add_region(ROOT, 12 * P, 4 * P, VmPerms::MAY_ALL).unwrap();
+        let root = t.region(ROOT).unwrap();
+        // A child straddling the start is included; one starting at the end is not.
+        let bases: Vec<u64> = root.children_in(6 * P, 12 * P).iter().map(|(b, _)| *b).collect();
+        assert_eq!(bases, alloc::vec![4 * P]);
+        assert!(root.children_in(8 * P, 12 * P).is_empty());
+        assert_eq!(root.find_gap(4 * P, P), Some(0));
+        assert_eq!(root.find_gap(5 * P, P), Some(16 * P));
+        assert_eq!(root.find_gap(4 * P, 8 * P), Some(0));
+        assert_eq!(root.find_gap(8 * P, 16 * P), Some(16 * P));
+        assert_eq!(root.find_gap(64 * P, P), None);
+        assert_eq!(root.find_gap(u64::MAX - P, P), None, "no overflow");
+    }
+
+    #[test]
+    fn check_invariants_catches_a_broken_tree() {
+        let pool = FramePool::heap();
+        let vmo = Vmo::new(&pool, 4 * P, VmoFlags::empty()).unwrap();
+        let mut t: Tree<S> = Tree::new(64 * P);
+        t.insert_mapping(mapping(&vmo, 0, 4 * P, ROOT)).unwrap();
+        t.insert_mapping(mapping(&vmo, 2 * P, 4 * P, ROOT)).unwrap();
+        assert!(t.check_invariants().is_err(), "overlapping mappings");
+        let mut t: Tree<S> = Tree::new(64 * P);
+        t.mappings.insert(8 * P, mapping(&vmo, 8 * P, P, ROOT));
+        assert!(t.check_invariants().is_err(), "a mapping no region holds");
     }
 }

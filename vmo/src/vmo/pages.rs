@@ -484,3 +484,87 @@ impl Pages {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: u64 = PAGE_SIZE;
+
+    fn noop(_: u64) -> Result<()> {
+        Ok(())
+    }
+
+    #[test]
+    fn commit_remove_and_counts() {
+        let pool = FramePool::heap();
+        let mut p = Pages::new(8 * P, None);
+        assert_eq!(p.commit_range(&pool, 2, 5).unwrap(), 3);
+        assert_eq!(p.commit(&pool, 3, false).unwrap().1, false, "already committed");
+        assert_eq!(p.committed_pages(), 3);
+        assert_eq!(p.committed_in(0, 8), alloc::vec![2, 3, 4]);
+        assert!(p.remove(3).unwrap().is_some());
+        assert!(p.remove(3).unwrap().is_none());
+        assert_eq!(p.committed_pages(), 2);
+        p.check_invariants().unwrap();
+        drop(p.resize(3 * P).unwrap());
+        assert_eq!(p.committed_in(0, 8), alloc::vec![2]);
+        p.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn sharing_decides_copy_on_write() {
+        let pool = FramePool::heap();
+        let mut p = Pages::new(4 * P, None);
+        let (f, origin) = p.private(&pool, 0, false, &mut noop).unwrap();
+        assert!(origin.committed && !origin.replaced);
+        drop(f);
+        assert!(p.is_private(0));
+        let mut child = p.snapshot(0, 4, 4 * P);
+        assert!(!p.is_private(0) && !child.is_private(0));
+        // A failing hook keeps the shared frame.
+        let before = p.get(0).unwrap();
+        let refuse = &mut |_| Err(Error::BadState);
+        assert_eq!(p.private(&pool, 0, false, refuse).err(), Some(Error::BadState));
+        assert!(p.get(0).unwrap() == before);
+        drop(before);
+        let (_, origin) = p.private(&pool, 0, false, &mut noop).unwrap();
+        assert!(origin.copied && origin.replaced);
+        assert!(p.is_private(0) && child.is_private(0), "each side has its own frame");
+        p.check_invariants().unwrap();
+        child.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn pins_and_reset_points() {
+        let pool = FramePool::heap();
+        let mut p = Pages::new(4 * P, None);
+        p.pin(&pool, 1, 3).unwrap();
+        assert!(p.is_pinned(1) && p.any_pinned_in(0, 2) && !p.any_pinned_in(3, 4));
+        assert_eq!(p.remove(1).err(), Some(Error::BadState));
+        assert_eq!(p.unpin(0, 2).err(), Some(Error::BadState), "slot 0 is not pinned");
+        p.unpin(1, 3).unwrap();
+        assert!(!p.any_pinned());
+        p.check_invariants().unwrap();
+        p.set_reset_point();
+        p.commit(&pool, 0, false).unwrap();
+        p.remove(2).unwrap();
+        assert_eq!(p.changed(), alloc::vec![0, 2]);
+        drop(p.reset().unwrap());
+        assert_eq!(p.committed_in(0, 4), alloc::vec![1, 2]);
+        assert!(p.changed().is_empty());
+        p.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn check_invariants_catches_a_wrong_count() {
+        let pool = FramePool::heap();
+        let mut p = Pages::new(4 * P, None);
+        p.commit(&pool, 0, false).unwrap();
+        p.committed += 1;
+        assert!(p.check_invariants().is_err());
+        p.committed -= 1;
+        p.changed.insert(3);
+        assert!(p.check_invariants().is_err(), "changed slots without a reset point");
+    }
+}
