@@ -286,8 +286,9 @@ impl Frame {
     /// # Safety
     /// `raw` came from `into_raw` and is consumed exactly once.
     pub(crate) unsafe fn from_raw(raw: *const ()) -> Self {
-        // SAFETY: guaranteed by the caller.
         Frame {
+            // SAFETY: the caller guarantees `raw` is an `Arc<FrameInner>` pointer from
+            // `into_raw` whose ownership has not been taken back yet.
             inner: unsafe { Arc::from_raw(raw.cast()) },
         }
     }
