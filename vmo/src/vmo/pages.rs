@@ -43,6 +43,7 @@ use crate::pager::Pager;
 use crate::{Error, Frame, FramePool, Result, PAGE_BYTES, PAGE_SIZE};
 
 /// Size in pages above which debug builds skip the automatic `check_invariants`.
+#[cfg_attr(not(debug_assertions), allow(dead_code))]
 pub(crate) const DEBUG_CHECK_MAX_PAGES: u64 = 4096;
 
 /// Where a fresh page's contents come from: zeros, or a pager.
