@@ -524,7 +524,9 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
         let mut next = self.retired_head;
         while let Some(frame) = next {
             if linked.contains(&frame) {
-                return Err(alloc::format!("frame {frame:#x} is both linked and retired"));
+                return Err(alloc::format!(
+                    "frame {frame:#x} is both linked and retired"
+                ));
             }
             retired += 1;
             if retired > self.retired {
@@ -564,7 +566,9 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
             }
         }
         if !present && table != self.root {
-            return Err(alloc::format!("empty level-{level} table {table:#x} still linked"));
+            return Err(alloc::format!(
+                "empty level-{level} table {table:#x} still linked"
+            ));
         }
         Ok(())
     }

@@ -342,7 +342,7 @@ fn heap_phys_mem_accounting() {
     // SAFETY: deliberately breaks the contract: HeapPhysMem documents that a double free
     // changes nothing (it is counted), and nothing uses the frame.
     unsafe { mem.free_frame(frames[3]) }; // double free: ignored, counted
-    // SAFETY: likewise for an address it never handed out.
+                                          // SAFETY: likewise for an address it never handed out.
     unsafe { mem.free_frame(0x1234) }; // foreign address: ignored, counted
     assert_eq!(mem.bad_frees(), 2);
     let again = mem.alloc_frame().unwrap();

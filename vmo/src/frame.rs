@@ -398,11 +398,8 @@ unsafe impl FrameAlloc for HeapFrameAlloc {
             return Some(pa);
         }
         let base = Self::new_block(&mut st, SLAB_FRAMES, true)?;
-        st.free_slots.extend(
-            (1..SLAB_FRAMES as u64)
-                .rev()
-                .map(|i| base + i * PAGE_SIZE),
-        );
+        st.free_slots
+            .extend((1..SLAB_FRAMES as u64).rev().map(|i| base + i * PAGE_SIZE));
         Some(base)
     }
 

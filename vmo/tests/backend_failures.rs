@@ -14,8 +14,8 @@ use ept::{
     PageSize, S2Perms, Stage2, Translation,
 };
 use vmo::{
-    ChildKind, Error, FaultOutcome, FramePool, MapOptions, Placement, VmPerms, Vmar, Vmo,
-    VmoFlags, PAGE_SIZE as P,
+    ChildKind, Error, FaultOutcome, FramePool, MapOptions, Placement, VmPerms, Vmar, Vmo, VmoFlags,
+    PAGE_SIZE as P,
 };
 
 const FAIL: BackendFailure = BackendFailure {
@@ -125,10 +125,18 @@ fn zero_length_decommit_and_commit_touch_nothing() {
     let v = Vmo::new(&pool, 4 * P, VmoFlags::empty()).unwrap();
     v.write(0, &[0xAB]).unwrap();
     v.decommit(100, 0).unwrap();
-    assert_eq!(byte(&v, 0), 0xAB, "decommit(100, 0) must not discard page 0");
+    assert_eq!(
+        byte(&v, 0),
+        0xAB,
+        "decommit(100, 0) must not discard page 0"
+    );
     assert_eq!(v.committed_bytes(), P);
     v.commit(P + 5, 0).unwrap();
-    assert_eq!(v.committed_bytes(), P, "commit(4101, 0) must not commit page 1");
+    assert_eq!(
+        v.committed_bytes(),
+        P,
+        "commit(4101, 0) must not commit page 1"
+    );
     assert!(!v.is_committed(1));
     // The offset is still validated.
     assert_eq!(v.decommit(5 * P, 0), Err(Error::OutOfRange));
@@ -143,7 +151,10 @@ fn mapped() -> (FramePool, Vmar<Flaky>, Switches, Vmo) {
     let (pool, root, sw) = space(1 << 30);
     let v = Vmo::new(&pool, 4 * P, VmoFlags::empty()).unwrap();
     root.map(&v, 0, 4 * P, MapOptions::specific(0, RW)).unwrap();
-    assert_eq!(write_fault(&root, 0).unwrap().outcome, FaultOutcome::Committed);
+    assert_eq!(
+        write_fault(&root, 0).unwrap().outcome,
+        FaultOutcome::Committed
+    );
     v.write(0, &[7]).unwrap();
     (pool, root, sw, v)
 }
@@ -213,7 +224,10 @@ fn copy_on_write_keeps_the_shared_frame_when_unmap_fails() {
     assert_eq!(pool.stats().cow_copies, 0);
     consistent(&root);
     sw.fail_unmap(false);
-    assert_eq!(root.handle_fault(fault).unwrap().outcome, FaultOutcome::Copied);
+    assert_eq!(
+        root.handle_fault(fault).unwrap().outcome,
+        FaultOutcome::Copied
+    );
     assert_ne!(frame_pa(&v, 0), shared);
     consistent(&root);
 }
@@ -230,7 +244,11 @@ fn vmar_unmap_keeps_the_mapping_when_unmap_fails() {
     drop(info);
     assert_eq!(installed(&root, 0).unwrap().pa, frame_pa(&v, 0));
     drop(v);
-    assert_eq!(pool.stats().live, live, "the mapping still holds the Vmo and its frame");
+    assert_eq!(
+        pool.stats().live,
+        live,
+        "the mapping still holds the Vmo and its frame"
+    );
     consistent(&root);
     sw.fail_unmap(false);
     root.unmap(0, 4 * P).unwrap();
@@ -334,7 +352,8 @@ fn reset_changes_nothing_when_unmap_fails() {
 fn reset_through_a_read_only_handle_and_all_or_nothing() {
     let (pool, root, _sw) = space(1 << 30);
     let v = Vmo::new(&pool, 4 * P, VmoFlags::empty()).unwrap();
-    root.map(&v, 0, 4 * P, MapOptions::specific(16 * P, RW)).unwrap();
+    root.map(&v, 0, 4 * P, MapOptions::specific(16 * P, RW))
+        .unwrap();
     // The lowest-addressed mapping of `v` holds a read-only handle (from `query`).
     let ro = v.duplicate(vmo::Rights::READ | vmo::Rights::MAP).unwrap();
     root.map(&ro, 0, 4 * P, MapOptions::specific(0, R)).unwrap();
@@ -346,7 +365,8 @@ fn reset_through_a_read_only_handle_and_all_or_nothing() {
 
     // A Vmo mapped after the reset point has none: the reset refuses before touching `v`.
     let w = Vmo::new(&pool, P, VmoFlags::empty()).unwrap();
-    root.map(&w, 0, P, MapOptions::specific(32 * P, RW)).unwrap();
+    root.map(&w, 0, P, MapOptions::specific(32 * P, RW))
+        .unwrap();
     v.write(0, &[3]).unwrap();
     assert_eq!(root.reset(), Err(Error::BadState));
     assert_eq!(byte(&v, 0), 3, "v was not reset");
@@ -360,18 +380,28 @@ fn huge_fault_around_counts_saturate() {
     let (pool, root, _sw) = space(1 << 30);
     let v = Vmo::new(&pool, 1024 * P, VmoFlags::empty()).unwrap();
     v.commit(0, 1024 * P).unwrap();
-    root.map(&v, 0, 1024 * P, MapOptions::specific(0, RW)).unwrap();
+    root.map(&v, 0, 1024 * P, MapOptions::specific(0, RW))
+        .unwrap();
     for n in [u64::MAX, u64::MAX / 2, (u64::MAX / P) + 1, 1 << 60] {
         root.set_fault_around(n);
         root.set_stream_fault_around(n);
         root.unmap(0, 1024 * P).unwrap();
-        root.map(&v, 0, 1024 * P, MapOptions::specific(0, RW)).unwrap();
+        root.map(&v, 0, 1024 * P, MapOptions::specific(0, RW))
+            .unwrap();
         let r = read_fault(&root, 0).unwrap();
-        assert_eq!(r.pages, vmo::MAX_FAULT_AROUND, "clamped to MAX_FAULT_AROUND");
+        assert_eq!(
+            r.pages,
+            vmo::MAX_FAULT_AROUND,
+            "clamped to MAX_FAULT_AROUND"
+        );
         write_fault(&root, 1000 * P).unwrap();
         write_fault(&root, 1001 * P).unwrap();
         // Faults near the top of the address space: no overflow either.
-        let top = root.handle_fault(FaultInfo::new(u64::MAX, Access::WRITE, FaultKind::NotPresent));
+        let top = root.handle_fault(FaultInfo::new(
+            u64::MAX,
+            Access::WRITE,
+            FaultKind::NotPresent,
+        ));
         assert_eq!(top.unwrap_err(), Error::NotFound);
     }
     consistent(&root);
@@ -388,7 +418,11 @@ fn handle_fault_is_confined_to_the_handles_region() {
     let v = Vmo::new(&pool, 4 * P, VmoFlags::empty()).unwrap();
     root.map(&v, 0, 4 * P, MapOptions::specific(0, RW)).unwrap();
     sub.map(&v, 0, 4 * P, MapOptions::specific(0, RW)).unwrap();
-    assert_eq!(read_fault(&sub, 0).unwrap_err(), Error::NotFound, "outside sub");
+    assert_eq!(
+        read_fault(&sub, 0).unwrap_err(),
+        Error::NotFound,
+        "outside sub"
+    );
     read_fault(&sub, 16 * P).unwrap();
     read_fault(&root, 17 * P).unwrap();
     sub.destroy().unwrap();
@@ -405,15 +439,23 @@ fn handle_fault_is_confined_to_the_handles_region() {
 fn streaming_commits_following_pages_after_two_consecutive_write_faults() {
     let (pool, root, _sw) = space(1 << 30);
     let v = Vmo::new(&pool, 64 * P, VmoFlags::empty()).unwrap();
-    root.map(&v, 0, 64 * P, MapOptions::specific(0, RW)).unwrap();
+    root.map(&v, 0, 64 * P, MapOptions::specific(0, RW))
+        .unwrap();
     root.set_stream_fault_around(8);
-    assert_eq!(write_fault(&root, 0).unwrap().pages, 1, "one write: no stream yet");
+    assert_eq!(
+        write_fault(&root, 0).unwrap().pages,
+        1,
+        "one write: no stream yet"
+    );
     let r = write_fault(&root, P).unwrap();
     assert_eq!(r.outcome, FaultOutcome::Committed);
     assert_eq!(r.pages, 1 + 8);
     for i in 2..10 {
         let t = installed(&root, i * P).unwrap();
-        assert!(t.perms.contains(S2Perms::WRITE), "page {i} installed writable");
+        assert!(
+            t.perms.contains(S2Perms::WRITE),
+            "page {i} installed writable"
+        );
     }
     assert!(installed(&root, 10 * P).is_none());
     assert_eq!(root.fault_stats().commits, 10);
@@ -436,7 +478,8 @@ fn streaming_commits_following_pages_after_two_consecutive_write_faults() {
 fn streaming_in_a_fork_never_copies_a_shared_page() {
     let (pool, root, _sw) = space(1 << 30);
     let v = Vmo::new(&pool, 64 * P, VmoFlags::empty()).unwrap();
-    root.map(&v, 0, 64 * P, MapOptions::specific(0, RW)).unwrap();
+    root.map(&v, 0, 64 * P, MapOptions::specific(0, RW))
+        .unwrap();
     // The parent committed pages 4..8 (shared with the fork below); 0..4 stay empty.
     v.write(4 * P, &[0x11; 4 * vmo::PAGE_BYTES]).unwrap();
     root.set_stream_fault_around(32);
@@ -447,8 +490,14 @@ fn streaming_in_a_fork_never_copies_a_shared_page() {
     // Pages 2 and 3 streamed; the stream stops at shared page 4, which (like 5..8) plain
     // fault-around then installs read-only.
     assert_eq!(r.pages, 1 + 2 + 4);
-    assert!(installed(&child, 3 * P).unwrap().perms.contains(S2Perms::WRITE));
-    assert!(!installed(&child, 4 * P).unwrap().perms.contains(S2Perms::WRITE));
+    assert!(installed(&child, 3 * P)
+        .unwrap()
+        .perms
+        .contains(S2Perms::WRITE));
+    assert!(!installed(&child, 4 * P)
+        .unwrap()
+        .perms
+        .contains(S2Perms::WRITE));
     assert_eq!(child.fault_stats().copies, 0);
     assert_eq!(pool.stats().cow_copies, 0, "no speculative copy");
     // Writing the shared page copies exactly it, and does not stream into shared pages.
@@ -463,7 +512,8 @@ fn streaming_in_a_fork_never_copies_a_shared_page() {
 fn streaming_is_off_while_dirty_tracking() {
     let (pool, root, _sw) = space(1 << 30);
     let v = Vmo::new(&pool, 16 * P, VmoFlags::empty()).unwrap();
-    root.map(&v, 0, 16 * P, MapOptions::specific(0, RW)).unwrap();
+    root.map(&v, 0, 16 * P, MapOptions::specific(0, RW))
+        .unwrap();
     root.set_stream_fault_around(8);
     root.enable_dirty_tracking().unwrap();
     write_fault(&root, 0).unwrap();

@@ -9,8 +9,8 @@
 use ept::Stage2;
 
 use super::map::Placement;
-use super::{checked_range, VmPerms, Vmar, PAGE_SIZE};
 use super::tree::MappingInfo;
+use super::{checked_range, VmPerms, Vmar, PAGE_SIZE};
 use crate::{Error, Result, Rights};
 
 impl<S: Stage2 + Send + 'static> Vmar<S> {

@@ -275,11 +275,18 @@ impl<S: Stage2 + Send + 'static> Tree<S> {
             ));
         };
         if root.base != 0 || root.parent.is_some() {
-            return Err(format!("root at {:#x} with parent {:?}", root.base, root.parent));
+            return Err(format!(
+                "root at {:#x} with parent {:?}",
+                root.base, root.parent
+            ));
         }
         let mut mapping_children = 0;
         for (&id, r) in &self.regions {
-            if r.len == 0 || !aligned(r.base) || !aligned(r.len) || r.base.checked_add(r.len).is_none() {
+            if r.len == 0
+                || !aligned(r.base)
+                || !aligned(r.len)
+                || r.base.checked_add(r.len).is_none()
+            {
                 return Err(format!("region {id}: bad range {:#x}+{:#x}", r.base, r.len));
             }
             if id != ROOT {
@@ -291,20 +298,31 @@ impl<S: Stage2 + Send + 'static> Tree<S> {
             }
             let mut cursor = r.base;
             for (&b, c) in &r.children {
-                if b < cursor || c.len() == 0 || b.checked_add(c.len()).is_none_or(|e| e > r.end()) {
-                    return Err(format!("region {id}: child {c:?} at {b:#x} overlaps or leaves it"));
+                if b < cursor || c.len() == 0 || b.checked_add(c.len()).is_none_or(|e| e > r.end())
+                {
+                    return Err(format!(
+                        "region {id}: child {c:?} at {b:#x} overlaps or leaves it"
+                    ));
                 }
                 cursor = b + c.len();
                 match *c {
                     Child::Region(cid, len) => match self.regions.get(&cid) {
                         Some(sub) if sub.base == b && sub.len == len && sub.parent == Some(id) => {}
-                        _ => return Err(format!("region {id}: child region {cid} at {b:#x} mismatch")),
+                        _ => {
+                            return Err(format!(
+                                "region {id}: child region {cid} at {b:#x} mismatch"
+                            ))
+                        }
                     },
                     Child::Mapping(len) => {
                         mapping_children += 1;
                         match self.mappings.get(&b) {
                             Some(m) if m.base == b && m.len == len && m.region == id => {}
-                            _ => return Err(format!("region {id}: child mapping at {b:#x} mismatch")),
+                            _ => {
+                                return Err(format!(
+                                    "region {id}: child mapping at {b:#x} mismatch"
+                                ))
+                            }
                         }
                     }
                 }
@@ -375,7 +393,9 @@ mod tests {
         let pool = FramePool::heap();
         let vmo = Vmo::new(&pool, 4 * P, VmoFlags::empty()).unwrap();
         let mut t: Tree<S> = Tree::new(64 * P);
-        let sub = t.add_region(ROOT, 16 * P, 16 * P, VmPerms::MAY_ALL).unwrap();
+        let sub = t
+            .add_region(ROOT, 16 * P, 16 * P, VmPerms::MAY_ALL)
+            .unwrap();
         t.insert_mapping(mapping(&vmo, 0, 4 * P, ROOT)).unwrap();
         t.insert_mapping(mapping(&vmo, 20 * P, 4 * P, sub)).unwrap();
         t.check_invariants().unwrap();
@@ -399,7 +419,11 @@ mod tests {
         t.add_region(ROOT, 12 * P, 4 * P, VmPerms::MAY_ALL).unwrap();
         let root = t.region(ROOT).unwrap();
         // A child straddling the start is included; one starting at the end is not.
-        let bases: Vec<u64> = root.children_in(6 * P, 12 * P).iter().map(|(b, _)| *b).collect();
+        let bases: Vec<u64> = root
+            .children_in(6 * P, 12 * P)
+            .iter()
+            .map(|(b, _)| *b)
+            .collect();
         assert_eq!(bases, alloc::vec![4 * P]);
         assert!(root.children_in(8 * P, 12 * P).is_empty());
         assert_eq!(root.find_gap(4 * P, P), Some(0));

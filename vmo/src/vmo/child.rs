@@ -93,7 +93,10 @@ impl Vmo {
     ) -> Result<Vmo> {
         let (_, base) = self.root();
         let visible_end = (offset + size).min(self.size()).max(offset);
-        let (first, last) = ((base + offset) / PAGE_SIZE, (base + visible_end) / PAGE_SIZE);
+        let (first, last) = (
+            (base + offset) / PAGE_SIZE,
+            (base + visible_end) / PAGE_SIZE,
+        );
         let pages = self.lock_root_pages();
         // Pins first: an assigned DMA Vmo reports BadState whatever else it is.
         if pages.any_pinned_in(first, last) {

@@ -328,7 +328,9 @@ impl Vmo {
             return None;
         }
         let (_, base) = self.root();
-        self.lock_root_pages().get(base / PAGE_SIZE).map(|f| f.paddr())
+        self.lock_root_pages()
+            .get(base / PAGE_SIZE)
+            .map(|f| f.paddr())
     }
 
     /// The committed frame holding byte `offset`, if any (no commit, no rights beyond READ).
@@ -412,7 +414,11 @@ impl Vmo {
         if committed.is_empty() {
             return Ok(());
         }
-        self.notify(first * PAGE_SIZE, (last - first) * PAGE_SIZE, RangeChange::Unmap)?;
+        self.notify(
+            first * PAGE_SIZE,
+            (last - first) * PAGE_SIZE,
+            RangeChange::Unmap,
+        )?;
         let mut result = Ok(());
         for idx in committed {
             if let Err(e) = pages.remove(idx) {
@@ -459,7 +465,11 @@ impl Vmo {
         let (first, last) = self.root_page_span(offset, end - offset);
         let mut pages = self.lock_root_pages();
         // Pinning breaks sharing: translations of shared frames in the range must go.
-        self.notify(first * PAGE_SIZE, (last - first) * PAGE_SIZE, RangeChange::Unmap)?;
+        self.notify(
+            first * PAGE_SIZE,
+            (last - first) * PAGE_SIZE,
+            RangeChange::Unmap,
+        )?;
         let result = pages.pin(&self.inner.pool, first, last);
         pages.debug_check();
         result
@@ -543,7 +553,8 @@ impl Vmo {
                     return Ok(None);
                 }
                 // An empty slot gets a fresh frame: nothing is replaced, nothing to unmap.
-                let (frame, origin) = pages.private(&self.inner.pool, idx, false, &mut |_| Ok(()))?;
+                let (frame, origin) =
+                    pages.private(&self.inner.pool, idx, false, &mut |_| Ok(()))?;
                 pages.mark_dirty(idx)?;
                 install(&frame, true, origin).map(Some)
             }
@@ -563,7 +574,9 @@ impl Vmo {
     /// Whether the page at `page_idx` is committed (no commit happens).
     pub fn is_committed(&self, page_idx: u64) -> bool {
         let (_, base) = self.root();
-        self.lock_root_pages().get(base / PAGE_SIZE + page_idx).is_some()
+        self.lock_root_pages()
+            .get(base / PAGE_SIZE + page_idx)
+            .is_some()
     }
 
     /// Remembers the current contents as the state `reset` returns to (page sets only). The

@@ -453,7 +453,10 @@ impl Pages {
         }
         match &self.reset_point {
             None if !self.changed.is_empty() => {
-                return Err(format!("{} changed slots without a reset point", self.changed.len()))
+                return Err(format!(
+                    "{} changed slots without a reset point",
+                    self.changed.len()
+                ))
             }
             None => {}
             Some(point) => {
@@ -526,12 +529,18 @@ mod tests {
         // A failing hook keeps the shared frame.
         let before = p.get(0).unwrap();
         let refuse = &mut |_| Err(Error::BadState);
-        assert_eq!(p.private(&pool, 0, false, refuse).err(), Some(Error::BadState));
+        assert_eq!(
+            p.private(&pool, 0, false, refuse).err(),
+            Some(Error::BadState)
+        );
         assert!(p.get(0).unwrap() == before);
         drop(before);
         let (_, origin) = p.private(&pool, 0, false, &mut noop).unwrap();
         assert!(origin.copied && origin.replaced);
-        assert!(p.is_private(0) && child.is_private(0), "each side has its own frame");
+        assert!(
+            p.is_private(0) && child.is_private(0),
+            "each side has its own frame"
+        );
         p.check_invariants().unwrap();
         child.check_invariants().unwrap();
     }
@@ -543,7 +552,11 @@ mod tests {
         p.pin(&pool, 1, 3).unwrap();
         assert!(p.is_pinned(1) && p.any_pinned_in(0, 2) && !p.any_pinned_in(3, 4));
         assert_eq!(p.remove(1).err(), Some(Error::BadState));
-        assert_eq!(p.unpin(0, 2).err(), Some(Error::BadState), "slot 0 is not pinned");
+        assert_eq!(
+            p.unpin(0, 2).err(),
+            Some(Error::BadState),
+            "slot 0 is not pinned"
+        );
         p.unpin(1, 3).unwrap();
         assert!(!p.any_pinned());
         p.check_invariants().unwrap();
@@ -566,6 +579,9 @@ mod tests {
         assert!(p.check_invariants().is_err());
         p.committed -= 1;
         p.changed.insert(3);
-        assert!(p.check_invariants().is_err(), "changed slots without a reset point");
+        assert!(
+            p.check_invariants().is_err(),
+            "changed slots without a reset point"
+        );
     }
 }
