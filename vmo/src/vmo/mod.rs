@@ -5,6 +5,10 @@
 //! a page set (`Pages`, see `pages.rs` for the copy-on-write structure) or a slice (a window onto
 //! a page set, sharing its pages — slices of slices point at the root page set directly).
 //!
+//! Files: `child` (snapshot / slice children and the copies a Vmar fork makes), `io` (byte
+//! access), `observer` (who hears of page changes), `pages` (the page set and the
+//! copy-on-write rule), `reset` (reset points).
+//!
 //! Invariants:
 //! - every operation checks the handle's rights first and validates offsets before touching
 //!   pages; bad input is an `Error`, never a panic;
@@ -24,11 +28,12 @@ mod child;
 mod io;
 pub(crate) mod observer;
 pub(crate) mod pages;
+mod reset;
 
 use alloc::sync::{Arc, Weak};
 
 use crate::pager::Pager;
-use crate::{Error, Frame, FramePool, Paddr, Result, PAGE_BYTES, PAGE_SIZE};
+use crate::{Error, Frame, FramePool, Paddr, Result, PAGE_SIZE};
 pub use child::ChildKind;
 use observer::Observers;
 pub use observer::{ObserverId, RangeChange, VmoObserver};
@@ -579,124 +584,12 @@ impl Vmo {
             .is_some()
     }
 
-    /// Remembers the current contents as the state `reset` returns to (page sets only). The
-    /// saved state shares every frame, so installed writable translations become read-only.
-    pub fn set_reset_point(&self) -> Result<()> {
-        if self.is_slice() {
-            return Err(Error::NotSupported);
-        }
-        let mut pages = self.lock_root_pages();
-        if pages.any_pinned() {
-            return Err(Error::BadState);
-        }
-        // The saved state will share every frame: no translation may keep writing them, so the
-        // downgrade comes first and a backend failure leaves the old reset point in place.
-        if pages.committed_pages() > 0 {
-            self.notify(0, pages.size, RangeChange::WriteProtect)?;
-        }
-        pages.set_reset_point();
-        pages.debug_check();
-        Ok(())
-    }
-
     /// A handle to the same object with `rights` (internal: no DUPLICATE check).
     pub(crate) fn restricted(&self, rights: Rights) -> Vmo {
         Vmo {
             inner: self.inner.clone(),
             rights,
         }
-    }
-
-    /// The snapshot child a Vmar fork maps: the whole object, copy-on-write
-    /// (`SnapshotAtLeastOnWrite` when pager-backed), with a reset point, same rights as this
-    /// handle. Internal: the mapping's handle may lack DUPLICATE.
-    pub(crate) fn fork_child(&self) -> Result<Vmo> {
-        let full = self.restricted(Rights::ALL);
-        let kind = if self.is_pager_backed() {
-            ChildKind::SnapshotAtLeastOnWrite
-        } else {
-            ChildKind::Snapshot
-        };
-        let flags = self.inner.flags & VmoFlags::RESIZABLE;
-        let child = full.create_child_with(kind, 0, self.size(), flags)?;
-        child.set_reset_point()?;
-        Ok(child.restricted(self.rights | Rights::WRITE))
-    }
-
-    /// An eager private copy of the whole object (the fork policy for DMA memory): a new
-    /// anonymous (or contiguous) Vmo with the same flags and contents, nothing pinned.
-    pub(crate) fn deep_copy(&self) -> Result<Vmo> {
-        let size = self.size();
-        let copy = if self.inner.flags.contains(VmoFlags::CONTIGUOUS) {
-            Vmo::new_contiguous(
-                &self.inner.pool,
-                size,
-                self.inner.flags.contains(VmoFlags::DMA),
-            )?
-        } else {
-            Vmo::new(
-                &self.inner.pool,
-                size,
-                self.inner.flags & !VmoFlags::CONTIGUOUS,
-            )?
-        };
-        let (first, last) = self.root_page_span(0, size);
-        let (_, base) = self.root();
-        let committed = self.lock_root_pages().committed_in(first, last);
-        let mut buf = alloc::vec![0u8; PAGE_BYTES];
-        for idx in committed {
-            let offset = idx * PAGE_SIZE - base;
-            self.restricted(Rights::READ).read(offset, &mut buf)?;
-            copy.write(offset, &buf)?;
-        }
-        Ok(copy.restricted(self.rights | Rights::WRITE))
-    }
-
-    /// Pages (indices) changed since the reset point.
-    pub fn changed_pages(&self) -> alloc::vec::Vec<u64> {
-        self.lock_root_pages().changed()
-    }
-
-    /// Returns to the reset point, dropping only the pages changed since (their translations
-    /// go first). Returns how many pages were dropped. No reset point, or pinned pages →
-    /// `BadState`; a backend failure while dropping translations → that error, nothing reset.
-    pub fn reset(&self) -> Result<u64> {
-        self.require(Rights::WRITE)?;
-        Vmo::reset_objects(core::slice::from_ref(self))
-    }
-
-    /// Resets the page set behind every handle in `vmos` (duplicates allowed), all or nothing,
-    /// whatever rights the handles carry: the caller (`Vmar::reset`) owns the reset points it
-    /// set. Every page set is locked (in address order, so two concurrent calls cannot
-    /// deadlock) and checked first (reset point, no pins: else `BadState`); then the
-    /// translations of every changed page are dropped (a backend failure returns its error
-    /// with nothing reset; translations already dropped just refault); only then are the
-    /// arrays swapped, which cannot fail. Returns the pages dropped.
-    pub(crate) fn reset_objects(vmos: &[Vmo]) -> Result<u64> {
-        let key = |v: &Vmo| Arc::as_ptr(&v.inner_root()) as usize;
-        let mut roots: alloc::vec::Vec<&Vmo> = vmos.iter().collect();
-        roots.sort_by_key(|v| key(v));
-        roots.dedup_by_key(|v| key(v));
-        let mut guards: alloc::vec::Vec<_> = roots.iter().map(|v| v.lock_root_pages()).collect();
-        if guards
-            .iter()
-            .any(|p| !p.has_reset_point() || p.any_pinned())
-        {
-            return Err(Error::BadState);
-        }
-        let changed: alloc::vec::Vec<alloc::vec::Vec<u64>> =
-            guards.iter().map(|p| p.changed()).collect();
-        for (vmo, slots) in roots.iter().zip(&changed) {
-            vmo.unmap_pages(slots)?;
-        }
-        let mut old = alloc::vec::Vec::new();
-        for pages in guards.iter_mut() {
-            old.push(pages.reset()?);
-            pages.debug_check();
-        }
-        drop(guards);
-        drop(old);
-        Ok(changed.iter().map(|c| c.len() as u64).sum())
     }
 
     /// Checks the invariants of the page set behind this handle (`pages.rs`): the first
