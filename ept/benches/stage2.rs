@@ -133,7 +133,7 @@ fn bench_translate(c: &mut Criterion) {
         )
         .unwrap();
         m.insert(gpa, PA + (gpa - BASE));
-        gpa += 4096;
+        gpa += ept::PAGE_SIZE;
     }
     g.bench_function("ept_query", |b| {
         b.iter(|| {

@@ -120,6 +120,18 @@ impl<E: EntryFormat, M: PhysMem, I: Invalidate> Stage2Table<E, M, I> {
     pub fn invalidator_mut(&mut self) -> &mut I {
         &mut self.invalidate
     }
+    /// Checks the table's invariants (`PageTable::check_invariants`) and this module's: a
+    /// retired table frame implies a pending flush. The first violation, described.
+    pub fn check_invariants(&self) -> Result<(), alloc::string::String> {
+        self.table.check_invariants()?;
+        if self.table.retired_frames() > 0 && !self.pending {
+            return Err(alloc::format!(
+                "{} retired frames but no flush pending",
+                self.table.retired_frames()
+            ));
+        }
+        Ok(())
+    }
     /// Flushes only if an operation left a flush pending; returns whether it flushed.
     pub fn flush_if_pending(&mut self, scope: FlushScope) -> bool {
         let pending = self.pending;

@@ -52,11 +52,31 @@ pub enum Error {
     NoMemory,
     /// The backend cannot express the request (e.g. execute-only on NPT).
     NotSupported,
+    /// A backend's host operation failed (mmap / mprotect / ioctl: the KVM backend, or a test
+    /// backend failing on demand). The backend's state is unchanged unless the operation's doc
+    /// says otherwise. The table backends of this crate never return it.
+    Backend(BackendFailure),
+}
+
+/// Which host operation of a `Stage2` backend failed, and how (`Error::Backend`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BackendFailure {
+    /// The host operation, e.g. `"mmap"`, `"UFFDIO_WRITEPROTECT"`.
+    pub op: &'static str,
+    /// The OS error number (`errno`), or 0 when the failure has none.
+    pub errno: i32,
+}
+
+impl core::fmt::Display for BackendFailure {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{} failed (errno {})", self.op, self.errno)
+    }
 }
 
 impl core::fmt::Display for Error {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         let s = match self {
+            Error::Backend(failure) => return write!(f, "backend: {failure}"),
             Error::InvalidArgs => "invalid arguments",
             Error::OutOfRange => "out of range",
             Error::AlreadyExists => "already mapped",

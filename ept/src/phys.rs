@@ -39,6 +39,7 @@ pub unsafe trait PhysMem {
     fn frame_ptr(&self, pa: u64) -> *mut u64;
 }
 
+// SAFETY: every method forwards to `T`, which keeps the trait's promises.
 unsafe impl<T: PhysMem + ?Sized> PhysMem for &T {
     fn alloc_frame(&self) -> Option<u64> {
         (**self).alloc_frame()
@@ -51,6 +52,7 @@ unsafe impl<T: PhysMem + ?Sized> PhysMem for &T {
     }
 }
 
+// SAFETY: every method forwards to `T`, which keeps the trait's promises.
 unsafe impl<T: PhysMem + ?Sized> PhysMem for Arc<T> {
     fn alloc_frame(&self) -> Option<u64> {
         (**self).alloc_frame()
@@ -180,6 +182,11 @@ impl HeapPhysMem {
     }
 }
 
+// SAFETY: (module invariants) a frame is one 512-entry slot of a 64-frame chunk allocated with
+// a 4 KiB-aligned layout, so its fake address `HEAP_PHYS_BASE + index * 4096` is 4 KiB aligned
+// and its pointer 8-byte aligned and valid for 512 u64s until the pool drops; `alloc_frame`
+// zeroes it and marks it live under the state lock, and a live frame is never handed out again
+// until `free_frame` clears its bit (double and foreign frees are refused).
 unsafe impl PhysMem for HeapPhysMem {
     fn alloc_frame(&self) -> Option<u64> {
         let mut st = self.state.lock();

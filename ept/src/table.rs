@@ -22,6 +22,12 @@
 //!   are not lost.
 //!
 //! Arguments are validated before anything is touched; bad input is an `Error`, never a panic.
+//!
+//! `check_invariants` walks the tree and the retired chain and checks the frame counts and the
+//! no-empty-table rule: O(table frames × 512). Debug builds run it after every operation that
+//! links or unlinks table frames (a map that allocated tables, a split, an unmap, a release)
+//! while the table holds at most `DEBUG_CHECK_MAX_FRAMES` frames, so guests with large tables
+//! stay linear; the model tests run it after every step.
 
 use core::marker::PhantomData;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -31,6 +37,8 @@ use crate::phys::PhysMem;
 use crate::{Error, MemType, PageSize, S2Perms, Translation, GPA_LIMIT, PAGE_SIZE, PA_LIMIT};
 
 const ENTRIES: usize = 512;
+/// Table frames above which debug builds skip the automatic `check_invariants`.
+pub const DEBUG_CHECK_MAX_FRAMES: usize = 64;
 /// Marks the first entry of a retired frame as linking to another retired frame.
 const RETIRED_LINK: u64 = 1 << 11;
 
@@ -210,6 +218,7 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
         self.slot(table, index(gpa, level))
             .store(E::table_pointer(frames[0]).raw(), Ordering::Release);
         self.attached += needed;
+        self.debug_check();
         Ok(None)
     }
 
@@ -311,6 +320,7 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
     /// Returns every retired frame to the `PhysMem`. Call only after the hardware's cached
     /// translations for this table were invalidated.
     pub fn release_retired(&mut self) {
+        let released = self.retired > 0;
         let mut next = self.retired_head.take();
         while let Some(frame) = next {
             let link = self.slot(frame, 0).load(Ordering::Relaxed);
@@ -320,6 +330,9 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
             unsafe { self.mem.free_frame(frame) };
         }
         self.retired = 0;
+        if released {
+            self.debug_check();
+        }
     }
 
     /// Removes every translation in `[gpa, gpa + len)`, splitting large leaves that straddle
@@ -330,7 +343,9 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
         let end = check_range(gpa, len)?;
         self.split_at(gpa, &|_| true)?;
         self.split_at(end, &|_| true)?;
-        Ok(self.unmap_in(self.root, 4, gpa, end).removed)
+        let removed = self.unmap_in(self.root, 4, gpa, end).removed;
+        self.debug_check();
+        Ok(removed)
     }
 
     fn unmap_in(&mut self, table: u64, level: usize, start: u64, end: u64) -> Unmapped {
@@ -384,9 +399,14 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
         // The memory type is not changed; any accepted type validates the permissions alone.
         E::check(perms, MemType::WriteBack)?;
         let differs = move |e: E| e.perms() != perms;
+        let before = self.attached;
         self.split_at(gpa, &differs)?;
         self.split_at(end, &differs)?;
-        Ok(self.protect_in(self.root, 4, gpa, end, perms))
+        let changed = self.protect_in(self.root, 4, gpa, end, perms);
+        if self.attached != before {
+            self.debug_check();
+        }
+        Ok(changed)
     }
 
     fn protect_in(
@@ -483,6 +503,85 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
         }
         // SAFETY: the table is being dropped; its frames are no longer used.
         unsafe { self.mem.free_frame(table) };
+    }
+
+    /// Checks the module's invariants: the frames linked in the tree number `table_frames()`,
+    /// every non-root table holds a present entry, the retired chain holds `retired_frames()`
+    /// frames, and no frame is both linked and retired (or linked twice). The first violation,
+    /// described.
+    pub fn check_invariants(&self) -> Result<(), alloc::string::String> {
+        let mut linked = alloc::collections::BTreeSet::new();
+        linked.insert(self.root);
+        self.check_subtree(self.root, 4, &mut linked)?;
+        if linked.len() != self.attached {
+            return Err(alloc::format!(
+                "{} frames linked, table_frames() = {}",
+                linked.len(),
+                self.attached
+            ));
+        }
+        let mut retired = 0;
+        let mut next = self.retired_head;
+        while let Some(frame) = next {
+            if linked.contains(&frame) {
+                return Err(alloc::format!(
+                    "frame {frame:#x} is both linked and retired"
+                ));
+            }
+            retired += 1;
+            if retired > self.retired {
+                return Err(alloc::format!("retired chain longer than {}", self.retired));
+            }
+            let link = self.slot(frame, 0).load(Ordering::Relaxed);
+            next = (link & RETIRED_LINK != 0).then_some(link & ADDRESS_MASK);
+        }
+        if retired != self.retired {
+            return Err(alloc::format!(
+                "{retired} frames retired, retired_frames() = {}",
+                self.retired
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_subtree(
+        &self,
+        table: u64,
+        level: usize,
+        linked: &mut alloc::collections::BTreeSet<u64>,
+    ) -> Result<(), alloc::string::String> {
+        let mut present = false;
+        for i in 0..ENTRIES {
+            let e = self.load(table, i);
+            if !e.is_present() {
+                continue;
+            }
+            present = true;
+            if level > 1 && !e.is_leaf(level) {
+                let child = e.table_address();
+                if !linked.insert(child) {
+                    return Err(alloc::format!("table {child:#x} linked twice"));
+                }
+                self.check_subtree(child, level - 1, linked)?;
+            }
+        }
+        if !present && table != self.root {
+            return Err(alloc::format!(
+                "empty level-{level} table {table:#x} still linked"
+            ));
+        }
+        Ok(())
+    }
+
+    /// `check_invariants` in debug builds (up to `DEBUG_CHECK_MAX_FRAMES` frames), panicking
+    /// with the violation.
+    fn debug_check(&self) {
+        #[cfg(debug_assertions)]
+        if self.attached + self.retired <= DEBUG_CHECK_MAX_FRAMES {
+            if let Err(e) = self.check_invariants() {
+                panic!("PageTable invariant violated: {e}");
+            }
+        }
     }
 }
 

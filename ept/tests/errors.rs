@@ -4,7 +4,7 @@
 use ept::*;
 use proptest::prelude::*;
 
-const K4: u64 = 4096;
+const K4: u64 = PAGE_SIZE;
 const M2: u64 = 2 << 20;
 const G1: u64 = 1 << 30;
 const WB: MemType = MemType::WriteBack;
@@ -333,17 +333,23 @@ fn heap_phys_mem_accounting() {
     assert_eq!(mem.alloc_frame(), None);
     assert!(frames
         .iter()
-        .all(|f| f % 4096 == 0 && *f != 0 && *f < PA_LIMIT));
+        .all(|f| f % PAGE_SIZE == 0 && *f != 0 && *f < PA_LIMIT));
     let p = mem.frame_ptr(frames[3]);
+    // SAFETY: frames[3] is live; `PhysMem` makes its pointer valid for 512 u64s.
     unsafe { p.add(511).write(0xdead) };
+    // SAFETY: frames[3] came from this pool and is not used afterwards.
     unsafe { mem.free_frame(frames[3]) };
+    // SAFETY: deliberately breaks the contract: HeapPhysMem documents that a double free
+    // changes nothing (it is counted), and nothing uses the frame.
     unsafe { mem.free_frame(frames[3]) }; // double free: ignored, counted
+                                          // SAFETY: likewise for an address it never handed out.
     unsafe { mem.free_frame(0x1234) }; // foreign address: ignored, counted
     assert_eq!(mem.bad_frees(), 2);
     let again = mem.alloc_frame().unwrap();
     assert_eq!(again, frames[3]);
     let p = mem.frame_ptr(again);
     assert!(
+        // SAFETY: `again` is live; its pointer is valid for 512 u64s.
         (0..512).all(|i| unsafe { p.add(i).read() } == 0),
         "reused frame is zeroed"
     );
@@ -454,9 +460,13 @@ fn accessed_dirty_survive_split_and_protect() {
     // Walk root → PDPT → PD by hand and set A (8) and D (9) in the 2 MiB leaf.
     let mut table = t.page_table().root();
     for _ in 0..2 {
+        // SAFETY: `table` is a frame the table holds (the root, then linked tables); entry 0
+        // is in bounds. The table is not being modified concurrently.
         let e = EptEntry::from_raw(unsafe { mem.frame_ptr(table).read() });
         table = e.table_address();
     }
+    // SAFETY: `table` is the PD the table holds; entry 0 is the 2 MiB leaf, which only this
+    // thread touches (playing the CPU's A/D update).
     unsafe {
         let p = mem.frame_ptr(table);
         p.write(p.read() | (1 << 8) | (1 << 9));

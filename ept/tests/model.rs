@@ -11,7 +11,7 @@ use ept::entry::EntryFormat;
 use ept::*;
 use proptest::prelude::*;
 
-const K4: u64 = 4096;
+const K4: u64 = PAGE_SIZE;
 const M2: u64 = 2 << 20;
 const G1: u64 = 1 << 30;
 
@@ -322,6 +322,9 @@ fn run<E: EntryFormat>(
             op
         );
         prop_assert_eq!(mem.live_frames(), t.table_frames() + t.retired_frames());
+        if let Err(e) = t.check_invariants() {
+            prop_assert!(false, "op {}: {:?}: {}", n, op, e);
+        }
         if n % 16 == 15 {
             compare_all(&t, &model)?;
         }

@@ -6,7 +6,7 @@ use conformance::{for_each_backend, Backend, SoftCpu};
 use std::collections::HashMap;
 use vmo::{MapOptions, VmPerms, Vmar, Vmo, VmoFlags};
 
-const P: u64 = 4096;
+const P: u64 = vmo::PAGE_SIZE;
 const PAGES: u64 = 64;
 
 /// xorshift64*: a deterministic schedule without a dependency.

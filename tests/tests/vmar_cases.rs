@@ -7,7 +7,7 @@ use vmo::{
     ChildKind, Error, FramePool, MapOptions, Placement, Rights, VmPerms, Vmar, Vmo, VmoFlags,
 };
 
-const P: u64 = 4096;
+const P: u64 = vmo::PAGE_SIZE;
 const GIB: u64 = 1 << 30;
 const R: VmPerms = VmPerms::READ;
 const RW: VmPerms = VmPerms::RW;
@@ -509,7 +509,7 @@ fn protect_multiple<B: Backend>() {
 
 struct FilledPager;
 impl vmo::Pager for FilledPager {
-    fn commit_page(&self, idx: u64, buf: &mut [u8; 4096]) -> vmo::Result<()> {
+    fn commit_page(&self, idx: u64, buf: &mut [u8; vmo::PAGE_BYTES]) -> vmo::Result<()> {
         buf.fill(idx as u8 ^ 0x5a);
         Ok(())
     }
@@ -519,7 +519,7 @@ impl vmo::Pager for FilledPager {
     fn update_page(&self, _: u64) -> vmo::Result<()> {
         Ok(())
     }
-    fn decommit_page(&self, _: u64, _: &[u8; 4096]) -> vmo::Result<()> {
+    fn decommit_page(&self, _: u64, _: &[u8; vmo::PAGE_BYTES]) -> vmo::Result<()> {
         Ok(())
     }
 }

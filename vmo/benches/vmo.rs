@@ -39,7 +39,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criteri
 use ept::{Access, EptTable, FaultInfo, FaultKind, HeapPhysMem};
 use vmo::{ChildKind, FaultOutcome, FramePool, MapOptions, VmPerms, Vmar, Vmo, VmoFlags};
 
-const PAGE: u64 = 4096;
+const PAGE: u64 = vmo::PAGE_SIZE;
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 

@@ -22,9 +22,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use ept::{Access, FaultInfo, FaultKind, S2Perms, Stage2};
 
 use crate::vmar::{MapOptions, VmPerms, Vmar};
-use crate::{Error, FramePool, Result, Vmo, VmoFlags, FRAME_SIZE};
-
-const PAGE: u64 = FRAME_SIZE as u64;
+use crate::{Error, FramePool, Result, Vmo, VmoFlags, PAGE_SIZE};
 
 bitflags::bitflags! {
     /// What a device may do to an assigned region.
@@ -113,9 +111,9 @@ impl<S: Stage2 + Send + 'static> DmaDomain<S> {
             return Err(Error::InvalidArgs);
         }
         if len == 0
-            || !len.is_multiple_of(PAGE)
-            || !vmo_offset.is_multiple_of(PAGE)
-            || !iova.is_multiple_of(PAGE)
+            || !len.is_multiple_of(PAGE_SIZE)
+            || !vmo_offset.is_multiple_of(PAGE_SIZE)
+            || !iova.is_multiple_of(PAGE_SIZE)
         {
             return Err(Error::InvalidArgs);
         }
@@ -232,8 +230,8 @@ impl<S: Stage2 + Send + 'static> DmaDomain<S> {
         let mut segments: Vec<DmaSegment> = Vec::new();
         let mut at = iova;
         while at < end {
-            let page = at & !(PAGE - 1);
-            let n = (page + PAGE).min(end) - at;
+            let page = at & !(PAGE_SIZE - 1);
+            let n = (page + PAGE_SIZE).min(end) - at;
             let pa = match self.installed(page, need) {
                 Some(pa) => pa,
                 None => {
@@ -251,7 +249,7 @@ impl<S: Stage2 + Send + 'static> DmaDomain<S> {
             if host.is_null() {
                 return self.refuse(Error::BadState);
             }
-            // SAFETY: `at - page` < PAGE, inside the frame.
+            // SAFETY: `at - page` < PAGE_SIZE, inside the frame.
             let host = unsafe { host.add((at - page) as usize) };
             let pa = pa + (at - page);
             match segments.last_mut() {

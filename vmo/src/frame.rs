@@ -19,16 +19,26 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use crate::Error;
-
-/// Size of one frame.
-pub const FRAME_SIZE: usize = 4096;
+use crate::{Error, PAGE_BYTES, PAGE_SIZE};
 
 /// A frame's physical (or physical-like) address.
 pub type Paddr = u64;
 
-/// A source of 4 KiB frames. Implementations must be thread safe.
-pub trait FrameAlloc: Send + Sync {
+/// A source of 4 KiB frames, shared between threads.
+///
+/// # Safety
+/// `Frame` reads, writes, zeroes and copies a frame's bytes through the pointer `frame_ptr`
+/// returned when the frame was allocated, without further checks, and devices / second-level
+/// backends may reach the frame by its address. Implementations therefore promise, for every
+/// address `pa` handed out by `alloc_frame`, and for every `first + i * PAGE_SIZE` (`i < count`)
+/// of a run handed out by `alloc_contiguous(count)`, from the moment it is handed out until it is
+/// passed to `free_frame`:
+/// - `pa` is a multiple of `PAGE_SIZE` and is not handed out again (by either method);
+/// - `frame_ptr(pa)` returns the same non-null pointer every time, valid for reads and writes of
+///   `PAGE_SIZE` bytes, and those bytes overlap no other live frame's bytes and are not written
+///   by the allocator itself;
+/// - every method may be called from any thread, concurrently (hence `Send + Sync`).
+pub unsafe trait FrameAlloc: Send + Sync {
     /// One frame, or `None` when exhausted. Contents are unspecified (the pool zeroes or
     /// overwrites them before use).
     fn alloc_frame(&self) -> Option<Paddr>;
@@ -36,7 +46,7 @@ pub trait FrameAlloc: Send + Sync {
     fn alloc_contiguous(&self, count: usize) -> Option<Paddr>;
     /// Gives one frame back (frames of a contiguous run are freed one by one).
     fn free_frame(&self, pa: Paddr);
-    /// Host pointer to the 4 KiB at `pa`. Valid while the frame is allocated.
+    /// Host pointer to the 4 KiB at `pa`. Valid while the frame is allocated (see `# Safety`).
     fn frame_ptr(&self, pa: Paddr) -> *mut u8;
 }
 
@@ -142,7 +152,7 @@ impl FramePool {
             .alloc_contiguous(count)
             .ok_or(Error::NoMemory)?;
         let frames: Vec<Frame> = (0..count as u64)
-            .map(|i| self.wrap(first + i * FRAME_SIZE as u64))
+            .map(|i| self.wrap(first + i * PAGE_SIZE))
             .collect();
         for f in &frames {
             f.zero();
@@ -153,8 +163,10 @@ impl FramePool {
     /// A private copy of `src` (copy-on-write), counted as a COW copy.
     pub fn copy_of(&self, src: &Frame) -> Result<Frame, Error> {
         let dst = self.alloc_uninit()?;
-        // SAFETY: both frames are allocated and distinct; each pointer covers FRAME_SIZE bytes.
-        unsafe { core::ptr::copy_nonoverlapping(src.ptr(), dst.ptr(), FRAME_SIZE) };
+        // SAFETY: both frames are live (we hold handles) and distinct (`dst` was just handed out
+        // while `src` is live); `FrameAlloc`'s contract makes each pointer valid for PAGE_BYTES
+        // bytes that overlap no other frame.
+        unsafe { core::ptr::copy_nonoverlapping(src.ptr(), dst.ptr(), PAGE_BYTES) };
         self.shared.cow_copies.fetch_add(1, Ordering::AcqRel);
         Ok(dst)
     }
@@ -261,8 +273,9 @@ impl Frame {
     }
 
     fn zero(&self) {
-        // SAFETY: the whole frame is allocated.
-        unsafe { core::ptr::write_bytes(self.ptr(), 0, FRAME_SIZE) };
+        // SAFETY: the frame is live while `self` is; `FrameAlloc` makes the pointer valid for
+        // PAGE_BYTES bytes.
+        unsafe { core::ptr::write_bytes(self.ptr(), 0, PAGE_BYTES) };
     }
 
     /// Turns the handle into a raw pointer (for storing in an XArray); see `from_raw`.
@@ -273,8 +286,9 @@ impl Frame {
     /// # Safety
     /// `raw` came from `into_raw` and is consumed exactly once.
     pub(crate) unsafe fn from_raw(raw: *const ()) -> Self {
-        // SAFETY: guaranteed by the caller.
         Frame {
+            // SAFETY: the caller guarantees `raw` is an `Arc<FrameInner>` pointer from
+            // `into_raw` whose ownership has not been taken back yet.
             inner: unsafe { Arc::from_raw(raw.cast()) },
         }
     }
@@ -282,7 +296,7 @@ impl Frame {
 
 fn check_in_frame(offset: usize, len: usize) -> Result<(), Error> {
     match offset.checked_add(len) {
-        Some(end) if end <= FRAME_SIZE => Ok(()),
+        Some(end) if end <= PAGE_BYTES => Ok(()),
         _ => Err(Error::OutOfRange),
     }
 }
@@ -340,12 +354,12 @@ impl HeapFrameAlloc {
     }
 
     fn layout(frames: usize) -> Option<Layout> {
-        Layout::from_size_align(frames.checked_mul(FRAME_SIZE)?, FRAME_SIZE).ok()
+        Layout::from_size_align(frames.checked_mul(PAGE_BYTES)?, PAGE_BYTES).ok()
     }
 
     fn block_of(state: &HeapState, pa: Paddr) -> Option<(Paddr, &HeapBlock)> {
         let (&start, block) = state.blocks.range(..=pa).next_back()?;
-        (pa < start + (block.frames * FRAME_SIZE) as u64).then_some((start, block))
+        (pa < start + (block.frames * PAGE_BYTES) as u64).then_some((start, block))
     }
 
     /// A new heap block of `count` frames at a fresh fake address.
@@ -357,7 +371,7 @@ impl HeapFrameAlloc {
             return None;
         }
         let pa = st.next_pa;
-        st.next_pa += (count * FRAME_SIZE) as u64;
+        st.next_pa += (count * PAGE_BYTES) as u64;
         st.blocks.insert(
             pa,
             HeapBlock {
@@ -371,18 +385,21 @@ impl HeapFrameAlloc {
     }
 }
 
-impl FrameAlloc for HeapFrameAlloc {
+// SAFETY: addresses are fresh fake addresses of heap blocks (page multiples, starting at 4 GiB
+// and advancing by whole blocks) or recycled slab slots that were freed; a slot is on the free
+// list at most once (`free_frame` pushes only addresses inside a slab, which the pool frees once
+// per allocation). `frame_ptr` is `block.ptr + offset` into a live heap block that is
+// PAGE_BYTES-aligned and kept until the allocator drops (slabs) or all its frames are freed
+// (contiguous runs), and blocks never overlap. The state is behind a mutex.
+unsafe impl FrameAlloc for HeapFrameAlloc {
     fn alloc_frame(&self) -> Option<Paddr> {
         let mut st = self.state.lock();
         if let Some(pa) = st.free_slots.pop() {
             return Some(pa);
         }
         let base = Self::new_block(&mut st, SLAB_FRAMES, true)?;
-        st.free_slots.extend(
-            (1..SLAB_FRAMES as u64)
-                .rev()
-                .map(|i| base + i * FRAME_SIZE as u64),
-        );
+        st.free_slots
+            .extend((1..SLAB_FRAMES as u64).rev().map(|i| base + i * PAGE_SIZE));
         Some(base)
     }
 

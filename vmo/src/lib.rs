@@ -12,10 +12,16 @@ pub mod vmar;
 pub mod vmo;
 
 pub use dma::{DevicePerms, DmaDomain, DmaSegment, DmaStats};
-pub use frame::{Frame, FrameAlloc, FramePool, FrameStats, HeapFrameAlloc, Paddr, FRAME_SIZE};
+pub use frame::{Frame, FrameAlloc, FramePool, FrameStats, HeapFrameAlloc, Paddr};
+
+/// The workspace's one page size (a frame, a second-level page): `ept::PAGE_SIZE`.
+pub use ept::PAGE_SIZE;
+/// `PAGE_SIZE` as a `usize`, for buffer and array lengths.
+pub const PAGE_BYTES: usize = PAGE_SIZE as usize;
 pub use pager::Pager;
 pub use vmar::{
     FaultOutcome, FaultStats, MapOptions, MappingInfo, Placement, Resolution, VmPerms, Vmar,
+    DEFAULT_FAULT_AROUND, MAX_FAULT_AROUND,
 };
 pub use vmo::{
     ChildKind, FaultAccess, PageOrigin, RangeChange, Rights, Vmo, VmoFlags, VmoObserver,

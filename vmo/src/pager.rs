@@ -11,13 +11,13 @@
 //!
 //! Errors are reported as `Error::Io`; the Vmo leaves the page uncommitted in that case.
 
-use crate::{Result, FRAME_SIZE};
+use crate::{Result, PAGE_BYTES};
 
 pub trait Pager: Send + Sync {
-    fn commit_page(&self, idx: u64, buf: &mut [u8; FRAME_SIZE]) -> Result<()>;
+    fn commit_page(&self, idx: u64, buf: &mut [u8; PAGE_BYTES]) -> Result<()>;
     fn commit_overwrite(&self, idx: u64) -> Result<()>;
     fn update_page(&self, idx: u64) -> Result<()>;
-    fn decommit_page(&self, idx: u64, data: &[u8; FRAME_SIZE]) -> Result<()>;
+    fn decommit_page(&self, idx: u64, data: &[u8; PAGE_BYTES]) -> Result<()>;
 }
 
 #[cfg(feature = "std")]
@@ -28,7 +28,7 @@ mod file {
     //! A pager over a host file: pages are read from the file on commit and written back on
     //! decommit when dirty. Bytes past the file's end read as zeros.
     use super::Pager;
-    use crate::{Error, Result, FRAME_SIZE};
+    use crate::{Error, Result, PAGE_BYTES, PAGE_SIZE};
     use std::collections::BTreeSet;
     use std::fs::File;
     use std::os::unix::fs::FileExt;
@@ -56,15 +56,15 @@ mod file {
         }
 
         fn offset(idx: u64) -> Result<u64> {
-            idx.checked_mul(FRAME_SIZE as u64).ok_or(Error::OutOfRange)
+            idx.checked_mul(PAGE_SIZE).ok_or(Error::OutOfRange)
         }
     }
 
     impl Pager for FilePager {
-        fn commit_page(&self, idx: u64, buf: &mut [u8; FRAME_SIZE]) -> Result<()> {
+        fn commit_page(&self, idx: u64, buf: &mut [u8; PAGE_BYTES]) -> Result<()> {
             let off = Self::offset(idx)?;
             let mut done = 0;
-            while done < FRAME_SIZE {
+            while done < PAGE_BYTES {
                 match self.file.read_at(&mut buf[done..], off + done as u64) {
                     Ok(0) => break,
                     Ok(n) => done += n,
@@ -85,7 +85,7 @@ mod file {
             Ok(())
         }
 
-        fn decommit_page(&self, idx: u64, data: &[u8; FRAME_SIZE]) -> Result<()> {
+        fn decommit_page(&self, idx: u64, data: &[u8; PAGE_BYTES]) -> Result<()> {
             let was_dirty = self.dirty.lock().map_err(|_| Error::Io)?.remove(&idx);
             if was_dirty {
                 self.file

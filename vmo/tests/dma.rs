@@ -4,7 +4,7 @@
 use ept::{EptTable, HeapPhysMem};
 use vmo::{ChildKind, DevicePerms, DmaDomain, Error, FramePool, Vmo, VmoFlags};
 
-const P: u64 = 4096;
+const P: u64 = vmo::PAGE_SIZE;
 type Domain = DmaDomain<EptTable<HeapPhysMem>>;
 
 fn domain(pool: &FramePool) -> Domain {

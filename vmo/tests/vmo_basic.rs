@@ -3,9 +3,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use vmo::{ChildKind, Error, FramePool, Pager, Rights, Vmo, VmoFlags, FRAME_SIZE};
+use vmo::{ChildKind, Error, FramePool, Pager, Rights, Vmo, VmoFlags, PAGE_BYTES, PAGE_SIZE};
 
-const P: u64 = FRAME_SIZE as u64;
+const P: u64 = PAGE_SIZE;
 
 fn assert_send_sync<T: Send + Sync>() {}
 
@@ -74,7 +74,7 @@ fn bad_input_is_an_error() {
         Error::InvalidArgs
     );
     assert_eq!(
-        vmo.create_child(ChildKind::Snapshot, u64::MAX & !(P - 1), 2 * P)
+        vmo.create_child(ChildKind::Snapshot, !(P - 1), 2 * P)
             .unwrap_err(),
         Error::OutOfRange
     );
@@ -227,7 +227,7 @@ struct CountingPager {
 }
 
 impl Pager for CountingPager {
-    fn commit_page(&self, idx: u64, buf: &mut [u8; FRAME_SIZE]) -> vmo::Result<()> {
+    fn commit_page(&self, idx: u64, buf: &mut [u8; PAGE_BYTES]) -> vmo::Result<()> {
         self.commits.fetch_add(1, Ordering::SeqCst);
         buf.fill(idx as u8 + 1);
         Ok(())
@@ -240,7 +240,7 @@ impl Pager for CountingPager {
         self.updates.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
-    fn decommit_page(&self, _idx: u64, _data: &[u8; FRAME_SIZE]) -> vmo::Result<()> {
+    fn decommit_page(&self, _idx: u64, _data: &[u8; PAGE_BYTES]) -> vmo::Result<()> {
         self.decommits.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }

@@ -3,9 +3,9 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use vmo::{ChildKind, Error, FramePool, Vmo, VmoFlags, FRAME_SIZE};
+use vmo::{ChildKind, Error, FramePool, Vmo, VmoFlags, PAGE_BYTES, PAGE_SIZE};
 
-const P: u64 = FRAME_SIZE as u64;
+const P: u64 = PAGE_SIZE;
 
 fn byte_at(vmo: &Vmo, off: u64) -> u8 {
     let mut b = [0u8; 1];
@@ -30,7 +30,7 @@ fn distinct_frames(vmos: &[&Vmo]) -> u64 {
 fn snapshot_behaves_as_an_eager_copy() {
     let pool = FramePool::heap();
     let parent = Vmo::new(&pool, 4 * P, VmoFlags::empty()).unwrap();
-    parent.write(0, &[1; 4 * FRAME_SIZE]).unwrap();
+    parent.write(0, &[1; 4 * PAGE_BYTES]).unwrap();
     let child = parent.create_child(ChildKind::Snapshot, 0, 4 * P).unwrap();
     assert_eq!(pool.stats().live, 4, "creating a child copies nothing");
     assert_eq!(byte_at(&child, 5), 1);
@@ -134,7 +134,7 @@ fn zero_page_writes_commit_only_in_the_writer() {
 fn children_past_the_parents_end_and_at_offsets() {
     let pool = FramePool::heap();
     let parent = Vmo::new(&pool, 4 * P, VmoFlags::empty()).unwrap();
-    parent.write(0, &[1; 4 * FRAME_SIZE]).unwrap();
+    parent.write(0, &[1; 4 * PAGE_BYTES]).unwrap();
     let child = parent
         .create_child(ChildKind::Snapshot, 2 * P, 8 * P)
         .unwrap();
@@ -162,7 +162,7 @@ fn children_past_the_parents_end_and_at_offsets() {
 fn resize_parent_and_children() {
     let pool = FramePool::heap();
     let parent = Vmo::new(&pool, 4 * P, VmoFlags::RESIZABLE).unwrap();
-    parent.write(0, &[1; 4 * FRAME_SIZE]).unwrap();
+    parent.write(0, &[1; 4 * PAGE_BYTES]).unwrap();
     let a = parent
         .create_child_with(ChildKind::Snapshot, 0, 4 * P, VmoFlags::RESIZABLE)
         .unwrap();
@@ -281,7 +281,7 @@ fn long_chain_of_snapshots() {
 fn concurrent_create_write_close_race() {
     let pool = FramePool::heap();
     let parent = Vmo::new(&pool, 32 * P, VmoFlags::empty()).unwrap();
-    parent.write(0, &[1; 32 * FRAME_SIZE]).unwrap();
+    parent.write(0, &[1; 32 * PAGE_BYTES]).unwrap();
     let parent = Arc::new(parent);
     let threads: Vec<_> = (0..4u8)
         .map(|t| {
@@ -339,7 +339,7 @@ fn concurrent_commits_of_one_page_commit_once() {
 fn reset_returns_to_the_reset_point_dropping_only_changed_pages() {
     let pool = FramePool::heap();
     let parent = Vmo::new(&pool, 8 * P, VmoFlags::empty()).unwrap();
-    parent.write(0, &[1; 8 * FRAME_SIZE]).unwrap();
+    parent.write(0, &[1; 8 * PAGE_BYTES]).unwrap();
     let child = parent.create_child(ChildKind::Snapshot, 0, 8 * P).unwrap();
     assert_eq!(child.reset(), Err(Error::BadState), "no reset point yet");
     child.set_reset_point().unwrap();
@@ -393,6 +393,7 @@ mod model {
             let mut vmos: Vec<(Vmo, HashMap<u64, u8>)> =
                 vec![(Vmo::new(&pool, PAGES * P, VmoFlags::empty()).unwrap(), HashMap::new())];
             for op in ops {
+                let op_desc = format!("{op:?}");
                 if vmos.is_empty() {
                     vmos.push((Vmo::new(&pool, PAGES * P, VmoFlags::empty()).unwrap(), HashMap::new()));
                 }
@@ -440,6 +441,11 @@ mod model {
                 }
                 let alive: Vec<&Vmo> = vmos.iter().map(|(v, _)| v).collect();
                 prop_assert_eq!(pool.stats().live, distinct_frames(&alive));
+                for v in &alive {
+                    if let Err(e) = v.check_invariants() {
+                        prop_assert!(false, "after {:?}: {}", op_desc, e);
+                    }
+                }
             }
             drop(vmos);
             prop_assert_eq!(pool.stats().live, 0);

@@ -177,7 +177,10 @@ pub fn stats() -> (u64, u64, u64, u64) {
 /// The allocator as the memory model (`vmo`) sees it.
 pub struct PhysFrames;
 
-impl vmo::FrameAlloc for PhysFrames {
+// SAFETY: frames are 4 KiB aligned, never handed out twice while allocated (module
+// invariants), only the free list writes them and only after `free`; RAM is identity mapped,
+// so the address is a valid pointer to the frame's 4 KiB for as long as it is allocated.
+unsafe impl vmo::FrameAlloc for PhysFrames {
     fn alloc_frame(&self) -> Option<vmo::Paddr> {
         alloc()
     }

@@ -2,7 +2,8 @@
 //! `take_dirty`, every installed entry is write-protected, so the first write to each page
 //! faults and is recorded. Invariant: a page the guest wrote since the last `take_dirty` is in
 //! the set; a page it did not write is not (writes through the host side `Vmo::write` are not
-//! guest writes and are not recorded).
+//! guest writes and are not recorded). If re-arming fails in the backend, `take_dirty` returns the
+//! error and keeps the pages in the set, so no write goes unreported.
 
 use alloc::collections::BTreeSet;
 use alloc::vec::Vec;
@@ -43,12 +44,25 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
             None => return Ok(Vec::new()),
         };
         let mut stage2 = self.space.stage2.lock();
+        let mut result = Ok(());
         for &page in &pages {
             if let Some(m) = tree.mapping_at(page) {
-                stage2.protect(page, super::PAGE, (m.perms - VmPerms::WRITE).to_stage2())?;
+                let read_only = (m.perms - VmPerms::WRITE).to_stage2();
+                if let Err(e) = stage2.protect(page, crate::PAGE_SIZE, read_only) {
+                    result = Err(e);
+                    break;
+                }
             }
         }
         self.space.flush_if_pending(&mut stage2);
+        drop(stage2);
+        if let Err(e) = result {
+            // Not re-armed: the pages stay recorded (a later write would not be seen again).
+            if let Some(set) = self.space.dirty.lock().as_mut() {
+                set.extend(pages.iter().copied());
+            }
+            return Err(e.into());
+        }
         Ok(pages)
     }
 }

@@ -23,7 +23,8 @@ use core::sync::atomic::Ordering;
 
 use ept::Stage2;
 
-use super::map::{make_mapping, NewMapping};
+use super::map::make_mapping;
+use super::tree::MappingInfo;
 use super::tree::{Tree, ROOT};
 use super::{Counters, Space, Vmar};
 use crate::{Error, Result, Vmo, VmoFlags};
@@ -68,6 +69,10 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
             fault_around: core::sync::atomic::AtomicU64::new(
                 self.space.fault_around.load(Ordering::Relaxed),
             ),
+            stream_window: core::sync::atomic::AtomicU64::new(
+                self.space.stream_window.load(Ordering::Relaxed),
+            ),
+            last_write: core::sync::atomic::AtomicU64::new(super::NO_PAGE),
             defer_flush: core::sync::atomic::AtomicU32::new(0),
             dirty: spin::Mutex::new(None),
         });
@@ -100,20 +105,13 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
                 c
             };
             let region = *ids.get(&m.region).ok_or(Error::BadState)?;
-            child_tree.insert_mapping(make_mapping(
-                &child_space,
-                NewMapping {
-                    base: m.base,
-                    len: m.len,
-                    vmo,
-                    vmo_offset: m.vmo_offset,
-                    perms: m.perms,
-                    shared: m.shared,
-                    allow_faults: m.allow_faults,
-                    region,
-                },
-            ))?;
+            let info = MappingInfo {
+                vmo,
+                ..m.info.clone()
+            };
+            child_tree.insert_mapping(make_mapping(&child_space, info, region))?;
         }
+        child_tree.debug_check();
         *child_space.tree.write() = child_tree;
         drop(tree);
         Ok(Vmar {
@@ -135,7 +133,13 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
 
     /// Returns every private mapping's Vmo to its reset point (the fork, or the last
     /// `set_reset_point`), dropping only the pages changed since and their translations; one
-    /// flush. Returns the number of pages dropped. Vmos without a reset point → BadState.
+    /// flush. Returns the number of pages dropped.
+    ///
+    /// All or nothing: any Vmo without a reset point or with pinned pages → `BadState`, and a
+    /// backend failure while dropping translations → that error, in both cases with no Vmo
+    /// reset. It does not depend on the rights of the handles the mappings hold (a read-only
+    /// handle, e.g. one from `query`, resets like any other): the reset points are this
+    /// address space's own, set by `fork` / `set_reset_point`.
     pub fn reset(&self) -> Result<u64> {
         if self.region != ROOT {
             return Err(Error::NotSupported);
@@ -143,11 +147,7 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
         let tree = self.space.tree.write();
         tree.region(ROOT)?;
         let _flush = DeferredFlush::new(&self.space);
-        let mut dropped = 0;
-        for vmo in Self::private_vmos(&tree) {
-            dropped += vmo.reset()?;
-        }
-        Ok(dropped)
+        Vmo::reset_objects(&Self::private_vmos(&tree))
     }
 
     /// Makes the current contents of every private mapping the state `reset` returns to

@@ -2,7 +2,8 @@
 //! constructor/splitter the other operations share.
 //!
 //! Contract (CONTRACTS.md, Zircon's vmar_map): placement Specific (overlap → AlreadyExists),
-//! SpecificOverwrite (atomically replaces overlapped mappings; any overlapped sub-region →
+//! SpecificOverwrite (atomically replaces overlapped mappings: their translations are removed
+//! first, and if the backend fails the old mappings stay; any overlapped sub-region →
 //! InvalidArgs) or Anywhere with a power-of-two alignment (none free → NoMemory). WRITE and EXEC
 //! each need READ (InvalidArgs); perms beyond the region's MAY_* bits or the Vmo's rights →
 //! AccessDenied. Mapping past the Vmo's end, or a resizable or pager-backed Vmo, needs
@@ -14,8 +15,8 @@ use alloc::vec::Vec;
 use ept::Stage2;
 
 use super::observer::MappingObserver;
-use super::tree::{Child, Mapping, RegionId, Tree};
-use super::{checked_range, Space, VmPerms, Vmar, PAGE};
+use super::tree::{Child, Mapping, MappingInfo, RegionId, Tree};
+use super::{checked_range, Space, VmPerms, Vmar, PAGE_SIZE};
 use crate::vmo::VmoObserver;
 use crate::{Error, Result, Rights, Vmo, VmoFlags};
 
@@ -54,7 +55,7 @@ impl MapOptions {
 
     pub fn anywhere(perms: VmPerms) -> Self {
         MapOptions {
-            placement: Placement::Anywhere { align: PAGE },
+            placement: Placement::Anywhere { align: PAGE_SIZE },
             perms,
             allow_faults: false,
             shared: false,
@@ -87,47 +88,32 @@ pub(crate) fn rights_for(perms: VmPerms) -> Rights {
     r
 }
 
-pub(crate) struct NewMapping {
-    pub base: u64,
-    pub len: u64,
-    pub vmo: Vmo,
-    pub vmo_offset: u64,
-    pub perms: VmPerms,
-    pub shared: bool,
-    pub allow_faults: bool,
-    pub region: RegionId,
-}
-
-/// Builds a mapping and registers its observer with the Vmo.
+/// Builds a mapping in `region` and registers its observer with the Vmo.
 pub(crate) fn make_mapping<S: Stage2 + Send + 'static>(
     space: &Arc<Space<S>>,
-    n: NewMapping,
+    info: MappingInfo,
+    region: RegionId,
 ) -> Mapping<S> {
     let observer = Arc::new(MappingObserver {
         space: Arc::downgrade(space),
-        gpa: n.base,
-        vmo_offset: n.vmo_offset,
-        len: n.len,
-        perms: n.perms,
+        gpa: info.base,
+        vmo_offset: info.vmo_offset,
+        len: info.len,
+        perms: info.perms,
     });
     let weak: Weak<dyn VmoObserver> = Arc::downgrade(&observer) as Weak<dyn VmoObserver>;
-    let observer_id = n.vmo.add_observer(weak);
+    let observer_id = info.vmo.add_observer(weak);
     Mapping {
-        base: n.base,
-        len: n.len,
-        vmo: n.vmo,
-        vmo_offset: n.vmo_offset,
-        perms: n.perms,
-        shared: n.shared,
-        allow_faults: n.allow_faults,
-        region: n.region,
+        info,
+        region,
         _observer: observer,
         observer_id,
     }
 }
 
 /// Replaces mapping `base` by its pieces outside `[cut_start, cut_end)` and, when `middle` is
-/// given, a middle piece with those perms. Returns the removed original.
+/// given, a middle piece with those perms. Returns the removed original. Pure tree surgery:
+/// the caller has already dealt with the range's translations.
 pub(crate) fn split_mapping<S: Stage2 + Send + 'static>(
     space: &Arc<Space<S>>,
     tree: &mut Tree<S>,
@@ -138,28 +124,18 @@ pub(crate) fn split_mapping<S: Stage2 + Send + 'static>(
 ) -> Result<Mapping<S>> {
     let old = tree.remove_mapping(base).ok_or(Error::NotFound)?;
     let (s, e) = (cut_start.max(old.base), cut_end.min(old.end()));
-    let piece = |from: u64, to: u64, perms: VmPerms| NewMapping {
-        base: from,
-        len: to - from,
-        vmo: old.vmo.clone(),
-        vmo_offset: old.vmo_offset + (from - old.base),
-        perms,
-        shared: old.shared,
-        allow_faults: old.allow_faults,
-        region: old.region,
-    };
     let mut pieces = Vec::new();
     if old.base < s {
-        pieces.push(piece(old.base, s, old.perms));
+        pieces.push(old.piece(old.base, s, old.perms));
     }
     if let Some(perms) = middle {
-        pieces.push(piece(s, e, perms));
+        pieces.push(old.piece(s, e, perms));
     }
     if e < old.end() {
-        pieces.push(piece(e, old.end(), old.perms));
+        pieces.push(old.piece(e, old.end(), old.perms));
     }
     for p in pieces {
-        tree.insert_mapping(make_mapping(space, p))?;
+        tree.insert_mapping(make_mapping(space, p, old.region))?;
     }
     Ok(old)
 }
@@ -171,7 +147,7 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
         if opts.perms != opts.perms.access() {
             return Err(Error::InvalidArgs);
         }
-        if !vmo_offset.is_multiple_of(PAGE) {
+        if !vmo_offset.is_multiple_of(PAGE_SIZE) {
             return Err(Error::InvalidArgs);
         }
         let (_, rounded) = checked_range(0, len, u64::MAX)?;
@@ -209,35 +185,34 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
                 {
                     return Err(Error::InvalidArgs);
                 }
+                if !overlapped.is_empty() {
+                    // Translations go first: if the backend fails, the tree is unchanged and
+                    // the old mappings (and their frames) stay as they were.
+                    self.space.unmap_range(s, e - s)?;
+                }
                 for (b, _) in overlapped {
                     replaced.push(split_mapping(&self.space, &mut tree, b, s, e, None)?);
                 }
                 s
             }
             Placement::Anywhere { align } => {
-                if !align.is_power_of_two() || align < PAGE {
+                if !align.is_power_of_two() || align < PAGE_SIZE {
                     return Err(Error::InvalidArgs);
                 }
                 region.find_gap(rounded, align).ok_or(Error::NoMemory)?
             }
         };
-        let mapping = make_mapping(
-            &self.space,
-            NewMapping {
-                base,
-                len: rounded,
-                vmo: vmo.clone(),
-                vmo_offset,
-                perms: opts.perms,
-                shared: opts.shared,
-                allow_faults: opts.allow_faults,
-                region: self.region,
-            },
-        );
-        tree.insert_mapping(mapping)?;
-        if !replaced.is_empty() {
-            self.space.unmap_range(base, rounded)?;
-        }
+        let info = MappingInfo {
+            base,
+            len: rounded,
+            vmo: vmo.clone(),
+            vmo_offset,
+            perms: opts.perms,
+            shared: opts.shared,
+            allow_faults: opts.allow_faults,
+        };
+        tree.insert_mapping(make_mapping(&self.space, info, self.region))?;
+        tree.debug_check();
         drop(tree);
         drop(replaced);
         Ok(base)

@@ -36,13 +36,11 @@ use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use ept::{FlushScope, S2Perms, Stage2};
 
-use crate::{Error, Result, FRAME_SIZE};
+use crate::{Error, Result, PAGE_SIZE};
 pub use map::{MapOptions, Placement};
 pub use page_fault::{FaultOutcome, Resolution};
-pub use region::MappingInfo;
+pub use tree::MappingInfo;
 use tree::{RegionId, Tree};
-
-pub(crate) const PAGE: u64 = FRAME_SIZE as u64;
 
 bitflags::bitflags! {
     /// Permissions of a mapping (READ/WRITE/EXEC) and of a region (MAY_*: the most any
@@ -143,8 +141,13 @@ pub(crate) struct Space<S: Stage2 + Send + 'static> {
     stage2: spin::Mutex<S>,
     counters: Counters,
     /// Pages a fault may install: the faulting one plus committed neighbours after it (see
-    /// `page_fault.rs`).
+    /// `page_fault.rs`); 1..=MAX_FAULT_AROUND.
     fault_around: AtomicU64,
+    /// Streaming fault-around window in pages (0 = off, at most MAX_FAULT_AROUND).
+    stream_window: AtomicU64,
+    /// Page of the last resolved write fault (`NO_PAGE` after any other fault): streaming
+    /// starts when a write fault follows one on the page before.
+    last_write: AtomicU64,
     /// While non-zero, observers leave flushes pending for the operation in progress to do once.
     defer_flush: AtomicU32,
     dirty: spin::Mutex<Option<alloc::collections::BTreeSet<u64>>>,
@@ -152,11 +155,12 @@ pub(crate) struct Space<S: Stage2 + Send + 'static> {
 
 impl<S: Stage2 + Send + 'static> Space<S> {
     /// Removes every translation in `[gpa, gpa + len)` and flushes once (unless deferred).
+    /// On a backend error, what it did remove is flushed too and the error returned.
     pub(crate) fn unmap_range(&self, gpa: u64, len: u64) -> Result<()> {
         let mut stage2 = self.stage2.lock();
-        stage2.unmap(gpa, len)?;
+        let result = stage2.unmap(gpa, len);
         self.flush_if_pending(&mut stage2);
-        Ok(())
+        result.map(drop).map_err(Error::from)
     }
 
     /// Flushes if an operation left stale translations behind (and nobody defers it).
@@ -193,12 +197,17 @@ impl<S: Stage2 + Send + 'static> Clone for Vmar<S> {
 
 /// Default number of pages one fault may install (fault-around).
 pub const DEFAULT_FAULT_AROUND: u64 = 16;
+/// Most pages one fault may install (either fault-around knob is clamped to it): one page
+/// table's worth, so a fault's work stays bounded and its arithmetic cannot overflow.
+pub const MAX_FAULT_AROUND: u64 = 512;
+/// `Space::last_write` when the last fault was not a write.
+pub(crate) const NO_PAGE: u64 = u64::MAX;
 
 impl<S: Stage2 + Send + 'static> Vmar<S> {
     /// A root region covering guest-physical `[0, size)` (page aligned, non-zero, below
     /// 2^48), translated by `stage2` (which must be empty). The root may hold any permission.
     pub fn new_root(size: u64, stage2: S) -> Result<Self> {
-        if size == 0 || !size.is_multiple_of(PAGE) {
+        if size == 0 || !size.is_multiple_of(PAGE_SIZE) {
             return Err(Error::InvalidArgs);
         }
         if size > ept::GPA_LIMIT {
@@ -209,6 +218,8 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
             stage2: spin::Mutex::new(stage2),
             counters: Counters::default(),
             fault_around: AtomicU64::new(DEFAULT_FAULT_AROUND),
+            stream_window: AtomicU64::new(0),
+            last_write: AtomicU64::new(NO_PAGE),
             defer_flush: AtomicU32::new(0),
             dirty: spin::Mutex::new(None),
         };
@@ -250,12 +261,63 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
         }
     }
 
-    /// Pages one fault may install, counting the faulting page (≥ 1; default 16; 1 turns
-    /// fault-around off).
+    /// Pages one fault may install, counting the faulting page (default 16; 1 turns
+    /// fault-around off; clamped to `1..=MAX_FAULT_AROUND`). Applies to the whole space.
     pub fn set_fault_around(&self, pages: u64) {
         self.space
             .fault_around
-            .store(pages.max(1), Ordering::Relaxed);
+            .store(pages.clamp(1, MAX_FAULT_AROUND), Ordering::Relaxed);
+    }
+
+    /// Streaming fault-around window (pages; 0 = off, the default; clamped to
+    /// `MAX_FAULT_AROUND`). When a write fault on a not-present page commits a fresh page and
+    /// the previous fault of this space was a write to the page before it, the fault path also
+    /// commits and installs writable up to `pages` following pages of the same mapping,
+    /// stopping at the first one that is already installed, is not empty in the Vmo (so a fork
+    /// never copies a shared page it did not write), or fails. Off while dirty tracking is on.
+    /// Applies to the whole space; forks inherit it.
+    pub fn set_stream_fault_around(&self, pages: u64) {
+        self.space
+            .stream_window
+            .store(pages.min(MAX_FAULT_AROUND), Ordering::Relaxed);
+    }
+
+    /// Checks the invariants of this address space's region tree (`tree.rs`) and that every
+    /// installed translation inside a mapping translates to the frame the Vmo holds there,
+    /// with at most the mapping's perms. Meant for quiescent points (tests): O(regions +
+    /// mapped pages). The tree part runs in debug builds after every tree change.
+    pub fn check_invariants(&self) -> core::result::Result<(), alloc::string::String> {
+        let tree = self.space.tree.read();
+        tree.check_invariants()?;
+        for m in tree.mappings.values() {
+            let allowed = m.perms.to_stage2();
+            let vmo = m.vmo.restricted(crate::Rights::READ);
+            for i in 0..m.len / PAGE_SIZE {
+                let gpa = m.base + i * PAGE_SIZE;
+                // Lock order: the Vmo's page lock before (not inside) the stage2 lock.
+                let frame = vmo.committed_frame(m.vmo_offset + i * PAGE_SIZE);
+                let Some(t) = self.space.stage2.lock().query(gpa) else {
+                    continue;
+                };
+                if !allowed.contains(t.perms) {
+                    return Err(alloc::format!(
+                        "{gpa:#x}: installed {:?} beyond the mapping's {:?}",
+                        t.perms,
+                        m.perms
+                    ));
+                }
+                match frame {
+                    Ok(Some(f)) if f.paddr() == t.pa_of(gpa) => {}
+                    other => {
+                        return Err(alloc::format!(
+                            "{gpa:#x}: translates to {:#x}, the Vmo holds {other:?}",
+                            t.pa_of(gpa)
+                        ))
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Whether two handles name the same address space.
@@ -268,10 +330,10 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
 /// Returns `(start, end)` relative offsets. Zero length or a misaligned offset → InvalidArgs;
 /// arithmetic overflow → OutOfRange; a range leaving the region → InvalidArgs (as Zircon).
 pub(crate) fn checked_range(offset: u64, len: u64, region_len: u64) -> Result<(u64, u64)> {
-    if len == 0 || !offset.is_multiple_of(PAGE) {
+    if len == 0 || !offset.is_multiple_of(PAGE_SIZE) {
         return Err(Error::InvalidArgs);
     }
-    let len = len.checked_add(PAGE - 1).ok_or(Error::OutOfRange)? & !(PAGE - 1);
+    let len = len.checked_add(PAGE_SIZE - 1).ok_or(Error::OutOfRange)? & !(PAGE_SIZE - 1);
     let end = offset.checked_add(len).ok_or(Error::OutOfRange)?;
     if end > region_len {
         return Err(Error::InvalidArgs);

@@ -6,18 +6,33 @@
 //! 3 an entry already present with enough permission means another thread resolved it: flush,
 //! done; 4/5 ask the Vmo for the page — committing it (zero or pager), copying a shared frame
 //! on a write, or upgrading in place when this Vmo holds the last reference; 6 install it
-//! through `Stage2` while the Vmo's page lock is held, and flush if an entry changed. Read
-//! faults on pager-backed mappings also install up to `fault_around` following pages.
+//! through `Stage2` while the Vmo's page lock is held, and flush if an entry changed.
+//!
+//! Fault-around, one policy with two knobs, both clamped to `MAX_FAULT_AROUND` pages:
+//! - `fault_around` (default 16): after any fault, up to that many pages (counting the
+//!   faulting one) following it in the mapping are installed if not installed yet — committed
+//!   ones read-only unless private, uncommitted ones committed only for a read fault on a
+//!   pager-backed mapping (read-ahead);
+//! - `stream_window` (default 0 = off): a write fault on a not-present page that committed a
+//!   fresh page, right after a write fault on the page before, also commits and installs
+//!   writable up to that many following pages, stopping at the first already installed, not
+//!   empty in the Vmo (a shared frame is never copied speculatively) or failing. Off while
+//!   dirty tracking is on (a speculative page would be writable without ever being recorded).
+//!
+//! A handle resolves only faults inside its own region (a sub-VMAR's handle: its range, and
+//! `BadState` once destroyed, as every other operation on it), so the root handle is the one a
+//! backend's fault loop holds.
 //!
 //! Invariant: an error return installs nothing and changes nothing; a guest-caused error never
-//! panics. Write permission is installed only for frames private to the Vmo.
+//! panics (fault-around arithmetic saturates). Write permission is installed only for frames
+//! private to the Vmo.
 
 use core::sync::atomic::Ordering;
 
-use ept::{Access, FaultInfo, MemType, PageSize, S2Perms, Stage2};
+use ept::{Access, FaultInfo, FaultKind, MemType, PageSize, S2Perms, Stage2};
 
 use super::tree::Mapping;
-use super::{VmPerms, Vmar, PAGE};
+use super::{VmPerms, Vmar, PAGE_SIZE};
 use crate::{Error, FaultAccess, Result};
 
 /// What the fault path did.
@@ -72,9 +87,10 @@ fn needed(access: Access) -> (VmPerms, S2Perms) {
 }
 
 impl<S: Stage2 + Send + 'static> Vmar<S> {
-    /// Resolves a second-level fault (see the module doc). Errors: NotFound (no mapping),
-    /// AccessDenied (the mapping forbids the access), OutOfRange (past the end of a Vmo mapped
-    /// with `allow_faults`), NoMemory, Io (pager), BadState (destroyed space).
+    /// Resolves a second-level fault (see the module doc). Errors: NotFound (no mapping, or
+    /// outside this handle's region), AccessDenied (the mapping forbids the access),
+    /// OutOfRange (past the end of a Vmo mapped with `allow_faults`), NoMemory, Io (pager),
+    /// BadState (this handle's region — the root too — was destroyed), Stage2 (the backend).
     pub fn handle_fault(&self, fault: FaultInfo) -> Result<Resolution> {
         let c = &self.space.counters;
         c.faults.fetch_add(1, Ordering::Relaxed);
@@ -89,8 +105,12 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
     }
 
     fn resolve(&self, fault: FaultInfo) -> Result<Resolution> {
-        let page = fault.gpa & !(PAGE - 1);
+        let page = fault.gpa & !(PAGE_SIZE - 1);
         let tree = self.space.tree.read();
+        let region = tree.region(self.region)?;
+        if page < region.base || page >= region.end() {
+            return Err(Error::NotFound);
+        }
         let m = tree.mapping_at(page).ok_or(Error::NotFound)?;
         let (need_vm, need_s2) = needed(fault.access);
         if !m.perms.contains(need_vm) {
@@ -140,7 +160,22 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
                 dirty.insert(page);
             }
         }
-        let pages = 1 + self.fault_around(m, page, write);
+        let streamed = if write
+            && fault.kind == FaultKind::NotPresent
+            && outcome == FaultOutcome::Committed
+            && page.checked_sub(PAGE_SIZE) == Some(self.space.last_write.load(Ordering::Relaxed))
+        {
+            self.stream(m, page)
+        } else {
+            0
+        };
+        let last = if write {
+            page + streamed * PAGE_SIZE
+        } else {
+            super::NO_PAGE
+        };
+        self.space.last_write.store(last, Ordering::Relaxed);
+        let pages = 1 + streamed + self.fault_around(m, page + streamed * PAGE_SIZE, write);
         Ok(Resolution {
             gpa: page,
             pa,
@@ -186,7 +221,11 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
     /// mapping (read-ahead). Never commits anonymous memory the guest has not touched. Stops
     /// at the first page it must skip or that fails (the fault itself is already resolved).
     fn fault_around(&self, m: &Mapping<S>, page: u64, write: bool) -> u64 {
-        let n = self.space.fault_around.load(Ordering::Relaxed);
+        let n = self
+            .space
+            .fault_around
+            .load(Ordering::Relaxed)
+            .min(super::MAX_FAULT_AROUND);
         if n <= 1 {
             return 0;
         }
@@ -196,9 +235,12 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
             FaultAccess::ReadIfCommitted
         };
         let vmo_end = m.base + m.vmo.size().saturating_sub(m.vmo_offset);
-        let end = m.end().min(vmo_end).min(page.saturating_add(n * PAGE));
+        let end = m
+            .end()
+            .min(vmo_end)
+            .min(page.saturating_add(n.saturating_mul(PAGE_SIZE)));
         let mut installed = 0;
-        let mut next = page + PAGE;
+        let mut next = page + PAGE_SIZE;
         while next < end {
             let present = self.space.stage2.lock().query(next).is_some();
             if !present {
@@ -207,12 +249,46 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
                     Ok(None) | Err(_) => break,
                 }
             }
-            next += PAGE;
+            next += PAGE_SIZE;
         }
         self.space
             .counters
             .fault_around
             .fetch_add(installed, Ordering::Relaxed);
         installed
+    }
+
+    /// Streaming fault-around (module doc): commits and installs writable up to
+    /// `stream_window` pages after `page` inside `m`; returns how many.
+    fn stream(&self, m: &Mapping<S>, page: u64) -> u64 {
+        let window = self
+            .space
+            .stream_window
+            .load(Ordering::Relaxed)
+            .min(super::MAX_FAULT_AROUND);
+        if window == 0 || self.space.dirty.lock().is_some() {
+            return 0;
+        }
+        let vmo_end = m.base + m.vmo.size().saturating_sub(m.vmo_offset);
+        let end = m
+            .end()
+            .min(vmo_end)
+            .min(page.saturating_add(window.saturating_mul(PAGE_SIZE).saturating_add(PAGE_SIZE)));
+        let mut streamed = 0;
+        let mut next = page + PAGE_SIZE;
+        while next < end {
+            if self.space.stage2.lock().query(next).is_some() {
+                break;
+            }
+            match self.install(m, next, FaultAccess::WriteIfUncommitted) {
+                Ok(Some(_)) => streamed += 1,
+                Ok(None) | Err(_) => break,
+            }
+            next += PAGE_SIZE;
+        }
+        let c = &self.space.counters;
+        c.commits.fetch_add(streamed, Ordering::Relaxed);
+        c.fault_around.fetch_add(streamed, Ordering::Relaxed);
+        streamed
     }
 }

@@ -5,7 +5,8 @@
 //! partly covered mappings are split. Installed second-level entries are downgraded before
 //! return: to the new perms without WRITE (a write then refaults and is upgraded in place or
 //! copied, so copy-on-write frames never become writable by accident), or removed when the
-//! new perms allow nothing. One flush.
+//! new perms allow nothing. One flush. The entries change before the tree does: a backend
+//! failure returns its error with every mapping's perms unchanged.
 
 use alloc::vec::Vec;
 
@@ -42,6 +43,26 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
         if covered < end {
             return Err(Error::NotFound);
         }
+        // Translations first, under the tree lock: if the backend fails, the tree (the
+        // mappings' perms) is unchanged. A protect that failed part-way may have left entries
+        // with perms the old mappings do not allow (an added EXEC), so the range's entries are
+        // then removed as well (they refault under the old perms) before the error returns; if
+        // even that fails, its error is the one returned.
+        {
+            let mut stage2 = self.space.stage2.lock();
+            let installed = (perms - VmPerms::WRITE).to_stage2();
+            let result = if perms.contains(VmPerms::READ) {
+                stage2.protect(start, end - start, installed).map(drop)
+            } else {
+                stage2.unmap(start, end - start).map(drop)
+            };
+            if let Err(e) = result {
+                let undo = stage2.unmap(start, end - start);
+                self.space.flush_if_pending(&mut stage2);
+                return Err(undo.err().unwrap_or(e).into());
+            }
+            self.space.flush_if_pending(&mut stage2);
+        }
         let mut old = Vec::new();
         for b in bases {
             old.push(split_mapping(
@@ -53,16 +74,7 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
                 Some(perms),
             )?);
         }
-        {
-            let mut stage2 = self.space.stage2.lock();
-            let installed = (perms - VmPerms::WRITE).to_stage2();
-            if perms.contains(VmPerms::READ) {
-                stage2.protect(start, end - start, installed)?;
-            } else {
-                stage2.unmap(start, end - start)?;
-            }
-            self.space.flush_if_pending(&mut stage2);
-        }
+        tree.debug_check();
         drop(tree);
         drop(old);
         Ok(())

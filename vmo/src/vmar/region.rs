@@ -2,26 +2,16 @@
 //!
 //! Contract: a sub-region's MAY_* bits must be a subset of its parent's (AccessDenied); its
 //! range stays reserved until destroyed; placement is Specific (overlap → AlreadyExists) or
-//! Anywhere (none free → NoMemory). `destroy` unmaps everything inside (one flush) and makes
+//! Anywhere (none free → NoMemory). `destroy` unmaps everything inside (one flush; translations first, so a backend failure leaves
+//! the region intact) and makes
 //! every handle to the region (and its sub-regions) fail with BadState afterwards.
 
 use ept::Stage2;
 
 use super::map::Placement;
-use super::{checked_range, VmPerms, Vmar, PAGE};
-use crate::{Error, Result, Rights, Vmo};
-
-/// What `query` reports about the mapping at an address.
-#[derive(Clone, Debug)]
-pub struct MappingInfo {
-    pub base: u64,
-    pub len: u64,
-    /// A handle to the mapped Vmo (read-only rights unless the caller's mapping was writable).
-    pub vmo: Vmo,
-    pub vmo_offset: u64,
-    pub perms: VmPerms,
-    pub shared: bool,
-}
+use super::tree::MappingInfo;
+use super::{checked_range, VmPerms, Vmar, PAGE_SIZE};
+use crate::{Error, Result, Rights};
 
 impl<S: Stage2 + Send + 'static> Vmar<S> {
     /// A sub-region of `len` bytes with MAY_* bits `may` (a subset of this region's).
@@ -46,13 +36,14 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
             }
             Placement::SpecificOverwrite(_) => return Err(Error::InvalidArgs),
             Placement::Anywhere { align } => {
-                if !align.is_power_of_two() || align < PAGE {
+                if !align.is_power_of_two() || align < PAGE_SIZE {
                     return Err(Error::InvalidArgs);
                 }
                 region.find_gap(rounded, align).ok_or(Error::NoMemory)?
             }
         };
         let id = tree.add_region(self.region, base, rounded, may)?;
+        tree.debug_check();
         Ok(Vmar {
             space: self.space.clone(),
             region: id,
@@ -67,8 +58,10 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
             let r = tree.region(self.region)?;
             (r.base, r.len)
         };
-        let removed = tree.destroy_region(self.region)?;
+        // Translations first: a backend failure leaves the region and its mappings in place.
         self.space.unmap_range(base, len)?;
+        let removed = tree.destroy_region(self.region)?;
+        tree.debug_check();
         drop(tree);
         drop(removed);
         Ok(())
@@ -84,12 +77,8 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
             rights |= Rights::WRITE;
         }
         Ok(MappingInfo {
-            base: m.base,
-            len: m.len,
             vmo: m.vmo.restricted(rights & m.vmo.rights()),
-            vmo_offset: m.vmo_offset,
-            perms: m.perms,
-            shared: m.shared,
+            ..m.info.clone()
         })
     }
 }

@@ -3,7 +3,8 @@
 //! Contract: every mapping and every sub-region fully inside the range goes; mappings only
 //! partly covered are split (the outside pieces stay); a sub-region only partly covered →
 //! InvalidArgs, checked before anything changes; nothing in the range → NotFound; a destroyed
-//! region → BadState. The range's second-level entries are removed and flushed once.
+//! region → BadState. The range's second-level entries are removed (and flushed once) before the
+//! tree changes; a backend failure returns its error with the tree unchanged.
 
 use alloc::vec::Vec;
 
@@ -32,6 +33,10 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
                 }
             }
         }
+        // Translations first, under the tree lock (no fault can reinstall them): if the backend
+        // fails, the error is returned with the tree unchanged, so every frame stays owned by a
+        // mapping for as long as anything may still translate to it.
+        self.space.unmap_range(start, end - start)?;
         let mut removed = Vec::new();
         for (b, c) in children {
             match c {
@@ -41,7 +46,7 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
                 }
             }
         }
-        self.space.unmap_range(start, end - start)?;
+        tree.debug_check();
         drop(tree);
         drop(removed);
         Ok(())

@@ -1,4 +1,5 @@
-//! Children of a Vmo: snapshots (copy-on-write) and slices (shared windows).
+//! Children of a Vmo: snapshots (copy-on-write) and slices (shared windows), and the two
+//! copies a Vmar fork makes (`fork_child`, and `deep_copy` for DMA memory).
 //!
 //! - `Snapshot`: behaves as an eager copy of `[offset, offset + size)`; afterwards neither side
 //!   sees the other's writes. Refused on pinned (BadState), contiguous (NotSupported) and
@@ -16,8 +17,8 @@ use alloc::sync::Arc;
 
 use super::observer::Observers;
 use super::pages::Pages;
-use super::{check_range, page_round_up, Body, RangeChange, Rights, Vmo, VmoFlags, PAGE};
-use crate::{Error, Result};
+use super::{check_range, page_round_up, Body, RangeChange, Rights, Vmo, VmoFlags, PAGE_SIZE};
+use crate::{Error, Result, PAGE_BYTES};
 
 /// The kind of child `create_child` makes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,7 +44,7 @@ impl Vmo {
         flags: VmoFlags,
     ) -> Result<Vmo> {
         self.require(Rights::READ | Rights::DUPLICATE)?;
-        if !offset.is_multiple_of(PAGE) || !VmoFlags::RESIZABLE.contains(flags) {
+        if !offset.is_multiple_of(PAGE_SIZE) || !VmoFlags::RESIZABLE.contains(flags) {
             return Err(Error::InvalidArgs);
         }
         let size = page_round_up(size)?;
@@ -93,7 +94,10 @@ impl Vmo {
     ) -> Result<Vmo> {
         let (_, base) = self.root();
         let visible_end = (offset + size).min(self.size()).max(offset);
-        let (first, last) = ((base + offset) / PAGE, (base + visible_end) / PAGE);
+        let (first, last) = (
+            (base + offset) / PAGE_SIZE,
+            (base + visible_end) / PAGE_SIZE,
+        );
         let pages = self.lock_root_pages();
         // Pins first: an assigned DMA Vmo reports BadState whatever else it is.
         if pages.any_pinned_in(first, last) {
@@ -108,11 +112,12 @@ impl Vmo {
         let child_pages: Pages = pages.snapshot(first, last, size);
         if child_pages.committed_pages() > 0 {
             // The window's frames are shared now: no translation may keep writing them.
+            // On a backend failure the child (and its frame references) is dropped unmade.
             self.notify(
-                first * PAGE,
-                (last - first) * PAGE,
+                first * PAGE_SIZE,
+                (last - first) * PAGE_SIZE,
                 RangeChange::WriteProtect,
-            );
+            )?;
         }
         drop(pages);
         let body = Body::Pages {
@@ -128,5 +133,50 @@ impl Vmo {
             }),
             rights: self.rights | Rights::WRITE,
         })
+    }
+
+    /// The snapshot child a Vmar fork maps: the whole object, copy-on-write
+    /// (`SnapshotAtLeastOnWrite` when pager-backed), with a reset point, same rights as this
+    /// handle. Internal: the mapping's handle may lack DUPLICATE.
+    pub(crate) fn fork_child(&self) -> Result<Vmo> {
+        let full = self.restricted(Rights::ALL);
+        let kind = if self.is_pager_backed() {
+            ChildKind::SnapshotAtLeastOnWrite
+        } else {
+            ChildKind::Snapshot
+        };
+        let flags = self.inner.flags & VmoFlags::RESIZABLE;
+        let child = full.create_child_with(kind, 0, self.size(), flags)?;
+        child.set_reset_point()?;
+        Ok(child.restricted(self.rights | Rights::WRITE))
+    }
+
+    /// An eager private copy of the whole object (the fork policy for DMA memory): a new
+    /// anonymous (or contiguous) Vmo with the same flags and contents, nothing pinned.
+    pub(crate) fn deep_copy(&self) -> Result<Vmo> {
+        let size = self.size();
+        let copy = if self.inner.flags.contains(VmoFlags::CONTIGUOUS) {
+            Vmo::new_contiguous(
+                &self.inner.pool,
+                size,
+                self.inner.flags.contains(VmoFlags::DMA),
+            )?
+        } else {
+            Vmo::new(
+                &self.inner.pool,
+                size,
+                self.inner.flags & !VmoFlags::CONTIGUOUS,
+            )?
+        };
+        let (first, last) = self.root_page_span(0, size);
+        let (_, base) = self.root();
+        let committed = self.lock_root_pages().committed_in(first, last);
+        let mut buf = alloc::vec![0u8; PAGE_BYTES];
+        for idx in committed {
+            let offset = idx * PAGE_SIZE - base;
+            self.restricted(Rights::READ).read(offset, &mut buf)?;
+            copy.write(offset, &buf)?;
+        }
+        Ok(copy.restricted(self.rights | Rights::WRITE))
     }
 }

@@ -4,11 +4,12 @@
 //! Invariants: a read never commits anonymous pages (uncommitted pages read as zeros) but does
 //! commit pager pages; a write makes each touched page private first (copy-on-write), and a page
 //! written whole is committed with `commit_overwrite` / a fresh frame instead of being read or
-//! copied; translations of frames a write replaced are dropped before the call returns.
+//! copied; translations of frames a write replaces or a clear drops are dropped *before* the
+//! frames change, and a backend failure there returns the error with nothing written.
 
 use alloc::vec::Vec;
 
-use super::{check_range, RangeChange, Rights, Vmo, VmoFlags, PAGE};
+use super::{check_range, RangeChange, Rights, Vmo, VmoFlags, PAGE_SIZE};
 use crate::Result;
 
 /// One piece of a byte range that lies inside one page.
@@ -30,10 +31,10 @@ fn chunks(start: u64, len: u64) -> impl Iterator<Item = Chunk> {
         if pos >= end {
             return None;
         }
-        let in_page = pos % PAGE;
-        let n = (PAGE - in_page).min(end - pos);
+        let in_page = pos % PAGE_SIZE;
+        let n = (PAGE_SIZE - in_page).min(end - pos);
         let chunk = Chunk {
-            idx: pos / PAGE,
+            idx: pos / PAGE_SIZE,
             in_page: in_page as usize,
             buf_off: (pos - start) as usize,
             len: n as usize,
@@ -64,22 +65,25 @@ impl Vmo {
         Ok(())
     }
 
-    /// Copies `data` into the Vmo at `offset`.
+    /// Copies `data` into the Vmo at `offset`. Shared (copy-on-write) frames the write replaces
+    /// lose their translations first, in one announcement; if that fails, nothing is written.
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
         self.require(Rights::WRITE)?;
         check_range(offset, data.len() as u64, self.size())?;
         let (_, base) = self.root();
         let mut pages = self.lock_root_pages();
-        let mut replaced = Vec::new();
+        let start = base + offset;
+        let len = data.len() as u64;
+        let announced = shared_slots(&mut pages, chunks(start, len).map(|c| c.idx));
+        self.unmap_pages(&announced)?;
         let mut result = Ok(());
-        for c in chunks(base + offset, data.len() as u64) {
-            let whole = c.len == PAGE as usize;
+        for c in chunks(start, len) {
+            let whole = c.len == PAGE_SIZE as usize;
             let step = pages
-                .private(&self.inner.pool, c.idx, whole)
-                .and_then(|(frame, origin)| {
-                    if origin.replaced {
-                        replaced.push(c.idx);
-                    }
+                .private(&self.inner.pool, c.idx, whole, &mut |idx| {
+                    self.unmap_unannounced(&announced, idx)
+                })
+                .and_then(|(frame, _)| {
                     frame.write(c.in_page, &data[c.buf_off..c.buf_off + c.len])?;
                     pages.mark_dirty(c.idx)
                 });
@@ -88,35 +92,44 @@ impl Vmo {
                 break;
             }
         }
-        self.unmap_pages(&replaced);
         result
     }
 
     /// Zeroes `len` bytes at `offset`. Whole anonymous pages are decommitted (they read as zeros
-    /// afterwards); partial, pinned, contiguous and pager pages are written with zeros.
+    /// afterwards); partial, pinned, contiguous and pager pages are written with zeros. The
+    /// translations of every frame this drops or replaces go first, in one announcement; if
+    /// that fails, nothing changes. A later failure (no frame for a copy, pager) leaves the
+    /// range partly cleared.
     pub fn clear(&self, offset: u64, len: u64) -> Result<()> {
         self.require(Rights::WRITE)?;
         check_range(offset, len, self.size())?;
         let (_, base) = self.root();
         let contiguous = self.inner.flags.contains(VmoFlags::CONTIGUOUS);
         let mut pages = self.lock_root_pages();
-        let mut replaced = Vec::new();
         let mut dropped = Vec::new();
-        let mut result = Ok(());
+        let mut written = Vec::new();
         for c in chunks(base + offset, len) {
-            let whole = c.len == PAGE as usize;
+            let whole = c.len == PAGE_SIZE as usize;
             if whole && pages.source.pager.is_none() && !contiguous && !pages.is_pinned(c.idx) {
-                if pages.get(c.idx).is_some() {
+                if pages.is_committed(c.idx) {
                     dropped.push(c.idx);
                 }
-                continue;
+            } else {
+                written.push(c);
             }
+        }
+        let mut announced = shared_slots(&mut pages, written.iter().map(|c| c.idx));
+        announced.extend_from_slice(&dropped);
+        announced.sort_unstable();
+        self.unmap_pages(&announced)?;
+        let mut result = Ok(());
+        for c in written {
+            let whole = c.len == PAGE_SIZE as usize;
             let step = pages
-                .private(&self.inner.pool, c.idx, whole)
-                .and_then(|(frame, origin)| {
-                    if origin.replaced {
-                        replaced.push(c.idx);
-                    }
+                .private(&self.inner.pool, c.idx, whole, &mut |idx| {
+                    self.unmap_unannounced(&announced, idx)
+                })
+                .and_then(|(frame, _)| {
                     frame.fill_zero(c.in_page, c.len)?;
                     pages.mark_dirty(c.idx)
                 });
@@ -125,34 +138,56 @@ impl Vmo {
                 break;
             }
         }
-        replaced.extend_from_slice(&dropped);
-        replaced.sort_unstable();
-        self.unmap_pages(&replaced);
         let mut freed = Vec::new();
         for idx in dropped {
-            if let Ok(Some(f)) = pages.remove(idx) {
-                freed.push(f);
+            match pages.remove(idx) {
+                Ok(Some(f)) => freed.push(f),
+                Ok(None) => {}
+                Err(e) => {
+                    result = result.and(Err(e));
+                }
             }
         }
+        pages.debug_check();
         drop(pages);
         drop(freed);
         result
     }
 
     /// Drops every translation of the root pages `slots` (ascending indices), telling each
-    /// observer once.
-    pub(super) fn unmap_pages(&self, slots: &[u64]) {
+    /// observer once. An observer's failure is returned (the caller then keeps the frames).
+    pub(super) fn unmap_pages(&self, slots: &[u64]) -> Result<()> {
         if slots.is_empty() {
-            return;
+            return Ok(());
         }
         let ranges: Vec<(u64, u64)> = runs(slots)
             .into_iter()
-            .map(|(a, b)| (a * PAGE, (b - a) * PAGE))
+            .map(|(a, b)| (a * PAGE_SIZE, (b - a) * PAGE_SIZE))
             .collect();
         self.root_observers()
             .lock()
-            .notify(&ranges, RangeChange::Unmap);
+            .notify(&ranges, RangeChange::Unmap)
     }
+
+    /// `before_replace` hook of a write: slot `idx`'s translations were dropped already if it
+    /// is in `announced` (ascending); otherwise (a frame that became shared after the
+    /// announcement was computed, which the lock rules out) they are dropped now.
+    fn unmap_unannounced(&self, announced: &[u64], idx: u64) -> Result<()> {
+        match announced.binary_search(&idx) {
+            Ok(_) => Ok(()),
+            Err(_) => self.unmap_pages(&[idx]),
+        }
+    }
+}
+
+/// The committed slots among `slots` whose frames are shared (a write must replace them),
+/// ascending and without duplicates.
+fn shared_slots(pages: &mut super::Pages, slots: impl Iterator<Item = u64>) -> Vec<u64> {
+    let mut out: Vec<u64> = slots
+        .filter(|&idx| pages.is_committed(idx) && !pages.is_private(idx))
+        .collect();
+    out.dedup();
+    out
 }
 
 /// Coalesces ascending indices into half-open runs.

@@ -5,6 +5,10 @@
 //! a page set (`Pages`, see `pages.rs` for the copy-on-write structure) or a slice (a window onto
 //! a page set, sharing its pages — slices of slices point at the root page set directly).
 //!
+//! Files: `child` (snapshot / slice children and the copies a Vmar fork makes), `io` (byte
+//! access), `observer` (who hears of page changes), `pages` (the page set and the
+//! copy-on-write rule), `reset` (reset points).
+//!
 //! Invariants:
 //! - every operation checks the handle's rights first and validates offsets before touching
 //!   pages; bad input is an `Error`, never a panic;
@@ -24,18 +28,17 @@ mod child;
 mod io;
 pub(crate) mod observer;
 pub(crate) mod pages;
+mod reset;
 
 use alloc::sync::{Arc, Weak};
 
 use crate::pager::Pager;
-use crate::{Error, Frame, FramePool, Paddr, Result, FRAME_SIZE};
+use crate::{Error, Frame, FramePool, Paddr, Result, PAGE_SIZE};
 pub use child::ChildKind;
 use observer::Observers;
 pub use observer::{ObserverId, RangeChange, VmoObserver};
 pub use pages::PageOrigin;
 use pages::Pages;
-
-const PAGE: u64 = FRAME_SIZE as u64;
 
 /// What `Vmo::fault_page` is asked to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,6 +49,9 @@ pub enum FaultAccess {
     Write,
     /// Install only if already committed; never commit or do I/O.
     ReadIfCommitted,
+    /// Commit a fresh private page and install it writable, only if the slot is empty (never
+    /// copies or upgrades a committed frame): streaming fault-around's speculative writes.
+    WriteIfUncommitted,
 }
 /// Largest Vmo: offsets must stay representable as guest-physical addresses with room to add.
 pub const MAX_VMO_SIZE: u64 = 1 << 52;
@@ -117,7 +123,7 @@ impl core::fmt::Debug for Vmo {
 
 /// Rounds `bytes` up to whole pages, or `OutOfRange` past `MAX_VMO_SIZE`.
 fn page_round_up(bytes: u64) -> Result<u64> {
-    let rounded = bytes.checked_add(PAGE - 1).ok_or(Error::OutOfRange)? & !(PAGE - 1);
+    let rounded = bytes.checked_add(PAGE_SIZE - 1).ok_or(Error::OutOfRange)? & !(PAGE_SIZE - 1);
     if rounded > MAX_VMO_SIZE {
         return Err(Error::OutOfRange);
     }
@@ -135,7 +141,7 @@ fn check_range(offset: u64, len: u64, size: u64) -> Result<u64> {
 
 /// Page indices `[first, last)` touched by bytes `[offset, end)`.
 fn pages_touched(offset: u64, end: u64) -> (u64, u64) {
-    (offset / PAGE, end.div_ceil(PAGE))
+    (offset / PAGE_SIZE, end.div_ceil(PAGE_SIZE))
 }
 
 impl Vmo {
@@ -197,7 +203,7 @@ impl Vmo {
         if dma {
             flags |= VmoFlags::DMA;
         }
-        let frames = pool.alloc_contiguous((size / PAGE) as usize)?;
+        let frames = pool.alloc_contiguous((size / PAGE_SIZE) as usize)?;
         let vmo = Self::new_pages(pool, size, flags, None)?;
         {
             let mut pages = vmo.lock_root_pages();
@@ -284,9 +290,10 @@ impl Vmo {
         }
     }
 
-    /// Tells observers of the root about a change of root bytes `[start, start + len)`.
-    fn notify(&self, start: u64, len: u64, change: RangeChange) {
-        self.root_observers().lock().notify(&[(start, len)], change);
+    /// Tells observers of the root about a coming change of root bytes `[start, start + len)`.
+    /// An error (an observer's backend failed) means the change must not happen.
+    fn notify(&self, start: u64, len: u64, change: RangeChange) -> Result<()> {
+        self.root_observers().lock().notify(&[(start, len)], change)
     }
 
     /// Registers `observer` for changes of this object's pages.
@@ -305,11 +312,11 @@ impl Vmo {
     /// Bytes committed in this object's page set (see the module doc for shared frames).
     pub fn committed_bytes(&self) -> u64 {
         match &self.inner.body {
-            Body::Pages { pages, .. } => pages.lock().committed_pages() * PAGE,
+            Body::Pages { pages, .. } => pages.lock().committed_pages() * PAGE_SIZE,
             Body::Slice { .. } => {
                 let (first, last) = self.root_page_span(0, self.size());
                 let pages = self.lock_root_pages();
-                pages.committed_in(first, last).len() as u64 * PAGE
+                pages.committed_in(first, last).len() as u64 * PAGE_SIZE
             }
         }
     }
@@ -326,7 +333,9 @@ impl Vmo {
             return None;
         }
         let (_, base) = self.root();
-        self.lock_root_pages().get(base / PAGE).map(|f| f.paddr())
+        self.lock_root_pages()
+            .get(base / PAGE_SIZE)
+            .map(|f| f.paddr())
     }
 
     /// The committed frame holding byte `offset`, if any (no commit, no rights beyond READ).
@@ -334,27 +343,31 @@ impl Vmo {
         self.require(Rights::READ)?;
         check_range(offset, 1, self.size())?;
         let (_, base) = self.root();
-        Ok(self.lock_root_pages().get((base + offset) / PAGE))
+        Ok(self.lock_root_pages().get((base + offset) / PAGE_SIZE))
     }
 
     /// Commits the pages covering `[offset, offset + len)` (zero-filled or from the pager),
-    /// walking the range once under one lock.
+    /// walking the range once under one lock. A zero-length range commits nothing.
     pub fn commit(&self, offset: u64, len: u64) -> Result<()> {
         self.require(Rights::WRITE)?;
         let end = check_range(offset, len, self.size())?;
+        if len == 0 {
+            return Ok(());
+        }
         let (_, base) = self.root();
         let (first, last) = pages_touched(base + offset, base + end);
-        self.lock_root_pages()
-            .commit_range(&self.inner.pool, first, last)?;
-        Ok(())
+        let mut pages = self.lock_root_pages();
+        let result = pages.commit_range(&self.inner.pool, first, last);
+        pages.debug_check();
+        result.map(drop)
     }
 
     /// Root slot of page `page_idx` of this object; OutOfRange past the end.
     fn root_slot(&self, page_idx: u64) -> Result<u64> {
-        let offset = page_idx.checked_mul(PAGE).ok_or(Error::OutOfRange)?;
-        check_range(offset, PAGE, self.size())?;
+        let offset = page_idx.checked_mul(PAGE_SIZE).ok_or(Error::OutOfRange)?;
+        check_range(offset, PAGE_SIZE, self.size())?;
         let (_, base) = self.root();
-        Ok((base + offset) / PAGE)
+        Ok((base + offset) / PAGE_SIZE)
     }
 
     /// Commits the page at `page_idx` of this object, blocking on pager I/O if needed.
@@ -380,10 +393,14 @@ impl Vmo {
 
     /// Frees the committed pages covering `[offset, offset + len)`; they read as zeros (or the
     /// pager's data) afterwards. Pinned pages → `BadState` (checked first, so an assigned DMA
-    /// Vmo reports BadState); contiguous Vmos → `NotSupported`.
+    /// Vmo reports BadState); contiguous Vmos → `NotSupported`. A zero-length range frees
+    /// nothing. The pages' translations go first; if that fails, nothing is freed.
     pub fn decommit(&self, offset: u64, len: u64) -> Result<()> {
         self.require(Rights::WRITE)?;
         let end = check_range(offset, len, self.size())?;
+        if len == 0 {
+            return Ok(());
+        }
         let (_, base) = self.root();
         let (first, last) = pages_touched(base + offset, base + end);
         let mut pages = self.lock_root_pages();
@@ -402,11 +419,20 @@ impl Vmo {
         if committed.is_empty() {
             return Ok(());
         }
-        self.notify(first * PAGE, (last - first) * PAGE, RangeChange::Unmap);
+        self.notify(
+            first * PAGE_SIZE,
+            (last - first) * PAGE_SIZE,
+            RangeChange::Unmap,
+        )?;
+        let mut result = Ok(());
         for idx in committed {
-            pages.remove(idx)?;
+            if let Err(e) = pages.remove(idx) {
+                result = Err(e);
+                break;
+            }
         }
-        Ok(())
+        pages.debug_check();
+        result
     }
 
     /// Changes the size (RESIZABLE only; rounded up to pages). Shrinking drops the tail's
@@ -420,13 +446,14 @@ impl Vmo {
         let mut pages = self.lock_root_pages();
         let old_size = pages.size;
         if new_size < old_size {
-            let (first, last) = (new_size / PAGE, old_size / PAGE);
+            let (first, last) = (new_size / PAGE_SIZE, old_size / PAGE_SIZE);
             if pages.any_pinned_in(first, last) {
                 return Err(Error::BadState);
             }
-            self.notify(new_size, old_size - new_size, RangeChange::Unmap);
+            self.notify(new_size, old_size - new_size, RangeChange::Unmap)?;
         }
         let dropped = pages.resize(new_size)?;
+        pages.debug_check();
         drop(pages);
         drop(dropped);
         Ok(())
@@ -443,8 +470,14 @@ impl Vmo {
         let (first, last) = self.root_page_span(offset, end - offset);
         let mut pages = self.lock_root_pages();
         // Pinning breaks sharing: translations of shared frames in the range must go.
-        self.notify(first * PAGE, (last - first) * PAGE, RangeChange::Unmap);
-        pages.pin(&self.inner.pool, first, last)
+        self.notify(
+            first * PAGE_SIZE,
+            (last - first) * PAGE_SIZE,
+            RangeChange::Unmap,
+        )?;
+        let result = pages.pin(&self.inner.pool, first, last);
+        pages.debug_check();
+        result
     }
 
     /// Drops one pin from each page covering `[offset, offset + len)`; all must be pinned.
@@ -466,14 +499,15 @@ impl Vmo {
     /// page set is locked, so the translation installed cannot outlive the frame. `writable` is
     /// true when the frame is private and may be mapped writable. Needs READ (and WRITE for a
     /// write). With `FaultAccess::ReadIfCommitted` nothing is committed: an empty page returns
-    /// `Ok(None)` without calling `install` (fault-around of neighbour pages).
+    /// `Ok(None)` without calling `install` (fault-around of neighbour pages); with
+    /// `WriteIfUncommitted` a committed page returns `Ok(None)` untouched (streaming).
     pub fn fault_page<R>(
         &self,
         page_idx: u64,
         access: FaultAccess,
         install: impl FnOnce(&Frame, bool, PageOrigin) -> Result<R>,
     ) -> Result<Option<R>> {
-        let write = access == FaultAccess::Write;
+        let write = matches!(access, FaultAccess::Write | FaultAccess::WriteIfUncommitted);
         self.require(if write {
             Rights::READ | Rights::WRITE
         } else {
@@ -481,13 +515,26 @@ impl Vmo {
         })?;
         let idx = self.root_slot(page_idx)?;
         let mut pages = self.lock_root_pages();
+        let result = self.fault_page_locked(&mut pages, idx, access, install);
+        pages.debug_check();
+        result
+    }
+
+    /// `fault_page` with root slot `idx` and the page set locked.
+    fn fault_page_locked<R>(
+        &self,
+        pages: &mut Pages,
+        idx: u64,
+        access: FaultAccess,
+        install: impl FnOnce(&Frame, bool, PageOrigin) -> Result<R>,
+    ) -> Result<Option<R>> {
         match access {
             FaultAccess::Write => {
-                let (frame, origin) = pages.private(&self.inner.pool, idx, false)?;
-                if origin.replaced {
-                    // Other mappings of this object may still translate the old frame.
-                    self.notify(idx * PAGE, PAGE, RangeChange::Unmap);
-                }
+                // Other mappings of this object may still translate a shared frame that the
+                // copy replaces: they drop it first, or nothing changes.
+                let (frame, origin) = pages.private(&self.inner.pool, idx, false, &mut |idx| {
+                    self.notify(idx * PAGE_SIZE, PAGE_SIZE, RangeChange::Unmap)
+                })?;
                 pages.mark_dirty(idx)?;
                 install(&frame, true, origin).map(Some)
             }
@@ -506,6 +553,16 @@ impl Vmo {
                 )
                 .map(Some)
             }
+            FaultAccess::WriteIfUncommitted => {
+                if pages.is_committed(idx) {
+                    return Ok(None);
+                }
+                // An empty slot gets a fresh frame: nothing is replaced, nothing to unmap.
+                let (frame, origin) =
+                    pages.private(&self.inner.pool, idx, false, &mut |_| Ok(()))?;
+                pages.mark_dirty(idx)?;
+                install(&frame, true, origin).map(Some)
+            }
             // `is_committed` takes no handle: a temporary one in the scrutinee would live
             // through the arms and make every frame look shared.
             FaultAccess::ReadIfCommitted => match pages.is_committed(idx) {
@@ -522,24 +579,9 @@ impl Vmo {
     /// Whether the page at `page_idx` is committed (no commit happens).
     pub fn is_committed(&self, page_idx: u64) -> bool {
         let (_, base) = self.root();
-        self.lock_root_pages().get(base / PAGE + page_idx).is_some()
-    }
-
-    /// Remembers the current contents as the state `reset` returns to (page sets only). The
-    /// saved state shares every frame, so installed writable translations become read-only.
-    pub fn set_reset_point(&self) -> Result<()> {
-        if self.is_slice() {
-            return Err(Error::NotSupported);
-        }
-        let mut pages = self.lock_root_pages();
-        if pages.any_pinned() {
-            return Err(Error::BadState);
-        }
-        pages.set_reset_point();
-        if pages.committed_pages() > 0 {
-            self.notify(0, pages.size, RangeChange::WriteProtect);
-        }
-        Ok(())
+        self.lock_root_pages()
+            .get(base / PAGE_SIZE + page_idx)
+            .is_some()
     }
 
     /// A handle to the same object with `rights` (internal: no DUPLICATE check).
@@ -550,69 +592,18 @@ impl Vmo {
         }
     }
 
-    /// The snapshot child a Vmar fork maps: the whole object, copy-on-write
-    /// (`SnapshotAtLeastOnWrite` when pager-backed), with a reset point, same rights as this
-    /// handle. Internal: the mapping's handle may lack DUPLICATE.
-    pub(crate) fn fork_child(&self) -> Result<Vmo> {
-        let full = self.restricted(Rights::ALL);
-        let kind = if self.is_pager_backed() {
-            ChildKind::SnapshotAtLeastOnWrite
-        } else {
-            ChildKind::Snapshot
-        };
-        let flags = self.inner.flags & VmoFlags::RESIZABLE;
-        let child = full.create_child_with(kind, 0, self.size(), flags)?;
-        child.set_reset_point()?;
-        Ok(child.restricted(self.rights | Rights::WRITE))
+    /// Checks the invariants of the page set behind this handle (`pages.rs`): the first
+    /// violation, described. O(size in pages); debug builds run it after every change of small
+    /// Vmos, model tests after every step.
+    pub fn check_invariants(&self) -> core::result::Result<(), alloc::string::String> {
+        self.lock_root_pages().check_invariants()
     }
 
-    /// An eager private copy of the whole object (the fork policy for DMA memory): a new
-    /// anonymous (or contiguous) Vmo with the same flags and contents, nothing pinned.
-    pub(crate) fn deep_copy(&self) -> Result<Vmo> {
-        let size = self.size();
-        let copy = if self.inner.flags.contains(VmoFlags::CONTIGUOUS) {
-            Vmo::new_contiguous(
-                &self.inner.pool,
-                size,
-                self.inner.flags.contains(VmoFlags::DMA),
-            )?
-        } else {
-            Vmo::new(
-                &self.inner.pool,
-                size,
-                self.inner.flags & !VmoFlags::CONTIGUOUS,
-            )?
-        };
-        let (first, last) = self.root_page_span(0, size);
-        let (_, base) = self.root();
-        let committed = self.lock_root_pages().committed_in(first, last);
-        let mut buf = alloc::vec![0u8; FRAME_SIZE];
-        for idx in committed {
-            let offset = idx * PAGE - base;
-            self.restricted(Rights::READ).read(offset, &mut buf)?;
-            copy.write(offset, &buf)?;
+    /// The object holding this handle's page set (itself, or a slice's root).
+    fn inner_root(&self) -> Arc<VmoInner> {
+        match &self.inner.body {
+            Body::Pages { .. } => self.inner.clone(),
+            Body::Slice { root, .. } => root.clone(),
         }
-        Ok(copy.restricted(self.rights | Rights::WRITE))
-    }
-
-    /// Pages (indices) changed since the reset point.
-    pub fn changed_pages(&self) -> alloc::vec::Vec<u64> {
-        self.lock_root_pages().changed()
-    }
-
-    /// Returns to the reset point, dropping only the pages changed since (their translations
-    /// go first). Returns how many pages were dropped. No reset point → `BadState`.
-    pub fn reset(&self) -> Result<u64> {
-        self.require(Rights::WRITE)?;
-        let mut pages = self.lock_root_pages();
-        if !pages.has_reset_point() {
-            return Err(Error::BadState);
-        }
-        let changed = pages.changed();
-        self.unmap_pages(&changed);
-        let old = pages.reset()?;
-        drop(pages);
-        drop(old);
-        Ok(changed.len() as u64)
     }
 }

@@ -5,7 +5,12 @@
 //! - a change is announced while the Vmo's page lock is held and before any affected frame can
 //!   be freed, so no translation ever outlives its frame;
 //! - ranges are byte offsets in the observed Vmo (a slice's observer gets slice coordinates);
-//! - observers must not call back into the Vmo (they only touch their own Stage2).
+//! - observers must not call back into the Vmo (they only touch their own Stage2);
+//! - a change is announced *before* it happens, and an observer that fails (its backend could
+//!   not drop or downgrade the translations) stops the announcement: the Vmo then returns the
+//!   error without making the change, so a frame is never retired or shared while a translation
+//!   of it may still be live or writable. Observers told before the failing one may already have
+//!   dropped their translations, which is harmless (they refault).
 
 use alloc::sync::Weak;
 use alloc::vec::Vec;
@@ -20,9 +25,10 @@ pub enum RangeChange {
 }
 
 pub trait VmoObserver: Send + Sync {
-    /// The ranges `(offset, len)` of the observed Vmo changed (ascending, non-overlapping; one
-    /// call per operation so the observer can flush once).
-    fn ranges_changed(&self, ranges: &[(u64, u64)], change: RangeChange);
+    /// The ranges `(offset, len)` of the observed Vmo are about to change (ascending,
+    /// non-overlapping; one call per operation so the observer can flush once). An error means
+    /// the observer could not drop / downgrade its translations: the change must not happen.
+    fn ranges_changed(&self, ranges: &[(u64, u64)], change: RangeChange) -> crate::Result<()>;
 }
 
 /// Identifies one registration, for `Vmo::remove_observer`.
@@ -63,8 +69,8 @@ impl Observers {
     }
 
     /// Tells every observer whose window overlaps the root ranges `(start, len)`, clipped to
-    /// its window and in its own coordinates.
-    pub fn notify(&self, ranges: &[(u64, u64)], change: RangeChange) {
+    /// its window and in its own coordinates. Stops at the first observer that fails.
+    pub fn notify(&self, ranges: &[(u64, u64)], change: RangeChange) -> crate::Result<()> {
         for e in &self.entries {
             let w_start = e.base;
             let w_end = e.base.saturating_add(e.window);
@@ -80,8 +86,9 @@ impl Observers {
                 continue;
             }
             if let Some(obs) = e.observer.upgrade() {
-                obs.ranges_changed(&clipped, change);
+                obs.ranges_changed(&clipped, change)?;
             }
         }
+        Ok(())
     }
 }

@@ -20,15 +20,31 @@
 //! - pinned slots are private and never removed or shared (the Vmo refuses snapshots while any
 //!   page is pinned);
 //! - when a reset point exists, `changed` holds every slot stored or removed since it was taken,
-//!   so a reset knows exactly which installed translations to drop.
+//!   so a reset knows exactly which installed translations to drop;
+//! - the size is page aligned and at most `MAX_VMO_SIZE`; no slot at or past `size` is
+//!   occupied (resize and snapshot windows remove them); pin counts are non-zero and name
+//!   committed slots; without a reset point `changed` is empty.
+//!
+//! `check_invariants` checks the countable ones in O(size in pages) — xarray 0.1.1's `range`
+//! visits every index — (privacy of pinned slots is not checked: judging it makes array paths
+//! exclusive, a change). Debug builds run it at the end of every Vmo operation that changes the
+//! page set of a Vmo of at most `DEBUG_CHECK_MAX_PAGES` pages, so the suites' large guests (up
+//! to GiBs, faulted a page at a time) do not turn quadratic; the model tests call it after
+//! every step.
 
 use alloc::collections::{BTreeMap, BTreeSet};
+use alloc::format;
+use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use xarray::XArray;
 
 use crate::pager::Pager;
-use crate::{Error, Frame, FramePool, Result, FRAME_SIZE};
+use crate::{Error, Frame, FramePool, Result, PAGE_BYTES, PAGE_SIZE};
+
+/// Size in pages above which debug builds skip the automatic `check_invariants`.
+#[cfg_attr(not(debug_assertions), allow(dead_code))]
+pub(crate) const DEBUG_CHECK_MAX_PAGES: u64 = 4096;
 
 /// Where a fresh page's contents come from: zeros, or a pager.
 pub(crate) struct PageSource {
@@ -54,7 +70,7 @@ impl PageSource {
             }
             (Some(pager), false) => {
                 let frame = pool.alloc_uninit()?;
-                let mut buf = [0u8; FRAME_SIZE];
+                let mut buf = [0u8; PAGE_BYTES];
                 pager.commit_page(self.base + idx, &mut buf)?;
                 frame.write(0, &buf)?;
                 Ok(frame)
@@ -114,7 +130,7 @@ impl Pages {
     }
 
     pub fn page_count(&self) -> u64 {
-        self.size / FRAME_SIZE as u64
+        self.size / PAGE_SIZE
     }
 
     pub fn committed_pages(&self) -> u64 {
@@ -196,12 +212,15 @@ impl Pages {
     }
 
     /// Makes slot `idx` committed and private to this Vmo, so it may be written. `overwrite`:
-    /// the caller overwrites the whole page (no read, no copy needed).
+    /// the caller overwrites the whole page (no read, no copy needed). When the slot's frame is
+    /// shared and must be replaced, `before_replace(idx)` runs first (the caller drops the old
+    /// frame's translations there); if it fails, the slot keeps its frame and the error returns.
     pub fn private(
         &mut self,
         pool: &FramePool,
         idx: u64,
         overwrite: bool,
+        before_replace: &mut dyn FnMut(u64) -> Result<()>,
     ) -> Result<(Frame, PageOrigin)> {
         if self.array.load(idx).is_none() {
             let frame = self.source.fresh_frame(pool, idx, overwrite)?;
@@ -218,6 +237,10 @@ impl Pages {
         if frame.ref_count() == 1 {
             cursor.store(frame.clone());
             return Ok((frame, PageOrigin::default()));
+        }
+        if let Err(e) = before_replace(idx) {
+            cursor.store(frame);
+            return Err(e);
         }
         let copy = if overwrite {
             pool.alloc_uninit()
@@ -276,7 +299,7 @@ impl Pages {
         self.committed -= 1;
         self.note_change(idx);
         if let (Some(pager), true) = (&self.source.pager, self.source.writeback) {
-            let mut buf = [0u8; FRAME_SIZE];
+            let mut buf = [0u8; PAGE_BYTES];
             frame.read(0, &mut buf)?;
             pager.decommit_page(self.source.base + idx, &buf)?;
         }
@@ -311,7 +334,8 @@ impl Pages {
     /// Pins slots `[start, end)`: commits them privately and counts a pin on each.
     pub fn pin(&mut self, pool: &FramePool, start: u64, end: u64) -> Result<()> {
         for idx in start..end {
-            if let Err(e) = self.private(pool, idx, false) {
+            // The caller dropped the range's translations before pinning.
+            if let Err(e) = self.private(pool, idx, false, &mut |_| Ok(())) {
                 // Undo the pins taken so far; committed pages stay committed.
                 self.unpin(start, idx)?;
                 return Err(e);
@@ -364,7 +388,7 @@ impl Pages {
 
     /// Sets the size; the caller has checked pins. Returns the frames dropped past the new end.
     pub fn resize(&mut self, new_size: u64) -> Result<Vec<Frame>> {
-        let new_pages = new_size / FRAME_SIZE as u64;
+        let new_pages = new_size / PAGE_SIZE;
         let mut dropped = Vec::new();
         for idx in self.committed_in(new_pages, self.page_count().max(new_pages)) {
             if let Some(f) = self.remove(idx)? {
@@ -406,5 +430,158 @@ impl Pages {
         self.size = point.size;
         self.changed.clear();
         Ok(old)
+    }
+
+    /// Checks the module's invariants; the first violation found, described.
+    pub fn check_invariants(&self) -> core::result::Result<(), String> {
+        if !self.size.is_multiple_of(PAGE_SIZE) || self.size > super::MAX_VMO_SIZE {
+            return Err(format!("size {:#x}", self.size));
+        }
+        // A slot past the end would make `committed` exceed the slots counted inside.
+        let pages = self.page_count();
+        let occupied = self.array.range(0..pages).count() as u64;
+        if occupied != self.committed {
+            return Err(format!(
+                "committed {} but {occupied} slots occupied below {pages}",
+                self.committed
+            ));
+        }
+        for (&idx, &count) in &self.pinned {
+            if count == 0 || idx >= pages || !self.is_committed(idx) {
+                return Err(format!("pinned slot {idx} (count {count}) not committed"));
+            }
+        }
+        match &self.reset_point {
+            None if !self.changed.is_empty() => {
+                return Err(format!(
+                    "{} changed slots without a reset point",
+                    self.changed.len()
+                ))
+            }
+            None => {}
+            Some(point) => {
+                let saved = point.array.range(0..point.size / PAGE_SIZE).count() as u64;
+                if saved != point.committed || !point.size.is_multiple_of(PAGE_SIZE) {
+                    return Err(format!(
+                        "reset point: committed {} but {saved} slots, size {:#x}",
+                        point.committed, point.size
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `check_invariants` in debug builds (Vmos up to `DEBUG_CHECK_MAX_PAGES` pages, and reset
+    /// points no larger), panicking with the violation.
+    pub fn debug_check(&self) {
+        #[cfg(debug_assertions)]
+        if self.page_count() <= DEBUG_CHECK_MAX_PAGES
+            && self
+                .reset_point
+                .as_ref()
+                .is_none_or(|p| p.size / PAGE_SIZE <= DEBUG_CHECK_MAX_PAGES)
+        {
+            if let Err(e) = self.check_invariants() {
+                panic!("Pages invariant violated: {e}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: u64 = PAGE_SIZE;
+
+    fn noop(_: u64) -> Result<()> {
+        Ok(())
+    }
+
+    #[test]
+    fn commit_remove_and_counts() {
+        let pool = FramePool::heap();
+        let mut p = Pages::new(8 * P, None);
+        assert_eq!(p.commit_range(&pool, 2, 5).unwrap(), 3);
+        assert!(!p.commit(&pool, 3, false).unwrap().1, "already committed");
+        assert_eq!(p.committed_pages(), 3);
+        assert_eq!(p.committed_in(0, 8), alloc::vec![2, 3, 4]);
+        assert!(p.remove(3).unwrap().is_some());
+        assert!(p.remove(3).unwrap().is_none());
+        assert_eq!(p.committed_pages(), 2);
+        p.check_invariants().unwrap();
+        drop(p.resize(3 * P).unwrap());
+        assert_eq!(p.committed_in(0, 8), alloc::vec![2]);
+        p.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn sharing_decides_copy_on_write() {
+        let pool = FramePool::heap();
+        let mut p = Pages::new(4 * P, None);
+        let (f, origin) = p.private(&pool, 0, false, &mut noop).unwrap();
+        assert!(origin.committed && !origin.replaced);
+        drop(f);
+        assert!(p.is_private(0));
+        let mut child = p.snapshot(0, 4, 4 * P);
+        assert!(!p.is_private(0) && !child.is_private(0));
+        // A failing hook keeps the shared frame.
+        let before = p.get(0).unwrap();
+        let refuse = &mut |_| Err(Error::BadState);
+        assert_eq!(
+            p.private(&pool, 0, false, refuse).err(),
+            Some(Error::BadState)
+        );
+        assert!(p.get(0).unwrap() == before);
+        drop(before);
+        let (_, origin) = p.private(&pool, 0, false, &mut noop).unwrap();
+        assert!(origin.copied && origin.replaced);
+        assert!(
+            p.is_private(0) && child.is_private(0),
+            "each side has its own frame"
+        );
+        p.check_invariants().unwrap();
+        child.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn pins_and_reset_points() {
+        let pool = FramePool::heap();
+        let mut p = Pages::new(4 * P, None);
+        p.pin(&pool, 1, 3).unwrap();
+        assert!(p.is_pinned(1) && p.any_pinned_in(0, 2) && !p.any_pinned_in(3, 4));
+        assert_eq!(p.remove(1).err(), Some(Error::BadState));
+        assert_eq!(
+            p.unpin(0, 2).err(),
+            Some(Error::BadState),
+            "slot 0 is not pinned"
+        );
+        p.unpin(1, 3).unwrap();
+        assert!(!p.any_pinned());
+        p.check_invariants().unwrap();
+        p.set_reset_point();
+        p.commit(&pool, 0, false).unwrap();
+        p.remove(2).unwrap();
+        assert_eq!(p.changed(), alloc::vec![0, 2]);
+        drop(p.reset().unwrap());
+        assert_eq!(p.committed_in(0, 4), alloc::vec![1, 2]);
+        assert!(p.changed().is_empty());
+        p.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn check_invariants_catches_a_wrong_count() {
+        let pool = FramePool::heap();
+        let mut p = Pages::new(4 * P, None);
+        p.commit(&pool, 0, false).unwrap();
+        p.committed += 1;
+        assert!(p.check_invariants().is_err());
+        p.committed -= 1;
+        p.changed.insert(3);
+        assert!(
+            p.check_invariants().is_err(),
+            "changed slots without a reset point"
+        );
     }
 }
