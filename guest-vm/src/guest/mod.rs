@@ -13,17 +13,18 @@
 //! - `reset(&state)`: `Vmar::reset` (drops only pages changed since the fork / reset point),
 //!   un-poisons pages a refused fault poisoned, restores the vCPU state.
 //!
-//! Streaming fault-around (opt-in, `set_stream_fault_around`): when two userfaultfd write
-//! faults arrive for consecutive pages and the second one committed a fresh page, the fault
-//! thread also resolves up to `window` following pages as writes, stopping at the first page
-//! that is installed already, is refused, or would not be a fresh commit (so a forked child
-//! never copies a shared page it did not write — at most the one page that revealed it).
+//! The fault thread's resolver is the guest's `Vmar` itself (`impl Resolver for
+//! Vmar<KvmStage2>`): uffd event → fault thread → `Vmar::handle_fault` → Vmo → `KvmStage2`.
+//! Streaming fault-around (opt-in, `set_stream_fault_around`) is the Vmar's own policy
+//! (`vmo::Vmar::set_stream_fault_around`): after write faults on consecutive pages commit fresh
+//! pages, the next ones are committed and installed in the same fault, stopping before any
+//! page that is installed, committed already, or shared — so a forked child never copies a
+//! page it did not write.
 //!
 //! Invariants: a `Guest` is driven from one thread at a time (the vCPU thread); forks are taken
 //! only while the parent's vCPU is stopped (the Vmar's fork contract); dropping a `Guest` stops
 //! its fault thread before its reservation is unmapped, and returns every frame it alone held.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use vmo::{MapOptions, VmPerms, Vmar, Vmo, VmoFlags};
@@ -37,9 +38,6 @@ use crate::sys::uffd::Uffd;
 use crate::vmm::vcpu_state::VcpuState;
 use crate::vmm::GuestVm;
 
-/// The fault thread's resolver while streaming fault-around lives here (see below).
-type Resolver = Box<dyn FnMut(ept::FaultInfo) -> vmo::Result<()> + Send>;
-
 /// A guest container; see the module documentation.
 pub struct Guest {
     // Field order is drop order: the VM (and its fault thread, which holds a Vmar clone)
@@ -48,49 +46,6 @@ pub struct Guest {
     vmar: Vmar<KvmStage2>,
     frames: HostFrames,
     mem_size: u64,
-    /// Streaming fault-around window in pages (0 = off); read by the fault thread.
-    window: Arc<AtomicU64>,
-}
-
-/// The resolver that makes `vmar` the fault path of a VM.
-pub fn vmar_resolver(vmar: &Vmar<KvmStage2>) -> Resolver {
-    let vmar = vmar.clone();
-    Box::new(move |fault| vmar.handle_fault(fault).map(drop))
-}
-
-/// `vmar_resolver` plus the streaming fault-around of the module documentation, with its
-/// window (pages) read from `window` at every fault.
-pub fn streaming_resolver(vmar: &Vmar<KvmStage2>, window: Arc<AtomicU64>) -> Resolver {
-    use ept::{Access, FaultInfo, FaultKind};
-    use vmo::FaultOutcome;
-    let vmar = vmar.clone();
-    let mut last_write: Option<u64> = None;
-    Box::new(move |fault| {
-        let r = vmar.handle_fault(fault)?;
-        let w = window.load(Ordering::Relaxed);
-        let write = fault.access.contains(Access::WRITE);
-        let page = fault.gpa & !(ept::PAGE_SIZE - 1);
-        let streaming = write
-            && fault.kind == FaultKind::NotPresent
-            && r.outcome == FaultOutcome::Committed
-            && last_write == page.checked_sub(ept::PAGE_SIZE);
-        last_write = write.then_some(page);
-        if w == 0 || !streaming {
-            return Ok(());
-        }
-        let mut next = page;
-        for _ in 0..w {
-            next += ept::PAGE_SIZE;
-            if vmar.with_stage2(|s| ept::Stage2::query(s, next).is_some()) {
-                break;
-            }
-            match vmar.handle_fault(FaultInfo::new(next, Access::WRITE, FaultKind::NotPresent)) {
-                Ok(n) if n.outcome == FaultOutcome::Committed => last_write = Some(next),
-                _ => break,
-            }
-        }
-        Ok(())
-    })
 }
 
 fn new_backend(frames: &HostFrames, mem_size: u64) -> Result<(Arc<Reservation>, KvmStage2)> {
@@ -107,14 +62,12 @@ impl Guest {
         let vmar = Vmar::new_root(mem_size, stage2)?;
         let ram = Vmo::new(&frames.pool, mem_size, VmoFlags::empty())?;
         vmar.map(&ram, 0, mem_size, MapOptions::specific(0, VmPerms::RW))?;
-        let window = Arc::new(AtomicU64::new(0));
-        let vm = GuestVm::new(res, streaming_resolver(&vmar, window.clone()))?;
+        let vm = GuestVm::new(res, vmar.clone())?;
         Ok(Guest {
             vm,
             vmar,
             frames: frames.clone(),
             mem_size,
-            window,
         })
     }
 
@@ -144,15 +97,13 @@ impl Guest {
     pub fn fork(&self, state: &VcpuState) -> Result<Guest> {
         let (res, stage2) = new_backend(&self.frames, self.mem_size)?;
         let vmar = self.vmar.fork(stage2)?;
-        let window = Arc::new(AtomicU64::new(self.window.load(Ordering::Relaxed)));
-        let mut vm = GuestVm::new(res, streaming_resolver(&vmar, window.clone()))?;
+        let mut vm = GuestVm::new(res, vmar.clone())?;
         vm.restore_state(state)?;
         Ok(Guest {
             vm,
             vmar,
             frames: self.frames.clone(),
             mem_size: self.mem_size,
-            window,
         })
     }
 
@@ -193,10 +144,10 @@ impl Guest {
         Ok(pages)
     }
 
-    /// Sets the streaming fault-around window (pages; 0 turns it off, the default). Forks
-    /// inherit it.
+    /// Sets the streaming fault-around window (pages; 0 turns it off, the default; at most
+    /// `vmo::MAX_FAULT_AROUND`). Forks inherit it.
     pub fn set_stream_fault_around(&self, pages: u64) {
-        self.window.store(pages.min(512), Ordering::Relaxed);
+        self.vmar.set_stream_fault_around(pages);
     }
 
     /// Pages installed in this guest's second-level backend (its resident guest memory).

@@ -25,7 +25,7 @@
 //!   perms without READ cannot be expressed and are `NotSupported`;
 //! - `vm.max_map_count` exhaustion (ENOMEM from mmap) is retried once after raising the limit
 //!   when the process may write `/proc/sys/vm/max_map_count`; otherwise the operation fails
-//!   with `ept::Error::NoMemory` and `last_error()` says why — never a panic.
+//!   with `ept::Error::Backend` naming the host operation and its errno — never a panic.
 //!
 //! `check_invariants` states the index invariants as code; it runs at the end of every
 //! mutating operation in debug builds (for up to `CHECKED_LEAVES` leaves: the check is linear).
@@ -33,7 +33,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use ept::{FlushScope, MemType, PageSize, S2Perms, Stage2, Translation};
+use ept::{BackendFailure, FlushScope, MemType, PageSize, S2Perms, Stage2, Translation};
 
 use crate::addr::{Gpa, MemfdOffset};
 use crate::error::Error;
@@ -77,7 +77,6 @@ pub struct KvmStage2 {
     odd_ro: u64,
     flush_pending: bool,
     stats: Stage2Stats,
-    last_error: Option<String>,
 }
 
 impl KvmStage2 {
@@ -91,7 +90,6 @@ impl KvmStage2 {
             odd_ro: 0,
             flush_pending: false,
             stats: Stage2Stats::default(),
-            last_error: None,
         }
     }
 
@@ -113,12 +111,6 @@ impl KvmStage2 {
             .values()
             .map(|l| l.size.bytes() / PAGE_SIZE)
             .sum()
-    }
-
-    /// The host-level cause of the last failed operation (the `ept::Error` returned cannot
-    /// carry it).
-    pub fn last_error(&self) -> Option<&str> {
-        self.last_error.as_deref()
     }
 
     /// The module invariants as code: leaves are disjoint, aligned to their size and inside the
@@ -198,18 +190,26 @@ impl KvmStage2 {
         Some(old)
     }
 
-    fn fail(&mut self, e: Error) -> ept::Error {
-        let code = match &e {
-            Error::MapCountLimit { .. } => ept::Error::NoMemory,
-            Error::Sys { err, .. } if err.raw_os_error() == Some(libc::ENOMEM) => {
-                ept::Error::NoMemory
-            }
+    /// The `ept::Error` for a failed host operation: the operation and its errno travel in
+    /// `Error::Backend` (the full message goes to the log).
+    fn fail(e: Error) -> ept::Error {
+        tracing::debug!("KvmStage2 host operation failed: {e}");
+        match e {
+            Error::MapCountLimit { .. } => ept::Error::Backend(BackendFailure {
+                op: "mmap (vm.max_map_count exhausted)",
+                errno: libc::ENOMEM,
+            }),
+            Error::Sys { what, err } => ept::Error::Backend(BackendFailure {
+                op: what,
+                errno: err.raw_os_error().unwrap_or(0),
+            }),
             Error::InvalidArgs(_) | Error::Misaligned { .. } => ept::Error::InvalidArgs,
             Error::OutsideGuest { .. } => ept::Error::OutOfRange,
-            _ => ept::Error::NoMemory,
-        };
-        self.last_error = Some(e.to_string());
-        code
+            _ => ept::Error::Backend(BackendFailure {
+                op: "KvmStage2 host operation",
+                errno: 0,
+            }),
+        }
     }
 
     /// Runs a host mapping operation; on the map-count limit raises it (if allowed) and
@@ -225,12 +225,12 @@ impl KvmStage2 {
                 match ensure_max_map_count(want) {
                     Ok(_) => {
                         self.stats.map_count_raised += 1;
-                        op(self).map_err(|e| self.fail(e))
+                        op(self).map_err(Self::fail)
                     }
-                    Err(e) => Err(self.fail(e)),
+                    Err(e) => Err(Self::fail(e)),
                 }
             }
-            Err(e) => Err(self.fail(e)),
+            Err(e) => Err(Self::fail(e)),
         }
     }
 
@@ -326,7 +326,7 @@ impl KvmStage2 {
             if let Err(e) = self.res.write_protect(Gpa(s), l, Protection::Protect) {
                 // The runs before this one are read-only on the host now: say so.
                 self.set_perms_in(gpa, s - gpa, S2Perms::READ);
-                return Err(self.fail(e));
+                return Err(Self::fail(e));
             }
         }
         // Every read-only leaf is plain READ (`odd_ro == 0`), so after this the whole range is:
@@ -470,7 +470,7 @@ impl Stage2 for KvmStage2 {
                 }
                 self.flush_pending |= downgraded;
                 self.debug_check();
-                return Err(self.fail(e));
+                return Err(Self::fail(e));
             }
         }
         self.set_perms_in(gpa, len, perms);
