@@ -7,8 +7,10 @@
 //! - [`reservation`]: `Reservation`, the memslot's host range and its userfaultfd — the one
 //!   writer of that range (install a frame, put an anonymous piece back, write-protect,
 //!   poison);
-//! - [`stage2`]: `KvmStage2`, the `ept::Stage2` backend: records installed leaves (and the
-//!   index of writable ones) and asks the reservation to change the host range;
+//! - `leaves`: `LeafIndex`, the record of installed leaves and the index of writable ones
+//!   (pure bookkeeping, unit-tested beside it);
+//! - [`stage2`]: `KvmStage2`, the `ept::Stage2` backend: keeps the `LeafIndex` true and asks
+//!   the reservation to change the host range;
 //! - [`fault_thread`]: the thread that turns userfaultfd events into `ept::FaultInfo`, hands
 //!   them to a `Resolver` (the product's is the guest's `Vmar<KvmStage2>`), and wakes the
 //!   faulter.
@@ -19,5 +21,6 @@
 
 pub mod fault_thread;
 pub mod frames;
+mod leaves;
 pub mod reservation;
 pub mod stage2;

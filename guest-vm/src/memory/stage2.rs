@@ -30,7 +30,6 @@
 //! `check_invariants` states the index invariants as code; it runs at the end of every
 //! mutating operation in debug builds (for up to `CHECKED_LEAVES` leaves: the check is linear).
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use ept::{BackendFailure, FlushScope, MemType, PageSize, S2Perms, Stage2, Translation};
@@ -38,6 +37,7 @@ use ept::{BackendFailure, FlushScope, MemType, PageSize, S2Perms, Stage2, Transl
 use crate::addr::{Gpa, MemfdOffset};
 use crate::error::Error;
 use crate::memory::frames::MemfdFrameAlloc;
+use crate::memory::leaves::{runs, Leaf, LeafIndex};
 use crate::memory::reservation::Reservation;
 use crate::sys::mmap::ensure_max_map_count;
 use crate::sys::uffd::Protection;
@@ -46,14 +46,6 @@ use ept::PAGE_SIZE;
 /// Debug builds check the index invariants after every change while there are at most this
 /// many leaves (the check walks them all).
 const CHECKED_LEAVES: usize = 1 << 14;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Leaf {
-    pa: u64,
-    size: PageSize,
-    perms: S2Perms,
-    mem_type: MemType,
-}
 
 /// Counters of host operations, for benchmarks and tests.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -70,11 +62,7 @@ pub struct Stage2Stats {
 pub struct KvmStage2 {
     res: Arc<Reservation>,
     frames: Arc<MemfdFrameAlloc>,
-    leaves: BTreeMap<u64, Leaf>,
-    /// Starts of the leaves with WRITE (see the module invariants).
-    writable: BTreeSet<u64>,
-    /// Leaves without WRITE whose perms are not plain READ.
-    odd_ro: u64,
+    leaves: LeafIndex,
     flush_pending: bool,
     stats: Stage2Stats,
 }
@@ -85,9 +73,7 @@ impl KvmStage2 {
         KvmStage2 {
             res,
             frames,
-            leaves: BTreeMap::new(),
-            writable: BTreeSet::new(),
-            odd_ro: 0,
+            leaves: LeafIndex::default(),
             flush_pending: false,
             stats: Stage2Stats::default(),
         }
@@ -107,87 +93,25 @@ impl KvmStage2 {
 
     /// Installed 4 KiB pages.
     pub fn mapped_pages(&self) -> u64 {
-        self.leaves
-            .values()
-            .map(|l| l.size.bytes() / PAGE_SIZE)
-            .sum()
+        self.leaves.pages()
     }
 
-    /// The module invariants as code: leaves are disjoint, aligned to their size and inside the
-    /// reservation; `writable` is exactly the starts of leaves with WRITE; `odd_ro` counts the
-    /// other leaves whose perms are not plain READ. Panics on a violation.
+    /// The module invariants as code: the leaf index keeps its own (`LeafIndex`), and every
+    /// leaf lies inside the reservation. Panics on a violation.
     pub fn check_invariants(&self) {
-        let mut prev_end = 0u64;
-        let mut writable = 0usize;
-        let mut odd_ro = 0u64;
-        for (&start, leaf) in &self.leaves {
-            let len = leaf.size.bytes();
+        self.leaves.check_invariants();
+        for (start, leaf) in self.leaves.range(0, u64::MAX - 1) {
             assert!(
-                start >= prev_end,
-                "leaf at {start:#x} overlaps the one before"
-            );
-            assert!(
-                start.is_multiple_of(len) && leaf.pa.is_multiple_of(len),
-                "misaligned leaf"
-            );
-            assert!(
-                self.res.hva_of(Gpa(start), len).is_some(),
+                self.res.hva_of(Gpa(start), leaf.size.bytes()).is_some(),
                 "leaf {start:#x} outside the reservation"
             );
-            if leaf.perms.contains(S2Perms::WRITE) {
-                assert!(
-                    self.writable.contains(&start),
-                    "writable leaf {start:#x} not indexed"
-                );
-                writable += 1;
-            } else if leaf.perms != S2Perms::READ {
-                odd_ro += 1;
-            }
-            prev_end = start + len;
         }
-        assert_eq!(
-            writable,
-            self.writable.len(),
-            "writable index holds non-writable leaves"
-        );
-        assert_eq!(odd_ro, self.odd_ro, "odd read-only leaf count");
     }
 
     fn debug_check(&self) {
         if cfg!(debug_assertions) && self.leaves.len() <= CHECKED_LEAVES {
             self.check_invariants();
         }
-    }
-
-    fn index(&mut self, start: u64, leaf: &Leaf, add: bool) {
-        if leaf.perms.contains(S2Perms::WRITE) {
-            if add {
-                self.writable.insert(start);
-            } else {
-                self.writable.remove(&start);
-            }
-        } else if leaf.perms != S2Perms::READ {
-            if add {
-                self.odd_ro += 1;
-            } else {
-                self.odd_ro -= 1;
-            }
-        }
-    }
-
-    /// Records `leaf` at `start` (replacing any leaf there), keeping the indexes true.
-    fn put_leaf(&mut self, start: u64, leaf: Leaf) {
-        if let Some(old) = self.leaves.insert(start, leaf) {
-            self.index(start, &old, false);
-        }
-        self.index(start, &leaf, true);
-    }
-
-    /// Forgets the leaf at `start`, keeping the indexes true.
-    fn take_leaf(&mut self, start: u64) -> Option<Leaf> {
-        let old = self.leaves.remove(&start)?;
-        self.index(start, &old, false);
-        Some(old)
     }
 
     /// The `ept::Error` for a failed host operation: the operation and its errno travel in
@@ -250,58 +174,6 @@ impl KvmStage2 {
         self.res
             .install_frame(Gpa(gpa), len, self.frames.memfd(), frame, writable)
     }
-
-    /// Sets the recorded perms of every leaf in `[gpa, gpa+len)` (leaf boundaries) to `perms`.
-    fn set_perms_in(&mut self, gpa: u64, len: u64, perms: S2Perms) {
-        let starts: Vec<u64> = self.leaves.range(gpa..gpa + len).map(|(&s, _)| s).collect();
-        for start in starts {
-            if let Some(&leaf) = self.leaves.get(&start) {
-                if leaf.perms != perms {
-                    self.put_leaf(start, Leaf { perms, ..leaf });
-                }
-            }
-        }
-    }
-
-    /// Splits the large leaf containing `addr` (if it starts before `addr`) until `addr` is a
-    /// leaf boundary. The host mapping does not change: only the record is refined.
-    fn split_at(&mut self, addr: u64) {
-        loop {
-            let Some((&start, &leaf)) = self.leaves.range(..=addr).next_back() else {
-                return;
-            };
-            if start == addr || start + leaf.size.bytes() <= addr {
-                return;
-            }
-            let child = match leaf.size {
-                PageSize::Size1G => PageSize::Size2M,
-                PageSize::Size2M => PageSize::Size4K,
-                PageSize::Size4K => return,
-            };
-            self.take_leaf(start);
-            for i in 0..512 {
-                let off = i * child.bytes();
-                self.put_leaf(
-                    start + off,
-                    Leaf {
-                        pa: leaf.pa + off,
-                        size: child,
-                        ..leaf
-                    },
-                );
-            }
-        }
-    }
-
-    /// Leaves in `[gpa, gpa+len)` after splitting at both ends: (start, leaf).
-    fn leaves_in(&mut self, gpa: u64, len: u64) -> Vec<(u64, Leaf)> {
-        self.split_at(gpa);
-        self.split_at(gpa + len);
-        self.leaves
-            .range(gpa..gpa + len)
-            .map(|(&s, &l)| (s, l))
-            .collect()
-    }
 }
 
 impl KvmStage2 {
@@ -309,14 +181,14 @@ impl KvmStage2 {
     /// range without writable leaves (every fork after the first) costs O(log n); otherwise
     /// one ioctl per run of writable leaves and linear passes over the range's records.
     fn write_protect(&mut self, gpa: u64, len: u64) -> Result<u64, ept::Error> {
-        self.split_at(gpa);
-        self.split_at(gpa + len);
-        if self.writable.range(gpa..gpa + len).next().is_none() {
+        self.leaves.split_at(gpa);
+        self.leaves.split_at(gpa + len);
+        if !self.leaves.any_writable_in(gpa, len) {
             return Ok(0);
         }
         let mut changed = 0;
         let mut pieces = Vec::new();
-        for (&s, l) in self.leaves.range(gpa..gpa + len) {
+        for (s, l) in self.leaves.range(gpa, len) {
             if l.perms.contains(S2Perms::WRITE) {
                 changed += l.size.bytes() / PAGE_SIZE;
                 pieces.push((s, l.size.bytes()));
@@ -325,35 +197,17 @@ impl KvmStage2 {
         for (s, l) in runs(pieces) {
             if let Err(e) = self.res.write_protect(Gpa(s), l, Protection::Protect) {
                 // The runs before this one are read-only on the host now: say so.
-                self.set_perms_in(gpa, s - gpa, S2Perms::READ);
+                self.leaves.set_perms_in(gpa, s - gpa, S2Perms::READ);
                 return Err(Self::fail(e));
             }
         }
-        // Every read-only leaf is plain READ (`odd_ro == 0`), so after this the whole range is:
-        // one linear pass over the records and one bulk cut of the writable index.
-        for leaf in self.leaves.range_mut(gpa..gpa + len).map(|(_, l)| l) {
-            leaf.perms = S2Perms::READ;
-        }
-        let mut inside = self.writable.split_off(&gpa);
-        let mut after = inside.split_off(&(gpa + len));
-        self.writable.append(&mut after);
+        // Every read-only leaf is plain READ, so after this the whole range is.
+        self.leaves.mark_read_only(gpa, len);
         self.stats.protects += 1;
         self.flush_pending = true;
         self.debug_check();
         Ok(changed)
     }
-}
-
-/// Coalesces sorted (start, len) pieces into maximal adjacent runs.
-fn runs(pieces: impl IntoIterator<Item = (u64, u64)>) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for (s, l) in pieces {
-        match out.last_mut() {
-            Some((ps, pl)) if *ps + *pl == s => *pl += l,
-            _ => out.push((s, l)),
-        }
-    }
-    out
 }
 
 impl Stage2 for KvmStage2 {
@@ -377,19 +231,17 @@ impl Stage2 for KvmStage2 {
         }
         // Overlap: only an identical-size leaf at the same address may be replaced.
         let mut replaced = None;
-        if let Some((&s, &l)) = self.leaves.range(..gpa + len).next_back() {
-            if s + l.size.bytes() > gpa {
-                if s == gpa && l.size == size {
-                    replaced = Some(l);
-                } else {
-                    return Err(ept::Error::AlreadyExists);
-                }
+        if let Some((s, l)) = self.leaves.overlapping(gpa, len) {
+            if s == gpa && l.size == size {
+                replaced = Some(l);
+            } else {
+                return Err(ept::Error::AlreadyExists);
             }
         }
         let writable = perms.contains(S2Perms::WRITE);
         self.with_map_retry(|me| me.install(gpa, pa, len, writable))?;
         self.stats.maps += 1;
-        self.put_leaf(
+        self.leaves.put(
             gpa,
             Leaf {
                 pa,
@@ -401,21 +253,13 @@ impl Stage2 for KvmStage2 {
         self.debug_check();
         Ok(replaced.map(|l| {
             self.flush_pending = true;
-            Translation {
-                gpa,
-                pa: l.pa,
-                size: l.size,
-                perms: l.perms,
-                mem_type: l.mem_type,
-                accessed: false,
-                dirty: false,
-            }
+            l.translation(gpa)
         }))
     }
 
     fn unmap(&mut self, gpa: u64, len: u64) -> Result<u64, ept::Error> {
         self.check_range(gpa, len)?;
-        let gone = self.leaves_in(gpa, len);
+        let gone = self.leaves.split_range(gpa, len);
         if gone.is_empty() {
             return Ok(0);
         }
@@ -426,7 +270,7 @@ impl Stage2 for KvmStage2 {
         }
         let mut pages = 0;
         for (s, l) in &gone {
-            self.take_leaf(*s);
+            self.leaves.take(*s);
             pages += l.size.bytes() / PAGE_SIZE;
         }
         self.stats.unmaps += 1;
@@ -438,14 +282,14 @@ impl Stage2 for KvmStage2 {
     fn protect(&mut self, gpa: u64, len: u64, perms: S2Perms) -> Result<u64, ept::Error> {
         check_perms(perms)?;
         self.check_range(gpa, len)?;
-        if perms == S2Perms::READ && self.odd_ro == 0 {
+        if perms == S2Perms::READ && self.leaves.read_only_is_plain() {
             return self.write_protect(gpa, len);
         }
         let writable = perms.contains(S2Perms::WRITE);
         let mut changed = 0;
         let mut flip = Vec::new();
         let mut downgraded = false;
-        for (s, l) in self.leaves_in(gpa, len) {
+        for (s, l) in self.leaves.split_range(gpa, len) {
             if l.perms == perms {
                 continue;
             }
@@ -466,14 +310,14 @@ impl Stage2 for KvmStage2 {
                 // The runs before this one changed on the host: their records follow, so no
                 // page is writable while its record says read-only (or the reverse).
                 for &(ds, dl) in &flip[..i] {
-                    self.set_perms_in(ds, dl, perms);
+                    self.leaves.set_perms_in(ds, dl, perms);
                 }
                 self.flush_pending |= downgraded;
                 self.debug_check();
                 return Err(Self::fail(e));
             }
         }
-        self.set_perms_in(gpa, len, perms);
+        self.leaves.set_perms_in(gpa, len, perms);
         if changed > 0 {
             self.stats.protects += 1;
         }
@@ -483,16 +327,7 @@ impl Stage2 for KvmStage2 {
     }
 
     fn query(&self, gpa: u64) -> Option<Translation> {
-        let (&s, l) = self.leaves.range(..=gpa).next_back()?;
-        (gpa < s + l.size.bytes()).then_some(Translation {
-            gpa: s,
-            pa: l.pa,
-            size: l.size,
-            perms: l.perms,
-            mem_type: l.mem_type,
-            accessed: false,
-            dirty: false,
-        })
+        self.leaves.covering(gpa).map(|(s, l)| l.translation(s))
     }
 
     fn flush(&mut self, _scope: FlushScope) {
@@ -513,101 +348,5 @@ fn check_perms(perms: S2Perms) -> Result<(), ept::Error> {
         p if p.contains(S2Perms::READ) => Ok(()),
         p if p.is_empty() => Err(ept::Error::InvalidArgs),
         _ => Err(ept::Error::NotSupported),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::sys::uffd::Uffd;
-    use std::collections::BTreeMap;
-    use vmo::FrameAlloc;
-
-    /// Random map / unmap / protect traffic (4 KiB and 2 MiB leaves) against a page-level
-    /// model: after every step the leaf index keeps its invariants and every page's record
-    /// matches the model.
-    #[test]
-    fn leaf_index_matches_a_page_model_under_random_traffic() {
-        const PAGES: u64 = 2048; // 8 MiB: four 2 MiB slots
-        let uffd = Arc::new(Uffd::open().expect("userfaultfd (root)"));
-        let res = Arc::new(Reservation::new(Gpa(0), PAGES * PAGE_SIZE, uffd).unwrap());
-        let frames = Arc::new(MemfdFrameAlloc::new(16 << 20).unwrap());
-        let mut s = KvmStage2::new(res, frames.clone());
-        let mut model: BTreeMap<u64, S2Perms> = BTreeMap::new();
-        let big = frames
-            .alloc_contiguous(1024)
-            .unwrap()
-            .next_multiple_of(2 << 20);
-        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-        let mut next = || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
-        for _ in 0..400 {
-            let r = next();
-            let page = r % PAGES;
-            let perms = [S2Perms::READ, S2Perms::RW, S2Perms::RWX][(r >> 20) as usize % 3];
-            match (r >> 16) % 4 {
-                0 => {
-                    let f = frames.alloc_frame().unwrap();
-                    let ok = s
-                        .map(
-                            page * PAGE_SIZE,
-                            f,
-                            PageSize::Size4K,
-                            perms,
-                            MemType::WriteBack,
-                        )
-                        .is_ok();
-                    if ok {
-                        model.insert(page, perms);
-                    } else {
-                        frames.free_frame(f);
-                    }
-                }
-                1 => {
-                    let slot = (page / 512) * 512;
-                    if (slot..slot + 512).all(|p| !model.contains_key(&p)) {
-                        let pa = big + (slot / 512 % 2) * (2 << 20);
-                        s.map(
-                            slot * PAGE_SIZE,
-                            pa,
-                            PageSize::Size2M,
-                            perms,
-                            MemType::WriteBack,
-                        )
-                        .unwrap();
-                        for p in slot..slot + 512 {
-                            model.insert(p, perms);
-                        }
-                    }
-                }
-                2 => {
-                    let len = 1 + next() % 600;
-                    let len = len.min(PAGES - page);
-                    s.unmap(page * PAGE_SIZE, len * PAGE_SIZE).unwrap();
-                    for p in page..page + len {
-                        model.remove(&p);
-                    }
-                }
-                _ => {
-                    let len = (1 + next() % 600).min(PAGES - page);
-                    s.protect(page * PAGE_SIZE, len * PAGE_SIZE, perms).unwrap();
-                    for p in page..page + len {
-                        if let Some(m) = model.get_mut(&p) {
-                            *m = perms;
-                        }
-                    }
-                }
-            }
-            s.check_invariants();
-            for p in (0..PAGES).step_by(7) {
-                let got = s.query(p * PAGE_SIZE).map(|t| t.perms);
-                assert_eq!(got, model.get(&p).copied(), "page {p}");
-            }
-        }
-        assert_eq!(s.mapped_pages(), model.len() as u64);
     }
 }
