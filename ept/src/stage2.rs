@@ -12,6 +12,8 @@
 //! - operations never invalidate the hardware TLB themselves: they record that a flush is
 //!   pending, and the caller issues one `flush` per logical operation.
 
+use alloc::vec::Vec;
+
 use crate::{Error, MemType, PageSize, S2Perms};
 
 /// What a second-level entry translates a guest-physical address to.
@@ -78,4 +80,26 @@ pub trait Stage2 {
     /// Whether an operation since the last `flush` removed or downgraded a present entry (so
     /// stale translations may be cached).
     fn flush_pending(&self) -> bool;
+
+    /// Dirty harvest: appends to `dirty`, in ascending order, the guest-physical address of
+    /// every installed 4 KiB page in `[gpa, gpa + len)` that was written through this
+    /// translation since the last harvest that covered it, and re-arms tracking for the range
+    /// (the next write is reported by the next harvest). Returns the number of pages appended.
+    ///
+    /// Contract every implementation keeps:
+    /// - a page installed (or made) writable since the last harvest counts as written (the
+    ///   memory model installs writable pages only for writes it already knows about, and this
+    ///   keeps the first write free of a tracking fault);
+    /// - a written large leaf reports every 4 KiB page it maps;
+    /// - pages installed read-only are never reported; holes are not an error;
+    /// - a second harvest with no write in between reports nothing;
+    /// - re-arming may leave a flush pending (EPT/NPT: cleared dirty bits must be re-fetched
+    ///   by the hardware); the caller flushes as after `protect`.
+    ///
+    /// Backends that cannot track writes keep this default and return `NotSupported`; the
+    /// memory model then falls back to dropping private pages on reset.
+    fn harvest_dirty(&mut self, gpa: u64, len: u64, dirty: &mut Vec<u64>) -> Result<u64, Error> {
+        let _ = (gpa, len, dirty);
+        Err(Error::NotSupported)
+    }
 }
