@@ -264,6 +264,16 @@ impl Frame {
         Ok(())
     }
 
+    /// Copies the whole of `src` into this frame.
+    pub fn copy_from(&self, src: &Frame) {
+        if src.ptr() == self.ptr() {
+            return;
+        }
+        // SAFETY: both frames are allocated while the handles live and are PAGE_SIZE bytes;
+        // distinct frames never overlap (the `FrameAlloc` contract), checked equal above.
+        unsafe { core::ptr::copy_nonoverlapping(src.ptr(), self.ptr(), crate::PAGE_BYTES) };
+    }
+
     /// Fills `len` bytes at `offset` with zeros.
     pub fn fill_zero(&self, offset: usize, len: usize) -> Result<(), Error> {
         check_in_frame(offset, len)?;

@@ -20,11 +20,12 @@ pub use ept::PAGE_SIZE;
 pub const PAGE_BYTES: usize = PAGE_SIZE as usize;
 pub use pager::Pager;
 pub use vmar::{
-    FaultOutcome, FaultStats, MapOptions, MappingInfo, Placement, Resolution, VmPerms, Vmar,
-    DEFAULT_FAULT_AROUND, MAX_FAULT_AROUND,
+    FaultOutcome, FaultStats, MapOptions, MappingInfo, Placement, ResetPolicy, Resolution, VmPerms,
+    Vmar, DEFAULT_FAULT_AROUND, MAX_FAULT_AROUND,
 };
 pub use vmo::{
-    ChildKind, FaultAccess, PageOrigin, RangeChange, Rights, Vmo, VmoFlags, VmoObserver,
+    ChildKind, FaultAccess, PageOrigin, RangeChange, RestoreStats, Rights, Vmo, VmoFlags,
+    VmoObserver,
 };
 
 /// Errors of the memory model; the meanings follow Zircon's status codes (CONTRACTS.md).

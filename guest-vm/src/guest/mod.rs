@@ -10,8 +10,10 @@
 //! - `snapshot` (guest stopped at an exit): the complete vCPU state; `fork(&state)` forks the
 //!   Vmar (`Vmar::fork`: parent and child share every frame copy-on-write; cost independent
 //!   of guest size) into a new reservation + VM + fault thread, and restores the state there;
-//! - `reset(&state)`: `Vmar::reset` (drops only pages changed since the fork / reset point),
-//!   un-poisons pages a refused fault poisoned, restores the vCPU state.
+//! - `reset(&state)`: `Vmar::reset_with(Restore)` (copies the snapshot's bytes back into the
+//!   pages written since the fork / last reset, keeping them installed; a backend without
+//!   dirty harvest drops them instead), un-poisons pages a refused fault poisoned, restores
+//!   the vCPU state.
 //!
 //! The fault thread's resolver is the guest's `Vmar` itself (`impl Resolver for
 //! Vmar<KvmStage2>`): uffd event → fault thread → `Vmar::handle_fault` → Vmo → `KvmStage2`.
@@ -27,7 +29,7 @@
 
 use std::sync::Arc;
 
-use vmo::{MapOptions, VmPerms, Vmar, Vmo, VmoFlags};
+use vmo::{MapOptions, ResetPolicy, RestoreStats, VmPerms, Vmar, Vmo, VmoFlags};
 
 use crate::addr::Gpa;
 use crate::error::{Error, Result};
@@ -112,14 +114,23 @@ impl Guest {
         Ok(self.vmar.set_reset_point()?)
     }
 
-    /// Returns memory to the fork (or last reset point) — dropping only the pages changed since
-    /// — and the vCPU to `state`. Also recovers a VM stopped by a refused fault. Returns the
-    /// number of pages dropped.
+    /// Returns memory to the fork (or last reset point) with the restore policy — the pages
+    /// written since the last reset get the snapshot's bytes back and stay installed (see
+    /// `reset_with`) — and the vCPU to `state`. Also recovers a VM stopped by a refused fault.
+    /// Returns the number of pages reset (restored + dropped).
     pub fn reset(&mut self, state: &VcpuState) -> Result<u64> {
-        let dropped = self.vmar.reset()?;
+        let stats = self.reset_with(state, ResetPolicy::Restore)?;
+        Ok(stats.restored + stats.dropped)
+    }
+
+    /// `reset` with an explicit policy: `Restore` (copy-back, the default of `reset`; falls
+    /// back to `Drop` when the backend cannot harvest dirty pages) or `Drop` (give the private
+    /// frames back, for memory pressure).
+    pub fn reset_with(&mut self, state: &VcpuState, policy: ResetPolicy) -> Result<RestoreStats> {
+        let stats = self.vmar.reset_with(policy)?;
         self.vm.recover()?;
         self.vm.restore_state(state)?;
-        Ok(dropped)
+        Ok(stats)
     }
 
     /// Installs `[gpa, gpa+len)` ahead of the guest (VMM-side fault-around for a range it

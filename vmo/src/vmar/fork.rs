@@ -1,5 +1,7 @@
-//! `Vmar::fork` and `Vmar::reset`: snapshot a guest's address space into a child that shares
-//! every frame copy-on-write, and bring a fork back to its snapshot.
+//! `Vmar::fork` and `Vmar::reset` / `reset_with`: snapshot a guest's address space into a
+//! child that shares every frame copy-on-write, and bring a fork back to its snapshot —
+//! dropping the pages it changed (`ResetPolicy::Drop`) or copying the snapshot's bytes back
+//! into the pages it wrote (`ResetPolicy::Restore`, through the backend's dirty harvest).
 //!
 //! Policy per mapping:
 //! - private mappings: the child maps a snapshot child of the Vmo (one per distinct Vmo, so two
@@ -27,7 +29,7 @@ use super::map::make_mapping;
 use super::tree::MappingInfo;
 use super::tree::{Tree, ROOT};
 use super::{Counters, Space, Vmar};
-use crate::{Error, Result, Vmo, VmoFlags};
+use crate::{Error, RestoreStats, Result, Vmo, VmoFlags};
 
 /// Undoes a `defer_flush` increment and flushes once, on every exit path.
 struct DeferredFlush<'a, S: Stage2 + Send + 'static>(&'a Space<S>);
@@ -45,6 +47,18 @@ impl<S: Stage2 + Send + 'static> Drop for DeferredFlush<'_, S> {
         let mut stage2 = self.0.stage2.lock();
         self.0.flush_if_pending(&mut stage2);
     }
+}
+
+/// How `Vmar::reset_with` returns private pages to their reset point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResetPolicy {
+    /// Give the private frames back: the next write to each page copies again (memory
+    /// pressure; the state right after a fork).
+    Drop,
+    /// Keep the private frames installed and writable and copy the reset point's bytes back
+    /// into the pages written since the last reset (a child that is reused, as fuzzers and
+    /// request servers do).
+    Restore,
 }
 
 fn is_dma(vmo: &Vmo) -> bool {
@@ -133,7 +147,8 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
 
     /// Returns every private mapping's Vmo to its reset point (the fork, or the last
     /// `set_reset_point`), dropping only the pages changed since and their translations; one
-    /// flush. Returns the number of pages dropped.
+    /// flush. Returns the number of pages dropped. The same as
+    /// `reset_with(ResetPolicy::Drop)`.
     ///
     /// All or nothing: any Vmo without a reset point or with pinned pages → `BadState`, and a
     /// backend failure while dropping translations → that error, in both cases with no Vmo
@@ -141,13 +156,56 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
     /// handle, e.g. one from `query`, resets like any other): the reset points are this
     /// address space's own, set by `fork` / `set_reset_point`.
     pub fn reset(&self) -> Result<u64> {
+        self.reset_with(ResetPolicy::Drop).map(|s| s.dropped)
+    }
+
+    /// Returns every private mapping's Vmo to its reset point with `policy`:
+    /// - `Drop`: as `reset`;
+    /// - `Restore`: harvests the backend's dirty pages over every private mapping
+    ///   (`Stage2::harvest_dirty`, which also re-arms tracking), then copies the reset point's
+    ///   bytes back into exactly the pages written since the last reset (by the guest, or by
+    ///   the model's own `Vmo::write`), keeping those private frames installed and writable;
+    ///   pages that cannot be refilled in place (a frame shared with a later fork) go back to
+    ///   the reset point's frame. A backend that cannot harvest (`NotSupported`), or a harvest
+    ///   that fails part-way (its dirty record is then incomplete), makes this a `Drop` reset,
+    ///   which is correct whatever was written.
+    ///
+    /// All or nothing, like `reset`; one flush at the end.
+    pub fn reset_with(&self, policy: ResetPolicy) -> Result<RestoreStats> {
         if self.region != ROOT {
             return Err(Error::NotSupported);
         }
         let tree = self.space.tree.write();
         tree.region(ROOT)?;
         let _flush = DeferredFlush::new(&self.space);
-        Vmo::reset_objects(&Self::private_vmos(&tree))
+        if policy == ResetPolicy::Restore {
+            if let Ok(items) = self.harvest_private(&tree) {
+                return Vmo::restore_objects(&items);
+            }
+        }
+        let dropped = Vmo::reset_objects(&Self::private_vmos(&tree))?;
+        Ok(RestoreStats {
+            restored: 0,
+            dropped,
+        })
+    }
+
+    /// Every private mapping's Vmo with the offsets (in that handle) the backend reports as
+    /// written since the last harvest; tracking is re-armed.
+    fn harvest_private(&self, tree: &Tree<S>) -> Result<Vec<(Vmo, Vec<u64>)>> {
+        let mut out: Vec<(Vmo, Vec<u64>)> = Vec::new();
+        let mut stage2 = self.space.stage2.lock();
+        let mut dirty = Vec::new();
+        for m in tree.mappings.values().filter(|m| !m.shared) {
+            dirty.clear();
+            stage2.harvest_dirty(m.base, m.len, &mut dirty)?;
+            let offsets = dirty.iter().map(|gpa| m.vmo_offset + (gpa - m.base));
+            match out.iter_mut().find(|(v, _)| v.same_object(&m.vmo)) {
+                Some((_, o)) => o.extend(offsets),
+                None => out.push((m.vmo.clone(), offsets.collect())),
+            }
+        }
+        Ok(out)
     }
 
     /// Makes the current contents of every private mapping the state `reset` returns to

@@ -37,6 +37,7 @@ use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use ept::{FlushScope, S2Perms, Stage2};
 
 use crate::{Error, Result, PAGE_SIZE};
+pub use fork::ResetPolicy;
 pub use map::{MapOptions, Placement};
 pub use page_fault::{FaultOutcome, Resolution};
 pub use tree::MappingInfo;

@@ -39,6 +39,7 @@ use observer::Observers;
 pub use observer::{ObserverId, RangeChange, VmoObserver};
 pub use pages::PageOrigin;
 use pages::Pages;
+pub use reset::RestoreStats;
 
 /// What `Vmo::fault_page` is asked to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,7 +1,9 @@
 //! Reset points of a page set: `set_reset_point` remembers the current pages (sharing every
-//! frame), `reset` returns to them dropping only the pages changed since. Invariant: the
-//! translations of shared or dropped frames are downgraded / removed before the change, and a
-//! backend failure leaves the page set (and its reset point) as it was.
+//! frame); `reset` returns to them dropping the pages changed since (the *drop* policy), and
+//! `restore_objects` returns to them copying the reset point's bytes back into the private
+//! frames it keeps (the *restore* policy, `pages/restore.rs`). Invariant: the translations of
+//! shared or dropped frames are downgraded / removed before the change, and a backend failure
+//! leaves every page set (and its reset point) as it was.
 
 use alloc::sync::Arc;
 
@@ -74,4 +76,72 @@ impl Vmo {
         drop(old);
         Ok(changed.iter().map(|c| c.len() as u64).sum())
     }
+
+    /// The restore policy for the page sets behind `items` (handle, offsets in that handle
+    /// written through translations since the last harvest): all or nothing like
+    /// `reset_objects`, whose checks it shares. Every page set is planned first
+    /// (`Pages::plan_restore`); a set that cannot be restored in place (resized since its reset
+    /// point) is reset by dropping instead. Then the translations of every slot that goes back
+    /// to a shared frame or to empty are dropped (a backend failure returns its error with
+    /// nothing reset), and only then are the plans applied, which cannot fail.
+    pub(crate) fn restore_objects(items: &[(Vmo, alloc::vec::Vec<u64>)]) -> Result<RestoreStats> {
+        let key = |v: &Vmo| Arc::as_ptr(&v.inner_root()) as usize;
+        // One entry per page set, with the written offsets turned into its slots.
+        let mut roots: alloc::vec::Vec<(&Vmo, alloc::vec::Vec<u64>)> = alloc::vec::Vec::new();
+        for (vmo, offsets) in items {
+            let (_, base) = vmo.root();
+            let slots = offsets.iter().map(|o| (base + o) / crate::PAGE_SIZE);
+            match roots.iter_mut().find(|(v, _)| key(v) == key(vmo)) {
+                Some((_, s)) => s.extend(slots),
+                None => roots.push((vmo, slots.collect())),
+            }
+        }
+        roots.sort_by_key(|(v, _)| key(v));
+        let mut guards: alloc::vec::Vec<_> =
+            roots.iter().map(|(v, _)| v.lock_root_pages()).collect();
+        if guards
+            .iter()
+            .any(|p| !p.has_reset_point() || p.any_pinned())
+        {
+            return Err(Error::BadState);
+        }
+        let mut plans = alloc::vec::Vec::new();
+        for (pages, (_, slots)) in guards.iter_mut().zip(&roots) {
+            plans.push(pages.plan_restore(slots)?);
+        }
+        for (((vmo, _), plan), pages) in roots.iter().zip(&plans).zip(&guards) {
+            match plan {
+                Some(plan) => vmo.unmap_pages(&plan.revert)?,
+                None => vmo.unmap_pages(&pages.changed())?,
+            }
+        }
+        let mut stats = RestoreStats::default();
+        let mut old = alloc::vec::Vec::new();
+        for (pages, plan) in guards.iter_mut().zip(plans) {
+            match plan {
+                Some(plan) => {
+                    stats.restored += plan.refilled();
+                    stats.dropped += plan.revert.len() as u64;
+                    old.extend(pages.apply_restore(plan));
+                }
+                None => {
+                    stats.dropped += pages.changed().len() as u64;
+                    drop(pages.reset()?);
+                    pages.debug_check();
+                }
+            }
+        }
+        drop(guards);
+        drop(old);
+        Ok(stats)
+    }
+}
+
+/// What a reset did: pages whose private frame was refilled with the reset point's bytes and
+/// kept (`restored`), and pages that went back to the reset point's frame or to empty
+/// (`dropped`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RestoreStats {
+    pub restored: u64,
+    pub dropped: u64,
 }

@@ -19,11 +19,17 @@
 //! - `committed` equals the number of occupied slots;
 //! - pinned slots are private and never removed or shared (the Vmo refuses snapshots while any
 //!   page is pinned);
-//! - when a reset point exists, `changed` holds every slot stored or removed since it was taken,
-//!   so a reset knows exactly which installed translations to drop;
+//! - when a reset point exists, every slot whose frame differs from the reset point's is in
+//!   `changed` (stored, removed, or written by the host since the last reset) or in `kept` (a
+//!   private frame a copy-back reset refilled with the reset point's bytes and kept), so a reset
+//!   knows exactly which installed translations to drop and which pages to restore; without a
+//!   reset point both are empty;
 //! - the size is page aligned and at most `MAX_VMO_SIZE`; no slot at or past `size` is
 //!   occupied (resize and snapshot windows remove them); pin counts are non-zero and name
-//!   committed slots; without a reset point `changed` is empty.
+//!   committed slots.
+//!
+//! Children: [`restore`] — the copy-back reset (plan, then apply) over `changed`, `kept` and
+//! the pages a dirty harvest reports.
 //!
 //! `check_invariants` checks the countable ones in O(size in pages) — xarray 0.1.1's `range`
 //! visits every index — (privacy of pinned slots is not checked: judging it makes array paths
@@ -38,6 +44,8 @@ use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use xarray::XArray;
+
+mod restore;
 
 use crate::pager::Pager;
 use crate::{Error, Frame, FramePool, Result, PAGE_BYTES, PAGE_SIZE};
@@ -98,6 +106,8 @@ pub(crate) struct Pages {
     pub source: PageSource,
     reset_point: Option<ResetPoint>,
     changed: BTreeSet<u64>,
+    /// Slots holding a private frame that a copy-back reset refilled from the reset point.
+    kept: BTreeSet<u64>,
 }
 
 /// How a fault or write got its frame.
@@ -126,6 +136,7 @@ impl Pages {
             },
             reset_point: None,
             changed: BTreeSet::new(),
+            kept: BTreeSet::new(),
         }
     }
 
@@ -306,8 +317,10 @@ impl Pages {
         Ok(Some(frame))
     }
 
-    /// Tells the pager that slot `idx` was written (no-op without a write-back pager).
-    pub fn mark_dirty(&self, idx: u64) -> Result<()> {
+    /// Slot `idx` was written by the host (Vmo::write / clear): a reset must restore it, and a
+    /// write-back pager hears of it.
+    pub fn mark_dirty(&mut self, idx: u64) -> Result<()> {
+        self.note_change(idx);
         match (&self.source.pager, self.source.writeback) {
             (Some(pager), true) => pager.update_page(self.source.base + idx),
             _ => Ok(()),
@@ -407,15 +420,19 @@ impl Pages {
             size: self.size,
         });
         self.changed.clear();
+        self.kept.clear();
     }
 
     pub fn has_reset_point(&self) -> bool {
         self.reset_point.is_some()
     }
 
-    /// Slots changed since the reset point (ascending).
+    /// Slots changed since the reset point (ascending), including the ones a copy-back reset
+    /// kept: every slot whose frame may differ from the reset point's.
     pub fn changed(&self) -> Vec<u64> {
-        self.changed.iter().copied().collect()
+        let mut all: Vec<u64> = self.changed.union(&self.kept).copied().collect();
+        all.dedup();
+        all
     }
 
     /// Returns to the reset point; the caller has already dropped the translations of
@@ -429,6 +446,7 @@ impl Pages {
         self.committed = point.committed;
         self.size = point.size;
         self.changed.clear();
+        self.kept.clear();
         Ok(old)
     }
 
@@ -452,10 +470,11 @@ impl Pages {
             }
         }
         match &self.reset_point {
-            None if !self.changed.is_empty() => {
+            None if !self.changed.is_empty() || !self.kept.is_empty() => {
                 return Err(format!(
-                    "{} changed slots without a reset point",
-                    self.changed.len()
+                    "{} changed / {} kept slots without a reset point",
+                    self.changed.len(),
+                    self.kept.len()
                 ))
             }
             None => {}
@@ -466,6 +485,15 @@ impl Pages {
                         "reset point: committed {} but {saved} slots, size {:#x}",
                         point.committed, point.size
                     ));
+                }
+                // Every slot that differs from the reset point is known to a reset.
+                let span = pages.max(point.size / PAGE_SIZE);
+                for idx in 0..span {
+                    let now = self.array.load(idx).map(|f| f.paddr());
+                    let then = point.array.load(idx).map(|f| f.paddr());
+                    if now != then && !self.changed.contains(&idx) && !self.kept.contains(&idx) {
+                        return Err(format!("slot {idx} differs from the reset point unnoticed"));
+                    }
                 }
             }
         }
