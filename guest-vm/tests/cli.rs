@@ -157,8 +157,14 @@ fn tiny_bench_prints_json_rows() {
                     .is_some_and(|b| b.contains("UFFDIO_COPY"))),
         "no UFFDIO_COPY baseline row: {rows:?}"
     );
+    let mut ids = std::collections::BTreeSet::new();
     for r in rows {
         assert!(r["ours_us"].as_f64().is_some_and(|x| x > 0.0), "{r}");
         assert!(r["ratio"].as_f64().is_some_and(|x| x > 0.0), "{r}");
+        let id = r["id"].as_str().expect("every row has an id");
+        assert!(ids.insert(id.to_string()), "duplicate row id {id}");
+    }
+    for id in ["reset-cycle-8", "reset-flat", "first-touch", "cow"] {
+        assert!(ids.contains(id), "no row {id}: {ids:?}");
     }
 }

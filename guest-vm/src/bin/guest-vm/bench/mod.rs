@@ -17,8 +17,9 @@
 //! Invariant: the guests are dropped between measurements; a failure is an `Err`, never a
 //! partial table presented as complete.
 //!
-//! Children: [`baseline`] (the kernel mechanisms measured beside ours) and [`print`] (the
-//! table).
+//! Children: [`baseline`] (the kernel mechanisms measured beside ours), `reset` (the reset-cycle
+//! rows: restore vs drop policy, reset alone vs memcpy, flatness in guest size) and [`print`]
+//! (the table).
 
 use std::time::{Duration, Instant};
 
@@ -32,6 +33,7 @@ use baseline::{self as base, OverlayKind};
 
 pub mod baseline;
 pub mod print;
+mod reset;
 
 /// Fault-around window of the streaming row (pages).
 const STREAM_WINDOW: u64 = 32;
@@ -60,15 +62,21 @@ impl Default for BenchOptions {
     }
 }
 
-/// One comparison: median of ours, median of the baseline, `ours / baseline`.
+/// One comparison: median of ours, median of the baseline, `ours / baseline`. `id` is stable
+/// across versions (the issues and the README name rows by it); times are per unit (page,
+/// iteration, fork) as `what` says.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Row {
+    pub id: String,
     pub what: String,
     pub ours: String,
     pub ours_us: f64,
     pub baseline: String,
     pub baseline_us: f64,
     pub ratio: f64,
+    /// 99th percentile of ours, where the row reports one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ours_p99_us: Option<f64>,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -77,14 +85,16 @@ pub struct BenchReport {
     pub rows: Vec<Row>,
 }
 
-fn row(what: String, ours: &str, o: f64, baseline: &str, b: f64) -> Row {
+fn row(id: impl Into<String>, what: String, ours: &str, o: f64, baseline: &str, b: f64) -> Row {
     Row {
+        id: id.into(),
         what,
         ours: ours.into(),
         ours_us: o,
         baseline: baseline.into(),
         baseline_us: b,
         ratio: ratio(o, b),
+        ours_p99_us: None,
     }
 }
 
@@ -202,6 +212,7 @@ fn fork_rows(o: &BenchOptions, frames: &HostFrames, rows: &mut Vec<Row>) -> Resu
         drop(g);
         let what = format!("fork, {mib} MiB resident");
         rows.push(row(
+            format!("fork-first-{mib}m"),
             what.clone(),
             "first fork of a snapshot (write-protects it)",
             first,
@@ -209,6 +220,7 @@ fn fork_rows(o: &BenchOptions, frames: &HostFrames, rows: &mut Vec<Row>) -> Resu
             linux,
         ));
         rows.push(row(
+            format!("fork-{mib}m"),
             what.clone(),
             "guest fork (VM+vCPU+Vmar::fork)",
             ours,
@@ -216,6 +228,7 @@ fn fork_rows(o: &BenchOptions, frames: &HostFrames, rows: &mut Vec<Row>) -> Resu
             linux,
         ));
         rows.push(row(
+            format!("fork-{mib}m-vs-memfd"),
             what,
             "guest fork (VM+vCPU+Vmar::fork)",
             ours,
@@ -266,6 +279,7 @@ fn fault_rows(o: &BenchOptions, frames: &HostFrames, rows: &mut Vec<Row>) -> Res
     let k = median(&kernel);
     let ours = median(&uffd);
     rows.push(row(
+        "first-touch",
         "first-touch fault, per page".into(),
         "uffd MISSING -> Vmar::handle_fault -> mmap",
         ours,
@@ -273,6 +287,7 @@ fn fault_rows(o: &BenchOptions, frames: &HostFrames, rows: &mut Vec<Row>) -> Res
         k,
     ));
     rows.push(row(
+        "first-touch-vs-uffd-copy",
         "first-touch fault, per page".into(),
         "uffd MISSING -> Vmar::handle_fault -> mmap",
         ours,
@@ -280,6 +295,7 @@ fn fault_rows(o: &BenchOptions, frames: &HostFrames, rows: &mut Vec<Row>) -> Res
         median(&copy),
     ));
     rows.push(row(
+        "first-touch-stream",
         format!("first-touch, streaming fault-around {STREAM_WINDOW}, per page"),
         "uffd fault + Vmar commits the next pages",
         median(&around),
@@ -287,6 +303,7 @@ fn fault_rows(o: &BenchOptions, frames: &HostFrames, rows: &mut Vec<Row>) -> Res
         k,
     ));
     rows.push(row(
+        "first-touch-prefault",
         "first-touch, VMM prefault, per page".into(),
         "Guest::prefault + guest pass",
         median(&pre),
@@ -323,6 +340,7 @@ fn cow_rows(o: &BenchOptions, frames: &HostFrames, rows: &mut Vec<Row>) -> Resul
     let copy = us(base::memcpy_4k(100_000));
     let ours = median(&ours);
     rows.push(row(
+        "cow",
         "COW of a shared page, per page".into(),
         "guest write -> uffd -> Vmar copy -> mmap",
         ours,
@@ -330,6 +348,7 @@ fn cow_rows(o: &BenchOptions, frames: &HostFrames, rows: &mut Vec<Row>) -> Resul
         median(&kernel),
     ));
     rows.push(row(
+        "cow-vs-memcpy",
         "COW of a shared page, per page".into(),
         "guest write -> uffd -> Vmar copy -> mmap",
         ours,
@@ -360,8 +379,9 @@ fn cow_rows(o: &BenchOptions, frames: &HostFrames, rows: &mut Vec<Row>) -> Resul
             recreate.push(us(t.elapsed()));
         }
         rows.push(row(
+            format!("reset-{d}-vs-refork"),
             format!("reset, {d} dirtied pages"),
-            "Guest::reset (drop dirtied pages)",
+            "Guest::reset (restore policy)",
             median(&reset),
             "drop VM + fork a new one",
             median(&recreate),
@@ -372,12 +392,18 @@ fn cow_rows(o: &BenchOptions, frames: &HostFrames, rows: &mut Vec<Row>) -> Resul
 
 /// Runs the write loop of a guest at its entry state over its first `d` pages.
 fn dirty_run(child: &mut Guest, d: u64) -> Result<()> {
+    dirty_run_strided(child, d, 1)
+}
+
+/// Runs the write loop of a guest at its entry state over `d` pages `stride` pages apart.
+fn dirty_run_strided(child: &mut Guest, d: u64, stride: u64) -> Result<()> {
     let vcpu = child.vm().vcpu();
     let mut regs = vcpu.get_regs().map_err(|err| Error::Kvm {
         what: "KVM_GET_REGS",
         err,
     })?;
     regs.rcx = d;
+    regs.rdx = stride * PAGE_SIZE;
     vcpu.set_regs(&regs).map_err(|err| Error::Kvm {
         what: "KVM_SET_REGS",
         err,
@@ -395,6 +421,7 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
     fork_rows(o, &frames, &mut rows)?;
     fault_rows(o, &frames, &mut rows)?;
     cow_rows(o, &frames, &mut rows)?;
+    reset::reset_rows(o, &frames, &mut rows)?;
     Ok(BenchReport {
         options: o.clone(),
         rows,

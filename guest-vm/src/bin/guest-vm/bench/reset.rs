@@ -1,0 +1,137 @@
+//! The reset-cycle rows of `guest-vm bench` (ids from issue 12): a child forked once and reused,
+//! run → reset → run …, as fuzzers and request servers use it.
+//!
+//! - `reset-cycle-N` (per page) and `iterations-50` (per iteration): reset + the next run
+//!   re-dirtying the same N scattered pages (every third page), with the restore policy, against
+//!   the drop policy on the same guest shape in the same run;
+//! - `reset-50`: the reset alone after 50 dirtied pages (p50, and p99 over more samples), against
+//!   copying the same number of pages with `memcpy` (the goal is ≤ 2× memcpy + 20 µs);
+//! - `reset-flat`: the same reset in a 4 GiB guest against a 64 MiB guest (no cost that grows
+//!   with guest size).
+//!
+//! Every child is warmed by one run and one reset first (its first writes are copy-on-write
+//! faults under either policy). Invariant: a reset that undoes fewer pages than were dirtied is
+//! an error, never a figure.
+
+use std::time::Instant;
+
+use guest_vm::workload::programs;
+use guest_vm::{Error, Guest, HostFrames, Result, PAGE_SIZE};
+use vmo::ResetPolicy;
+
+use super::{base, dirty_run_strided, guest_mem, loop_args, progress, row, BenchOptions, Row};
+use crate::measure::{median, us};
+
+/// Pages between two dirtied pages (scattered: no two are adjacent).
+const STRIDE: u64 = 3;
+
+/// A parent guest of `mem` bytes whose write loop covers `n` pages `STRIDE` apart, with those
+/// pages committed (they are snapshot memory, as a fuzz target's state is), and its snapshot.
+fn parent(frames: &HostFrames, mem: u64, n: u64) -> Result<(Guest, guest_vm::VcpuState)> {
+    let mut g = Guest::new(frames, mem)?;
+    let mut args = loop_args(n);
+    args.rdx = STRIDE * PAGE_SIZE;
+    g.vm_mut().load(&programs::write_loop(), args)?;
+    g.prefault(args.rdi, n * STRIDE * PAGE_SIZE, true)?;
+    let state = g.snapshot()?;
+    Ok((g, state))
+}
+
+/// Samples of one policy: (whole cycle µs, reset alone µs) per iteration.
+fn cycles(
+    parent: &Guest,
+    state: &guest_vm::VcpuState,
+    n: u64,
+    policy: ResetPolicy,
+    iters: usize,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let mut child = parent.fork(state)?;
+    dirty_run_strided(&mut child, n, STRIDE)?;
+    child.reset_with(state, policy)?;
+    let (mut cycle, mut reset) = (Vec::new(), Vec::new());
+    for _ in 0..iters {
+        let t = Instant::now();
+        dirty_run_strided(&mut child, n, STRIDE)?;
+        let r = Instant::now();
+        let stats = child.reset_with(state, policy)?;
+        reset.push(us(r.elapsed()));
+        cycle.push(us(t.elapsed()));
+        if stats.restored + stats.dropped < n {
+            return Err(Error::BadState(format!(
+                "{policy:?} reset undid {stats:?} of {n} dirtied pages"
+            )));
+        }
+    }
+    Ok((cycle, reset))
+}
+
+fn percentile(samples: &[f64], p: f64) -> f64 {
+    let mut v = samples.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(((v.len() as f64 - 1.0) * p).round() as usize)
+        .copied()
+        .unwrap_or(0.0)
+}
+
+pub(super) fn reset_rows(o: &BenchOptions, frames: &HostFrames, rows: &mut Vec<Row>) -> Result<()> {
+    let mut counts = vec![50.min(o.pages), 4096.min(o.pages)];
+    counts.dedup();
+    for &n in &counts {
+        progress(&format!(
+            "reset cycles: {n} scattered pages, restore vs drop policy"
+        ));
+        let (p, state) = parent(frames, guest_mem(n * STRIDE * PAGE_SIZE), n)?;
+        let iters = if n <= 50 { o.reps * 10 } else { o.reps };
+        let (restore, restore_only) = cycles(&p, &state, n, ResetPolicy::Restore, iters)?;
+        let (drop_, _) = cycles(&p, &state, n, ResetPolicy::Drop, iters)?;
+        let (r, d) = (median(&restore), median(&drop_));
+        rows.push(row(
+            format!("reset-cycle-{n}"),
+            format!("reset + next run re-dirtying {n} scattered pages, per page"),
+            "restore policy (copy back, pages stay installed)",
+            r / n as f64,
+            "drop policy (next write faults again)",
+            d / n as f64,
+        ));
+        if n == 50 {
+            rows.push(row(
+                "iterations-50",
+                "fork once, then run -> reset -> run ... dirtying 50 pages, per iteration".into(),
+                "restore policy",
+                r,
+                "drop policy",
+                d,
+            ));
+            let copy = us(base::memcpy_4k(100_000)) * n as f64;
+            let mut reset50 = row(
+                "reset-50",
+                "reset alone, 50 dirtied pages (goal: <= 2x memcpy + 20 us)".into(),
+                "Guest::reset (restore), p50; p99 in ours_p99_us",
+                median(&restore_only),
+                "memcpy of 50 pages",
+                copy,
+            );
+            reset50.ours_p99_us = Some(percentile(&restore_only, 0.99));
+            rows.push(reset50);
+        }
+    }
+    let n = 50.min(o.pages);
+    progress(&format!(
+        "reset flatness: {n} dirtied pages in a 4 GiB vs a 64 MiB guest"
+    ));
+    let mut per_size = Vec::new();
+    for mem in [64u64 << 20, 4 << 30] {
+        let (p, state) = parent(frames, mem, n)?;
+        let (_, reset) = cycles(&p, &state, n, ResetPolicy::Restore, o.reps * 3)?;
+        per_size.push(median(&reset));
+    }
+    rows.push(row(
+        "reset-flat",
+        format!("reset of {n} dirtied pages, 4 GiB guest vs 64 MiB guest (goal: ratio <= 1.3)"),
+        "4 GiB guest",
+        per_size[1],
+        "64 MiB guest",
+        per_size[0],
+    ));
+    Ok(())
+}
