@@ -19,7 +19,7 @@
 
 use super::exit::VmExit;
 use super::GuestVm;
-use crate::error::{kvm_err, Result};
+use crate::error::Result;
 
 pub const PORT_DONE: u16 = 0x10;
 pub const PORT_CALL: u16 = 0x11;
@@ -73,7 +73,7 @@ impl GuestVm {
     /// Serves hypercall `nr` (the guest is stopped at its `out PORT_CALL`); `Some` when the
     /// caller must see it.
     pub(super) fn serve_hypercall(&mut self, nr: u8) -> Result<Option<VmExit>> {
-        let mut regs = self.vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+        let mut regs = self.exit_regs()?;
         let call = Hypercall::decode(nr, regs.rdi, regs.rsi, regs.rdx);
         let (ret, exit) = match call {
             Hypercall::Exit { code } => (0, Some(VmExit::Exit(code))),
@@ -99,7 +99,7 @@ impl GuestVm {
             ),
         };
         regs.rax = ret;
-        self.vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+        self.set_entry_regs(&regs)?;
         Ok(exit)
     }
 }

@@ -22,7 +22,14 @@
 //! - a resolver error stops the VM: `run` returns `VmExit::GuestFault` with the report once, and
 //!   every later `run` is `Error::BadState` (the VM must be reset — poisoned pages);
 //! - `Kicker::kick` (from any thread) makes a running or about-to-run `KVM_RUN` return with
-//!   `VmExit::Kicked` (immediate_exit + a signal); it is also the fault thread's stop hook.
+//!   `VmExit::Kicked` (immediate_exit + a signal); it is also the fault thread's stop hook;
+//! - registers at an exit are read from `kvm_run`'s sync area and hypercall results written
+//!   back there (`KVM_CAP_SYNC_REGS`, when KVM offers it): no register ioctl per hypercall. A
+//!   write waits in the sync area for the next `KVM_RUN` (`regs_pending`); `save_state` takes
+//!   it into the saved state, and every path that sets registers by ioctl first drops it and
+//!   marks the sync copy stale (`regs_set_by_ioctl`), so it is neither read nor written back.
+//!   Raw register ioctls through `vcpu()` are for callers between a non-hypercall exit and the
+//!   next run (nothing is pending then).
 
 pub mod access;
 pub mod exit;
@@ -35,8 +42,9 @@ pub mod x86_64;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
+use kvm_bindings::kvm_regs;
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, Kvm, SyncReg, VcpuExit, VcpuFd, VmFd};
 
 pub use exit::VmExit;
 pub use kick::Kicker;
@@ -74,6 +82,12 @@ pub struct GuestVm {
     msrs: Vec<u32>,
     kick: Arc<KickState>,
     stopped: Option<FaultError>,
+    /// KVM copies the general registers into `kvm_run` at every exit.
+    sync_regs: bool,
+    /// The sync copy holds a register write for the next entry.
+    regs_pending: bool,
+    /// The sync copy is older than the vCPU's registers (set by ioctl since the last exit).
+    regs_stale: bool,
     /// Messages the guest logged with `HC_LOG`.
     pub log: Vec<String>,
 }
@@ -102,6 +116,10 @@ impl GuestVm {
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
         let msrs = readable_msrs(&kvm, &vcpu)?;
+        let sync_regs = kvm.check_extension(Cap::SyncRegs);
+        if sync_regs {
+            vcpu.set_sync_valid_reg(SyncReg::Register);
+        }
         let kick = KickState::new(&mut vcpu.get_kvm_run().immediate_exit as *mut u8);
         let faults = FaultThread::spawn(res.clone(), resolver)?;
         let k = Kicker(kick.clone());
@@ -115,6 +133,9 @@ impl GuestVm {
             msrs,
             kick,
             stopped: None,
+            sync_regs,
+            regs_pending: false,
+            regs_stale: true,
             log: Vec::new(),
         })
     }
@@ -135,6 +156,9 @@ impl GuestVm {
         self.faults.shared()
     }
 
+    /// The vCPU, for raw ioctls. After a hypercall exit the result register (`rax`) may still
+    /// be waiting in the sync area until the next `run`: read registers through
+    /// `save_state` then, and set them through `set_hypercall_result` / `restore_state`.
     pub fn vcpu(&self) -> &VcpuFd {
         &self.vcpu
     }
@@ -144,20 +168,58 @@ impl GuestVm {
     }
 
     /// Sets `rax`, the result of the hypercall the guest is stopped at (after
-    /// `VmExit::Hypercall`).
+    /// `VmExit::Hypercall`). It reaches the vCPU at the next `run` (or `save_state`).
     pub fn set_hypercall_result(&mut self, value: u64) -> Result<()> {
-        let mut regs = self.vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+        let mut regs = self.exit_regs()?;
         regs.rax = value;
-        self.vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))
+        self.set_entry_regs(&regs)
     }
 
-    /// Saves the complete vCPU state (call between runs).
+    /// The general registers as of the last exit (and any write pending for the next entry):
+    /// from the sync area when it is current, else by ioctl.
+    pub(crate) fn exit_regs(&self) -> Result<kvm_regs> {
+        if self.sync_regs && !self.regs_stale {
+            Ok(self.vcpu.sync_regs().regs)
+        } else {
+            self.vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))
+        }
+    }
+
+    /// Sets the general registers for the next entry: in the sync area when it is current
+    /// (applied by the next `KVM_RUN`), else by ioctl.
+    pub(crate) fn set_entry_regs(&mut self, regs: &kvm_regs) -> Result<()> {
+        if self.sync_regs && !self.regs_stale {
+            self.vcpu.sync_regs_mut().regs = *regs;
+            self.vcpu.set_sync_dirty_reg(SyncReg::Register);
+            self.regs_pending = true;
+            Ok(())
+        } else {
+            self.vcpu.set_regs(regs).map_err(kvm_err("KVM_SET_REGS"))
+        }
+    }
+
+    /// The registers were set by ioctl: the sync copy must neither be read nor written back.
+    pub(crate) fn regs_set_by_ioctl(&mut self) {
+        if self.regs_pending {
+            self.vcpu.clear_sync_dirty_reg(SyncReg::Register);
+            self.regs_pending = false;
+        }
+        self.regs_stale = true;
+    }
+
+    /// Saves the complete vCPU state (call between runs), including a register write still
+    /// waiting for the next entry (a hypercall result).
     pub fn save_state(&self) -> Result<VcpuState> {
-        VcpuState::save(&self.vcpu, &self.msrs, false)
+        let mut state = VcpuState::save(&self.vcpu, &self.msrs, false)?;
+        if self.regs_pending {
+            state.regs = self.vcpu.sync_regs().regs;
+        }
+        Ok(state)
     }
 
     /// Restores a state saved by `save_state` of this or another `GuestVm` of the same kind.
     pub fn restore_state(&mut self, state: &VcpuState) -> Result<()> {
+        self.regs_set_by_ioctl();
         state.restore(&self.vcpu)
     }
 
@@ -194,6 +256,9 @@ impl GuestVm {
             self.kick.entering();
             let r = self.vcpu.run().map(classify);
             self.kick.left();
+            // KVM applied any pending write at entry and refreshed the sync copy at exit.
+            self.regs_pending = false;
+            self.regs_stale = !self.sync_regs;
             let exit = match r {
                 Ok(Step::Exit(e)) => e,
                 Ok(Step::Continue) => continue,
