@@ -694,7 +694,7 @@ fn on_a_kvm_guest() {
         let mut seen = vec![0u8; data.len()];
         guest
             .vm()
-            .read_guest(rig.layout.data().0 + DATA_OFF, &mut seen)
+            .read_slot(rig.layout.data().0 + DATA_OFF, &mut seen)
             .unwrap();
         assert_eq!(
             seen, data,
@@ -705,7 +705,7 @@ fn on_a_kvm_guest() {
             assert!(r.contained(), "{r:?}");
             for c in rig.layout.canaries() {
                 let mut page = vec![0u8; P as usize];
-                guest.vm().read_guest(c, &mut page).unwrap();
+                guest.vm().read_slot(c, &mut page).unwrap();
                 assert!(
                     page.iter().all(|&b| b == CANARY),
                     "{attack:?}: canary {c:#x}"

@@ -64,7 +64,8 @@ impl Guest {
         let vmar = Vmar::new_root(mem_size, stage2)?;
         let ram = Vmo::new(&frames.pool, mem_size, VmoFlags::empty())?;
         vmar.map(&ram, 0, mem_size, MapOptions::specific(0, VmPerms::RW))?;
-        let vm = GuestVm::new(res, vmar.clone())?;
+        let mut vm = GuestVm::new(res, vmar.clone())?;
+        vm.set_memory_access(vmar.clone());
         Ok(Guest {
             vm,
             vmar,
@@ -100,6 +101,7 @@ impl Guest {
         let (res, stage2) = new_backend(&self.frames, self.mem_size)?;
         let vmar = self.vmar.fork(stage2)?;
         let mut vm = GuestVm::new(res, vmar.clone())?;
+        vm.set_memory_access(vmar.clone());
         vm.restore_state(state)?;
         Ok(Guest {
             vm,

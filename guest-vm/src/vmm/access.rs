@@ -1,8 +1,13 @@
-//! The VMM's own accesses to guest memory: `write_guest` / `read_guest` and the vm-memory view.
+//! The VMM's own accesses to guest memory: `write_guest` / `read_guest`, the memslot path
+//! `write_slot` / `read_slot`, and the vm-memory view.
 //!
-//! Host accesses go through the reservation with `process_vm_readv/writev`, so a page not yet
-//! installed raises the same userfaultfd event as a guest access (and is resolved by the same
-//! fault path), and an address the resolver refuses fails with an error instead of a signal.
+//! - With a [`MemoryAccess`] installed (the product installs its Vmar: `Vmar::read/write`),
+//!   `read_guest` / `write_guest` go through the memory model directly: no userfaultfd round
+//!   trip, no `mmap_lock`, copy-on-write exactly as a guest write;
+//! - otherwise, and always for `read_slot` / `write_slot`, accesses go through the reservation
+//!   with `process_vm_readv/writev`, so a page not yet installed raises the same userfaultfd
+//!   event as a guest access (and is resolved by the same fault path), and an address the
+//!   resolver refuses fails with an error instead of a signal.
 //!
 //! Invariant: no Rust reference into guest memory is ever created here (the reservation's
 //! invariant that makes replacing its pieces sound).
@@ -11,15 +16,53 @@ use super::GuestVm;
 use crate::addr::Gpa;
 use crate::error::{Error, Result};
 
+/// Reads and writes guest memory by guest-physical address without the memslot (the product:
+/// the guest's `Vmar`).
+pub trait MemoryAccess: Send {
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> vmo::Result<()>;
+    fn write(&self, gpa: u64, data: &[u8]) -> vmo::Result<()>;
+}
+
+impl<S: ept::Stage2 + Send + 'static> MemoryAccess for vmo::Vmar<S> {
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> vmo::Result<()> {
+        vmo::Vmar::read(self, gpa, buf)
+    }
+    fn write(&self, gpa: u64, data: &[u8]) -> vmo::Result<()> {
+        vmo::Vmar::write(self, gpa, data)
+    }
+}
+
 impl GuestVm {
-    /// Writes `data` at `gpa` through the reservation (pages not yet installed fault in through
-    /// the resolver). Outside the memslot or refused by the resolver: an error, never a signal.
+    /// Routes `read_guest` / `write_guest` through `access` from now on.
+    pub fn set_memory_access(&mut self, access: impl MemoryAccess + 'static) {
+        self.access = Some(Box::new(access));
+    }
+
+    /// Writes `data` at `gpa`: through the installed `MemoryAccess`, else as `write_slot`.
+    /// Outside guest memory or refused: an error, never a signal.
     pub fn write_guest(&self, gpa: u64, data: &[u8]) -> Result<()> {
-        self.host_access(gpa, data.as_ptr() as *mut u8, data.len(), true)
+        match &self.access {
+            Some(a) => a.write(gpa, data).map_err(Error::Vmo),
+            None => self.write_slot(gpa, data),
+        }
     }
 
     /// Reads `buf.len()` bytes at `gpa`; see `write_guest`.
     pub fn read_guest(&self, gpa: u64, buf: &mut [u8]) -> Result<()> {
+        match &self.access {
+            Some(a) => a.read(gpa, buf).map_err(Error::Vmo),
+            None => self.read_slot(gpa, buf),
+        }
+    }
+
+    /// Writes `data` at `gpa` through the memslot's host range (pages not yet installed fault
+    /// in through the resolver). Outside the memslot or refused by the resolver: an error.
+    pub fn write_slot(&self, gpa: u64, data: &[u8]) -> Result<()> {
+        self.host_access(gpa, data.as_ptr() as *mut u8, data.len(), true)
+    }
+
+    /// Reads `buf.len()` bytes at `gpa` through the memslot; see `write_slot`.
+    pub fn read_slot(&self, gpa: u64, buf: &mut [u8]) -> Result<()> {
         self.host_access(gpa, buf.as_mut_ptr(), buf.len(), false)
     }
 

@@ -46,6 +46,7 @@ use kvm_bindings::kvm_regs;
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Cap, Kvm, SyncReg, VcpuExit, VcpuFd, VmFd};
 
+pub use access::MemoryAccess;
 pub use exit::VmExit;
 pub use kick::Kicker;
 pub use x86_64::boot::GuestArgs;
@@ -88,6 +89,8 @@ pub struct GuestVm {
     regs_pending: bool,
     /// The sync copy is older than the vCPU's registers (set by ioctl since the last exit).
     regs_stale: bool,
+    /// Where `read_guest` / `write_guest` go instead of the memslot (see `access`).
+    access: Option<Box<dyn access::MemoryAccess>>,
     /// Messages the guest logged with `HC_LOG`.
     pub log: Vec<String>,
 }
@@ -136,6 +139,7 @@ impl GuestVm {
             sync_regs,
             regs_pending: false,
             regs_stale: true,
+            access: None,
             log: Vec::new(),
         })
     }

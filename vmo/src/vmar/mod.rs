@@ -5,7 +5,8 @@
 //! ordered map of every mapping keyed by its base address), the `Stage2` backend, and counters.
 //! A `Vmar` handle names one region of a space. Operations live one per file: `map`, `unmap`,
 //! `protect`, `region` (allocate/destroy/query), `fork` (fork and reset), `page_fault` (the single
-//! fault path every backend calls), `dirty` (KVM-style dirty tracking).
+//! fault path every backend calls), `io` (the model's own reads and writes by guest-physical
+//! address), `dirty` (KVM-style dirty tracking).
 //!
 //! Invariants:
 //! - mappings never overlap, and each lies inside exactly one live region;
@@ -23,6 +24,7 @@
 
 mod dirty;
 mod fork;
+mod io;
 mod map;
 mod observer;
 mod page_fault;
@@ -110,9 +112,9 @@ pub struct FaultStats {
     pub faults: u64,
     /// Faults already resolved by another thread (flush only).
     pub spurious: u64,
-    /// Pages committed by the fault path (zero-filled or from a pager).
+    /// Pages committed by the fault path or by `Vmar::write` (zero-filled or from a pager).
     pub commits: u64,
-    /// Shared frames copied on a write fault.
+    /// Shared frames copied on a write fault or by `Vmar::write`.
     pub copies: u64,
     /// Shared frames made writable without a copy (the writer held the last reference).
     pub upgrades: u64,

@@ -68,6 +68,12 @@ impl Vmo {
     /// Copies `data` into the Vmo at `offset`. Shared (copy-on-write) frames the write replaces
     /// lose their translations first, in one announcement; if that fails, nothing is written.
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.write_counted(offset, data).map(drop)
+    }
+
+    /// `write`, also saying how many pages it committed and how many shared frames it copied
+    /// (the Vmar counts them with its fault path's).
+    pub(crate) fn write_counted(&self, offset: u64, data: &[u8]) -> Result<(u64, u64)> {
         self.require(Rights::WRITE)?;
         check_range(offset, data.len() as u64, self.size())?;
         let (_, base) = self.root();
@@ -76,23 +82,18 @@ impl Vmo {
         let len = data.len() as u64;
         let announced = shared_slots(&mut pages, chunks(start, len).map(|c| c.idx));
         self.unmap_pages(&announced)?;
-        let mut result = Ok(());
+        let (mut commits, mut copies) = (0, 0);
         for c in chunks(start, len) {
             let whole = c.len == PAGE_SIZE as usize;
-            let step = pages
-                .private(&self.inner.pool, c.idx, whole, &mut |idx| {
-                    self.unmap_unannounced(&announced, idx)
-                })
-                .and_then(|(frame, _)| {
-                    frame.write(c.in_page, &data[c.buf_off..c.buf_off + c.len])?;
-                    pages.mark_dirty(c.idx)
-                });
-            if let Err(e) = step {
-                result = Err(e);
-                break;
-            }
+            let (frame, origin) = pages.private(&self.inner.pool, c.idx, whole, &mut |idx| {
+                self.unmap_unannounced(&announced, idx)
+            })?;
+            commits += origin.committed as u64;
+            copies += (origin.copied || origin.replaced) as u64;
+            frame.write(c.in_page, &data[c.buf_off..c.buf_off + c.len])?;
+            pages.mark_dirty(c.idx)?;
         }
-        result
+        Ok((commits, copies))
     }
 
     /// Zeroes `len` bytes at `offset`. Whole anonymous pages are decommitted (they read as zeros
