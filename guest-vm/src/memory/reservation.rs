@@ -296,8 +296,9 @@ impl Reservation {
     /// page is seen by `harvest_written`.
     pub(crate) fn arm(&self, gpa: Gpa, len: u64) -> Result<()> {
         let hva = self.piece(gpa, len)?;
+        // (The kernel refuses DONTWAKE together with WP; nothing waits on the tracker anyway.)
         self.tracker
-            .writeprotect(hva.0, len, Protection::Protect, Wake::DontWake)
+            .writeprotect(hva.0, len, Protection::Protect, Wake::Wake)
     }
 
     /// Appends to `out` the runs `(start, len)` of the armed writable installs in

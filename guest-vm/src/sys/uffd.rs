@@ -231,7 +231,8 @@ impl Uffd {
     }
 
     /// Sets or clears write protection of `[addr, addr+len)`. Clearing also wakes threads
-    /// blocked on the range unless `Wake::DontWake`.
+    /// blocked on the range unless `Wake::DontWake` (which the kernel refuses, `EINVAL`,
+    /// together with `Protection::Protect`).
     pub fn writeprotect(&self, addr: u64, len: u64, prot: Protection, wake: Wake) -> Result<()> {
         let mut mode = 0;
         if prot == Protection::Protect {
