@@ -146,9 +146,17 @@ impl LeafIndex {
         for start in starts {
             if let Some(&leaf) = self.leaves.get(&start) {
                 if leaf.perms != perms {
-                    let keep = leaf.perms.contains(S2Perms::WRITE) && perms.contains(S2Perms::WRITE);
+                    let keep =
+                        leaf.perms.contains(S2Perms::WRITE) && perms.contains(S2Perms::WRITE);
                     let armed = leaf.armed && keep;
-                    self.put(start, Leaf { perms, armed, ..leaf });
+                    self.put(
+                        start,
+                        Leaf {
+                            perms,
+                            armed,
+                            ..leaf
+                        },
+                    );
                 }
             }
         }
@@ -298,6 +306,36 @@ mod tests {
         ix.check_invariants();
         assert_eq!(ix.covering(M2 + 5).unwrap().0, M2);
         assert_eq!(ix.overlapping(0, M2), None);
+    }
+
+    #[test]
+    fn armed_follows_write_permission_and_survives_splits() {
+        let mut ix = LeafIndex::default();
+        ix.put(M2, leaf(4 * M2, PageSize::Size2M, S2Perms::RW));
+        ix.put(0, leaf(0, PageSize::Size4K, S2Perms::READ));
+        ix.put(PAGE_SIZE, leaf(PAGE_SIZE, PageSize::Size4K, S2Perms::RW));
+        ix.set_armed_in(0, 2 * M2, true);
+        let armed: Vec<(u64, bool)> = ix
+            .writable_in(0, 2 * M2)
+            .map(|(s, l)| (s, l.armed))
+            .collect();
+        assert_eq!(armed, vec![(PAGE_SIZE, true), (M2, true)]);
+        assert!(
+            !ix.covering(0).unwrap().1.armed,
+            "read-only leaves are never armed"
+        );
+        // Splitting keeps the state; a perms change that keeps WRITE keeps it too.
+        ix.split_range(M2 + PAGE_SIZE, PAGE_SIZE);
+        assert!(ix.covering(M2 + 9 * PAGE_SIZE).unwrap().1.armed);
+        ix.set_perms_in(M2, PAGE_SIZE, S2Perms::RWX);
+        assert!(ix.covering(M2).unwrap().1.armed);
+        // Losing WRITE disarms, and regaining it does not re-arm.
+        ix.set_perms_in(M2 + PAGE_SIZE, PAGE_SIZE, S2Perms::READ);
+        ix.set_perms_in(M2 + PAGE_SIZE, PAGE_SIZE, S2Perms::RW);
+        assert!(!ix.covering(M2 + PAGE_SIZE).unwrap().1.armed);
+        ix.mark_read_only(PAGE_SIZE, PAGE_SIZE);
+        assert!(!ix.covering(PAGE_SIZE).unwrap().1.armed);
+        ix.check_invariants();
     }
 
     /// Random put / take / split / protect traffic against a page-level model: after every

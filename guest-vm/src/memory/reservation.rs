@@ -248,8 +248,7 @@ impl Reservation {
             if step >= 1 {
                 back = back.and_then(|()| register(&self.tracker, hva, len));
             }
-            let back =
-                back.and_then(|()| self.set_prot("reopen range", hva, len, Prot::ReadWrite));
+            let back = back.and_then(|()| self.set_prot("reopen range", hva, len, Prot::ReadWrite));
             return Err(MoveError {
                 error,
                 now: if back.is_ok() {
@@ -271,10 +270,12 @@ impl Reservation {
             error,
             now: Install::ReadOnly,
         })?;
-        self.uffd.unregister(hva.0, len).map_err(|error| MoveError {
-            error,
-            now: Install::ReadOnly,
-        })?;
+        self.uffd
+            .unregister(hva.0, len)
+            .map_err(|error| MoveError {
+                error,
+                now: Install::ReadOnly,
+            })?;
         if let Err(error) = register(&self.tracker, hva, len) {
             let back = register(&self.uffd, hva, len).and_then(|()| {
                 self.uffd
@@ -303,7 +304,12 @@ impl Reservation {
 
     /// Appends to `out` the runs `(start, len)` of the armed writable installs in
     /// `[gpa, gpa+len)` written since they were armed, ascending, and re-arms exactly those.
-    pub(crate) fn harvest_written(&self, gpa: Gpa, len: u64, out: &mut Vec<(Gpa, u64)>) -> Result<()> {
+    pub(crate) fn harvest_written(
+        &self,
+        gpa: Gpa,
+        len: u64,
+        out: &mut Vec<(Gpa, u64)>,
+    ) -> Result<()> {
         let hva = self.piece(gpa, len)?;
         let mut runs = Vec::new();
         self.pagemap.harvest_written(hva.0, len, &mut runs)?;

@@ -378,7 +378,12 @@ impl Stage2 for KvmStage2 {
         self.flush_pending
     }
 
-    fn harvest_dirty(&mut self, gpa: u64, len: u64, dirty: &mut Vec<u64>) -> Result<u64, ept::Error> {
+    fn harvest_dirty(
+        &mut self,
+        gpa: u64,
+        len: u64,
+        dirty: &mut Vec<u64>,
+    ) -> Result<u64, ept::Error> {
         self.check_range(gpa, len)?;
         self.leaves.split_at(gpa);
         self.leaves.split_at(gpa + len);
