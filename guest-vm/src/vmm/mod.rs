@@ -51,8 +51,7 @@ use kick::KickState;
 use vcpu_state::{readable_msrs, VcpuState};
 
 /// Checks that this process can run guests: root, `/dev/kvm`, userfaultfd with WP (sync and
-/// `WP_ASYNC`). The error
-/// says what is missing (tests print it as their SKIP reason).
+/// `WP_ASYNC`). The error says what is missing (tests print it as their SKIP reason).
 pub fn check_host() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
