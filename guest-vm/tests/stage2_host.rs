@@ -174,8 +174,8 @@ fn write_protect_changes_exactly_the_writable_leaves() {
 }
 
 /// A write-protect that fails halfway (here: the host range behind the second run was
-/// replaced by memory userfaultfd does not watch, so its `UFFDIO_WRITEPROTECT` fails) leaves
-/// the records true: the runs already protected on the host read as read-only, the rest as
+/// replaced by a private mapping of a disk file, which userfaultfd cannot register, so moving
+/// it between the synchronous descriptor and the tracker fails) leaves the records true: the runs already protected on the host read as read-only, the rest as
 /// before, and the index invariants hold. Before the fix the records kept saying "writable"
 /// for pages that were read-only on the host, or — on the unprotect direction — the reverse.
 #[test]
@@ -189,22 +189,31 @@ fn protect_failing_halfway_keeps_records_true() {
         let f = frames.alloc_frame().unwrap();
         s.map(gpa, f, PageSize::Size4K, S2Perms::RW, wb).unwrap();
     }
-    // Sabotage the second run: anonymous memory, not registered with userfaultfd.
+    // Sabotage the second run: a private mapping of this test's executable (an ordinary disk
+    // file: userfaultfd can neither register nor unregister it).
+    let exe = std::fs::File::open(std::env::current_exe().unwrap()).unwrap();
     let res = s.reservation().clone();
-    let hva = res.hva_of(guest_vm::Gpa(2 * P), P).unwrap();
-    // SAFETY: the test holds no reference into guest memory.
-    unsafe {
-        res.host_mapping()
-            .replace(
-                "sabotage",
-                hva.raw(),
-                P,
-                Prot::ReadWrite,
-                Backing::Anonymous,
-                MapFlags::empty(),
-            )
-            .unwrap()
+    let sabotage = |gpa: u64| {
+        use std::os::fd::AsFd;
+        let hva = res.hva_of(guest_vm::Gpa(gpa), P).unwrap().raw();
+        // SAFETY: the test holds no reference into guest memory.
+        unsafe {
+            res.host_mapping()
+                .replace(
+                    "sabotage",
+                    hva,
+                    P,
+                    Prot::ReadWrite,
+                    Backing::Private {
+                        fd: exe.as_fd(),
+                        offset: 0,
+                    },
+                    MapFlags::empty(),
+                )
+                .unwrap()
+        };
     };
+    sabotage(2 * P);
     assert!(s.protect(0, 3 * P, S2Perms::READ).is_err());
     assert_eq!(
         s.query(0).unwrap().perms,
@@ -228,20 +237,7 @@ fn protect_failing_halfway_keeps_records_true() {
     s.map(2 * P, f2, PageSize::Size4K, S2Perms::READ, wb)
         .unwrap();
     // Page 0 READ, page 2 READ, page 4 READ; sabotage page 4.
-    let hva4 = res.hva_of(guest_vm::Gpa(4 * P), P).unwrap();
-    // SAFETY: as above.
-    unsafe {
-        res.host_mapping()
-            .replace(
-                "sabotage",
-                hva4.raw(),
-                P,
-                Prot::ReadWrite,
-                Backing::Anonymous,
-                MapFlags::empty(),
-            )
-            .unwrap()
-    };
+    sabotage(4 * P);
     assert!(s.protect(0, 5 * P, S2Perms::RW).is_err());
     assert_eq!(
         s.query(0).unwrap().perms,

@@ -1,5 +1,7 @@
-//! The fault channel: one thread reads the reservation's userfaultfd, turns each event into an
-//! `ept::FaultInfo`, hands it to one resolver, and wakes the faulting thread.
+//! The fault channel: one thread reads the reservation's synchronous userfaultfd, turns each
+//! event into an `ept::FaultInfo`, hands it to one resolver, and wakes the faulting thread.
+//! (The reservation's other descriptor, the async write tracker, produces no events by
+//! construction — `WP_ASYNC` — and is not served.)
 //!
 //! - MISSING event (anonymous reservation page) → `FaultInfo { kind: NotPresent }`;
 //!   WP event (write to an installed, write-protected frame) → `kind: Permission`, access WRITE.

@@ -1,14 +1,18 @@
 //! `LeafIndex`: `KvmStage2`'s record of installed leaves — pure bookkeeping, no host calls.
 //!
 //! A leaf is one installed translation: a run of memfd frames at a guest-physical start, with
-//! a page size, perms and a memory type. Besides the leaves (start GPA → leaf), the index
+//! a page size, perms, a memory type and whether write tracking is armed on it (`armed`: the
+//! host mapping is write-protected on the reservation's tracker, so its pages written since
+//! are exactly what `PAGEMAP_SCAN` reports; an unarmed writable leaf counts as written
+//! whole). Besides the leaves (start GPA → leaf), the index
 //! keeps what the common write-protect of a fork needs in O(log n):
 //! - `writable`: exactly the starts of the leaves whose perms contain WRITE;
 //! - `odd_ro`: the number of other leaves whose perms are not plain READ.
 //!
 //! Invariants (`check_invariants`, run in debug builds by `KvmStage2` after every change):
 //! leaves are disjoint and aligned to their size (start and frame); `writable` and `odd_ro`
-//! are as above. Splitting a large leaf refines the record only (the host mapping is one
+//! are as above; only writable leaves are armed (a perms change disarms: a leaf made writable
+//! is unarmed, a leaf made read-only leaves the tracker). Splitting a large leaf refines the record only (the host mapping is one
 //! piece either way).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -22,6 +26,8 @@ pub(crate) struct Leaf {
     pub size: PageSize,
     pub perms: S2Perms,
     pub mem_type: MemType,
+    /// Write tracking is armed (only ever on writable leaves; fits in the padding).
+    pub armed: bool,
 }
 
 impl Leaf {
@@ -81,6 +87,22 @@ impl LeafIndex {
         self.leaves.range(gpa..gpa + len).map(|(&s, &l)| (s, l))
     }
 
+    /// The writable leaves starting in `[gpa, gpa+len)`, in order (visits only them).
+    pub fn writable_in(&self, gpa: u64, len: u64) -> impl Iterator<Item = (u64, Leaf)> + '_ {
+        self.writable
+            .range(gpa..gpa + len)
+            .filter_map(|s| self.leaves.get(s).map(|l| (*s, *l)))
+    }
+
+    /// Sets `armed` of the writable leaves starting in `[gpa, gpa+len)` (visits only them).
+    pub fn set_armed_in(&mut self, gpa: u64, len: u64, armed: bool) {
+        for s in self.writable.range(gpa..gpa + len) {
+            if let Some(l) = self.leaves.get_mut(s) {
+                l.armed = armed;
+            }
+        }
+    }
+
     /// Whether a leaf with WRITE starts in `[gpa, gpa+len)`.
     pub fn any_writable_in(&self, gpa: u64, len: u64) -> bool {
         self.writable.range(gpa..gpa + len).next().is_some()
@@ -117,13 +139,24 @@ impl LeafIndex {
         Some(old)
     }
 
-    /// Sets the perms of every leaf starting in `[gpa, gpa+len)` to `perms`.
+    /// Sets the perms of every leaf starting in `[gpa, gpa+len)` to `perms`; a leaf whose
+    /// write permission changes is disarmed.
     pub fn set_perms_in(&mut self, gpa: u64, len: u64, perms: S2Perms) {
         let starts: Vec<u64> = self.range(gpa, len).map(|(s, _)| s).collect();
         for start in starts {
             if let Some(&leaf) = self.leaves.get(&start) {
                 if leaf.perms != perms {
-                    self.put(start, Leaf { perms, ..leaf });
+                    let keep =
+                        leaf.perms.contains(S2Perms::WRITE) && perms.contains(S2Perms::WRITE);
+                    let armed = leaf.armed && keep;
+                    self.put(
+                        start,
+                        Leaf {
+                            perms,
+                            armed,
+                            ..leaf
+                        },
+                    );
                 }
             }
         }
@@ -136,6 +169,7 @@ impl LeafIndex {
         debug_assert!(self.read_only_is_plain());
         for leaf in self.leaves.range_mut(gpa..gpa + len).map(|(_, l)| l) {
             leaf.perms = S2Perms::READ;
+            leaf.armed = false;
         }
         let mut inside = self.writable.split_off(&gpa);
         let mut after = inside.split_off(&(gpa + len));
@@ -191,6 +225,10 @@ impl LeafIndex {
                 start.is_multiple_of(len) && leaf.pa.is_multiple_of(len),
                 "misaligned leaf at {start:#x}"
             );
+            assert!(
+                !leaf.armed || leaf.perms.contains(S2Perms::WRITE),
+                "read-only leaf {start:#x} armed"
+            );
             if leaf.perms.contains(S2Perms::WRITE) {
                 assert!(
                     self.writable.contains(&start),
@@ -235,6 +273,7 @@ mod tests {
             size,
             perms,
             mem_type: MemType::WriteBack,
+            armed: false,
         }
     }
 
@@ -267,6 +306,36 @@ mod tests {
         ix.check_invariants();
         assert_eq!(ix.covering(M2 + 5).unwrap().0, M2);
         assert_eq!(ix.overlapping(0, M2), None);
+    }
+
+    #[test]
+    fn armed_follows_write_permission_and_survives_splits() {
+        let mut ix = LeafIndex::default();
+        ix.put(M2, leaf(4 * M2, PageSize::Size2M, S2Perms::RW));
+        ix.put(0, leaf(0, PageSize::Size4K, S2Perms::READ));
+        ix.put(PAGE_SIZE, leaf(PAGE_SIZE, PageSize::Size4K, S2Perms::RW));
+        ix.set_armed_in(0, 2 * M2, true);
+        let armed: Vec<(u64, bool)> = ix
+            .writable_in(0, 2 * M2)
+            .map(|(s, l)| (s, l.armed))
+            .collect();
+        assert_eq!(armed, vec![(PAGE_SIZE, true), (M2, true)]);
+        assert!(
+            !ix.covering(0).unwrap().1.armed,
+            "read-only leaves are never armed"
+        );
+        // Splitting keeps the state; a perms change that keeps WRITE keeps it too.
+        ix.split_range(M2 + PAGE_SIZE, PAGE_SIZE);
+        assert!(ix.covering(M2 + 9 * PAGE_SIZE).unwrap().1.armed);
+        ix.set_perms_in(M2, PAGE_SIZE, S2Perms::RWX);
+        assert!(ix.covering(M2).unwrap().1.armed);
+        // Losing WRITE disarms, and regaining it does not re-arm.
+        ix.set_perms_in(M2 + PAGE_SIZE, PAGE_SIZE, S2Perms::READ);
+        ix.set_perms_in(M2 + PAGE_SIZE, PAGE_SIZE, S2Perms::RW);
+        assert!(!ix.covering(M2 + PAGE_SIZE).unwrap().1.armed);
+        ix.mark_read_only(PAGE_SIZE, PAGE_SIZE);
+        assert!(!ix.covering(PAGE_SIZE).unwrap().1.armed);
+        ix.check_invariants();
     }
 
     /// Random put / take / split / protect traffic against a page-level model: after every

@@ -4,13 +4,14 @@
 //!
 //! - [`frames`]: `MemfdFrameAlloc`, the `vmo::FrameAlloc` whose frames are 4 KiB offsets of
 //!   one memfd, and `HostFrames` (that allocator plus the counted `vmo::FramePool` over it);
-//! - [`reservation`]: `Reservation`, the memslot's host range and its userfaultfd — the one
-//!   writer of that range (install a frame, put an anonymous piece back, write-protect,
-//!   poison);
-//! - `leaves`: `LeafIndex`, the record of installed leaves and the index of writable ones
-//!   (pure bookkeeping, unit-tested beside it);
-//! - [`stage2`]: `KvmStage2`, the `ept::Stage2` backend: keeps the `LeafIndex` true and asks
-//!   the reservation to change the host range;
+//! - [`reservation`]: `Reservation`, the memslot's host range and its two userfaultfds (the
+//!   synchronous fault channel; the async write tracker, which holds only writable installs)
+//!   — the one writer of that range (install a frame, move a range between read-only and
+//!   writable, arm and harvest write tracking, put an anonymous piece back, poison);
+//! - `leaves`: `LeafIndex`, the record of installed leaves (with their tracking state) and
+//!   the index of writable ones (pure bookkeeping, unit-tested beside it);
+//! - [`stage2`]: `KvmStage2`, the `ept::Stage2` backend (including `harvest_dirty`): keeps the
+//!   `LeafIndex` true and asks the reservation to change the host range;
 //! - [`fault_thread`]: the thread that turns userfaultfd events into `ept::FaultInfo`, hands
 //!   them to a `Resolver` (the product's is the guest's `Vmar<KvmStage2>`), and wakes the
 //!   faulter.

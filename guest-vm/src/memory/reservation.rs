@@ -1,4 +1,4 @@
-//! `Reservation`: the host range behind one KVM memslot, and the userfaultfd watching it.
+//! `Reservation`: the host range behind one KVM memslot, and the two userfaultfds watching it.
 //!
 //! The range is an anonymous `PROT_READ|PROT_WRITE` `MAP_PRIVATE|MAP_NORESERVE` mapping (not
 //! PROT_NONE: a PROT_NONE page fails KVM's permission check before userfaultfd sees it,
@@ -6,17 +6,37 @@
 //! the guest, by KVM's own page walk, or by the VMM — becomes a userfaultfd event with its
 //! address.
 //!
+//! Two descriptors (PERF-FACTS.md "Dirty tracking", and its hazard):
+//! - `uffd`, synchronous (`Flavor::Sync`, served by the fault thread): MISSING on anonymous
+//!   pieces, WP on **read-only** frame installs — a write to one (a shared copy-on-write frame)
+//!   must reach the memory model as an event;
+//! - `tracker`, async write-protect (`Flavor::AsyncWp`, never read: it produces no events): WP
+//!   on **writable** frame installs only. Write-protecting a page there (`arm`) makes the next
+//!   write to it a kernel-resolved fault that `PAGEMAP_SCAN` (`harvest_written`) reports and
+//!   re-arms; this is the dirty tracking of `KvmStage2::harvest_dirty`. Writes through the
+//!   frame pool's own mapping of the memfd are not seen (another VMA).
+//!
 //! This file is the one writer of the memslot's host range: installing a frame
-//! (`install_frame`, for `KvmStage2`), putting an anonymous piece back (`restore`), write
-//! protection (`write_protect`), and poisoning a page after a refused fault (`poison` /
-//! `unpoison`, for the fault thread). Addresses are typed: the guest side speaks [`Gpa`], the
-//! host side [`Hva`], frames [`MemfdOffset`].
+//! (`install_frame`, for `KvmStage2`), moving an installed range between read-only and
+//! writable (`make_read_only` / `make_writable`), write tracking (`arm`, `harvest_written`),
+//! putting an anonymous piece back (`restore`), and poisoning a page after a refused fault
+//! (`poison` / `unpoison`, for the fault thread). Addresses are typed: the guest side speaks
+//! [`Gpa`], the host side [`Hva`], frames [`MemfdOffset`].
 //!
 //! Invariants:
 //! - the mapping lives exactly as long as this value (unmapped on drop); every piece of it is
-//!   either an anonymous MISSING-registered reservation piece, a memfd frame installed by
-//!   `install_frame` (registered WP), or a poisoned page (`poison`) after a failed resolution,
-//!   until `unpoison`;
+//!   either an anonymous MISSING-registered piece on `uffd`, a read-only frame install
+//!   (registered WP on `uffd`, write-protected), a writable frame install (registered WP on
+//!   `tracker`, write-protected or not), or a poisoned page (`poison`) until `unpoison`;
+//! - **no frame installed read-only is ever on `tracker`, and no instant exists in which one
+//!   is writable without `uffd`'s write protection**: every step that could expose one does
+//!   it behind `PROT_READ` (a write in that window fails loudly, it never lands): a read-only
+//!   install is mapped `PROT_READ`, registered and write-protected on `uffd`, then opened to
+//!   `PROT_READ|PROT_WRITE`; `make_read_only` closes the range (`PROT_READ`) before it leaves
+//!   `tracker` (unregistering clears write protection) and opens it only once `uffd` protects
+//!   it. Writable installs hold private frames, so their short untracked window (mapped, not
+//!   yet registered) only costs tracking, which `KvmStage2` covers by counting a page
+//!   installed or made writable as written;
 //! - anonymous pieces never hold data: a MISSING fault is only ever answered by installing a
 //!   frame over the page (never by `UFFDIO_COPY`/zeropage into the anonymous piece);
 //! - guest memory is never borrowed as a Rust reference: it is reached through system calls
@@ -29,6 +49,7 @@ use std::sync::Arc;
 use crate::addr::{Gpa, Hva, MemfdOffset};
 use crate::error::{Error, Result};
 use crate::sys::mmap::{Backing, MapFlags, Mmap, Prot};
+use crate::sys::pagemap::Pagemap;
 use crate::sys::uffd::{Protection, RegisterMode, Uffd, Wake};
 use ept::PAGE_SIZE;
 
@@ -39,11 +60,32 @@ pub struct Reservation {
     map: Mmap,
     gpa_base: Gpa,
     uffd: Arc<Uffd>,
+    tracker: Uffd,
+    pagemap: Pagemap,
+}
+
+/// How a frame is installed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Install {
+    /// Read-write, on the tracker, not armed.
+    Writable,
+    /// Read-only: write-protected on the synchronous descriptor.
+    ReadOnly,
+}
+
+/// A move between read-only and writable that failed: the error, and what the range is now
+/// (`Writable`: back on the tracker and unarmed; `ReadOnly`: not writable through this
+/// mapping — write-protected on `uffd`, or `PROT_READ` where a rollback failed too).
+#[derive(Debug)]
+pub(crate) struct MoveError {
+    pub error: Error,
+    pub now: Install,
 }
 
 impl Reservation {
     /// Reserves `size` bytes (multiple of 4 KiB) for guest-physical `[gpa_base, gpa_base+size)`
-    /// and registers them with `uffd` in MISSING mode.
+    /// and registers them with `uffd` (a `Flavor::Sync` descriptor) in MISSING mode; opens the
+    /// reservation's own tracker (`Flavor::AsyncWp`) and pagemap.
     pub fn new(gpa_base: Gpa, size: u64, uffd: Arc<Uffd>) -> Result<Self> {
         if size == 0 || !size.is_multiple_of(PAGE_SIZE) || !gpa_base.0.is_multiple_of(PAGE_SIZE) {
             return Err(Error::Misaligned {
@@ -57,10 +99,17 @@ impl Reservation {
             Backing::Anonymous,
             MapFlags::NORESERVE,
         )?;
+        if uffd.flavor() != crate::sys::uffd::Flavor::Sync {
+            return Err(Error::InvalidArgs(
+                "a reservation's fault channel must be a synchronous userfaultfd".into(),
+            ));
+        }
         let r = Reservation {
             map,
             gpa_base,
             uffd,
+            tracker: Uffd::open_async_wp()?,
+            pagemap: Pagemap::open()?,
         };
         r.uffd.register(r.map.addr(), size, RegisterMode::MISSING)?;
         Ok(r)
@@ -80,8 +129,14 @@ impl Reservation {
         self.gpa_base
     }
 
+    /// The synchronous descriptor: the fault thread's channel.
     pub fn uffd(&self) -> &Arc<Uffd> {
         &self.uffd
+    }
+
+    /// The async write-tracking descriptor (never produces events; for tests).
+    pub fn tracker(&self) -> &Uffd {
+        &self.tracker
     }
 
     /// The guest-physical address behind host address `hva`, if it lies in this range.
@@ -105,22 +160,23 @@ impl Reservation {
             .ok_or(Error::OutsideGuest { gpa: gpa.0, len })
     }
 
-    /// Installs `len` bytes of the frame memfd `memfd` from `frame` at `gpa`: a `MAP_SHARED`
-    /// read-write mapping registered WP, write-protected unless `writable` (read-only installs
-    /// are populated first: write protection applies to present PTEs).
+    /// Installs `len` bytes of the frame memfd `memfd` from `frame` at `gpa` (`MAP_SHARED`):
+    /// `Install::Writable` = read-write, registered WP on the tracker, not armed;
+    /// `Install::ReadOnly` = mapped `PROT_READ` and populated (write protection applies to
+    /// present PTEs), registered WP on `uffd` and write-protected, then opened to
+    /// read-write, so a write is never possible without a WP event (module invariants).
     pub(crate) fn install_frame(
         &self,
         gpa: Gpa,
         len: u64,
         memfd: BorrowedFd<'_>,
         frame: MemfdOffset,
-        writable: bool,
+        how: Install,
     ) -> Result<()> {
         let hva = self.piece(gpa, len)?;
-        let flags = if writable {
-            MapFlags::empty()
-        } else {
-            MapFlags::POPULATE
+        let (prot, flags) = match how {
+            Install::Writable => (Prot::ReadWrite, MapFlags::empty()),
+            Install::ReadOnly => (Prot::Read, MapFlags::POPULATE),
         };
         let backing = Backing::Shared {
             fd: memfd,
@@ -132,29 +188,137 @@ impl Reservation {
                 "mmap(MAP_SHARED|MAP_FIXED frame)",
                 hva.0,
                 len,
-                Prot::ReadWrite,
+                prot,
                 backing,
                 flags,
             )?
         };
-        // Registering can split VMAs too: ENOMEM there is the same map-count limit.
-        self.uffd
-            .register(hva.0, len, RegisterMode::WP)
-            .map_err(|e| match e {
-                Error::Sys { what, err } => crate::sys::mmap::map_error(what, err),
-                other => other,
+        match how {
+            Install::Writable => register(&self.tracker, hva, len),
+            Install::ReadOnly => {
+                register(&self.uffd, hva, len)?;
+                self.uffd
+                    .writeprotect(hva.0, len, Protection::Protect, Wake::Wake)?;
+                self.set_prot("open read-only install", hva, len, Prot::ReadWrite)
+            }
+        }
+    }
+
+    /// `mprotect` of a piece of the range.
+    fn set_prot(&self, what: &'static str, hva: Hva, len: u64, prot: Prot) -> Result<()> {
+        // SAFETY: guest memory is never borrowed as a reference (module invariants).
+        unsafe { self.map.protect(what, hva.0, len, prot) }
+    }
+
+    /// Moves the writable installs `[gpa, gpa+len)` to read-only: closed (`PROT_READ`), off
+    /// the tracker, registered WP on `uffd`, write-protected, opened again. On failure the
+    /// range is rolled back to writable where possible; `MoveError::now` says what it is.
+    pub(crate) fn make_read_only(&self, gpa: Gpa, len: u64) -> std::result::Result<(), MoveError> {
+        let ro = |error| MoveError {
+            error,
+            now: Install::ReadOnly,
+        };
+        let hva = self.piece(gpa, len).map_err(|error| MoveError {
+            error,
+            now: Install::Writable,
+        })?;
+        self.set_prot("close range", hva, len, Prot::Read)
+            .map_err(|error| MoveError {
+                error,
+                now: Install::Writable,
             })?;
-        if !writable {
-            self.uffd
-                .writeprotect(hva.0, len, Protection::Protect, Wake::Wake)?;
+        // The step that failed decides the rollback: each undoes the steps before it.
+        let failed = match self.tracker.unregister(hva.0, len) {
+            Err(e) => Some((e, 0)),
+            Ok(()) => match register(&self.uffd, hva, len) {
+                Err(e) => Some((e, 1)),
+                Ok(()) => self
+                    .uffd
+                    .writeprotect(hva.0, len, Protection::Protect, Wake::Wake)
+                    .err()
+                    .map(|e| (e, 2)),
+            },
+        };
+        if let Some((error, step)) = failed {
+            // Back to writable on the tracker, opened only once it is there.
+            let mut back = Ok(());
+            if step == 2 {
+                back = self.uffd.unregister(hva.0, len);
+            }
+            if step >= 1 {
+                back = back.and_then(|()| register(&self.tracker, hva, len));
+            }
+            let back = back.and_then(|()| self.set_prot("reopen range", hva, len, Prot::ReadWrite));
+            return Err(MoveError {
+                error,
+                now: if back.is_ok() {
+                    Install::Writable
+                } else {
+                    Install::ReadOnly
+                },
+            });
+        }
+        self.set_prot("open write-protected range", hva, len, Prot::ReadWrite)
+            .map_err(ro)
+    }
+
+    /// Moves the read-only installs `[gpa, gpa+len)` (frames the caller made private) to
+    /// writable: off `uffd` (which clears their write protection), registered on the tracker
+    /// (unarmed). On failure the range is put back read-only where possible.
+    pub(crate) fn make_writable(&self, gpa: Gpa, len: u64) -> std::result::Result<(), MoveError> {
+        let hva = self.piece(gpa, len).map_err(|error| MoveError {
+            error,
+            now: Install::ReadOnly,
+        })?;
+        self.uffd
+            .unregister(hva.0, len)
+            .map_err(|error| MoveError {
+                error,
+                now: Install::ReadOnly,
+            })?;
+        if let Err(error) = register(&self.tracker, hva, len) {
+            let back = register(&self.uffd, hva, len).and_then(|()| {
+                self.uffd
+                    .writeprotect(hva.0, len, Protection::Protect, Wake::Wake)
+            });
+            return Err(MoveError {
+                error,
+                now: if back.is_ok() {
+                    Install::ReadOnly
+                } else {
+                    Install::Writable
+                },
+            });
         }
         Ok(())
     }
 
-    /// Sets or clears uffd write protection of the installed range `[gpa, gpa+len)`.
-    pub(crate) fn write_protect(&self, gpa: Gpa, len: u64, prot: Protection) -> Result<()> {
+    /// Arms write tracking of the writable installs `[gpa, gpa+len)`: the next write to each
+    /// page is seen by `harvest_written`.
+    pub(crate) fn arm(&self, gpa: Gpa, len: u64) -> Result<()> {
         let hva = self.piece(gpa, len)?;
-        self.uffd.writeprotect(hva.0, len, prot, Wake::Wake)
+        // (The kernel refuses DONTWAKE together with WP; nothing waits on the tracker anyway.)
+        self.tracker
+            .writeprotect(hva.0, len, Protection::Protect, Wake::Wake)
+    }
+
+    /// Appends to `out` the runs `(start, len)` of the armed writable installs in
+    /// `[gpa, gpa+len)` written since they were armed, ascending, and re-arms exactly those.
+    pub(crate) fn harvest_written(
+        &self,
+        gpa: Gpa,
+        len: u64,
+        out: &mut Vec<(Gpa, u64)>,
+    ) -> Result<()> {
+        let hva = self.piece(gpa, len)?;
+        let mut runs = Vec::new();
+        self.pagemap.harvest_written(hva.0, len, &mut runs)?;
+        let base = self.map.addr();
+        out.extend(
+            runs.into_iter()
+                .map(|(s, e)| (Gpa(self.gpa_base.0 + (s - base)), e - s)),
+        );
+        Ok(())
     }
 
     /// Puts an anonymous MISSING-registered piece back over `[gpa, gpa+len)` (page aligned).
@@ -230,6 +394,16 @@ impl Reservation {
     pub fn host_mapping(&self) -> &Mmap {
         &self.map
     }
+}
+
+/// Registers `[hva, hva+len)` WP on `uffd`; ENOMEM there is the map-count limit (registering
+/// can split VMAs too).
+fn register(uffd: &Uffd, hva: Hva, len: u64) -> Result<()> {
+    uffd.register(hva.0, len, RegisterMode::WP)
+        .map_err(|e| match e {
+            Error::Sys { what, err } => crate::sys::mmap::map_error(what, err),
+            other => other,
+        })
 }
 
 #[cfg(test)]

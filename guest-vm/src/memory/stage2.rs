@@ -4,23 +4,37 @@
 //!
 //! A "second-level translation" here is a host mapping inside the memslot's host range:
 //! - `map(gpa, pa, size, perms)` = `mmap(MAP_SHARED|MAP_FIXED)` of memfd offset `pa` at
-//!   `slot_hva + (gpa - gpa_base)`, always `PROT_READ|PROT_WRITE`, registered with userfaultfd
-//!   WP mode; perms without WRITE are then write-protected (`UFFDIO_WRITEPROTECT`), so a guest
-//!   write arrives as a WP event with its address instead of a bare `KVM_RUN = -EFAULT`;
+//!   `slot_hva + (gpa - gpa_base)` (`Reservation::install_frame`): perms with WRITE are
+//!   registered WP on the reservation's async tracker (unarmed); perms without WRITE are
+//!   registered WP on the synchronous userfaultfd and write-protected, so a guest write
+//!   arrives as a WP event with its address instead of a bare `KVM_RUN = -EFAULT`;
 //!   2 MiB / 1 GiB leaves are one mmap of a contiguous run of frames;
 //! - `unmap` puts an anonymous MISSING-registered reservation piece back;
-//! - `protect` switches uffd write protection on or off;
+//! - `protect` moves ranges between the two descriptors (`make_read_only` /
+//!   `make_writable`): a shared frame is never on the tracker (reservation.rs invariants);
+//! - `harvest_dirty` (the dirty-tracking contract of `ept::Stage2`): per run of writable
+//!   leaves in the range, unarmed ones are reported whole and armed (`UFFDIO_WRITEPROTECT` on
+//!   the tracker; a leaf installed or made writable is never armed at install, so its first
+//!   write costs no tracking fault), armed ones are reported as `PAGEMAP_SCAN` says written
+//!   and re-armed in the same scan; a written large leaf reports all its pages. Only the
+//!   writable index is walked, so the cost follows private pages, not guest size. Writes by
+//!   the VMM through the reservation are tracked; writes through the frame pool's own mapping
+//!   (`FrameAlloc::frame_ptr`) are not;
 //! - `query` answers from a host-side record of installed leaves;
 //! - `flush` does nothing: KVM's MMU notifier drops its shadow/TDP entries when we remap.
 //!
 //! Invariants:
 //! - `leaves` holds disjoint leaves (start GPA → leaf) and matches the host mappings exactly;
+//! - a leaf is armed only while writable, and an armed leaf's host pages are write-protected
+//!   on the tracker except those written since (which the next scan reports); a failed
+//!   harvest disarms the range (its next harvest over-reports, never under-reports);
 //! - `writable` is exactly the set of leaf starts whose perms contain WRITE, and `odd_ro` the
 //!   number of other leaves whose perms are not plain READ; together they let the common
 //!   write-protect of a fork (`protect(range, READ)`) return in O(log n) when nothing in the
 //!   range is writable, so forking a snapshot again does not walk every installed page;
-//!   every installed VMA has the same flags (RW, shared, uffd-WP registered), so GPA-adjacent
-//!   leaves over offset-adjacent frames merge into one VMA;
+//!   installed VMAs of the same class (writable on the tracker / read-only on the synchronous
+//!   descriptor) have the same flags, so GPA-adjacent leaves of one class over offset-adjacent
+//!   frames merge into one VMA;
 //! - execute permission is recorded but not enforced (KVM cannot express it per host page);
 //!   perms without READ cannot be expressed and are `NotSupported`;
 //! - `vm.max_map_count` exhaustion (ENOMEM from mmap) is retried once after raising the limit
@@ -38,9 +52,8 @@ use crate::addr::{Gpa, MemfdOffset};
 use crate::error::Error;
 use crate::memory::frames::MemfdFrameAlloc;
 use crate::memory::leaves::{runs, Leaf, LeafIndex};
-use crate::memory::reservation::Reservation;
+use crate::memory::reservation::{Install, MoveError, Reservation};
 use crate::sys::mmap::ensure_max_map_count;
-use crate::sys::uffd::Protection;
 use ept::PAGE_SIZE;
 
 /// Debug builds check the index invariants after every change while there are at most this
@@ -54,6 +67,8 @@ pub struct Stage2Stats {
     pub unmaps: u64,
     pub protects: u64,
     pub map_count_raised: u64,
+    /// `harvest_dirty` calls that reached the host (a range with writable leaves).
+    pub harvests: u64,
     /// `flush` calls (no-ops here; counted for the conformance suite).
     pub flushes: u64,
 }
@@ -169,10 +184,27 @@ impl KvmStage2 {
         Ok(())
     }
 
-    fn install(&self, gpa: u64, pa: u64, len: u64, writable: bool) -> crate::error::Result<()> {
+    fn install(&self, gpa: u64, pa: u64, len: u64, how: Install) -> crate::error::Result<()> {
         let frame = MemfdOffset(pa);
         self.res
-            .install_frame(Gpa(gpa), len, self.frames.memfd(), frame, writable)
+            .install_frame(Gpa(gpa), len, self.frames.memfd(), frame, how)
+    }
+
+    /// Moves the run `[s, s+l)` to `to` on the host; on failure, records what it is now
+    /// (perms `perms` if it ended as `to`, its old perms otherwise; disarmed either way).
+    fn move_run(&mut self, s: u64, l: u64, to: Install, perms: S2Perms) -> Result<(), ept::Error> {
+        let moved = match to {
+            Install::ReadOnly => self.res.make_read_only(Gpa(s), l),
+            Install::Writable => self.res.make_writable(Gpa(s), l),
+        };
+        if let Err(MoveError { error, now }) = moved {
+            if now == to {
+                self.leaves.set_perms_in(s, l, perms);
+            }
+            self.leaves.set_armed_in(s, l, false);
+            return Err(Self::fail(error));
+        }
+        Ok(())
     }
 }
 
@@ -195,10 +227,11 @@ impl KvmStage2 {
             }
         }
         for (s, l) in runs(pieces) {
-            if let Err(e) = self.res.write_protect(Gpa(s), l, Protection::Protect) {
+            if let Err(e) = self.move_run(s, l, Install::ReadOnly, S2Perms::READ) {
                 // The runs before this one are read-only on the host now: say so.
                 self.leaves.set_perms_in(gpa, s - gpa, S2Perms::READ);
-                return Err(Self::fail(e));
+                self.debug_check();
+                return Err(e);
             }
         }
         // Every read-only leaf is plain READ, so after this the whole range is.
@@ -238,8 +271,12 @@ impl Stage2 for KvmStage2 {
                 return Err(ept::Error::AlreadyExists);
             }
         }
-        let writable = perms.contains(S2Perms::WRITE);
-        self.with_map_retry(|me| me.install(gpa, pa, len, writable))?;
+        let how = if perms.contains(S2Perms::WRITE) {
+            Install::Writable
+        } else {
+            Install::ReadOnly
+        };
+        self.with_map_retry(|me| me.install(gpa, pa, len, how))?;
         self.stats.maps += 1;
         self.leaves.put(
             gpa,
@@ -248,6 +285,7 @@ impl Stage2 for KvmStage2 {
                 size,
                 perms,
                 mem_type,
+                armed: false,
             },
         );
         self.debug_check();
@@ -299,14 +337,14 @@ impl Stage2 for KvmStage2 {
             }
             downgraded |= !perms.contains(l.perms);
         }
-        let prot = if writable {
-            Protection::Unprotect
+        let to = if writable {
+            Install::Writable
         } else {
-            Protection::Protect
+            Install::ReadOnly
         };
         let flip = runs(flip);
         for (i, &(s, l)) in flip.iter().enumerate() {
-            if let Err(e) = self.res.write_protect(Gpa(s), l, prot) {
+            if let Err(e) = self.move_run(s, l, to, perms) {
                 // The runs before this one changed on the host: their records follow, so no
                 // page is writable while its record says read-only (or the reverse).
                 for &(ds, dl) in &flip[..i] {
@@ -314,7 +352,7 @@ impl Stage2 for KvmStage2 {
                 }
                 self.flush_pending |= downgraded;
                 self.debug_check();
-                return Err(Self::fail(e));
+                return Err(e);
             }
         }
         self.leaves.set_perms_in(gpa, len, perms);
@@ -338,6 +376,82 @@ impl Stage2 for KvmStage2 {
 
     fn flush_pending(&self) -> bool {
         self.flush_pending
+    }
+
+    fn harvest_dirty(
+        &mut self,
+        gpa: u64,
+        len: u64,
+        dirty: &mut Vec<u64>,
+    ) -> Result<u64, ept::Error> {
+        self.check_range(gpa, len)?;
+        self.leaves.split_at(gpa);
+        self.leaves.split_at(gpa + len);
+        let leaves: Vec<(u64, Leaf)> = self.leaves.writable_in(gpa, len).collect();
+        if leaves.is_empty() {
+            return Ok(0);
+        }
+        self.stats.harvests += 1;
+        let before = dirty.len();
+        if let Err(e) = self.harvest_leaves(&leaves, dirty) {
+            // Some pages may be re-armed without their report reaching the caller: count the
+            // whole range as written next time.
+            dirty.truncate(before);
+            self.leaves.set_armed_in(gpa, len, false);
+            self.debug_check();
+            return Err(Self::fail(e));
+        }
+        self.debug_check();
+        Ok((dirty.len() - before) as u64)
+    }
+}
+
+impl KvmStage2 {
+    /// `harvest_dirty` over `leaves` (writable, ascending): per maximal run of adjacent
+    /// leaves with the same `armed`, arm-and-report-all or scan-and-report-written.
+    fn harvest_leaves(
+        &mut self,
+        leaves: &[(u64, Leaf)],
+        dirty: &mut Vec<u64>,
+    ) -> crate::error::Result<()> {
+        let mut written = Vec::new();
+        let mut i = 0;
+        while i < leaves.len() {
+            let (start, first) = leaves[i];
+            let mut end = start + first.size.bytes();
+            let mut j = i + 1;
+            while j < leaves.len() && leaves[j].0 == end && leaves[j].1.armed == first.armed {
+                end += leaves[j].1.size.bytes();
+                j += 1;
+            }
+            if first.armed {
+                written.clear();
+                self.res
+                    .harvest_written(Gpa(start), end - start, &mut written)?;
+                report_written(&leaves[i..j], &written, dirty);
+            } else {
+                self.res.arm(Gpa(start), end - start)?;
+                self.leaves.set_armed_in(start, end - start, true);
+                dirty.extend((start..end).step_by(PAGE_SIZE as usize));
+            }
+            i = j;
+        }
+        Ok(())
+    }
+}
+
+/// Appends the pages of `leaves` (adjacent, ascending) that the written runs `written`
+/// (ascending) touch: a 4 KiB leaf if written, every page of a large leaf if any of it is.
+fn report_written(leaves: &[(u64, Leaf)], written: &[(Gpa, u64)], dirty: &mut Vec<u64>) {
+    let mut k = 0;
+    for &(s, l) in leaves {
+        let e = s + l.size.bytes();
+        while k < written.len() && written[k].0.raw() + written[k].1 <= s {
+            k += 1;
+        }
+        if k < written.len() && written[k].0.raw() < e {
+            dirty.extend((s..e).step_by(PAGE_SIZE as usize));
+        }
     }
 }
 

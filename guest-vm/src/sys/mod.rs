@@ -4,11 +4,14 @@
 //! - [`mmap`]: one owner of host mappings — `Mmap` (a mapping this process owns, unmapped on
 //!   drop), fixed replacements inside one, `protect`, and the `vm.max_map_count` handling;
 //! - [`memfd`]: the frame memfd's file operations (create, punch a hole, resident size);
-//! - [`uffd`]: userfaultfd — open, register (named modes), write-protect (named modes), wake,
-//!   copy, read events.
+//! - [`uffd`]: userfaultfd — open (named flavors: synchronous, or async write tracking),
+//!   register / unregister (named modes), write-protect (named modes), wake, copy, read events;
+//! - [`pagemap`]: `PAGEMAP_SCAN` on `/proc/self/pagemap` — which pages an async
+//!   write-protecting userfaultfd saw written, re-arming them.
 //!
 //! Nothing here knows about guests or the memory model.
 
 pub mod memfd;
 pub mod mmap;
+pub mod pagemap;
 pub mod uffd;

@@ -1,5 +1,5 @@
-//! The userfaultfd syscall layer: open, API handshake, register, write-protect, wake, copy,
-//! read events. Types and ioctl numbers come from `linux-raw-sys` (no bindgen / libclang
+//! The userfaultfd syscall layer: open (a named [`Flavor`]), API handshake, register,
+//! unregister, write-protect, wake, copy, read events. Types and ioctl numbers come from `linux-raw-sys` (no bindgen / libclang
 //! needed); each number is also recomputed from its `_IOWR`/`_IOR`/`_IO` definition in
 //! `<linux/userfaultfd.h>` and checked against the bindings at compile time.
 //! Modes are named: [`RegisterMode`] (MISSING / WP), [`Protection`] and [`Wake`].
@@ -7,9 +7,16 @@
 //! Invariants:
 //! - the descriptor is opened without `UFFD_USER_MODE_ONLY`, because KVM's accesses to guest
 //!   memory (page walks, emulation, get_user_pages) are kernel-mode faults (KVM-FAULTS.md §3);
-//! - the API handshake requires `PAGEFAULT_FLAG_WP` and `WP_HUGETLBFS_SHMEM` (write-protect of
-//!   memfd `MAP_SHARED` mappings) and `THREAD_ID` (who faulted); without them `open` fails with
+//! - the API handshake requires the flavor's [`Features`] — always `PAGEFAULT_FLAG_WP` and
+//!   `WP_HUGETLBFS_SHMEM` (write-protect of memfd `MAP_SHARED` mappings); `Flavor::Sync` adds
+//!   `THREAD_ID` (who faulted), `Flavor::AsyncWp` adds `WP_ASYNC` (the kernel resolves a write
+//!   to a write-protected page itself, clearing the protection, and sends no message: the
+//!   page's state is read back with `PAGEMAP_SCAN`, sys/pagemap.rs) and `WP_UNPOPULATED`
+//!   (which the kernel implies for `WP_ASYNC`). Without them `open` fails with
 //!   `Error::UffdUnavailable`;
+//! - **hazard:** `WP_ASYNC` is a property of the whole descriptor: write protection on an
+//!   `AsyncWp` descriptor never stops a write. Memory whose writes must reach the memory model
+//!   (shared copy-on-write frames) is never registered on one (reservation.rs);
 //! - the descriptor is non-blocking; readers wait with `poll`;
 //! - `copy` (`UFFDIO_COPY`) is for ranges a caller registered itself (the benchmark's
 //!   post-copy baseline); a `Reservation` is never answered with it (reservation.rs).
@@ -44,6 +51,7 @@ const fn ior<T>(nr: u32) -> u32 {
 // The bindings' numbers are what the header defines.
 const _: () = assert!(io::UFFDIO_API == iowr::<g::uffdio_api>(0x3F));
 const _: () = assert!(io::UFFDIO_REGISTER == iowr::<g::uffdio_register>(0x00));
+const _: () = assert!(io::UFFDIO_UNREGISTER == ior::<g::uffdio_range>(0x01));
 const _: () = assert!(io::UFFDIO_WAKE == ior::<g::uffdio_range>(0x02));
 const _: () = assert!(io::UFFDIO_COPY == iowr::<g::uffdio_copy>(0x03));
 const _: () = assert!(io::UFFDIO_WRITEPROTECT == iowr::<g::uffdio_writeprotect>(0x06));
@@ -59,6 +67,43 @@ bitflags::bitflags! {
         const MISSING = g::UFFDIO_REGISTER_MODE_MISSING as u64;
         /// Writes to write-protected pages become events.
         const WP = g::UFFDIO_REGISTER_MODE_WP as u64;
+    }
+}
+
+bitflags::bitflags! {
+    /// `UFFDIO_API` features a descriptor is opened with (see the module invariants).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Features: u64 {
+        /// WP events carry the WP flag (write-protect mode at all).
+        const PAGEFAULT_FLAG_WP = g::UFFD_FEATURE_PAGEFAULT_FLAG_WP as u64;
+        /// Write-protect of shmem (memfd) and hugetlbfs mappings.
+        const WP_HUGETLBFS_SHMEM = g::UFFD_FEATURE_WP_HUGETLBFS_SHMEM as u64;
+        /// Events carry the faulting thread's id.
+        const THREAD_ID = g::UFFD_FEATURE_THREAD_ID as u64;
+        /// Write-protect works on not-yet-populated (anonymous) PTEs too.
+        const WP_UNPOPULATED = g::UFFD_FEATURE_WP_UNPOPULATED as u64;
+        /// The kernel resolves WP faults itself (no event): write tracking, not interception.
+        const WP_ASYNC = g::UFFD_FEATURE_WP_ASYNC as u64;
+    }
+}
+
+/// The two kinds of descriptor the KVM backend uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavor {
+    /// Every fault is an event a thread must answer (MISSING pieces, writes to shared frames).
+    Sync,
+    /// Write protection only tracks writes (`WP_ASYNC`): no events, ever.
+    AsyncWp,
+}
+
+impl Flavor {
+    /// The features this flavor requires.
+    pub fn features(self) -> Features {
+        let wp = Features::PAGEFAULT_FLAG_WP | Features::WP_HUGETLBFS_SHMEM;
+        match self {
+            Flavor::Sync => wp | Features::THREAD_ID,
+            Flavor::AsyncWp => wp | Features::WP_ASYNC | Features::WP_UNPOPULATED,
+        }
     }
 }
 
@@ -95,6 +140,7 @@ pub struct PageFault {
 #[derive(Debug)]
 pub struct Uffd {
     fd: OwnedFd,
+    flavor: Flavor,
 }
 
 fn ioctl_err(what: &'static str) -> Error {
@@ -105,8 +151,18 @@ fn ioctl_err(what: &'static str) -> Error {
 }
 
 impl Uffd {
-    /// Opens a userfaultfd with the features the KVM backend needs.
+    /// Opens a synchronous userfaultfd (`Flavor::Sync`): the fault channel.
     pub fn open() -> Result<Self> {
+        Self::open_flavor(Flavor::Sync)
+    }
+
+    /// Opens a write-tracking userfaultfd (`Flavor::AsyncWp`); see the module's hazard.
+    pub fn open_async_wp() -> Result<Self> {
+        Self::open_flavor(Flavor::AsyncWp)
+    }
+
+    /// Opens a userfaultfd of `flavor` with exactly its features.
+    pub fn open_flavor(flavor: Flavor) -> Result<Self> {
         let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
         // SAFETY: plain syscall with integer flags.
         let mut raw = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) } as i32;
@@ -122,28 +178,30 @@ impl Uffd {
         }
         // SAFETY: `raw` is a fresh descriptor we own.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        let want = g::UFFD_FEATURE_PAGEFAULT_FLAG_WP
-            | g::UFFD_FEATURE_WP_HUGETLBFS_SHMEM
-            | g::UFFD_FEATURE_THREAD_ID;
+        let want = flavor.features().bits();
         let mut api = g::uffdio_api {
             api: g::UFFD_API as u64,
-            features: want as u64,
+            features: want,
             ioctls: 0,
         };
         // SAFETY: valid descriptor and a properly sized argument.
         if unsafe { libc::ioctl(fd.as_raw_fd(), io::UFFDIO_API as _, &mut api) } != 0 {
             return Err(Error::UffdUnavailable(format!(
-                "UFFDIO_API with write-protect features refused: {}",
+                "UFFDIO_API with features {want:#x} ({flavor:?}) refused: {}",
                 std::io::Error::last_os_error()
             )));
         }
-        if api.features & want as u64 != want as u64 {
+        if api.features & want != want {
             return Err(Error::UffdUnavailable(format!(
                 "kernel lacks userfaultfd features {:#x} (has {:#x})",
                 want, api.features
             )));
         }
-        Ok(Uffd { fd })
+        Ok(Uffd { fd, flavor })
+    }
+
+    pub fn flavor(&self) -> Flavor {
+        self.flavor
     }
 
     /// Registers `[addr, addr+len)` (all of it must be mapped) in `mode`.
@@ -160,8 +218,21 @@ impl Uffd {
         Ok(())
     }
 
+    /// Unregisters `[addr, addr+len)` (all of it must be mapped; pieces registered on no
+    /// descriptor are fine, pieces registered on another one are `EINVAL`). The kernel clears
+    /// this descriptor's write protection of the range as it goes.
+    pub fn unregister(&self, addr: u64, len: u64) -> Result<()> {
+        let mut range = g::uffdio_range { start: addr, len };
+        // SAFETY: valid descriptor and argument.
+        if unsafe { libc::ioctl(self.raw(), io::UFFDIO_UNREGISTER as _, &mut range) } != 0 {
+            return Err(ioctl_err("UFFDIO_UNREGISTER"));
+        }
+        Ok(())
+    }
+
     /// Sets or clears write protection of `[addr, addr+len)`. Clearing also wakes threads
-    /// blocked on the range unless `Wake::DontWake`.
+    /// blocked on the range unless `Wake::DontWake` (which the kernel refuses, `EINVAL`,
+    /// together with `Protection::Protect`).
     pub fn writeprotect(&self, addr: u64, len: u64, prot: Protection, wake: Wake) -> Result<()> {
         let mut mode = 0;
         if prot == Protection::Protect {

@@ -59,8 +59,8 @@ use hypercall::{PORT_CALL, PORT_DONE};
 use kick::KickState;
 use vcpu_state::{readable_msrs, VcpuState};
 
-/// Checks that this process can run guests: root, `/dev/kvm`, userfaultfd with WP. The error
-/// says what is missing (tests print it as their SKIP reason).
+/// Checks that this process can run guests: root, `/dev/kvm`, userfaultfd with WP (sync and
+/// `WP_ASYNC`). The error says what is missing (tests print it as their SKIP reason).
 pub fn check_host() -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -70,6 +70,8 @@ pub fn check_host() -> Result<()> {
     }
     Kvm::new().map_err(|e| Error::KvmUnavailable(format!("cannot open /dev/kvm: {e}")))?;
     Uffd::open()?;
+    // Dirty tracking: every reservation opens an async write-tracking descriptor too.
+    Uffd::open_async_wp()?;
     Ok(())
 }
 
