@@ -26,6 +26,7 @@ use guest_vm::workload::kvstore::{memory_for, KvStore, BUCKET_SIZE, EXTRA_PAGES_
 use guest_vm::workload::model::TableModel;
 use guest_vm::workload::streams::{self, FILL_FIRST};
 use guest_vm::{Error, Guest, HostFrames, Result, PAGE_SIZE};
+use vmo::ResetPolicy;
 
 use crate::measure::{median, ms};
 
@@ -118,6 +119,9 @@ pub struct ChildReport {
     pub table_pages_written: u64,
     pub resident_kib: u64,
     pub reset_ms: Option<f64>,
+    /// Pages the (restore-policy) reset copied the snapshot's bytes back into, keeping them.
+    pub reset_restored_pages: Option<u64>,
+    /// Pages the reset returned to the snapshot's frame (or dropped).
     pub reset_dropped_pages: Option<u64>,
 }
 
@@ -264,6 +268,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
             table_pages_written: written,
             resident_kib: memory.private_frames * PAGE_SIZE / 1024,
             reset_ms: None,
+            reset_restored_pages: None,
             reset_dropped_pages: None,
         });
     }
@@ -293,27 +298,54 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
     let mut reset_ms = Vec::new();
     let mut rerun = None;
     if opts.reset {
-        progress("resetting every child to the snapshot");
+        progress("resetting every child to the snapshot (restore policy: copy back, keep frames)");
+        let mut first_written = Default::default();
         for (child, report) in children.iter_mut().zip(reports.iter_mut()) {
             let t = Instant::now();
-            let dropped = child.kv.inner_mut().reset(&state)?;
+            let stats = child
+                .kv
+                .inner_mut()
+                .reset_with(&state, ResetPolicy::Restore)?;
             let dt = ms(t.elapsed());
             reset_ms.push(dt);
             report.reset_ms = Some(dt);
-            report.reset_dropped_pages = Some(dropped);
+            report.reset_restored_pages = Some(stats.restored);
+            report.reset_dropped_pages = Some(stats.dropped);
+            if child.index == 0 {
+                first_written = child.model.written_pages().clone();
+            }
             child.model = model.clone();
             let sum = child.kv.checksum()?;
             check(
                 &mut checks,
                 &format!("child {} reset", child.index),
                 sum == base_sum,
-                format!("{dropped} pages dropped in {dt:.2} ms; checksum back to the snapshot's"),
+                format!(
+                    "{} pages copied back, {} dropped in {dt:.2} ms; checksum back to the \
+                     snapshot's",
+                    stats.restored, stats.dropped
+                ),
             );
         }
         if let Some(first) = children.first_mut() {
             first.seed = opts.children as u64 + 100;
             let ops = streams::stream(first.seed, opts.requests, keys, opts.children as u64);
             let r = fleet::run_child(first, &ops);
+            // Restore kept the first run's frames: the rerun copies only pages it writes that
+            // the first run did not, so the child's private frames are the union of both runs'
+            // table pages plus the named extra pages (drop would copy the overlap again).
+            let memory = fleet::guest_memory(first.kv.inner());
+            let union = first_written.union(first.model.written_pages()).count() as u64;
+            check(
+                &mut checks,
+                "reset child = snapshot + its own writes",
+                memory.private_frames >= union && memory.private_frames <= union + EXTRA_PAGES_MAX,
+                format!(
+                    "{} private frames after reset + rerun for {union} table pages written by \
+                     the two runs (+ at most {EXTRA_PAGES_MAX} mailbox/stack/page-table pages)",
+                    memory.private_frames
+                ),
+            );
             check(
                 &mut checks,
                 "reset child runs again",

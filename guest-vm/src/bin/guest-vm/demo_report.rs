@@ -86,7 +86,7 @@ pub fn render(r: &DemoReport) -> String {
     let _ = writeln!(
         o,
         "  child  fork ms  requests  run ms  shared pg  copied pg  committed pg  resident KiB  \
-         faults(uffd miss/wp)  reset ms  dropped pg"
+         faults(uffd miss/wp)  reset ms  restored/dropped pg"
     );
     for c in &r.children {
         let m = &c.memory;
@@ -111,7 +111,10 @@ pub fn render(r: &DemoReport) -> String {
             m.uffd_missing,
             m.uffd_wp,
             c.reset_ms.map_or("-".into(), |v| format!("{v:.2}")),
-            c.reset_dropped_pages.map_or("-".into(), |v| v.to_string()),
+            match (c.reset_restored_pages, c.reset_dropped_pages) {
+                (Some(r), Some(d)) => format!("{r}/{d}"),
+                _ => "-".into(),
+            },
         );
     }
     let _ = writeln!(o);
