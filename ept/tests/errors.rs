@@ -455,7 +455,9 @@ proptest! {
 fn accessed_dirty_survive_split_and_protect() {
     use ept::entry::EntryFormat;
     let mem = HeapPhysMem::new();
-    let mut t = EptTable::with_invalidate(&mem, CountingInvalidate::default(), true).unwrap();
+    let mut t =
+        EptTable::with_invalidate(&mem, CountingInvalidate::default(), AccessDirty::Enabled)
+            .unwrap();
     t.map(0, M2, PageSize::Size2M, S2Perms::RWX, WB).unwrap();
     // Walk root → PDPT → PD by hand and set A (8) and D (9) in the 2 MiB leaf.
     let mut table = t.page_table().root();

@@ -81,30 +81,30 @@ fn ept_with_perms_and_split() {
 #[test]
 fn eptp_layout() {
     // Root 0x1000_2000 | WB (6) in 2:0 | (4 − 1) << 3 = 0x18 | A/D bit 6 = 0x40.
-    let p = Eptp::new(0x1000_2000, MemType::WriteBack, 4, true).unwrap();
+    let p = Eptp::new(0x1000_2000, MemType::WriteBack, 4, AccessDirty::Enabled).unwrap();
     assert_eq!(p.bits(), 0x1000_205e);
     assert_eq!(p.root(), 0x1000_2000);
     assert_eq!(p.walk_levels(), 4);
     assert!(p.ad_enabled());
     assert_eq!(p.mem_type(), Some(MemType::WriteBack));
-    let p = Eptp::new(0x1000_2000, MemType::WriteBack, 4, false).unwrap();
+    let p = Eptp::new(0x1000_2000, MemType::WriteBack, 4, AccessDirty::Disabled).unwrap();
     assert_eq!(p.bits(), 0x1000_201e);
-    let p = Eptp::new(0x3000, MemType::Uncacheable, 5, false).unwrap();
+    let p = Eptp::new(0x3000, MemType::Uncacheable, 5, AccessDirty::Disabled).unwrap();
     assert_eq!(p.bits(), 0x3020);
     assert_eq!(
-        Eptp::new(0x3000, MemType::WriteThrough, 4, false),
+        Eptp::new(0x3000, MemType::WriteThrough, 4, AccessDirty::Disabled),
         Err(Error::InvalidArgs)
     );
     assert_eq!(
-        Eptp::new(0x3000, MemType::WriteBack, 3, false),
+        Eptp::new(0x3000, MemType::WriteBack, 3, AccessDirty::Disabled),
         Err(Error::InvalidArgs)
     );
     assert_eq!(
-        Eptp::new(0x3008, MemType::WriteBack, 4, false),
+        Eptp::new(0x3008, MemType::WriteBack, 4, AccessDirty::Disabled),
         Err(Error::InvalidArgs)
     );
     assert_eq!(
-        Eptp::new(1 << 52, MemType::WriteBack, 4, false),
+        Eptp::new(1 << 52, MemType::WriteBack, 4, AccessDirty::Disabled),
         Err(Error::OutOfRange)
     );
 }
@@ -115,7 +115,8 @@ fn ept_table_eptp_points_at_root() {
     let t = EptTable::new(&mem).unwrap();
     assert_eq!(t.eptp().root(), t.page_table().root());
     assert_eq!(t.eptp().bits() & 0xfff, 0x1e);
-    let t = EptTable::with_invalidate(&mem, CountingInvalidate::default(), true).unwrap();
+    let t = EptTable::with_invalidate(&mem, CountingInvalidate::default(), AccessDirty::Enabled)
+        .unwrap();
     assert_eq!(t.eptp().bits() & 0xfff, 0x5e);
 }
 
