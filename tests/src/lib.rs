@@ -206,6 +206,42 @@ pub fn run_if_available<B: Backend>(test: &str, f: impl FnOnce()) {
     }
 }
 
+/// One dirty harvest of `[gpa, gpa + len)` through the `Stage2` seam, with the flush the
+/// contract asks of the caller; checks that the count matches and the pages ascend.
+pub fn harvest<S: Stage2 + Send + 'static>(
+    vmar: &Vmar<S>,
+    gpa: u64,
+    len: u64,
+) -> Result<Vec<u64>, ept::Error> {
+    vmar.with_stage2(|s| {
+        let mut dirty = Vec::new();
+        let n = s.harvest_dirty(gpa, len, &mut dirty)?;
+        assert_eq!(n, dirty.len() as u64, "harvest count vs pages appended");
+        assert!(
+            dirty.windows(2).all(|w| w[0] < w[1]),
+            "harvest not ascending"
+        );
+        if s.flush_pending() {
+            s.flush(ept::FlushScope::Context);
+        }
+        Ok(dirty)
+    })
+}
+
+/// The pages of `[gpa, gpa + pages * 4 KiB)` with a writable translation installed.
+pub fn writable_pages<S: Stage2 + Send + 'static>(
+    vmar: &Vmar<S>,
+    gpa: u64,
+    pages: u64,
+) -> std::collections::BTreeSet<u64> {
+    vmar.with_stage2(|s| {
+        (0..pages)
+            .map(|i| gpa + i * 0x1000)
+            .filter(|&p| s.query(p).is_some_and(|t| t.perms.contains(S2Perms::WRITE)))
+            .collect()
+    })
+}
+
 /// Why a guest access did not complete.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GuestFault {
