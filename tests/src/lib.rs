@@ -5,6 +5,8 @@
 //!
 //! The conformance suite (`tests/tests/*.rs`) is generic over `Backend`, so the same cases run
 //! on `EptTable`, `NptTable` and guest-vm's `KvmStage2` (where /dev/kvm and root are available).
+//! Shared helpers: `harvest` (a dirty harvest through the seam, with the caller's flush),
+//! `writable_pages`, and `Rng` (a deterministic schedule).
 //!
 //! Invariants of `SoftCpu`: the translation is looked up and the frame accessed under the
 //! Stage2 lock, so (like a TLB that the unmapper flushes) an access never reaches a frame that
@@ -203,6 +205,22 @@ pub fn run_if_available<B: Backend>(test: &str, f: impl FnOnce()) {
             )
         }
         Err(why) => println!("SKIP: {test} on {}: {why}", B::NAME),
+    }
+}
+
+/// xorshift64*: a deterministic schedule for the randomized cases, without a dependency.
+pub struct Rng(pub u64);
+impl Rng {
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    /// A value in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
     }
 }
 

@@ -18,27 +18,13 @@
 
 use std::collections::BTreeSet;
 
-use conformance::{harvest, writable_pages, Backend, SoftCpu};
+use conformance::{harvest, writable_pages, Backend, Rng, SoftCpu};
 use ept::{Access, MemType, PageSize, S2Perms, Stage2};
 use vmo::{FramePool, MapOptions, VmPerms, Vmar, Vmo, VmoFlags};
 
 const P: u64 = vmo::PAGE_SIZE;
 const M2: u64 = 2 << 20;
 const PAGES: u64 = 64;
-
-/// xorshift64*: a deterministic schedule without a dependency.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 fn space<B: Backend>() -> (FramePool, Vmar<B::S>) {
     let pool = B::pool();
