@@ -4,21 +4,32 @@
 //! (`CountingInvalidate` by default, `vmx::InveptInvalidate` or `svm::NptTlbControl` on
 //! hardware). Invariants:
 //! - `flush_pending()` is true exactly when, since the last `flush`, an operation removed a
-//!   present entry or changed a present leaf (frame, permissions or memory type), or unlinked a
-//!   table frame; installing into an empty slot or an identical replacement leaves it false;
+//!   present entry or changed a present leaf (frame, permissions or memory type), unlinked a
+//!   table frame, or cleared a dirty bit (`harvest_dirty`: a CPU that cached the translation
+//!   dirty would not set the bit again); installing into an empty slot or an identical
+//!   replacement leaves it false;
 //! - `flush` always calls the hook once (also when nothing is pending: the fault path flushes
 //!   after a spurious fault), counts it, clears the pending state and only then returns
 //!   retired table frames to the `PhysMem`;
 //! - the context value the hook receives never changes: the EPTP (WB, 4-level, A/D as chosen at
-//!   construction) for EPT, the root address (nCR3) for NPT.
+//!   construction) for EPT, the root address (nCR3) for NPT;
+//! - the page table's `AccessDirty` matches what the MMU does: always `Enabled` for NPT, the
+//!   EPTP's A/D bit for EPT. `harvest_dirty` is `NotSupported` on an EPT table without A/D
+//!   (the hardware would never set a dirty bit, so writes after a harvest would go unseen).
+//!
+//! `hw_touch` is the hardware side of the A/D protocol: software CPUs and tests call it where
+//! an MMU would set accessed/dirty bits (`PageTable::hw_touch`).
 
 use crate::entry::ept::{EptEntry, Eptp};
 use crate::entry::npt::NptEntry;
 use crate::entry::EntryFormat;
 use crate::invalidate::{CountingInvalidate, Invalidate};
 use crate::phys::PhysMem;
+use crate::table::Harvested;
 use crate::table::PageTable;
-use crate::{Error, FlushScope, MemType, PageSize, S2Perms, Stage2, Translation};
+use crate::{
+    Access, AccessDirty, Error, FlushScope, MemType, PageSize, S2Perms, Stage2, Translation,
+};
 
 /// A second-level table of format `E` with its invalidation hook.
 pub struct Stage2Table<E: EntryFormat, M: PhysMem, I: Invalidate = CountingInvalidate> {
@@ -35,20 +46,22 @@ pub type EptTable<M, I = CountingInvalidate> = Stage2Table<EptEntry, M, I>;
 pub type NptTable<M, I = CountingInvalidate> = Stage2Table<NptEntry, M, I>;
 
 impl<M: PhysMem> Stage2Table<EptEntry, M, CountingInvalidate> {
-    /// An empty EPT table (A/D disabled) with the counting no-op hook. `NoMemory` when the
-    /// root frame cannot be allocated.
+    /// An empty EPT table (A/D disabled, as hardware without the capability) with the
+    /// counting no-op hook. `NoMemory` when the root frame cannot be allocated.
     pub fn new(mem: M) -> Result<Self, Error> {
-        Self::with_invalidate(mem, CountingInvalidate::default(), false)
+        Self::with_invalidate(mem, CountingInvalidate::default(), AccessDirty::Disabled)
     }
 }
 
 impl<M: PhysMem, I: Invalidate> Stage2Table<EptEntry, M, I> {
-    /// An empty EPT table flushed through `invalidate`; `ad_enabled` sets the EPTP's A/D bit
-    /// (the CPU then maintains accessed/dirty in leaves). `NoMemory` when the root frame cannot
-    /// be allocated; `InvalidArgs`/`OutOfRange` if the `PhysMem` hands out an unusable root.
-    pub fn with_invalidate(mem: M, invalidate: I, ad_enabled: bool) -> Result<Self, Error> {
-        let table = PageTable::new(mem)?;
-        let eptp = Eptp::new(table.root(), MemType::WriteBack, 4, ad_enabled)?;
+    /// An empty EPT table flushed through `invalidate`; `ad` sets the EPTP's A/D bit: only
+    /// with `Enabled` does the CPU set accessed/dirty bits in the leaves (and only then can
+    /// writes be harvested). Enable it only when IA32_VMX_EPT_VPID_CAP bit 21 says the CPU
+    /// supports it. `NoMemory` when the root frame cannot be allocated;
+    /// `InvalidArgs`/`OutOfRange` if the `PhysMem` hands out an unusable root.
+    pub fn with_invalidate(mem: M, invalidate: I, ad: AccessDirty) -> Result<Self, Error> {
+        let table = PageTable::with_access_dirty(mem, ad)?;
+        let eptp = Eptp::new(table.root(), MemType::WriteBack, 4, ad)?;
         Ok(Stage2Table {
             table,
             invalidate,
@@ -75,7 +88,8 @@ impl<M: PhysMem> Stage2Table<NptEntry, M, CountingInvalidate> {
 impl<M: PhysMem, I: Invalidate> Stage2Table<NptEntry, M, I> {
     /// An empty nested page table flushed through `invalidate` (e.g. `svm::NptTlbControl`).
     pub fn with_invalidate(mem: M, invalidate: I) -> Result<Self, Error> {
-        let table = PageTable::new(mem)?;
+        // The CPU always maintains A/D in nested page tables.
+        let table = PageTable::with_access_dirty(mem, AccessDirty::Enabled)?;
         Ok(Stage2Table {
             context: table.root(),
             table,
@@ -139,6 +153,30 @@ impl<E: EntryFormat, M: PhysMem, I: Invalidate> Stage2Table<E, M, I> {
             self.flush(scope);
         }
         pending
+    }
+    /// Whether the MMU maintains accessed/dirty bits in this table (NPT: always; EPT: the
+    /// EPTP's A/D enable), i.e. whether `harvest_dirty` can work.
+    pub fn access_dirty(&self) -> AccessDirty {
+        self.table.access_dirty()
+    }
+    /// What the hardware does when a vCPU accesses `gpa`: the leaf translating it, after
+    /// setting accessed (and, for a permitted write, dirty) bits as the MMU would
+    /// (`PageTable::hw_touch`). For software CPUs and tests standing in for the MMU.
+    pub fn hw_touch(&self, gpa: u64, access: Access) -> Option<Translation> {
+        self.table.hw_touch(gpa, access)
+    }
+    /// `Stage2::harvest_dirty` with both counts (pages reported, leaves cleared).
+    pub fn harvest(
+        &mut self,
+        gpa: u64,
+        len: u64,
+        dirty: &mut alloc::vec::Vec<u64>,
+    ) -> Result<Harvested, Error> {
+        let h = self.table.harvest_dirty(gpa, len, dirty)?;
+        if h.cleared > 0 {
+            self.pending = true;
+        }
+        Ok(h)
     }
     /// Calls `f` with every leaf intersecting `[gpa, gpa + len)`, in address order.
     pub fn for_each_leaf(
@@ -204,6 +242,18 @@ impl<E: EntryFormat, M: PhysMem, I: Invalidate> Stage2 for Stage2Table<E, M, I> 
 
     fn flush_pending(&self) -> bool {
         self.pending
+    }
+
+    /// Reports dirty leaves and clears their dirty bits (`PageTable::harvest_dirty`: a dirty
+    /// large leaf straddling an end of the range is split first, so pages outside the range
+    /// keep their state). Leaves a flush pending when it cleared a bit.
+    fn harvest_dirty(
+        &mut self,
+        gpa: u64,
+        len: u64,
+        dirty: &mut alloc::vec::Vec<u64>,
+    ) -> Result<u64, Error> {
+        self.harvest(gpa, len, dirty).map(|h| h.pages)
     }
 }
 

@@ -28,7 +28,7 @@ pub use invalidate::{CountingInvalidate, Invalidate};
 pub use phys::{HeapPhysMem, PhysMem};
 pub use stage2::{FlushScope, Stage2, Translation};
 pub use svm::{NptTlbControl, TlbControl};
-pub use table::PageTable;
+pub use table::{Harvested, PageTable};
 pub use vmx::{InveptDescriptor, InveptKind};
 
 /// Size of the smallest page and of a page-table frame.
@@ -85,6 +85,20 @@ impl core::fmt::Display for Error {
         };
         f.write_str(s)
     }
+}
+
+/// Whether the MMU maintains the accessed / dirty bits of a table's leaves while it walks them.
+///
+/// NPT always does (bits 5 and 6). EPT does only when the EPTP enables it (bit 6, allowed when
+/// IA32_VMX_EPT_VPID_CAP bit 21 is set): with `Disabled`, bits 8 and 9 of EPT entries are
+/// ignored by the CPU and never set, so writes cannot be tracked through the table
+/// (`Stage2::harvest_dirty` is then `NotSupported`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AccessDirty {
+    /// The MMU sets A on every access through a leaf and D on every write.
+    Enabled,
+    /// The MMU leaves bits 8/9 alone (EPT without the EPTP's A/D enable).
+    Disabled,
 }
 
 /// The three page sizes a 4-level table maps.

@@ -19,9 +19,17 @@
 //!   succeeded;
 //! - entries are read and written as `AtomicU64` so a concurrent hardware update of accessed /
 //!   dirty bits is never torn; permission changes and splits use compare-and-swap so those bits
-//!   are not lost.
+//!   are not lost;
+//! - dirty bit = "this leaf may have been written since the last harvest" (`dirty.rs`): with
+//!   `AccessDirty::Enabled`, a leaf installed writable by `map`, or made writable by `protect`,
+//!   is installed with its dirty bit set (the model installs write permission only for writes it
+//!   knows about); a `map` replacing a dirty leaf by one for the same frame keeps the bit; with
+//!   `AccessDirty::Disabled` the bit is never set. Only `harvest_dirty` clears it.
 //!
 //! Arguments are validated before anything is touched; bad input is an `Error`, never a panic.
+//!
+//! Sub-modules: `check` (the invariants as code), `dirty` (dirty harvest and the MMU's A/D
+//! updates, `hw_touch`).
 //!
 //! `check_invariants` walks the tree and the retired chain and checks the frame counts and the
 //! no-empty-table rule: O(table frames × 512). Debug builds run it after every operation that
@@ -34,7 +42,14 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::entry::{level_size, EntryFormat, ADDRESS_MASK};
 use crate::phys::PhysMem;
-use crate::{Error, MemType, PageSize, S2Perms, Translation, GPA_LIMIT, PAGE_SIZE, PA_LIMIT};
+use crate::{
+    AccessDirty, Error, MemType, PageSize, S2Perms, Translation, GPA_LIMIT, PAGE_SIZE, PA_LIMIT,
+};
+
+mod check;
+mod dirty;
+
+pub use dirty::Harvested;
 
 const ENTRIES: usize = 512;
 /// Table frames above which debug builds skip the automatic `check_invariants`.
@@ -82,12 +97,20 @@ pub struct PageTable<E: EntryFormat, M: PhysMem> {
     attached: usize,
     retired_head: Option<u64>,
     retired: usize,
+    ad: AccessDirty,
     _format: PhantomData<fn() -> E>,
 }
 
 impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
-    /// An empty table; allocates the root frame (`NoMemory` if that fails).
+    /// An empty table whose leaves carry accessed/dirty state (`AccessDirty::Enabled`);
+    /// allocates the root frame (`NoMemory` if that fails).
     pub fn new(mem: M) -> Result<Self, Error> {
+        Self::with_access_dirty(mem, AccessDirty::Enabled)
+    }
+
+    /// An empty table; `ad` says whether the MMU walking it maintains accessed/dirty bits
+    /// (EPT: the EPTP's A/D enable). `NoMemory` if the root frame cannot be allocated.
+    pub fn with_access_dirty(mem: M, ad: AccessDirty) -> Result<Self, Error> {
         let root = mem.alloc_frame().ok_or(Error::NoMemory)?;
         Ok(PageTable {
             mem,
@@ -95,8 +118,24 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
             attached: 1,
             retired_head: None,
             retired: 0,
+            ad,
             _format: PhantomData,
         })
+    }
+
+    /// Whether this table's leaves carry accessed/dirty state.
+    pub fn access_dirty(&self) -> AccessDirty {
+        self.ad
+    }
+
+    /// `e` marked dirty when it grants write and the table tracks dirty state (a leaf
+    /// installed or made writable counts as written until the next harvest).
+    fn dirty_if_writable(&self, e: E) -> E {
+        if self.ad == AccessDirty::Enabled && e.perms().contains(S2Perms::WRITE) {
+            E::from_raw(e.raw() | E::DIRTY_BIT)
+        } else {
+            e
+        }
     }
 
     /// Physical address of the root (PML4) frame.
@@ -162,7 +201,7 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
         }
         E::check(perms, mem_type)?;
         let target = size.level();
-        let leaf = E::leaf(target, pa, perms, mem_type);
+        let leaf = self.dirty_if_writable(E::leaf(target, pa, perms, mem_type));
 
         let mut table = self.root;
         let mut level = 4;
@@ -189,6 +228,10 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
                 return Err(Error::AlreadyExists);
             }
             let old = E::from_raw(slot.swap(leaf.raw(), Ordering::AcqRel));
+            if old.dirty() && old.leaf_address(level) == pa {
+                // Same frame: its unharvested writes stay visible to the next harvest.
+                slot.fetch_or(E::DIRTY_BIT, Ordering::AcqRel);
+            }
             return Ok(Some(Self::translation(old, level, gpa)));
         }
 
@@ -430,8 +473,13 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
                     if e.perms() != perms {
                         let slot = self.slot(table, i);
                         let mut cur = e.raw();
+                        let gains_write = !e.perms().contains(S2Perms::WRITE);
                         loop {
-                            let new = E::from_raw(cur).with_perms(perms).raw();
+                            let mut new = E::from_raw(cur).with_perms(perms);
+                            if gains_write {
+                                new = self.dirty_if_writable(new);
+                            }
+                            let new = new.raw();
                             match slot.compare_exchange(
                                 cur,
                                 new,
@@ -503,85 +551,6 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
         }
         // SAFETY: the table is being dropped; its frames are no longer used.
         unsafe { self.mem.free_frame(table) };
-    }
-
-    /// Checks the module's invariants: the frames linked in the tree number `table_frames()`,
-    /// every non-root table holds a present entry, the retired chain holds `retired_frames()`
-    /// frames, and no frame is both linked and retired (or linked twice). The first violation,
-    /// described.
-    pub fn check_invariants(&self) -> Result<(), alloc::string::String> {
-        let mut linked = alloc::collections::BTreeSet::new();
-        linked.insert(self.root);
-        self.check_subtree(self.root, 4, &mut linked)?;
-        if linked.len() != self.attached {
-            return Err(alloc::format!(
-                "{} frames linked, table_frames() = {}",
-                linked.len(),
-                self.attached
-            ));
-        }
-        let mut retired = 0;
-        let mut next = self.retired_head;
-        while let Some(frame) = next {
-            if linked.contains(&frame) {
-                return Err(alloc::format!(
-                    "frame {frame:#x} is both linked and retired"
-                ));
-            }
-            retired += 1;
-            if retired > self.retired {
-                return Err(alloc::format!("retired chain longer than {}", self.retired));
-            }
-            let link = self.slot(frame, 0).load(Ordering::Relaxed);
-            next = (link & RETIRED_LINK != 0).then_some(link & ADDRESS_MASK);
-        }
-        if retired != self.retired {
-            return Err(alloc::format!(
-                "{retired} frames retired, retired_frames() = {}",
-                self.retired
-            ));
-        }
-        Ok(())
-    }
-
-    fn check_subtree(
-        &self,
-        table: u64,
-        level: usize,
-        linked: &mut alloc::collections::BTreeSet<u64>,
-    ) -> Result<(), alloc::string::String> {
-        let mut present = false;
-        for i in 0..ENTRIES {
-            let e = self.load(table, i);
-            if !e.is_present() {
-                continue;
-            }
-            present = true;
-            if level > 1 && !e.is_leaf(level) {
-                let child = e.table_address();
-                if !linked.insert(child) {
-                    return Err(alloc::format!("table {child:#x} linked twice"));
-                }
-                self.check_subtree(child, level - 1, linked)?;
-            }
-        }
-        if !present && table != self.root {
-            return Err(alloc::format!(
-                "empty level-{level} table {table:#x} still linked"
-            ));
-        }
-        Ok(())
-    }
-
-    /// `check_invariants` in debug builds (up to `DEBUG_CHECK_MAX_FRAMES` frames), panicking
-    /// with the violation.
-    fn debug_check(&self) {
-        #[cfg(debug_assertions)]
-        if self.attached + self.retired <= DEBUG_CHECK_MAX_FRAMES {
-            if let Err(e) = self.check_invariants() {
-                panic!("PageTable invariant violated: {e}");
-            }
-        }
     }
 }
 

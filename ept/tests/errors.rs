@@ -1,5 +1,6 @@
 //! Every bad request is a typed error (never a panic), allocation failure leaves the table
-//! consistent, and flush bookkeeping: one flush per operation, frames returned on flush.
+//! consistent (also for a dirty harvest), and flush bookkeeping: one flush per operation, frames
+//! returned on flush.
 
 use ept::*;
 use proptest::prelude::*;
@@ -455,7 +456,9 @@ proptest! {
 fn accessed_dirty_survive_split_and_protect() {
     use ept::entry::EntryFormat;
     let mem = HeapPhysMem::new();
-    let mut t = EptTable::with_invalidate(&mem, CountingInvalidate::default(), true).unwrap();
+    let mut t =
+        EptTable::with_invalidate(&mem, CountingInvalidate::default(), AccessDirty::Enabled)
+            .unwrap();
     t.map(0, M2, PageSize::Size2M, S2Perms::RWX, WB).unwrap();
     // Walk root → PDPT → PD by hand and set A (8) and D (9) in the 2 MiB leaf.
     let mut table = t.page_table().root();
@@ -480,4 +483,49 @@ fn accessed_dirty_survive_split_and_protect() {
         assert!(q.accessed && q.dirty, "{gpa:#x}");
     }
     assert_eq!(t.query(K4).unwrap().perms, S2Perms::READ);
+}
+
+/// `harvest_dirty`: bad ranges are typed errors, a table without A/D is `NotSupported`, and a
+/// split that finds no frame fails before anything is reported or cleaned.
+#[test]
+fn harvest_errors_change_nothing() {
+    fn check(t: &mut dyn Stage2, mem: &HeapPhysMem) {
+        let mut dirty = vec![7];
+        for (gpa, len, err) in [
+            (0, 0, Error::InvalidArgs),
+            (0, K4 + 1, Error::InvalidArgs),
+            (0x10, K4, Error::InvalidArgs),
+            (GPA_LIMIT - K4, 2 * K4, Error::OutOfRange),
+            (0, !(K4 - 1), Error::OutOfRange),
+        ] {
+            assert_eq!(
+                t.harvest_dirty(gpa, len, &mut dirty),
+                Err(err),
+                "{gpa:#x} {len:#x}"
+            );
+        }
+        // A dirty 1 GiB leaf (installed writable) and no frame to split it at the range end.
+        t.map(0, 0, PageSize::Size1G, S2Perms::RW, WB).unwrap();
+        let limit = mem.live_frames();
+        mem.set_limit(limit);
+        assert_eq!(t.harvest_dirty(0, M2, &mut dirty), Err(Error::NoMemory));
+        assert_eq!(dirty, [7]);
+        let q = t.query(M2).unwrap();
+        assert!(q.dirty && q.size == PageSize::Size1G && !t.flush_pending());
+        mem.set_limit(limit + 2);
+        assert_eq!(t.harvest_dirty(0, M2, &mut dirty), Ok(512));
+        assert!(t.query(M2).unwrap().dirty && !t.query(0).unwrap().dirty);
+        mem.clear_limit();
+    }
+    let mem = HeapPhysMem::new();
+    let mut t =
+        EptTable::with_invalidate(&mem, CountingInvalidate::default(), AccessDirty::Enabled)
+            .unwrap();
+    check(&mut t, &mem);
+    check(&mut npt(&mem), &mem);
+    let mut dirty = Vec::new();
+    assert_eq!(
+        ept(&mem).harvest_dirty(0, 0, &mut dirty),
+        Err(Error::NotSupported)
+    );
 }

@@ -1,4 +1,5 @@
-//! Golden bit layouts: entries, EPTP, INVEPT descriptor, TLB_CONTROL and the fault decoders,
+//! Golden bit layouts: entries, EPTP, INVEPT descriptor, TLB_CONTROL, the fault decoders and the
+//! accessed/dirty protocol (map, `hw_touch`, harvest),
 //! checked against values written out by hand from the manuals' bit positions
 //! (Intel SDM vol. 3C "EPT translation mechanism" / "Exit qualification for EPT violations";
 //! AMD APM vol. 2 "Nested paging", "Page-translation-table entry fields", VMCB layout).
@@ -81,30 +82,30 @@ fn ept_with_perms_and_split() {
 #[test]
 fn eptp_layout() {
     // Root 0x1000_2000 | WB (6) in 2:0 | (4 − 1) << 3 = 0x18 | A/D bit 6 = 0x40.
-    let p = Eptp::new(0x1000_2000, MemType::WriteBack, 4, true).unwrap();
+    let p = Eptp::new(0x1000_2000, MemType::WriteBack, 4, AccessDirty::Enabled).unwrap();
     assert_eq!(p.bits(), 0x1000_205e);
     assert_eq!(p.root(), 0x1000_2000);
     assert_eq!(p.walk_levels(), 4);
     assert!(p.ad_enabled());
     assert_eq!(p.mem_type(), Some(MemType::WriteBack));
-    let p = Eptp::new(0x1000_2000, MemType::WriteBack, 4, false).unwrap();
+    let p = Eptp::new(0x1000_2000, MemType::WriteBack, 4, AccessDirty::Disabled).unwrap();
     assert_eq!(p.bits(), 0x1000_201e);
-    let p = Eptp::new(0x3000, MemType::Uncacheable, 5, false).unwrap();
+    let p = Eptp::new(0x3000, MemType::Uncacheable, 5, AccessDirty::Disabled).unwrap();
     assert_eq!(p.bits(), 0x3020);
     assert_eq!(
-        Eptp::new(0x3000, MemType::WriteThrough, 4, false),
+        Eptp::new(0x3000, MemType::WriteThrough, 4, AccessDirty::Disabled),
         Err(Error::InvalidArgs)
     );
     assert_eq!(
-        Eptp::new(0x3000, MemType::WriteBack, 3, false),
+        Eptp::new(0x3000, MemType::WriteBack, 3, AccessDirty::Disabled),
         Err(Error::InvalidArgs)
     );
     assert_eq!(
-        Eptp::new(0x3008, MemType::WriteBack, 4, false),
+        Eptp::new(0x3008, MemType::WriteBack, 4, AccessDirty::Disabled),
         Err(Error::InvalidArgs)
     );
     assert_eq!(
-        Eptp::new(1 << 52, MemType::WriteBack, 4, false),
+        Eptp::new(1 << 52, MemType::WriteBack, 4, AccessDirty::Disabled),
         Err(Error::OutOfRange)
     );
 }
@@ -115,7 +116,8 @@ fn ept_table_eptp_points_at_root() {
     let t = EptTable::new(&mem).unwrap();
     assert_eq!(t.eptp().root(), t.page_table().root());
     assert_eq!(t.eptp().bits() & 0xfff, 0x1e);
-    let t = EptTable::with_invalidate(&mem, CountingInvalidate::default(), true).unwrap();
+    let t = EptTable::with_invalidate(&mem, CountingInvalidate::default(), AccessDirty::Enabled)
+        .unwrap();
     assert_eq!(t.eptp().bits() & 0xfff, 0x5e);
 }
 
@@ -186,6 +188,210 @@ fn npt_table_ncr3_is_root() {
     let t = NptTable::new(&mem).unwrap();
     assert_eq!(t.ncr3(), t.page_table().root());
     assert_eq!(t.ncr3() & 0xfff, 0);
+}
+
+// ---- Accessed / dirty (EPT bits 8/9 with the EPTP's A/D enable; NPT bits 5/6) ---------------
+
+const K4: u64 = 0x1000;
+const M2: u64 = 0x20_0000;
+
+/// The raw entries the walk for `gpa` reads, root first, ending at the leaf (or the first
+/// entry that is not present).
+fn walk_raw<E: EntryFormat>(mem: &HeapPhysMem, root: u64, gpa: u64) -> Vec<u64> {
+    let mut out = Vec::new();
+    let mut table = root;
+    for level in (1..=4usize).rev() {
+        let i = ((gpa >> (12 + 9 * (level - 1))) & 511) as usize;
+        // SAFETY: `table` is a frame of the live table (the root, then frames named by present
+        // non-leaf entries); `i < 512` keeps the read inside it; nothing writes concurrently.
+        let raw = unsafe { mem.frame_ptr(table).add(i).read() };
+        out.push(raw);
+        let e = E::from_raw(raw);
+        if !e.is_present() || e.is_leaf(level) {
+            break;
+        }
+        table = e.table_address();
+    }
+    out
+}
+
+fn leaf_raw<E: EntryFormat>(mem: &HeapPhysMem, root: u64, gpa: u64) -> u64 {
+    *walk_raw::<E>(mem, root, gpa).last().unwrap()
+}
+
+/// The A/D protocol on one format: `(rw_leaf, ro_leaf)` are the clean 4 KiB leaves for frames
+/// 0x9000 (RW, WB) and 0xa000 (read-only, WB); `a`/`d` the format's bits; `ptr_low` the low
+/// 12 bits of a clean table pointer.
+fn ad_protocol<E: EntryFormat, I: Invalidate>(
+    mut t: Stage2Table<E, &HeapPhysMem, I>,
+    mem: &HeapPhysMem,
+    (rw_leaf, ro_leaf): (u64, u64),
+    (a, d): (u64, u64),
+    ptr_low: u64,
+) {
+    let root = t.page_table().root();
+    let rw = S2Perms::RW;
+    let wb = MemType::WriteBack;
+    // Installed writable: dirty until the first harvest. Installed read-only: clean.
+    t.map(0x5000, 0x9000, PageSize::Size4K, rw, wb).unwrap();
+    t.map(0x6000, 0xa000, PageSize::Size4K, S2Perms::READ, wb)
+        .unwrap();
+    assert_eq!(leaf_raw::<E>(mem, root, 0x5000), rw_leaf | d);
+    assert_eq!(leaf_raw::<E>(mem, root, 0x6000), ro_leaf);
+    assert!(!t.flush_pending());
+    // The first harvest reports the writable page, clears D only, leaves a flush pending.
+    let mut dirty = Vec::new();
+    assert_eq!(
+        t.harvest(0, M2, &mut dirty),
+        Ok(Harvested {
+            pages: 1,
+            cleared: 1
+        })
+    );
+    assert_eq!(dirty, [0x5000]);
+    assert_eq!(leaf_raw::<E>(mem, root, 0x5000), rw_leaf);
+    assert!(t.flush_pending());
+    t.flush(FlushScope::Context);
+    // A read through the MMU sets A in every entry it walks, never D.
+    let tr = t.hw_touch(0x6123, Access::READ).unwrap();
+    assert!(tr.accessed && !tr.dirty);
+    let path = walk_raw::<E>(mem, root, 0x6000);
+    assert_eq!(path.len(), 4);
+    for raw in &path[..3] {
+        assert_eq!(raw & 0xfff, ptr_low | a, "table pointer {raw:#x}");
+    }
+    assert_eq!(path[3], ro_leaf | a);
+    // A write to the read-only leaf changes nothing (the CPU raises a violation instead).
+    let tr = t.hw_touch(0x6000, Access::WRITE).unwrap();
+    assert!(!tr.dirty && !tr.perms.contains(S2Perms::WRITE));
+    assert_eq!(leaf_raw::<E>(mem, root, 0x6000), ro_leaf | a);
+    // A write to the writable leaf sets A and D; the harvest clears D and keeps A.
+    assert!(t.hw_touch(0x5008, Access::WRITE).unwrap().dirty);
+    assert_eq!(leaf_raw::<E>(mem, root, 0x5000), rw_leaf | a | d);
+    dirty.clear();
+    assert_eq!(t.harvest_dirty(0x5000, K4, &mut dirty), Ok(1));
+    assert_eq!(
+        (dirty.as_slice(), t.flush_pending()),
+        (&[0x5000u64][..], true)
+    );
+    assert_eq!(leaf_raw::<E>(mem, root, 0x5000), rw_leaf | a);
+    t.flush(FlushScope::Context);
+    // Idempotent: nothing written since, nothing reported, no flush needed.
+    assert_eq!(t.harvest_dirty(0, M2, &mut dirty), Ok(0));
+    assert!(!t.flush_pending());
+    // Made writable by protect: dirty again (but adding exec to a writable leaf is not).
+    assert_eq!(t.protect(0x6000, K4, rw), Ok(1));
+    assert!(t.query(0x6000).unwrap().dirty);
+    t.harvest_dirty(0x6000, K4, &mut dirty).unwrap();
+    assert_eq!(t.protect(0x6000, K4, S2Perms::RWX), Ok(1));
+    assert!(!t.query(0x6000).unwrap().dirty);
+    // Replacing a dirty leaf by one for the same frame keeps D; for another frame it is the
+    // new leaf's own state.
+    t.hw_touch(0x5000, Access::WRITE);
+    t.map(0x5000, 0x9000, PageSize::Size4K, S2Perms::READ, wb)
+        .unwrap();
+    assert!(t.query(0x5000).unwrap().dirty);
+    t.map(0x5000, 0xb000, PageSize::Size4K, S2Perms::READ, wb)
+        .unwrap();
+    assert!(!t.query(0x5000).unwrap().dirty);
+    t.check_invariants().unwrap();
+}
+
+#[test]
+fn ept_accessed_dirty_bits_8_and_9() {
+    let mem = HeapPhysMem::new();
+    let t = EptTable::with_invalidate(&mem, CountingInvalidate::default(), AccessDirty::Enabled);
+    // RW WB 4 KiB: 0x33; read-only WB: 0x31; table pointers R|W|X = 0x7.
+    ad_protocol(t.unwrap(), &mem, (0x9033, 0xa031), (1 << 8, 1 << 9), 0x7);
+    assert_eq!(mem.live_frames(), 0);
+}
+
+#[test]
+fn npt_accessed_dirty_bits_5_and_6() {
+    let mem = HeapPhysMem::new();
+    // RW WB no-exec 4 KiB: P|RW|US | NX; read-only: P|US | NX; table pointers P|RW|US = 0x7.
+    let nx = 1 << 63;
+    let t = NptTable::new(&mem).unwrap();
+    ad_protocol(t, &mem, (nx | 0x9007, nx | 0xa005), (1 << 5, 1 << 6), 0x7);
+    assert_eq!(mem.live_frames(), 0);
+}
+
+#[test]
+fn ept_without_ad_never_sets_or_harvests_dirty() {
+    let mem = HeapPhysMem::new();
+    let mut t = EptTable::new(&mem).unwrap();
+    assert_eq!(t.access_dirty(), AccessDirty::Disabled);
+    assert!(!t.eptp().ad_enabled());
+    let root = t.page_table().root();
+    t.map(
+        0x5000,
+        0x9000,
+        PageSize::Size4K,
+        S2Perms::RW,
+        MemType::WriteBack,
+    )
+    .unwrap();
+    assert_eq!(leaf_raw::<EptEntry>(&mem, root, 0x5000), 0x9033);
+    let tr = t.hw_touch(0x5000, Access::WRITE).unwrap();
+    assert!(!tr.accessed && !tr.dirty);
+    assert_eq!(leaf_raw::<EptEntry>(&mem, root, 0x5000), 0x9033);
+    let mut dirty = Vec::new();
+    assert_eq!(t.harvest_dirty(0, M2, &mut dirty), Err(Error::NotSupported));
+    assert!(dirty.is_empty() && !t.flush_pending());
+}
+
+/// A dirty 2 MiB leaf partly inside the range: only the pages inside are reported, and the
+/// leaf is split so the pages outside keep their dirty state; a dirty large leaf fully inside
+/// is cleaned whole, without a split.
+#[test]
+fn large_leaf_harvest_splits_at_the_range_ends() {
+    fn check<E: EntryFormat>(mut t: Stage2Table<E, &HeapPhysMem>, mem: &HeapPhysMem) {
+        let root = t.page_table().root();
+        let wb = MemType::WriteBack;
+        t.map(M2, 0x40_0000, PageSize::Size2M, S2Perms::RW, wb)
+            .unwrap();
+        t.map(2 * M2, 0x60_0000, PageSize::Size2M, S2Perms::READ, wb)
+            .unwrap();
+        assert_eq!(t.table_frames(), 3);
+        let mut dirty = Vec::new();
+        assert_eq!(
+            t.harvest(M2 + 3 * K4, 2 * K4, &mut dirty),
+            Ok(Harvested {
+                pages: 2,
+                cleared: 2
+            })
+        );
+        assert_eq!(dirty, [M2 + 3 * K4, M2 + 4 * K4]);
+        assert_eq!(t.table_frames(), 4, "the straddling dirty leaf was split");
+        for (page, want) in [(2, true), (3, false), (4, false), (5, true), (511, true)] {
+            let q = t.query(M2 + page * K4).unwrap();
+            assert_eq!((q.size, q.dirty), (PageSize::Size4K, want), "page {page}");
+        }
+        dirty.clear();
+        assert_eq!(t.harvest_dirty(M2, M2, &mut dirty), Ok(510));
+        assert!(!dirty.contains(&(M2 + 3 * K4)) && dirty.windows(2).all(|w| w[0] < w[1]));
+        // Made writable as a whole: the 2 MiB leaf is dirty, reported page by page, cleaned
+        // in place (no split, still one large leaf).
+        assert_eq!(t.protect(2 * M2, M2, S2Perms::RW), Ok(512));
+        let before = t.table_frames();
+        dirty.clear();
+        assert_eq!(t.harvest_dirty(0, 4 * M2, &mut dirty), Ok(512));
+        assert_eq!((dirty[0], dirty[511]), (2 * M2, 3 * M2 - K4));
+        assert_eq!(t.table_frames(), before);
+        let leaf = E::from_raw(leaf_raw::<E>(mem, root, 2 * M2));
+        assert!(leaf.is_leaf(2) && !leaf.dirty());
+        // A write through the large leaf dirties all of it again.
+        t.hw_touch(2 * M2 + 77, Access::WRITE);
+        dirty.clear();
+        assert_eq!(t.harvest_dirty(2 * M2, M2, &mut dirty), Ok(512));
+        assert_eq!(t.harvest_dirty(0, 4 * M2, &mut dirty), Ok(0));
+        t.check_invariants().unwrap();
+    }
+    let mem = HeapPhysMem::new();
+    let ept = EptTable::with_invalidate(&mem, CountingInvalidate::default(), AccessDirty::Enabled);
+    check(ept.unwrap(), &mem);
+    check(NptTable::new(&mem).unwrap(), &mem);
+    assert_eq!(mem.live_frames(), 0);
 }
 
 // ---- INVEPT and TLB_CONTROL -----------------------------------------------------------------

@@ -1,9 +1,12 @@
-//! Random operation sequences (map at all three sizes, unmap, protect, query, flush) against a
-//! simple reference model, for both formats. The model is a `BTreeMap` of leaves keyed by gpa;
-//! it splits large leaves the way the `Stage2` contract specifies (down to the level where the
-//! range boundary is aligned, only when needed), so page sizes, `AlreadyExists` outcomes, page
-//! counts and the exact number of table frames are all compared. Every sequence ends by
-//! unmapping everything: only the root frame may remain, and nothing after drop.
+//! Random operation sequences (map at all three sizes, unmap, protect, query, flush, hardware
+//! accesses through `hw_touch`, dirty harvests) against a simple reference model, for both
+//! formats (EPT with and without A/D). The model is a `BTreeMap` of leaves keyed by gpa, each
+//! with its accessed / dirty state; it splits large leaves the way the `Stage2` contract
+//! specifies (down to the level where the range boundary is aligned, only when needed: for
+//! `protect` when the permissions differ, for a harvest when the leaf is dirty), so page sizes,
+//! A/D bits, `AlreadyExists` outcomes, page counts, the pages each harvest reports and the exact
+//! number of table frames are all compared. Every sequence ends by unmapping everything: only
+//! the root frame may remain, and nothing after drop.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -26,11 +29,41 @@ struct Leaf {
     pa: u64,
     perms: S2Perms,
     mem_type: MemType,
+    accessed: bool,
+    dirty: bool,
 }
 
 #[derive(Default)]
 struct Model {
     leaves: BTreeMap<u64, Leaf>,
+    /// Whether the table keeps accessed/dirty state (EPT: the EPTP's A/D bit; NPT: always).
+    ad: bool,
+}
+
+/// The permission an access needs: fetch → execute, write → write, otherwise read.
+fn needed(access: Access) -> S2Perms {
+    if access.contains(Access::EXEC) {
+        S2Perms::EXEC
+    } else if access.contains(Access::WRITE) {
+        S2Perms::WRITE
+    } else {
+        S2Perms::READ
+    }
+}
+
+/// A leaf as compared: gpa, pa, size, perms, memory type, accessed, dirty.
+type Tuple = (u64, u64, PageSize, S2Perms, MemType, bool, bool);
+
+fn tuple(gpa: u64, l: &Leaf) -> Tuple {
+    (
+        gpa,
+        l.pa,
+        page_size(l.size),
+        l.perms,
+        l.mem_type,
+        l.accessed,
+        l.dirty,
+    )
 }
 
 fn size_of(s: PageSize) -> u64 {
@@ -53,9 +86,13 @@ impl Model {
             .map(|(g, l)| (*g, *l))
     }
 
-    fn map(&mut self, gpa: u64, leaf: Leaf) -> Result<Option<Leaf>, Error> {
+    fn map(&mut self, gpa: u64, mut leaf: Leaf) -> Result<Option<Leaf>, Error> {
+        // A leaf installed writable counts as written until the next harvest.
+        leaf.dirty = self.ad && leaf.perms.contains(S2Perms::WRITE);
         if let Some(old) = self.leaves.get(&gpa).copied() {
             if old.size == leaf.size {
+                // Replacing a dirty leaf by one for the same frame keeps its dirty state.
+                leaf.dirty |= old.dirty && old.pa == leaf.pa;
                 self.leaves.insert(gpa, leaf);
                 return Ok(Some(old));
             }
@@ -102,8 +139,12 @@ impl Model {
         self.split_at(start, &|l| l.perms != perms);
         self.split_at(end, &|l| l.perms != perms);
         let mut changed = 0;
+        let ad = self.ad;
         for (_, l) in self.leaves.range_mut(start..end) {
             if l.perms != perms {
+                // Made writable: counts as written until the next harvest.
+                l.dirty |=
+                    ad && !l.perms.contains(S2Perms::WRITE) && perms.contains(S2Perms::WRITE);
                 l.perms = perms;
                 changed += l.size / K4;
             }
@@ -111,9 +152,38 @@ impl Model {
         changed
     }
 
-    fn query(&self, addr: u64) -> Option<(u64, u64, PageSize, S2Perms, MemType)> {
-        self.containing(addr)
-            .map(|(g, l)| (g, l.pa, page_size(l.size), l.perms, l.mem_type))
+    /// The MMU's walk for `access`: sets A (and D on a write) when the leaf permits it.
+    fn touch(&mut self, addr: u64, access: Access) -> Option<Tuple> {
+        let (g, _) = self.containing(addr)?;
+        let ad = self.ad;
+        let l = self.leaves.get_mut(&g).unwrap();
+        if ad && l.perms.contains(needed(access)) {
+            l.accessed = true;
+            l.dirty |= access.contains(Access::WRITE);
+        }
+        self.query(addr)
+    }
+
+    /// Reports and cleans the dirty pages of `[start, end)`, splitting dirty leaves that
+    /// straddle an end first.
+    fn harvest(&mut self, start: u64, end: u64) -> Result<Vec<u64>, Error> {
+        if !self.ad {
+            return Err(Error::NotSupported);
+        }
+        self.split_at(start, &|l| l.dirty);
+        self.split_at(end, &|l| l.dirty);
+        let mut pages = Vec::new();
+        for (g, l) in self.leaves.range_mut(start..end) {
+            if l.dirty {
+                l.dirty = false;
+                pages.extend((0..l.size / K4).map(|k| g + k * K4));
+            }
+        }
+        Ok(pages)
+    }
+
+    fn query(&self, addr: u64) -> Option<Tuple> {
+        self.containing(addr).map(|(g, l)| tuple(g, &l))
     }
 
     /// Root, plus one PDPT per used PML4 slot, one PD per 1 GiB slot holding smaller leaves,
@@ -165,6 +235,15 @@ enum Op {
     },
     Query {
         gpa: u64,
+    },
+    /// A guest access through the MMU (`hw_touch`).
+    Touch {
+        gpa: u64,
+        access: Access,
+    },
+    Harvest {
+        gpa: u64,
+        len: u64,
     },
     Flush,
 }
@@ -235,12 +314,28 @@ fn arb_op() -> impl Strategy<Value = Op> {
         2 => (arb_addr(), arb_len(), arb_perms())
             .prop_map(|(gpa, len, perms)| Op::Protect { gpa, len, perms }),
         2 => (arb_addr(), 0u64..K4).prop_map(|(gpa, off)| Op::Query { gpa: gpa + off }),
+        3 => (
+            arb_addr(),
+            0u64..K4,
+            prop_oneof![
+                Just(Access::READ),
+                Just(Access::WRITE),
+                Just(Access::READ | Access::EXEC)
+            ]
+        )
+            .prop_map(|(gpa, off, access)| Op::Touch {
+                gpa: gpa + off,
+                access
+            }),
+        2 => (arb_addr(), arb_len()).prop_map(|(gpa, len)| Op::Harvest { gpa, len }),
         1 => Just(Op::Flush),
     ]
 }
 
-fn tr_tuple(t: Translation) -> (u64, u64, PageSize, S2Perms, MemType) {
-    (t.gpa, t.pa, t.size, t.perms, t.mem_type)
+fn tr_tuple(t: Translation) -> Tuple {
+    (
+        t.gpa, t.pa, t.size, t.perms, t.mem_type, t.accessed, t.dirty,
+    )
 }
 
 fn compare_all<E: EntryFormat>(
@@ -253,11 +348,7 @@ fn compare_all<E: EntryFormat>(
         .into_iter()
         .map(tr_tuple)
         .collect();
-    let want: Vec<_> = model
-        .leaves
-        .iter()
-        .map(|(g, l)| (*g, l.pa, page_size(l.size), l.perms, l.mem_type))
-        .collect();
+    let want: Vec<_> = model.leaves.iter().map(|(g, l)| tuple(*g, l)).collect();
     prop_assert_eq!(got, want);
     Ok(())
 }
@@ -267,7 +358,10 @@ fn run<E: EntryFormat>(
     mem: &HeapPhysMem,
     ops: &[Op],
 ) -> Result<(), TestCaseError> {
-    let mut model = Model::default();
+    let mut model = Model {
+        ad: t.access_dirty() == AccessDirty::Enabled,
+        ..Model::default()
+    };
     for (n, op) in ops.iter().enumerate() {
         match *op {
             Op::Map {
@@ -282,12 +376,13 @@ fn run<E: EntryFormat>(
                     pa,
                     perms,
                     mem_type,
+                    accessed: false,
+                    dirty: false,
                 };
                 let want = model.map(gpa, leaf);
                 let got = t.map(gpa, pa, size, perms, mem_type);
-                let got = got.map(|o| o.map(|t| (t.gpa, t.pa, t.size, t.perms, t.mem_type)));
-                let want =
-                    want.map(|o| o.map(|l| (gpa, l.pa, page_size(l.size), l.perms, l.mem_type)));
+                let got = got.map(|o| o.map(tr_tuple));
+                let want = want.map(|o| o.map(|l| tuple(gpa, &l)));
                 prop_assert_eq!(got, want, "op {}: {:?}", n, op);
             }
             Op::Unmap { gpa, len } => {
@@ -308,6 +403,36 @@ fn run<E: EntryFormat>(
             }
             Op::Query { gpa } => {
                 prop_assert_eq!(t.query(gpa).map(tr_tuple), model.query(gpa), "op {}", n);
+            }
+            Op::Touch { gpa, access } => {
+                let got = t.hw_touch(gpa, access).map(tr_tuple);
+                prop_assert_eq!(got, model.touch(gpa, access), "op {}: {:?}", n, op);
+            }
+            Op::Harvest { gpa, len } => {
+                // No A/D state is `NotSupported` whatever the range (as the trait default).
+                let want = if model.ad {
+                    check_range(gpa, len).and_then(|end| model.harvest(gpa, end))
+                } else {
+                    Err(Error::NotSupported)
+                };
+                let mut got = vec![0xdead];
+                let count = t.harvest_dirty(gpa, len, &mut got);
+                let appended = got.split_off(1);
+                prop_assert_eq!(got, vec![0xdead], "op {}: appends only", n);
+                match want {
+                    Ok(pages) => {
+                        prop_assert_eq!(count, Ok(pages.len() as u64), "op {}: {:?}", n, op);
+                        prop_assert_eq!(appended, pages, "op {}: {:?}", n, op);
+                        // Every cleared dirty bit leaves a flush pending.
+                        if count != Ok(0) {
+                            prop_assert!(t.flush_pending(), "op {}", n);
+                        }
+                    }
+                    Err(e) => {
+                        prop_assert_eq!(count, Err(e), "op {}: {:?}", n, op);
+                        prop_assert!(appended.is_empty());
+                    }
+                }
             }
             Op::Flush => {
                 t.flush(FlushScope::Context);
@@ -355,6 +480,14 @@ proptest! {
 
     #[test]
     fn ept_matches_model(ops in proptest::collection::vec(arb_op(), OPS..OPS + 1)) {
+        let mem = HeapPhysMem::new();
+        let t = EptTable::with_invalidate(&mem, CountingInvalidate::default(), AccessDirty::Enabled);
+        run(t.unwrap(), &mem, &ops)?;
+    }
+
+    /// EPT without A/D: no dirty state anywhere, harvests are `NotSupported`.
+    #[test]
+    fn ept_without_ad_matches_model(ops in proptest::collection::vec(arb_op(), OPS..OPS + 1)) {
         let mem = HeapPhysMem::new();
         run(EptTable::new(&mem).unwrap(), &mem, &ops)?;
     }

@@ -5,19 +5,25 @@
 //!
 //! The conformance suite (`tests/tests/*.rs`) is generic over `Backend`, so the same cases run
 //! on `EptTable`, `NptTable` and guest-vm's `KvmStage2` (where /dev/kvm and root are available).
+//! Shared helpers: `harvest` (a dirty harvest through the seam, with the caller's flush),
+//! `writable_pages`, and `Rng` (a deterministic schedule).
 //!
-//! Invariant of `SoftCpu`: the translation is looked up and the frame accessed under the
+//! Invariants of `SoftCpu`: the translation is looked up and the frame accessed under the
 //! Stage2 lock, so (like a TLB that the unmapper flushes) an access never reaches a frame that
-//! was unmapped and freed before it.
+//! was unmapped and freed before it; every access it performs goes through the backend's
+//! `Backend::translate` (the MMU's walk: on Ept/Npt it sets accessed, and dirty on a write,
+//! exactly as hardware does) and every write through `Backend::guest_write` (the path whose
+//! writes the backend's dirty tracking sees), so dirty harvests observe the software guest
+//! as they would a real one.
 
 use std::sync::Arc;
 
-use ept::{Access, FaultInfo, FaultKind, HeapPhysMem, S2Perms, Stage2};
+use ept::{Access, AccessDirty, FaultInfo, FaultKind, HeapPhysMem, S2Perms, Stage2, Translation};
 use vmo::{FramePool, Resolution, Vmar};
 
 /// A second-level backend the conformance suite can run on.
-pub trait Backend {
-    type S: Stage2 + Send + 'static;
+pub trait Backend: Sized {
+    type S: BackendTable<Backend = Self>;
     const NAME: &'static str;
     /// Why this backend cannot run here (it is then skipped with that reason, or fails when
     /// the environment demands it); `Ok` when it can.
@@ -34,6 +40,56 @@ pub trait Backend {
     fn table_frames(s: &Self::S) -> Option<usize>;
     /// TLB flushes issued so far.
     fn flushes(s: &Self::S) -> u64;
+
+    /// The MMU's walk for a guest `access` to `gpa`: the leaf translating it, after whatever
+    /// the hardware records on the way (Ept/Npt: `Stage2Table::hw_touch` sets accessed, and
+    /// dirty on a permitted write). `SoftCpu` calls it for every access; the caller checks
+    /// the permissions. Default: a plain `query` (a backend whose hardware records nothing in
+    /// the table).
+    fn translate(s: &mut Self::S, gpa: u64, access: Access) -> Option<Translation> {
+        let _ = access;
+        s.query(gpa)
+    }
+
+    /// Performs a guest write of `data` at `gpa` (inside one page) that `translate` resolved
+    /// to the writable leaf `t`. Default: copies into the frame through the pool's pointer
+    /// (Ept/Npt: the dirty bit was already set by `translate`). A backend whose dirty tracking
+    /// only sees writes through another mapping (KVM: the memslot's host mapping) overrides it
+    /// to write there. Called with the Stage2 lock held (so the frame cannot be freed under it).
+    fn guest_write(s: &mut Self::S, pool: &FramePool, t: Translation, gpa: u64, data: &[u8]) {
+        let _ = s;
+        assert!(
+            (gpa & 0xfff) as usize + data.len() <= 0x1000,
+            "guest_write crosses a page"
+        );
+        let ptr = pool.allocator().frame_ptr(t.pa_of(gpa) & !0xfff);
+        // SAFETY: `t` is installed (so the frame is allocated) and the caller holds the Stage2
+        // lock, under which frames are unmapped before being freed; the write stays inside
+        // the page (checked above).
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                ptr.add((gpa & 0xfff) as usize),
+                data.len(),
+            )
+        }
+    }
+}
+
+/// A backend's table type, naming its backend, so code generic over the table (`SoftCpu` over
+/// a `Vmar<S>`) reaches the backend's hooks (`Backend::translate`, `Backend::guest_write`).
+pub trait BackendTable: Stage2 + Send + 'static + Sized {
+    type Backend: Backend<S = Self>;
+}
+
+impl BackendTable for ept::EptTable<HeapPhysMem> {
+    type Backend = Ept;
+}
+impl BackendTable for ept::NptTable<HeapPhysMem> {
+    type Backend = Npt;
+}
+impl BackendTable for guest_vm::KvmStage2 {
+    type Backend = Kvm;
 }
 
 pub struct Ept;
@@ -42,14 +98,21 @@ pub struct Npt;
 impl Backend for Ept {
     type S = ept::EptTable<HeapPhysMem>;
     const NAME: &'static str = "ept";
+    /// An EPT table with A/D enabled in its EPTP (the CPU the suite emulates has it), so
+    /// guest writes can be harvested.
     fn stage2(_pool: &FramePool) -> Self::S {
-        ept::EptTable::new(HeapPhysMem::new()).expect("root table frame")
+        let hook = ept::CountingInvalidate::default();
+        ept::EptTable::with_invalidate(HeapPhysMem::new(), hook, AccessDirty::Enabled)
+            .expect("root table frame")
     }
     fn table_frames(s: &Self::S) -> Option<usize> {
         Some(s.table_frames())
     }
     fn flushes(s: &Self::S) -> u64 {
         s.flush_count()
+    }
+    fn translate(s: &mut Self::S, gpa: u64, access: Access) -> Option<Translation> {
+        s.hw_touch(gpa, access)
     }
 }
 
@@ -64,6 +127,9 @@ impl Backend for Npt {
     }
     fn flushes(s: &Self::S) -> u64 {
         s.flush_count()
+    }
+    fn translate(s: &mut Self::S, gpa: u64, access: Access) -> Option<Translation> {
+        s.hw_touch(gpa, access)
     }
 }
 
@@ -142,6 +208,58 @@ pub fn run_if_available<B: Backend>(test: &str, f: impl FnOnce()) {
     }
 }
 
+/// xorshift64*: a deterministic schedule for the randomized cases, without a dependency.
+pub struct Rng(pub u64);
+impl Rng {
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    /// A value in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// One dirty harvest of `[gpa, gpa + len)` through the `Stage2` seam, with the flush the
+/// contract asks of the caller; checks that the count matches and the pages ascend.
+pub fn harvest<S: Stage2 + Send + 'static>(
+    vmar: &Vmar<S>,
+    gpa: u64,
+    len: u64,
+) -> Result<Vec<u64>, ept::Error> {
+    vmar.with_stage2(|s| {
+        let mut dirty = Vec::new();
+        let n = s.harvest_dirty(gpa, len, &mut dirty)?;
+        assert_eq!(n, dirty.len() as u64, "harvest count vs pages appended");
+        assert!(
+            dirty.windows(2).all(|w| w[0] < w[1]),
+            "harvest not ascending"
+        );
+        if s.flush_pending() {
+            s.flush(ept::FlushScope::Context);
+        }
+        Ok(dirty)
+    })
+}
+
+/// The pages of `[gpa, gpa + pages * 4 KiB)` with a writable translation installed.
+pub fn writable_pages<S: Stage2 + Send + 'static>(
+    vmar: &Vmar<S>,
+    gpa: u64,
+    pages: u64,
+) -> std::collections::BTreeSet<u64> {
+    vmar.with_stage2(|s| {
+        (0..pages)
+            .map(|i| gpa + i * 0x1000)
+            .filter(|&p| s.query(p).is_some_and(|t| t.perms.contains(S2Perms::WRITE)))
+            .collect()
+    })
+}
+
 /// Why a guest access did not complete.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GuestFault {
@@ -150,15 +268,21 @@ pub struct GuestFault {
     pub error: vmo::Error,
 }
 
+/// What one page access of the software CPU does with the bytes.
+enum Io<'b> {
+    Read(&'b mut [u8]),
+    Write(&'b [u8]),
+}
+
 /// A software vCPU over one Vmar: every access goes through the Stage2 translation.
-pub struct SoftCpu<'a, S: Stage2 + Send + 'static> {
+pub struct SoftCpu<'a, S: BackendTable> {
     pub vmar: &'a Vmar<S>,
     pub pool: &'a FramePool,
     /// Faults this CPU raised (resolved or not).
     pub faults: u64,
 }
 
-impl<'a, S: Stage2 + Send + 'static> SoftCpu<'a, S> {
+impl<'a, S: BackendTable> SoftCpu<'a, S> {
     pub fn new(vmar: &'a Vmar<S>, pool: &'a FramePool) -> Self {
         SoftCpu {
             vmar,
@@ -167,12 +291,13 @@ impl<'a, S: Stage2 + Send + 'static> SoftCpu<'a, S> {
         }
     }
 
-    /// One access of `len` bytes inside one page; `f` gets the host pointer.
+    /// One access inside one page: the backend's walk (`Backend::translate`), then the bytes
+    /// are read from the frame or written through `Backend::guest_write`.
     fn access(
         &mut self,
         gpa: u64,
         access: Access,
-        f: &mut dyn FnMut(*mut u8),
+        mut io: Io<'_>,
     ) -> Result<Option<Resolution>, GuestFault> {
         let need = match access {
             a if a.contains(Access::WRITE) => S2Perms::WRITE,
@@ -182,17 +307,32 @@ impl<'a, S: Stage2 + Send + 'static> SoftCpu<'a, S> {
         let mut last = None;
         for _attempt in 0..4 {
             let pool = self.pool;
-            let done = self.vmar.with_stage2(|s2| match s2.query(gpa) {
-                Some(t) if t.perms.contains(need) => {
-                    let ptr = pool.allocator().frame_ptr(t.pa_of(gpa) & !0xfff);
-                    // SAFETY: the frame is installed, hence allocated, and cannot be freed while
-                    // we hold the stage2 lock (frames are unmapped under it before being freed).
-                    f(unsafe { ptr.add((gpa & 0xfff) as usize) });
-                    None
-                }
-                Some(_) => Some(FaultKind::Permission),
-                None => Some(FaultKind::NotPresent),
-            });
+            let io = &mut io;
+            let done = self
+                .vmar
+                .with_stage2(|s2| match S::Backend::translate(s2, gpa, access) {
+                    Some(t) if t.perms.contains(need) => {
+                        match io {
+                            Io::Write(data) => S::Backend::guest_write(s2, pool, t, gpa, data),
+                            Io::Read(buf) => {
+                                let ptr = pool.allocator().frame_ptr(t.pa_of(gpa) & !0xfff);
+                                // SAFETY: the frame is installed, hence allocated, and cannot be
+                                // freed while we hold the stage2 lock (frames are unmapped under it
+                                // before being freed); callers keep `buf` inside the page.
+                                unsafe {
+                                    core::ptr::copy_nonoverlapping(
+                                        ptr.add((gpa & 0xfff) as usize),
+                                        buf.as_mut_ptr(),
+                                        buf.len(),
+                                    )
+                                }
+                            }
+                        }
+                        None
+                    }
+                    Some(_) => Some(FaultKind::Permission),
+                    None => Some(FaultKind::NotPresent),
+                });
             let Some(kind) = done else { return Ok(last) };
             self.faults += 1;
             let fault = FaultInfo::new(gpa, access, kind);
@@ -209,11 +349,7 @@ impl<'a, S: Stage2 + Send + 'static> SoftCpu<'a, S> {
         while done < buf.len() {
             let at = gpa + done as u64;
             let n = ((0x1000 - (at & 0xfff)) as usize).min(buf.len() - done);
-            let dst = &mut buf[done..done + n];
-            self.access(at, Access::READ, &mut |p| {
-                // SAFETY: `p..p+n` stays inside the page.
-                unsafe { core::ptr::copy_nonoverlapping(p, dst.as_mut_ptr(), n) }
-            })?;
+            self.access(at, Access::READ, Io::Read(&mut buf[done..done + n]))?;
             done += n;
         }
         Ok(())
@@ -224,11 +360,7 @@ impl<'a, S: Stage2 + Send + 'static> SoftCpu<'a, S> {
         while done < data.len() {
             let at = gpa + done as u64;
             let n = ((0x1000 - (at & 0xfff)) as usize).min(data.len() - done);
-            let src = &data[done..done + n];
-            self.access(at, Access::WRITE, &mut |p| {
-                // SAFETY: `p..p+n` stays inside the page.
-                unsafe { core::ptr::copy_nonoverlapping(src.as_ptr(), p, n) }
-            })?;
+            self.access(at, Access::WRITE, Io::Write(&data[done..done + n]))?;
             done += n;
         }
         Ok(())
@@ -246,12 +378,9 @@ impl<'a, S: Stage2 + Send + 'static> SoftCpu<'a, S> {
 
     /// An instruction fetch of one byte.
     pub fn fetch(&mut self, gpa: u64) -> Result<u8, GuestFault> {
-        let mut b = 0u8;
-        self.access(gpa, Access::EXEC | Access::READ, &mut |p| {
-            // SAFETY: one byte inside the page.
-            b = unsafe { *p }
-        })?;
-        Ok(b)
+        let mut b = [0u8];
+        self.access(gpa, Access::EXEC | Access::READ, Io::Read(&mut b))?;
+        Ok(b[0])
     }
 }
 

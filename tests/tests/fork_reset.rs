@@ -2,26 +2,12 @@
 //! with exact copy counts, reset, concurrent faults, dirty tracking, the DMA and shared-mapping
 //! fork policies, and frame accounting.
 
-use conformance::{for_each_backend, Backend, SoftCpu};
+use conformance::{for_each_backend, Backend, Rng, SoftCpu};
 use std::collections::HashMap;
 use vmo::{MapOptions, VmPerms, Vmar, Vmo, VmoFlags};
 
 const P: u64 = vmo::PAGE_SIZE;
 const PAGES: u64 = 64;
-
-/// xorshift64*: a deterministic schedule without a dependency.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// The sharing model: which frame each space's page uses, and who references each frame.
 #[derive(Default)]

@@ -1,15 +1,21 @@
 //! Intel EPT entries and the EPT pointer (SDM vol. 3C, "The EPT Translation Mechanism").
 //!
 //! Entry bits: R/W/X 2:0, memory type 5:3 and ignore-PAT 6 (leaves only), large page 7 (PDE /
-//! PDPTE), accessed 8, dirty 9 (leaves; only written by the CPU when the EPTP enables A/D),
-//! frame or table address 51:12. An entry is present when any of bits 2:0 is set.
+//! PDPTE), accessed 8 (every level), dirty 9 (leaves), frame or table address 51:12. An entry is
+//! present when any of bits 2:0 is set.
+//!
+//! Accessed / dirty: the CPU sets bit 8 of every entry it walks for an access and bit 9 of the
+//! leaf on a write *only* when the EPTP enables A/D (`Eptp::AD_ENABLE`, bit 6; the CPU supports
+//! it when IA32_VMX_EPT_VPID_CAP bit 21 is set; `AccessDirty` says which a table was built
+//! with). With A/D disabled both bits are ignored and never set by hardware, so a dirty bit
+//! means nothing and writes cannot be harvested from the table.
 //!
 //! Invariants: leaves built here never have the write-without-read combination (an EPT
 //! misconfiguration); table pointers grant R/W/X so the leaf alone decides; reserved bits are
 //! always zero, so an entry this module builds never causes an EPT misconfiguration exit.
 
 use super::{check_common, EntryFormat, ADDRESS_MASK};
-use crate::{Error, MemType, S2Perms};
+use crate::{AccessDirty, Error, MemType, S2Perms};
 
 bitflags::bitflags! {
     /// One EPT paging-structure entry (PML4E, PDPTE, PDE or PTE).
@@ -74,6 +80,8 @@ impl EptEntry {
 }
 
 impl EntryFormat for EptEntry {
+    const ACCESSED_BIT: u64 = EptEntry::ACCESSED.bits();
+    const DIRTY_BIT: u64 = EptEntry::DIRTY.bits();
     fn check(perms: S2Perms, _mem_type: MemType) -> Result<(), Error> {
         // Execute-only is expressible on EPT (the hypervisor must check the CPU's
         // IA32_VMX_EPT_VPID_CAP bit 0 before using it).
@@ -166,14 +174,16 @@ bitflags::bitflags! {
 }
 
 impl Eptp {
-    /// An EPTP for a `walk_levels`-level table at `root_pa`. Errors: `walk_levels` not 4 or 5,
-    /// a memory type other than UC/WB (the only ones the SDM allows here), or a root address
+    /// An EPTP for a `walk_levels`-level table at `root_pa`; `ad` sets the A/D enable bit (6),
+    /// without which the CPU never sets accessed/dirty bits in the table (check
+    /// IA32_VMX_EPT_VPID_CAP bit 21 before enabling it). Errors: `walk_levels` not 4 or 5, a
+    /// memory type other than UC/WB (the only ones the SDM allows here), or a root address
     /// that is misaligned (`InvalidArgs`) or beyond 2^52 (`OutOfRange`).
     pub fn new(
         root_pa: u64,
         mem_type: MemType,
         walk_levels: u64,
-        ad_enable: bool,
+        ad: AccessDirty,
     ) -> Result<Eptp, Error> {
         if !matches!(walk_levels, 4 | 5)
             || !matches!(mem_type, MemType::Uncacheable | MemType::WriteBack)
@@ -185,7 +195,7 @@ impl Eptp {
             return Err(Error::OutOfRange);
         }
         let mut e = Eptp::from_bits_retain(root_pa | mem_type as u64 | ((walk_levels - 1) << 3));
-        e.set(Eptp::AD_ENABLE, ad_enable);
+        e.set(Eptp::AD_ENABLE, ad == AccessDirty::Enabled);
         Ok(e)
     }
     pub fn root(self) -> u64 {
@@ -200,5 +210,13 @@ impl Eptp {
     }
     pub fn ad_enabled(self) -> bool {
         self.contains(Eptp::AD_ENABLE)
+    }
+    /// Whether the CPU maintains accessed/dirty bits in tables walked through this EPTP.
+    pub fn access_dirty(self) -> AccessDirty {
+        if self.ad_enabled() {
+            AccessDirty::Enabled
+        } else {
+            AccessDirty::Disabled
+        }
     }
 }

@@ -9,6 +9,9 @@
 //!   relies on this to chain retired table frames through their first entry);
 //! - level numbering: 1 = PT (4 KiB leaves), 2 = PD (2 MiB leaves), 3 = PDPT (1 GiB leaves),
 //!   4 = PML4 (never a leaf);
+//! - `ACCESSED_BIT` and `DIRTY_BIT` are single bits that `leaf`, `table_pointer` and
+//!   `with_perms` never set on their own (a new leaf is clean; the table decides when to mark
+//!   it dirty) and that `with_perms` and `split_child` keep;
 //! - `leaf` is only called with permissions and a memory type that `check` accepted and with a
 //!   frame address aligned to the level's page size and below `PA_LIMIT`.
 
@@ -40,6 +43,11 @@ pub const fn leaf_address_mask(level: usize) -> u64 {
 
 /// A second-level entry format the generic 4-level walker can build and read.
 pub trait EntryFormat: Copy + Eq + core::fmt::Debug + Send + Sync + 'static {
+    /// The accessed bit of a leaf (EPT 8, NPT 5): set by the MMU on any access through it.
+    const ACCESSED_BIT: u64;
+    /// The dirty bit of a leaf (EPT 9, NPT 6): set by the MMU on a write through it.
+    const DIRTY_BIT: u64;
+
     /// Whether permissions and memory type can be expressed by this format. Errors:
     /// empty perms or write without read → `InvalidArgs`; something the format lacks (NPT:
     /// execute-only, WC/WP under the default PAT) → `NotSupported`.

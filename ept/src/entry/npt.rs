@@ -1,8 +1,9 @@
 //! AMD nested page-table entries (APM vol. 2, "Nested Paging"): the long-mode 4-level format.
 //!
 //! Bits: P 0, RW 1, US 2 (always set: nested walks are treated as user accesses), PWT 3, PCD 4,
-//! A 5, D 6, PS 7 on PDPTE/PDE (1 GiB / 2 MiB leaf), PAT 7 on a 4 KiB PTE and 12 on a large leaf,
-//! address 51:12 (51:21 / 51:30 on large leaves), NX 63.
+//! A 5 (every level), D 6 (leaves; the CPU always maintains both: A on every nested walk for an
+//! access, D on a write), PS 7 on PDPTE/PDE (1 GiB / 2 MiB leaf), PAT 7 on a 4 KiB PTE and 12 on
+//! a large leaf, address 51:12 (51:21 / 51:30 on large leaves), NX 63.
 //!
 //! Memory type: the nested table selects a host PAT entry with index `PAT*4 + PCD*2 + PWT`.
 //! This module assumes the power-on default PAT MSR (`DEFAULT_PAT`): index 0 = WB, 1 = WT,
@@ -78,6 +79,8 @@ impl NptEntry {
 }
 
 impl EntryFormat for NptEntry {
+    const ACCESSED_BIT: u64 = NptEntry::ACCESSED.bits();
+    const DIRTY_BIT: u64 = NptEntry::DIRTY.bits();
     fn check(perms: S2Perms, mem_type: MemType) -> Result<(), Error> {
         check_common(perms)?;
         if !perms.contains(S2Perms::READ) {

@@ -5,11 +5,13 @@
 //! Invariants: tables take their frames from `frames::PhysFrames` (identity mapped, so a
 //! frame's pointer is its address); flushes go through ept's `Invalidate` hooks — INVEPT runs
 //! at once, an NPT flush leaves a TLB_CONTROL value that `take_tlb_control` hands to the
-//! vCPU's next VMRUN.
+//! vCPU's next VMRUN; `harvest_dirty` goes to the inner table (NPT: the D bits; EPT:
+//! `NotSupported`, since hv builds its EPTP with A/D disabled).
 
 use ept::vmx::InveptInvalidate;
 use ept::{
-    EptTable, FlushScope, MemType, NptTable, NptTlbControl, PageSize, S2Perms, Stage2, Translation,
+    AccessDirty, EptTable, FlushScope, MemType, NptTable, NptTlbControl, PageSize, S2Perms, Stage2,
+    Translation,
 };
 
 use crate::platform::frames::PhysFrames;
@@ -30,7 +32,9 @@ impl HvTable {
             // SAFETY: the caller's promise (VMX root operation with single- and all-context
             // INVEPT, for the rest of the run) is exactly `InveptInvalidate::new`'s contract.
             unsafe { InveptInvalidate::new() },
-            false,
+            // A/D stays off: hv does not check IA32_VMX_EPT_VPID_CAP bit 21, so the EPT table
+            // cannot harvest dirty pages (`harvest_dirty` is NotSupported; NPT's can).
+            AccessDirty::Disabled,
         )?))
     }
 
@@ -145,6 +149,17 @@ impl Stage2 for HvTable {
         match self {
             HvTable::Ept(t) => t.flush_pending(),
             HvTable::Npt(t) => t.flush_pending(),
+        }
+    }
+    fn harvest_dirty(
+        &mut self,
+        gpa: u64,
+        len: u64,
+        dirty: &mut alloc::vec::Vec<u64>,
+    ) -> Result<u64, ept::Error> {
+        match self {
+            HvTable::Ept(t) => t.harvest_dirty(gpa, len, dirty),
+            HvTable::Npt(t) => t.harvest_dirty(gpa, len, dirty),
         }
     }
 }
