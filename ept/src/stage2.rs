@@ -90,8 +90,12 @@ pub trait Stage2 {
     /// - a page installed (or made) writable since the last harvest counts as written (the
     ///   memory model installs writable pages only for writes it already knows about, and this
     ///   keeps the first write free of a tracking fault);
-    /// - a written large leaf reports every 4 KiB page it maps;
-    /// - pages installed read-only are never reported; holes are not an error;
+    /// - a write-protect does not hide writes: a page written since the last harvest and
+    ///   write-protected since is still reported (once);
+    /// - a written large leaf reports every 4 KiB page it maps in the range, or — for a
+    ///   backend that tracks large leaves per page — exactly the written ones;
+    /// - pages never writable since the last harvest are never reported; holes are not an
+    ///   error; a page unmapped since is not reported (the memory model knows it changed);
     /// - a second harvest with no write in between reports nothing;
     /// - re-arming may leave a flush pending (EPT/NPT: cleared dirty bits must be re-fetched
     ///   by the hardware); the caller flushes as after `protect`.

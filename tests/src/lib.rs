@@ -185,6 +185,18 @@ impl Backend for Kvm {
         );
         guest_vm::KvmStage2::new(res, alloc)
     }
+    /// The guest writes through its memslot mapping (where KVM's own writes land), so the
+    /// backend's userfaultfd WP_ASYNC tracker sees them as it sees a vCPU's.
+    fn guest_write(s: &mut Self::S, _pool: &FramePool, _t: Translation, gpa: u64, data: &[u8]) {
+        let hva = s
+            .reservation()
+            .hva_of(guest_vm::Gpa(gpa), data.len() as u64)
+            .expect("gpa inside the memslot reservation");
+        // SAFETY: [gpa, gpa+len) lies in one page `translate` found installed writable; the
+        // reservation maps it (MAP_SHARED of the frame's memfd offset) and the caller holds the
+        // Stage2 lock, so it is not remapped during the copy.
+        unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), hva.as_mut_ptr::<u8>(), data.len()) }
+    }
     fn table_frames(_s: &Self::S) -> Option<usize> {
         None
     }

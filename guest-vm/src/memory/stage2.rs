@@ -51,7 +51,7 @@ use ept::{BackendFailure, FlushScope, MemType, PageSize, S2Perms, Stage2, Transl
 use crate::addr::{Gpa, MemfdOffset};
 use crate::error::Error;
 use crate::memory::frames::MemfdFrameAlloc;
-use crate::memory::leaves::{runs, Leaf, LeafIndex};
+use crate::memory::leaves::{runs, Leaf, LeafIndex, RangeSet};
 use crate::memory::reservation::{Install, MoveError, Reservation};
 use crate::sys::mmap::ensure_max_map_count;
 use ept::PAGE_SIZE;
@@ -78,6 +78,10 @@ pub struct KvmStage2 {
     res: Arc<Reservation>,
     frames: Arc<MemfdFrameAlloc>,
     leaves: LeafIndex,
+    /// Pages written (or made writable) since the last harvest and write-protected since: a
+    /// move off the tracker would erase their written state, so it is kept here for the next
+    /// harvest (the contract: write-protecting a page does not hide its writes).
+    written_then_protected: RangeSet,
     flush_pending: bool,
     stats: Stage2Stats,
 }
@@ -89,6 +93,7 @@ impl KvmStage2 {
             res,
             frames,
             leaves: LeafIndex::default(),
+            written_then_protected: RangeSet::default(),
             flush_pending: false,
             stats: Stage2Stats::default(),
         }
@@ -114,6 +119,7 @@ impl KvmStage2 {
     /// The module invariants as code: the leaf index keeps its own (`LeafIndex`), and every
     /// leaf lies inside the reservation. Panics on a violation.
     pub fn check_invariants(&self) {
+        self.written_then_protected.check_invariants();
         self.leaves.check_invariants();
         for (start, leaf) in self.leaves.range(0, u64::MAX - 1) {
             assert!(
@@ -193,6 +199,9 @@ impl KvmStage2 {
     /// Moves the run `[s, s+l)` to `to` on the host; on failure, records what it is now
     /// (perms `perms` if it ended as `to`, its old perms otherwise; disarmed either way).
     fn move_run(&mut self, s: u64, l: u64, to: Install, perms: S2Perms) -> Result<(), ept::Error> {
+        if to == Install::ReadOnly {
+            self.keep_written(s, l).map_err(Self::fail)?;
+        }
         let moved = match to {
             Install::ReadOnly => self.res.make_read_only(Gpa(s), l),
             Install::Writable => self.res.make_writable(Gpa(s), l),
@@ -311,6 +320,7 @@ impl Stage2 for KvmStage2 {
             self.leaves.take(*s);
             pages += l.size.bytes() / PAGE_SIZE;
         }
+        self.written_then_protected.take(gpa, gpa + len);
         self.stats.unmaps += 1;
         self.flush_pending = true;
         self.debug_check();
@@ -388,7 +398,7 @@ impl Stage2 for KvmStage2 {
         self.leaves.split_at(gpa);
         self.leaves.split_at(gpa + len);
         let leaves: Vec<(u64, Leaf)> = self.leaves.writable_in(gpa, len).collect();
-        if leaves.is_empty() {
+        if leaves.is_empty() && self.written_then_protected.is_empty() {
             return Ok(0);
         }
         self.stats.harvests += 1;
@@ -401,12 +411,39 @@ impl Stage2 for KvmStage2 {
             self.debug_check();
             return Err(Self::fail(e));
         }
+        // Pages written, then write-protected (still installed: `unmap` forgets them).
+        let kept = self.written_then_protected.take(gpa, gpa + len);
+        if !kept.is_empty() {
+            dirty.extend(
+                kept.iter()
+                    .flat_map(|&(a, b)| (a..b).step_by(PAGE_SIZE as usize)),
+            );
+            dirty[before..].sort_unstable();
+            let mut v = dirty.split_off(before);
+            v.dedup();
+            dirty.extend(v);
+        }
         self.debug_check();
         Ok((dirty.len() - before) as u64)
     }
 }
 
 impl KvmStage2 {
+    /// Before `[s, s+l)` leaves the tracker: what a harvest would report there now goes to
+    /// `written_then_protected` (the scan re-arms, which the move then undoes).
+    fn keep_written(&mut self, s: u64, l: u64) -> crate::error::Result<()> {
+        let leaves: Vec<(u64, Leaf)> = self.leaves.writable_in(s, l).collect();
+        if leaves.is_empty() {
+            return Ok(());
+        }
+        let mut pages = Vec::new();
+        self.harvest_leaves(&leaves, &mut pages)?;
+        for (a, n) in runs(pages.into_iter().map(|p| (p, PAGE_SIZE))) {
+            self.written_then_protected.insert(a, a + n);
+        }
+        Ok(())
+    }
+
     /// `harvest_dirty` over `leaves` (writable, ascending): per maximal run of adjacent
     /// leaves with the same `armed`, arm-and-report-all or scan-and-report-written.
     fn harvest_leaves(
