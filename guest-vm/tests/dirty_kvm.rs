@@ -146,7 +146,7 @@ fn large_leaves_report_every_page_when_written() {
 }
 
 #[test]
-fn read_only_installs_are_never_reported_and_moves_count_as_writes() {
+fn read_only_installs_are_never_reported_and_moves_keep_writes() {
     require_kvm!();
     let (mut s, frames) = backend(16 << 20);
     for p in 0..4 {
@@ -157,8 +157,10 @@ fn read_only_installs_are_never_reported_and_moves_count_as_writes() {
     }
     assert_eq!(harvest(&mut s, 0, 8 * PAGE), pages(&[4, 5, 6, 7]));
     host_write(&s, 5 * PAGE, 1);
-    // RW→READ: the written page is not reported any more (read-only is never reported).
+    // RW→READ does not hide the write (the Stage2 contract): reported once, then never again
+    // while read-only.
     assert_eq!(s.protect(4 * PAGE, 4 * PAGE, S2Perms::READ), Ok(4));
+    assert_eq!(harvest(&mut s, 0, 8 * PAGE), pages(&[5]));
     assert_eq!(harvest(&mut s, 0, 8 * PAGE), Vec::<u64>::new());
     // READ→RW (frames the caller made private): made writable = written.
     assert_eq!(s.protect(0, 2 * PAGE, S2Perms::RW), Ok(2));
