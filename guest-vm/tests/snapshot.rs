@@ -67,7 +67,11 @@ fn saved_guest_restores_lazily_serves_forks_and_resets() {
     let frames = frames();
     let model = save_filled(&frames, &path);
     let r = restore(&frames, std::slice::from_ref(&path)).unwrap();
-    assert_eq!(r.chain.pages_read.load(Ordering::Relaxed), 0, "nothing read before the run");
+    assert_eq!(
+        r.chain.pages_read.load(Ordering::Relaxed),
+        0,
+        "nothing read before the run"
+    );
     assert_eq!(r.guest.installed_pages(), 0);
     let chain = r.chain.clone();
     let state = r.state.clone();
@@ -110,7 +114,10 @@ fn eager_restore_reads_every_stored_page_first() {
     assert!(r.guest.installed_pages() >= stored);
     let mut kv = KvStore::resume(r.guest);
     streams::check_table(&mut kv, &model, "eager").unwrap();
-    assert_eq!(kv.get(FILL_FIRST).unwrap().as_deref(), Some(&fill_value(FILL_FIRST)[..]));
+    assert_eq!(
+        kv.get(FILL_FIRST).unwrap().as_deref(),
+        Some(&fill_value(FILL_FIRST)[..])
+    );
 }
 
 /// Whole guest memory, read through the Vmar.
@@ -145,7 +152,10 @@ fn a_chain_of_three_diffs_restores_byte_exact() {
         let p = dir.file(&format!("diff{i}.gms"));
         let state = kv.inner().snapshot().unwrap();
         let st = snapshot::save(kv.inner(), &state, &p, &opts).unwrap();
-        assert!(st.diff && st.data_pages + st.zero_pages < full.data_pages / 2, "{st:?}");
+        assert!(
+            st.diff && st.data_pages + st.zero_pages < full.data_pages / 2,
+            "{st:?}"
+        );
         paths.push(p);
     }
     let reference = memory(kv.inner());
@@ -164,7 +174,10 @@ fn a_chain_of_three_diffs_restores_byte_exact() {
     ));
 }
 
-const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/snapshot-v1.0.gms");
+const FIXTURE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/snapshot-v1.0.gms"
+);
 const FIXTURE_BUCKETS: u64 = 1 << 10;
 const FIXTURE_KEYS: u64 = 300;
 
@@ -178,7 +191,13 @@ fn write_fixture() {
     let mut kv = KvStore::boot(g, FIXTURE_BUCKETS).unwrap();
     kv.fill(FILL_FIRST, FIXTURE_KEYS).unwrap();
     let state = kv.inner().snapshot().unwrap();
-    snapshot::save(kv.inner(), &state, Path::new(FIXTURE), &SaveOptions::default()).unwrap();
+    snapshot::save(
+        kv.inner(),
+        &state,
+        Path::new(FIXTURE),
+        &SaveOptions::default(),
+    )
+    .unwrap();
 }
 
 #[test]
@@ -186,7 +205,13 @@ fn committed_fixture_of_format_1_0_restores() {
     require_kvm!();
     let frames = frames();
     let r = restore(&frames, &[PathBuf::from(FIXTURE)]).unwrap();
-    assert_eq!((r.chain.layers[0].header.major, r.chain.layers[0].header.minor), (1, 0));
+    assert_eq!(
+        (
+            r.chain.layers[0].header.major,
+            r.chain.layers[0].header.minor
+        ),
+        (1, 0)
+    );
     assert_eq!(r.guest.mem_size(), 2 << 20);
     let mut model = TableModel::new(FIXTURE_BUCKETS);
     model.fill(FILL_FIRST, FIXTURE_KEYS);
@@ -239,17 +264,33 @@ fn bad_files_are_typed_errors_before_any_vm() {
     let open = |p: &Path| snapshot::SnapshotFile::open(p).map(drop);
     // Truncated: inside the header, and inside the pages.
     let p = copy("short-header.gms");
-    std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(100).unwrap();
-    assert!(matches!(open(&p), Err(SnapshotError::Truncated { what: "header", .. })));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_len(100)
+        .unwrap();
+    assert!(matches!(
+        open(&p),
+        Err(SnapshotError::Truncated { what: "header", .. })
+    ));
     let p = copy("short.gms");
     let len = std::fs::metadata(&p).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(len - 5000).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_len(len - 5000)
+        .unwrap();
     let e = open(&p).unwrap_err();
     assert!(matches!(e, SnapshotError::Truncated { .. }), "{e}");
     // A flipped byte: header, index, layout, vCPU.
     let p = copy("hdr.gms");
     flip(&p, 33);
-    assert!(matches!(open(&p), Err(SnapshotError::HeaderChecksum { .. })));
+    assert!(matches!(
+        open(&p),
+        Err(SnapshotError::HeaderChecksum { .. })
+    ));
     let p = copy("magic.gms");
     flip(&p, 1);
     assert!(matches!(open(&p), Err(SnapshotError::BadMagic { .. })));
@@ -272,13 +313,26 @@ fn bad_files_are_typed_errors_before_any_vm() {
         s.length -= PAGE_SIZE;
         h.set_section(SectionKind::Pages, s);
     });
-    assert!(matches!(open(&p), Err(SnapshotError::PageCountMismatch { .. })));
+    assert!(matches!(
+        open(&p),
+        Err(SnapshotError::PageCountMismatch { .. })
+    ));
     // Unknown major: the error names both versions.
     let p = copy("major.gms");
     rewrite_header(&p, |h| h.major = 7);
     let e = open(&p).unwrap_err();
-    assert!(matches!(e, SnapshotError::UnsupportedVersion { found_major: 7, supported_major: 1, .. }));
-    assert!(e.to_string().contains("7.0") && e.to_string().contains("1.x"), "{e}");
+    assert!(matches!(
+        e,
+        SnapshotError::UnsupportedVersion {
+            found_major: 7,
+            supported_major: 1,
+            ..
+        }
+    ));
+    assert!(
+        e.to_string().contains("7.0") && e.to_string().contains("1.x"),
+        "{e}"
+    );
     // Not a regular file.
     for p in [dir.0.clone(), PathBuf::from("/dev/null")] {
         let e = open(&p).unwrap_err();
@@ -310,7 +364,9 @@ fn a_corrupt_or_changed_page_stops_the_guest_with_a_report() {
         verify: true,
         ..RestoreOptions::default()
     };
-    let e = snapshot::restore(&frames, std::slice::from_ref(&p), verify).map(drop).unwrap_err();
+    let e = snapshot::restore(&frames, std::slice::from_ref(&p), verify)
+        .map(drop)
+        .unwrap_err();
     assert!(matches!(e, SnapshotError::PageChecksum { .. }), "{e}");
     // Lazily: the restore succeeds, the guest stops at the first read, the host goes on.
     let r = restore(&frames, std::slice::from_ref(&p)).unwrap();
@@ -324,7 +380,10 @@ fn a_corrupt_or_changed_page_stops_the_guest_with_a_report() {
         "{e}"
     );
     let failures = chain.take_failures();
-    assert!(matches!(failures.first(), Some(SnapshotError::PageChecksum { .. })), "{failures:?}");
+    assert!(
+        matches!(failures.first(), Some(SnapshotError::PageChecksum { .. })),
+        "{failures:?}"
+    );
     // A file changed while restored: the next page read refuses it.
     let p2 = dir.file("changing.gms");
     std::fs::copy(&good, &p2).unwrap();
@@ -337,11 +396,17 @@ fn a_corrupt_or_changed_page_stops_the_guest_with_a_report() {
     let mut kv = KvStore::resume(r.guest);
     assert!(kv.get(FILL_FIRST).is_err());
     let failures = chain.take_failures();
-    assert!(matches!(failures.first(), Some(SnapshotError::FileChanged { .. })), "{failures:?}");
+    assert!(
+        matches!(failures.first(), Some(SnapshotError::FileChanged { .. })),
+        "{failures:?}"
+    );
     // Another guest of the same host keeps working.
     let r = restore(&frames, std::slice::from_ref(&good)).unwrap();
     let mut kv = KvStore::resume(r.guest);
-    assert_eq!(kv.get(FILL_FIRST).unwrap().as_deref(), Some(&fill_value(FILL_FIRST)[..]));
+    assert_eq!(
+        kv.get(FILL_FIRST).unwrap().as_deref(),
+        Some(&fill_value(FILL_FIRST)[..])
+    );
 }
 
 #[test]

@@ -58,7 +58,10 @@ pub enum SnapshotError {
         computed: u32,
     },
     /// A metadata section parsed badly (its checksum was right: written by a broken saver).
-    Malformed { section: &'static str, detail: String },
+    Malformed {
+        section: &'static str,
+        detail: String,
+    },
     /// The page index and the page section disagree on how many pages the file holds.
     PageCountMismatch {
         index_data_pages: u64,
@@ -126,7 +129,11 @@ impl fmt::Display for SnapshotError {
             Io { what, path, err } => write!(f, "snapshot {}: {what}: {err}", path.display()),
             NoSpace { path } => write!(f, "snapshot {}: no space left on device", path.display()),
             NotRegularFile { path, kind } => {
-                write!(f, "snapshot {}: is a {kind}, not a regular file", path.display())
+                write!(
+                    f,
+                    "snapshot {}: is a {kind}, not a regular file",
+                    path.display()
+                )
             }
             Truncated { what, need, have } => write!(
                 f,
@@ -155,7 +162,10 @@ impl fmt::Display for SnapshotError {
             }
             UnknownFeatures { bits } => write!(f, "snapshot uses unknown feature bits {bits:#x}"),
             MissingSection { section } => {
-                write!(f, "snapshot section table: `{section}` missing or duplicated")
+                write!(
+                    f,
+                    "snapshot section table: `{section}` missing or duplicated"
+                )
             }
             SectionChecksum {
                 section,

@@ -177,10 +177,7 @@ impl SnapshotFile {
         if identity != header.identity {
             return Err(SnapshotError::Malformed {
                 section: "header",
-                detail: format!(
-                    "identity {} recorded, {identity} computed",
-                    header.identity
-                ),
+                detail: format!("identity {} recorded, {identity} computed", header.identity),
             });
         }
         let pages_section = header.section(SectionKind::Pages);
@@ -233,7 +230,14 @@ impl SnapshotFile {
     }
 
     /// Reads and verifies one stored page (and that the file has not changed since `open`).
-    pub fn read_page(&self, vmo: u32, page: u64, offset: u64, hash: u64, buf: &mut [u8]) -> SnapResult<()> {
+    pub fn read_page(
+        &self,
+        vmo: u32,
+        page: u64,
+        offset: u64,
+        hash: u64,
+        buf: &mut [u8],
+    ) -> SnapResult<()> {
         self.check_unchanged()?;
         read_exact_at(&self.file, &self.path, buf, offset)?;
         let computed = page_hash(buf);
@@ -260,7 +264,11 @@ impl SnapshotFile {
                 path: self.path.clone(),
                 detail: format!(
                     "size {} → {}, mtime {:?} → {:?}, ctime {:?} → {:?}",
-                    self.stamp.size, now.size, self.stamp.mtime, now.mtime, self.stamp.ctime,
+                    self.stamp.size,
+                    now.size,
+                    self.stamp.mtime,
+                    now.mtime,
+                    self.stamp.ctime,
                     now.ctime
                 ),
             });

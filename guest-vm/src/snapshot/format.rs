@@ -386,14 +386,20 @@ mod tests {
     fn newer_minor_is_readable() {
         let mut h = sample();
         h.minor = FORMAT_MINOR + 5;
-        assert_eq!(Header::decode(&h.encode(true)).unwrap().minor, FORMAT_MINOR + 5);
+        assert_eq!(
+            Header::decode(&h.encode(true)).unwrap().minor,
+            FORMAT_MINOR + 5
+        );
     }
 
     #[test]
     fn bad_magic_is_refused() {
         let mut b = sample().encode(true);
         b[0] = b'X';
-        assert!(matches!(Header::decode(&b), Err(SnapshotError::BadMagic { .. })));
+        assert!(matches!(
+            Header::decode(&b),
+            Err(SnapshotError::BadMagic { .. })
+        ));
     }
 
     #[test]

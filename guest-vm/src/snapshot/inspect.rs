@@ -104,7 +104,11 @@ fn layer(f: &SnapshotFile) -> LayerReport {
 
 /// Opens and checks `paths` (base first) and describes them.
 pub fn inspect(paths: &[PathBuf]) -> SnapResult<InspectReport> {
-    let layers = open_chain(paths)?;
+    // One file is described alone (a diff without its base too); a chain is checked as such.
+    let layers = match paths {
+        [one] => vec![SnapshotFile::open(one)?],
+        _ => open_chain(paths)?,
+    };
     Ok(InspectReport {
         layers: layers.iter().map(layer).collect(),
     })

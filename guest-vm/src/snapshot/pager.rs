@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use vmo::{Pager, PAGE_BYTES};
 
 use super::error::SnapshotError;
-use super::file::{SnapshotFile, Slot};
+use super::file::{Slot, SnapshotFile};
 
 /// The files of a restored guest (base first) and what their pagers did.
 pub struct Chain {

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use vmo::{MapOptions, VmPerms, Vmo, VmoFlags};
 
 use super::error::{SnapResult, SnapshotError};
-use super::file::{SnapshotFile, Slot};
+use super::file::{Slot, SnapshotFile};
 use super::format::PAGE;
 use super::pager::{Chain, FilePager};
 use crate::guest::Guest;

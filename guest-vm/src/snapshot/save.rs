@@ -26,7 +26,7 @@ use std::sync::Arc;
 use vmo::{Vmar, Vmo};
 
 use super::error::{SnapResult, SnapshotError};
-use super::file::SnapshotFile;
+use super::file::{Slot, SnapshotFile};
 use super::format::{
     page_hash, Header, Identity, IndexEntry, Section, SectionKind, ENTRY_ZERO, HEADER_LEN, PAGE,
 };
@@ -122,6 +122,18 @@ fn pages_to_save(vmo: &Vmo, id: u32, opts: &SaveOptions) -> Vec<u64> {
     }
 }
 
+/// Whether a changed page of a restored Vmo still holds what its chain has (a page committed
+/// from the file by a read, or a zero fill): a diff need not store it. `hash` 0 = zero page.
+fn unchanged(source: Option<&Chain>, vmo: u32, page: u64, hash: u64) -> bool {
+    let Some(chain) = source else {
+        return false;
+    };
+    match chain.lookup(vmo, page) {
+        Some((_, Slot::Data { hash: h, .. })) => hash != 0 && h == hash,
+        Some((_, Slot::Zero)) | None => hash == 0,
+    }
+}
+
 fn pad_to_page<W: Write + Seek>(w: &mut W, pos: &mut u64) -> std::io::Result<()> {
     let pad = pos.next_multiple_of(PAGE) - *pos;
     w.write_all(&vec![0u8; pad as usize])?;
@@ -144,7 +156,10 @@ fn write_snapshot<W: Write + Seek>(
     let layout_bytes = encode(&layout);
     w.write_all(&[0u8; HEADER_LEN]).map_err(Ok)?;
     let mut pos = HEADER_LEN as u64;
-    for (kind, bytes) in [(SectionKind::Vcpu, &vcpu), (SectionKind::Layout, &layout_bytes)] {
+    for (kind, bytes) in [
+        (SectionKind::Vcpu, &vcpu),
+        (SectionKind::Layout, &layout_bytes),
+    ] {
         w.write_all(bytes).map_err(Ok)?;
         header.set_section(
             kind,
@@ -176,6 +191,11 @@ fn write_snapshot<W: Write + Seek>(
             if zero && opts.diff_base.is_none() {
                 continue;
             }
+            let hash = if zero { 0 } else { page_hash(&buf) };
+            if opts.diff_base.is_some() && unchanged(opts.source.as_deref(), id as u32, page, hash)
+            {
+                continue;
+            }
             let mut entry = IndexEntry {
                 vmo: id as u32,
                 flags: 0,
@@ -186,7 +206,7 @@ fn write_snapshot<W: Write + Seek>(
                 entry.flags = ENTRY_ZERO;
                 zeros += 1;
             } else {
-                entry.hash = page_hash(&buf);
+                entry.hash = hash;
                 w.write_all(&buf).map_err(Ok)?;
                 data += 1;
             }
@@ -262,7 +282,11 @@ pub fn save(
         if !m.file_type().is_file() {
             return Err(SnapshotError::NotRegularFile {
                 path: path.to_path_buf(),
-                kind: if m.is_dir() { "directory" } else { "special file" },
+                kind: if m.is_dir() {
+                    "directory"
+                } else {
+                    "special file"
+                },
             });
         }
     }
@@ -362,6 +386,10 @@ mod tests {
     fn temp_name_is_hidden_beside_the_target() {
         let t = temp_name(Path::new("/a/b/snap.gms")).unwrap();
         assert_eq!(t.parent(), Some(Path::new("/a/b")));
-        assert!(t.file_name().unwrap().to_string_lossy().starts_with(".snap.gms.tmp-"));
+        assert!(t
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with(".snap.gms.tmp-"));
     }
 }

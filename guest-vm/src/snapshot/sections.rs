@@ -145,11 +145,15 @@ impl LayoutSection {
         }
         let mut prev_end = 0;
         for (i, m) in self.mappings.iter().enumerate() {
-            let end = m.base.checked_add(m.len).ok_or(format!("mapping {i} overflows"))?;
-            let vmo = self
-                .vmos
-                .get(m.vmo as usize)
-                .ok_or(format!("mapping {i} names vmo {} of {}", m.vmo, self.vmos.len()))?;
+            let end = m
+                .base
+                .checked_add(m.len)
+                .ok_or(format!("mapping {i} overflows"))?;
+            let vmo = self.vmos.get(m.vmo as usize).ok_or(format!(
+                "mapping {i} names vmo {} of {}",
+                m.vmo,
+                self.vmos.len()
+            ))?;
             let vend = m.vmo_offset.checked_add(m.len);
             if !aligned(m.base) || !aligned(m.len) || !aligned(m.vmo_offset) || m.len == 0 {
                 return Err(format!("mapping {i} not page aligned"));
