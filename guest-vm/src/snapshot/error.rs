@@ -11,7 +11,7 @@ use std::fmt;
 use std::io;
 use std::path::PathBuf;
 
-use super::format::Identity;
+use super::identity::Identity;
 
 /// Errors of snapshot save, open, restore and inspect.
 #[derive(Debug)]

@@ -23,6 +23,7 @@
 //! page index — it names the file's content (every page's hash is in the index) for diffs.
 
 use super::error::{SnapResult, SnapshotError};
+pub use super::identity::Identity;
 
 pub const MAGIC: [u8; 8] = *b"GMSNAPSH";
 /// The format major this program writes and reads; a different major is refused.
@@ -44,19 +45,6 @@ const CRC_AT: usize = HEADER_LEN - 4;
 const SECTIONS_AT: usize = 80;
 const SECTION_LEN: usize = 32;
 const MAX_SECTIONS: usize = (CRC_AT - SECTIONS_AT) / SECTION_LEN;
-
-/// A file's identity: a 128-bit content hash (see the module documentation).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
-pub struct Identity(pub [u8; 16]);
-
-impl std::fmt::Display for Identity {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for b in self.0 {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
-    }
-}
 
 /// The sections of a file, in table order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]

@@ -5,6 +5,7 @@
 //! per file:
 //! - [`format`]: the fixed header (magic, major/minor, arch, page size, features, section
 //!   table, identity, CRC) and the page-index entries, encoded by hand;
+//! - [`identity`]: `Identity`, the content hash diffs name their base by;
 //! - [`sections`]: the vCPU and layout sections (serde + postcard);
 //! - [`file`]: `SnapshotFile` — open + check everything before use; page reads; immutability;
 //! - [`pager`]: `Chain` (the files of a restored guest) and `FilePager` (`vmo::Pager`);
@@ -35,6 +36,7 @@
 pub mod error;
 pub mod file;
 pub mod format;
+pub mod identity;
 pub mod inspect;
 pub mod pager;
 pub mod restore;
