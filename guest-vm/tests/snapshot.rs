@@ -178,27 +178,10 @@ const FIXTURE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/tests/fixtures/snapshot-v1.0.gms"
 );
-const FIXTURE_BUCKETS: u64 = 1 << 10;
-const FIXTURE_KEYS: u64 = 300;
-
-/// Writes the format-1.0 fixture (run once per released format: `--ignored write_fixture`).
-#[test]
-#[ignore]
-fn write_fixture() {
-    require_kvm!();
-    let frames = frames();
-    let g = Guest::new(&frames, memory_for(FIXTURE_BUCKETS)).unwrap();
-    let mut kv = KvStore::boot(g, FIXTURE_BUCKETS).unwrap();
-    kv.fill(FILL_FIRST, FIXTURE_KEYS).unwrap();
-    let state = kv.inner().snapshot().unwrap();
-    snapshot::save(
-        kv.inner(),
-        &state,
-        Path::new(FIXTURE),
-        &SaveOptions::default(),
-    )
-    .unwrap();
-}
+/// Written once per released format by
+/// `guest-vm snapshot save --out tests/fixtures/snapshot-v1.0.gms --table-mib 1 --keys 20`.
+const FIXTURE_BUCKETS: u64 = (1 << 20) / guest_vm::workload::kvstore::BUCKET_SIZE;
+const FIXTURE_KEYS: u64 = 20;
 
 #[test]
 fn committed_fixture_of_format_1_0_restores() {
