@@ -15,7 +15,9 @@
 //! 5. [`virtio`]: secure DMA — a virtio-blk device that reaches guest memory only through its
 //!    `vmo::DmaDomain`;
 //!    [`workload`]: what runs inside a guest and its host side (the key-value store, its
-//!    model and request streams, the fleet of forked children, small test programs).
+//!    model and request streams, the fleet of forked children, small test programs);
+//!    [`snapshot`]: snapshot files — save a stopped `Guest` to a versioned, checksummed file,
+//!    restore it lazily through a file `Pager`, diffs that chain.
 //!
 //! The `guest-vm` command line (`src/bin/guest-vm/`: demo, run, fork, bench) is a binary
 //! target built on this library, not part of it.
@@ -27,6 +29,7 @@ pub mod addr;
 pub mod error;
 pub mod guest;
 pub mod memory;
+pub mod snapshot;
 pub mod sys;
 pub mod virtio;
 pub mod vmm;

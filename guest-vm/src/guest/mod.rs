@@ -60,10 +60,23 @@ fn new_backend(frames: &HostFrames, mem_size: u64) -> Result<(Arc<Reservation>, 
 impl Guest {
     /// A fresh guest with `mem_size` bytes of RAM at GPA 0 (nothing committed yet).
     pub fn new(frames: &HostFrames, mem_size: u64) -> Result<Self> {
+        Self::with_layout(frames, mem_size, |vmar| {
+            let ram = Vmo::new(&frames.pool, mem_size, VmoFlags::empty())?;
+            vmar.map(&ram, 0, mem_size, MapOptions::specific(0, VmPerms::RW))?;
+            Ok(())
+        })
+    }
+
+    /// A guest of `mem_size` bytes whose memory layout `layout` builds on the fresh root Vmar
+    /// before the VM exists (a restore maps its pager-backed Vmos this way).
+    pub fn with_layout(
+        frames: &HostFrames,
+        mem_size: u64,
+        layout: impl FnOnce(&Vmar<KvmStage2>) -> Result<()>,
+    ) -> Result<Self> {
         let (res, stage2) = new_backend(frames, mem_size)?;
         let vmar = Vmar::new_root(mem_size, stage2)?;
-        let ram = Vmo::new(&frames.pool, mem_size, VmoFlags::empty())?;
-        vmar.map(&ram, 0, mem_size, MapOptions::specific(0, VmPerms::RW))?;
+        layout(&vmar)?;
         let mut vm = GuestVm::new(res, vmar.clone())?;
         vm.set_memory_access(vmar.clone());
         Ok(Guest {

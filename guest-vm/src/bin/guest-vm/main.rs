@@ -4,7 +4,8 @@
 //!   concurrently, verify isolation, reset, and print a report ending in a `VERDICT:` line;
 //! - `guest-vm fork --children N` — the same without the reset phase;
 //! - `guest-vm run`   — boot one guest and serve a checked request stream;
-//! - `guest-vm bench` — our paths side by side with the kernel's (medians and ratios).
+//! - `guest-vm bench` — our paths side by side with the kernel's (medians and ratios);
+//! - `guest-vm snapshot save|restore|inspect` — snapshot files ([`snapshot`]).
 //!
 //! Exit status: 0 on success, 1 when a check fails or the host cannot run guests (the message
 //! says what is missing), 2 for bad command-line input. Logs go to stderr through `tracing`
@@ -27,6 +28,7 @@ mod demo;
 mod demo_report;
 mod measure;
 mod run;
+mod snapshot;
 
 use demo::{DemoOptions, MAX_CHILDREN, MAX_TABLE_MIB};
 
@@ -87,6 +89,11 @@ enum Cmd {
     },
     /// Our fork / fault / copy / reset paths side by side with the kernel's.
     Bench(BenchArgs),
+    /// Snapshot files: save a guest, restore it in another process, inspect a file.
+    Snapshot {
+        #[command(subcommand)]
+        cmd: snapshot::SnapshotCmd,
+    },
 }
 
 #[derive(Args)]
@@ -195,6 +202,7 @@ fn run(cmd: Cmd) -> Result<bool, guest_vm::Error> {
             }
             Ok(true)
         }
+        Cmd::Snapshot { cmd } => snapshot::run(cmd),
         Cmd::Bench(a) => {
             let opts = bench::BenchOptions {
                 sizes_mib: a.sizes,

@@ -18,8 +18,9 @@
 //! partial table presented as complete.
 //!
 //! Children: [`baseline`] (the kernel mechanisms measured beside ours), `reset` (the reset-cycle
-//! rows: restore vs drop policy, reset alone vs memcpy, flatness in guest size) and [`print`]
-//! (the table).
+//! rows: restore vs drop policy, reset alone vs memcpy, flatness in guest size), `snapshot` (the
+//! snapshot-file rows: save vs write, restore flatness, diff-save pause) and [`print`] (the
+//! table).
 
 use std::time::{Duration, Instant};
 
@@ -34,6 +35,7 @@ use baseline::{self as base, OverlayKind};
 pub mod baseline;
 pub mod print;
 mod reset;
+mod snapshot;
 
 /// Fault-around window of the streaming row (pages).
 const STREAM_WINDOW: u64 = 32;
@@ -422,6 +424,7 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
     fault_rows(o, &frames, &mut rows)?;
     cow_rows(o, &frames, &mut rows)?;
     reset::reset_rows(o, &frames, &mut rows)?;
+    snapshot::snapshot_rows(o, &frames, &mut rows)?;
     Ok(BenchReport {
         options: o.clone(),
         rows,

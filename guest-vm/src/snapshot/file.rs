@@ -1,0 +1,344 @@
+//! `SnapshotFile`: one snapshot file opened read-only and fully checked — everything but the
+//! page bytes — before anything uses it; afterwards it serves page reads for the pagers.
+//!
+//! `open` checks, in order: the path is a regular file; the header (CRC, magic, major, arch,
+//! page size, features; `format.rs`); every section lies inside the file (else `Truncated`);
+//! the metadata sections' CRCs; the vCPU and layout sections parse; the index is sorted, names
+//! known Vmos and pages inside them, and its stored-page count matches the page section's
+//! length (`PageCountMismatch`). `verify_pages` also hashes every stored page (`--verify`).
+//!
+//! Immutability (what makes `SnapshotAtLeastOnWrite` exact for a restored guest): the file is
+//! held open read-only for as long as a pager uses it; the saver never writes an existing file
+//! in place (it renames a new one over the name, which leaves this open file untouched). Every
+//! page read `fstat`s the held descriptor and refuses the read (`FileChanged`) if size, mtime or
+//! ctime moved since `open` — ctime cannot be set back by any user, so any write through any
+//! descriptor is caught at the next read; and every page is checked against its hash. Not
+//! detectable: a write that lands between the `fstat` and the `pread` of one page and keeps its
+//! hash (i.e. none that changes the page's bytes, barring an xxh3 collision).
+
+use std::fs::File;
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use super::error::{SnapResult, SnapshotError};
+use super::format::{
+    page_hash, Header, Identity, IndexEntry, SectionKind, HEADER_LEN, INDEX_ENTRY_LEN, PAGE,
+};
+use super::sections::{decode, LayoutSection, VcpuSection};
+use crate::vmm::vcpu_state::VcpuState;
+
+/// Where a page of one Vmo is in one file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Slot {
+    /// Stored at this file offset with this hash.
+    Data { offset: u64, hash: u64 },
+    /// Recorded as all zeros.
+    Zero,
+}
+
+/// Size, times and identity of the open file, compared at every page read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(m: &std::fs::Metadata) -> Stamp {
+        Stamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }
+    }
+}
+
+/// An open, checked snapshot file.
+pub struct SnapshotFile {
+    path: PathBuf,
+    file: File,
+    stamp: Stamp,
+    pub header: Header,
+    pub layout: LayoutSection,
+    vcpu: Vec<u8>,
+    /// Per Vmo: (page, slot), sorted by page.
+    pages: Vec<Vec<(u64, Slot)>>,
+    /// Stored (data) pages and zero entries.
+    pub data_pages: u64,
+    pub zero_pages: u64,
+}
+
+fn kind_of(ft: std::fs::FileType) -> &'static str {
+    if ft.is_dir() {
+        "directory"
+    } else if ft.is_symlink() {
+        "symbolic link"
+    } else if ft.is_block_device() {
+        "block device"
+    } else if ft.is_char_device() {
+        "character device"
+    } else if ft.is_fifo() {
+        "fifo"
+    } else if ft.is_socket() {
+        "socket"
+    } else {
+        "special file"
+    }
+}
+
+fn read_exact_at(file: &File, path: &Path, buf: &mut [u8], offset: u64) -> SnapResult<()> {
+    file.read_exact_at(buf, offset)
+        .map_err(|e| SnapshotError::io("read", path, e))
+}
+
+impl SnapshotFile {
+    /// Opens and checks `path` (see the module documentation).
+    pub fn open(path: &Path) -> SnapResult<SnapshotFile> {
+        let meta = std::fs::metadata(path).map_err(|e| SnapshotError::io("stat", path, e))?;
+        if !meta.file_type().is_file() {
+            return Err(SnapshotError::NotRegularFile {
+                path: path.to_path_buf(),
+                kind: kind_of(meta.file_type()),
+            });
+        }
+        let file = File::open(path).map_err(|e| SnapshotError::io("open", path, e))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| SnapshotError::io("fstat", path, e))?;
+        if !meta.file_type().is_file() {
+            return Err(SnapshotError::NotRegularFile {
+                path: path.to_path_buf(),
+                kind: kind_of(meta.file_type()),
+            });
+        }
+        let stamp = Stamp::of(&meta);
+        let size = stamp.size;
+        if size < HEADER_LEN as u64 {
+            return Err(SnapshotError::Truncated {
+                what: "header",
+                need: HEADER_LEN as u64,
+                have: size,
+            });
+        }
+        let mut hb = [0u8; HEADER_LEN];
+        read_exact_at(&file, path, &mut hb, 0)?;
+        let header = Header::decode(&hb)?;
+        for kind in SectionKind::ALL {
+            let s = header.section(kind);
+            if s.offset.checked_add(s.length).is_none_or(|e| e > size) {
+                return Err(SnapshotError::Truncated {
+                    what: kind.name(),
+                    need: s.end(),
+                    have: size,
+                });
+            }
+        }
+        let section = |kind: SectionKind| -> SnapResult<Vec<u8>> {
+            let s = header.section(kind);
+            let mut buf = vec![0u8; s.length as usize];
+            read_exact_at(&file, path, &mut buf, s.offset)?;
+            let computed = crc32fast::hash(&buf);
+            if computed != s.crc32 {
+                return Err(SnapshotError::SectionChecksum {
+                    section: kind.name(),
+                    stored: s.crc32,
+                    computed,
+                });
+            }
+            Ok(buf)
+        };
+        let index = section(SectionKind::PageIndex)?;
+        let layout_bytes = section(SectionKind::Layout)?;
+        let vcpu = section(SectionKind::Vcpu)?;
+        let layout: LayoutSection = decode("layout", &layout_bytes)?;
+        layout
+            .validate()
+            .map_err(|detail| SnapshotError::Malformed {
+                section: "layout",
+                detail,
+            })?;
+        if layout.mem_size != header.mem_size {
+            return Err(SnapshotError::Malformed {
+                section: "layout",
+                detail: format!(
+                    "guest size {:#x}, header says {:#x}",
+                    layout.mem_size, header.mem_size
+                ),
+            });
+        }
+        // Parse the vCPU state now so a bad one is refused before any VM exists.
+        decode::<VcpuSection>("vcpu", &vcpu)?;
+        let identity = header.compute_identity(&index);
+        if identity != header.identity {
+            return Err(SnapshotError::Malformed {
+                section: "header",
+                detail: format!("identity {} recorded, {identity} computed", header.identity),
+            });
+        }
+        let pages_section = header.section(SectionKind::Pages);
+        let (pages, data_pages, zero_pages) = parse_index(&index, &layout, pages_section.offset)?;
+        if data_pages.checked_mul(PAGE) != Some(pages_section.length)
+            || !pages_section.offset.is_multiple_of(PAGE)
+        {
+            return Err(SnapshotError::PageCountMismatch {
+                index_data_pages: data_pages,
+                page_section_bytes: pages_section.length,
+            });
+        }
+        Ok(SnapshotFile {
+            path: path.to_path_buf(),
+            file,
+            stamp,
+            header,
+            layout,
+            vcpu,
+            pages,
+            data_pages,
+            zero_pages,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn identity(&self) -> Identity {
+        self.header.identity
+    }
+
+    /// The saved vCPU state (parsed once already by `open`).
+    pub fn vcpu_state(&self) -> SnapResult<VcpuState> {
+        Ok(decode::<VcpuSection>("vcpu", &self.vcpu)?.into_state())
+    }
+
+    /// Where page `page` of Vmo `vmo` is in this file, if the file has it.
+    pub fn slot(&self, vmo: u32, page: u64) -> Option<Slot> {
+        let v = self.pages.get(vmo as usize)?;
+        v.binary_search_by_key(&page, |(p, _)| *p)
+            .ok()
+            .map(|i| v[i].1)
+    }
+
+    /// Every (page, slot) this file has for Vmo `vmo`, by page.
+    pub fn pages_of(&self, vmo: u32) -> &[(u64, Slot)] {
+        self.pages.get(vmo as usize).map_or(&[], Vec::as_slice)
+    }
+
+    /// Reads and verifies one stored page (and that the file has not changed since `open`).
+    pub fn read_page(
+        &self,
+        vmo: u32,
+        page: u64,
+        offset: u64,
+        hash: u64,
+        buf: &mut [u8],
+    ) -> SnapResult<()> {
+        self.check_unchanged()?;
+        read_exact_at(&self.file, &self.path, buf, offset)?;
+        let computed = page_hash(buf);
+        if computed != hash {
+            return Err(SnapshotError::PageChecksum {
+                vmo,
+                page,
+                stored: hash,
+                computed,
+            });
+        }
+        Ok(())
+    }
+
+    /// `FileChanged` if the open file's size or times moved since `open`.
+    pub fn check_unchanged(&self) -> SnapResult<()> {
+        let m = self
+            .file
+            .metadata()
+            .map_err(|e| SnapshotError::io("fstat", &self.path, e))?;
+        let now = Stamp::of(&m);
+        if now != self.stamp {
+            return Err(SnapshotError::FileChanged {
+                path: self.path.clone(),
+                detail: format!(
+                    "size {} → {}, mtime {:?} → {:?}, ctime {:?} → {:?}",
+                    self.stamp.size,
+                    now.size,
+                    self.stamp.mtime,
+                    now.mtime,
+                    self.stamp.ctime,
+                    now.ctime
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Hashes every stored page now (the `--verify` option); the first bad one is the error.
+    pub fn verify_pages(&self) -> SnapResult<()> {
+        let mut buf = vec![0u8; PAGE as usize];
+        for (vmo, v) in self.pages.iter().enumerate() {
+            for (page, slot) in v {
+                if let Slot::Data { offset, hash } = slot {
+                    self.read_page(vmo as u32, *page, *offset, *hash, &mut buf)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Splits the index into per-Vmo sorted slot lists, checking every entry.
+type ParsedIndex = (Vec<Vec<(u64, Slot)>>, u64, u64);
+
+fn parse_index(index: &[u8], layout: &LayoutSection, pages_at: u64) -> SnapResult<ParsedIndex> {
+    if !index.len().is_multiple_of(INDEX_ENTRY_LEN) {
+        return Err(SnapshotError::Malformed {
+            section: "page-index",
+            detail: format!("{} bytes is not a whole number of entries", index.len()),
+        });
+    }
+    let mut out: Vec<Vec<(u64, Slot)>> = vec![Vec::new(); layout.vmos.len()];
+    let (mut data, mut zeros) = (0u64, 0u64);
+    let mut prev: Option<(u32, u64)> = None;
+    for (i, chunk) in index.chunks_exact(INDEX_ENTRY_LEN).enumerate() {
+        let e = IndexEntry::decode(chunk);
+        let bad = |detail: String| SnapshotError::BadIndexEntry {
+            entry: i as u64,
+            detail,
+        };
+        let Some(desc) = layout.vmos.get(e.vmo as usize) else {
+            return Err(bad(format!("vmo {} of {}", e.vmo, layout.vmos.len())));
+        };
+        if e.page >= desc.size / PAGE {
+            return Err(bad(format!(
+                "page {} past the end of vmo {} ({} pages)",
+                e.page,
+                e.vmo,
+                desc.size / PAGE
+            )));
+        }
+        if e.flags & !super::format::ENTRY_ZERO != 0 {
+            return Err(bad(format!("unknown flags {:#x}", e.flags)));
+        }
+        if prev.is_some_and(|p| p >= (e.vmo, e.page)) {
+            return Err(bad("out of order or duplicated".into()));
+        }
+        prev = Some((e.vmo, e.page));
+        let slot = if e.is_zero() {
+            zeros += 1;
+            Slot::Zero
+        } else {
+            let offset = pages_at + data * PAGE;
+            data += 1;
+            Slot::Data {
+                offset,
+                hash: e.hash,
+            }
+        };
+        out[e.vmo as usize].push((e.page, slot));
+    }
+    Ok((out, data, zeros))
+}
