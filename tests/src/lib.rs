@@ -10,6 +10,9 @@
 //! Stage2 lock, so (like a TLB that the unmapper flushes) an access never reaches a frame that
 //! was unmapped and freed before it.
 
+pub mod inject;
+pub mod model;
+
 use std::sync::Arc;
 
 use ept::{Access, FaultInfo, FaultKind, HeapPhysMem, S2Perms, Stage2};
