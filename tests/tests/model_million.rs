@@ -49,6 +49,11 @@ fn run<S: ept::Stage2 + Send + 'static>(name: &str, setup: fn() -> Setup<S>) {
         sum.ops += s.ops;
         sum.errors += s.errors;
         sum.full_checks += s.full_checks;
+        for (k, (ok, err)) in s.by_op {
+            let e = sum.by_op.entry(k).or_default();
+            e.0 += ok;
+            e.1 += err;
+        }
         seed += 1;
     }
     let secs = start.elapsed().as_secs_f64();
@@ -60,6 +65,9 @@ fn run<S: ept::Stage2 + Send + 'static>(name: &str, setup: fn() -> Setup<S>) {
         seed - first_seed(),
         sum.ops as f64 / secs
     );
+    for (k, (ok, err)) in &sum.by_op {
+        println!("  {k:<16} {ok:>8} ok {err:>8} failed");
+    }
     assert!(sum.ops >= total);
 }
 

@@ -52,8 +52,10 @@ impl Default for Options {
 }
 
 /// What a run did.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Stats {
+    /// Per operation kind: (succeeded, failed).
+    pub by_op: BTreeMap<&'static str, (u64, u64)>,
     pub ops: u64,
     pub errors: u64,
     pub full_checks: u64,
@@ -154,11 +156,23 @@ impl<S: Stage2 + Send + 'static> Harness<S> {
         let vmos: Vec<(usize, u64)> = (0..self.vmos.len())
             .filter_map(|i| Some((i, self.vmos[i].as_ref()?.size())))
             .collect();
-        let op = decode(src, &Choices { regions: &regions, spaces: &spaces, vmos: &vmos });
+        let mut mapped = Vec::new();
+        for &(space, _) in &spaces {
+            let root = self.model.spaces[space].root;
+            for (b, m) in &self.model.spaces[space].mappings {
+                mapped.push((root, space, *b, m.len));
+            }
+        }
+        let choices = Choices { regions: &regions, spaces: &spaces, vmos: &vmos, mapped: &mapped };
+        let op = decode(src, &choices);
         let before = fired(&self.setup);
         let ok = self.apply(&op, before);
         self.stats.ops += 1;
-        if !ok {
+        let e = self.stats.by_op.entry(op.name()).or_default();
+        if ok {
+            e.0 += 1;
+        } else {
+            e.1 += 1;
             self.stats.errors += 1;
         }
         if self.stats.ops.is_multiple_of(self.opts.check_every) {
@@ -523,7 +537,7 @@ impl<S: Stage2 + Send + 'static> Harness<S> {
     /// data frames in the pool, table frames in the `HeapPhysMem`.
     pub fn finish(mut self) -> Stats {
         self.full_check("before teardown");
-        let stats = self.stats;
+        let stats = self.stats.clone();
         let Harness { setup, vmars, vmos, .. } = self;
         drop(vmars);
         drop(vmos);

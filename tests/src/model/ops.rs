@@ -34,12 +34,53 @@ pub enum Op {
     DropSpace { space: usize },
 }
 
+impl Op {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::NewVmo { .. } => "new_vmo",
+            Op::DropVmo { .. } => "drop_vmo",
+            Op::Map { .. } => "map",
+            Op::Unmap { .. } => "unmap",
+            Op::Protect { .. } => "protect",
+            Op::Allocate { .. } => "allocate",
+            Op::Destroy { .. } => "destroy",
+            Op::Fork { .. } => "fork",
+            Op::Reset { .. } => "reset",
+            Op::SetResetPoint { .. } => "set_reset_point",
+            Op::Query { .. } => "query",
+            Op::Fault { .. } => "handle_fault",
+            Op::GuestWrite { .. } => "guest_write",
+            Op::GuestRead { .. } => "guest_read",
+            Op::VmoWrite { .. } => "vmo_write",
+            Op::VmoRead { .. } => "vmo_read",
+            Op::Commit { .. } => "commit",
+            Op::Decommit { .. } => "decommit",
+            Op::Resize { .. } => "resize",
+            Op::DropSpace { .. } => "drop_space",
+        }
+    }
+}
+
 /// What the decoder may choose from: `regions[i]` = (region index, region length),
 /// `spaces[i]` = (space index, space size), `vmos[i]` = (vmo index, size).
 pub struct Choices<'a> {
     pub regions: &'a [(usize, u64)],
     pub spaces: &'a [(usize, u64)],
     pub vmos: &'a [(usize, u64)],
+    /// Mappings the reference knows of: (root region of its space, space, base, len).
+    pub mapped: &'a [(usize, usize, u64, u64)],
+}
+
+/// A range inside a known mapping, for a region-relative operation on its space's root.
+fn in_mapping(src: &mut dyn Source, c: &Choices) -> Option<(usize, usize, u64, u64)> {
+    if c.mapped.is_empty() || src.byte() % 4 == 0 {
+        return None;
+    }
+    let (root, space, base, len) = c.mapped[src.pick(c.mapped.len())];
+    let pages = len / P;
+    let first = src.pick(pages as usize) as u64;
+    let n = 1 + src.pick((pages - first) as usize) as u64;
+    Some((root, space, base + first * P, n * P))
 }
 
 fn perms(src: &mut dyn Source) -> VmPerms {
@@ -113,24 +154,39 @@ pub fn decode(src: &mut dyn Source, c: &Choices) -> Op {
         4 => Op::DropVmo { v },
         5..=11 => {
             let flags = src.byte();
+            let plain = flags & 0x30 != 0;
             let vmo_offset = match src.byte() % 4 {
+                _ if plain => 0,
                 0 | 1 => 0,
                 2 => P * (src.byte() as u64 % 8),
                 _ => src.offset(vsize),
             };
+            let len = if plain { vsize.max(P) } else { src.length(vsize.max(P)) };
+            let placement = if plain && flags & 0x40 != 0 {
+                Placement::Anywhere { align: P }
+            } else {
+                placement(src, rlen, true)
+            };
+            let perms = if plain && flags & 0x80 != 0 { VmPerms::RW } else { perms(src) };
             Op::Map {
                 region,
                 vmo: v,
                 vmo_offset,
-                len: src.length(vsize.max(P)),
-                placement: placement(src, rlen, true),
-                perms: perms(src),
+                len,
+                placement,
+                perms,
                 allow_faults: flags & 3 != 0,
-                shared: flags & 4 != 0,
+                shared: flags & 4 != 0 && flags & 8 != 0,
             }
         }
-        12..=14 => Op::Unmap { region, offset: src.offset(rlen), len: src.length(rlen) },
-        15..=17 => Op::Protect { region, offset: src.offset(rlen), len: src.length(rlen), perms: perms(src) },
+        12..=14 => match in_mapping(src, c) {
+            Some((root, _, off, len)) => Op::Unmap { region: root, offset: off, len },
+            None => Op::Unmap { region, offset: src.offset(rlen), len: src.length(rlen) },
+        },
+        15..=17 => match in_mapping(src, c) {
+            Some((root, _, off, len)) => Op::Protect { region: root, offset: off, len, perms: perms(src) },
+            None => Op::Protect { region, offset: src.offset(rlen), len: src.length(rlen), perms: perms(src) },
+        },
         18..=19 => Op::Allocate {
             region,
             placement: {
@@ -140,19 +196,33 @@ pub fn decode(src: &mut dyn Source, c: &Choices) -> Op {
             len: src.length(rlen),
             may: may(src),
         },
-        20 => Op::Destroy { region },
+        20 if src.byte() % 8 == 0 => Op::Destroy { region },
         21..=22 => Op::Fork { region },
         23..=24 => Op::Reset { region },
         25 => Op::SetResetPoint { region },
         26 => Op::Query { region, gpa: src.offset(ssize) },
-        27..=29 => Op::Fault { region, gpa: src.offset(ssize), write: src.bool() },
-        30..=35 => Op::GuestWrite {
-            space,
-            gpa: src.offset(ssize).min(ssize + 4 * P),
-            len: src.io_len(),
-            val: src.byte() | 1,
+        27..=29 => match in_mapping(src, c) {
+            Some((root, _, gpa, _)) => Op::Fault { region: root, gpa: gpa + src.u16() as u64 % P, write: src.bool() },
+            None => Op::Fault { region, gpa: src.offset(ssize), write: src.bool() },
         },
-        36..=39 => Op::GuestRead { space, gpa: src.offset(ssize).min(ssize + 4 * P), len: src.io_len() },
+        30..=35 => match in_mapping(src, c) {
+            Some((_, space, gpa, len)) => Op::GuestWrite {
+                space,
+                gpa: gpa + src.u16() as u64 % len,
+                len: src.io_len(),
+                val: src.byte() | 1,
+            },
+            None => Op::GuestWrite {
+                space,
+                gpa: src.offset(ssize).min(ssize + 4 * P),
+                len: src.io_len(),
+                val: src.byte() | 1,
+            },
+        },
+        36..=39 => match in_mapping(src, c) {
+            Some((_, space, gpa, len)) => Op::GuestRead { space, gpa: gpa + src.u16() as u64 % len, len: src.io_len() },
+            None => Op::GuestRead { space, gpa: src.offset(ssize).min(ssize + 4 * P), len: src.io_len() },
+        },
         40..=44 => Op::VmoWrite { v, offset: src.offset(vsize), len: src.io_len(), val: src.byte() | 1 },
         45..=47 => Op::VmoRead { v, offset: src.offset(vsize), len: src.io_len() },
         48..=50 => Op::Commit { v, offset: src.offset(vsize), len: src.length(vsize) },
@@ -162,7 +232,7 @@ pub fn decode(src: &mut dyn Source, c: &Choices) -> Op {
             let size = if size > 64 * P && size < 1 << 52 { 2 * P } else { size };
             Op::Resize { v, size }
         }
-        58 => Op::DropSpace { space },
+        58 if src.byte() % 4 == 0 => Op::DropSpace { space },
         _ => Op::GuestWrite { space, gpa: src.offset(ssize).min(ssize + 4 * P), len: 1, val: src.byte() | 1 },
     }
 }
