@@ -1,6 +1,6 @@
 //! The million-operation run of the Vmar model (`conformance::model`): seeded episodes of
 //! random operations on the EPT and NPT software backends, each checked against the byte-level
-//! reference after every operation (results) and every 32 (full check), each ending with the
+//! reference after every operation (results) and every 16 (full check), each ending with the
 //! teardown accounting check (no data or table frame left).
 //!
 //! Size: `GUESTMEM_MODEL_OPS` operations per backend (default 1,000,000 in release builds,
@@ -38,7 +38,7 @@ fn run<S: ept::Stage2 + Send + 'static>(name: &str, setup: fn() -> Setup<S>) {
     while done < total {
         let opts = Options {
             root_pages: 48,
-            check_every: 32,
+            check_every: 16,
             max_ops: EPISODE.min(total - done),
         };
         let mut h = Harness::new(setup(), opts);

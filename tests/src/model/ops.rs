@@ -144,6 +144,7 @@ pub fn decode(src: &mut dyn Source, c: &Choices) -> Op {
         };
     }
     match kind {
+        0..=3 if c.vmos.len() >= 24 => Op::DropVmo { v },
         0..=3 => {
             let size = vmo_size(src);
             let flags = src.byte();
@@ -197,7 +198,9 @@ pub fn decode(src: &mut dyn Source, c: &Choices) -> Op {
             may: may(src),
         },
         20 if src.byte() % 8 == 0 => Op::Destroy { region },
-        21..=22 => Op::Fork { region },
+        // Bounded state: past 6 live spaces a fork becomes a drop, so checks stay cheap.
+        21..=22 if c.spaces.len() < 6 => Op::Fork { region },
+        21..=22 => Op::DropSpace { space },
         23..=24 => Op::Reset { region },
         25 => Op::SetResetPoint { region },
         26 => Op::Query { region, gpa: src.offset(ssize) },
