@@ -47,6 +47,8 @@ pub struct Injector {
     plan: Mutex<Plan>,
     ops: AtomicU64,
     fired: AtomicU64,
+    /// While set, operations are neither counted nor failed (the checker's own reads).
+    paused: std::sync::atomic::AtomicBool,
 }
 
 impl Injector {
@@ -55,6 +57,7 @@ impl Injector {
             plan: Mutex::new(plan),
             ops: AtomicU64::new(0),
             fired: AtomicU64::new(0),
+            paused: std::sync::atomic::AtomicBool::new(false),
         })
     }
     /// Replaces the plan and restarts the operation count.
@@ -62,8 +65,15 @@ impl Injector {
         *self.plan.lock().unwrap() = plan;
         self.ops.store(0, Ordering::SeqCst);
     }
+    /// Stops (`true`) or resumes counting and failing.
+    pub fn pause(&self, paused: bool) {
+        self.paused.store(paused, Ordering::SeqCst);
+    }
     /// Counts one operation; whether it must fail.
     pub fn hit(&self) -> bool {
+        if self.paused.load(Ordering::SeqCst) {
+            return false;
+        }
         let n = self.ops.fetch_add(1, Ordering::SeqCst) + 1;
         let fail = match *self.plan.lock().unwrap() {
             Plan::Never => false,

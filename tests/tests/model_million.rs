@@ -40,6 +40,7 @@ fn run<S: ept::Stage2 + Send + 'static>(name: &str, setup: fn() -> Setup<S>) {
             root_pages: 48,
             check_every: 16,
             max_ops: EPISODE.min(total - done),
+            pagers: false,
         };
         let mut h = Harness::new(setup(), opts);
         let mut rng = Rng::new(seed);

@@ -39,6 +39,8 @@ pub struct Options {
     pub check_every: u64,
     /// Most operations `run` executes.
     pub max_ops: u64,
+    /// Make every non-resizable new Vmo pager-backed (pager failure injection).
+    pub pagers: bool,
 }
 
 impl Default for Options {
@@ -47,6 +49,7 @@ impl Default for Options {
             root_pages: 48,
             check_every: 1,
             max_ops: 4096,
+            pagers: false,
         }
     }
 }
@@ -226,6 +229,7 @@ impl<S: Stage2 + Send + 'static> Harness<S> {
     fn apply(&mut self, op: &Op, before: u64) -> bool {
         match *op {
             Op::NewVmo { size, resizable, pager } => {
+                let pager = pager || (self.opts.pagers && !resizable);
                 let flags = if resizable { VmoFlags::RESIZABLE } else { VmoFlags::empty() };
                 let real = if pager {
                     self.seed = self.seed.wrapping_add(1);
@@ -426,6 +430,17 @@ impl<S: Stage2 + Send + 'static> Harness<S> {
 
     /// The full check (see the module doc); `when` names the point for the failure message.
     pub fn full_check(&mut self, when: &str) {
+        // The check's own reads (which commit pager pages) must not meet injected failures.
+        for i in &self.setup.injectors {
+            i.pause(true);
+        }
+        self.check_now(when);
+        for i in &self.setup.injectors {
+            i.pause(false);
+        }
+    }
+
+    fn check_now(&mut self, when: &str) {
         self.stats.full_checks += 1;
         let mut translated: BTreeMap<u64, Vec<Vmo>> = BTreeMap::new();
         let mut writable: Vec<(usize, u64, u64)> = Vec::new();

@@ -38,6 +38,7 @@ pub fn run_bytes(data: &[u8]) -> Stats {
         root_pages: 32,
         check_every: 1,
         max_ops: 512,
+        pagers: false,
     };
     let mut src = Bytes::new(rest);
     if first & 1 == 0 {
