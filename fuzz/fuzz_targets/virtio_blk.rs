@@ -175,7 +175,8 @@ fn one(w: &mut World, data: &[u8]) {
         assert!(snapshot(w, l.bulk().0, l.bulk().1) == bulk_before, "a refused request wrote bulk");
     }
     if let Ok((done, _)) = &result {
-        assert!(done.len() <= 1, "one request published, {} served", done.len());
+        // One request published, but a fuzzed avail index may announce up to a queue's worth.
+        assert!(done.len() <= usize::from(QUEUE_SIZE), "{} chains served", done.len());
     }
     // Undo what a served request may legitimately have written, for the next input.
     w.rig.drv.ram().fill(l.data().0, l.data().1 as usize, 0).unwrap();
