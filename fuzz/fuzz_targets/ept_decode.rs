@@ -6,7 +6,9 @@
 //! inputs that are not second-level faults.
 #![no_main]
 
-use ept::fault::{ept_qual, npf_info, SVM_EXIT_NPF, VMX_EXIT_EPT_MISCONFIG, VMX_EXIT_EPT_VIOLATION};
+use ept::fault::{
+    ept_qual, npf_info, SVM_EXIT_NPF, VMX_EXIT_EPT_MISCONFIG, VMX_EXIT_EPT_VIOLATION,
+};
 use ept::{decode_svm_exit, decode_vmx_exit, Access, DecodeError, FaultKind};
 use libfuzzer_sys::fuzz_target;
 
@@ -33,18 +35,29 @@ fuzz_target!(|data: &[u8]| {
     } else {
         match reason & 0xffff {
             VMX_EXIT_EPT_VIOLATION if qual & 7 == 0 => {
-                assert_eq!(r, Err(DecodeError::NoAccess { qualification: qual }))
+                assert_eq!(
+                    r,
+                    Err(DecodeError::NoAccess {
+                        qualification: qual
+                    })
+                )
             }
             VMX_EXIT_EPT_VIOLATION => {
                 let f = r.expect("an EPT violation with an access decodes");
                 assert_eq!(f.gpa, gpa);
                 assert_eq!(f.access.contains(Access::READ), qual & ept_qual::READ != 0);
-                assert_eq!(f.access.contains(Access::WRITE), qual & ept_qual::WRITE != 0);
+                assert_eq!(
+                    f.access.contains(Access::WRITE),
+                    qual & ept_qual::WRITE != 0
+                );
                 assert_eq!(f.access.contains(Access::EXEC), qual & ept_qual::FETCH != 0);
                 assert_eq!(f.kind == FaultKind::NotPresent, qual & 0x38 == 0);
                 let gla_valid = qual & ept_qual::GLA_VALID != 0;
                 assert_eq!(f.gla, gla_valid.then_some(gla));
-                assert_eq!(f.guest_walk, gla_valid && qual & ept_qual::FINAL_TRANSLATION == 0);
+                assert_eq!(
+                    f.guest_walk,
+                    gla_valid && qual & ept_qual::FINAL_TRANSLATION == 0
+                );
                 assert_eq!(f.nmi_unblocking, qual & ept_qual::NMI_UNBLOCKING != 0);
             }
             VMX_EXIT_EPT_MISCONFIG => assert_eq!(r, Err(DecodeError::EptMisconfig { gpa })),
@@ -67,8 +80,14 @@ fuzz_target!(|data: &[u8]| {
         } else {
             Access::READ
         };
-        assert_eq!((f.gpa, f.access, f.gla, f.nmi_unblocking), (gpa, want, None, false));
-        assert_eq!(f.kind == FaultKind::Permission, qual & npf_info::PRESENT != 0);
+        assert_eq!(
+            (f.gpa, f.access, f.gla, f.nmi_unblocking),
+            (gpa, want, None, false)
+        );
+        assert_eq!(
+            f.kind == FaultKind::Permission,
+            qual & npf_info::PRESENT != 0
+        );
         assert_eq!(f.guest_walk, qual & npf_info::GUEST_PAGE_TABLE != 0);
     }
 });

@@ -62,7 +62,9 @@ impl Model {
                 return Ok(Some(old));
             }
         }
-        if self.containing(gpa).is_some() || self.leaves.range(gpa..gpa + leaf.size).next().is_some() {
+        if self.containing(gpa).is_some()
+            || self.leaves.range(gpa..gpa + leaf.size).next().is_some()
+        {
             return Err(Error::AlreadyExists);
         }
         self.leaves.insert(gpa, leaf);
@@ -79,7 +81,14 @@ impl Model {
             self.leaves.remove(&g);
             let child = l.size / 512;
             for i in 0..512 {
-                self.leaves.insert(g + i * child, Leaf { size: child, pa: l.pa + i * child, ..l });
+                self.leaves.insert(
+                    g + i * child,
+                    Leaf {
+                        size: child,
+                        pa: l.pa + i * child,
+                        ..l
+                    },
+                );
             }
         }
     }
@@ -88,7 +97,9 @@ impl Model {
         self.split_at(s, &|_| true);
         self.split_at(e, &|_| true);
         let keys: Vec<u64> = self.leaves.range(s..e).map(|(g, _)| *g).collect();
-        keys.iter().map(|g| self.leaves.remove(g).unwrap().size / K4).sum()
+        keys.iter()
+            .map(|g| self.leaves.remove(g).unwrap().size / K4)
+            .sum()
     }
 
     fn protect(&mut self, s: u64, e: u64, perms: S2Perms) -> u64 {
@@ -142,11 +153,28 @@ impl In<'_> {
         }
     }
     fn len(&mut self) -> u64 {
-        [K4, 2 * K4, 511 * K4, M2, M2 + K4, G1, G1 + M2 + K4, 3 * G1, 0, 5, u64::MAX & !(K4 - 1), 4 * K4]
-            [self.b() as usize % 12]
+        [
+            K4,
+            2 * K4,
+            511 * K4,
+            M2,
+            M2 + K4,
+            G1,
+            G1 + M2 + K4,
+            3 * G1,
+            0,
+            5,
+            u64::MAX & !(K4 - 1),
+            4 * K4,
+        ][self.b() as usize % 12]
     }
     fn perms(&mut self) -> S2Perms {
-        [S2Perms::READ, S2Perms::RW, S2Perms::READ | S2Perms::EXEC, S2Perms::RWX][self.b() as usize % 4]
+        [
+            S2Perms::READ,
+            S2Perms::RW,
+            S2Perms::READ | S2Perms::EXEC,
+            S2Perms::RWX,
+        ][self.b() as usize % 4]
     }
 }
 
@@ -158,7 +186,17 @@ fn leaves_of<E: EntryFormat>(t: &Stage2Table<E, &HeapPhysMem>) -> BTreeMap<u64, 
     t.leaves(0, GPA_LIMIT)
         .unwrap()
         .into_iter()
-        .map(|x| (x.gpa, Leaf { size: x.size.bytes(), pa: x.pa, perms: x.perms, mem_type: x.mem_type }))
+        .map(|x| {
+            (
+                x.gpa,
+                Leaf {
+                    size: x.size.bytes(),
+                    pa: x.pa,
+                    perms: x.perms,
+                    mem_type: x.mem_type,
+                },
+            )
+        })
         .collect()
 }
 
@@ -175,13 +213,31 @@ fn run<E: EntryFormat>(mut t: Stage2Table<E, &HeapPhysMem>, mem: &HeapPhysMem, i
                 let gpa = inp.addr() & !(size - 1) | if inp.b() % 32 == 0 { K4 } else { 0 };
                 let pa = (u64::from(inp.b()) << 21 | u64::from(inp.b()) << 30) & !(size - 1);
                 let pa = if inp.b() % 32 == 0 { PA_LIMIT } else { pa };
-                let mem_type = [MemType::WriteBack, MemType::WriteBack, MemType::Uncacheable, MemType::WriteThrough][inp.b() as usize % 4];
-                let leaf = Leaf { size, pa, perms: inp.perms(), mem_type };
-                let got = t.map(gpa, pa, page_size(size), leaf.perms, mem_type).map(|o| o.map(tuple));
+                let mem_type = [
+                    MemType::WriteBack,
+                    MemType::WriteBack,
+                    MemType::Uncacheable,
+                    MemType::WriteThrough,
+                ][inp.b() as usize % 4];
+                let leaf = Leaf {
+                    size,
+                    pa,
+                    perms: inp.perms(),
+                    mem_type,
+                };
+                let got = t
+                    .map(gpa, pa, page_size(size), leaf.perms, mem_type)
+                    .map(|o| o.map(tuple));
                 if got == Err(Error::NoMemory) {
-                    assert_eq!(leaves_of(&t), m.leaves, "a map that found no table frame changed the table");
+                    assert_eq!(
+                        leaves_of(&t),
+                        m.leaves,
+                        "a map that found no table frame changed the table"
+                    );
                 } else {
-                    let want = m.map(gpa, leaf).map(|o| o.map(|l| (gpa, l.pa, page_size(l.size), l.perms, l.mem_type)));
+                    let want = m
+                        .map(gpa, leaf)
+                        .map(|o| o.map(|l| (gpa, l.pa, page_size(l.size), l.perms, l.mem_type)));
                     assert_eq!(got, want, "map({gpa:#x}, {pa:#x}, {size:#x})");
                 }
             }
@@ -209,7 +265,9 @@ fn run<E: EntryFormat>(mut t: Stage2Table<E, &HeapPhysMem>, mem: &HeapPhysMem, i
             }
             12 | 13 => {
                 let gpa = inp.addr().wrapping_add(u64::from(inp.b()) * 8);
-                let want = m.containing(gpa).map(|(g, l)| (g, l.pa, page_size(l.size), l.perms, l.mem_type));
+                let want = m
+                    .containing(gpa)
+                    .map(|(g, l)| (g, l.pa, page_size(l.size), l.perms, l.mem_type));
                 assert_eq!(t.query(gpa).map(tuple), want, "query({gpa:#x})");
             }
             14 => {
@@ -228,7 +286,11 @@ fn run<E: EntryFormat>(mut t: Stage2Table<E, &HeapPhysMem>, mem: &HeapPhysMem, i
             panic!("op {n}: {e}");
         }
         assert_eq!(t.table_frames(), m.frames(), "op {n}: table frames");
-        assert_eq!(mem.live_frames(), t.table_frames() + t.retired_frames(), "op {n}: live frames");
+        assert_eq!(
+            mem.live_frames(),
+            t.table_frames() + t.retired_frames(),
+            "op {n}: live frames"
+        );
         if n % 8 == 0 {
             assert_eq!(leaves_of(&t), m.leaves, "op {n}: leaves");
         }

@@ -22,7 +22,9 @@ use libfuzzer_sys::fuzz_target;
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_bindings::bindings::virtio_ring::{
+    VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+};
 use vmo::{MapOptions, VmPerms, Vmar, Vmo, VmoFlags};
 
 const P: u64 = 4096;
@@ -44,7 +46,9 @@ fn world() -> World {
     let frames = HostFrames::new(32 << 20).expect("memfd frames");
     let guest = Vmar::new_root(GUEST, DomainTable::new(HeapPhysMem::new()).unwrap()).unwrap();
     let ram = Vmo::new(&frames.pool, GUEST, VmoFlags::empty()).unwrap();
-    guest.map(&ram, 0, GUEST, MapOptions::specific(0, VmPerms::RW)).unwrap();
+    guest
+        .map(&ram, 0, GUEST, MapOptions::specific(0, VmPerms::RW))
+        .unwrap();
     let rig = BlkRig::attach(&frames, &guest, BASE, MemDisk::new(DISK).unwrap(), "fuzz").unwrap();
     World { rig, guest, frames }
 }
@@ -72,7 +76,16 @@ impl In<'_> {
 /// A buffer address: mostly inside (or straddling) the rig's regions and canaries.
 fn addr(inp: &mut In, w: &World) -> u64 {
     let l = w.rig.layout;
-    let spots = [l.data().0, l.data().0 + 16, l.used().0, l.ro().0, l.bulk().0, l.ring().0, l.base, AFTER];
+    let spots = [
+        l.data().0,
+        l.data().0 + 16,
+        l.used().0,
+        l.ro().0,
+        l.bulk().0,
+        l.ring().0,
+        l.base,
+        AFTER,
+    ];
     match inp.b() % 8 {
         0..=4 => spots[inp.b() as usize % spots.len()] + u64::from(inp.b()) * 16,
         5 => l.data().0 + l.data().1 - u64::from(inp.b() % 32),
@@ -111,7 +124,13 @@ fn one(w: &mut World, data: &[u8]) {
     w.rig.drv = BlkDriver::new(ram, l.queue(), buf, buf_len).unwrap();
 
     // A request header and status byte at the usual place, with fuzzed fields.
-    let t = [VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, inp.u32()];
+    let t = [
+        VIRTIO_BLK_T_IN,
+        VIRTIO_BLK_T_OUT,
+        VIRTIO_BLK_T_FLUSH,
+        VIRTIO_BLK_T_GET_ID,
+        inp.u32(),
+    ];
     let mut hdr = [0u8; 16];
     hdr[0..4].copy_from_slice(&t[inp.b() as usize % 5].to_le_bytes());
     let sector = match inp.b() % 4 {
@@ -141,8 +160,17 @@ fn one(w: &mut World, data: &[u8]) {
         if f & 0xf0 == 0xf0 {
             flags = inp.b() as u16 | (inp.b() as u16) << 8;
         }
-        let next = if f & 4 != 0 { inp.b() as u16 % (QUEUE_SIZE + 4) } else { i + 1 };
-        let d = RawDesc { addr: addr(&mut inp, w), len: len(&mut inp), flags, next };
+        let next = if f & 4 != 0 {
+            inp.b() as u16 % (QUEUE_SIZE + 4)
+        } else {
+            i + 1
+        };
+        let d = RawDesc {
+            addr: addr(&mut inp, w),
+            len: len(&mut inp),
+            flags,
+            next,
+        };
         w.rig.drv.set_desc(i, d).unwrap();
     }
     let head = if inp.b() % 8 == 0 { inp.b() as u16 } else { 0 };
@@ -162,25 +190,57 @@ fn one(w: &mut World, data: &[u8]) {
     let result = w.rig.dev.process_queue();
 
     assert_eq!(w.rig.canary_damage().unwrap(), 0, "canary pages written");
-    assert!(snapshot(w, l.ring().0, l.ring().1) == ring, "device wrote its read-only ring region");
-    assert!(snapshot(w, l.ro().0, l.ro().1) == ro, "device wrote the read-only region");
-    assert!(snapshot(w, AFTER, P).iter().all(|&b| b == MARK), "guest RAM past the rig written");
+    assert!(
+        snapshot(w, l.ring().0, l.ring().1) == ring,
+        "device wrote its read-only ring region"
+    );
+    assert!(
+        snapshot(w, l.ro().0, l.ro().1) == ro,
+        "device wrote the read-only region"
+    );
+    assert!(
+        snapshot(w, AFTER, P).iter().all(|&b| b == MARK),
+        "guest RAM past the rig written"
+    );
     let wrote_nothing = match &result {
         Err(_) => true,
-        Ok((done, _)) => done.iter().all(|c| matches!(c.outcome, Outcome::Refused(_))),
+        Ok((done, _)) => done
+            .iter()
+            .all(|c| matches!(c.outcome, Outcome::Refused(_))),
     };
     if wrote_nothing {
-        assert!(w.rig.dev.disk().bytes() == &disk_before[..], "a refused request changed the disk");
-        assert!(snapshot(w, l.data().0, l.data().1) == data_before, "a refused request wrote data");
-        assert!(snapshot(w, l.bulk().0, l.bulk().1) == bulk_before, "a refused request wrote bulk");
+        assert!(
+            w.rig.dev.disk().bytes() == &disk_before[..],
+            "a refused request changed the disk"
+        );
+        assert!(
+            snapshot(w, l.data().0, l.data().1) == data_before,
+            "a refused request wrote data"
+        );
+        assert!(
+            snapshot(w, l.bulk().0, l.bulk().1) == bulk_before,
+            "a refused request wrote bulk"
+        );
     }
     if let Ok((done, _)) = &result {
         // One request published, but a fuzzed avail index may announce up to a queue's worth.
-        assert!(done.len() <= usize::from(QUEUE_SIZE), "{} chains served", done.len());
+        assert!(
+            done.len() <= usize::from(QUEUE_SIZE),
+            "{} chains served",
+            done.len()
+        );
     }
     // Undo what a served request may legitimately have written, for the next input.
-    w.rig.drv.ram().fill(l.data().0, l.data().1 as usize, 0).unwrap();
-    w.rig.drv.ram().fill(l.bulk().0, l.bulk().1 as usize, 0).unwrap();
+    w.rig
+        .drv
+        .ram()
+        .fill(l.data().0, l.data().1 as usize, 0)
+        .unwrap();
+    w.rig
+        .drv
+        .ram()
+        .fill(l.bulk().0, l.bulk().1 as usize, 0)
+        .unwrap();
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -175,7 +175,12 @@ impl<S: Stage2> Stage2 for FaultyStage2<S> {
     fn flush_pending(&self) -> bool {
         self.inner.flush_pending()
     }
-    fn harvest_dirty(&mut self, gpa: u64, len: u64, dirty: &mut Vec<u64>) -> Result<u64, ept::Error> {
+    fn harvest_dirty(
+        &mut self,
+        gpa: u64,
+        len: u64,
+        dirty: &mut Vec<u64>,
+    ) -> Result<u64, ept::Error> {
         if self.injector.hit() {
             return Err(self.error);
         }

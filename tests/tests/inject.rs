@@ -27,7 +27,11 @@ fn knob(name: &str, release: u64, debug: u64) -> u64 {
     std::env::var(name)
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(if cfg!(debug_assertions) { debug } else { release })
+        .unwrap_or(if cfg!(debug_assertions) {
+            debug
+        } else {
+            release
+        })
 }
 
 fn opts(seam: Seam) -> Options {
@@ -68,7 +72,9 @@ fn setup(seam: Seam, plan: Plan) -> Setup<Faulty> {
     Setup {
         pool,
         phys: Some(phys),
-        new_stage2: Box::new(move || FaultyStage2::new(ept_table(p.clone()), inj.clone(), error, partial)),
+        new_stage2: Box::new(move || {
+            FaultyStage2::new(ept_table(p.clone()), inj.clone(), error, partial)
+        }),
         pager_injector: pager.clone(),
         injectors: vec![s2, alloc, pager],
     }
@@ -98,7 +104,11 @@ fn sweep(seam: Seam) -> (u64, u64, u64, u64) {
     for seed in 1000..1004u64 {
         let count = seam_ops(seam, seed).max(1);
         let step = count.div_ceil(max / 4).max(1);
-        plans.extend((1..=count).step_by(step as usize).map(|n| (seed, Plan::Nth(n))));
+        plans.extend(
+            (1..=count)
+                .step_by(step as usize)
+                .map(|n| (seed, Plan::Nth(n))),
+        );
         plans.extend([(seed, Plan::Every(3)), (seed, Plan::Every(17))]);
     }
     for (seed, plan) in plans {
@@ -111,7 +121,10 @@ fn sweep(seam: Seam) -> (u64, u64, u64, u64) {
         unsynced += u64::from(s.unsynced);
     }
     println!("{seam:?}: {runs} runs, {met} met an injected failure, {unsynced} went unsynced, {ops} operations");
-    assert!(met * 2 >= runs, "{seam:?}: most runs should meet their failure ({met}/{runs})");
+    assert!(
+        met * 2 >= runs,
+        "{seam:?}: most runs should meet their failure ({met}/{runs})"
+    );
     (runs, met, ops, unsynced)
 }
 

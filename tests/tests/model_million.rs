@@ -15,7 +15,11 @@ use conformance::model::{ept_table, npt_table, Harness, Options, Rng, Setup, Sta
 const EPISODE: u64 = 2_000;
 
 fn total_ops() -> u64 {
-    let default = if cfg!(debug_assertions) { 20_000 } else { 1_000_000 };
+    let default = if cfg!(debug_assertions) {
+        20_000
+    } else {
+        1_000_000
+    };
     std::env::var("GUESTMEM_MODEL_OPS")
         .ok()
         .and_then(|s| s.parse().ok())

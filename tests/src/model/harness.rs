@@ -19,8 +19,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use ept::{Access, FaultInfo, FaultKind, HeapPhysMem, S2Perms, Stage2};
-use vmo::{FramePool, MapOptions, Rights, Vmar, Vmo, VmoFlags, PAGE_SIZE};
+use ept::{Access, FaultInfo, FaultKind, HeapPhysMem, Stage2};
+use vmo::{FramePool, MapOptions, Vmar, Vmo, VmoFlags, PAGE_SIZE};
 
 use super::input::Source;
 use super::ops::{decode, Choices, Op};
@@ -96,12 +96,12 @@ impl<S: Stage2 + Send + 'static> Setup<S> {
 }
 
 pub struct Harness<S: Stage2 + Send + 'static> {
-    setup: Setup<S>,
-    opts: Options,
-    model: Reference,
-    vmars: Vec<Option<Vmar<S>>>,
-    vmos: Vec<Option<Vmo>>,
-    synced: bool,
+    pub(super) setup: Setup<S>,
+    pub(super) opts: Options,
+    pub(super) model: Reference,
+    pub(super) vmars: Vec<Option<Vmar<S>>>,
+    pub(super) vmos: Vec<Option<Vmo>>,
+    pub(super) synced: bool,
     pub stats: Stats,
     seed: u8,
 }
@@ -166,7 +166,12 @@ impl<S: Stage2 + Send + 'static> Harness<S> {
                 mapped.push((root, space, *b, m.len));
             }
         }
-        let choices = Choices { regions: &regions, spaces: &spaces, vmos: &vmos, mapped: &mapped };
+        let choices = Choices {
+            regions: &regions,
+            spaces: &spaces,
+            vmos: &vmos,
+            mapped: &mapped,
+        };
         let op = decode(src, &choices);
         let before = fired(&self.setup);
         let ok = self.apply(&op, before);
@@ -215,25 +220,40 @@ impl<S: Stage2 + Send + 'static> Harness<S> {
     }
 
     fn region(&self, r: usize) -> &Vmar<S> {
-        self.vmars[r].as_ref().expect("decoded from regions with handles")
+        self.vmars[r]
+            .as_ref()
+            .expect("decoded from regions with handles")
     }
 
-    fn root(&self, space: usize) -> &Vmar<S> {
+    pub(super) fn root(&self, space: usize) -> &Vmar<S> {
         self.region(self.model.spaces[space].root)
     }
 
     fn vmo(&self, v: usize) -> &Vmo {
-        self.vmos[v].as_ref().expect("decoded from Vmos with handles")
+        self.vmos[v]
+            .as_ref()
+            .expect("decoded from Vmos with handles")
     }
 
     fn apply(&mut self, op: &Op, before: u64) -> bool {
         match *op {
-            Op::NewVmo { size, resizable, pager } => {
+            Op::NewVmo {
+                size,
+                resizable,
+                pager,
+            } => {
                 let pager = pager || (self.opts.pagers && !resizable);
-                let flags = if resizable { VmoFlags::RESIZABLE } else { VmoFlags::empty() };
+                let flags = if resizable {
+                    VmoFlags::RESIZABLE
+                } else {
+                    VmoFlags::empty()
+                };
                 let real = if pager {
                     self.seed = self.seed.wrapping_add(1);
-                    let p = Arc::new(FaultyPager::new(self.seed, self.setup.pager_injector.clone()));
+                    let p = Arc::new(FaultyPager::new(
+                        self.seed,
+                        self.setup.pager_injector.clone(),
+                    ));
                     Vmo::new_paged(&self.setup.pool, size, flags, p)
                 } else {
                     Vmo::new(&self.setup.pool, size, flags)
@@ -243,7 +263,13 @@ impl<S: Stage2 + Send + 'static> Harness<S> {
                     (Ok(vmo), Ok(rounded)) => {
                         let seed = self.seed;
                         let data = (0..rounded)
-                            .map(|i| if pager { pager_byte(seed, i / P, (i % P) as usize) } else { 0 })
+                            .map(|i| {
+                                if pager {
+                                    pager_byte(seed, i / P, (i % P) as usize)
+                                } else {
+                                    0
+                                }
+                            })
                             .collect();
                         let id = self.model.new_vmo(data, resizable, pager);
                         self.vmos.resize_with(id + 1, || None);
@@ -267,28 +293,69 @@ impl<S: Stage2 + Send + 'static> Harness<S> {
                 self.model.drop_space(space);
                 true
             }
-            Op::Map { region, vmo, vmo_offset, len, placement, perms, allow_faults, shared } => {
+            Op::Map {
+                region,
+                vmo,
+                vmo_offset,
+                len,
+                placement,
+                perms,
+                allow_faults,
+                shared,
+            } => {
                 // Pager Vmos stay shared across forks: a pager child is SnapshotAtLeastOnWrite,
                 // which may see later parent writes — not a deterministic reference.
                 let shared = shared || self.model.vmos[vmo].pager;
-                let opts = MapOptions { placement, perms, allow_faults, shared };
-                let real = self.region(region).map(self.vmo(vmo), vmo_offset, len, opts);
-                let q = MapReq { region, vmo, vmo_offset, len, placement, perms, allow_faults, shared };
+                let opts = MapOptions {
+                    placement,
+                    perms,
+                    allow_faults,
+                    shared,
+                };
+                let real = self
+                    .region(region)
+                    .map(self.vmo(vmo), vmo_offset, len, opts);
+                let q = MapReq {
+                    region,
+                    vmo,
+                    vmo_offset,
+                    len,
+                    placement,
+                    perms,
+                    allow_faults,
+                    shared,
+                };
                 self.agree(op, before, &real, |m| m.map(&q))
             }
-            Op::Unmap { region, offset, len } => {
+            Op::Unmap {
+                region,
+                offset,
+                len,
+            } => {
                 let real = self.region(region).unmap(offset, len);
                 self.agree(op, before, &real, |m| m.unmap(region, offset, len))
             }
-            Op::Protect { region, offset, len, perms } => {
+            Op::Protect {
+                region,
+                offset,
+                len,
+                perms,
+            } => {
                 let real = self.region(region).protect(offset, len, perms);
                 self.agree(op, before, &real, |m| m.protect(region, offset, len, perms))
             }
-            Op::Allocate { region, placement, len, may } => {
+            Op::Allocate {
+                region,
+                placement,
+                len,
+                may,
+            } => {
                 let real = self.region(region).allocate(placement, len, may);
                 let real_id = real.as_ref().map(|_| ()).map_err(|e| *e);
                 let n = self.model.regions.len();
-                let ok = self.agree(op, before, &real_id, |m| m.allocate(region, placement, len, may).map(drop));
+                let ok = self.agree(op, before, &real_id, |m| {
+                    m.allocate(region, placement, len, may).map(drop)
+                });
                 if let Ok(sub) = real {
                     if self.synced {
                         assert_eq!(self.model.regions.len(), n + 1);
@@ -332,9 +399,19 @@ impl<S: Stage2 + Send + 'static> Harness<S> {
                 self.agree(op, before, &real, |m| m.set_reset_point(region))
             }
             Op::Query { region, gpa } => {
-                let real = self.region(region).query(gpa).map(|i| (i.base, i.len, i.vmo_offset, i.perms, i.shared, i.allow_faults));
+                let real = self.region(region).query(gpa).map(|i| {
+                    (
+                        i.base,
+                        i.len,
+                        i.vmo_offset,
+                        i.perms,
+                        i.shared,
+                        i.allow_faults,
+                    )
+                });
                 self.agree(op, before, &real, |m| {
-                    m.query(region, gpa).map(|(b, r)| (b, r.len, r.vmo_offset, r.perms, r.shared, r.allow_faults))
+                    m.query(region, gpa)
+                        .map(|(b, r)| (b, r.len, r.vmo_offset, r.perms, r.shared, r.allow_faults))
                 })
             }
             Op::Fault { region, gpa, write } => {
@@ -343,12 +420,25 @@ impl<S: Stage2 + Send + 'static> Harness<S> {
                     Some(_) => FaultKind::Permission,
                     None => FaultKind::NotPresent,
                 };
-                let real = self.region(region).handle_fault(FaultInfo::new(gpa, access, kind)).map(drop);
+                let real = self
+                    .region(region)
+                    .handle_fault(FaultInfo::new(gpa, access, kind))
+                    .map(drop);
                 self.agree(op, before, &real, |m| m.fault(region, gpa, write).map(drop))
             }
-            Op::GuestWrite { space, gpa, len, val } => self.guest(op, before, space, gpa, len, Some(val)),
+            Op::GuestWrite {
+                space,
+                gpa,
+                len,
+                val,
+            } => self.guest(op, before, space, gpa, len, Some(val)),
             Op::GuestRead { space, gpa, len } => self.guest(op, before, space, gpa, len, None),
-            Op::VmoWrite { v, offset, len, val } => {
+            Op::VmoWrite {
+                v,
+                offset,
+                len,
+                val,
+            } => {
                 let data = vec![val; len];
                 let real = self.vmo(v).write(offset, &data);
                 self.agree(op, before, &real, |m| m.vmo_write(v, offset, &data))
@@ -375,7 +465,15 @@ impl<S: Stage2 + Send + 'static> Harness<S> {
 
     /// A guest access through the space's root, chunk by chunk (one page each) as `SoftCpu`
     /// does: the reference applies chunks until the first that faults with an error.
-    fn guest(&mut self, op: &Op, before: u64, space: usize, gpa: u64, len: usize, val: Option<u8>) -> bool {
+    fn guest(
+        &mut self,
+        op: &Op,
+        before: u64,
+        space: usize,
+        gpa: u64,
+        len: usize,
+        val: Option<u8>,
+    ) -> bool {
         let root_idx = self.model.spaces[space].root;
         let root = self.root(space).clone();
         let pool = self.setup.pool.clone();
@@ -423,129 +521,12 @@ impl<S: Stage2 + Send + 'static> Harness<S> {
         }
         let want = want.map(|()| out);
         if real != want {
-            panic!("op {} {op:?}: got {real:?}, the reference says {want:?} (injected: {met})", self.stats.ops);
+            panic!(
+                "op {} {op:?}: got {real:?}, the reference says {want:?} (injected: {met})",
+                self.stats.ops
+            );
         }
         real.is_ok()
-    }
-
-    /// The full check (see the module doc); `when` names the point for the failure message.
-    pub fn full_check(&mut self, when: &str) {
-        // The check's own reads (which commit pager pages) must not meet injected failures.
-        for i in &self.setup.injectors {
-            i.pause(true);
-        }
-        self.check_now(when);
-        for i in &self.setup.injectors {
-            i.pause(false);
-        }
-    }
-
-    fn check_now(&mut self, when: &str) {
-        self.stats.full_checks += 1;
-        let mut translated: BTreeMap<u64, Vec<Vmo>> = BTreeMap::new();
-        let mut writable: Vec<(usize, u64, u64)> = Vec::new();
-        for space in 0..self.model.spaces.len() {
-            if self.model.spaces[space].dropped {
-                continue;
-            }
-            let root = self.root(space).clone();
-            let root_idx = self.model.spaces[space].root;
-            if let Err(e) = root.check_invariants() {
-                panic!("{when}: space {space}: {e}");
-            }
-            for gpa in (0..self.model.spaces[space].size).step_by(P as usize) {
-                let t = root.with_stage2(|s| s.query(gpa));
-                let real = root.query(gpa);
-                if self.synced {
-                    let got = real.as_ref().map(|i| (i.base, i.len, i.vmo_offset, i.perms, i.shared)).map_err(|e| *e);
-                    let want = self.model.query(root_idx, gpa).map(|(b, m)| (b, m.len, m.vmo_offset, m.perms, m.shared));
-                    assert_eq!(got, want, "{when}: space {space}: mapping at {gpa:#x}");
-                }
-                let Some(t) = t else { continue };
-                let Ok(info) = real else {
-                    panic!("{when}: space {space}: {gpa:#x} translated to {:#x} outside every mapping", t.pa_of(gpa));
-                };
-                let by = translated.entry(t.pa_of(gpa)).or_default();
-                if !by.iter().any(|v| v.same_object(&info.vmo)) {
-                    by.push(info.vmo.clone());
-                }
-                if t.perms.contains(S2Perms::WRITE) {
-                    writable.push((space, gpa, t.pa_of(gpa)));
-                }
-            }
-        }
-        // Which Vmo objects commit each frame (reachable through handles and mappings).
-        let mut holders: BTreeMap<u64, Vec<Vmo>> = BTreeMap::new();
-        let mut reachable: Vec<Vmo> = self.vmos.iter().flatten().cloned().collect();
-        for space in 0..self.model.spaces.len() {
-            if self.model.spaces[space].dropped {
-                continue;
-            }
-            let root = self.root(space).clone();
-            for gpa in (0..self.model.spaces[space].size).step_by(P as usize) {
-                if let Ok(i) = root.query(gpa) {
-                    if !reachable.iter().any(|v| v.same_object(&i.vmo)) {
-                        reachable.push(i.vmo);
-                    }
-                }
-            }
-        }
-        for v in &reachable {
-            let Some(v) = (v.rights().contains(Rights::READ)).then_some(v) else { continue };
-            for off in (0..v.size()).step_by(P as usize) {
-                if let Ok(Some(f)) = v.committed_frame(off) {
-                    let hs = holders.entry(f.paddr()).or_default();
-                    if !hs.iter().any(|h| h.same_object(v)) {
-                        hs.push(v.clone());
-                    }
-                }
-            }
-        }
-        for (space, gpa, pa) in writable {
-            let by = translated[&pa].len();
-            assert!(by == 1, "{when}: space {space}: writable {gpa:#x} → {pa:#x} is translated through {by} Vmos");
-            let n = holders.get(&pa).map_or(0, |h| h.len());
-            assert!(n <= 1, "{when}: space {space}: writable {gpa:#x} → {pa:#x} is committed in {n} Vmos");
-        }
-        if !self.synced {
-            return;
-        }
-        for (v, h) in self.vmos.iter().enumerate() {
-            let Some(h) = h else { continue };
-            let want = &self.model.vmos[v].data;
-            assert_eq!(h.size(), want.len() as u64, "{when}: size of Vmo {v}");
-            if h.rights().contains(Rights::READ) {
-                let mut buf = vec![0u8; want.len()];
-                h.read(0, &mut buf).unwrap();
-                if buf != *want {
-                    let at = buf.iter().zip(want).position(|(a, b)| a != b).unwrap();
-                    panic!("{when}: Vmo {v} differs at byte {at:#x}: {} != {}", buf[at], want[at]);
-                }
-            }
-        }
-        // Vmos without a handle, through their mappings.
-        for space in 0..self.model.spaces.len() {
-            if self.model.spaces[space].dropped {
-                continue;
-            }
-            let root = self.root(space).clone();
-            let maps: Vec<(u64, usize, u64, u64)> =
-                self.model.spaces[space].mappings.iter().map(|(b, m)| (*b, m.vmo, m.vmo_offset, m.len)).collect();
-            for (base, v, off, len) in maps {
-                if self.vmos.get(v).is_some_and(|h| h.is_some()) {
-                    continue;
-                }
-                let info = root.query(base).unwrap();
-                let want = &self.model.vmos[v].data;
-                let end = (off + len).min(want.len() as u64);
-                if off >= end {
-                    continue;
-                }
-                let mut buf = vec![0u8; (end - off) as usize];
-                info.vmo.read(off, &mut buf).unwrap();
-                assert!(buf == want[off as usize..end as usize], "{when}: Vmo {v} (mapped at {base:#x}) differs");
-            }
-        }
     }
 
     /// Drops every handle (so every space, mapping and Vmo) and checks that no frame is left:
@@ -553,7 +534,9 @@ impl<S: Stage2 + Send + 'static> Harness<S> {
     pub fn finish(mut self) -> Stats {
         self.full_check("before teardown");
         let stats = self.stats.clone();
-        let Harness { setup, vmars, vmos, .. } = self;
+        let Harness {
+            setup, vmars, vmos, ..
+        } = self;
         drop(vmars);
         drop(vmos);
         let s = setup.pool.stats();

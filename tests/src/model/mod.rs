@@ -5,9 +5,11 @@
 //! over any `Stage2`, checked against a byte-level reference model of every address space.
 //!
 //! One file per job: [`input`] (byte sources and biased draws), [`ops`] (the operations and
-//! their decoding), [`reference`] (the model), [`harness`] (real objects beside the model, the
-//! checks). Invariant: a run is a pure function of its input bytes (or seed) and `Options`.
+//! their decoding), [`reference`] (the model), [`harness`] (real objects beside the model),
+//! [`check`] (the full check). Invariant: a run is a pure function of its input bytes (or
+//! seed) and `Options`.
 
+mod check;
 pub mod harness;
 pub mod input;
 pub mod ops;

@@ -12,26 +12,101 @@ const P: u64 = PAGE_SIZE;
 
 #[derive(Clone, Debug)]
 pub enum Op {
-    NewVmo { size: u64, resizable: bool, pager: bool },
-    DropVmo { v: usize },
-    Map { region: usize, vmo: usize, vmo_offset: u64, len: u64, placement: Placement, perms: VmPerms, allow_faults: bool, shared: bool },
-    Unmap { region: usize, offset: u64, len: u64 },
-    Protect { region: usize, offset: u64, len: u64, perms: VmPerms },
-    Allocate { region: usize, placement: Placement, len: u64, may: VmPerms },
-    Destroy { region: usize },
-    Fork { region: usize },
-    Reset { region: usize },
-    SetResetPoint { region: usize },
-    Query { region: usize, gpa: u64 },
-    Fault { region: usize, gpa: u64, write: bool },
-    GuestWrite { space: usize, gpa: u64, len: usize, val: u8 },
-    GuestRead { space: usize, gpa: u64, len: usize },
-    VmoWrite { v: usize, offset: u64, len: usize, val: u8 },
-    VmoRead { v: usize, offset: u64, len: usize },
-    Commit { v: usize, offset: u64, len: u64 },
-    Decommit { v: usize, offset: u64, len: u64 },
-    Resize { v: usize, size: u64 },
-    DropSpace { space: usize },
+    NewVmo {
+        size: u64,
+        resizable: bool,
+        pager: bool,
+    },
+    DropVmo {
+        v: usize,
+    },
+    Map {
+        region: usize,
+        vmo: usize,
+        vmo_offset: u64,
+        len: u64,
+        placement: Placement,
+        perms: VmPerms,
+        allow_faults: bool,
+        shared: bool,
+    },
+    Unmap {
+        region: usize,
+        offset: u64,
+        len: u64,
+    },
+    Protect {
+        region: usize,
+        offset: u64,
+        len: u64,
+        perms: VmPerms,
+    },
+    Allocate {
+        region: usize,
+        placement: Placement,
+        len: u64,
+        may: VmPerms,
+    },
+    Destroy {
+        region: usize,
+    },
+    Fork {
+        region: usize,
+    },
+    Reset {
+        region: usize,
+    },
+    SetResetPoint {
+        region: usize,
+    },
+    Query {
+        region: usize,
+        gpa: u64,
+    },
+    Fault {
+        region: usize,
+        gpa: u64,
+        write: bool,
+    },
+    GuestWrite {
+        space: usize,
+        gpa: u64,
+        len: usize,
+        val: u8,
+    },
+    GuestRead {
+        space: usize,
+        gpa: u64,
+        len: usize,
+    },
+    VmoWrite {
+        v: usize,
+        offset: u64,
+        len: usize,
+        val: u8,
+    },
+    VmoRead {
+        v: usize,
+        offset: u64,
+        len: usize,
+    },
+    Commit {
+        v: usize,
+        offset: u64,
+        len: u64,
+    },
+    Decommit {
+        v: usize,
+        offset: u64,
+        len: u64,
+    },
+    Resize {
+        v: usize,
+        size: u64,
+    },
+    DropSpace {
+        space: usize,
+    },
 }
 
 impl Op {
@@ -73,7 +148,7 @@ pub struct Choices<'a> {
 
 /// A range inside a known mapping, for a region-relative operation on its space's root.
 fn in_mapping(src: &mut dyn Source, c: &Choices) -> Option<(usize, usize, u64, u64)> {
-    if c.mapped.is_empty() || src.byte() % 4 == 0 {
+    if c.mapped.is_empty() || src.byte().is_multiple_of(4) {
         return None;
     }
     let (root, space, base, len) = c.mapped[src.pick(c.mapped.len())];
@@ -149,8 +224,16 @@ pub fn decode(src: &mut dyn Source, c: &Choices) -> Op {
             let size = vmo_size(src);
             let flags = src.byte();
             // Bounded model memory: big sizes are only used where they must fail.
-            let size = if size > 64 * P && size < 1 << 52 { 4 * P } else { size };
-            Op::NewVmo { size, resizable: flags & 3 == 1, pager: flags & 3 == 2 }
+            let size = if size > 64 * P && size < 1 << 52 {
+                4 * P
+            } else {
+                size
+            };
+            Op::NewVmo {
+                size,
+                resizable: flags & 3 == 1,
+                pager: flags & 3 == 2,
+            }
         }
         4 => Op::DropVmo { v },
         5..=11 => {
@@ -162,13 +245,21 @@ pub fn decode(src: &mut dyn Source, c: &Choices) -> Op {
                 2 => P * (src.byte() as u64 % 8),
                 _ => src.offset(vsize),
             };
-            let len = if plain { vsize.max(P) } else { src.length(vsize.max(P)) };
+            let len = if plain {
+                vsize.max(P)
+            } else {
+                src.length(vsize.max(P))
+            };
             let placement = if plain && flags & 0x40 != 0 {
                 Placement::Anywhere { align: P }
             } else {
                 placement(src, rlen, true)
             };
-            let perms = if plain && flags & 0x80 != 0 { VmPerms::RW } else { perms(src) };
+            let perms = if plain && flags & 0x80 != 0 {
+                VmPerms::RW
+            } else {
+                perms(src)
+            };
             Op::Map {
                 region,
                 vmo: v,
@@ -181,32 +272,61 @@ pub fn decode(src: &mut dyn Source, c: &Choices) -> Op {
             }
         }
         12..=14 => match in_mapping(src, c) {
-            Some((root, _, off, len)) => Op::Unmap { region: root, offset: off, len },
-            None => Op::Unmap { region, offset: src.offset(rlen), len: src.length(rlen) },
+            Some((root, _, off, len)) => Op::Unmap {
+                region: root,
+                offset: off,
+                len,
+            },
+            None => Op::Unmap {
+                region,
+                offset: src.offset(rlen),
+                len: src.length(rlen),
+            },
         },
         15..=17 => match in_mapping(src, c) {
-            Some((root, _, off, len)) => Op::Protect { region: root, offset: off, len, perms: perms(src) },
-            None => Op::Protect { region, offset: src.offset(rlen), len: src.length(rlen), perms: perms(src) },
+            Some((root, _, off, len)) => Op::Protect {
+                region: root,
+                offset: off,
+                len,
+                perms: perms(src),
+            },
+            None => Op::Protect {
+                region,
+                offset: src.offset(rlen),
+                len: src.length(rlen),
+                perms: perms(src),
+            },
         },
         18..=19 => Op::Allocate {
             region,
             placement: {
-                let overwrite = src.byte() % 8 == 0;
+                let overwrite = src.byte().is_multiple_of(8);
                 placement(src, rlen, overwrite)
             },
             len: src.length(rlen),
             may: may(src),
         },
-        20 if src.byte() % 8 == 0 => Op::Destroy { region },
+        20 if src.byte().is_multiple_of(8) => Op::Destroy { region },
         // Bounded state: past 6 live spaces a fork becomes a drop, so checks stay cheap.
         21..=22 if c.spaces.len() < 6 => Op::Fork { region },
         21..=22 => Op::DropSpace { space },
         23..=24 => Op::Reset { region },
         25 => Op::SetResetPoint { region },
-        26 => Op::Query { region, gpa: src.offset(ssize) },
+        26 => Op::Query {
+            region,
+            gpa: src.offset(ssize),
+        },
         27..=29 => match in_mapping(src, c) {
-            Some((root, _, gpa, _)) => Op::Fault { region: root, gpa: gpa + src.u16() as u64 % P, write: src.bool() },
-            None => Op::Fault { region, gpa: src.offset(ssize), write: src.bool() },
+            Some((root, _, gpa, _)) => Op::Fault {
+                region: root,
+                gpa: gpa + src.u16() as u64 % P,
+                write: src.bool(),
+            },
+            None => Op::Fault {
+                region,
+                gpa: src.offset(ssize),
+                write: src.bool(),
+            },
         },
         30..=35 => match in_mapping(src, c) {
             Some((_, space, gpa, len)) => Op::GuestWrite {
@@ -223,19 +343,53 @@ pub fn decode(src: &mut dyn Source, c: &Choices) -> Op {
             },
         },
         36..=39 => match in_mapping(src, c) {
-            Some((_, space, gpa, len)) => Op::GuestRead { space, gpa: gpa + src.u16() as u64 % len, len: src.io_len() },
-            None => Op::GuestRead { space, gpa: src.offset(ssize).min(ssize + 4 * P), len: src.io_len() },
+            Some((_, space, gpa, len)) => Op::GuestRead {
+                space,
+                gpa: gpa + src.u16() as u64 % len,
+                len: src.io_len(),
+            },
+            None => Op::GuestRead {
+                space,
+                gpa: src.offset(ssize).min(ssize + 4 * P),
+                len: src.io_len(),
+            },
         },
-        40..=44 => Op::VmoWrite { v, offset: src.offset(vsize), len: src.io_len(), val: src.byte() | 1 },
-        45..=47 => Op::VmoRead { v, offset: src.offset(vsize), len: src.io_len() },
-        48..=50 => Op::Commit { v, offset: src.offset(vsize), len: src.length(vsize) },
-        51..=54 => Op::Decommit { v, offset: src.offset(vsize), len: src.length(vsize) },
+        40..=44 => Op::VmoWrite {
+            v,
+            offset: src.offset(vsize),
+            len: src.io_len(),
+            val: src.byte() | 1,
+        },
+        45..=47 => Op::VmoRead {
+            v,
+            offset: src.offset(vsize),
+            len: src.io_len(),
+        },
+        48..=50 => Op::Commit {
+            v,
+            offset: src.offset(vsize),
+            len: src.length(vsize),
+        },
+        51..=54 => Op::Decommit {
+            v,
+            offset: src.offset(vsize),
+            len: src.length(vsize),
+        },
         55..=57 => {
             let size = vmo_size(src);
-            let size = if size > 64 * P && size < 1 << 52 { 2 * P } else { size };
+            let size = if size > 64 * P && size < 1 << 52 {
+                2 * P
+            } else {
+                size
+            };
             Op::Resize { v, size }
         }
-        58 if src.byte() % 4 == 0 => Op::DropSpace { space },
-        _ => Op::GuestWrite { space, gpa: src.offset(ssize).min(ssize + 4 * P), len: 1, val: src.byte() | 1 },
+        58 if src.byte().is_multiple_of(4) => Op::DropSpace { space },
+        _ => Op::GuestWrite {
+            space,
+            gpa: src.offset(ssize).min(ssize + 4 * P),
+            len: 1,
+            val: src.byte() | 1,
+        },
     }
 }

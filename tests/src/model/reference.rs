@@ -444,7 +444,11 @@ impl Reference {
     /// Distinct Vmos of the private mappings, in mapping order, with the first base of each.
     fn private_vmos(&self, space: usize) -> Vec<(usize, u64)> {
         let mut out: Vec<(usize, u64)> = Vec::new();
-        for (b, m) in self.spaces[space].mappings.iter().filter(|(_, m)| !m.shared) {
+        for (b, m) in self.spaces[space]
+            .mappings
+            .iter()
+            .filter(|(_, m)| !m.shared)
+        {
             if !out.iter().any(|(v, _)| *v == m.vmo) {
                 out.push((m.vmo, *b));
             }
