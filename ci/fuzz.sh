@@ -22,7 +22,7 @@ declare -A MAX_LEN=([ept_decode]=32 [ept_table]=2048 [vmar_model]=2048 [virtio_b
 
 cd fuzz
 echo "== fuzz: building targets (sanitizer: $SANITIZER)"
-nice -n 10 cargo fuzz build -s "$SANITIZER" $TARGETS
+nice -n 10 cargo fuzz build -s "$SANITIZER"
 scratch="$(mktemp -d)"
 trap 'rm -rf "$scratch"' EXIT
 for t in $TARGETS; do
