@@ -22,4 +22,4 @@ cargo test --workspace --locked
 
 # Issue 16 reliability runs: the million-operation Vmar model run and the failure-injection
 # sweeps (release), Miri on the pure parts, then every fuzz target for FUZZ_SECONDS each.
-cargo test --release --locked -p conformance --test model_million --test inject && ci/miri.sh && ci/fuzz.sh
+{ cargo test --release --locked -p conformance --test model_million --test inject && ci/miri.sh && ci/fuzz.sh; } || exit 1
