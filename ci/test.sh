@@ -19,3 +19,7 @@ cargo build --workspace --all-targets --locked
 cargo clippy --workspace --all-targets --locked
 cargo clippy -p ept --features hw --locked
 cargo test --workspace --locked
+
+# Issue 16 reliability runs: the million-operation Vmar model run and the failure-injection
+# sweeps (release), Miri on the pure parts, then every fuzz target for FUZZ_SECONDS each.
+{ cargo test --release --locked -p conformance --test model_million --test inject && ci/miri.sh && ci/fuzz.sh; } || exit 1

@@ -16,6 +16,9 @@
 //! writes the backend's dirty tracking sees), so dirty harvests observe the software guest
 //! as they would a real one.
 
+pub mod inject;
+pub mod model;
+
 use std::sync::Arc;
 
 use ept::{Access, AccessDirty, FaultInfo, FaultKind, HeapPhysMem, S2Perms, Stage2, Translation};
