@@ -60,22 +60,24 @@ pub trait Backend: Sized {
     /// only sees writes through another mapping (KVM: the memslot's host mapping) overrides it
     /// to write there. Called with the Stage2 lock held (so the frame cannot be freed under it).
     fn guest_write(s: &mut Self::S, pool: &FramePool, t: Translation, gpa: u64, data: &[u8]) {
-        let _ = s;
-        assert!(
-            (gpa & 0xfff) as usize + data.len() <= 0x1000,
-            "guest_write crosses a page"
-        );
-        let ptr = pool.allocator().frame_ptr(t.pa_of(gpa) & !0xfff);
-        // SAFETY: `t` is installed (so the frame is allocated) and the caller holds the Stage2
-        // lock, under which frames are unmapped before being freed; the write stays inside
-        // the page (checked above).
-        unsafe {
-            core::ptr::copy_nonoverlapping(
-                data.as_ptr(),
-                ptr.add((gpa & 0xfff) as usize),
-                data.len(),
-            )
-        }
+        frame_write(s, pool, t, gpa, data)
+    }
+}
+
+/// A guest write of `data` at `gpa` (inside one page) into the frame of the writable leaf `t`,
+/// through the pool's pointer: what `Backend::guest_write` does unless a backend overrides it.
+/// Called with the Stage2 lock held (so the frame cannot be freed under it).
+pub fn frame_write<S>(_s: &mut S, pool: &FramePool, t: Translation, gpa: u64, data: &[u8]) {
+    assert!(
+        (gpa & 0xfff) as usize + data.len() <= 0x1000,
+        "guest_write crosses a page"
+    );
+    let ptr = pool.allocator().frame_ptr(t.pa_of(gpa) & !0xfff);
+    // SAFETY: `t` is installed (so the frame is allocated) and the caller holds the Stage2
+    // lock, under which frames are unmapped before being freed; the write stays inside
+    // the page (checked above).
+    unsafe {
+        core::ptr::copy_nonoverlapping(data.as_ptr(), ptr.add((gpa & 0xfff) as usize), data.len())
     }
 }
 
@@ -290,19 +292,39 @@ enum Io<'b> {
 }
 
 /// A software vCPU over one Vmar: every access goes through the Stage2 translation.
-pub struct SoftCpu<'a, S: BackendTable> {
+pub struct SoftCpu<'a, S: Stage2 + Send + 'static> {
     pub vmar: &'a Vmar<S>,
     pub pool: &'a FramePool,
     /// Faults this CPU raised (resolved or not).
     pub faults: u64,
+    /// The MMU's walk and the write path (a backend's hooks, or the plain defaults).
+    translate: fn(&mut S, u64, Access) -> Option<Translation>,
+    write: fn(&mut S, &FramePool, Translation, u64, &[u8]),
 }
 
 impl<'a, S: BackendTable> SoftCpu<'a, S> {
+    /// A CPU using the backend's hooks (`Backend::translate`, `Backend::guest_write`).
     pub fn new(vmar: &'a Vmar<S>, pool: &'a FramePool) -> Self {
         SoftCpu {
             vmar,
             pool,
             faults: 0,
+            translate: S::Backend::translate,
+            write: S::Backend::guest_write,
+        }
+    }
+}
+
+impl<'a, S: Stage2 + Send + 'static> SoftCpu<'a, S> {
+    /// A CPU over any table (wrappers of the model and injection runs): translation by
+    /// `query`, writes into the frame (no accessed/dirty emulation).
+    pub fn plain(vmar: &'a Vmar<S>, pool: &'a FramePool) -> Self {
+        SoftCpu {
+            vmar,
+            pool,
+            faults: 0,
+            translate: |s, gpa, _| s.query(gpa),
+            write: frame_write,
         }
     }
 
@@ -325,10 +347,10 @@ impl<'a, S: BackendTable> SoftCpu<'a, S> {
             let io = &mut io;
             let done = self
                 .vmar
-                .with_stage2(|s2| match S::Backend::translate(s2, gpa, access) {
+                .with_stage2(|s2| match (self.translate)(s2, gpa, access) {
                     Some(t) if t.perms.contains(need) => {
                         match io {
-                            Io::Write(data) => S::Backend::guest_write(s2, pool, t, gpa, data),
+                            Io::Write(data) => (self.write)(s2, pool, t, gpa, data),
                             Io::Read(buf) => {
                                 let ptr = pool.allocator().frame_ptr(t.pa_of(gpa) & !0xfff);
                                 // SAFETY: the frame is installed, hence allocated, and cannot be

@@ -477,7 +477,7 @@ impl<S: Stage2 + Send + 'static> Harness<S> {
         let root_idx = self.model.spaces[space].root;
         let root = self.root(space).clone();
         let pool = self.setup.pool.clone();
-        let mut cpu = SoftCpu::new(&root, &pool);
+        let mut cpu = SoftCpu::plain(&root, &pool);
         let real = match val {
             Some(v) => cpu.write(gpa, &vec![v; len]).map(|()| Vec::new()),
             None => {
