@@ -268,11 +268,15 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
         let summary = uniform(perms);
         for i in (0..needed - 1).rev() {
             let lvl = level - 1 - i;
-            self.slot(frames[i], index(gpa, lvl))
-                .store(E::table_pointer(frames[i + 1]).raw() | summary, Ordering::Relaxed);
+            self.slot(frames[i], index(gpa, lvl)).store(
+                E::table_pointer(frames[i + 1]).raw() | summary,
+                Ordering::Relaxed,
+            );
         }
-        self.slot(table, index(gpa, level))
-            .store(E::table_pointer(frames[0]).raw() | summary, Ordering::Release);
+        self.slot(table, index(gpa, level)).store(
+            E::table_pointer(frames[0]).raw() | summary,
+            Ordering::Release,
+        );
         self.attached += needed;
         self.debug_check();
         Ok(None)

@@ -60,9 +60,11 @@ fn protocol<E: EntryFormat>() {
     // 1 GiB of 4 KiB leaves would be slow in a debug test: 3 × 2 MiB tables' worth of pages,
     // plus a 2 MiB and a 1 GiB leaf.
     for p in 0..3 * 512 {
-        t.map(p * K4, 0x100_0000 + p * K4, PageSize::Size4K, rw, wb).unwrap();
+        t.map(p * K4, 0x100_0000 + p * K4, PageSize::Size4K, rw, wb)
+            .unwrap();
     }
-    t.map(4 * M2, 0x4000_0000, PageSize::Size2M, rw, wb).unwrap();
+    t.map(4 * M2, 0x4000_0000, PageSize::Size2M, rw, wb)
+        .unwrap();
     t.map(G1, 0x8000_0000, PageSize::Size1G, rw, wb).unwrap();
     // The first map created every table on the path: each claims its only leaf's perms.
     assert_eq!(summaries::<E>(&mem, root, 0), vec![summary(rw); 3]);
@@ -75,7 +77,10 @@ fn protocol<E: EntryFormat>() {
 
     // Write-protect everything: every claim becomes READ (the root's entry covers all of it).
     t.protect(0, 2 * G1, r).unwrap();
-    assert_eq!(summaries::<E>(&mem, root, 0), vec![summary(r), summary(r), summary(r)]);
+    assert_eq!(
+        summaries::<E>(&mem, root, 0),
+        vec![summary(r), summary(r), summary(r)]
+    );
     t.check_invariants().unwrap();
 
     // Plant a writable leaf behind the table's back: a protect to READ skips the subtree
@@ -87,7 +92,11 @@ fn protocol<E: EntryFormat>() {
     unsafe { leaf.write(planted) };
     assert!(t.check_invariants().is_err());
     assert_eq!(t.protect(0, 2 * G1, r).unwrap(), 0);
-    assert_eq!(raw(leaf), planted, "protect visited a subtree it should skip");
+    assert_eq!(
+        raw(leaf),
+        planted,
+        "protect visited a subtree it should skip"
+    );
     // SAFETY: as above.
     unsafe { leaf.write(ro) };
     t.check_invariants().unwrap();
@@ -99,7 +108,10 @@ fn protocol<E: EntryFormat>() {
     t.check_invariants().unwrap();
     // ... and write-protecting it restores them (the partly covered tables are recomputed).
     t.protect(5 * K4, K4, r).unwrap();
-    assert_eq!(summaries::<E>(&mem, root, 5 * K4), vec![summary(r), summary(r), summary(r)]);
+    assert_eq!(
+        summaries::<E>(&mem, root, 5 * K4),
+        vec![summary(r), summary(r), summary(r)]
+    );
 
     // A split of the read-only 2 MiB leaf (by an unmap of its first page) links a table
     // claiming its perms; the unmap keeps every claim.
@@ -110,8 +122,14 @@ fn protocol<E: EntryFormat>() {
     let mut dirty = Vec::new();
     t.harvest_dirty(G1 + M2, K4, &mut dirty).unwrap();
     assert_eq!(dirty, vec![G1 + M2]);
-    assert_eq!(summaries::<E>(&mem, root, G1 + 2 * M2), vec![0, summary(rw)]);
-    assert_eq!(summaries::<E>(&mem, root, G1 + M2), vec![0, summary(rw), summary(rw)]);
+    assert_eq!(
+        summaries::<E>(&mem, root, G1 + 2 * M2),
+        vec![0, summary(rw)]
+    );
+    assert_eq!(
+        summaries::<E>(&mem, root, G1 + M2),
+        vec![0, summary(rw), summary(rw)]
+    );
     t.check_invariants().unwrap();
 
     // Unmap keeps claims true; the table is consistent to the end.
