@@ -24,12 +24,15 @@
 //!   `AccessDirty::Enabled`, a leaf installed writable by `map`, or made writable by `protect`,
 //!   is installed with its dirty bit set (the model installs write permission only for writes it
 //!   knows about); a `map` replacing a dirty leaf by one for the same frame keeps the bit; with
-//!   `AccessDirty::Disabled` the bit is never set. Only `harvest_dirty` clears it.
+//!   `AccessDirty::Disabled` the bit is never set. Only `harvest_dirty` clears it;
+//! - a non-leaf entry may claim, in bits 55:52 (ignored by the hardware), that every leaf below
+//!   it has one set of perms (`summary.rs`); every claim is true, and `protect` skips the
+//!   subtrees whose claim equals the perms it sets.
 //!
 //! Arguments are validated before anything is touched; bad input is an `Error`, never a panic.
 //!
 //! Sub-modules: `check` (the invariants as code), `dirty` (dirty harvest and the MMU's A/D
-//! updates, `hw_touch`).
+//! updates, `hw_touch`), `summary` (the permission summaries in non-leaf entries).
 //!
 //! `check_invariants` walks the tree and the retired chain and checks the frame counts and the
 //! no-empty-table rule: O(table frames × 512). Debug builds run it after every operation that
@@ -48,6 +51,9 @@ use crate::{
 
 mod check;
 mod dirty;
+mod summary;
+
+use summary::{claimed, set_summary, uniform};
 
 pub use dirty::Harvested;
 
@@ -213,6 +219,11 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
             if e.is_leaf(level) {
                 return Err(Error::AlreadyExists);
             }
+            if claimed(e.raw()).is_some_and(|p| p != perms) {
+                // The subtree gains a leaf with other perms (`summary.rs`). Dropping the claim
+                // even if the map then fails is conservative.
+                set_summary(self.slot(table, index(gpa, level)), 0);
+            }
             table = e.table_address();
             level -= 1;
         }
@@ -253,13 +264,19 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
         // frames[i] is the new table at level `level - 1 - i`; fill bottom-up, link last.
         self.slot(frames[needed - 1], index(gpa, target))
             .store(leaf.raw(), Ordering::Relaxed);
+        // Each new table holds only the new leaf: its pointer claims the leaf's perms.
+        let summary = uniform(perms);
         for i in (0..needed - 1).rev() {
             let lvl = level - 1 - i;
-            self.slot(frames[i], index(gpa, lvl))
-                .store(E::table_pointer(frames[i + 1]).raw(), Ordering::Relaxed);
+            self.slot(frames[i], index(gpa, lvl)).store(
+                E::table_pointer(frames[i + 1]).raw() | summary,
+                Ordering::Relaxed,
+            );
         }
-        self.slot(table, index(gpa, level))
-            .store(E::table_pointer(frames[0]).raw(), Ordering::Release);
+        self.slot(table, index(gpa, level)).store(
+            E::table_pointer(frames[0]).raw() | summary,
+            Ordering::Release,
+        );
         self.attached += needed;
         self.debug_check();
         Ok(None)
@@ -314,7 +331,8 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
                     for (i, child) in self.entries(new).iter().enumerate() {
                         child.store(cur_e.split_child(level, i as u64).raw(), Ordering::Relaxed);
                     }
-                    let ptr = E::table_pointer(new).raw();
+                    // All 512 children have the split leaf's perms (`summary.rs`).
+                    let ptr = E::table_pointer(new).raw() | uniform(cur_e.perms());
                     if slot
                         .compare_exchange(cur, ptr, Ordering::AcqRel, Ordering::Acquire)
                         .is_ok()
@@ -492,9 +510,17 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
                         }
                         changed += size / PAGE_SIZE;
                     }
-                } else if level > 1 {
+                } else if level > 1 && claimed(e.raw()) != Some(perms) {
+                    // An entry claiming `perms` for everything below is skipped (`summary.rs`).
                     let child = e.table_address();
-                    changed += self.protect_in(child, level - 1, addr, end.min(entry_end), perms);
+                    let sub_end = end.min(entry_end);
+                    changed += self.protect_in(child, level - 1, addr, sub_end, perms);
+                    let now = if addr == entry_base && sub_end == entry_end {
+                        Some(perms)
+                    } else {
+                        self.uniform_perms(child, level - 1)
+                    };
+                    set_summary(self.slot(table, i), now.map_or(0, uniform));
                 }
             }
             addr = entry_end;

@@ -186,4 +186,46 @@ fn forked_siblings_stay_isolated<B: Backend>() {
     assert_no_shared_frame_is_writable(&spaces, "at the end");
 }
 
-for_each_backend!(forked_siblings_stay_isolated);
+/// Issue 13: forks of a parent with every page installed. The first fork write-protects
+/// writable entries; a later fork (after the parent wrote everything again, copying or
+/// upgrading) must write-protect exactly those again even where the EPT/NPT tables skip
+/// subtrees whose entries are already read-only. After each fork no shared frame is writable,
+/// and every space reads what it wrote.
+fn repeated_forks_of_an_all_installed_parent<B: Backend>() {
+    let pool = B::pool();
+    let parent = Vmar::new_root(1 << 30, B::stage2(&pool)).unwrap();
+    let ram = Vmo::new(&pool, PAGES * P, VmoFlags::empty()).unwrap();
+    parent
+        .map(&ram, 0, PAGES * P, MapOptions::specific(0, VmPerms::RW))
+        .unwrap();
+    let mut children = Vec::new();
+    for round in 0..4u8 {
+        // Every page written (all installed writable), or — in odd rounds — only every third
+        // page, so a later fork meets read-only and writable subtrees side by side.
+        let step = if round % 2 == 0 { 1 } else { 3 };
+        let mut cpu = SoftCpu::new(&parent, &pool);
+        for page in (0..PAGES).step_by(step) {
+            cpu.write(page * P, &[round + 1; 16]).unwrap();
+        }
+        let expected = contents(&parent, &pool);
+        let child = parent.fork(B::stage2(&pool)).unwrap();
+        children.push((child, expected.clone()));
+        let spaces: Vec<&Vmar<B::S>> = core::iter::once(&parent)
+            .chain(children.iter().map(|(c, _)| c))
+            .collect();
+        assert_no_shared_frame_is_writable(&spaces, &format!("{}: fork {round}", B::NAME));
+        // The parent's next write copies or upgrades; no child sees it.
+        SoftCpu::new(&parent, &pool)
+            .write_u8(7 * P + 3, 0xf0 | round)
+            .unwrap();
+        assert_no_shared_frame_is_writable(&spaces, &format!("{}: write {round}", B::NAME));
+        for (i, (c, bytes)) in children.iter().enumerate() {
+            assert_eq!(&contents(c, &pool), bytes, "{}: child {i} changed", B::NAME);
+        }
+    }
+}
+
+for_each_backend!(
+    forked_siblings_stay_isolated,
+    repeated_forks_of_an_all_installed_parent
+);

@@ -19,6 +19,15 @@
 //!   at once and the parent timing until `waitpid` returns. Those run first in the group, after
 //!   `malloc_trim(0)`, with no Vmo alive, so the process's resident set is mostly that `Vec`
 //!   (its VmRSS is printed to stderr).
+//! - `fork_installed` (issue 13): the same `Vmar::fork` at 64 MiB and 4 GiB with *every* page
+//!   committed and installed in the parent's Stage2. `first`: the first fork after the parent
+//!   wrote every page (write faults, so every entry is writable and the fork must write-protect
+//!   it); timed by hand, one fork per round after an untimed rewrite of every page (1 Mi write
+//!   faults at 4 GiB: criterion's iteration counts would take minutes), median of
+//!   `FIRST_ROUNDS`. `later`: forks of the same parent after that (every entry installed
+//!   read-only: the fork changes nothing), in criterion, child dropped outside the timing. Both
+//!   print `vmar-fork-{first,later}-4g-vs-64m` with the median ratio 4 GiB ÷ 64 MiB to stderr.
+//!   Peak memory ≈ 4 GiB of heap frames + 8 MiB of tables (one size alive at a time).
 //! - `faults_4096`: fault resolutions through `Vmar::handle_fault` (Throughput::Elements, 4096
 //!   write faults per iteration): `zero_commit` on fresh pages of a mapped anonymous Vmo, `cow`
 //!   on the pages of a forked child whose parent committed them (each one copies a frame).
@@ -222,6 +231,8 @@ fn bench_bandwidth(c: &mut Criterion) {
     g.bench_function("vmo_read", |b| {
         b.iter(|| vmo.read(0, black_box(&mut *buf)).unwrap())
     });
+    // Read once more: a criterion filter may have skipped `vmo_read`.
+    vmo.read(0, &mut *buf).unwrap();
     assert_eq!(&*buf, src);
     g.bench_function("vmo_write", |b| {
         b.iter(|| vmo.write(0, black_box(src)).unwrap())
@@ -327,6 +338,96 @@ fn bench_fork(c: &mut Criterion) {
     g.finish();
 }
 
+/// Rounds of the hand-timed first fork in `fork_installed`.
+const FIRST_ROUNDS: usize = 5;
+/// Hand-timed later forks in `fork_installed` (for the ratio line; criterion times them too).
+const LATER_ROUNDS: usize = 50;
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// Writes every page of `[0, size)` through the fault path (commit or upgrade in place), then
+/// checks that every page is installed writable.
+fn write_everything(vmar: &Vmar<S2>, size: u64) {
+    for p in 0..size / PAGE {
+        vmar.handle_fault(write_fault(p * PAGE)).unwrap();
+    }
+    let writable = vmar.with_stage2(|s2| {
+        let mut n = 0;
+        s2.for_each_leaf(0, size, |t| {
+            if t.perms.contains(ept::S2Perms::WRITE) {
+                n += t.size.bytes() / PAGE;
+            }
+        })
+        .unwrap();
+        n
+    });
+    assert_eq!(writable, size / PAGE);
+}
+
+fn bench_fork_installed(c: &mut Criterion) {
+    let mut g = c.benchmark_group("fork_installed");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4));
+    let mut first = Vec::new();
+    let mut later = Vec::new();
+    for (size, label) in [(64 * MIB, "64MiB"), (4 * GIB, "4GiB")] {
+        let pool = FramePool::heap();
+        let vmar = Vmar::new_root(size, stage2()).unwrap();
+        let vmo = Vmo::new(&pool, size, VmoFlags::empty()).unwrap();
+        vmar.map(&vmo, 0, size, MapOptions::specific(0, VmPerms::RW))
+            .unwrap();
+        let mut times = Vec::new();
+        for _ in 0..FIRST_ROUNDS {
+            write_everything(&vmar, size);
+            let s2 = stage2();
+            let t0 = Instant::now();
+            let child = vmar.fork(s2).unwrap();
+            times.push(t0.elapsed());
+            drop(child);
+        }
+        let f = median(times);
+        eprintln!(
+            "fork_installed/first/{label}: median {f:?} over {FIRST_ROUNDS}, {} pages, VmRSS {}",
+            size / PAGE,
+            vm_rss()
+        );
+        first.push(f);
+        // Every page is installed, read-only now; later forks change no entry.
+        let mut times = Vec::new();
+        for _ in 0..LATER_ROUNDS {
+            let s2 = stage2();
+            let t0 = Instant::now();
+            let child = vmar.fork(s2).unwrap();
+            times.push(t0.elapsed());
+            drop(child);
+        }
+        let l = median(times);
+        eprintln!("fork_installed/later/{label}: median {l:?} over {LATER_ROUNDS}");
+        later.push(l);
+        g.bench_function(BenchmarkId::new("later", label), |b| {
+            b.iter_batched(stage2, |s2| vmar.fork(s2).unwrap(), BatchSize::SmallInput)
+        });
+        assert_eq!(pool.stats().live, size / PAGE);
+        assert_eq!(pool.stats().cow_copies, 0);
+        drop(vmar);
+        drop(vmo);
+        assert_eq!(pool.stats().live, 0);
+    }
+    for (id, v) in [("first", &first), ("later", &later)] {
+        eprintln!(
+            "vmar-fork-{id}-4g-vs-64m: {:?} / {:?} = {:.2}",
+            v[1],
+            v[0],
+            v[1].as_secs_f64() / v[0].as_secs_f64()
+        );
+    }
+    g.finish();
+}
+
 fn write_fault(gpa: u64) -> FaultInfo {
     FaultInfo::new(gpa, Access::WRITE, FaultKind::NotPresent)
 }
@@ -403,6 +504,7 @@ criterion_group!(
     bench_first_write,
     bench_bandwidth,
     bench_fork,
+    bench_fork_installed,
     bench_faults
 );
 criterion_main!(benches);

@@ -13,6 +13,9 @@
 //! Invariants: leaves built here never have the write-without-read combination (an EPT
 //! misconfiguration); table pointers grant R/W/X so the leaf alone decides; reserved bits are
 //! always zero, so an entry this module builds never causes an EPT misconfiguration exit.
+//! Bits 63:52 of a non-leaf entry are ignored (SDM Vol. 3C §29.3.2; bit 8 is its accessed bit,
+//! bit 10 its user-execute bit under MBEC): the table keeps a permission summary in 55:52
+//! (`table/summary.rs`); `table_pointer` leaves them clear.
 
 use super::{check_common, EntryFormat, ADDRESS_MASK};
 use crate::{AccessDirty, Error, MemType, S2Perms};

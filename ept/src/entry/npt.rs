@@ -14,6 +14,9 @@
 //! expressed (`NotSupported`); write-without-read is `InvalidArgs`. NX in a nested entry needs
 //! the host's EFER.NXE at VMRUN, otherwise bit 63 is reserved (the hypervisor must set it).
 //!
+//! Bits 62:52 are available to software (APM Vol. 2 §5.3.3): the table keeps a permission
+//! summary in 55:52 of non-leaf entries (`table/summary.rs`); `table_pointer` leaves them clear.
+//!
 //! Invariants: table pointers are P|RW|US with NX clear; a leaf's PAT bit sits at the position
 //! its level defines (`split_child` moves it when a large leaf becomes 4 KiB leaves).
 

@@ -2,7 +2,8 @@
 //! runs them after structural changes. The invariants themselves are listed in `table.rs`'s
 //! module doc; this file adds one about accessed/dirty state: a table built with
 //! `AccessDirty::Disabled` holds no leaf with its dirty bit set (neither the MMU nor this crate
-//! writes it there).
+//! writes it there); and the permission summaries of `summary.rs` (a non-leaf entry's claim
+//! about the perms of the leaves below it is true; no leaf carries summary bits).
 
 use core::sync::atomic::Ordering;
 
@@ -14,12 +15,14 @@ use crate::AccessDirty;
 impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
     /// Checks the module's invariants: the frames linked in the tree number `table_frames()`,
     /// every non-root table holds a present entry, the retired chain holds `retired_frames()`
-    /// frames, no frame is both linked and retired (or linked twice), and a table without
-    /// accessed/dirty maintenance holds no dirty leaf. The first violation, described.
+    /// frames, no frame is both linked and retired (or linked twice), a table without
+    /// accessed/dirty maintenance holds no dirty leaf, and every permission summary in a
+    /// non-leaf entry is true (`summary.rs`). The first violation, described.
     pub fn check_invariants(&self) -> Result<(), alloc::string::String> {
         let mut linked = alloc::collections::BTreeSet::new();
         linked.insert(self.root);
         self.check_subtree(self.root, 4, &mut linked)?;
+        self.check_summaries(self.root, 4)?;
         if linked.len() != self.attached {
             return Err(alloc::format!(
                 "{} frames linked, table_frames() = {}",
