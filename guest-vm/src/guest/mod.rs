@@ -23,9 +23,14 @@
 //! page that is installed, committed already, or shared — so a forked child never copies a
 //! page it did not write.
 //!
+//! [`program`]: `Program`, a user's guest ELF in a `Guest` with the host side of the guest ABI
+//! (`snapshot_here`, `next_input`, `done`, `crash`, a time limit per run; `guest/ABI.md`).
+//!
 //! Invariants: a `Guest` is driven from one thread at a time (the vCPU thread); forks are taken
 //! only while the parent's vCPU is stopped (the Vmar's fork contract); dropping a `Guest` stops
 //! its fault thread before its reservation is unmapped, and returns every frame it alone held.
+
+pub mod program;
 
 use std::sync::Arc;
 

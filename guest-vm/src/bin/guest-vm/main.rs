@@ -4,6 +4,7 @@
 //!   concurrently, verify isolation, reset, and print a report ending in a `VERDICT:` line;
 //! - `guest-vm fork --children N` — the same without the reset phase;
 //! - `guest-vm run`   — boot one guest and serve a checked request stream;
+//! - `guest-vm run|fork --guest FILE` — the same jobs for a user's SDK guest ([`user_guest`]);
 //! - `guest-vm bench` — our paths side by side with the kernel's (medians and ratios).
 //!
 //! Exit status: 0 on success, 1 when a check fails or the host cannot run guests (the message
@@ -15,6 +16,7 @@
 //! - [`demo`]: the `demo` / `fork` job and its checks (`DemoReport`);
 //! - [`demo_report`]: the demo's human-readable report;
 //! - [`run`]: the `run` job (one guest, one checked stream);
+//! - [`user_guest`]: `run --guest FILE` / `fork --guest FILE` (a user's guest ELF);
 //! - [`bench`]: `guest-vm bench` (rows, `baseline` mechanisms, `print`);
 //! - [`measure`]: medians and unit conversions shared by the jobs.
 
@@ -27,6 +29,7 @@ mod demo;
 mod demo_report;
 mod measure;
 mod run;
+mod user_guest;
 
 use demo::{DemoOptions, MAX_CHILDREN, MAX_TABLE_MIB};
 
@@ -73,6 +76,8 @@ enum Cmd {
         children: usize,
         #[command(flatten)]
         w: Workload,
+        #[command(flatten)]
+        user: user_guest::ForkOpts,
     },
     /// Boot one guest and serve a checked request stream.
     Run {
@@ -84,6 +89,8 @@ enum Cmd {
         no_prefault: bool,
         #[command(flatten)]
         w: Workload,
+        #[command(flatten)]
+        user: user_guest::RunOpts,
     },
     /// Our fork / fault / copy / reset paths side by side with the kernel's.
     Bench(BenchArgs),
@@ -162,11 +169,16 @@ fn demo(opts: &DemoOptions, json: bool) -> Result<bool, guest_vm::Error> {
 fn run(cmd: Cmd) -> Result<bool, guest_vm::Error> {
     match cmd {
         Cmd::Demo { children, w } => demo(&options(children, &w, true), w.json),
-        Cmd::Fork { children, w } => demo(&options(children, &w, false), w.json),
+        Cmd::Fork { children, w, user } if user.g.guest.is_some() => {
+            user_guest::fork(&user, children, w.json)
+        }
+        Cmd::Run { w, user, .. } if user.g.guest.is_some() => user_guest::run(&user, w.json),
+        Cmd::Fork { children, w, .. } => demo(&options(children, &w, false), w.json),
         Cmd::Run {
             seed,
             no_prefault,
             w,
+            ..
         } => {
             let r = run::run(&options(1, &w, false), seed, !no_prefault)?;
             if w.json {
