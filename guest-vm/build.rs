@@ -2,8 +2,8 @@
 //! - `guest/kvstore.rs` (the key-value store, its own `_start`, linked by `guest/linker.ld`),
 //!   embedded by `workload/kvstore.rs`;
 //! - the guest SDK (`guest/sdk/src/lib.rs`, as `libguest_sdk.rlib`) and its example guests
-//!   (`guest/sdk/examples/{hello,spin}.rs`, linked by `guest/sdk/linker.ld`), which the tests
-//!   run from `OUT_DIR` (`hello.elf`, `spin.elf`).
+//!   (`guest/sdk/examples/{hello,spin,target}.rs`, linked by `guest/sdk/linker.ld`; `target`
+//!   with SanitizerCoverage edge guards), which the tests run from `OUT_DIR` (`NAME.elf`).
 //!
 //! No bare-metal target or rust-src is needed (PLATFORM.md): the programs are compiled for the
 //! host triple against the precompiled `core` / `alloc`, linked without libc, hermetically (no
@@ -13,8 +13,20 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// `EXAMPLES` are built against the SDK.
-const EXAMPLES: &[&str] = &["hello", "spin"];
+/// `EXAMPLES` are built against the SDK; `(name, with SanitizerCoverage)`.
+const EXAMPLES: &[(&str, bool)] = &[("hello", false), ("spin", false), ("target", true)];
+
+/// SanitizerCoverage edge guards (`guest/sdk/src/cov.rs` counts them in the coverage map).
+const SANCOV: &[&str] = &[
+    "-C",
+    "passes=sancov-module",
+    "-C",
+    "llvm-args=-sanitizer-coverage-level=3",
+    "-C",
+    "llvm-args=-sanitizer-coverage-trace-pc-guard",
+    "-C",
+    "llvm-args=-sanitizer-coverage-trace-compares",
+];
 
 fn guest_rustc(crate_type: &str, name: &str) -> Command {
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
@@ -84,8 +96,11 @@ fn main() {
     c.arg("-o").arg(&rlib).arg(sdk.join("src/lib.rs"));
     run(c, "the guest SDK");
 
-    for name in EXAMPLES {
+    for &(name, coverage) in EXAMPLES {
         let mut c = guest_rustc("bin", name);
+        if coverage {
+            c.args(SANCOV);
+        }
         link_args(&mut c, &sdk.join("linker.ld"));
         c.arg("--extern")
             .arg(format!("guest_sdk={}", rlib.display()));

@@ -110,3 +110,39 @@ fn a_file_that_is_not_an_elf_is_refused_before_it_runs() {
         assert!(matches!(e, guest_vm::Error::Payload(_)), "{e}");
     }
 }
+
+const TARGET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/target.elf"));
+
+/// The fuzzing coverage map is a shared Vmo per child: a child's run fills its own map only,
+/// and a reset (copy-back) neither clears nor forks it.
+#[test]
+fn coverage_maps_are_per_child_and_survive_reset() {
+    require_kvm!();
+    let frames = HostFrames::new(256 << 20).unwrap();
+    let mut parent = Program::load(&frames, TARGET, MEM).unwrap();
+    assert_eq!(parent.run(LIMIT).unwrap(), Outcome::SnapshotHere);
+    let state = parent.snapshot().unwrap();
+    let (mut a, mut b) = (parent.fork(&state).unwrap(), parent.fork(&state).unwrap());
+    let (cov_a, cov_b) = (a.attach_coverage().unwrap(), b.attach_coverage().unwrap());
+    let read = |c: &guest_vm::guest::program::Coverage| {
+        let mut m = vec![0u8; guest_vm::vmm::x86_64::layout::COV_SIZE as usize];
+        c.vmo().read(0, &mut m).unwrap();
+        m
+    };
+    a.set_input(b"k=v;x=#1f");
+    assert!(matches!(a.run(LIMIT).unwrap(), Outcome::Done(_)));
+    let after_run = read(&cov_a);
+    assert!(
+        after_run.iter().any(|&c| c != 0),
+        "the run counted no edges"
+    );
+    assert!(
+        read(&cov_b).iter().all(|&c| c == 0),
+        "child b saw child a's coverage"
+    );
+    a.reset(&state).unwrap();
+    assert_eq!(read(&cov_a), after_run, "reset changed the coverage map");
+    b.set_input(b"FUZ!");
+    assert!(matches!(b.run(LIMIT).unwrap(), Outcome::Crash(_)));
+    assert_eq!(read(&cov_a), after_run, "child b wrote child a's map");
+}

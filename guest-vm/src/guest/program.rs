@@ -17,6 +17,9 @@
 //! this VMM does not handle) is an `Outcome` value with a report, not an `Err`. `Err` is for the
 //! host failing (KVM, the fault path).
 //!
+//! Coverage (fuzzing): `attach_coverage` maps a fresh shared Vmo over the SDK's coverage map
+//! (`COV_GPA`); the host reads and zeroes it per input (`Coverage::take`).
+//!
 //! The time limit is a watchdog thread per run that kicks the vCPU (`Kicker`) at the deadline;
 //! a kick left over from a previous run (it raced with the guest finishing) is recognised
 //! because its run's `fired` flag is not this run's, and the guest just continues.
@@ -24,13 +27,15 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use vmo::{MapOptions, VmPerms, Vmo, VmoFlags};
+
 use super::Guest;
 use crate::error::{Error, Result};
 use crate::memory::fault_thread::FaultError;
 use crate::memory::frames::HostFrames;
 use crate::vmm::hypercall::HC_ERR;
 use crate::vmm::vcpu_state::VcpuState;
-use crate::vmm::x86_64::layout::DATA_GPA;
+use crate::vmm::x86_64::layout::{COV_GPA, COV_SIZE, DATA_GPA};
 use crate::vmm::{GuestArgs, VmExit};
 
 /// Streaming fault-around window of a program (pages).
@@ -104,6 +109,26 @@ impl std::fmt::Display for Outcome {
     }
 }
 
+/// A program's coverage map (`attach_coverage`): the SDK's edge counters, seen by the host
+/// through the Vmo the guest's map is.
+pub struct Coverage {
+    vmo: Vmo,
+    zeros: Vec<u8>,
+}
+
+impl Coverage {
+    /// Copies the counters into `out` (`COV_SIZE` bytes) and zeroes the map.
+    pub fn take(&self, out: &mut [u8]) -> Result<()> {
+        self.vmo.read(0, out)?;
+        self.vmo.write(0, &self.zeros[..out.len()])?;
+        Ok(())
+    }
+
+    pub fn vmo(&self) -> &Vmo {
+        &self.vmo
+    }
+}
+
 /// A guest program and its place in the ABI; see the module documentation.
 pub struct Program {
     guest: Guest,
@@ -168,6 +193,23 @@ impl Program {
             guest: self.guest.fork(state)?,
             phase: Phase::Ready,
             input: Vec::new(),
+        })
+    }
+
+    /// Gives this program its own coverage map: a fresh Vmo mapped **shared** over
+    /// `[COV_GPA, COV_GPA + COV_SIZE)` in place of the RAM there, so `reset` never rolls it
+    /// back and a later fork of this program would share it (fork each child first, then
+    /// attach: two children never share one map). Call while the guest is stopped.
+    pub fn attach_coverage(&mut self) -> Result<Coverage> {
+        let vmo = Vmo::new(&self.guest.frames.pool, COV_SIZE, VmoFlags::empty())?;
+        let vmar = self.guest.vmar();
+        vmar.unmap(COV_GPA, COV_SIZE)?;
+        let mut opts = MapOptions::specific(COV_GPA, VmPerms::RW);
+        opts.shared = true;
+        vmar.map(&vmo, 0, COV_SIZE, opts)?;
+        Ok(Coverage {
+            vmo,
+            zeros: vec![0; COV_SIZE as usize],
         })
     }
 

@@ -19,14 +19,15 @@
 //! }
 //! ```
 //!
-//! Modules: [`hypercall`] (the calls), [`heap`] (the global allocator), `rt` (entry, panic
-//! handler, `memcpy` & co.). Invariant: the SDK never returns to the host except through
+//! Modules: [`hypercall`] (the calls), [`heap`] (the global allocator), [`cov`] (edge
+//! coverage for fuzzing), `rt` (entry, panic handler, `memcpy` & co.). Invariant: the SDK never returns to the host except through
 //! `done` or `crash`; both loop if the host resumes the guest anyway.
 #![doc = include_str!("../../ABI.md")]
 #![no_std]
 
 pub extern crate alloc;
 
+pub mod cov;
 pub mod heap;
 pub mod hypercall;
 mod rt;

@@ -29,6 +29,7 @@ extern "C" fn sdk_start(mem: u64, heap_start: u64, heap_end: u64) -> ! {
     HEAP_START.store(heap_start, Ordering::Relaxed);
     HEAP_END.store(heap_end, Ordering::Relaxed);
     crate::heap::HEAP.init(heap_start, heap_end);
+    crate::cov::init();
     // SAFETY: `main!` defines the symbol as a safe `extern "C" fn() -> u64`.
     let status = unsafe { __guest_sdk_main() };
     done(status)

@@ -5,6 +5,7 @@
 //! - `guest-vm fork --children N` — the same without the reset phase;
 //! - `guest-vm run`   — boot one guest and serve a checked request stream;
 //! - `guest-vm run|fork --guest FILE` — the same jobs for a user's SDK guest ([`user_guest`]);
+//! - `guest-vm fuzz --guest FILE` — snapshot-fuzz a user's SDK guest;
 //! - `guest-vm bench` — our paths side by side with the kernel's (medians and ratios).
 //!
 //! Exit status: 0 on success, 1 when a check fails or the host cannot run guests (the message
@@ -16,6 +17,7 @@
 //! - [`demo`]: the `demo` / `fork` job and its checks (`DemoReport`);
 //! - [`demo_report`]: the demo's human-readable report;
 //! - [`run`]: the `run` job (one guest, one checked stream);
+//! - [`fuzz`]: `fuzz --guest FILE --corpus DIR --crashes DIR` (snapshot fuzzing);
 //! - [`user_guest`]: `run --guest FILE` / `fork --guest FILE` (a user's guest ELF);
 //! - [`bench`]: `guest-vm bench` (rows, `baseline` mechanisms, `print`);
 //! - [`measure`]: medians and unit conversions shared by the jobs.
@@ -27,6 +29,7 @@ use clap::{Args, Parser, Subcommand};
 mod bench;
 mod demo;
 mod demo_report;
+mod fuzz;
 mod measure;
 mod run;
 mod user_guest;
@@ -94,6 +97,8 @@ enum Cmd {
     },
     /// Our fork / fault / copy / reset paths side by side with the kernel's.
     Bench(BenchArgs),
+    /// Snapshot-fuzz an SDK guest: reset per input, coverage from a shared map.
+    Fuzz(fuzz::FuzzArgs),
 }
 
 #[derive(Args)]
@@ -207,6 +212,7 @@ fn run(cmd: Cmd) -> Result<bool, guest_vm::Error> {
             }
             Ok(true)
         }
+        Cmd::Fuzz(a) => fuzz::run(&a),
         Cmd::Bench(a) => {
             let opts = bench::BenchOptions {
                 sizes_mib: a.sizes,
