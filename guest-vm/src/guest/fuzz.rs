@@ -29,14 +29,14 @@ pub const MAX_TOKENS: usize = 512;
 
 /// A small xorshift64* generator (reproducible runs from `--seed`).
 #[derive(Clone, Debug)]
-pub struct Rng(u64);
+pub struct XorShift(u64);
 
-impl Rng {
+impl XorShift {
     pub fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+        XorShift(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
     }
 
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
@@ -45,7 +45,7 @@ impl Rng {
 
     /// Uniform-ish in `0..n` (`n > 0`).
     pub fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
+        (self.next_u64() % n.max(1) as u64) as usize
     }
 }
 
@@ -53,7 +53,7 @@ impl Rng {
 /// an interesting value, a splice with another corpus entry, a token (a comparison operand)
 /// written over or inserted; never longer than `max_len`.
 pub fn mutate(
-    rng: &mut Rng,
+    rng: &mut XorShift,
     input: &[u8],
     other: &[u8],
     tokens: &[Vec<u8>],
@@ -74,11 +74,11 @@ pub fn mutate(
             }
             1 => {
                 let i = rng.below(v.len());
-                v[i] = rng.next() as u8;
+                v[i] = rng.next_u64() as u8;
             }
             2 => {
                 let i = rng.below(v.len() + 1);
-                v.insert(i, rng.next() as u8);
+                v.insert(i, rng.next_u64() as u8);
             }
             3 => {
                 v.remove(rng.below(v.len()));
@@ -157,7 +157,7 @@ pub struct Fuzzer {
     pub findings: Vec<Finding>,
     pub tokens: Vec<Vec<u8>>,
     seen_tokens: HashSet<Vec<u8>>,
-    rng: Rng,
+    rng: XorShift,
     limit: Duration,
     stats: FuzzStats,
 }
@@ -179,7 +179,7 @@ impl Fuzzer {
             findings: Vec::new(),
             tokens: Vec::new(),
             seen_tokens: HashSet::new(),
-            rng: Rng::new(seed),
+            rng: XorShift::new(seed),
             limit,
             stats: FuzzStats::default(),
         })
@@ -317,7 +317,7 @@ mod tests {
             other in proptest::collection::vec(any::<u8>(), 0..64), max in 1usize..80,
             tokens in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..9), 0..4),
         ) {
-            let mut rng = Rng::new(seed);
+            let mut rng = XorShift::new(seed);
             let out = mutate(&mut rng, &input, &other, &tokens, max);
             prop_assert!(out.len() <= max);
         }
