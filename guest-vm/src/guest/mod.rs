@@ -23,9 +23,18 @@
 //! page that is installed, committed already, or shared — so a forked child never copies a
 //! page it did not write.
 //!
+//! [`program`]: `Program`, a user's guest ELF in a `Guest` with the host side of the guest ABI
+//! (`snapshot_here`, `next_input`, `done`, `crash`, a time limit per run; `guest/ABI.md`).
+//!
+//! [`fuzz`]: `Fuzzer`, snapshot fuzzing of a `Program` (one child, reset per input, coverage from
+//! a shared Vmo).
+//!
 //! Invariants: a `Guest` is driven from one thread at a time (the vCPU thread); forks are taken
 //! only while the parent's vCPU is stopped (the Vmar's fork contract); dropping a `Guest` stops
 //! its fault thread before its reservation is unmapped, and returns every frame it alone held.
+
+pub mod fuzz;
+pub mod program;
 
 use std::sync::Arc;
 
@@ -46,7 +55,7 @@ pub struct Guest {
     // goes first.
     vm: GuestVm,
     vmar: Vmar<KvmStage2>,
-    frames: HostFrames,
+    pub(crate) frames: HostFrames,
     mem_size: u64,
 }
 

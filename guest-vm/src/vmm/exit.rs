@@ -12,6 +12,18 @@ pub enum VmExit {
     Done(u8),
     /// `HC_EXIT(code)`.
     Exit(u64),
+    /// `HC_CRASH(reason)`: the guest gave up; the text is its reason.
+    Crash(String),
+    /// `HC_SNAPSHOT` (`snapshot_here()`): `rax` holds `HC_ERR` until the caller answers (0
+    /// once it took its snapshot, with `set_hypercall_result`).
+    SnapshotHere,
+    /// `HC_INPUT` (`next_input(buf, cap)`), buffer already checked inside guest memory: the
+    /// caller writes up to `cap` bytes at `gpa` and answers their count (`rax` = `HC_ERR`
+    /// until then).
+    NextInput {
+        gpa: u64,
+        cap: u64,
+    },
     /// `HC_REPORT(value)`; running again continues the guest.
     Report(u64),
     /// Port output on a port the ABI does not define.

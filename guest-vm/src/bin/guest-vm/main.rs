@@ -4,6 +4,8 @@
 //!   concurrently, verify isolation, reset, and print a report ending in a `VERDICT:` line;
 //! - `guest-vm fork --children N` — the same without the reset phase;
 //! - `guest-vm run`   — boot one guest and serve a checked request stream;
+//! - `guest-vm run|fork --guest FILE` — the same jobs for a user's SDK guest ([`user_guest`]);
+//! - `guest-vm fuzz --guest FILE` — snapshot-fuzz a user's SDK guest;
 //! - `guest-vm bench` — our paths side by side with the kernel's (medians and ratios);
 //! - `guest-vm snapshot save|restore|inspect` — snapshot files ([`snapshot`]).
 //!
@@ -16,6 +18,8 @@
 //! - [`demo`]: the `demo` / `fork` job and its checks (`DemoReport`);
 //! - [`demo_report`]: the demo's human-readable report;
 //! - [`run`]: the `run` job (one guest, one checked stream);
+//! - [`fuzz`]: `fuzz --guest FILE --corpus DIR --crashes DIR` (snapshot fuzzing);
+//! - [`user_guest`]: `run --guest FILE` / `fork --guest FILE` (a user's guest ELF);
 //! - [`bench`]: `guest-vm bench` (rows, `baseline` mechanisms, `print`);
 //! - [`measure`]: medians and unit conversions shared by the jobs.
 
@@ -26,9 +30,11 @@ use clap::{Args, Parser, Subcommand};
 mod bench;
 mod demo;
 mod demo_report;
+mod fuzz;
 mod measure;
 mod run;
 mod snapshot;
+mod user_guest;
 
 use demo::{DemoOptions, MAX_CHILDREN, MAX_TABLE_MIB};
 
@@ -75,6 +81,8 @@ enum Cmd {
         children: usize,
         #[command(flatten)]
         w: Workload,
+        #[command(flatten)]
+        user: user_guest::ForkOpts,
     },
     /// Boot one guest and serve a checked request stream.
     Run {
@@ -86,6 +94,8 @@ enum Cmd {
         no_prefault: bool,
         #[command(flatten)]
         w: Workload,
+        #[command(flatten)]
+        user: user_guest::RunOpts,
     },
     /// Our fork / fault / copy / reset paths side by side with the kernel's.
     Bench(BenchArgs),
@@ -94,6 +104,8 @@ enum Cmd {
         #[command(subcommand)]
         cmd: snapshot::SnapshotCmd,
     },
+    /// Snapshot-fuzz an SDK guest: reset per input, coverage from a shared map.
+    Fuzz(fuzz::FuzzArgs),
 }
 
 #[derive(Args)]
@@ -169,11 +181,16 @@ fn demo(opts: &DemoOptions, json: bool) -> Result<bool, guest_vm::Error> {
 fn run(cmd: Cmd) -> Result<bool, guest_vm::Error> {
     match cmd {
         Cmd::Demo { children, w } => demo(&options(children, &w, true), w.json),
-        Cmd::Fork { children, w } => demo(&options(children, &w, false), w.json),
+        Cmd::Fork { children, w, user } if user.g.guest.is_some() => {
+            user_guest::fork(&user, children, w.json)
+        }
+        Cmd::Run { w, user, .. } if user.g.guest.is_some() => user_guest::run(&user, w.json),
+        Cmd::Fork { children, w, .. } => demo(&options(children, &w, false), w.json),
         Cmd::Run {
             seed,
             no_prefault,
             w,
+            ..
         } => {
             let r = run::run(&options(1, &w, false), seed, !no_prefault)?;
             if w.json {
@@ -203,6 +220,7 @@ fn run(cmd: Cmd) -> Result<bool, guest_vm::Error> {
             Ok(true)
         }
         Cmd::Snapshot { cmd } => snapshot::run(cmd),
+        Cmd::Fuzz(a) => fuzz::run(&a),
         Cmd::Bench(a) => {
             let opts = bench::BenchOptions {
                 sizes_mib: a.sizes,

@@ -4,7 +4,8 @@
 //! 0x0800        GDT (null, kernel code/data, user code 0x1b, user data 0x23, TSS 0x28)
 //! 0x1000        PML4        0x2000 PDPT        0x3000.. one PD per GiB (2 MiB pages, U/S=1)
 //! 0x10000       code (CODE_GPA), up to STACK_TOP - STACK_SIZE
-//! 0x80000       top of the CPL3 stack (STACK_TOP), grows down
+//! 0x80000       top of the CPL3 stack (STACK_TOP), grows down; above it the coverage map
+//!               (COV_GPA, COV_SIZE: SDK guests' edge counters, a shared Vmo when fuzzing)
 //! 0x90000       workload mailbox page (MAILBOX_GPA)
 //! 0x100000..    data (DATA_GPA): free for the workload
 //! ```
@@ -23,6 +24,12 @@ pub const MAX_MEM: u64 = 8 << 30;
 pub const CODE_GPA: u64 = 0x10000;
 pub const STACK_TOP: u64 = 0x80000;
 pub const STACK_SIZE: u64 = 0x10000;
+/// The coverage map of SDK guests built with SanitizerCoverage (`guest/ABI.md`).
+pub const COV_GPA: u64 = 0x80000;
+pub const COV_SIZE: u64 = 0x10000;
+/// Where the coverage window's comparison log starts (edge counters before it; the SDK's
+/// `cov.rs` writes the same layout).
+pub const COV_CMP_OFF: u64 = 0xf000;
 pub const MAILBOX_GPA: u64 = 0x90000;
 pub const DATA_GPA: u64 = 0x100000;
 
@@ -31,3 +38,4 @@ const _: () = assert!(PML4_GPA + PAGE_SIZE == PDPT_GPA && PDPT_GPA + PAGE_SIZE =
 const _: () = assert!(PD_GPA + (MAX_MEM >> 30) * PAGE_SIZE <= CODE_GPA);
 const _: () = assert!(CODE_GPA < STACK_TOP - STACK_SIZE);
 const _: () = assert!(STACK_TOP <= MAILBOX_GPA && MAILBOX_GPA + PAGE_SIZE <= DATA_GPA);
+const _: () = assert!(STACK_TOP <= COV_GPA && COV_GPA + COV_SIZE <= MAILBOX_GPA);
