@@ -24,7 +24,7 @@ pub use vmar::{
     Vmar, DEFAULT_FAULT_AROUND, MAX_FAULT_AROUND,
 };
 pub use vmo::{
-    ChildKind, FaultAccess, PageOrigin, RangeChange, RestoreStats, Rights, Vmo, VmoFlags,
+    ChildKind, FaultAccess, FaultedPage, PageOrigin, RangeChange, RestoreStats, Rights, Vmo, VmoFlags,
     VmoObserver,
 };
 

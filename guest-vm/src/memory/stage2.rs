@@ -9,6 +9,8 @@
 //!   registered WP on the synchronous userfaultfd and write-protected, so a guest write
 //!   arrives as a WP event with its address instead of a bare `KVM_RUN = -EFAULT`;
 //!   2 MiB / 1 GiB leaves are one mmap of a contiguous run of frames;
+//! - `map_run(gpa, pas, perms)` = one such install (one `mmap`, populated, plus one
+//!   registration) per maximal run of offset-contiguous frames in `pas`;
 //! - `unmap` puts an anonymous MISSING-registered reservation piece back;
 //! - `protect` moves ranges between the two descriptors (`make_read_only` /
 //!   `make_writable`): a shared frame is never on the tracker (reservation.rs invariants);
@@ -302,6 +304,80 @@ impl Stage2 for KvmStage2 {
             self.flush_pending = true;
             l.translation(gpa)
         }))
+    }
+
+    fn map_run(
+        &mut self,
+        gpa: u64,
+        pas: &[u64],
+        perms: S2Perms,
+        mem_type: MemType,
+    ) -> Result<u64, ept::Error> {
+        let len = (pas.len() as u64)
+            .checked_mul(PAGE_SIZE)
+            .filter(|&l| l > 0)
+            .ok_or(ept::Error::InvalidArgs)?;
+        check_perms(perms)?;
+        self.check_range(gpa, len)?;
+        let capacity = self.frames.capacity().min(ept::PA_LIMIT);
+        if pas
+            .iter()
+            .any(|&pa| !pa.is_multiple_of(PAGE_SIZE) || pa >= capacity)
+        {
+            return Err(match pas.iter().all(|pa| pa.is_multiple_of(PAGE_SIZE)) {
+                true => ept::Error::OutOfRange,
+                false => ept::Error::InvalidArgs,
+            });
+        }
+        // Overlap: only 4 KiB leaves inside the run may be replaced.
+        let mut replaced = 0;
+        if let Some((s, l)) = self.leaves.covering(gpa) {
+            if s != gpa || l.size != PageSize::Size4K {
+                return Err(ept::Error::AlreadyExists);
+            }
+        }
+        for (_, l) in self.leaves.range(gpa, len) {
+            if l.size != PageSize::Size4K {
+                return Err(ept::Error::AlreadyExists);
+            }
+            replaced += 1;
+        }
+        let how = if perms.contains(S2Perms::WRITE) {
+            Install::Writable
+        } else {
+            Install::ReadOnly
+        };
+        // One host install per physically contiguous piece.
+        let mut i = 0;
+        while i < pas.len() {
+            let mut j = i + 1;
+            while j < pas.len() && pas[j] == pas[j - 1] + PAGE_SIZE {
+                j += 1;
+            }
+            let start = gpa + i as u64 * PAGE_SIZE;
+            let piece = (j - i) as u64 * PAGE_SIZE;
+            self.with_map_retry(|me| me.install(start, pas[i], piece, how))
+                .inspect_err(|_| self.debug_check())?;
+            self.stats.maps += 1;
+            for (k, &pa) in pas[i..j].iter().enumerate() {
+                self.leaves.put(
+                    start + k as u64 * PAGE_SIZE,
+                    Leaf {
+                        pa,
+                        size: PageSize::Size4K,
+                        perms,
+                        mem_type,
+                        armed: false,
+                    },
+                );
+            }
+            i = j;
+        }
+        if replaced > 0 {
+            self.flush_pending = true;
+        }
+        self.debug_check();
+        Ok(replaced)
     }
 
     fn unmap(&mut self, gpa: u64, len: u64) -> Result<u64, ept::Error> {

@@ -5,7 +5,7 @@
 //! ordered map of every mapping keyed by its base address), the `Stage2` backend, and counters.
 //! A `Vmar` handle names one region of a space. Operations live one per file: `map`, `unmap`,
 //! `protect`, `region` (allocate/destroy/query), `fork` (fork and reset), `page_fault` (the single
-//! fault path every backend calls), `io` (the model's own reads and writes by guest-physical
+//! fault path every backend calls), `prefault` (that path over a range, in bulk), `io` (the model's own reads and writes by guest-physical
 //! address), `dirty` (KVM-style dirty tracking).
 //!
 //! Invariants:
@@ -28,6 +28,7 @@ mod io;
 mod map;
 mod observer;
 mod page_fault;
+mod prefault;
 mod protect;
 mod region;
 mod tree;
