@@ -21,7 +21,7 @@ pub const PAGE_BYTES: usize = PAGE_SIZE as usize;
 pub use pager::Pager;
 pub use vmar::{
     FaultOutcome, FaultStats, MapOptions, MappingInfo, Placement, ResetPolicy, Resolution, VmPerms,
-    Vmar, DEFAULT_FAULT_AROUND, MAX_FAULT_AROUND,
+    Vmar, WorkingSet, DEFAULT_FAULT_AROUND, MAX_FAULT_AROUND,
 };
 pub use vmo::{
     ChildKind, FaultAccess, FaultedPage, PageOrigin, RangeChange, RestoreStats, Rights, Vmo, VmoFlags,

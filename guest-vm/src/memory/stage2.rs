@@ -26,7 +26,9 @@
 //! - `flush` does nothing: KVM's MMU notifier drops its shadow/TDP entries when we remap.
 //!
 //! Invariants:
-//! - `leaves` holds disjoint leaves (start GPA → leaf) and matches the host mappings exactly;
+//! - `leaves` holds disjoint leaves (as extents: one record per run of 4 KiB leaves over
+//!   consecutive frames with equal attributes, `LeafIndex`) and matches the host mappings
+//!   exactly;
 //! - a leaf is armed only while writable, and an armed leaf's host pages are write-protected
 //!   on the tracker except those written since (which the next scan reports); a failed
 //!   harvest disarms the range (its next harvest over-reports, never under-reports);
@@ -53,7 +55,8 @@ use ept::{BackendFailure, FlushScope, MemType, PageSize, S2Perms, Stage2, Transl
 use crate::addr::{Gpa, MemfdOffset};
 use crate::error::Error;
 use crate::memory::frames::MemfdFrameAlloc;
-use crate::memory::leaves::{runs, Leaf, LeafIndex, RangeSet};
+use crate::memory::leaves::{Leaf, LeafIndex};
+use crate::memory::ranges::{runs, RangeSet};
 use crate::memory::reservation::{Install, MoveError, Reservation};
 use crate::sys::mmap::ensure_max_map_count;
 use ept::PAGE_SIZE;
@@ -123,9 +126,9 @@ impl KvmStage2 {
     pub fn check_invariants(&self) {
         self.written_then_protected.check_invariants();
         self.leaves.check_invariants();
-        for (start, leaf) in self.leaves.range(0, u64::MAX - 1) {
+        for (start, bytes) in self.leaves.extents() {
             assert!(
-                self.res.hva_of(Gpa(start), leaf.size.bytes()).is_some(),
+                self.res.hva_of(Gpa(start), bytes).is_some(),
                 "leaf {start:#x} outside the reservation"
             );
         }
@@ -313,10 +316,10 @@ impl Stage2 for KvmStage2 {
         perms: S2Perms,
         mem_type: MemType,
     ) -> Result<u64, ept::Error> {
-        let len = (pas.len() as u64)
-            .checked_mul(PAGE_SIZE)
-            .filter(|&l| l > 0)
-            .ok_or(ept::Error::InvalidArgs)?;
+        if pas.is_empty() || u32::try_from(pas.len()).is_err() {
+            return Err(ept::Error::InvalidArgs);
+        }
+        let len = pas.len() as u64 * PAGE_SIZE;
         check_perms(perms)?;
         self.check_range(gpa, len)?;
         let capacity = self.frames.capacity().min(ept::PA_LIMIT);
@@ -359,18 +362,8 @@ impl Stage2 for KvmStage2 {
             self.with_map_retry(|me| me.install(start, pas[i], piece, how))
                 .inspect_err(|_| self.debug_check())?;
             self.stats.maps += 1;
-            for (k, &pa) in pas[i..j].iter().enumerate() {
-                self.leaves.put(
-                    start + k as u64 * PAGE_SIZE,
-                    Leaf {
-                        pa,
-                        size: PageSize::Size4K,
-                        perms,
-                        mem_type,
-                        armed: false,
-                    },
-                );
-            }
+            self.leaves
+                .put_run(start, pas[i], (j - i) as u32, perms, mem_type);
             i = j;
         }
         if replaced > 0 {
@@ -391,11 +384,7 @@ impl Stage2 for KvmStage2 {
             let res = self.res.clone();
             self.with_map_retry(|_| res.restore(Gpa(s), l))?;
         }
-        let mut pages = 0;
-        for (s, l) in &gone {
-            self.leaves.take(*s);
-            pages += l.size.bytes() / PAGE_SIZE;
-        }
+        let pages = self.leaves.take_range(gpa, len);
         self.written_then_protected.take(gpa, gpa + len);
         self.stats.unmaps += 1;
         self.flush_pending = true;

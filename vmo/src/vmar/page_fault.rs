@@ -179,6 +179,7 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
         };
         self.space.last_write.store(last, Ordering::Relaxed);
         let pages = 1 + streamed + self.fault_around(m, page + streamed * PAGE_SIZE, write);
+        self.record_fault(page, 1 + streamed, pages, write);
         Ok(Resolution {
             gpa: page,
             pa,

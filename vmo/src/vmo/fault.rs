@@ -150,19 +150,17 @@ impl Vmo {
     ) -> Result<Option<R>> {
         self.require_for(access)?;
         let first = self.root_slot(first_idx)?;
+        // Pages of this object from `first_idx` to its end (`root_slot` locks: not inside).
+        let avail = (self.size() / PAGE_SIZE).saturating_sub(first_idx);
         let mut run = Vec::new();
         let mut pages = self.lock_root_pages();
         let mut failed = None;
         for i in 0..count {
-            let idx = match first_idx.checked_add(i).map(|p| self.root_slot(p)) {
-                Some(Ok(idx)) => idx,
-                Some(Err(e)) => {
-                    failed = Some(e);
-                    break;
-                }
-                None => break,
-            };
-            debug_assert_eq!(idx, first + i);
+            if i >= avail {
+                failed = Some(Error::OutOfRange);
+                break;
+            }
+            let idx = first + i;
             match self.fault_page_locked(&mut pages, idx, access, |frame, writable, origin| {
                 Ok(FaultedPage {
                     frame: frame.clone(),
