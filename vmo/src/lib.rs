@@ -24,8 +24,8 @@ pub use vmar::{
     Vmar, WorkingSet, DEFAULT_FAULT_AROUND, MAX_FAULT_AROUND,
 };
 pub use vmo::{
-    ChildKind, FaultAccess, FaultedPage, PageOrigin, RangeChange, RestoreStats, Rights, Vmo, VmoFlags,
-    VmoObserver,
+    ChildKind, FaultAccess, FaultedPage, PageOrigin, RangeChange, RestoreStats, Rights, Vmo,
+    VmoFlags, VmoObserver,
 };
 
 /// Errors of the memory model; the meanings follow Zircon's status codes (CONTRACTS.md).

@@ -6,7 +6,12 @@ use vmo::{ChildKind, Error, FaultAccess, FramePool, Rights, Vmo, VmoFlags, PAGE_
 const P: u64 = PAGE_SIZE;
 
 /// (writable, committed, copied) of each page of the run `fault_pages` hands over.
-fn run(vmo: &Vmo, first: u64, count: u64, access: FaultAccess) -> Result<Vec<(bool, bool, bool)>, Error> {
+fn run(
+    vmo: &Vmo,
+    first: u64,
+    count: u64,
+    access: FaultAccess,
+) -> Result<Vec<(bool, bool, bool)>, Error> {
     vmo.fault_pages(first, count, access, |run| {
         Ok(run
             .iter()
@@ -22,8 +27,14 @@ fn a_run_stops_where_the_access_asks_and_reports_errors_at_its_start() {
     let vmo = Vmo::new(&pool, 8 * P, VmoFlags::empty()).unwrap();
     vmo.write(0, &[1u8; 3 * P as usize]).unwrap();
     // Committed pages only: the run ends at the first empty slot.
-    assert_eq!(run(&vmo, 0, 8, FaultAccess::ReadIfCommitted).unwrap().len(), 3);
-    assert_eq!(run(&vmo, 3, 5, FaultAccess::ReadIfCommitted).unwrap(), vec![]);
+    assert_eq!(
+        run(&vmo, 0, 8, FaultAccess::ReadIfCommitted).unwrap().len(),
+        3
+    );
+    assert_eq!(
+        run(&vmo, 3, 5, FaultAccess::ReadIfCommitted).unwrap(),
+        vec![]
+    );
     // Writes commit the rest; private frames are writable.
     let w = run(&vmo, 0, 8, FaultAccess::Write).unwrap();
     assert_eq!(w.len(), 8);
@@ -33,7 +44,10 @@ fn a_run_stops_where_the_access_asks_and_reports_errors_at_its_start() {
     // Past the end: a run ends there; a run starting there is an error.
     assert_eq!(run(&vmo, 6, 4, FaultAccess::Read).unwrap().len(), 2);
     assert_eq!(run(&vmo, 8, 1, FaultAccess::Read), Err(Error::OutOfRange));
-    assert_eq!(run(&vmo, u64::MAX, 2, FaultAccess::Read), Err(Error::OutOfRange));
+    assert_eq!(
+        run(&vmo, u64::MAX, 2, FaultAccess::Read),
+        Err(Error::OutOfRange)
+    );
     // Rights first.
     let ro = vmo.duplicate(Rights::READ).unwrap();
     assert_eq!(run(&ro, 0, 1, FaultAccess::Write), Err(Error::AccessDenied));
@@ -52,12 +66,21 @@ fn shared_frames_are_read_only_and_skipped_by_write_fault_around() {
     let child = parent.create_child(ChildKind::Snapshot, 0, 4 * P).unwrap();
     let r = run(&child, 0, 4, FaultAccess::ReadIfCommitted).unwrap();
     assert_eq!(r.len(), 4);
-    assert!(r.iter().all(|&(writable, _, _)| !writable), "shared frames stay read-only");
-    assert_eq!(run(&child, 0, 4, FaultAccess::ReadIfPrivate).unwrap(), vec![]);
+    assert!(
+        r.iter().all(|&(writable, _, _)| !writable),
+        "shared frames stay read-only"
+    );
+    assert_eq!(
+        run(&child, 0, 4, FaultAccess::ReadIfPrivate).unwrap(),
+        vec![]
+    );
     // A write copies; the copies are private and now pass ReadIfPrivate.
     let w = run(&child, 1, 2, FaultAccess::Write).unwrap();
     assert!(w.iter().all(|&(writable, _, copied)| writable && copied));
-    assert_eq!(run(&child, 1, 3, FaultAccess::ReadIfPrivate).unwrap().len(), 2);
+    assert_eq!(
+        run(&child, 1, 3, FaultAccess::ReadIfPrivate).unwrap().len(),
+        2
+    );
     let mut buf = [0u8; 1];
     parent.read(P, &mut buf).unwrap();
     assert_eq!(buf, [7]);

@@ -17,6 +17,8 @@
 //!
 //! The fault thread's resolver is the guest's `Vmar` itself (`impl Resolver for
 //! Vmar<KvmStage2>`): uffd event → fault thread → `Vmar::handle_fault` → Vmo → `KvmStage2`.
+//! Bulk paths: `prefault` (a range) and `prefetch` (a working set recorded by an earlier run,
+//! `Vmar::set_recording`) are `Vmar::prefault` — runs of frames, one `mmap` each, no exits.
 //! Streaming fault-around (opt-in, `set_stream_fault_around`) is the Vmar's own policy
 //! (`vmo::Vmar::set_stream_fault_around`): after write faults on consecutive pages commit fresh
 //! pages, the next ones are committed and installed in the same fault, stopping before any
@@ -156,6 +158,14 @@ impl Guest {
             self.vmar.prefault(start, end - start, access)?;
         }
         Ok((end - start).div_ceil(ept::PAGE_SIZE))
+    }
+
+    /// Installs a working set recorded by an earlier run (`vmar().set_recording` /
+    /// `recorded()`, e.g. a first child of the same snapshot) before the guest runs:
+    /// `Vmar::prefetch` — shared pages read-only, or with `copy_written` the recorded writes
+    /// copied ahead and installed writable. Returns the pages installed.
+    pub fn prefetch(&self, set: &vmo::WorkingSet, copy_written: bool) -> Result<u64> {
+        Ok(self.vmar.prefetch(set, copy_written)?)
     }
 
     /// Sets the streaming fault-around window (pages; 0 turns it off, the default; at most

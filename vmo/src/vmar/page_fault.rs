@@ -21,6 +21,9 @@
 //!   empty in the Vmo (a shared frame is never copied speculatively) or failing. Off while
 //!   dirty tracking is on (a speculative page would be writable without ever being recorded).
 //!
+//! While working-set recording is on (`record.rs`), the pages a resolved fault installed are
+//! noted there.
+//!
 //! A handle resolves only faults inside its own region (a sub-VMAR's handle: its range, and
 //! `BadState` once destroyed, as every other operation on it), so the root handle is the one a
 //! backend's fault loop holds.

@@ -86,10 +86,8 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
             let c = &self.space.counters;
             c.commits.fetch_add(done.commits, Ordering::Relaxed);
             c.copies.fetch_add(done.copies, Ordering::Relaxed);
-            c.installs.fetch_add(
-                done.pages - done.commits - done.copies,
-                Ordering::Relaxed,
-            );
+            c.installs
+                .fetch_add(done.pages - done.commits - done.copies, Ordering::Relaxed);
             if write {
                 if let Some(dirty) = self.space.dirty.lock().as_mut() {
                     dirty.extend((first..page).step_by(PAGE_SIZE as usize));

@@ -124,7 +124,6 @@ impl Vmo {
         }
     }
 
-
     fn require_for(&self, access: FaultAccess) -> Result<()> {
         let write = matches!(access, FaultAccess::Write | FaultAccess::WriteIfUncommitted);
         self.require(if write {

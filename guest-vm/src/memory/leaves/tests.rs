@@ -144,7 +144,10 @@ fn runs_are_one_extent_until_split_and_answer_per_leaf() {
     let mut ix = LeafIndex::default();
     ix.put_run(0, 8 * M2, 64, S2Perms::RW, MemType::WriteBack);
     // A single leaf continuing the run joins it; one over another frame does not.
-    ix.put(64 * PAGE_SIZE, leaf(8 * M2 + 64 * PAGE_SIZE, PageSize::Size4K, S2Perms::RW));
+    ix.put(
+        64 * PAGE_SIZE,
+        leaf(8 * M2 + 64 * PAGE_SIZE, PageSize::Size4K, S2Perms::RW),
+    );
     ix.put(65 * PAGE_SIZE, leaf(0, PageSize::Size4K, S2Perms::RW));
     assert_eq!((ix.len(), ix.pages()), (2, 66));
     let (s, l) = ix.covering(10 * PAGE_SIZE + 7).unwrap();
@@ -163,7 +166,10 @@ fn runs_are_one_extent_until_split_and_answer_per_leaf() {
     assert!(ix.covering(21 * PAGE_SIZE).unwrap().1.armed);
     assert!(!ix.covering(24 * PAGE_SIZE).unwrap().1.armed);
     assert!(ix.covering(30 * PAGE_SIZE).is_none());
-    assert_eq!(ix.covering(41 * PAGE_SIZE).unwrap().1.pa, 2 * M2 + PAGE_SIZE);
+    assert_eq!(
+        ix.covering(41 * PAGE_SIZE).unwrap().1.pa,
+        2 * M2 + PAGE_SIZE
+    );
     assert_eq!(ix.take_range(0, 66 * PAGE_SIZE), 65);
     assert_eq!(ix.len(), 0);
     ix.check_invariants();

@@ -13,12 +13,15 @@
 //!   MISSING + `UFFDIO_COPY` from a handler thread (the post-copy / lazy-restore mechanism);
 //! - copy-on-write of a shared frame by a forked guest vs kernel COW of a `MAP_PRIVATE` memfd
 //!   page, and vs `memcpy` of 4 KiB;
-//! - reset with D dirtied pages vs re-creating the VM from the snapshot (`fork` again).
+//! - reset with D dirtied pages vs re-creating the VM from the snapshot (`fork` again);
+//! - a second child of a snapshot with the first child's recorded working set prefetched vs
+//!   the first child's demand faults (`prefetch`).
 //!
 //! Invariant: the guests are dropped between measurements; a failure is an `Err`, never a
 //! partial table presented as complete.
 //!
-//! Children: [`baseline`] (the kernel mechanisms measured beside ours), `reset` (the reset-cycle
+//! Children: [`baseline`] (the kernel mechanisms measured beside ours), `prefetch` (the
+//! working-set row), `reset` (the reset-cycle
 //! rows: restore vs drop policy, reset alone vs memcpy, flatness in guest size) and [`print`]
 //! (the table).
 
@@ -33,6 +36,7 @@ use crate::measure::{median, ratio, us};
 use baseline::{self as base, OverlayKind};
 
 pub mod baseline;
+mod prefetch;
 pub mod print;
 mod reset;
 
@@ -437,6 +441,7 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
     fork_rows(o, &frames, &mut rows)?;
     fault_rows(o, &frames, &mut rows)?;
     cow_rows(o, &frames, &mut rows)?;
+    prefetch::prefetch_rows(o, &frames, &mut rows)?;
     reset::reset_rows(o, &frames, &mut rows)?;
     Ok(BenchReport {
         options: o.clone(),
