@@ -9,6 +9,9 @@
 //!   shared frame by its private copy"), and otherwise fails with `AlreadyExists`;
 //! - `unmap` and `protect` accept any page-aligned range and split large pages that the range
 //!   covers only partly; holes inside the range are not an error;
+//! - `map_run` installs a run of 4 KiB pages with the overlap rules of `map` applied to each
+//!   page; backends that can install a run in one host operation (KVM: one `mmap` per
+//!   physically contiguous piece) override it, the rest keep the loop of `map`;
 //! - operations never invalidate the hardware TLB themselves: they record that a flush is
 //!   pending, and the caller issues one `flush` per logical operation.
 
@@ -61,6 +64,56 @@ pub trait Stage2 {
         perms: S2Perms,
         mem_type: MemType,
     ) -> Result<Option<Translation>, Error>;
+
+    /// Installs the run of 4 KiB pages `gpa + i·4 KiB` → `pas[i]`, all with `perms` and
+    /// `mem_type`. Returns how many of them replaced an existing 4 KiB leaf at the same address
+    /// (which leaves a flush pending, as `map` does).
+    ///
+    /// Contract every implementation keeps:
+    /// - the overlap rules of `map`, per page: an existing 4 KiB leaf at a page's address is
+    ///   replaced; a large leaf overlapping the run is `AlreadyExists`, checked before anything
+    ///   is installed;
+    /// - arguments (alignment, ranges, perms, an empty run is `InvalidArgs`) are checked before
+    ///   anything is installed;
+    /// - a failing host operation installs a prefix: on `Err`, pages `[gpa, gpa + k·4 KiB)`
+    ///   for some `k` may be installed (recorded exactly as after `map`, so `query` reports
+    ///   them), the rest of the run is unchanged. The memory model only passes frames it holds
+    ///   for these pages, so a prefix left installed is a valid translation;
+    /// - the default is a loop of `map`; a backend overriding it must be observably the same.
+    fn map_run(
+        &mut self,
+        gpa: u64,
+        pas: &[u64],
+        perms: S2Perms,
+        mem_type: MemType,
+    ) -> Result<u64, Error> {
+        let len = (pas.len() as u64)
+            .checked_mul(crate::PAGE_SIZE)
+            .ok_or(Error::OutOfRange)?;
+        if pas.is_empty() {
+            return Err(Error::InvalidArgs);
+        }
+        gpa.checked_add(len).ok_or(Error::OutOfRange)?;
+        for i in 0..pas.len() as u64 {
+            let page = gpa + i * crate::PAGE_SIZE;
+            if let Some(t) = self.query(page) {
+                if t.size != PageSize::Size4K {
+                    return Err(Error::AlreadyExists);
+                }
+            }
+        }
+        let mut replaced = 0;
+        for (i, &pa) in pas.iter().enumerate() {
+            let page = gpa + i as u64 * crate::PAGE_SIZE;
+            if self
+                .map(page, pa, PageSize::Size4K, perms, mem_type)?
+                .is_some()
+            {
+                replaced += 1;
+            }
+        }
+        Ok(replaced)
+    }
 
     /// Removes every translation in `[gpa, gpa + len)`, splitting large pages that straddle the
     /// range's ends. Returns the number of 4 KiB pages that were mapped and are no longer.

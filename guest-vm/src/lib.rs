@@ -11,8 +11,9 @@
 //!    `Resolver`;
 //! 3. [`vmm`]: the KVM VM and its vCPU (`GuestVm`, exits, kicks, hypercalls, vCPU state, the
 //!    x86-64 layout and boot image), no memory policy;
-//! 4. [`guest`]: `Guest` = `Vmar<KvmStage2>` + `GuestVm` — snapshot, fork, reset, prefault;
-//!    `guest::program::Program`: a user's SDK guest under the guest ABI (`guest/ABI.md`);
+//! 4. [`guest`]: `Guest` = `Vmar<KvmStage2>` + `GuestVm` — snapshot, fork, reset, bulk
+//!    prefault and working-set prefetch; `guest::program::Program`: a user's SDK guest under
+//!    the guest ABI (`guest/ABI.md`);
 //! 5. [`virtio`]: secure DMA — a virtio-blk device that reaches guest memory only through its
 //!    `vmo::DmaDomain`;
 //!    [`workload`]: what runs inside a guest and its host side (the key-value store, its

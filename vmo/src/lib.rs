@@ -21,11 +21,11 @@ pub const PAGE_BYTES: usize = PAGE_SIZE as usize;
 pub use pager::Pager;
 pub use vmar::{
     FaultOutcome, FaultStats, MapOptions, MappingInfo, Placement, ResetPolicy, Resolution, VmPerms,
-    Vmar, DEFAULT_FAULT_AROUND, MAX_FAULT_AROUND,
+    Vmar, WorkingSet, DEFAULT_FAULT_AROUND, MAX_FAULT_AROUND,
 };
 pub use vmo::{
-    ChildKind, FaultAccess, PageOrigin, RangeChange, RestoreStats, Rights, Vmo, VmoFlags,
-    VmoObserver,
+    ChildKind, FaultAccess, FaultedPage, PageOrigin, RangeChange, RestoreStats, Rights, Vmo,
+    VmoFlags, VmoObserver,
 };
 
 /// Errors of the memory model; the meanings follow Zircon's status codes (CONTRACTS.md).

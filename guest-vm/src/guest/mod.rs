@@ -17,6 +17,8 @@
 //!
 //! The fault thread's resolver is the guest's `Vmar` itself (`impl Resolver for
 //! Vmar<KvmStage2>`): uffd event → fault thread → `Vmar::handle_fault` → Vmo → `KvmStage2`.
+//! Bulk paths: `prefault` (a range) and `prefetch` (a working set recorded by an earlier run,
+//! `Vmar::set_recording`) are `Vmar::prefault` — runs of frames, one `mmap` each, no exits.
 //! Streaming fault-around (opt-in, `set_stream_fault_around`) is the Vmar's own policy
 //! (`vmo::Vmar::set_stream_fault_around`): after write faults on consecutive pages commit fresh
 //! pages, the next ones are committed and installed in the same fault, stopping before any
@@ -158,25 +160,34 @@ impl Guest {
     }
 
     /// Installs `[gpa, gpa+len)` ahead of the guest (VMM-side fault-around for a range it
-    /// knows is hot, e.g. a table the workload is about to build): each page goes through
-    /// `Vmar::handle_fault` from this thread — the same path, minus the KVM exit and the
-    /// userfaultfd round trip. `write` asks for writable pages (commits / copies them).
-    /// Pages the Vmar refuses are an error; pages already installed are no-ops.
+    /// knows is hot, e.g. a table the workload is about to build): `Vmar::prefault`, the fault
+    /// path over the range in bulk (contiguous frame runs, one `mmap` each) — minus the KVM
+    /// exits and userfaultfd round trips. `write` asks for writable pages (commits / copies
+    /// them). Pages the Vmar refuses are an error; pages already installed are no-ops.
+    /// Returns the number of pages in the range.
     pub fn prefault(&self, gpa: u64, len: u64, write: bool) -> Result<u64> {
-        use ept::{Access, FaultInfo, FaultKind};
-        let access = if write { Access::WRITE } else { Access::READ };
+        let access = if write {
+            ept::Access::WRITE
+        } else {
+            ept::Access::READ
+        };
         let start = gpa & !(ept::PAGE_SIZE - 1);
         let end = gpa
             .checked_add(len)
             .filter(|&e| e <= self.mem_size)
             .ok_or_else(|| Error::InvalidArgs(format!("prefault {gpa:#x}+{len:#x}")))?;
-        let mut pages = 0;
-        for page in (start..end).step_by(ept::PAGE_SIZE as usize) {
-            self.vmar
-                .handle_fault(FaultInfo::new(page, access, FaultKind::NotPresent))?;
-            pages += 1;
+        if end > start {
+            self.vmar.prefault(start, end - start, access)?;
         }
-        Ok(pages)
+        Ok((end - start).div_ceil(ept::PAGE_SIZE))
+    }
+
+    /// Installs a working set recorded by an earlier run (`vmar().set_recording` /
+    /// `recorded()`, e.g. a first child of the same snapshot) before the guest runs:
+    /// `Vmar::prefetch` — shared pages read-only, or with `copy_written` the recorded writes
+    /// copied ahead and installed writable. Returns the pages installed.
+    pub fn prefetch(&self, set: &vmo::WorkingSet, copy_written: bool) -> Result<u64> {
+        Ok(self.vmar.prefetch(set, copy_written)?)
     }
 
     /// Sets the streaming fault-around window (pages; 0 turns it off, the default; at most

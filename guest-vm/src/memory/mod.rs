@@ -9,7 +9,8 @@
 //!   — the one writer of that range (install a frame, move a range between read-only and
 //!   writable, arm and harvest write tracking, put an anonymous piece back, poison);
 //! - `leaves`: `LeafIndex`, the record of installed leaves (with their tracking state) and
-//!   the index of writable ones (pure bookkeeping, unit-tested beside it);
+//!   the index of writable ones, as extents (pure bookkeeping, unit-tested beside it);
+//! - `ranges`: `RangeSet` and `runs`, page-range bookkeeping for both;
 //! - [`stage2`]: `KvmStage2`, the `ept::Stage2` backend (including `harvest_dirty`): keeps the
 //!   `LeafIndex` true and asks the reservation to change the host range;
 //! - [`fault_thread`]: the thread that turns userfaultfd events into `ept::FaultInfo`, hands
@@ -23,5 +24,6 @@
 pub mod fault_thread;
 pub mod frames;
 mod leaves;
+mod ranges;
 pub mod reservation;
 pub mod stage2;

@@ -161,7 +161,9 @@ impl Reservation {
     }
 
     /// Installs `len` bytes of the frame memfd `memfd` from `frame` at `gpa` (`MAP_SHARED`):
-    /// `Install::Writable` = read-write, registered WP on the tracker, not armed;
+    /// `Install::Writable` = read-write and populated (one `mmap(MAP_POPULATE)` of a run is
+    /// far cheaper than the guest's faults on it, PERF-FACTS.md), registered WP on the tracker,
+    /// not armed;
     /// `Install::ReadOnly` = mapped `PROT_READ` and populated (write protection applies to
     /// present PTEs), registered WP on `uffd` and write-protected, then opened to
     /// read-write, so a write is never possible without a WP event (module invariants).
@@ -175,7 +177,7 @@ impl Reservation {
     ) -> Result<()> {
         let hva = self.piece(gpa, len)?;
         let (prot, flags) = match how {
-            Install::Writable => (Prot::ReadWrite, MapFlags::empty()),
+            Install::Writable => (Prot::ReadWrite, MapFlags::POPULATE),
             Install::ReadOnly => (Prot::Read, MapFlags::POPULATE),
         };
         let backing = Backing::Shared {

@@ -9,6 +9,8 @@
 //!   registered WP on the synchronous userfaultfd and write-protected, so a guest write
 //!   arrives as a WP event with its address instead of a bare `KVM_RUN = -EFAULT`;
 //!   2 MiB / 1 GiB leaves are one mmap of a contiguous run of frames;
+//! - `map_run(gpa, pas, perms)` = one such install (one `mmap`, populated, plus one
+//!   registration) per maximal run of offset-contiguous frames in `pas`;
 //! - `unmap` puts an anonymous MISSING-registered reservation piece back;
 //! - `protect` moves ranges between the two descriptors (`make_read_only` /
 //!   `make_writable`): a shared frame is never on the tracker (reservation.rs invariants);
@@ -24,7 +26,9 @@
 //! - `flush` does nothing: KVM's MMU notifier drops its shadow/TDP entries when we remap.
 //!
 //! Invariants:
-//! - `leaves` holds disjoint leaves (start GPA → leaf) and matches the host mappings exactly;
+//! - `leaves` holds disjoint leaves (as extents: one record per run of 4 KiB leaves over
+//!   consecutive frames with equal attributes, `LeafIndex`) and matches the host mappings
+//!   exactly;
 //! - a leaf is armed only while writable, and an armed leaf's host pages are write-protected
 //!   on the tracker except those written since (which the next scan reports); a failed
 //!   harvest disarms the range (its next harvest over-reports, never under-reports);
@@ -51,7 +55,8 @@ use ept::{BackendFailure, FlushScope, MemType, PageSize, S2Perms, Stage2, Transl
 use crate::addr::{Gpa, MemfdOffset};
 use crate::error::Error;
 use crate::memory::frames::MemfdFrameAlloc;
-use crate::memory::leaves::{runs, Leaf, LeafIndex, RangeSet};
+use crate::memory::leaves::{Leaf, LeafIndex};
+use crate::memory::ranges::{runs, RangeSet};
 use crate::memory::reservation::{Install, MoveError, Reservation};
 use crate::sys::mmap::ensure_max_map_count;
 use ept::PAGE_SIZE;
@@ -121,9 +126,9 @@ impl KvmStage2 {
     pub fn check_invariants(&self) {
         self.written_then_protected.check_invariants();
         self.leaves.check_invariants();
-        for (start, leaf) in self.leaves.range(0, u64::MAX - 1) {
+        for (start, bytes) in self.leaves.extents() {
             assert!(
-                self.res.hva_of(Gpa(start), leaf.size.bytes()).is_some(),
+                self.res.hva_of(Gpa(start), bytes).is_some(),
                 "leaf {start:#x} outside the reservation"
             );
         }
@@ -304,6 +309,70 @@ impl Stage2 for KvmStage2 {
         }))
     }
 
+    fn map_run(
+        &mut self,
+        gpa: u64,
+        pas: &[u64],
+        perms: S2Perms,
+        mem_type: MemType,
+    ) -> Result<u64, ept::Error> {
+        if pas.is_empty() || u32::try_from(pas.len()).is_err() {
+            return Err(ept::Error::InvalidArgs);
+        }
+        let len = pas.len() as u64 * PAGE_SIZE;
+        check_perms(perms)?;
+        self.check_range(gpa, len)?;
+        let capacity = self.frames.capacity().min(ept::PA_LIMIT);
+        if pas
+            .iter()
+            .any(|&pa| !pa.is_multiple_of(PAGE_SIZE) || pa >= capacity)
+        {
+            return Err(match pas.iter().all(|pa| pa.is_multiple_of(PAGE_SIZE)) {
+                true => ept::Error::OutOfRange,
+                false => ept::Error::InvalidArgs,
+            });
+        }
+        // Overlap: only 4 KiB leaves inside the run may be replaced.
+        let mut replaced = 0;
+        if let Some((s, l)) = self.leaves.covering(gpa) {
+            if s != gpa || l.size != PageSize::Size4K {
+                return Err(ept::Error::AlreadyExists);
+            }
+        }
+        for (_, l) in self.leaves.range(gpa, len) {
+            if l.size != PageSize::Size4K {
+                return Err(ept::Error::AlreadyExists);
+            }
+            replaced += 1;
+        }
+        let how = if perms.contains(S2Perms::WRITE) {
+            Install::Writable
+        } else {
+            Install::ReadOnly
+        };
+        // One host install per physically contiguous piece.
+        let mut i = 0;
+        while i < pas.len() {
+            let mut j = i + 1;
+            while j < pas.len() && pas[j] == pas[j - 1] + PAGE_SIZE {
+                j += 1;
+            }
+            let start = gpa + i as u64 * PAGE_SIZE;
+            let piece = (j - i) as u64 * PAGE_SIZE;
+            self.with_map_retry(|me| me.install(start, pas[i], piece, how))
+                .inspect_err(|_| self.debug_check())?;
+            self.stats.maps += 1;
+            self.leaves
+                .put_run(start, pas[i], (j - i) as u32, perms, mem_type);
+            i = j;
+        }
+        if replaced > 0 {
+            self.flush_pending = true;
+        }
+        self.debug_check();
+        Ok(replaced)
+    }
+
     fn unmap(&mut self, gpa: u64, len: u64) -> Result<u64, ept::Error> {
         self.check_range(gpa, len)?;
         let gone = self.leaves.split_range(gpa, len);
@@ -315,11 +384,7 @@ impl Stage2 for KvmStage2 {
             let res = self.res.clone();
             self.with_map_retry(|_| res.restore(Gpa(s), l))?;
         }
-        let mut pages = 0;
-        for (s, l) in &gone {
-            self.leaves.take(*s);
-            pages += l.size.bytes() / PAGE_SIZE;
-        }
+        let pages = self.leaves.take_range(gpa, len);
         self.written_then_protected.take(gpa, gpa + len);
         self.stats.unmaps += 1;
         self.flush_pending = true;

@@ -89,6 +89,7 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
             last_write: core::sync::atomic::AtomicU64::new(super::NO_PAGE),
             defer_flush: core::sync::atomic::AtomicU32::new(0),
             dirty: spin::Mutex::new(None),
+            recording: spin::Mutex::new(None),
         });
         let mut child_tree = Tree::new(root_len);
         // Regions: ids grow with creation, so parents come before their children.

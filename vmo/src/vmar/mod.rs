@@ -5,7 +5,7 @@
 //! ordered map of every mapping keyed by its base address), the `Stage2` backend, and counters.
 //! A `Vmar` handle names one region of a space. Operations live one per file: `map`, `unmap`,
 //! `protect`, `region` (allocate/destroy/query), `fork` (fork and reset), `page_fault` (the single
-//! fault path every backend calls), `io` (the model's own reads and writes by guest-physical
+//! fault path every backend calls), `prefault` (that path over a range, in bulk), `record` (working-set recording and prefetch), `io` (the model's own reads and writes by guest-physical
 //! address), `dirty` (KVM-style dirty tracking).
 //!
 //! Invariants:
@@ -28,7 +28,9 @@ mod io;
 mod map;
 mod observer;
 mod page_fault;
+mod prefault;
 mod protect;
+mod record;
 mod region;
 mod tree;
 mod unmap;
@@ -42,6 +44,7 @@ use crate::{Error, Result, PAGE_SIZE};
 pub use fork::ResetPolicy;
 pub use map::{MapOptions, Placement};
 pub use page_fault::{FaultOutcome, Resolution};
+pub use record::WorkingSet;
 pub use tree::MappingInfo;
 use tree::{RegionId, Tree};
 
@@ -154,6 +157,8 @@ pub(crate) struct Space<S: Stage2 + Send + 'static> {
     /// While non-zero, observers leave flushes pending for the operation in progress to do once.
     defer_flush: AtomicU32,
     dirty: spin::Mutex<Option<alloc::collections::BTreeSet<u64>>>,
+    /// The working set being recorded (`record.rs`), if recording is on.
+    recording: spin::Mutex<Option<WorkingSet>>,
 }
 
 impl<S: Stage2 + Send + 'static> Space<S> {
@@ -225,6 +230,7 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
             last_write: AtomicU64::new(NO_PAGE),
             defer_flush: AtomicU32::new(0),
             dirty: spin::Mutex::new(None),
+            recording: spin::Mutex::new(None),
         };
         Ok(Vmar {
             space: Arc::new(space),

@@ -8,16 +8,21 @@
 //! on a write, or upgrading in place when this Vmo holds the last reference; 6 install it
 //! through `Stage2` while the Vmo's page lock is held, and flush if an entry changed.
 //!
-//! Fault-around, one policy with two knobs, both clamped to `MAX_FAULT_AROUND` pages:
-//! - `fault_around` (default 16): after any fault, up to that many pages (counting the
-//!   faulting one) following it in the mapping are installed if not installed yet — committed
-//!   ones read-only unless private, uncommitted ones committed only for a read fault on a
-//!   pager-backed mapping (read-ahead);
+//! Fault-around, one policy with two knobs, both clamped to `MAX_FAULT_AROUND` pages, each
+//! installing its pages as one run (`install_run`: one Vmo lock, one `Stage2::map_run` per
+//! stretch of equal permissions):
+//! - `fault_around` (default 16): after any fault, the pages following it in the mapping (up
+//!   to that many, counting the faulting one) before the first one already installed — for a
+//!   read fault committed ones (read-only unless private) and, on a pager-backed mapping,
+//!   uncommitted ones committed (read-ahead); for a write fault only private committed ones;
 //! - `stream_window` (default 0 = off): a write fault on a not-present page that committed a
 //!   fresh page, right after a write fault on the page before, also commits and installs
 //!   writable up to that many following pages, stopping at the first already installed, not
 //!   empty in the Vmo (a shared frame is never copied speculatively) or failing. Off while
 //!   dirty tracking is on (a speculative page would be writable without ever being recorded).
+//!
+//! While working-set recording is on (`record.rs`), the pages a resolved fault installed are
+//! noted there.
 //!
 //! A handle resolves only faults inside its own region (a sub-VMAR's handle: its range, and
 //! `BadState` once destroyed, as every other operation on it), so the root handle is the one a
@@ -27,6 +32,7 @@
 //! panics (fault-around arithmetic saturates). Write permission is installed only for frames
 //! private to the Vmo.
 
+use alloc::vec::Vec;
 use core::sync::atomic::Ordering;
 
 use ept::{Access, FaultInfo, FaultKind, MemType, PageSize, S2Perms, Stage2};
@@ -64,7 +70,7 @@ pub struct Resolution {
     pub pages: u64,
 }
 
-fn needed(access: Access) -> (VmPerms, S2Perms) {
+pub(super) fn needed(access: Access) -> (VmPerms, S2Perms) {
     let mut vm = VmPerms::empty();
     let mut s2 = S2Perms::empty();
     if access.contains(Access::READ) {
@@ -176,6 +182,7 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
         };
         self.space.last_write.store(last, Ordering::Relaxed);
         let pages = 1 + streamed + self.fault_around(m, page + streamed * PAGE_SIZE, write);
+        self.record_fault(page, 1 + streamed, pages, write);
         Ok(Resolution {
             gpa: page,
             pa,
@@ -214,12 +221,76 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
             })
     }
 
-    /// Fault-around: installs up to `fault_around - 1` pages after `page` inside the mapping
-    /// that are not installed yet, so a guest streaming through memory pays one exit per run
-    /// instead of one per page. Pages already committed are installed (read-only unless private
-    /// to the Vmo); uncommitted pages are committed only for a read fault on a pager-backed
-    /// mapping (read-ahead). Never commits anonymous memory the guest has not touched. Stops
-    /// at the first page it must skip or that fails (the fault itself is already resolved).
+    /// Makes the run of `count` pages from `first` (inside `m`) present in the Vmo as
+    /// `access` asks and installs it with one `Stage2::map_run` per stretch of equal
+    /// permissions, all under one acquisition of the Vmo's page lock (`Vmo::fault_pages`: the
+    /// run may end early). Returns what was installed; an error may leave a prefix of the run
+    /// installed (valid translations of frames the Vmo holds, as `map_run` documents).
+    pub(super) fn install_run(
+        &self,
+        m: &Mapping<S>,
+        first: u64,
+        count: u64,
+        access: FaultAccess,
+    ) -> Result<RunDone> {
+        let full = m.perms.to_stage2();
+        let done = m.vmo.fault_pages(m.vmo_page(first), count, access, |run| {
+            let mut stage2 = self.space.stage2.lock();
+            let mut pas = Vec::with_capacity(run.len());
+            let mut result = Ok(0);
+            let mut i = 0;
+            while i < run.len() && result.is_ok() {
+                let writable = run[i].writable;
+                pas.clear();
+                let mut j = i;
+                while j < run.len() && run[j].writable == writable {
+                    pas.push(run[j].frame.paddr());
+                    j += 1;
+                }
+                let perms = if writable {
+                    full
+                } else {
+                    full - S2Perms::WRITE
+                };
+                let gpa = first + i as u64 * PAGE_SIZE;
+                result = stage2.map_run(gpa, &pas, perms, MemType::WriteBack);
+                i = j;
+            }
+            self.space.flush_if_pending(&mut stage2);
+            result?;
+            let mut done = RunDone {
+                pages: run.len() as u64,
+                ..RunDone::default()
+            };
+            for p in run {
+                done.commits += u64::from(p.origin.committed && !p.origin.copied);
+                done.copies += u64::from(p.origin.copied);
+            }
+            Ok(done)
+        })?;
+        Ok(done.unwrap_or_default())
+    }
+
+    /// Pages from `first` up to `end` (exclusive) before the first one already installed.
+    fn not_installed(&self, first: u64, end: u64) -> u64 {
+        let stage2 = self.space.stage2.lock();
+        let mut n = 0;
+        let mut p = first;
+        while p < end && stage2.query(p).is_none() {
+            n += 1;
+            p += PAGE_SIZE;
+        }
+        n
+    }
+
+    /// Fault-around: installs, as one run, the pages after `page` inside the mapping (up to
+    /// `fault_around - 1`) before the first one already installed, so a guest streaming
+    /// through memory pays one exit per run instead of one per page. A read fault installs
+    /// committed pages (read-only unless private to the Vmo) and, on a pager-backed mapping,
+    /// commits uncommitted ones (read-ahead); a write fault installs only private committed
+    /// pages (a read-only neighbour would cost the writer another fault to upgrade). Never
+    /// commits anonymous memory the guest has not touched. Stops at the first page it must
+    /// skip or that fails (the fault itself is already resolved).
     fn fault_around(&self, m: &Mapping<S>, page: u64, write: bool) -> u64 {
         let n = self
             .space
@@ -229,7 +300,9 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
         if n <= 1 {
             return 0;
         }
-        let access = if !write && m.vmo.is_pager_backed() {
+        let access = if write {
+            FaultAccess::ReadIfPrivate
+        } else if m.vmo.is_pager_backed() {
             FaultAccess::Read
         } else {
             FaultAccess::ReadIfCommitted
@@ -239,18 +312,14 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
             .end()
             .min(vmo_end)
             .min(page.saturating_add(n.saturating_mul(PAGE_SIZE)));
-        let mut installed = 0;
-        let mut next = page + PAGE_SIZE;
-        while next < end {
-            let present = self.space.stage2.lock().query(next).is_some();
-            if !present {
-                match self.install(m, next, access) {
-                    Ok(Some(_)) => installed += 1,
-                    Ok(None) | Err(_) => break,
-                }
-            }
-            next += PAGE_SIZE;
+        let first = page + PAGE_SIZE;
+        let count = self.not_installed(first, end);
+        if count == 0 {
+            return 0;
         }
+        let installed = self
+            .install_run(m, first, count, access)
+            .map_or(0, |d| d.pages);
         self.space
             .counters
             .fault_around
@@ -258,7 +327,7 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
         installed
     }
 
-    /// Streaming fault-around (module doc): commits and installs writable up to
+    /// Streaming fault-around (module doc): commits and installs writable, as one run, up to
     /// `stream_window` pages after `page` inside `m`; returns how many.
     fn stream(&self, m: &Mapping<S>, page: u64) -> u64 {
         let window = self
@@ -274,21 +343,26 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
             .end()
             .min(vmo_end)
             .min(page.saturating_add(window.saturating_mul(PAGE_SIZE).saturating_add(PAGE_SIZE)));
-        let mut streamed = 0;
-        let mut next = page + PAGE_SIZE;
-        while next < end {
-            if self.space.stage2.lock().query(next).is_some() {
-                break;
-            }
-            match self.install(m, next, FaultAccess::WriteIfUncommitted) {
-                Ok(Some(_)) => streamed += 1,
-                Ok(None) | Err(_) => break,
-            }
-            next += PAGE_SIZE;
+        let first = page + PAGE_SIZE;
+        let count = self.not_installed(first, end);
+        if count == 0 {
+            return 0;
         }
+        let streamed = self
+            .install_run(m, first, count, FaultAccess::WriteIfUncommitted)
+            .map_or(0, |d| d.pages);
         let c = &self.space.counters;
         c.commits.fetch_add(streamed, Ordering::Relaxed);
         c.fault_around.fetch_add(streamed, Ordering::Relaxed);
         streamed
     }
+}
+
+/// What `install_run` installed.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct RunDone {
+    pub pages: u64,
+    /// Pages committed fresh (zero or pager) / copied from a shared frame.
+    pub commits: u64,
+    pub copies: u64,
 }

@@ -5,8 +5,8 @@
 //! a page set (`Pages`, see `pages.rs` for the copy-on-write structure) or a slice (a window onto
 //! a page set, sharing its pages — slices of slices point at the root page set directly).
 //!
-//! Files: `child` (snapshot / slice children and the copies a Vmar fork makes), `io` (byte
-//! access), `observer` (who hears of page changes), `pages` (the page set and the
+//! Files: `child` (snapshot / slice children and the copies a Vmar fork makes), `fault` (the
+//! fault path's entry: one page or a run under one lock), `io` (byte access), `observer` (who hears of page changes), `pages` (the page set and the
 //! copy-on-write rule), `reset` (reset points).
 //!
 //! Invariants:
@@ -25,6 +25,7 @@
 //! window) rather than O(1).
 
 mod child;
+mod fault;
 mod io;
 pub(crate) mod observer;
 pub(crate) mod pages;
@@ -35,25 +36,13 @@ use alloc::sync::{Arc, Weak};
 use crate::pager::Pager;
 use crate::{Error, Frame, FramePool, Paddr, Result, PAGE_SIZE};
 pub use child::ChildKind;
+pub use fault::{FaultAccess, FaultedPage};
 use observer::Observers;
 pub use observer::{ObserverId, RangeChange, VmoObserver};
 pub use pages::PageOrigin;
 use pages::Pages;
 pub use reset::RestoreStats;
 
-/// What `Vmo::fault_page` is asked to do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FaultAccess {
-    /// Commit if needed (zero or pager), install.
-    Read,
-    /// Commit if needed and make private (copy-on-write), install writable.
-    Write,
-    /// Install only if already committed; never commit or do I/O.
-    ReadIfCommitted,
-    /// Commit a fresh private page and install it writable, only if the slot is empty (never
-    /// copies or upgrades a committed frame): streaming fault-around's speculative writes.
-    WriteIfUncommitted,
-}
 /// Largest Vmo: offsets must stay representable as guest-physical addresses with room to add.
 pub const MAX_VMO_SIZE: u64 = 1 << 52;
 
@@ -493,88 +482,6 @@ impl Vmo {
 
     pub fn has_pins(&self) -> bool {
         self.lock_root_pages().any_pinned()
-    }
-
-    /// The single entry of the fault path into the Vmo: makes page `page_idx` of this object
-    /// present (and private, for a write) and runs `install(frame, writable, origin)` while the
-    /// page set is locked, so the translation installed cannot outlive the frame. `writable` is
-    /// true when the frame is private and may be mapped writable. Needs READ (and WRITE for a
-    /// write). With `FaultAccess::ReadIfCommitted` nothing is committed: an empty page returns
-    /// `Ok(None)` without calling `install` (fault-around of neighbour pages); with
-    /// `WriteIfUncommitted` a committed page returns `Ok(None)` untouched (streaming).
-    pub fn fault_page<R>(
-        &self,
-        page_idx: u64,
-        access: FaultAccess,
-        install: impl FnOnce(&Frame, bool, PageOrigin) -> Result<R>,
-    ) -> Result<Option<R>> {
-        let write = matches!(access, FaultAccess::Write | FaultAccess::WriteIfUncommitted);
-        self.require(if write {
-            Rights::READ | Rights::WRITE
-        } else {
-            Rights::READ
-        })?;
-        let idx = self.root_slot(page_idx)?;
-        let mut pages = self.lock_root_pages();
-        let result = self.fault_page_locked(&mut pages, idx, access, install);
-        pages.debug_check();
-        result
-    }
-
-    /// `fault_page` with root slot `idx` and the page set locked.
-    fn fault_page_locked<R>(
-        &self,
-        pages: &mut Pages,
-        idx: u64,
-        access: FaultAccess,
-        install: impl FnOnce(&Frame, bool, PageOrigin) -> Result<R>,
-    ) -> Result<Option<R>> {
-        match access {
-            FaultAccess::Write => {
-                // Other mappings of this object may still translate a shared frame that the
-                // copy replaces: they drop it first, or nothing changes.
-                let (frame, origin) = pages.private(&self.inner.pool, idx, false, &mut |idx| {
-                    self.notify(idx * PAGE_SIZE, PAGE_SIZE, RangeChange::Unmap)
-                })?;
-                pages.mark_dirty(idx)?;
-                install(&frame, true, origin).map(Some)
-            }
-            FaultAccess::Read => {
-                // Privacy is judged before taking our own handle (which would count as a sharer).
-                let committed = pages.commit(&self.inner.pool, idx, false)?.1;
-                let writable = pages.is_private(idx);
-                let frame = pages.get(idx).ok_or(Error::BadState)?;
-                install(
-                    &frame,
-                    writable,
-                    PageOrigin {
-                        committed,
-                        ..PageOrigin::default()
-                    },
-                )
-                .map(Some)
-            }
-            FaultAccess::WriteIfUncommitted => {
-                if pages.is_committed(idx) {
-                    return Ok(None);
-                }
-                // An empty slot gets a fresh frame: nothing is replaced, nothing to unmap.
-                let (frame, origin) =
-                    pages.private(&self.inner.pool, idx, false, &mut |_| Ok(()))?;
-                pages.mark_dirty(idx)?;
-                install(&frame, true, origin).map(Some)
-            }
-            // `is_committed` takes no handle: a temporary one in the scrutinee would live
-            // through the arms and make every frame look shared.
-            FaultAccess::ReadIfCommitted => match pages.is_committed(idx) {
-                true => {
-                    let writable = pages.is_private(idx);
-                    let frame = pages.get(idx).ok_or(Error::BadState)?;
-                    install(&frame, writable, PageOrigin::default()).map(Some)
-                }
-                false => Ok(None),
-            },
-        }
     }
 
     /// Whether the page at `page_idx` is committed (no commit happens).

@@ -8,19 +8,22 @@
 //!   `MAP_PRIVATE` memfd (the Firecracker restore model), for each size;
 //! - first-touch guest write fault through uffd + `Vmar::handle_fault`, and the same pass after
 //!   `Guest::prefault`, vs the same guest loop over plain anonymous memory (KVM + the kernel's
-//!   page fault, no uffd); the first-touch row also vs anonymous memory served by userfaultfd
+//!   page fault, no uffd), and with streaming fault-around at its widest (`first-touch-bulk`:
+//!   each fault installs up to `MAX_FAULT_AROUND` pages as one run); the first-touch row also vs anonymous memory served by userfaultfd
 //!   MISSING + `UFFDIO_COPY` from a handler thread (the post-copy / lazy-restore mechanism);
 //! - copy-on-write of a shared frame by a forked guest vs kernel COW of a `MAP_PRIVATE` memfd
 //!   page, and vs `memcpy` of 4 KiB;
-//! - reset with D dirtied pages vs re-creating the VM from the snapshot (`fork` again).
+//! - reset with D dirtied pages vs re-creating the VM from the snapshot (`fork` again);
+//! - a second child of a snapshot with the first child's recorded working set prefetched vs
+//!   the first child's demand faults (`prefetch`).
 //!
 //! Invariant: the guests are dropped between measurements; a failure is an `Err`, never a
 //! partial table presented as complete.
 //!
-//! Children: [`baseline`] (the kernel mechanisms measured beside ours), `reset` (the reset-cycle
-//! rows: restore vs drop policy, reset alone vs memcpy, flatness in guest size), `snapshot` (the
-//! snapshot-file rows: save vs write, restore flatness, diff-save pause) and [`print`] (the
-//! table).
+//! Children: [`baseline`] (the kernel mechanisms measured beside ours), `prefetch` (the
+//! working-set row), `reset` (the reset-cycle rows: restore vs drop policy, reset alone vs
+//! memcpy, flatness in guest size), `snapshot` (the snapshot-file rows: save vs write, restore
+//! flatness, diff-save pause) and [`print`] (the table).
 
 use std::time::{Duration, Instant};
 
@@ -33,6 +36,7 @@ use crate::measure::{median, ratio, us};
 use baseline::{self as base, OverlayKind};
 
 pub mod baseline;
+mod prefetch;
 pub mod print;
 mod reset;
 mod snapshot;
@@ -247,7 +251,7 @@ fn fault_rows(o: &BenchOptions, frames: &HostFrames, rows: &mut Vec<Row>) -> Res
         "faults: {n} first-touch guest writes (ours, fault-around, prefault, kernel, UFFDIO_COPY)"
     ));
     let (mut uffd, mut pre, mut kernel) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut around, mut copy) = (Vec::new(), Vec::new());
+    let (mut around, mut copy, mut bulk) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..o.reps {
         let mut g = write_guest(frames, n)?;
         uffd.push(per_page(run_done(&mut g)?, n));
@@ -255,6 +259,10 @@ fn fault_rows(o: &BenchOptions, frames: &HostFrames, rows: &mut Vec<Row>) -> Res
         let mut g = write_guest(frames, n)?;
         g.set_stream_fault_around(STREAM_WINDOW);
         around.push(per_page(run_done(&mut g)?, n));
+        drop(g);
+        let mut g = write_guest(frames, n)?;
+        g.set_stream_fault_around(vmo::MAX_FAULT_AROUND);
+        bulk.push(per_page(run_done(&mut g)?, n));
         drop(g);
         let mut g = write_guest(frames, n)?;
         let t = Instant::now();
@@ -301,6 +309,17 @@ fn fault_rows(o: &BenchOptions, frames: &HostFrames, rows: &mut Vec<Row>) -> Res
         format!("first-touch, streaming fault-around {STREAM_WINDOW}, per page"),
         "uffd fault + Vmar commits the next pages",
         median(&around),
+        "KVM + kernel anon fault (no uffd)",
+        k,
+    ));
+    rows.push(row(
+        "first-touch-bulk",
+        format!(
+            "first-touch, bulk streaming fault-around {}, per page",
+            vmo::MAX_FAULT_AROUND
+        ),
+        "uffd fault + one mmap(MAP_POPULATE) per run",
+        median(&bulk),
         "KVM + kernel anon fault (no uffd)",
         k,
     ));
@@ -423,6 +442,7 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
     fork_rows(o, &frames, &mut rows)?;
     fault_rows(o, &frames, &mut rows)?;
     cow_rows(o, &frames, &mut rows)?;
+    prefetch::prefetch_rows(o, &frames, &mut rows)?;
     reset::reset_rows(o, &frames, &mut rows)?;
     snapshot::snapshot_rows(o, &frames, &mut rows)?;
     Ok(BenchReport {
