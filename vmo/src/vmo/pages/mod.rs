@@ -28,7 +28,7 @@
 //!   occupied (resize and snapshot windows remove them); pin counts are non-zero and name
 //!   committed slots.
 //!
-//! Children: [`restore`] — the copy-back reset (plan, then apply) over `changed`, `kept` and
+//! Children: `check` — `check_invariants` / `debug_check`; [`restore`] — the copy-back reset (plan, then apply) over `changed`, `kept` and
 //! the pages a dirty harvest reports.
 //!
 //! `check_invariants` checks the countable ones in O(size in pages) — xarray 0.1.1's `range`
@@ -39,12 +39,11 @@
 //! every step.
 
 use alloc::collections::{BTreeMap, BTreeSet};
-use alloc::format;
-use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use xarray::XArray;
 
+mod check;
 mod restore;
 
 use crate::pager::Pager;
@@ -448,72 +447,6 @@ impl Pages {
         self.changed.clear();
         self.kept.clear();
         Ok(old)
-    }
-
-    /// Checks the module's invariants; the first violation found, described.
-    pub fn check_invariants(&self) -> core::result::Result<(), String> {
-        if !self.size.is_multiple_of(PAGE_SIZE) || self.size > super::MAX_VMO_SIZE {
-            return Err(format!("size {:#x}", self.size));
-        }
-        // A slot past the end would make `committed` exceed the slots counted inside.
-        let pages = self.page_count();
-        let occupied = self.array.range(0..pages).count() as u64;
-        if occupied != self.committed {
-            return Err(format!(
-                "committed {} but {occupied} slots occupied below {pages}",
-                self.committed
-            ));
-        }
-        for (&idx, &count) in &self.pinned {
-            if count == 0 || idx >= pages || !self.is_committed(idx) {
-                return Err(format!("pinned slot {idx} (count {count}) not committed"));
-            }
-        }
-        match &self.reset_point {
-            None if !self.changed.is_empty() || !self.kept.is_empty() => {
-                return Err(format!(
-                    "{} changed / {} kept slots without a reset point",
-                    self.changed.len(),
-                    self.kept.len()
-                ))
-            }
-            None => {}
-            Some(point) => {
-                let saved = point.array.range(0..point.size / PAGE_SIZE).count() as u64;
-                if saved != point.committed || !point.size.is_multiple_of(PAGE_SIZE) {
-                    return Err(format!(
-                        "reset point: committed {} but {saved} slots, size {:#x}",
-                        point.committed, point.size
-                    ));
-                }
-                // Every slot that differs from the reset point is known to a reset.
-                let span = pages.max(point.size / PAGE_SIZE);
-                for idx in 0..span {
-                    let now = self.array.load(idx).map(|f| f.paddr());
-                    let then = point.array.load(idx).map(|f| f.paddr());
-                    if now != then && !self.changed.contains(&idx) && !self.kept.contains(&idx) {
-                        return Err(format!("slot {idx} differs from the reset point unnoticed"));
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// `check_invariants` in debug builds (Vmos up to `DEBUG_CHECK_MAX_PAGES` pages, and reset
-    /// points no larger), panicking with the violation.
-    pub fn debug_check(&self) {
-        #[cfg(debug_assertions)]
-        if self.page_count() <= DEBUG_CHECK_MAX_PAGES
-            && self
-                .reset_point
-                .as_ref()
-                .is_none_or(|p| p.size / PAGE_SIZE <= DEBUG_CHECK_MAX_PAGES)
-        {
-            if let Err(e) = self.check_invariants() {
-                panic!("Pages invariant violated: {e}");
-            }
-        }
     }
 }
 
