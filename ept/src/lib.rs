@@ -4,6 +4,17 @@
 //! (`EptEntry`, `NptEntry`) and over `PhysMem` (where table frames come from). Fault decoding
 //! (EPT violation, NPF) produces one `FaultInfo` that the memory model's single fault path
 //! consumes. Privileged instructions (INVEPT) compile only with the `hw` feature.
+//!
+//! - [`stage2`]: the `Stage2` trait (map / map_run / unmap / protect / query / flush /
+//!   harvest_dirty) and its contracts — the one seam to the memory model;
+//! - [`table`]: `PageTable`, the generic 4-level walker (splits, protect summaries, dirty
+//!   harvest, invariant checks in its children);
+//! - [`entry`]: the EPT and NPT entry formats (`EntryFormat`), `Eptp`, `AccessDirty`;
+//! - [`backend`]: `Stage2Table` = a table + an `Invalidate`; `EptTable`, `NptTable`;
+//! - [`phys`]: `PhysMem` (where table frames come from) and `HeapPhysMem` for host tests;
+//! - [`fault`]: EPT-violation / NPF decoding into `FaultInfo`;
+//! - [`invalidate`], [`vmx`], [`svm`]: TLB invalidation hooks, INVEPT descriptors, SVM
+//!   TLB_CONTROL.
 #![no_std]
 
 extern crate alloc;

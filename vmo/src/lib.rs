@@ -1,6 +1,15 @@
 //! The guest memory model: frames, Vmos and Vmars (see `../shared/docs/DESIGN.md`).
 //!
 //! `no_std` + `alloc`; the `std` feature (default) adds host-only helpers (file-backed pager).
+//!
+//! - [`frame`]: `Frame` (a counted handle to one physical frame), `FrameAlloc` (the unsafe
+//!   trait a frame source implements), `FramePool` (exact allocation accounting);
+//! - [`vmo`]: `Vmo` — page sets (copy-on-write XArray), slices, snapshot children, pager,
+//!   pins, rights, reset points (drop and copy-back restore);
+//! - [`vmar`]: `Vmar` — regions, mappings, the single fault path, fork / reset, dirty
+//!   tracking, bulk prefault and prefetch, the model's own reads and writes;
+//! - [`pager`]: the `Pager` contract (and the file-backed pager with `std`);
+//! - [`dma`]: `DmaDomain`, the IOVA space devices reach guest memory through.
 #![cfg_attr(not(feature = "std"), no_std)]
 
 extern crate alloc;
