@@ -51,40 +51,27 @@ impl Vmo {
     /// with nothing reset; translations already dropped just refault); only then are the
     /// arrays swapped, which cannot fail. Returns the pages dropped.
     pub(crate) fn reset_objects(vmos: &[Vmo]) -> Result<u64> {
-        let key = |v: &Vmo| Arc::as_ptr(&v.inner_root()) as usize;
-        let mut roots: alloc::vec::Vec<&Vmo> = vmos.iter().collect();
-        roots.sort_by_key(|v| key(v));
-        roots.dedup_by_key(|v| key(v));
-        let mut guards: alloc::vec::Vec<_> = roots.iter().map(|v| v.lock_root_pages()).collect();
-        if guards
+        let items: alloc::vec::Vec<(Vmo, alloc::vec::Vec<u64>)> = vmos
             .iter()
-            .any(|p| !p.has_reset_point() || p.any_pinned())
-        {
-            return Err(Error::BadState);
-        }
-        let changed: alloc::vec::Vec<alloc::vec::Vec<u64>> =
-            guards.iter().map(|p| p.changed()).collect();
-        for (vmo, slots) in roots.iter().zip(&changed) {
-            vmo.unmap_pages(slots)?;
-        }
-        let mut old = alloc::vec::Vec::new();
-        for pages in guards.iter_mut() {
-            old.push(pages.reset()?);
-            pages.debug_check();
-        }
-        drop(guards);
-        drop(old);
-        Ok(changed.iter().map(|c| c.len() as u64).sum())
+            .map(|v| (v.clone(), alloc::vec::Vec::new()))
+            .collect();
+        Vmo::reset_roots(&items, false).map(|s| s.dropped)
     }
 
     /// The restore policy for the page sets behind `items` (handle, offsets in that handle
     /// written through translations since the last harvest): all or nothing like
-    /// `reset_objects`, whose checks it shares. Every page set is planned first
-    /// (`Pages::plan_restore`); a set that cannot be restored in place (resized since its reset
-    /// point) is reset by dropping instead. Then the translations of every slot that goes back
-    /// to a shared frame or to empty are dropped (a backend failure returns its error with
-    /// nothing reset), and only then are the plans applied, which cannot fail.
+    /// `reset_objects`. Every page set is planned first (`Pages::plan_restore`); a set that
+    /// cannot be restored in place (resized since its reset point) is reset by dropping
+    /// instead. Then the translations of every slot that goes back to a shared frame or to
+    /// empty are dropped (a backend failure returns its error with nothing reset), and only
+    /// then are the plans applied, which cannot fail.
     pub(crate) fn restore_objects(items: &[(Vmo, alloc::vec::Vec<u64>)]) -> Result<RestoreStats> {
+        Vmo::reset_roots(items, true)
+    }
+
+    /// Both policies: lock every page set once (address order), check them all, decide per set
+    /// (a restore plan, or drop), drop the translations that must go, then change the sets.
+    fn reset_roots(items: &[(Vmo, alloc::vec::Vec<u64>)], restore: bool) -> Result<RestoreStats> {
         let key = |v: &Vmo| Arc::as_ptr(&v.inner_root()) as usize;
         // One entry per page set, with the written offsets turned into its slots.
         let mut roots: alloc::vec::Vec<(&Vmo, alloc::vec::Vec<u64>)> = alloc::vec::Vec::new();
@@ -107,7 +94,11 @@ impl Vmo {
         }
         let mut plans = alloc::vec::Vec::new();
         for (pages, (_, slots)) in guards.iter_mut().zip(&roots) {
-            plans.push(pages.plan_restore(slots)?);
+            plans.push(if restore {
+                pages.plan_restore(slots)?
+            } else {
+                None
+            });
         }
         for (((vmo, _), plan), pages) in roots.iter().zip(&plans).zip(&guards) {
             match plan {
@@ -115,24 +106,25 @@ impl Vmo {
                 None => vmo.unmap_pages(&pages.changed())?,
             }
         }
+        // Replaced frames and arrays are dropped after the locks.
         let mut stats = RestoreStats::default();
-        let mut old = alloc::vec::Vec::new();
+        let (mut old_frames, mut old_arrays) = (alloc::vec::Vec::new(), alloc::vec::Vec::new());
         for (pages, plan) in guards.iter_mut().zip(plans) {
             match plan {
                 Some(plan) => {
                     stats.restored += plan.refilled();
                     stats.dropped += plan.revert.len() as u64;
-                    old.extend(pages.apply_restore(plan));
+                    old_frames.extend(pages.apply_restore(plan));
                 }
                 None => {
                     stats.dropped += pages.changed().len() as u64;
-                    drop(pages.reset()?);
+                    old_arrays.push(pages.reset()?);
                     pages.debug_check();
                 }
             }
         }
         drop(guards);
-        drop(old);
+        drop((old_frames, old_arrays));
         Ok(stats)
     }
 }

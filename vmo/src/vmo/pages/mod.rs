@@ -429,9 +429,7 @@ impl Pages {
     /// Slots changed since the reset point (ascending), including the ones a copy-back reset
     /// kept: every slot whose frame may differ from the reset point's.
     pub fn changed(&self) -> Vec<u64> {
-        let mut all: Vec<u64> = self.changed.union(&self.kept).copied().collect();
-        all.dedup();
-        all
+        self.changed.union(&self.kept).copied().collect()
     }
 
     /// Returns to the reset point; the caller has already dropped the translations of
