@@ -10,34 +10,14 @@ use guest_vm::virtio::rig::{BlkRig, DomainTable, CANARY, RIG_PAGES};
 use guest_vm::virtio::{demo_report, FileDisk, MemDisk, Outcome, QueueConfig, Refusal};
 use guest_vm::HostFrames;
 use virtio_bindings::bindings::virtio_blk::{
-    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
-use vmo::{ChildKind, Error as VmoError, MapOptions, VmPerms, Vmar, Vmo, VmoFlags};
+use vmo::{ChildKind, Error as VmoError, Vmar, Vmo, VmoFlags};
+
+mod virtio_common;
+use virtio_common::{guest, mem_rig, pattern, BASE, DISK, GUEST, OK};
 
 const P: u64 = 4096;
-const GUEST: u64 = 4 << 20;
-const BASE: u64 = 1 << 20;
-const DISK: u64 = 1 << 20;
-const OK: u8 = VIRTIO_BLK_S_OK as u8;
-
-/// A host-side guest address space: `GUEST` bytes of RAM from `frames` at GPA 0.
-fn guest(frames: &HostFrames) -> Vmar<DomainTable> {
-    let vmar = Vmar::new_root(GUEST, DomainTable::new(HeapPhysMem::new()).unwrap()).unwrap();
-    let ram = Vmo::new(&frames.pool, GUEST, VmoFlags::empty()).unwrap();
-    vmar.map(&ram, 0, GUEST, MapOptions::specific(0, VmPerms::RW))
-        .unwrap();
-    vmar
-}
-
-fn mem_rig(frames: &HostFrames, g: &Vmar<DomainTable>) -> BlkRig<MemDisk, DomainTable> {
-    BlkRig::attach(frames, g, BASE, MemDisk::new(DISK).unwrap(), "vblk-test").unwrap()
-}
-
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
-}
 
 /// The pa behind `gpa` in `vmar` (resolving it for a read).
 fn frame_of<S: Stage2 + Send + 'static>(vmar: &Vmar<S>, gpa: u64) -> u64 {

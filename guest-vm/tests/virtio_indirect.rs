@@ -2,38 +2,14 @@
 //! offered, so a chain that uses one is malformed (virtio 1.2 §2.7.5.3.1) and is returned with
 //! length 0 before any table is read through the DMA domain. Host-side driver, no /dev/kvm.
 
-use ept::HeapPhysMem;
 use guest_vm::virtio::driver::{RawDesc, DATA_OFF, STATUS_OFF, STATUS_UNSET};
-use guest_vm::virtio::rig::{BlkRig, DomainTable};
-use guest_vm::virtio::{MemDisk, Outcome, Refusal};
+use guest_vm::virtio::{Outcome, Refusal};
 use guest_vm::HostFrames;
-use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+use virtio_bindings::bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use virtio_bindings::bindings::virtio_ring::{VIRTIO_RING_F_INDIRECT_DESC, VRING_DESC_F_INDIRECT};
-use vmo::{MapOptions, VmPerms, Vmar, Vmo, VmoFlags};
 
-const GUEST: u64 = 4 << 20;
-const BASE: u64 = 1 << 20;
-const DISK: u64 = 1 << 20;
-const OK: u8 = VIRTIO_BLK_S_OK as u8;
-
-/// A host-side guest address space: `GUEST` bytes of RAM from `frames` at GPA 0.
-fn guest(frames: &HostFrames) -> Vmar<DomainTable> {
-    let vmar = Vmar::new_root(GUEST, DomainTable::new(HeapPhysMem::new()).unwrap()).unwrap();
-    let ram = Vmo::new(&frames.pool, GUEST, VmoFlags::empty()).unwrap();
-    vmar.map(&ram, 0, GUEST, MapOptions::specific(0, VmPerms::RW))
-        .unwrap();
-    vmar
-}
-
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
-}
-
-fn mem_rig(frames: &HostFrames, g: &Vmar<DomainTable>) -> BlkRig<MemDisk, DomainTable> {
-    BlkRig::attach(frames, g, BASE, MemDisk::new(DISK).unwrap(), "vblk-test").unwrap()
-}
+mod virtio_common;
+use virtio_common::{guest, mem_rig, pattern, OK};
 
 /// The 16 bytes of a split-ring descriptor, as a driver writes them into an indirect table.
 fn desc_bytes(d: RawDesc) -> [u8; 16] {
