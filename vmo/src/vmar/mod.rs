@@ -5,7 +5,7 @@
 //! ordered map of every mapping keyed by its base address), the `Stage2` backend, and counters.
 //! A `Vmar` handle names one region of a space. Operations live one per file: `map`, `unmap`,
 //! `protect`, `region` (allocate/destroy/query), `fork` (fork and reset), `page_fault` (the single
-//! fault path every backend calls), `prefault` (that path over a range, in bulk), `record` (working-set recording and prefetch), `io` (the model's own reads and writes by guest-physical
+//! fault path every backend calls) with `large_leaf` (its 2 MiB step), `prefault` (that path over a range, in bulk), `record` (working-set recording and prefetch), `io` (the model's own reads and writes by guest-physical
 //! address), `dirty` (KVM-style dirty tracking).
 //!
 //! Invariants:
@@ -25,6 +25,7 @@
 mod dirty;
 mod fork;
 mod io;
+mod large_leaf;
 mod map;
 mod observer;
 mod page_fault;
@@ -127,6 +128,8 @@ pub struct FaultStats {
     pub fault_around: u64,
     /// Faults refused (outside every mapping, or without permission).
     pub refused: u64,
+    /// Faults resolved with one 2 MiB leaf (a physically contiguous Vmo, `large_leaf.rs`).
+    pub large_leaves: u64,
 }
 
 #[derive(Default)]
@@ -139,6 +142,7 @@ struct Counters {
     installs: AtomicU64,
     fault_around: AtomicU64,
     refused: AtomicU64,
+    large_leaves: AtomicU64,
 }
 
 /// One guest's address space.
@@ -267,6 +271,7 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
             installs: l(&c.installs),
             fault_around: l(&c.fault_around),
             refused: l(&c.refused),
+            large_leaves: l(&c.large_leaves),
         }
     }
 

@@ -21,6 +21,9 @@
 //!   empty in the Vmo (a shared frame is never copied speculatively) or failing. Off while
 //!   dirty tracking is on (a speculative page would be writable without ever being recorded).
 //!
+//! Before the 4 KiB install, a fault on a not-present page of a physically contiguous Vmo tries
+//! to install its whole 2 MiB block as one leaf (`large_leaf.rs`, with the conditions there).
+//!
 //! While working-set recording is on (`record.rs`), the pages a resolved fault installed are
 //! noted there.
 //!
@@ -145,7 +148,15 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
         } else {
             FaultAccess::Read
         };
-        let (pa, perms, origin) = self.install(m, page, access)?.ok_or(Error::BadState)?;
+        let large = if present {
+            None
+        } else {
+            self.install_large(m, page, access)?
+        };
+        let (pa, perms, origin) = match large {
+            Some(installed) => installed,
+            None => self.install(m, page, access)?.ok_or(Error::BadState)?,
+        };
         let c = &self.space.counters;
         let outcome = if origin.copied {
             c.copies.fetch_add(1, Ordering::Relaxed);
@@ -165,6 +176,19 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
             if let Some(dirty) = self.space.dirty.lock().as_mut() {
                 dirty.insert(page);
             }
+        }
+        if large.is_some() {
+            // One 2 MiB leaf: no streaming or fault-around beyond it; recording notes the
+            // faulting page only.
+            self.space.last_write.store(super::NO_PAGE, Ordering::Relaxed);
+            self.record_fault(page, u64::from(write), 1, write);
+            return Ok(Resolution {
+                gpa: page,
+                pa,
+                perms,
+                outcome,
+                pages: PageSize::Size2M.bytes() / PAGE_SIZE,
+            });
         }
         let streamed = if write
             && fault.kind == FaultKind::NotPresent
