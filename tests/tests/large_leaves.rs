@@ -66,7 +66,6 @@ fn contiguous_vmo_faults_in_one_2m_leaf<B: Backend>() {
     assert_eq!(cpu.read_u8(after).unwrap(), expected(base, after));
     assert_eq!(installed::<B>(&root, after).unwrap().size, PageSize::Size4K);
     assert_eq!(root.fault_stats().large_leaves, 1);
-    drop(cpu);
     drop(root);
     drop(v);
     assert_eq!(pool.stats().live, 0, "no frame leaks");
