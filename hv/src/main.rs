@@ -29,6 +29,7 @@ use platform::{boot, cpu, frames, heap, shutdown, traps};
 use virt::{svm, vmx};
 
 const HEAP_SIZE: u64 = 16 << 20;
+const LINUX_HEAP_SIZE: u64 = 24 << 20;
 
 #[no_mangle]
 extern "C" fn hv_main(magic: u32, mbi: u32) -> ! {
@@ -39,7 +40,18 @@ extern "C" fn hv_main(magic: u32, mbi: u32) -> ! {
     );
     cpu::init_tables();
     traps::init();
-    let mem = match boot::memory_map(magic, mbi).and_then(|map| frames::init(&map, HEAP_SIZE)) {
+    let map = match boot::memory_map(magic, mbi) {
+        Ok(m) => m,
+        Err(e) => shutdown::finish(false, e),
+    };
+    // A bzImage among the boot modules selects the Linux guest; hv then keeps only its window
+    // of RAM (the rest is the guest's) and a larger heap (the guest RAM's page records).
+    let linux = scenario::linux::plan(&map);
+    let (limit, heap_size) = match &linux {
+        Some(Ok(plan)) => (plan.window_end, LINUX_HEAP_SIZE),
+        _ => (u64::MAX, HEAP_SIZE),
+    };
+    let mem = match frames::init(&map, heap_size, limit) {
         Ok(m) => m,
         Err(e) => shutdown::finish(false, e),
     };
@@ -56,7 +68,21 @@ extern "C" fn hv_main(magic: u32, mbi: u32) -> ! {
     let svm = cpu::has_svm_npt();
     let vmx = cpu::has_vmx();
     println!("hv: cpu: svm+npt={} vmx={}", svm, vmx);
-    let result = if svm {
+    let result = if let Some(plan) = linux {
+        match (plan, svm) {
+            (Err(e), _) => Err(e),
+            (Ok(_), false) => Err(alloc::string::String::from(
+                "the Linux guest needs SVM + NPT (it runs on the SVM backend only)",
+            )),
+            (Ok(plan), true) => {
+                println!("backend: svm (AMD SVM + nested paging); scenario: linux");
+                match svm::init() {
+                    Ok(mut b) => scenario::linux::run(&mut b, &map, &plan),
+                    Err(e) => Err(alloc::format!("svm init: {e}")),
+                }
+            }
+        }
+    } else if svm {
         println!("backend: svm (AMD SVM + nested paging)");
         match svm::init() {
             Ok(mut b) => scenario::run(&mut b),

@@ -46,6 +46,22 @@ pub fn inb(port: u16) -> u8 {
     }
     v
 }
+pub fn inw(port: u16) -> u16 {
+    let v: u16;
+    // SAFETY: port input at CPL0 accesses no Rust-visible memory (see the module doc).
+    unsafe {
+        asm!("in ax, dx", in("dx") port, out("ax") v, options(nomem, nostack, preserves_flags))
+    }
+    v
+}
+pub fn inl(port: u16) -> u32 {
+    let v: u32;
+    // SAFETY: port input at CPL0 accesses no Rust-visible memory (see the module doc).
+    unsafe {
+        asm!("in eax, dx", in("dx") port, out("eax") v, options(nomem, nostack, preserves_flags))
+    }
+    v
+}
 
 pub fn rdmsr(msr: u32) -> u64 {
     let (lo, hi): (u32, u32);

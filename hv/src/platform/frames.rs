@@ -1,12 +1,15 @@
 //! Physical frame allocator built from the boot memory map (multiboot2 through GRUB, or the PVH
 //! hvm_start_info memory map through QEMU -kernel).
 //!
-//! Owns all RAM above the kernel image and the boot information: the heap is carved from the
-//! start of the largest usable region, the rest hands out 4 KiB frames (a bump pointer over the
+//! Owns the RAM above the kernel image and the boot information, below the limit `init` is
+//! given (all of it for the scenario; hv's window for the Linux guest) and outside the boot
+//! modules: the heap is carved from the start of the largest usable region, the rest hands out
+//! 4 KiB frames (a bump pointer over the
 //! usable regions plus a free list threaded through freed frames). Frames are identity mapped
 //! (VA == PA below 4 GiB), so a frame's pointer is its address.
 //! Invariants: a frame is never handed out twice while allocated; counters are exact
-//! (`allocated - freed == live`); nothing below 1 MiB or above 4 GiB is used.
+//! (`allocated - freed == live`); nothing below 1 MiB, at or above the limit (at most 4 GiB)
+//! or inside a boot module is used.
 
 use spin::Mutex;
 
@@ -57,27 +60,45 @@ fn align_up(v: u64, a: u64) -> u64 {
     (v + a - 1) & !(a - 1)
 }
 
-/// Gives the usable RAM of `map` above the kernel image and the boot information to the
-/// allocator, after reserving `heap_size` bytes for the heap at the start of the largest area.
-/// Runs once, at boot.
-pub fn init(map: &MemoryMap, heap_size: u64) -> Result<BootMemory, &'static str> {
+/// First byte after hv's own image.
+pub fn kernel_end() -> u64 {
+    core::ptr::addr_of!(__kernel_end) as u64
+}
+
+/// Gives the usable RAM of `map` above the kernel image and the boot information, below
+/// `limit` and outside every boot module, to the allocator, after reserving `heap_size` bytes
+/// for the heap at the start of the largest area. Runs once, at boot.
+pub fn init(map: &MemoryMap, heap_size: u64, limit: u64) -> Result<BootMemory, &'static str> {
     let info_end = map.info_end;
-    let kernel_end = core::ptr::addr_of!(__kernel_end) as u64;
-    let floor = align_up(kernel_end.max(info_end).max(1 << 20), FRAME);
+    let floor = align_up(kernel_end().max(info_end).max(1 << 20), FRAME);
+    let limit = limit.min(LIMIT);
 
     let mut inner = FRAMES.lock();
     let mut best: Option<usize> = None;
     for &(a_start, a_end) in map.areas() {
-        let start = align_up(a_start.max(floor), FRAME);
-        let end = a_end.min(LIMIT) & !(FRAME - 1);
-        if end <= start || inner.count == MAX_REGIONS {
-            continue;
-        }
-        let i = inner.count;
-        inner.regions[i] = (start, end);
-        inner.count += 1;
-        if best.is_none_or(|b| end - start > inner.regions[b].1 - inner.regions[b].0) {
-            best = Some(i);
+        // The area between `floor` and `limit`, cut into the pieces no module overlaps.
+        let mut start = align_up(a_start.max(floor), FRAME);
+        let area_end = a_end.min(limit) & !(FRAME - 1);
+        while start < area_end {
+            // The first module (frame-rounded) reaching into [start, area_end) ends the piece.
+            let block = map
+                .modules()
+                .map(|m| (m.start & !(FRAME - 1), align_up(m.end, FRAME)))
+                .filter(|&(ms, me)| me > start && ms < area_end)
+                .min_by_key(|&(ms, _)| ms);
+            let (end, next) = match block {
+                Some((ms, me)) => (ms.max(start), me),
+                None => (area_end, area_end),
+            };
+            if end > start && inner.count < MAX_REGIONS {
+                let i = inner.count;
+                inner.regions[i] = (start, end);
+                inner.count += 1;
+                if best.is_none_or(|b| end - start > inner.regions[b].1 - inner.regions[b].0) {
+                    best = Some(i);
+                }
+            }
+            start = next;
         }
     }
     let best = best.ok_or("no usable RAM above the kernel")?;

@@ -13,9 +13,10 @@
 //! - `cpu` — port I/O, MSRs, control registers, CPUID, descriptor pointers, the TSS slot.
 //! - `traps` — the exception IDT (traps.s stubs) and the handler that ends the run.
 //! - `shutdown` — the verdict line and the emulators' exit devices.
+//! - `tsc` — the time-stamp counter and its rate (measured against the PIT).
 //!
 //! Inside the floor the arrows run one way: `traps`, `rt` → `shutdown` → `serial` → `cpu`;
-//! `frames` → `boot`.
+//! `frames` → `boot`; `tsc` → `cpu`.
 
 pub mod boot;
 pub mod cpu;
@@ -25,3 +26,4 @@ pub mod rt;
 pub mod serial;
 pub mod shutdown;
 pub mod traps;
+pub mod tsc;

@@ -13,6 +13,8 @@
 //!   host-side views the checks read.
 //! - `program` — the guest program (program.s), its hypercall ABI, guest-physical layout,
 //!   expected values, and `load`.
+//! - `linux/` — the other scenario, chosen when GRUB hands hv a bzImage: an unmodified Linux
+//!   kernel as a pass-through guest whose RAM is a Vmar (see its module doc).
 //!
 //! Invariants: every second-level fault of every guest goes through its Vmar's `handle_fault`;
 //! a guest whose fault cannot be resolved, or that raises an exception, triple-faults or exits
@@ -22,6 +24,7 @@
 pub mod checks;
 pub mod fork;
 pub mod guest;
+pub mod linux;
 pub mod program;
 pub mod slice;
 pub mod space;

@@ -145,6 +145,19 @@ pub(super) fn run_slice(g: &mut Guest) -> SliceEnd {
                 ));
                 return SliceEnd::Finished;
             }
+            Exit::Msr { msr, write } => {
+                g.stop(format!(
+                    "unexpected MSR {} of {:#x} at RIP {:#x}",
+                    if write { "write" } else { "read" },
+                    msr,
+                    g.vcpu.rip()
+                ));
+                return SliceEnd::Finished;
+            }
+            Exit::Vmrun => {
+                g.stop(format!("guest executed VMRUN at RIP {:#x}", g.vcpu.rip()));
+                return SliceEnd::Finished;
+            }
             Exit::Unexpected { code, detail } => {
                 g.stop(format!(
                     "unexpected exit {:#x} (detail {:#x}) at RIP {:#x}",

@@ -87,9 +87,27 @@ pub enum Exit {
     Exception { vector: u8, error: u64 },
     /// Triple fault / shutdown.
     Shutdown,
+    /// An intercepted RDMSR / WRMSR (the pass-through guest: only the MSRs that would reach
+    /// the hypervisor's own state are intercepted). RIP still points at the instruction.
+    Msr { msr: u32, write: bool },
+    /// The guest executed VMRUN (always intercepted on SVM). RIP still points at it.
+    Vmrun,
     /// VM entry failed or an exit the hypervisor does not handle.
     Unexpected { code: u64, detail: u64 },
 }
+
+/// Where a pass-through guest starts: the Linux 32-bit boot protocol's state — protected mode
+/// with paging off, flat 4 GiB code segment 0x10 and data segments 0x18, interrupts off,
+/// `eip` the kernel's 32-bit entry and `esi` the boot parameters ("zero page").
+#[derive(Clone, Copy, Debug)]
+pub struct BootEntry32 {
+    pub eip: u32,
+    pub esi: u32,
+}
+
+/// Ports a pass-through guest's IN/OUT on which exit to the hypervisor; every other port goes
+/// to the machine's device directly.
+pub const MAX_TRAPPED_PORTS: usize = 4;
 
 /// One virtual CPU on one of the hardware backends.
 pub trait Vcpu {
@@ -101,6 +119,9 @@ pub trait Vcpu {
     /// A deferred second-level flush from the table's hook: the SVM TLB_CONTROL value the next
     /// VMRUN must carry. VMX ignores it (its hook ran INVEPT already).
     fn tlb_control(&mut self, value: u8);
+    /// Delivers exception `vector` (with `error_code` if it has one) to the guest at its next
+    /// entry, as if the instruction at RIP had raised it.
+    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>);
 }
 
 /// A hardware backend: makes second-level tables of its format and vCPUs that use them.
@@ -113,4 +134,16 @@ pub trait Backend {
     fn new_vcpu(&mut self, state: &VcpuState, context: u64) -> Result<Box<dyn Vcpu>, &'static str>;
     /// Bytes of the hypercall instruction (patched into guest payloads).
     fn hypercall_insn(&self) -> [u8; 3];
+    /// A vCPU for a pass-through guest (the machine's own devices, interrupts delivered to the
+    /// guest directly) starting at `entry`, translating through `context`; only the ports in
+    /// `trapped_ports` (at most `MAX_TRAPPED_PORTS`) exit on I/O. What else exits is the
+    /// backend's to say (svm: VMRUN, shutdown, nested page faults and writes of the SVM MSRs).
+    fn new_passthrough_vcpu(
+        &mut self,
+        _entry: &BootEntry32,
+        _context: u64,
+        _trapped_ports: &[u16],
+    ) -> Result<Box<dyn Vcpu>, &'static str> {
+        Err("a pass-through guest runs on the SVM backend only")
+    }
 }

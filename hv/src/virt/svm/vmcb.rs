@@ -55,6 +55,7 @@ pub const G_PAT: usize = 0x668;
 // INTERCEPT_MISC1 bits.
 pub const INTERCEPT_HLT: u32 = 1 << 24;
 pub const INTERCEPT_IOIO_PROT: u32 = 1 << 27;
+pub const INTERCEPT_MSR_PROT: u32 = 1 << 28;
 pub const INTERCEPT_SHUTDOWN: u32 = 1 << 31;
 // INTERCEPT_MISC2 bits.
 pub const INTERCEPT_VMRUN: u32 = 1 << 0;

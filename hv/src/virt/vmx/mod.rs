@@ -344,6 +344,21 @@ impl Vcpu for VmxVcpu {
     fn tlb_control(&mut self, _value: u8) {
         // The EPT table's hook executes INVEPT itself.
     }
+
+    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) {
+        // VM-entry interruption information (SDM Vol. 3 §25.8.3): vector, type 3 (hardware
+        // exception), bit 11 deliver error code, bit 31 valid.
+        self.make_current();
+        let mut info = u64::from(vector) | (3 << 8) | (1 << 31);
+        if let Some(code) = error_code {
+            info |= 1 << 11;
+            vmcs::vmwrite(
+                x86::vmx::vmcs::control::VMENTRY_EXCEPTION_ERR_CODE,
+                u64::from(code),
+            );
+        }
+        vmcs::vmwrite(x86::vmx::vmcs::control::VMENTRY_INTERRUPTION_INFO_FIELD, info);
+    }
 }
 
 impl Drop for VmxVcpu {
