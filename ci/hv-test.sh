@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Boots the hv kernel under QEMU TCG (AMD SVM + NPT backend; GRUB ISO and PVH -kernel) and under
 # Bochs (Intel VMX + EPT backend with a Haswell model; SVM + NPT again with the Ryzen model), and
-# fails unless each run's serial output holds the expected verdict and figures.
+# fails unless each run's serial output holds the expected verdict and figures. Then boots
+# Debian's Linux kernel as hv's guest under QEMU TCG (SVM + NPT; files from ci/linux-guest.sh),
+# the same kernel and initramfs on plain QEMU TCG for the time ratio, and the refused-access run.
 # Installs the emulators and ISO tools through apt-get when missing (root, Debian 12).
 # Never skips: a missing tool that cannot be installed is a failure.
 # --no-install: do not call apt-get (the cargo test wrapper tests/tests/hv_boot.rs uses it after
@@ -11,9 +13,9 @@ cd "$(dirname "$0")/.."
 t0=$(date +%s)
 
 if [ "${1:-}" != "--no-install" ]; then
-    ci/setup.sh qemu-system-x86 bochs bochsbios vgabios bochs-term grub-pc-bin grub-common xorriso mtools
+    ci/setup.sh qemu-system-x86 bochs bochsbios vgabios bochs-term grub-pc-bin grub-common xorriso mtools bc cpio
 fi
-for tool in qemu-system-x86_64 bochs grub-mkrescue grub-file xorriso mformat bc; do
+for tool in qemu-system-x86_64 bochs grub-mkrescue grub-file xorriso mformat bc cpio dpkg-deb apt-get; do
     command -v "$tool" >/dev/null || { echo "hv-test: $tool is missing" >&2; exit 1; }
 done
 # One run at a time on this checkout: concurrent runs (e.g. two `cargo test --workspace`) would
@@ -90,6 +92,76 @@ echo "hv-test: qemu (PVH) exit status $rc in $(echo "$(date +%s.%N) - $s" | bc) 
 touch "$out/qemu-pvh-serial.txt"
 [ $rc = 33 ] || { echo "hv-test: qemu (PVH): unexpected exit status $rc" >&2; fail=1; }
 check qemu-pvh "$out/qemu-pvh-serial.txt" "${common[@]}" "boot protocol: PVH" "backend: svm" "HV-VERDICT: PASS backend=svm"
+
+# timed_qemu NAME LIMIT QEMU_ARGS...: runs QEMU (serial to $out/NAME-serial.txt, isa-debug-exit)
+# for at most LIMIT seconds; sets qrc (exit status), t_init (seconds until the guest's
+# "GUEST-INIT: linux" line appeared, or "none") and t_total.
+timed_qemu() {
+    local name=$1 limit=$2; shift 2
+    local serial="$out/$name-serial.txt" s pid
+    : > "$serial"
+    s=$(date +%s.%N)
+    timeout "$limit" qemu-system-x86_64 "$@" -display none -serial "file:$serial" -monitor none \
+        -no-reboot -device isa-debug-exit,iobase=0xf4,iosize=0x04 </dev/null >"$out/$name-stdout.txt" 2>&1 &
+    pid=$!
+    t_init=none
+    while kill -0 "$pid" 2>/dev/null; do
+        if [ "$t_init" = none ] && grep -q "GUEST-INIT: linux" "$serial"; then
+            t_init=$(echo "$(date +%s.%N) - $s" | bc)
+        fi
+        sleep 0.05
+    done
+    qrc=0
+    wait "$pid" || qrc=$?
+    t_total=$(echo "$(date +%s.%N) - $s" | bc)
+    if [ "$t_init" = none ] && grep -q "GUEST-INIT: linux" "$serial"; then t_init=$t_total; fi
+    echo "hv-test: $name: exit status $qrc in $t_total s (the /init line after $t_init s)"
+}
+
+echo "== hv-test: Linux guest files (Debian's linux-image-amd64 and busybox-static; ci/linux-guest.sh)"
+if ! ci/linux-guest.sh >"$out/linux-guest.log" 2>&1; then
+    cat "$out/linux-guest.log" >&2
+    echo "hv-test: preparing the Linux guest failed" >&2
+    exit 1
+fi
+tail -1 "$out/linux-guest.log"
+lx=hv/target/linux
+lx_cmdline=$(cat "$lx/cmdline")
+
+echo "== hv-test: Linux on plain QEMU TCG (no hv): the reference time"
+timed_qemu linux-plain 120 -accel tcg -cpu qemu64,+svm,+npt -m 512 -kernel "$lx/vmlinuz" \
+    -initrd "$lx/initrd.img" -append "$lx_cmdline"
+plain_init=$t_init
+[ "$qrc" = 33 ] || { echo "hv-test: linux-plain: unexpected exit status $qrc" >&2; fail=1; }
+check linux-plain "$out/linux-plain-serial.txt" "GUEST-INIT: linux .* reached /init: MemTotal"
+
+echo "== hv-test: Linux as hv's guest, QEMU TCG -cpu qemu64,+svm,+npt (SVM/NPT backend)"
+timed_qemu linux-hv 180 -accel tcg -cpu qemu64,+svm,+npt -m 512 -cdrom "$lx/hv-linux.iso" -boot d
+hv_init=$t_init
+[ "$qrc" = 33 ] || { echo "hv-test: linux-hv: unexpected exit status $qrc" >&2; fail=1; }
+check linux-hv "$out/linux-hv-serial.txt" "boot protocol: multiboot2" "scenario: linux" \
+    "linux: bzImage [0-9]+ KiB \(boot protocol 2\.[0-9]+" \
+    "linux: guest RAM [0-9]+ MiB .*installed on fault.*hv window \[0x100000, 0x[0-9a-f]+\) reserved" \
+    "GUEST-INIT: linux .* reached /init: MemTotal: [0-9]+ kB; vendor_id: AuthenticAMD" \
+    "linux: guest exit: /init wrote 0x10 to the debug-exit port" \
+    "linux: NPFs [0-9]+ resolved \([1-9][0-9]* with a 2 MiB leaf, [0-9]+ with 4 KiB\), 0 refused" \
+    "linux: installed [0-9]+ of [0-9]+ guest RAM pages" \
+    "HV-VERDICT: PASS linux: the kernel booted to /init"
+if [ "$plain_init" != none ] && [ "$hv_init" != none ]; then
+    echo "hv-test: linux: the /init line after $hv_init s under hv vs $plain_init s on plain QEMU TCG: ratio $(echo "scale=2; $hv_init / $plain_init" | bc)"
+fi
+grep -E "^linux: (NPFs|installed|guest exit)" "$out/linux-hv-serial.txt" | sed 's/^/hv-test: linux-hv: /'
+
+echo "== hv-test: Linux guest touching hv's memory (hvtest=touch-hv): refused"
+timed_qemu linux-hv-refused 180 -accel tcg -cpu qemu64,+svm,+npt -m 512 -cdrom "$lx/hv-linux-refused.iso" -boot d
+[ "$qrc" = 33 ] || { echo "hv-test: linux-hv-refused: unexpected exit status $qrc" >&2; fail=1; }
+check linux-hv-refused "$out/linux-hv-refused-serial.txt" "GUEST-INIT: reading hv's memory at 0x100000" \
+    "linux: guest stopped: second-level fault refused at GPA 0x100000 \(NotFound; inside hv's window\)" \
+    "HV-VERDICT: PASS linux-refused"
+if grep -q "the read of hv's memory returned" "$out/linux-hv-refused-serial.txt"; then
+    echo "hv-test: linux-hv-refused: the guest read hv's memory" >&2
+    fail=1
+fi
 
 # bochs_run NAME MODEL PATTERN...: boots the ISO in Bochs with CPU model MODEL.
 bochs_run() {

@@ -136,6 +136,7 @@ fn install_passthrough(table: &mut HvTable, ranges: &[(u64, u64)]) -> Result<u64
 /// Boots the planned Linux guest on `backend` and serves it until it ends; the verdict detail.
 pub fn run(backend: &mut dyn Backend, map: &MemoryMap, plan: &Plan) -> Result<String, String> {
     let tsc_per_ms = tsc::calibrate().unwrap_or(0);
+    let setup_start = tsc::rdtsc();
     // SAFETY: the frame allocator excludes every module (frames::init), nothing else writes
     // them, and the guest cannot reach them (hv's window is outside every mapping).
     let (kernel_file, initrd) = unsafe { (plan.kernel.bytes(), plan.initrd.bytes()) };
@@ -179,8 +180,12 @@ pub fn run(backend: &mut dyn Backend, map: &MemoryMap, plan: &Plan) -> Result<St
 
     let (entry, initrd_at) = load(&image, initrd, cmdline, &layout, &mem, acpi.as_ref())?;
     println!(
-        "linux: kernel at {:#x} (32-bit boot protocol entry), zero page {:#x}, initramfs at {:#x}; entering the guest",
-        entry.eip, entry.esi, initrd_at
+        "linux: kernel at {:#x} (32-bit boot protocol entry), zero page {:#x}, initramfs at {:#x}; setup took {} ms (TSC {} MHz); entering the guest",
+        entry.eip,
+        entry.esi,
+        initrd_at,
+        (tsc::rdtsc() - setup_start).checked_div(tsc_per_ms).unwrap_or(0),
+        tsc_per_ms / 1000
     );
     let mut ports = alloc::vec![DEBUG_EXIT_PORT];
     if let Some(p) = acpi.as_ref().and_then(|a| a.pm1a_cnt) {
