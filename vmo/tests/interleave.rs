@@ -116,7 +116,8 @@ fn no_shared_writable(spaces: &[&Space]) {
                 }
                 for q in 0..PAGES {
                     let Ok(info) = b.query(q * P) else { continue };
-                    let held = info.vmo.committed_frame(info.vmo_offset).unwrap();
+                    let offset = info.vmo_offset + (q * P - info.base);
+                    let held = info.vmo.committed_frame(offset).unwrap();
                     assert!(
                         held.map(|f| f.paddr()) != Some(t.pa_of(p * P)),
                         "space {i} page {p} is writable onto a frame space {j} holds at page {q}"
