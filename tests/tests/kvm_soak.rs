@@ -134,7 +134,10 @@ fn cycle(
         t.forks += 1;
     }
     let child = slot.as_mut().unwrap();
-    let protected = (rng.next() % 4 == 0).then(|| FIRST + (rng.next() % 8) * P);
+    let protected = rng
+        .next()
+        .is_multiple_of(4)
+        .then(|| FIRST + (rng.next() % 8) * P);
     if let Some(gpa) = protected {
         child.vmar().protect(gpa, P, VmPerms::READ).unwrap();
     }
@@ -143,7 +146,10 @@ fn cycle(
     match child.vm_mut().run().unwrap() {
         VmExit::Done(al) => {
             assert_eq!(al, MARK);
-            assert!(protected.is_none(), "a write to a read-only page went through");
+            assert!(
+                protected.is_none(),
+                "a write to a read-only page went through"
+            );
             for &gpa in &stores {
                 assert_eq!(byte(child, gpa), MARK, "{gpa:#x} not written");
             }
@@ -157,7 +163,7 @@ fn cycle(
                     t.denied += 1;
                 }
                 vmo::Error::Io => {
-                    assert!(gpa >= PAGER_GPA && gpa < PAGER_GPA + 8 * P, "{gpa:#x}");
+                    assert!((PAGER_GPA..PAGER_GPA + 8 * P).contains(&gpa), "{gpa:#x}");
                     if let Some(p) = protected {
                         panic!("the run passed the protected page {p:#x} to reach {gpa:#x}");
                     }
@@ -166,7 +172,11 @@ fn cycle(
                 e => panic!("unexpected refusal {e:?} at {gpa:#x}"),
             }
             for &g in stores.iter().filter(|&&g| g < gpa) {
-                assert_eq!(byte(child, g), MARK, "{g:#x} before the refusal not written");
+                assert_eq!(
+                    byte(child, g),
+                    MARK,
+                    "{g:#x} before the refusal not written"
+                );
             }
         }
         other => panic!("unexpected exit {other:?}"),
@@ -252,7 +262,11 @@ fn children_cycle_fork_run_reset_under_injected_failures() {
         for h in handles {
             total.add(h.join().unwrap());
         }
-        assert_eq!(frames.pool.stats().live, parent_live, "round {round}: child frames left");
+        assert_eq!(
+            frames.pool.stats().live,
+            parent_live,
+            "round {round}: child frames left"
+        );
         assert_eq!(
             frames.alloc.resident_bytes().unwrap(),
             parent_resident,
@@ -274,7 +288,10 @@ fn children_cycle_fork_run_reset_under_injected_failures() {
     );
     assert_eq!(total.runs, children as u64 * cycles.max(1));
     assert_eq!(total.done + total.denied + total.pager_io, total.runs);
-    assert!(total.denied > 0 && total.pager_io > 0, "{total:?}: nothing was injected");
+    assert!(
+        total.denied > 0 && total.pager_io > 0,
+        "{total:?}: nothing was injected"
+    );
     assert_eq!(
         total.pager_io,
         injector.fired(),

@@ -23,16 +23,14 @@
 //! `cargo test --release -p vmo --features shuttle --test interleave`.
 #![cfg(feature = "shuttle")]
 
+mod concurrent;
+
 use std::sync::Arc;
 
-use ept::{Access, EptTable, FaultInfo, FaultKind, HeapPhysMem, S2Perms, Stage2};
-use vmo::{
-    Error, FramePool, MapOptions, ResetPolicy, VmPerms, Vmar, Vmo, VmoFlags, PAGE_SIZE as P,
-};
+use concurrent::{guest_store, no_shared_writable, table, view, Space, PAGES};
+use ept::{Access, FaultInfo, FaultKind};
+use vmo::{FramePool, MapOptions, ResetPolicy, VmPerms, Vmo, VmoFlags, PAGE_SIZE as P};
 
-type Space = Vmar<EptTable<HeapPhysMem>>;
-
-const PAGES: u64 = 4;
 const PATTERN: u8 = 0x10;
 /// Offset 1 of a page: the child's (and the child's fork's) guest mark.
 const CHILD_MARK: u8 = 0xC0;
@@ -41,91 +39,11 @@ const PARENT_MARK: u8 = 0xA0;
 /// Offset 3: the host's own write to the parent's Vmo.
 const HOST_MARK: u8 = 0xB0;
 
-fn table() -> EptTable<HeapPhysMem> {
-    EptTable::new(HeapPhysMem::new()).unwrap()
-}
-
 fn iterations() -> usize {
     std::env::var("GUESTMEM_SHUTTLE_ITERS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1500)
-}
-
-/// A vCPU's store of `byte` at `gpa`: through the current translation if it is writable (under
-/// the stage2 lock, as the hardware walks the live table), else a fault and a retry. Returns
-/// whether the store happened; a refused fault (unmapped, read-only) ends the attempt.
-fn guest_store(space: &Space, pool: &FramePool, gpa: u64, byte: u8) -> bool {
-    let alloc = pool.allocator().clone();
-    for _ in 0..4 {
-        let present = space.with_stage2(|s| match s.query(gpa) {
-            Some(t) if t.perms.contains(S2Perms::WRITE) => {
-                let p = alloc.frame_ptr(t.pa_of(gpa));
-                assert!(!p.is_null(), "{gpa:#x} translates to a frame nobody allocated");
-                // SAFETY: `p` points into a heap slab of this pool's allocator, which keeps
-                // every slab until it drops (the pool, held by the Vmos, outlives this call);
-                // a byte store there is memory-safe even if the frame were wrongly freed —
-                // and then the data checks at the end catch it.
-                unsafe { p.write_volatile(byte) };
-                None
-            }
-            other => Some(other.is_some()),
-        });
-        let Some(present) = present else {
-            return true;
-        };
-        let kind = if present {
-            FaultKind::Permission
-        } else {
-            FaultKind::NotPresent
-        };
-        match space.handle_fault(FaultInfo::new(gpa, Access::WRITE, kind)) {
-            Ok(_) => {}
-            Err(Error::NotFound | Error::AccessDenied) => return false,
-            Err(e) => panic!("write fault at {gpa:#x}: {e:?}"),
-        }
-    }
-    // Four faults, each undone before the store by a concurrent protect / reset / fork: a
-    // livelock in a real guest only under this adversarial schedule; not a failure.
-    false
-}
-
-/// Byte `off` of every page as `space` reads it (None where nothing is mapped).
-fn view(space: &Space, off: u64) -> Vec<Option<u8>> {
-    (0..PAGES)
-        .map(|p| {
-            let mut b = [0u8];
-            space.read(p * P + off, &mut b).ok().map(|()| b[0])
-        })
-        .collect()
-}
-
-/// No writable translation of one space reaches a frame that another space's Vmo holds.
-fn no_shared_writable(spaces: &[&Space]) {
-    for (i, a) in spaces.iter().enumerate() {
-        for p in 0..PAGES {
-            let Some(t) = a.with_stage2(|s| s.query(p * P)) else {
-                continue;
-            };
-            if !t.perms.contains(S2Perms::WRITE) {
-                continue;
-            }
-            for (j, b) in spaces.iter().enumerate() {
-                if i == j {
-                    continue;
-                }
-                for q in 0..PAGES {
-                    let Ok(info) = b.query(q * P) else { continue };
-                    let offset = info.vmo_offset + (q * P - info.base);
-                    let held = info.vmo.committed_frame(offset).unwrap();
-                    assert!(
-                        held.map(|f| f.paddr()) != Some(t.pa_of(p * P)),
-                        "space {i} page {p} is writable onto a frame space {j} holds at page {q}"
-                    );
-                }
-            }
-        }
-    }
 }
 
 fn execution() {
@@ -207,18 +125,29 @@ fn execution() {
     no_shared_writable(&[&parent, &child, &fork_p, &fork_c]);
 
     let parent_view: Vec<_> = (0..4).map(|off| view(&parent, off)).collect();
-    for p in 0..3usize {
-        assert_eq!(parent_view[0][p], Some(PATTERN + p as u8), "P page {p}");
-        assert_eq!(parent_view[2][p], Some(PARENT_MARK + p as u8), "P page {p}");
-        assert_eq!(parent_view[1][p], Some(0), "P page {p} shows a child's store");
+    for p in 0..3u8 {
+        let i = usize::from(p);
+        assert_eq!(parent_view[0][i], Some(PATTERN + p), "P page {p}");
+        assert_eq!(parent_view[2][i], Some(PARENT_MARK + p), "P page {p}");
+        assert_eq!(
+            parent_view[1][i],
+            Some(0),
+            "P page {p} shows a child's store"
+        );
     }
     assert_eq!(parent_view[3][3], Some(0), "P page 3 was decommitted last");
     for (name, s) in [("C", &*child), ("G", &fork_c)] {
         for (p, b) in view(s, 2).into_iter().enumerate() {
-            assert!(b.is_none() || b == Some(0), "{name} page {p} shows P's store {b:?}");
+            assert!(
+                b.is_none() || b == Some(0),
+                "{name} page {p} shows P's store {b:?}"
+            );
         }
         for (p, b) in view(s, 3).into_iter().enumerate() {
-            assert!(b.is_none() || b == Some(0), "{name} page {p} shows the host's write");
+            assert!(
+                b.is_none() || b == Some(0),
+                "{name} page {p} shows the host's write"
+            );
         }
     }
     let now: Vec<_> = (0..4).map(|off| view(&fork_p, off)).collect();

@@ -75,6 +75,8 @@ bitflags::bitflags! {
     }
 }
 
+// shuttle's locks are large; the size difference exists only in that test-only build.
+#[cfg_attr(feature = "shuttle", allow(clippy::large_enum_variant))]
 pub(crate) enum Body {
     Pages {
         pages: crate::sync::Mutex<Pages>,
