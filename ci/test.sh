@@ -23,3 +23,12 @@ cargo test --workspace --locked
 # Issue 16 reliability runs: the million-operation Vmar model run and the failure-injection
 # sweeps (release), Miri on the pure parts, then every fuzz target for FUZZ_SECONDS each.
 { cargo test --release --locked -p conformance --test model_million --test inject && ci/miri.sh && ci/fuzz.sh; } || exit 1
+
+# Issue 16 interleavings and soak: the shuttle exploration of the real vmo locks (random + PCT
+# schedulers, GUESTMEM_SHUTTLE_ITERS executions each), the 4-thread stress (GUESTMEM_STRESS_SECS),
+# and the KVM soak (64 children x 100 fork/run/reset cycles with injected refusals and pager
+# errors). About 1.5 minutes together on 2 cores, builds included.
+{ GUESTMEM_SHUTTLE_ITERS=${GUESTMEM_SHUTTLE_ITERS:-4000} \
+    cargo test --release --locked -p vmo --features shuttle --test interleave \
+  && GUESTMEM_STRESS_SECS=${GUESTMEM_STRESS_SECS:-10} cargo test --release --locked -p vmo --test stress \
+  && cargo test --release --locked -p conformance --test kvm_soak -- --nocapture; } || exit 1

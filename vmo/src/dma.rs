@@ -74,7 +74,7 @@ pub struct DmaStats {
 pub struct DmaDomain<S: Stage2 + Send + 'static> {
     pool: FramePool,
     iova: Vmar<S>,
-    assigned: spin::Mutex<BTreeMap<u64, Assignment>>,
+    assigned: crate::sync::Mutex<BTreeMap<u64, Assignment>>,
     /// Refusals by reason: outside, wrapped, denied, other (see `DmaStats`).
     refused: [AtomicU64; 4],
     translated: AtomicU64,
@@ -87,7 +87,7 @@ impl<S: Stage2 + Send + 'static> DmaDomain<S> {
         Ok(DmaDomain {
             pool: pool.clone(),
             iova: Vmar::new_root(iova_size, stage2)?,
-            assigned: spin::Mutex::new(BTreeMap::new()),
+            assigned: crate::sync::Mutex::new(BTreeMap::new()),
             refused: Default::default(),
             translated: AtomicU64::new(0),
         })

@@ -318,7 +318,7 @@ fn check_in_frame(offset: usize, len: usize) -> Result<(), Error> {
 /// Contiguous runs of more than one frame are one heap block of their own, released when all
 /// its frames have been freed. Fresh memory is not zeroed here (the pool zeroes or overwrites).
 pub struct HeapFrameAlloc {
-    state: spin::Mutex<HeapState>,
+    state: crate::sync::Mutex<HeapState>,
 }
 
 /// Frames per slab (256 KiB): amortises the heap's per-allocation cost and alignment waste.
@@ -354,7 +354,7 @@ impl Default for HeapFrameAlloc {
 impl HeapFrameAlloc {
     pub fn new() -> Self {
         HeapFrameAlloc {
-            state: spin::Mutex::new(HeapState {
+            state: crate::sync::Mutex::new(HeapState {
                 blocks: alloc::collections::BTreeMap::new(),
                 free_slots: Vec::new(),
                 // Fake addresses start above 4 GiB so a zero or small value is never a frame.

@@ -9,7 +9,9 @@
 //! - [`vmar`]: `Vmar` — regions, mappings, the single fault path, fork / reset, dirty
 //!   tracking, bulk prefault and prefetch, the model's own reads and writes;
 //! - [`pager`]: the `Pager` contract (and the file-backed pager with `std`);
-//! - [`dma`]: `DmaDomain`, the IOVA space devices reach guest memory through.
+//! - [`dma`]: `DmaDomain`, the IOVA space devices reach guest memory through;
+//! - `sync`: the locks and protocol atomics (spin's, or shuttle's under the `shuttle` feature
+//!   for the interleaving tests).
 #![cfg_attr(not(feature = "std"), no_std)]
 
 extern crate alloc;
@@ -17,6 +19,7 @@ extern crate alloc;
 pub mod dma;
 pub mod frame;
 pub mod pager;
+mod sync;
 pub mod vmar;
 pub mod vmo;
 

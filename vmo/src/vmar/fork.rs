@@ -77,19 +77,19 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
         let _flush = DeferredFlush::new(&self.space);
 
         let child_space = Arc::new(Space {
-            tree: spin::RwLock::new(Tree::new(root_len)),
-            stage2: spin::Mutex::new(stage2),
+            tree: crate::sync::RwLock::new(Tree::new(root_len)),
+            stage2: crate::sync::Mutex::new(stage2),
             counters: Counters::default(),
-            fault_around: core::sync::atomic::AtomicU64::new(
+            fault_around: crate::sync::AtomicU64::new(
                 self.space.fault_around.load(Ordering::Relaxed),
             ),
-            stream_window: core::sync::atomic::AtomicU64::new(
+            stream_window: crate::sync::AtomicU64::new(
                 self.space.stream_window.load(Ordering::Relaxed),
             ),
-            last_write: core::sync::atomic::AtomicU64::new(super::NO_PAGE),
-            defer_flush: core::sync::atomic::AtomicU32::new(0),
-            dirty: spin::Mutex::new(None),
-            recording: spin::Mutex::new(None),
+            last_write: crate::sync::AtomicU64::new(super::NO_PAGE),
+            defer_flush: crate::sync::AtomicU32::new(0),
+            dirty: crate::sync::Mutex::new(None),
+            recording: crate::sync::Mutex::new(None),
         });
         let mut child_tree = Tree::new(root_len);
         // Regions: ids grow with creation, so parents come before their children.

@@ -37,7 +37,7 @@ mod tree;
 mod unmap;
 
 use alloc::sync::Arc;
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use ept::{FlushScope, S2Perms, Stage2};
 
@@ -147,22 +147,22 @@ struct Counters {
 
 /// One guest's address space.
 pub(crate) struct Space<S: Stage2 + Send + 'static> {
-    tree: spin::RwLock<Tree<S>>,
-    stage2: spin::Mutex<S>,
+    tree: crate::sync::RwLock<Tree<S>>,
+    stage2: crate::sync::Mutex<S>,
     counters: Counters,
     /// Pages a fault may install: the faulting one plus committed neighbours after it (see
     /// `page_fault.rs`); 1..=MAX_FAULT_AROUND.
-    fault_around: AtomicU64,
+    fault_around: crate::sync::AtomicU64,
     /// Streaming fault-around window in pages (0 = off, at most MAX_FAULT_AROUND).
-    stream_window: AtomicU64,
+    stream_window: crate::sync::AtomicU64,
     /// Page of the last resolved write fault (`NO_PAGE` after any other fault): streaming
     /// starts when a write fault follows one on the page before.
-    last_write: AtomicU64,
+    last_write: crate::sync::AtomicU64,
     /// While non-zero, observers leave flushes pending for the operation in progress to do once.
-    defer_flush: AtomicU32,
-    dirty: spin::Mutex<Option<alloc::collections::BTreeSet<u64>>>,
+    defer_flush: crate::sync::AtomicU32,
+    dirty: crate::sync::Mutex<Option<alloc::collections::BTreeSet<u64>>>,
     /// The working set being recorded (`record.rs`), if recording is on.
-    recording: spin::Mutex<Option<WorkingSet>>,
+    recording: crate::sync::Mutex<Option<WorkingSet>>,
 }
 
 impl<S: Stage2 + Send + 'static> Space<S> {
@@ -226,15 +226,15 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
             return Err(Error::OutOfRange);
         }
         let space = Space {
-            tree: spin::RwLock::new(Tree::new(size)),
-            stage2: spin::Mutex::new(stage2),
+            tree: crate::sync::RwLock::new(Tree::new(size)),
+            stage2: crate::sync::Mutex::new(stage2),
             counters: Counters::default(),
-            fault_around: AtomicU64::new(DEFAULT_FAULT_AROUND),
-            stream_window: AtomicU64::new(0),
-            last_write: AtomicU64::new(NO_PAGE),
-            defer_flush: AtomicU32::new(0),
-            dirty: spin::Mutex::new(None),
-            recording: spin::Mutex::new(None),
+            fault_around: crate::sync::AtomicU64::new(DEFAULT_FAULT_AROUND),
+            stream_window: crate::sync::AtomicU64::new(0),
+            last_write: crate::sync::AtomicU64::new(NO_PAGE),
+            defer_flush: crate::sync::AtomicU32::new(0),
+            dirty: crate::sync::Mutex::new(None),
+            recording: crate::sync::Mutex::new(None),
         };
         Ok(Vmar {
             space: Arc::new(space),

@@ -121,8 +121,8 @@ impl Vmo {
         }
         drop(pages);
         let body = Body::Pages {
-            pages: spin::Mutex::new(child_pages),
-            observers: spin::Mutex::new(Observers::default()),
+            pages: crate::sync::Mutex::new(child_pages),
+            observers: crate::sync::Mutex::new(Observers::default()),
         };
         let child_flags = flags | (self.inner.flags & VmoFlags::DMA);
         Ok(Vmo {

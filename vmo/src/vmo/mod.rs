@@ -75,10 +75,12 @@ bitflags::bitflags! {
     }
 }
 
+// shuttle's locks are large; the size difference exists only in that test-only build.
+#[cfg_attr(feature = "shuttle", allow(clippy::large_enum_variant))]
 pub(crate) enum Body {
     Pages {
-        pages: spin::Mutex<Pages>,
-        observers: spin::Mutex<Observers>,
+        pages: crate::sync::Mutex<Pages>,
+        observers: crate::sync::Mutex<Observers>,
     },
     /// `offset` into `root`, which is always a `Body::Pages`.
     Slice {
@@ -154,8 +156,8 @@ impl Vmo {
     ) -> Result<Vmo> {
         let size = page_round_up(size)?;
         let body = Body::Pages {
-            pages: spin::Mutex::new(Pages::new(size, pager)),
-            observers: spin::Mutex::new(Observers::default()),
+            pages: crate::sync::Mutex::new(Pages::new(size, pager)),
+            observers: crate::sync::Mutex::new(Observers::default()),
         };
         Ok(Self::from_body(pool, flags, body, Rights::ALL))
     }
@@ -264,7 +266,7 @@ impl Vmo {
         }
     }
 
-    fn lock_root_pages(&self) -> spin::MutexGuard<'_, Pages> {
+    fn lock_root_pages(&self) -> crate::sync::MutexGuard<'_, Pages> {
         let (root, _) = self.root();
         match &root.body {
             Body::Pages { pages, .. } => pages.lock(),
@@ -272,7 +274,7 @@ impl Vmo {
         }
     }
 
-    fn root_observers(&self) -> &spin::Mutex<Observers> {
+    fn root_observers(&self) -> &crate::sync::Mutex<Observers> {
         let (root, _) = self.root();
         match &root.body {
             Body::Pages { observers, .. } => observers,
