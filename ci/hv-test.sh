@@ -163,16 +163,17 @@ if grep -q "the read of hv's memory returned" "$out/linux-hv-refused-serial.txt"
     fail=1
 fi
 
-# bochs_run NAME MODEL PATTERN...: boots the ISO in Bochs with CPU model MODEL.
+# bochs_run NAME MODEL ISO MEGS LIMIT PATTERN...: boots ISO in Bochs with CPU model MODEL and
+# MEGS MiB of RAM for at most LIMIT seconds.
 bochs_run() {
-    local name=$1 model=$2; shift 2
+    local name=$1 model=$2 image=$3 megs=$4 limit=$5; shift 5
     cat > "$out/$name.bochsrc" <<BXRC
-megs: 128
+megs: $megs
 romimage: file=/usr/share/bochs/BIOS-bochs-latest
 vgaromimage: file=/usr/share/bochs/VGABIOS-lgpl-latest
 cpu: model=$model, count=1, ips=100000000, reset_on_triple_fault=0
 clock: sync=none, time0=local
-ata0-master: type=cdrom, path=$iso, status=inserted
+ata0-master: type=cdrom, path=$image, status=inserted
 boot: cdrom
 display_library: rfb, options="timeout=0"
 com1: enabled=1, mode=file, dev=$out/$name-serial.txt
@@ -186,7 +187,7 @@ BXRC
     echo c > "$out/bochs.rc"
     local s rc=0
     s=$(date +%s.%N)
-    timeout 180 bochs -q -f "$out/$name.bochsrc" -rc "$out/bochs.rc" </dev/null >"$out/$name-stdout.txt" 2>&1 || rc=$?
+    timeout "$limit" bochs -q -f "$out/$name.bochsrc" -rc "$out/bochs.rc" </dev/null >"$out/$name-stdout.txt" 2>&1 || rc=$?
     echo "hv-test: $name exit status $rc (1 is normal: the shutdown port) in $(echo "$(date +%s.%N) - $s" | bc) s"
     touch "$out/$name-serial.txt"
     [ $rc = 124 ] && { echo "hv-test: $name timed out" >&2; fail=1; }
@@ -196,12 +197,21 @@ BXRC
 }
 
 echo "== hv-test: Bochs, cpu model corei7_haswell_4770 (VMX/EPT backend)"
-bochs_run bochs corei7_haswell_4770 "${common[@]}" "boot protocol: multiboot2" "backend: vmx" "vmx: VMXON ok" \
+bochs_run bochs corei7_haswell_4770 "$iso" 128 180 "${common[@]}" "boot protocol: multiboot2" "backend: vmx" "vmx: VMXON ok" \
     "malformed: EPT misconfiguration \\(exit 49\\)" "HV-VERDICT: PASS backend=vmx"
 
 echo "== hv-test: Bochs, cpu model ryzen (SVM/NPT backend on a second SVM implementation: NRIPS, FlushByAsid)"
-bochs_run bochs-ryzen ryzen "${common[@]}" "boot protocol: multiboot2" "backend: svm" "NRIPS=true, FlushByAsid=true" \
+bochs_run bochs-ryzen ryzen "$iso" 128 180 "${common[@]}" "boot protocol: multiboot2" "backend: svm" "NRIPS=true, FlushByAsid=true" \
     "malformed: NPF with reserved bits" "HV-VERDICT: PASS backend=svm"
+
+echo "== hv-test: Linux as hv's guest on Bochs, cpu model corei7_haswell_4770 (VMX/EPT backend, unrestricted guest)"
+bochs_run bochs-linux-vmx corei7_haswell_4770 "$(realpath "$lx/hv-linux.iso")" 512 600 \
+    "backend: vmx .*scenario: linux" "vmx: pass-through vCPU" \
+    "GUEST-INIT: linux .* reached /init: MemTotal: [0-9]+ kB; vendor_id: GenuineIntel" \
+    "linux: guest exit: /init wrote 0x10 to the debug-exit port" \
+    "linux: NPFs [0-9]+ resolved \\([1-9][0-9]* with a 2 MiB leaf, [0-9]+ with 4 KiB\\), 0 refused" \
+    "HV-VERDICT: PASS linux: the kernel booted to /init"
+grep -E "^linux: (NPFs|installed|guest exit)" "$out/bochs-linux-vmx-serial.txt" | sed 's/^/hv-test: bochs-linux-vmx: /' || true
 
 echo "hv-test: total $(( $(date +%s) - t0 )) s"
 if [ $fail != 0 ]; then

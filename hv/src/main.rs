@@ -69,18 +69,25 @@ extern "C" fn hv_main(magic: u32, mbi: u32) -> ! {
     let vmx = cpu::has_vmx();
     println!("hv: cpu: svm+npt={} vmx={}", svm, vmx);
     let result = if let Some(plan) = linux {
-        match (plan, svm) {
-            (Err(e), _) => Err(e),
-            (Ok(_), false) => Err(alloc::string::String::from(
-                "the Linux guest needs SVM + NPT (it runs on the SVM backend only)",
-            )),
-            (Ok(plan), true) => {
+        match plan {
+            Err(e) => Err(e),
+            Ok(plan) if svm => {
                 println!("backend: svm (AMD SVM + nested paging); scenario: linux");
                 match svm::init() {
                     Ok(mut b) => scenario::linux::run(&mut b, &map, &plan),
                     Err(e) => Err(alloc::format!("svm init: {e}")),
                 }
             }
+            Ok(plan) if vmx => {
+                println!("backend: vmx (Intel VT-x + EPT); scenario: linux");
+                match vmx::init() {
+                    Ok(mut b) => scenario::linux::run(&mut b, &map, &plan),
+                    Err(e) => Err(alloc::format!("vmx init: {e}")),
+                }
+            }
+            Ok(_) => Err(alloc::string::String::from(
+                "no usable virtualization extension (need SVM+NPT or VMX)",
+            )),
         }
     } else if svm {
         println!("backend: svm (AMD SVM + nested paging)");

@@ -154,8 +154,11 @@ pub(super) fn run_slice(g: &mut Guest) -> SliceEnd {
                 ));
                 return SliceEnd::Finished;
             }
-            Exit::Vmrun => {
-                g.stop(format!("guest executed VMRUN at RIP {:#x}", g.vcpu.rip()));
+            Exit::VirtInstruction => {
+                g.stop(format!(
+                    "guest executed a virtualization instruction at RIP {:#x}",
+                    g.vcpu.rip()
+                ));
                 return SliceEnd::Finished;
             }
             Exit::Unexpected { code, detail } => {

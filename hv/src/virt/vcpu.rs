@@ -90,8 +90,10 @@ pub enum Exit {
     /// An intercepted RDMSR / WRMSR (the pass-through guest: only the MSRs that would reach
     /// the hypervisor's own state are intercepted). RIP still points at the instruction.
     Msr { msr: u32, write: bool },
-    /// The guest executed VMRUN (always intercepted on SVM). RIP still points at it.
-    Vmrun,
+    /// The pass-through guest executed a virtualization instruction hv does not offer it (SVM:
+    /// VMRUN, always intercepted; VMX: VMCALL, VMXON and the other VMX instructions, which
+    /// always exit). RIP still points at it.
+    VirtInstruction,
     /// VM entry failed or an exit the hypervisor does not handle.
     Unexpected { code: u64, detail: u64 },
 }
@@ -137,13 +139,12 @@ pub trait Backend {
     /// A vCPU for a pass-through guest (the machine's own devices, interrupts delivered to the
     /// guest directly) starting at `entry`, translating through `context`; only the ports in
     /// `trapped_ports` (at most `MAX_TRAPPED_PORTS`) exit on I/O. What else exits is the
-    /// backend's to say (svm: VMRUN, shutdown, nested page faults and writes of the SVM MSRs).
+    /// backend's to say (svm: VMRUN, shutdown, nested page faults and writes of the SVM MSRs;
+    /// vmx: what always exits, EPT violations, writes of IA32_FEATURE_CONTROL).
     fn new_passthrough_vcpu(
         &mut self,
-        _entry: &BootEntry32,
-        _context: u64,
-        _trapped_ports: &[u16],
-    ) -> Result<Box<dyn Vcpu>, &'static str> {
-        Err("a pass-through guest runs on the SVM backend only")
-    }
+        entry: &BootEntry32,
+        context: u64,
+        trapped_ports: &[u16],
+    ) -> Result<Box<dyn Vcpu>, &'static str>;
 }

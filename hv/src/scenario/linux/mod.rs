@@ -1,4 +1,5 @@
-//! scenario::linux — an unmodified Linux kernel as a pass-through guest of hv (SVM + NPT),
+//! scenario::linux — an unmodified Linux kernel as a pass-through guest of hv (SVM + NPT, or
+//! VMX + EPT with unrestricted guest),
 //! selected when GRUB hands hv a bzImage as a boot module (`module2 /boot/vmlinuz <cmdline>`,
 //! then `module2 /boot/initrd.img`).
 //!
@@ -112,6 +113,8 @@ struct RunStats {
     fault_ticks: u64,
     guest_ticks: u64,
     injected: u64,
+    /// What the last injected exception answered.
+    last_injected: Option<String>,
 }
 
 /// Installs every pass-through range as identity leaves (1 GiB, 2 MiB, 4 KiB: the largest the
@@ -333,14 +336,23 @@ fn serve(
                     (false, _) => g.rax = u64::from(inl(port)),
                 }
             }
-            Exit::Msr { .. } => {
-                // A write to an SVM MSR: refused as the architecture refuses a bad MSR access.
+            Exit::Msr { msr, write } => {
+                // A trapped MSR (one that would reach hv): refused as the architecture refuses
+                // a bad MSR access.
                 stats.injected += 1;
+                stats.last_injected = Some(format!(
+                    "#GP for {} of MSR {msr:#x}",
+                    if write { "WRMSR" } else { "RDMSR" }
+                ));
                 vcpu.inject_exception(13, Some(0));
             }
-            Exit::Vmrun => {
-                // hv offers no nested virtualization: #UD, as on a CPU without SVM enabled.
+            Exit::VirtInstruction => {
+                // hv offers no nested virtualization: #UD, as on a CPU without VMX / SVM.
                 stats.injected += 1;
+                stats.last_injected = Some(format!(
+                    "#UD for a virtualization instruction at RIP {:#x}",
+                    vcpu.rip()
+                ));
                 vcpu.inject_exception(6, None);
             }
             Exit::Shutdown => {
@@ -350,6 +362,7 @@ fn serve(
                 return End::Stopped(format!("second-level entry malformed: {what} at {gpa:#x}"))
             }
             Exit::Hypercall | Exit::Hlt | Exit::Exception { .. } => {
+                // Not intercepted on a pass-through vCPU (a VMCALL arrives as VirtInstruction).
                 return End::Stopped(format!("an exit that is not intercepted at RIP {:#x}", vcpu.rip()))
             }
             Exit::Unexpected { code, detail } => {
@@ -404,7 +417,7 @@ fn report(vmar: &Vmar<HvTable>, layout: &Layout, stats: &RunStats, tsc_per_ms: u
     let installed = large * (LARGE / PAGE_SIZE) + small;
     let ram_pages = layout.ram_bytes() / PAGE_SIZE;
     println!(
-        "linux: NPFs {} resolved ({} with a 2 MiB leaf, {} with 4 KiB), {} refused; fault path {} us in all ({} us per NPF, {}.{:02}% of the guest's time); {} exceptions injected",
+        "linux: NPFs {} resolved ({} with a 2 MiB leaf, {} with 4 KiB), {} refused; fault path {} us in all ({} us per NPF, {}.{:02}% of the guest's time); {} exceptions injected{}",
         stats.npf,
         f.large_leaves,
         stats.npf - f.large_leaves,
@@ -413,7 +426,11 @@ fn report(vmar: &Vmar<HvTable>, layout: &Layout, stats: &RunStats, tsc_per_ms: u
         us(stats.fault_ticks) / stats.npf.max(1),
         stats.fault_ticks * 100 / stats.guest_ticks.max(1),
         stats.fault_ticks * 10_000 / stats.guest_ticks.max(1) % 100,
-        stats.injected
+        stats.injected,
+        match &stats.last_injected {
+            Some(what) => format!(" (last: {what})"),
+            None => String::new(),
+        }
     );
     println!(
         "linux: installed {} of {} guest RAM pages ({}%): {} 2 MiB leaves, {} 4 KiB leaves",

@@ -108,7 +108,7 @@ pub(super) fn decode(vmcb: &mut Vmcb, nrips: bool, gprs: &Gprs) -> Exit {
             msr: gprs.rcx as u32,
             write: info1 & 1 != 0,
         },
-        code::VMRUN => Exit::Vmrun,
+        code::VMRUN => Exit::VirtInstruction,
         c if (code::EXCP_BASE..code::EXCP_BASE + 32).contains(&c) => Exit::Exception {
             vector: (c - code::EXCP_BASE) as u8,
             error: info1,

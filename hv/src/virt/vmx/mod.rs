@@ -30,7 +30,7 @@ use x86::vmx::vmcs::{guest, ro};
 use crate::platform::cpu::{self, rdmsr, wrmsr};
 use crate::platform::frames;
 use crate::virt::stage2::HvTable;
-use crate::virt::vcpu::{Backend, Exit, Gprs, Vcpu, VcpuState};
+use crate::virt::vcpu::{Backend, BootEntry32, Exit, Gprs, Vcpu, VcpuState};
 use vmcs::{Controls, CR4_VMXE};
 
 core::arch::global_asm!(
@@ -90,9 +90,17 @@ const FEATURE_CONTROL_VMX_OUTSIDE_SMX: u64 = 1 << 2;
 const PROC_HLT_EXITING: u32 = 1 << 7;
 const PROC_UNCOND_IO_EXITING: u32 = 1 << 24;
 const PROC_ACTIVATE_SECONDARY: u32 = 1 << 31;
-/// Secondary processor-based control "enable EPT" (table "Definitions of Secondary
-/// Processor-Based VM-Execution Controls").
+/// Primary controls of the pass-through vCPU: I/O and MSR bitmaps instead of exiting on all.
+const PROC_USE_IO_BITMAPS: u32 = 1 << 25;
+const PROC_USE_MSR_BITMAPS: u32 = 1 << 28;
+/// Secondary processor-based controls (table "Definitions of Secondary Processor-Based
+/// VM-Execution Controls"): enable EPT; for the pass-through vCPU also enable RDTSCP (1 << 3),
+/// unrestricted guest (1 << 7: protected mode without paging, as Linux is entered) and enable
+/// INVPCID (1 << 12) — without the last two's controls the instructions #UD in the guest.
 const PROC2_ENABLE_EPT: u32 = 1 << 1;
+const PROC2_ENABLE_RDTSCP: u32 = 1 << 3;
+const PROC2_UNRESTRICTED_GUEST: u32 = 1 << 7;
+const PROC2_ENABLE_INVPCID: u32 = 1 << 12;
 /// VM-exit controls (table "Definitions of VM-Exit Controls").
 const EXIT_HOST_ADDR_SPACE_SIZE: u32 = 1 << 9;
 const EXIT_SAVE_EFER: u32 = 1 << 20;
@@ -101,10 +109,69 @@ const EXIT_LOAD_EFER: u32 = 1 << 21;
 const ENTRY_IA32E_GUEST: u32 = 1 << 9;
 const ENTRY_LOAD_EFER: u32 = 1 << 15;
 
-/// The VMX backend after VMXON: the VMCS revision id and what every VMCS gets.
+/// The VMX backend after VMXON: the VMCS revision id, what every scenario VMCS gets, and the
+/// controls of a pass-through vCPU (or why this CPU cannot run one).
 pub struct Vmx {
     revision: u32,
     controls: Controls,
+    passthrough: Result<Controls, &'static str>,
+}
+
+/// MSRs a pass-through guest may not write: IA32_FEATURE_CONTROL (it could lock VMX off for
+/// the hypervisor). A write raises #GP in the guest; reads pass through.
+const GUEST_WRITE_PROTECTED_MSRS: [u32; 1] = [IA32_FEATURE_CONTROL];
+
+/// The controls of a pass-through vCPU as this CPU allows them: EPT and unrestricted guest
+/// required; RDTSCP, INVPCID and the PAT switch where allowed.
+fn passthrough_controls(
+    msrs: (u32, u32, u32, u32),
+    fixed: ((u64, u64), (u64, u64)),
+) -> Result<Controls, &'static str> {
+    let (pin_msr, proc_msr, exit_msr, entry_msr) = msrs;
+    let allowed = |msr: u32, bits: u32| (rdmsr(msr) >> 32) as u32 & bits;
+    let pin = adjust(0, pin_msr, "pass-through pin-based controls")?;
+    let proc1 = adjust(
+        PROC_USE_IO_BITMAPS | PROC_USE_MSR_BITMAPS | PROC_ACTIVATE_SECONDARY,
+        proc_msr,
+        "pass-through processor-based controls",
+    )?;
+    if proc1 & (PROC_HLT_EXITING | PROC_UNCOND_IO_EXITING) != 0 {
+        return Err("HLT or unconditional I/O exiting cannot be turned off");
+    }
+    let optional2 = allowed(
+        IA32_VMX_PROCBASED_CTLS2,
+        PROC2_ENABLE_RDTSCP | PROC2_ENABLE_INVPCID,
+    );
+    let proc2 = adjust(
+        PROC2_ENABLE_EPT | PROC2_UNRESTRICTED_GUEST | optional2,
+        IA32_VMX_PROCBASED_CTLS2,
+        "unrestricted guest (protected mode without paging under EPT)",
+    )?;
+    let pat = allowed(exit_msr, vmcs::EXIT_SAVE_PAT | vmcs::EXIT_LOAD_PAT)
+        == vmcs::EXIT_SAVE_PAT | vmcs::EXIT_LOAD_PAT
+        && allowed(entry_msr, vmcs::ENTRY_LOAD_PAT) != 0;
+    let exit = adjust(
+        EXIT_HOST_ADDR_SPACE_SIZE
+            | EXIT_SAVE_EFER
+            | EXIT_LOAD_EFER
+            | if pat { vmcs::EXIT_SAVE_PAT | vmcs::EXIT_LOAD_PAT } else { 0 },
+        exit_msr,
+        "pass-through VM-exit controls",
+    )?;
+    let entry = adjust(
+        ENTRY_LOAD_EFER | if pat { vmcs::ENTRY_LOAD_PAT } else { 0 },
+        entry_msr,
+        "pass-through VM-entry controls",
+    )?;
+    Ok(Controls {
+        pin,
+        proc1,
+        proc2,
+        exit,
+        entry,
+        cr0_fixed: fixed.0,
+        cr4_fixed: fixed.1,
+    })
 }
 
 /// `(want | allowed-0) & allowed-1`; an error if a wanted bit is not allowed.
@@ -199,8 +266,13 @@ pub fn init() -> Result<Vmx, &'static str> {
         "vmx: VMXON ok (revision {:#x}, TRUE controls {}); EPT cap {:#x}; controls pin {:#x} proc {:#x} proc2 {:#x} exit {:#x} entry {:#x}",
         revision, true_ctls, cap, pin, proc1, proc2, exit, entry
     );
+    let passthrough = passthrough_controls(
+        (pin_msr, proc_msr, exit_msr, entry_msr),
+        (cr0_fixed, cr4_fixed),
+    );
     Ok(Vmx {
         revision,
+        passthrough,
         controls: Controls {
             pin,
             proc1,
@@ -220,7 +292,56 @@ pub struct VmxVcpu {
     gprs: Gprs,
     launched: bool,
     flush_next: bool,
+    /// A pass-through vCPU: its own permission maps (freed on drop) and which optional
+    /// instructions its controls enable (CPUID hides the others).
+    passthrough: Option<(vmcs::PassthroughMaps, CpuidPolicy)>,
 }
+
+/// What CPUID hides from a pass-through guest: always VMX (hv offers no nested VMX) and XSAVE
+/// with what needs it (XSETBV would exit, and hv keeps the host's XCR0); RDTSCP and INVPCID
+/// when the VMX controls that allow them in a guest are not available.
+#[derive(Clone, Copy)]
+struct CpuidPolicy {
+    rdtscp: bool,
+    invpcid: bool,
+}
+
+impl CpuidPolicy {
+    /// The guest's view of CPUID leaf `leaf`, subleaf `sub`.
+    fn answer(&self, leaf: u32, sub: u32) -> [u32; 4] {
+        let r = cpu::cpuid(leaf, sub);
+        let [mut a, mut b, mut c, mut d] = [r.eax, r.ebx, r.ecx, r.edx];
+        match leaf {
+            // ECX: VMX (5), XSAVE (26), OSXSAVE (27), AVX (28), F16C (29), FMA (12).
+            1 => c &= !((1 << 5) | (1 << 12) | (1 << 26) | (1 << 27) | (1 << 28) | (1 << 29)),
+            // EBX: AVX2 (5), INVPCID (10), the AVX-512 family (16, 17, 21, 26–28, 30, 31).
+            7 if sub == 0 => {
+                b &= !((1 << 5)
+                    | (1 << 16)
+                    | (1 << 17)
+                    | (1 << 21)
+                    | (7 << 26)
+                    | (3 << 30));
+                if !self.invpcid {
+                    b &= !(1 << 10);
+                }
+            }
+            // The XSAVE leaf describes nothing once XSAVE is hidden.
+            0xD => [a, b, c, d] = [0; 4],
+            // EDX: RDTSCP (27).
+            0x8000_0001 if !self.rdtscp => d &= !(1 << 27),
+            _ => {}
+        }
+        [a, b, c, d]
+    }
+}
+
+/// VM-exit IDT-vectoring information / VM-entry interruption information (SDM Vol. 3,
+/// "Information for VM Exits During Event Delivery"): valid (31), error code valid (11), type
+/// (10:8; 4–6 are software events that need an instruction length), vector (7:0).
+const EVENT_VALID: u64 = 1 << 31;
+const EVENT_ERROR_VALID: u64 = 1 << 11;
+const EVENT_FORMAT: u64 = EVENT_VALID | EVENT_ERROR_VALID | 0x7FF;
 
 impl Backend for Vmx {
     fn name(&self) -> &'static str {
@@ -244,6 +365,7 @@ impl Backend for Vmx {
             gprs: st.gprs,
             launched: false,
             flush_next: true,
+            passthrough: None,
         };
         // SAFETY: `vmcs` is an aligned frame with the revision id, owned by `vcpu`; VMX root
         // operation since `init`.
@@ -265,6 +387,101 @@ impl Backend for Vmx {
     fn hypercall_insn(&self) -> [u8; 3] {
         [0x0F, 0x01, 0xC1] // VMCALL
     }
+
+    /// The pass-through guest. Exits, and why (everything else runs on the machine):
+    /// - what VMX always exits on: CPUID (answered inside `run`, hiding what hv does not
+    ///   virtualize: `CpuidPolicy`), the VMX instructions and VMCALL (#UD: no nested VMX),
+    ///   triple fault, INIT/SIPI, XSETBV/INVD/GETSEC (stop the guest: hidden or never used);
+    /// - EPT violations and misconfigurations: every RAM page arrives through
+    ///   `Vmar::handle_fault`;
+    /// - IN/OUT on `trapped_ports` only (I/O bitmaps), writes of IA32_FEATURE_CONTROL (MSR
+    ///   bitmap: #GP), and any RDMSR/WRMSR outside the bitmap's ranges (#GP);
+    /// - a guest write that would clear CR4.VMXE's mask (never: the guest reads VMXE as 0).
+    ///
+    /// Not intercepted: exceptions, external interrupts and NMIs (delivered through the guest's
+    /// IDT; an event cut short by an exit is re-injected), HLT, CR0/CR3 accesses, every other
+    /// port and MSR. The guest's STAR/LSTAR/SFMASK/KERNEL_GS_BASE live in the CPU itself (hv
+    /// uses none of them); EFER, PAT (where the controls allow), SYSENTER, FS/GS/TR/LDTR are
+    /// switched by the VMCS.
+    fn new_passthrough_vcpu(
+        &mut self,
+        entry: &BootEntry32,
+        eptp: u64,
+        trapped_ports: &[u16],
+    ) -> Result<Box<dyn Vcpu>, &'static str> {
+        let controls = self.passthrough.as_ref().map_err(|e| *e)?;
+        if trapped_ports.len() > crate::virt::vcpu::MAX_TRAPPED_PORTS {
+            return Err("too many trapped ports");
+        }
+        let mut got = [0u64; 4];
+        for i in 0..got.len() {
+            match frames::alloc_zeroed() {
+                Some(f) => got[i] = f,
+                None => {
+                    for &f in &got[..i] {
+                        // SAFETY: allocated just above, never handed to the processor.
+                        unsafe { frames::free(f) };
+                    }
+                    return Err("no memory for a pass-through VMCS and its bitmaps");
+                }
+            }
+        }
+        let [vmcs, io_a, io_b, msr] = got;
+        // SAFETY: the four frames were just handed to us alone (zeroed: nothing trapped); each
+        // write stays inside its 4 KiB bitmap (a port's bit in A or B; IA32_FEATURE_CONTROL's
+        // write bit at 0x800 + 0x3A / 8 in the low-MSR write half), and the VMCS gets its
+        // revision id.
+        unsafe {
+            (vmcs as *mut u32).write_volatile(self.revision);
+            for &port in trapped_ports {
+                let map = if port < 0x8000 { io_a } else { io_b };
+                let bit = u64::from(port & 0x7FFF);
+                *((map + bit / 8) as *mut u8) |= 1 << (bit % 8);
+            }
+            for m in GUEST_WRITE_PROTECTED_MSRS {
+                *((msr + 0x800 + u64::from(m) / 8) as *mut u8) |= 1 << (m % 8);
+            }
+        }
+        let policy = CpuidPolicy {
+            rdtscp: controls.proc2 & PROC2_ENABLE_RDTSCP != 0,
+            invpcid: controls.proc2 & PROC2_ENABLE_INVPCID != 0,
+        };
+        let maps = vmcs::PassthroughMaps { io_a, io_b, msr };
+        // From here on `vcpu` owns the frames: its drop VMCLEARs and frees them on every error.
+        let vcpu = VmxVcpu {
+            vmcs,
+            eptp,
+            gprs: Gprs {
+                rsi: u64::from(entry.esi),
+                ..Gprs::default()
+            },
+            launched: false,
+            flush_next: true,
+            passthrough: Some((maps, policy)),
+        };
+        // SAFETY: `vmcs` is an aligned frame with the revision id, owned by `vcpu`; VMX root
+        // operation since `init`.
+        if !unsafe { vmcs::vmclear(vmcs) } {
+            return Err("VMCLEAR failed");
+        }
+        vmcs::forget_current();
+        // SAFETY: as for the VMCLEAR: a VMCS region owned by `vcpu`.
+        if !unsafe { vmcs::make_current(vmcs) } {
+            return Err("VMPTRLD failed");
+        }
+        let maps = &vcpu.passthrough.as_ref().map(|p| &p.0).ok_or("no maps")?;
+        if let Err(field) =
+            vmcs::fill_passthrough(controls, entry, eptp, hv_vmx_exit as *const () as u64, maps)
+        {
+            crate::platform::serial::println!("vmx: VMWRITE of field {:#x} failed", field);
+            return Err("VMWRITE failed while building a pass-through VMCS");
+        }
+        crate::platform::serial::println!(
+            "vmx: pass-through vCPU: controls pin {:#x} proc {:#x} proc2 {:#x} exit {:#x} entry {:#x}",
+            controls.pin, controls.proc1, controls.proc2, controls.exit, controls.entry
+        );
+        Ok(Box::new(vcpu))
+    }
 }
 
 impl VmxVcpu {
@@ -272,6 +489,40 @@ impl VmxVcpu {
     fn make_current(&self) -> bool {
         // SAFETY: `self.vmcs` is the VMCS region this vCPU owns until its drop.
         unsafe { vmcs::make_current(self.vmcs) }
+    }
+
+    /// After a pass-through guest's exit (its VMCS current): re-inject an event whose delivery
+    /// the exit cut short (IDT-vectoring information), or it would be lost; and keep the
+    /// "IA-32e mode guest" entry control equal to the guest's EFER.LMA, which the guest
+    /// changes itself when it enters long mode.
+    fn after_passthrough_exit(&mut self) {
+        use x86::vmx::vmcs::control;
+        let vectoring = vmcs::vmread(ro::IDT_VECTORING_INFO);
+        if vectoring & EVENT_VALID != 0 {
+            vmcs::vmwrite(control::VMENTRY_INTERRUPTION_INFO_FIELD, vectoring & EVENT_FORMAT);
+            if vectoring & EVENT_ERROR_VALID != 0 {
+                vmcs::vmwrite(
+                    control::VMENTRY_EXCEPTION_ERR_CODE,
+                    vmcs::vmread(ro::IDT_VECTORING_ERR_CODE),
+                );
+            }
+            if (4..=6).contains(&((vectoring >> 8) & 7)) {
+                vmcs::vmwrite(
+                    control::VMENTRY_INSTRUCTION_LEN,
+                    vmcs::vmread(ro::VMEXIT_INSTRUCTION_LEN),
+                );
+            }
+        }
+        const EFER_LMA: u64 = 1 << 10;
+        let entry = vmcs::vmread(control::VMENTRY_CONTROLS);
+        let want = if vmcs::vmread(guest::IA32_EFER_FULL) & EFER_LMA != 0 {
+            entry | u64::from(ENTRY_IA32E_GUEST)
+        } else {
+            entry & !u64::from(ENTRY_IA32E_GUEST)
+        };
+        if want != entry {
+            vmcs::vmwrite(control::VMENTRY_CONTROLS, want);
+        }
     }
 }
 
@@ -315,7 +566,17 @@ impl Vcpu for VmxVcpu {
             };
         }
         self.launched = true;
-        exit::decode(self.gprs.rax)
+        if let Some((_, policy)) = self.passthrough {
+            self.after_passthrough_exit();
+            if vmcs::vmread(ro::EXIT_REASON) & 0xFFFF == exit::reason::CPUID {
+                let [a, b, c, d] = policy.answer(self.gprs.rax as u32, self.gprs.rcx as u32);
+                let g = &mut self.gprs;
+                (g.rax, g.rbx, g.rcx, g.rdx) = (a.into(), b.into(), c.into(), d.into());
+                exit::advance();
+                return self.run();
+            }
+        }
+        exit::decode(&self.gprs, self.passthrough.is_some())
     }
 
     fn gprs(&mut self) -> &mut Gprs {
@@ -347,8 +608,12 @@ impl Vcpu for VmxVcpu {
 
     fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) {
         // VM-entry interruption information (SDM Vol. 3 §25.8.3): vector, type 3 (hardware
-        // exception), bit 11 deliver error code, bit 31 valid.
+        // exception), bit 11 deliver error code, bit 31 valid. An event the last exit cut
+        // short goes first; the exception is raised again when the instruction re-executes.
         self.make_current();
+        if vmcs::vmread(x86::vmx::vmcs::control::VMENTRY_INTERRUPTION_INFO_FIELD) & EVENT_VALID != 0 {
+            return;
+        }
         let mut info = u64::from(vector) | (3 << 8) | (1 << 31);
         if let Some(code) = error_code {
             info |= 1 << 11;
@@ -370,5 +635,12 @@ impl Drop for VmxVcpu {
         // SAFETY: allocated by `new_vcpu`, freed once (here), and no longer active or current
         // after the VMCLEAR: no software or processor use remains.
         unsafe { frames::free(self.vmcs) };
+        if let Some((maps, _)) = &self.passthrough {
+            for f in [maps.io_a, maps.io_b, maps.msr] {
+                // SAFETY: allocated by `new_passthrough_vcpu` for this vCPU alone, freed once
+                // (here); the processor reads them only while this (now cleared) VMCS runs.
+                unsafe { frames::free(f) };
+            }
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! The VMCS: the VMX instructions that act on VMCS regions and fields (VMXON, VMCLEAR,
 //! VMPTRLD, `vmread`, `vmwrite`), which VMCS is current, and the contents of a new vCPU's
-//! VMCS (controls, host state = this kernel, guest state = a 64-bit flat CPL0 guest).
+//! VMCS (controls, host state = this kernel, guest state = a 64-bit flat CPL0 guest, or the
+//! Linux 32-bit boot state of a pass-through guest).
 //!
 //! Field encodings come from the `x86` crate (Intel SDM Vol. 3, appendix B "Field Encoding in
 //! VMCS"); the VMCS layout itself is processor-private and only reached through
@@ -24,7 +25,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use x86::vmx::vmcs::{control, guest, host};
 
 use crate::platform::cpu::{self, rdmsr, MSR_EFER};
-use crate::virt::vcpu::VcpuState;
+use crate::virt::vcpu::{BootEntry32, VcpuState};
 
 /// CR4.VMXE (SDM Vol. 3, "Enabling and Entering VMX Operation"): set in the host and, through
 /// the CR4 fixed bits, in every guest.
@@ -157,33 +158,9 @@ impl Writes {
     }
 }
 
-/// Fills the current VMCS for a vCPU that starts from `st` and translates through `eptp`:
-/// the controls `vmx`, host state = this kernel resuming at `host_rip` (HOST_RSP is
-/// written by the entry trampoline), guest state = 64-bit, CPL0, flat segments. Returns the
-/// first field whose VMWRITE failed.
-pub(super) fn fill(vmx: &Controls, st: &VcpuState, eptp: u64, host_rip: u64) -> Result<(), u32> {
-    let mut w = Writes { failed: None };
-    let f = &mut w;
-    f.vmwrite(control::PINBASED_EXEC_CONTROLS, vmx.pin as u64);
-    f.vmwrite(control::PRIMARY_PROCBASED_EXEC_CONTROLS, vmx.proc1 as u64);
-    f.vmwrite(control::SECONDARY_PROCBASED_EXEC_CONTROLS, vmx.proc2 as u64);
-    f.vmwrite(control::VMEXIT_CONTROLS, vmx.exit as u64);
-    f.vmwrite(control::VMENTRY_CONTROLS, vmx.entry as u64);
-    f.vmwrite(control::EXCEPTION_BITMAP, 0xFFFF_FFFF);
-    f.vmwrite(control::PAGE_FAULT_ERR_CODE_MASK, 0);
-    f.vmwrite(control::PAGE_FAULT_ERR_CODE_MATCH, 0);
-    f.vmwrite(control::CR3_TARGET_COUNT, 0);
-    f.vmwrite(control::VMEXIT_MSR_STORE_COUNT, 0);
-    f.vmwrite(control::VMEXIT_MSR_LOAD_COUNT, 0);
-    f.vmwrite(control::VMENTRY_MSR_LOAD_COUNT, 0);
-    f.vmwrite(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0);
-    f.vmwrite(control::EPTP_FULL, eptp);
-    f.vmwrite(control::CR0_GUEST_HOST_MASK, 0);
-    f.vmwrite(control::CR4_GUEST_HOST_MASK, 0);
-    f.vmwrite(control::CR0_READ_SHADOW, st.cr0);
-    f.vmwrite(control::CR4_READ_SHADOW, st.cr4);
-
-    // Host state: this kernel, resuming at `host_rip`.
+/// Host state: this kernel, resuming at `host_rip` (HOST_RSP is written by the entry
+/// trampoline).
+fn host_state(f: &mut Writes, host_rip: u64) {
     f.vmwrite(host::CR0, cpu::cr0());
     f.vmwrite(host::CR3, cpu::cr3());
     f.vmwrite(host::CR4, cpu::cr4());
@@ -210,6 +187,35 @@ pub(super) fn fill(vmx: &Controls, st: &VcpuState, eptp: u64, host_rip: u64) -> 
     f.vmwrite(host::IA32_SYSENTER_EIP, 0);
     f.vmwrite(host::IA32_EFER_FULL, rdmsr(MSR_EFER));
     f.vmwrite(host::RIP, host_rip);
+}
+
+/// Fills the current VMCS for a vCPU that starts from `st` and translates through `eptp`:
+/// the controls `vmx`, host state = this kernel resuming at `host_rip` (HOST_RSP is
+/// written by the entry trampoline), guest state = 64-bit, CPL0, flat segments. Returns the
+/// first field whose VMWRITE failed.
+pub(super) fn fill(vmx: &Controls, st: &VcpuState, eptp: u64, host_rip: u64) -> Result<(), u32> {
+    let mut w = Writes { failed: None };
+    let f = &mut w;
+    f.vmwrite(control::PINBASED_EXEC_CONTROLS, vmx.pin as u64);
+    f.vmwrite(control::PRIMARY_PROCBASED_EXEC_CONTROLS, vmx.proc1 as u64);
+    f.vmwrite(control::SECONDARY_PROCBASED_EXEC_CONTROLS, vmx.proc2 as u64);
+    f.vmwrite(control::VMEXIT_CONTROLS, vmx.exit as u64);
+    f.vmwrite(control::VMENTRY_CONTROLS, vmx.entry as u64);
+    f.vmwrite(control::EXCEPTION_BITMAP, 0xFFFF_FFFF);
+    f.vmwrite(control::PAGE_FAULT_ERR_CODE_MASK, 0);
+    f.vmwrite(control::PAGE_FAULT_ERR_CODE_MATCH, 0);
+    f.vmwrite(control::CR3_TARGET_COUNT, 0);
+    f.vmwrite(control::VMEXIT_MSR_STORE_COUNT, 0);
+    f.vmwrite(control::VMEXIT_MSR_LOAD_COUNT, 0);
+    f.vmwrite(control::VMENTRY_MSR_LOAD_COUNT, 0);
+    f.vmwrite(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0);
+    f.vmwrite(control::EPTP_FULL, eptp);
+    f.vmwrite(control::CR0_GUEST_HOST_MASK, 0);
+    f.vmwrite(control::CR4_GUEST_HOST_MASK, 0);
+    f.vmwrite(control::CR0_READ_SHADOW, st.cr0);
+    f.vmwrite(control::CR4_READ_SHADOW, st.cr4);
+
+    host_state(f, host_rip);
 
     // Guest state: 64-bit, CPL0, flat segments.
     f.vmwrite(guest::CR0, (st.cr0 | vmx.cr0_fixed.0) & vmx.cr0_fixed.1);
@@ -289,3 +295,120 @@ pub(super) fn fill(vmx: &Controls, st: &VcpuState, eptp: u64, host_rip: u64) -> 
         Some(field) => Err(field),
     }
 }
+
+/// The permission maps of a pass-through vCPU: I/O bitmaps A (ports 0–0x7FFF) and B, and the
+/// MSR bitmap (physical addresses of frames the vCPU owns).
+pub(super) struct PassthroughMaps {
+    pub io_a: u64,
+    pub io_b: u64,
+    pub msr: u64,
+}
+
+/// Fills the current VMCS for a pass-through vCPU (the controls `vmx` from
+/// `Vmx::passthrough`, the permission maps `maps`) starting at `entry` — the Linux 32-bit boot
+/// protocol's state: protected mode without paging (unrestricted guest), flat segments code
+/// 0x10 / data 0x18, interrupts off, ESI = the zero page (in `Gprs`, not here). No exception
+/// exits; CR4.VMXE is the host's (masked, the guest reads 0 and cannot change it).
+pub(super) fn fill_passthrough(
+    vmx: &Controls,
+    entry: &BootEntry32,
+    eptp: u64,
+    host_rip: u64,
+    maps: &PassthroughMaps,
+) -> Result<(), u32> {
+    let mut w = Writes { failed: None };
+    let f = &mut w;
+    f.vmwrite(control::PINBASED_EXEC_CONTROLS, vmx.pin as u64);
+    f.vmwrite(control::PRIMARY_PROCBASED_EXEC_CONTROLS, vmx.proc1 as u64);
+    f.vmwrite(control::SECONDARY_PROCBASED_EXEC_CONTROLS, vmx.proc2 as u64);
+    f.vmwrite(control::VMEXIT_CONTROLS, vmx.exit as u64);
+    f.vmwrite(control::VMENTRY_CONTROLS, vmx.entry as u64);
+    f.vmwrite(control::EXCEPTION_BITMAP, 0);
+    f.vmwrite(control::PAGE_FAULT_ERR_CODE_MASK, 0);
+    f.vmwrite(control::PAGE_FAULT_ERR_CODE_MATCH, 0);
+    f.vmwrite(control::CR3_TARGET_COUNT, 0);
+    f.vmwrite(control::VMEXIT_MSR_STORE_COUNT, 0);
+    f.vmwrite(control::VMEXIT_MSR_LOAD_COUNT, 0);
+    f.vmwrite(control::VMENTRY_MSR_LOAD_COUNT, 0);
+    f.vmwrite(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0);
+    f.vmwrite(control::IO_BITMAP_A_ADDR_FULL, maps.io_a);
+    f.vmwrite(control::IO_BITMAP_B_ADDR_FULL, maps.io_b);
+    f.vmwrite(control::MSR_BITMAPS_ADDR_FULL, maps.msr);
+    f.vmwrite(control::EPTP_FULL, eptp);
+    f.vmwrite(control::CR0_GUEST_HOST_MASK, 0);
+    f.vmwrite(control::CR4_GUEST_HOST_MASK, CR4_VMXE);
+    f.vmwrite(control::CR0_READ_SHADOW, 0);
+    f.vmwrite(control::CR4_READ_SHADOW, 0);
+    host_state(f, host_rip);
+    if vmx.exit & EXIT_LOAD_PAT != 0 {
+        f.vmwrite(host::IA32_PAT_FULL, rdmsr(MSR_PAT));
+    }
+
+    // CR0: PE, ET and whatever else FIXED0 demands except PE/PG (unrestricted guest).
+    let cr0 = ((CR0_PE | CR0_ET) | (vmx.cr0_fixed.0 & !(CR0_PE | CR0_PG))) & vmx.cr0_fixed.1;
+    f.vmwrite(guest::CR0, cr0);
+    f.vmwrite(guest::CR3, 0);
+    f.vmwrite(guest::CR4, (CR4_VMXE | vmx.cr4_fixed.0) & vmx.cr4_fixed.1);
+    f.vmwrite(guest::DR7, 0x400);
+    f.vmwrite(guest::RFLAGS, 0x2);
+    f.vmwrite(guest::RIP, u64::from(entry.eip));
+    f.vmwrite(guest::RSP, 0);
+    f.vmwrite(guest::CS_SELECTOR, 0x10);
+    f.vmwrite(guest::CS_BASE, 0);
+    f.vmwrite(guest::CS_LIMIT, 0xFFFF_FFFF);
+    f.vmwrite(guest::CS_ACCESS_RIGHTS, 0xC09B);
+    for (sel, base, limit, ar) in DATA_SEGMENTS {
+        f.vmwrite(sel, 0x18);
+        f.vmwrite(base, 0);
+        f.vmwrite(limit, 0xFFFF_FFFF);
+        f.vmwrite(ar, 0xC093);
+    }
+    f.vmwrite(guest::LDTR_SELECTOR, 0);
+    f.vmwrite(guest::LDTR_BASE, 0);
+    f.vmwrite(guest::LDTR_LIMIT, 0);
+    f.vmwrite(guest::LDTR_ACCESS_RIGHTS, 0x10000);
+    f.vmwrite(guest::TR_SELECTOR, 0);
+    f.vmwrite(guest::TR_BASE, 0);
+    f.vmwrite(guest::TR_LIMIT, 0x67);
+    f.vmwrite(guest::TR_ACCESS_RIGHTS, 0x8B);
+    f.vmwrite(guest::GDTR_BASE, 0);
+    f.vmwrite(guest::GDTR_LIMIT, 0);
+    f.vmwrite(guest::IDTR_BASE, 0);
+    f.vmwrite(guest::IDTR_LIMIT, 0);
+    f.vmwrite(guest::IA32_EFER_FULL, 0);
+    if vmx.entry & ENTRY_LOAD_PAT != 0 {
+        f.vmwrite(guest::IA32_PAT_FULL, 0x0007_0406_0007_0406);
+    }
+    f.vmwrite(guest::IA32_DEBUGCTL_FULL, 0);
+    f.vmwrite(guest::IA32_SYSENTER_CS, 0);
+    f.vmwrite(guest::IA32_SYSENTER_ESP, 0);
+    f.vmwrite(guest::IA32_SYSENTER_EIP, 0);
+    f.vmwrite(guest::LINK_PTR_FULL, u64::MAX);
+    f.vmwrite(guest::INTERRUPTIBILITY_STATE, 0);
+    f.vmwrite(guest::ACTIVITY_STATE, 0);
+    f.vmwrite(guest::PENDING_DBG_EXCEPTIONS, 0);
+    match w.failed {
+        None => Ok(()),
+        Some(field) => Err(field),
+    }
+}
+
+/// CR0 bits the pass-through guest starts with or may clear (SDM Vol. 3 §2.5).
+const CR0_PE: u64 = 1 << 0;
+const CR0_ET: u64 = 1 << 4;
+const CR0_PG: u64 = 1 << 31;
+/// IA32_PAT, and the exit / entry controls that switch it (SDM Vol. 3, "VM-Exit Controls",
+/// "VM-Entry Controls").
+const MSR_PAT: u32 = 0x277;
+pub(super) const EXIT_SAVE_PAT: u32 = 1 << 18;
+pub(super) const EXIT_LOAD_PAT: u32 = 1 << 19;
+pub(super) const ENTRY_LOAD_PAT: u32 = 1 << 14;
+
+/// The data segment registers' (selector, base, limit, access rights) fields.
+const DATA_SEGMENTS: [(u32, u32, u32, u32); 5] = [
+    (guest::SS_SELECTOR, guest::SS_BASE, guest::SS_LIMIT, guest::SS_ACCESS_RIGHTS),
+    (guest::DS_SELECTOR, guest::DS_BASE, guest::DS_LIMIT, guest::DS_ACCESS_RIGHTS),
+    (guest::ES_SELECTOR, guest::ES_BASE, guest::ES_LIMIT, guest::ES_ACCESS_RIGHTS),
+    (guest::FS_SELECTOR, guest::FS_BASE, guest::FS_LIMIT, guest::FS_ACCESS_RIGHTS),
+    (guest::GS_SELECTOR, guest::GS_BASE, guest::GS_LIMIT, guest::GS_ACCESS_RIGHTS),
+];
