@@ -2,8 +2,9 @@
 //! builds the kernel and its GRUB ISO and boots it under QEMU TCG (SVM + NPT backend) and
 //! Bochs (VMX + EPT backend) through `ci/hv-test.sh --no-install`, which checks the verdict and
 //! the fault / fork / isolation figures on serial, then boots Debian's Linux kernel as hv's
-//! pass-through guest under QEMU TCG (and on plain QEMU for the time ratio) and checks both
-//! verdict lines — the guest's /init line and hv's — and the refused touch of hv's memory. When an emulator or ISO tool is missing the
+//! pass-through guest under QEMU TCG (SVM + NPT; and on plain QEMU for the time ratio) and
+//! under Bochs (VMX + EPT), and checks both verdict lines — the guest's /init line and hv's —
+//! and the refused touch of hv's memory. When an emulator or ISO tool is missing the
 //! test prints why and skips; `ci/hv-test.sh` (or the packages it names) installs them, so in CI
 //! nothing is skipped.
 
@@ -66,7 +67,14 @@ fn hv_boots_forks_and_hosts_linux_under_the_emulators() {
         out.status.success(),
         "ci/hv-test.sh failed (see output above)"
     );
-    for run in ["qemu", "bochs", "linux-plain", "linux-hv", "linux-hv-refused"] {
+    for run in [
+        "qemu",
+        "bochs",
+        "linux-plain",
+        "linux-hv",
+        "linux-hv-refused",
+        "bochs-linux-vmx",
+    ] {
         assert!(
             stdout.contains(&format!("hv-test: {run}: PASS")),
             "no PASS line for the {run} run"
