@@ -7,7 +7,7 @@
 
 use core::sync::atomic::Ordering;
 
-use super::{PageTable, DEBUG_CHECK_MAX_FRAMES, ENTRIES, RETIRED_LINK};
+use super::{PageTable, ENTRIES, RETIRED_LINK};
 use crate::entry::{EntryFormat, ADDRESS_MASK};
 use crate::phys::PhysMem;
 use crate::AccessDirty;
@@ -93,7 +93,7 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
     /// with the violation.
     pub(super) fn debug_check(&self) {
         #[cfg(debug_assertions)]
-        if self.attached + self.retired <= DEBUG_CHECK_MAX_FRAMES {
+        if self.attached + self.retired <= super::DEBUG_CHECK_MAX_FRAMES {
             if let Err(e) = self.check_invariants() {
                 panic!("PageTable invariant violated: {e}");
             }

@@ -5,7 +5,7 @@
 use alloc::format;
 use alloc::string::String;
 
-use super::{Pages, DEBUG_CHECK_MAX_PAGES};
+use super::Pages;
 use crate::PAGE_SIZE;
 
 impl Pages {
@@ -63,11 +63,11 @@ impl Pages {
     /// points no larger), panicking with the violation.
     pub fn debug_check(&self) {
         #[cfg(debug_assertions)]
-        if self.page_count() <= DEBUG_CHECK_MAX_PAGES
+        if self.page_count() <= super::DEBUG_CHECK_MAX_PAGES
             && self
                 .reset_point
                 .as_ref()
-                .is_none_or(|p| p.size / PAGE_SIZE <= DEBUG_CHECK_MAX_PAGES)
+                .is_none_or(|p| p.size / PAGE_SIZE <= super::DEBUG_CHECK_MAX_PAGES)
         {
             if let Err(e) = self.check_invariants() {
                 panic!("Pages invariant violated: {e}");

@@ -15,7 +15,8 @@
 //!   page, and vs `memcpy` of 4 KiB;
 //! - reset with D dirtied pages vs re-creating the VM from the snapshot (`fork` again);
 //! - a second child of a snapshot with the first child's recorded working set prefetched vs
-//!   the first child's demand faults (`prefetch`).
+//!   the first child's demand faults (`prefetch`);
+//! - the demo's 8 concurrent children: wall time vs process CPU time / CPUs (`fleet`).
 //!
 //! Invariant: the guests are dropped between measurements; a failure is an `Err`, never a
 //! partial table presented as complete.
@@ -23,7 +24,7 @@
 //! Children: [`baseline`] (the kernel mechanisms measured beside ours), `prefetch` (the
 //! working-set row), `reset` (the reset-cycle rows: restore vs drop policy, reset alone vs
 //! memcpy, flatness in guest size), `snapshot` (the snapshot-file rows: save vs write, restore
-//! flatness, diff-save pause) and [`print`] (the table).
+//! flatness, diff-save pause), `fleet` (the concurrent-children row) and [`print`] (the table).
 
 use std::time::{Duration, Instant};
 
@@ -36,6 +37,7 @@ use crate::measure::{median, ratio, us};
 use baseline::{self as base, OverlayKind};
 
 pub mod baseline;
+mod fleet;
 mod prefetch;
 pub mod print;
 mod reset;
@@ -445,6 +447,7 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
     prefetch::prefetch_rows(o, &frames, &mut rows)?;
     reset::reset_rows(o, &frames, &mut rows)?;
     snapshot::snapshot_rows(o, &frames, &mut rows)?;
+    fleet::fleet_rows(o, &mut rows)?;
     Ok(BenchReport {
         options: o.clone(),
         rows,
