@@ -29,7 +29,6 @@ use platform::{boot, cpu, frames, heap, shutdown, traps};
 use virt::{svm, vmx};
 
 const HEAP_SIZE: u64 = 16 << 20;
-const LINUX_HEAP_SIZE: u64 = 24 << 20;
 
 #[no_mangle]
 extern "C" fn hv_main(magic: u32, mbi: u32) -> ! {
@@ -48,7 +47,7 @@ extern "C" fn hv_main(magic: u32, mbi: u32) -> ! {
     // of RAM (the rest is the guest's) and a larger heap (the guest RAM's page records).
     let linux = scenario::linux::plan(&map);
     let (limit, heap_size) = match &linux {
-        Some(Ok(plan)) => (plan.window_end, LINUX_HEAP_SIZE),
+        Some(Ok(plan)) => (plan.window_end, plan.heap_size),
         _ => (u64::MAX, HEAP_SIZE),
     };
     let mem = match frames::init(&map, heap_size, limit) {

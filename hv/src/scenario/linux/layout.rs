@@ -44,9 +44,10 @@ fn align_up(v: u64, a: u64) -> u64 {
     v.div_ceil(a) * a
 }
 
-/// The end of hv's window: at least `WINDOW_MIN_END`, past every boot module, 2 MiB aligned.
-pub fn window_end(modules_end: u64) -> u64 {
-    align_up(modules_end.max(WINDOW_MIN_END), WINDOW_ALIGN)
+/// The end of hv's window: at least `WINDOW_MIN_END`, at least `needed` (past hv's image, the
+/// boot modules, its heap and frames), 2 MiB aligned.
+pub fn window_end(needed: u64) -> u64 {
+    align_up(needed.max(WINDOW_MIN_END), WINDOW_ALIGN)
 }
 
 /// `ranges` (sorted, disjoint) without `[start, end)`.

@@ -63,7 +63,16 @@ pub struct Plan {
     initrd: BootModule,
     /// End of hv's window (`layout::window_end`).
     pub window_end: u64,
+    /// hv's heap in the window: the guest RAM's page records grow with the RAM.
+    pub heap_size: u64,
 }
+
+/// Heap for the Linux guest: a base for hv itself plus room for the memory model's records
+/// of every guest RAM page (about 50 bytes each today; 64 leaves a margin).
+const HEAP_BASE: u64 = 8 << 20;
+const HEAP_PER_PAGE: u64 = 64;
+/// Frames hv keeps in its window beyond the heap (second-level tables, VMCB/VMCS, maps).
+const WINDOW_FRAMES: u64 = 8 << 20;
 
 /// `None` when no boot module is a bzImage (the ordinary scenario runs); otherwise the plan,
 /// or why the modules cannot be booted.
@@ -83,10 +92,19 @@ pub fn plan(map: &MemoryMap) -> Option<Result<Plan, String>> {
         )));
     }
     let modules_end = map.modules().map(|m| m.end).max().unwrap_or(0);
+    let ram_pages: u64 = map
+        .areas()
+        .iter()
+        .map(|&(s, e)| e.min(FOUR_GIB).saturating_sub(s) / PAGE_SIZE)
+        .sum();
+    let heap_size = (HEAP_BASE + ram_pages * HEAP_PER_PAGE).next_multiple_of(1 << 20);
+    let hv_end = crate::platform::frames::kernel_end().max(modules_end);
     Some(Ok(Plan {
         kernel,
         initrd,
-        window_end: layout::window_end(modules_end),
+        // frames::init carves the heap from a region at least twice its size.
+        window_end: layout::window_end(hv_end + 2 * heap_size + WINDOW_FRAMES),
+        heap_size,
     }))
 }
 
