@@ -255,7 +255,7 @@ impl GuestVm {
             )));
         }
         loop {
-            if let Some(e) = self.faults.shared().take_error() {
+            if let Some(e) = self.faults.shared().stop_report() {
                 self.stopped = Some(e);
                 return Ok(VmExit::GuestFault(e));
             }
@@ -282,7 +282,7 @@ impl GuestVm {
                 }
                 Err(e) if e.errno() == libc::EFAULT => {
                     // A poisoned page: the fault thread recorded why before waking us.
-                    match self.faults.shared().take_error() {
+                    match self.faults.shared().stop_report() {
                         Some(fe) => {
                             self.stopped = Some(fe);
                             VmExit::GuestFault(fe)
