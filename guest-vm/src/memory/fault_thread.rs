@@ -11,11 +11,12 @@
 //!   `Vmar::handle_fault` → Vmo → `Stage2`.
 //! - A resolver error (the guest touched memory outside its Vmar, or wrote a read-only
 //!   mapping) never leaves the faulter blocked and never panics: the error is recorded
-//!   (`FaultShared::take_error`), the page is poisoned (PROT_NONE, so the retried access fails
-//!   with a plain fault: `KVM_RUN = -EFAULT` at CPL3), the faulter is woken, and the kick hook
-//!   (the VM's "stop the vCPU" function) runs. The vCPU loop sees the recorded error and
-//!   returns `VmExit::GuestFault` with the report. A poisoned VM must be reset before it runs
-//!   again.
+//!   (`FaultShared::stop_report`) and the page is poisoned (PROT_NONE, so the retried access
+//!   fails with a plain fault: `KVM_RUN = -EFAULT` at CPL3) in one step under one lock, the
+//!   kick hook (the VM's "stop the vCPU" function) runs, and the faulter is woken. Every vCPU
+//!   that then meets the poisoned page, or enters the VM, finds the report and returns
+//!   `VmExit::GuestFault` with it; the report stays until `GuestVm::recover` takes it with
+//!   the poisoned pages (`take_refusals`). A poisoned VM must be reset before it runs again.
 //!
 //! - The protocol (`serve`, `serve_fault`) is written once against [`FaultChannel`], the kernel
 //!   operations it needs (wait for and read events, wake, poison): the product runs it over
@@ -90,10 +91,18 @@ pub struct FaultShared {
     resolved: AtomicU64,
     failed: AtomicU64,
     resolve_ns: AtomicU64,
-    error: Mutex<Option<FaultError>>,
-    /// Poisoned pages: (host address, the page was installed).
-    poisoned: Mutex<Vec<(Hva, bool)>>,
+    refusals: Mutex<Refusals>,
     kick: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
+}
+
+/// What refused faults left behind, changed only as a whole under one lock (`refuse`,
+/// `take_refusals`).
+#[derive(Default)]
+struct Refusals {
+    /// The first refusal since the last `take_refusals`: the VM's stop report.
+    report: Option<FaultError>,
+    /// Poisoned pages: (host address, the page was installed).
+    poisoned: Vec<(Hva, bool)>,
 }
 
 impl FaultShared {
@@ -107,22 +116,20 @@ impl FaultShared {
         }
     }
 
-    /// The first unreported resolver error, if any (taking it clears it).
-    pub fn take_error(&self) -> Option<FaultError> {
-        self.error.lock().take()
-    }
-
     /// What a vCPU of this VM reports when it finds the VM stopped (before each entry) or its
     /// access failed with a plain fault (`KVM_RUN = -EFAULT`: it touched a poisoned page): the
-    /// refused fault that stopped the VM. `None` after an EFAULT breaks the protocol
-    /// (`GuestVm::run` fails with "EFAULT with no recorded guest fault").
+    /// first refused fault since the last `take_refusals`. It stays until then, so every vCPU
+    /// of the VM reports it, and a vCPU that met a poisoned page always finds it: the
+    /// refusal that poisoned the page recorded it in the same step (`refuse`), and this call
+    /// waits for that step. `None` after an EFAULT breaks the protocol (`GuestVm::run` fails
+    /// with "EFAULT with no recorded guest fault").
     pub fn stop_report(&self) -> Option<FaultError> {
-        self.take_error()
+        self.refusals.lock().report
     }
 
     /// Whether a resolver error is pending.
     pub fn has_error(&self) -> bool {
-        self.error.lock().is_some()
+        self.refusals.lock().report.is_some()
     }
 
     /// Sets the function that stops the VM's vCPUs after a resolver error.
@@ -130,18 +137,27 @@ impl FaultShared {
         *self.kick.lock() = Some(kick);
     }
 
-    /// Takes the list of poisoned pages (host address, was installed) for `unpoison`.
-    pub(crate) fn take_poisoned(&self) -> Vec<(Hva, bool)> {
-        std::mem::take(&mut *self.poisoned.lock())
+    /// Takes, in one step, the poisoned pages (host address, was installed: for `unpoison`)
+    /// and the stop report, clearing both: never half of a refusal.
+    pub(crate) fn take_refusals(&self) -> (Vec<(Hva, bool)>, Option<FaultError>) {
+        let mut r = self.refusals.lock();
+        (std::mem::take(&mut r.poisoned), r.report.take())
     }
 
-    fn record(&self, e: FaultError) {
-        self.failed.fetch_add(1, Ordering::Relaxed);
-        let mut slot = self.error.lock();
-        if slot.is_none() {
-            *slot = Some(e);
+    /// A refused fault, one step under the refusal lock: record the report (the first one
+    /// stays), then poison the page through `ch` and list it for `recover`. Whoever meets the
+    /// poisoned page (an EFAULT) and asks `stop_report` takes the same lock, so it sees the
+    /// report; `take_refusals` cannot split the step either. Then count and kick.
+    fn refuse<C: FaultChannel>(&self, ch: &C, page: Hva, installed: bool, e: FaultError) {
+        let mut r = self.refusals.lock();
+        if r.report.is_none() {
+            r.report = Some(e);
         }
-        drop(slot);
+        if ch.poison(page, installed).is_ok() {
+            r.poisoned.push((page, installed));
+        }
+        drop(r);
+        self.failed.fetch_add(1, Ordering::Relaxed);
         let kick = self.kick.lock().clone();
         if let Some(k) = kick {
             k();
@@ -346,21 +362,138 @@ pub fn serve_fault<C: FaultChannel, R: Resolver + ?Sized>(
         Ok(()) => {
             sh.resolved.fetch_add(1, Ordering::Relaxed);
         }
-        Err(error) => {
-            // Poison first so the woken thread fails instead of faulting again.
-            if ch.poison(page, pf.wp).is_ok() {
-                sh.poisoned.lock().push((page, pf.wp));
-            }
-            sh.record(FaultError {
+        // Recorded and poisoned before the wake, so the woken thread fails instead of
+        // faulting again, and finds the report.
+        Err(error) => sh.refuse(
+            ch,
+            page,
+            pf.wp,
+            FaultError {
                 fault: info,
                 error,
                 tid: pf.tid,
-            });
-        }
+            },
+        ),
     }
     ch.wake(page);
 }
 
 fn tracing_like_log(msg: &str) {
     tracing::error!("{msg}");
+}
+
+#[cfg(all(test, not(feature = "shuttle")))]
+mod tests {
+    use std::cell::RefCell;
+
+    use super::*;
+
+    const BASE: u64 = 0x7f00_0000_0000;
+
+    /// A channel that records what the protocol asks of the kernel.
+    #[derive(Default)]
+    struct Recorder {
+        events: Vec<Vec<PageFault>>,
+        calls: RefCell<Vec<(&'static str, u64)>>,
+    }
+
+    impl FaultChannel for Recorder {
+        fn wait_faults(&mut self, out: &mut Vec<PageFault>) -> bool {
+            out.clear();
+            match self.events.pop() {
+                Some(batch) => {
+                    out.extend(batch);
+                    true
+                }
+                None => false,
+            }
+        }
+        fn gpa_of(&self, hva: Hva) -> Option<Gpa> {
+            let off = hva.raw().checked_sub(BASE)?;
+            (off < 16 * PAGE_SIZE).then_some(Gpa(off))
+        }
+        fn wake(&self, page: Hva) {
+            self.calls.borrow_mut().push(("wake", page.raw() - BASE));
+        }
+        fn poison(&self, page: Hva, _installed: bool) -> Result<()> {
+            self.calls.borrow_mut().push(("poison", page.raw() - BASE));
+            Ok(())
+        }
+    }
+
+    fn fault(page: u64, write: bool, tid: u32) -> PageFault {
+        PageFault {
+            addr: BASE + page * PAGE_SIZE + 8,
+            write,
+            wp: false,
+            tid,
+        }
+    }
+
+    /// Two vCPUs refused on one page, one resolved elsewhere, one address outside: every
+    /// event gets exactly one wake, each refusal is poisoned before its wake, and the report
+    /// (the first refusal) stays for every vCPU until `take_refusals` takes it with the pages.
+    /// (Before, the report was taken by the first vCPU that asked: a second vCPU meeting the
+    /// poisoned page found none.)
+    #[test]
+    fn refusals_are_reported_to_every_vcpu_until_taken() {
+        let mut ch = Recorder {
+            events: vec![vec![
+                fault(3, true, 7),
+                fault(1, false, 8),
+                fault(3, true, 8),
+                PageFault {
+                    addr: BASE + 64 * PAGE_SIZE,
+                    write: false,
+                    wp: false,
+                    tid: 9,
+                },
+            ]],
+            ..Recorder::default()
+        };
+        let sh = FaultShared::default();
+        let kicks = Arc::new(AtomicU64::new(0));
+        let k = kicks.clone();
+        sh.set_kick(Arc::new(move || {
+            k.fetch_add(1, Ordering::Relaxed);
+        }));
+        let mut resolver = |f: FaultInfo| {
+            if f.gpa / PAGE_SIZE == 3 {
+                Err(vmo::Error::AccessDenied)
+            } else {
+                Ok(())
+            }
+        };
+        serve(&mut ch, &mut resolver, &sh);
+
+        let p = PAGE_SIZE;
+        assert_eq!(
+            *ch.calls.borrow(),
+            [
+                ("poison", 3 * p),
+                ("wake", 3 * p),
+                ("wake", p),
+                ("poison", 3 * p),
+                ("wake", 3 * p),
+                ("wake", 64 * p),
+            ]
+        );
+        let first = sh.stop_report().expect("the refusal is reported");
+        assert_eq!((first.tid, first.fault.gpa), (7, 3 * p + 8));
+        assert_eq!(first.error, vmo::Error::AccessDenied);
+        assert_eq!(sh.stop_report(), Some(first), "a second vCPU sees it too");
+        assert!(sh.has_error());
+        let stats = sh.stats();
+        assert_eq!((stats.missing, stats.resolved, stats.failed), (4, 1, 2));
+        assert_eq!(kicks.load(Ordering::Relaxed), 2);
+
+        let (pages, report) = sh.take_refusals();
+        assert_eq!(report, Some(first));
+        assert_eq!(
+            pages,
+            [(Hva(BASE + 3 * p), false), (Hva(BASE + 3 * p), false)]
+        );
+        assert_eq!(sh.stop_report(), None);
+        assert_eq!(sh.take_refusals(), (Vec::new(), None));
+    }
 }

@@ -233,10 +233,10 @@ impl GuestVm {
     /// thread poisoned and clears the stop. The caller restores memory (Vmar reset) and vCPU
     /// state first; otherwise the guest simply faults again.
     pub fn recover(&mut self) -> Result<()> {
-        for (hva, installed) in self.faults.shared().take_poisoned() {
+        let (poisoned, _report) = self.faults.shared().take_refusals();
+        for (hva, installed) in poisoned {
             self.res.unpoison(hva, installed)?;
         }
-        let _ = self.faults.shared().take_error();
         self.stopped = None;
         Ok(())
     }
