@@ -25,10 +25,15 @@ cargo test --workspace --locked
 { cargo test --release --locked -p conformance --test model_million --test inject && ci/miri.sh && ci/fuzz.sh; } || exit 1
 
 # Issue 16 interleavings and soak: the shuttle exploration of the real vmo locks (random + PCT
-# schedulers, GUESTMEM_SHUTTLE_ITERS executions each), the 4-thread stress (GUESTMEM_STRESS_SECS),
-# and the KVM soak (64 children x 100 fork/run/reset cycles with injected refusals and pager
-# errors). About 1.5 minutes together on 2 cores, builds included.
+# schedulers, GUESTMEM_SHUTTLE_ITERS executions each), the same for guest-vm's fault-thread /
+# userfaultfd protocol with two vCPUs and the host (GUESTMEM_UFFD_SHUTTLE_ITERS each, ~5 s; its
+# run is bounded to 30 s after the build), the 4-thread stress (GUESTMEM_STRESS_SECS), and the
+# KVM soak (64 children x 100 fork/run/reset cycles with injected refusals and pager errors).
+# About 2.5 minutes together on 2 cores, builds included.
 { GUESTMEM_SHUTTLE_ITERS=${GUESTMEM_SHUTTLE_ITERS:-4000} \
     cargo test --release --locked -p vmo --features shuttle --test interleave \
+  && cargo test --release --locked -p guest-vm --features shuttle --test uffd_interleave --no-run \
+  && GUESTMEM_SHUTTLE_ITERS=${GUESTMEM_UFFD_SHUTTLE_ITERS:-20000} timeout 30 \
+    cargo test --release --locked -p guest-vm --features shuttle --test uffd_interleave -- --nocapture \
   && GUESTMEM_STRESS_SECS=${GUESTMEM_STRESS_SECS:-10} cargo test --release --locked -p vmo --test stress \
   && cargo test --release --locked -p conformance --test kvm_soak -- --nocapture; } || exit 1

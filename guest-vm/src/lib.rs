@@ -3,7 +3,9 @@
 //! The crate is built in floors; a module uses only the floors below it (DESIGN.md "The KVM
 //! backend", KVM-FAULTS.md for the measured kernel behaviour it is built on):
 //!
-//! 0. [`error`] (`Error`, `Result`) and [`addr`] (typed `Gpa` / `Hva` / `MemfdOffset`);
+//! 0. [`error`] (`Error`, `Result`), [`addr`] (typed `Gpa` / `Hva` / `MemfdOffset`) and `sync`
+//!    (the fault-thread protocol's locks: std normally, shuttle's under the test-only
+//!    `shuttle` feature);
 //! 1. [`sys`]: the Linux primitives — the only files that call `mmap`, `mprotect` or `ioctl`
 //!    on host memory (`sys::mmap`, `sys::memfd`, `sys::uffd`);
 //! 2. [`memory`]: the KVM second-level backend — memfd frames, the memslot reservation,
@@ -32,6 +34,7 @@ pub mod error;
 pub mod guest;
 pub mod memory;
 pub mod snapshot;
+mod sync;
 pub mod sys;
 pub mod virtio;
 pub mod vmm;

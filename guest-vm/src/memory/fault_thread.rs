@@ -11,27 +11,35 @@
 //!   `Vmar::handle_fault` → Vmo → `Stage2`.
 //! - A resolver error (the guest touched memory outside its Vmar, or wrote a read-only
 //!   mapping) never leaves the faulter blocked and never panics: the error is recorded
-//!   (`FaultShared::take_error`), the page is poisoned (PROT_NONE, so the retried access fails
-//!   with a plain fault: `KVM_RUN = -EFAULT` at CPL3), the faulter is woken, and the kick hook
-//!   (the VM's "stop the vCPU" function) runs. The vCPU loop sees the recorded error and
-//!   returns `VmExit::GuestFault` with the report. A poisoned VM must be reset before it runs
-//!   again.
+//!   (`FaultShared::stop_report`) and the page is poisoned (PROT_NONE, so the retried access
+//!   fails with a plain fault: `KVM_RUN = -EFAULT` at CPL3) in one step under one lock, the
+//!   kick hook (the VM's "stop the vCPU" function) runs, and the faulter is woken. Every vCPU
+//!   that then meets the poisoned page, or enters the VM, finds the report and returns
+//!   `VmExit::GuestFault` with it; the report stays until `GuestVm::recover` takes it with
+//!   the poisoned pages (`take_refusals`). A poisoned VM must be reset before it runs again.
+//!
+//! - The protocol (`serve`, `serve_fault`) is written once against [`FaultChannel`], the kernel
+//!   operations it needs (wait for and read events, wake, poison): the product runs it over
+//!   [`UffdChannel`] (the reservation's synchronous userfaultfd), `tests/uffd_interleave.rs`
+//!   over an in-memory userfaultfd under shuttle. Static dispatch, no allocation per event.
 //!
 //! Invariants: the resolver runs only on this thread and must never touch guest memory through
 //! the reservation itself (it would wait for its own fault); it reaches frame bytes through
-//! `FrameAlloc::frame_ptr`. The thread stops and is joined when `FaultThread` drops.
+//! `FrameAlloc::frame_ptr`. Every event is answered by exactly one wake. The thread stops and
+//! is joined when `FaultThread` drops.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use ept::{Access, FaultInfo, FaultKind};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::addr::Hva;
+use crate::addr::{Gpa, Hva};
 use crate::error::{Error, Result};
 use crate::memory::reservation::Reservation;
 use crate::memory::stage2::KvmStage2;
+use crate::sync::Mutex;
 use crate::sys::uffd::PageFault;
 use ept::PAGE_SIZE;
 
@@ -83,10 +91,18 @@ pub struct FaultShared {
     resolved: AtomicU64,
     failed: AtomicU64,
     resolve_ns: AtomicU64,
-    error: Mutex<Option<FaultError>>,
-    /// Poisoned pages: (host address, the page was installed).
-    poisoned: Mutex<Vec<(Hva, bool)>>,
+    refusals: Mutex<Refusals>,
     kick: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
+}
+
+/// What refused faults left behind, changed only as a whole under one lock (`refuse`,
+/// `take_refusals`).
+#[derive(Default)]
+struct Refusals {
+    /// The first refusal since the last `take_refusals`: the VM's stop report.
+    report: Option<FaultError>,
+    /// Poisoned pages: (host address, the page was installed).
+    poisoned: Vec<(Hva, bool)>,
 }
 
 impl FaultShared {
@@ -100,37 +116,49 @@ impl FaultShared {
         }
     }
 
-    /// The first unreported resolver error, if any (taking it clears it).
-    pub fn take_error(&self) -> Option<FaultError> {
-        self.error.lock().unwrap_or_else(|p| p.into_inner()).take()
+    /// What a vCPU of this VM reports when it finds the VM stopped (before each entry) or its
+    /// access failed with a plain fault (`KVM_RUN = -EFAULT`: it touched a poisoned page): the
+    /// first refused fault since the last `take_refusals`. It stays until then, so every vCPU
+    /// of the VM reports it, and a vCPU that met a poisoned page always finds it: the
+    /// refusal that poisoned the page recorded it in the same step (`refuse`), and this call
+    /// waits for that step. `None` after an EFAULT breaks the protocol (`GuestVm::run` fails
+    /// with "EFAULT with no recorded guest fault").
+    pub fn stop_report(&self) -> Option<FaultError> {
+        self.refusals.lock().report
     }
 
     /// Whether a resolver error is pending.
     pub fn has_error(&self) -> bool {
-        self.error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
+        self.refusals.lock().report.is_some()
     }
 
     /// Sets the function that stops the VM's vCPUs after a resolver error.
     pub fn set_kick(&self, kick: Arc<dyn Fn() + Send + Sync>) {
-        *self.kick.lock().unwrap_or_else(|p| p.into_inner()) = Some(kick);
+        *self.kick.lock() = Some(kick);
     }
 
-    /// Takes the list of poisoned pages (host address, was installed) for `unpoison`.
-    pub(crate) fn take_poisoned(&self) -> Vec<(Hva, bool)> {
-        std::mem::take(&mut *self.poisoned.lock().unwrap_or_else(|p| p.into_inner()))
+    /// Takes, in one step, the poisoned pages (host address, was installed: for `unpoison`)
+    /// and the stop report, clearing both: never half of a refusal.
+    pub(crate) fn take_refusals(&self) -> (Vec<(Hva, bool)>, Option<FaultError>) {
+        let mut r = self.refusals.lock();
+        (std::mem::take(&mut r.poisoned), r.report.take())
     }
 
-    fn record(&self, e: FaultError) {
-        self.failed.fetch_add(1, Ordering::Relaxed);
-        let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.is_none() {
-            *slot = Some(e);
+    /// A refused fault, one step under the refusal lock: record the report (the first one
+    /// stays), then poison the page through `ch` and list it for `recover`. Whoever meets the
+    /// poisoned page (an EFAULT) and asks `stop_report` takes the same lock, so it sees the
+    /// report; `take_refusals` cannot split the step either. Then count and kick.
+    fn refuse<C: FaultChannel>(&self, ch: &C, page: Hva, installed: bool, e: FaultError) {
+        let mut r = self.refusals.lock();
+        if r.report.is_none() {
+            r.report = Some(e);
         }
-        drop(slot);
-        let kick = self.kick.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if ch.poison(page, installed).is_ok() {
+            r.poisoned.push((page, installed));
+        }
+        drop(r);
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        let kick = self.kick.lock().clone();
         if let Some(k) = kick {
             k();
         }
@@ -146,7 +174,11 @@ pub struct FaultThread {
 
 /// The `FaultInfo` a userfaultfd event on `res` stands for, if the address is in range.
 pub fn fault_info(res: &Reservation, pf: &PageFault) -> Option<FaultInfo> {
-    let gpa = res.gpa_of(Hva(pf.addr))?.raw();
+    res.gpa_of(Hva(pf.addr)).map(|gpa| classify(gpa, pf))
+}
+
+/// The `FaultInfo` of event `pf` at guest-physical `gpa`.
+fn classify(gpa: Gpa, pf: &PageFault) -> FaultInfo {
     let (access, kind) = if pf.wp {
         (Access::WRITE, FaultKind::Permission)
     } else if pf.write {
@@ -154,7 +186,7 @@ pub fn fault_info(res: &Reservation, pf: &PageFault) -> Option<FaultInfo> {
     } else {
         (Access::READ, FaultKind::NotPresent)
     };
-    Some(FaultInfo::new(gpa, access, kind))
+    FaultInfo::new(gpa.raw(), access, kind)
 }
 
 impl FaultThread {
@@ -173,7 +205,13 @@ impl FaultThread {
         let sh = shared.clone();
         let handle = std::thread::Builder::new()
             .name("uffd-faults".into())
-            .spawn(move || serve(&res, resolver.as_mut(), &sh, &stop_fd))
+            .spawn(move || {
+                serve(
+                    &mut UffdChannel::new(&res, &stop_fd),
+                    resolver.as_mut(),
+                    &sh,
+                )
+            })
             .map_err(|e| Error::Sys {
                 what: "spawn fault thread",
                 err: e,
@@ -203,77 +241,259 @@ impl Drop for FaultThread {
     }
 }
 
-fn serve(res: &Reservation, resolver: &mut dyn Resolver, sh: &FaultShared, stop: &EventFd) {
-    let uffd = res.uffd().clone();
+/// What the serve loop needs from the kernel: the events, and the two ways to answer one.
+/// Production: [`UffdChannel`] (the reservation's synchronous userfaultfd, poll, ioctls); the
+/// interleaving test: an in-memory userfaultfd with the kernel's guarantees (a faulting
+/// thread blocks until a wake covers its page; a poisoned page fails whoever touches it).
+/// Statically dispatched: `serve` is generic over it.
+pub trait FaultChannel {
+    /// Waits until events are pending and reads them into `out` (cleared first; it may come
+    /// back empty). `false`: the thread must stop (stop requested, or the channel failed).
+    fn wait_faults(&mut self, out: &mut Vec<PageFault>) -> bool;
+    /// The guest-physical address behind host address `hva`, if it is guest memory.
+    fn gpa_of(&self, hva: Hva) -> Option<Gpa>;
+    /// Wakes every thread blocked on a fault in the page at `page` (`UFFDIO_WAKE`). A woken
+    /// thread retries its access.
+    fn wake(&self, page: Hva);
+    /// Makes the page at `page` fail whoever touches it next (`Reservation::poison`).
+    fn poison(&self, page: Hva, installed: bool) -> Result<()>;
+}
+
+/// The product's channel: the reservation's synchronous userfaultfd, and the stop eventfd.
+pub struct UffdChannel<'a> {
+    res: &'a Reservation,
+    stop: &'a EventFd,
+}
+
+impl<'a> UffdChannel<'a> {
+    pub fn new(res: &'a Reservation, stop: &'a EventFd) -> Self {
+        UffdChannel { res, stop }
+    }
+}
+
+impl FaultChannel for UffdChannel<'_> {
+    fn wait_faults(&mut self, out: &mut Vec<PageFault>) -> bool {
+        let uffd = self.res.uffd();
+        loop {
+            let mut fds = [
+                libc::pollfd {
+                    fd: uffd.raw(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: std::os::fd::AsRawFd::as_raw_fd(self.stop),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: `fds` is an array of two initialized pollfds that outlives the call.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            if n < 0 {
+                if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                tracing_like_log("poll(userfaultfd) failed; fault thread exits");
+                return false;
+            }
+            if fds[1].revents != 0 {
+                return false;
+            }
+            if uffd.read_faults(out).is_err() {
+                tracing_like_log("read(userfaultfd) failed; fault thread exits");
+                return false;
+            }
+            return true;
+        }
+    }
+
+    fn gpa_of(&self, hva: Hva) -> Option<Gpa> {
+        self.res.gpa_of(hva)
+    }
+
+    fn wake(&self, page: Hva) {
+        let _ = self.res.uffd().wake(page.raw(), PAGE_SIZE);
+    }
+
+    fn poison(&self, page: Hva, installed: bool) -> Result<()> {
+        self.res.poison(page, installed)
+    }
+}
+
+/// The fault thread's loop: every event `ch` delivers goes through [`serve_fault`], until
+/// `ch` says stop.
+pub fn serve<C: FaultChannel, R: Resolver + ?Sized>(
+    ch: &mut C,
+    resolver: &mut R,
+    sh: &FaultShared,
+) {
     let mut events = Vec::new();
-    loop {
-        let mut fds = [
-            libc::pollfd {
-                fd: uffd.raw(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: std::os::fd::AsRawFd::as_raw_fd(stop),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: `fds` is an array of two initialized pollfds that outlives the call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if n < 0 {
-            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            tracing_like_log("poll(userfaultfd) failed; fault thread exits");
-            return;
-        }
-        if fds[1].revents != 0 {
-            return;
-        }
-        if uffd.read_faults(&mut events).is_err() {
-            tracing_like_log("read(userfaultfd) failed; fault thread exits");
-            return;
-        }
+    while ch.wait_faults(&mut events) {
         for pf in &events {
-            let page = pf.addr & !(PAGE_SIZE - 1);
-            if pf.wp {
-                sh.wp.fetch_add(1, Ordering::Relaxed);
-            } else {
-                sh.missing.fetch_add(1, Ordering::Relaxed);
-            }
-            let Some(info) = fault_info(res, pf) else {
-                let _ = uffd.wake(page, PAGE_SIZE);
-                continue;
-            };
-            let t = std::time::Instant::now();
-            let outcome = resolver.resolve(info);
-            sh.resolve_ns
-                .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
-            match outcome {
-                Ok(()) => {
-                    sh.resolved.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(error) => {
-                    // Poison first so the woken thread fails instead of faulting again.
-                    if res.poison(Hva(page), pf.wp).is_ok() {
-                        sh.poisoned
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .push((Hva(page), pf.wp));
-                    }
-                    sh.record(FaultError {
-                        fault: info,
-                        error,
-                        tid: pf.tid,
-                    });
-                }
-            }
-            let _ = uffd.wake(page, PAGE_SIZE);
+            serve_fault(ch, resolver, sh, pf);
         }
     }
 }
 
+/// One event: resolve it, and answer it exactly once — a wake, after a refusal is recorded
+/// and the page poisoned (module doc).
+pub fn serve_fault<C: FaultChannel, R: Resolver + ?Sized>(
+    ch: &C,
+    resolver: &mut R,
+    sh: &FaultShared,
+    pf: &PageFault,
+) {
+    let page = Hva(pf.addr & !(PAGE_SIZE - 1));
+    if pf.wp {
+        sh.wp.fetch_add(1, Ordering::Relaxed);
+    } else {
+        sh.missing.fetch_add(1, Ordering::Relaxed);
+    }
+    let Some(gpa) = ch.gpa_of(Hva(pf.addr)) else {
+        ch.wake(page);
+        return;
+    };
+    let info = classify(gpa, pf);
+    let t = std::time::Instant::now();
+    let outcome = resolver.resolve(info);
+    sh.resolve_ns
+        .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    match outcome {
+        Ok(()) => {
+            sh.resolved.fetch_add(1, Ordering::Relaxed);
+        }
+        // Recorded and poisoned before the wake, so the woken thread fails instead of
+        // faulting again, and finds the report.
+        Err(error) => sh.refuse(
+            ch,
+            page,
+            pf.wp,
+            FaultError {
+                fault: info,
+                error,
+                tid: pf.tid,
+            },
+        ),
+    }
+    ch.wake(page);
+}
+
 fn tracing_like_log(msg: &str) {
     tracing::error!("{msg}");
+}
+
+#[cfg(all(test, not(feature = "shuttle")))]
+mod tests {
+    use std::cell::RefCell;
+
+    use super::*;
+
+    const BASE: u64 = 0x7f00_0000_0000;
+
+    /// A channel that records what the protocol asks of the kernel.
+    #[derive(Default)]
+    struct Recorder {
+        events: Vec<Vec<PageFault>>,
+        calls: RefCell<Vec<(&'static str, u64)>>,
+    }
+
+    impl FaultChannel for Recorder {
+        fn wait_faults(&mut self, out: &mut Vec<PageFault>) -> bool {
+            out.clear();
+            match self.events.pop() {
+                Some(batch) => {
+                    out.extend(batch);
+                    true
+                }
+                None => false,
+            }
+        }
+        fn gpa_of(&self, hva: Hva) -> Option<Gpa> {
+            let off = hva.raw().checked_sub(BASE)?;
+            (off < 16 * PAGE_SIZE).then_some(Gpa(off))
+        }
+        fn wake(&self, page: Hva) {
+            self.calls.borrow_mut().push(("wake", page.raw() - BASE));
+        }
+        fn poison(&self, page: Hva, _installed: bool) -> Result<()> {
+            self.calls.borrow_mut().push(("poison", page.raw() - BASE));
+            Ok(())
+        }
+    }
+
+    fn fault(page: u64, write: bool, tid: u32) -> PageFault {
+        PageFault {
+            addr: BASE + page * PAGE_SIZE + 8,
+            write,
+            wp: false,
+            tid,
+        }
+    }
+
+    /// Two vCPUs refused on one page, one resolved elsewhere, one address outside: every
+    /// event gets exactly one wake, each refusal is poisoned before its wake, and the report
+    /// (the first refusal) stays for every vCPU until `take_refusals` takes it with the pages.
+    /// (Before, the report was taken by the first vCPU that asked: a second vCPU meeting the
+    /// poisoned page found none.)
+    #[test]
+    fn refusals_are_reported_to_every_vcpu_until_taken() {
+        let mut ch = Recorder {
+            events: vec![vec![
+                fault(3, true, 7),
+                fault(1, false, 8),
+                fault(3, true, 8),
+                PageFault {
+                    addr: BASE + 64 * PAGE_SIZE,
+                    write: false,
+                    wp: false,
+                    tid: 9,
+                },
+            ]],
+            ..Recorder::default()
+        };
+        let sh = FaultShared::default();
+        let kicks = Arc::new(AtomicU64::new(0));
+        let k = kicks.clone();
+        sh.set_kick(Arc::new(move || {
+            k.fetch_add(1, Ordering::Relaxed);
+        }));
+        let mut resolver = |f: FaultInfo| {
+            if f.gpa / PAGE_SIZE == 3 {
+                Err(vmo::Error::AccessDenied)
+            } else {
+                Ok(())
+            }
+        };
+        serve(&mut ch, &mut resolver, &sh);
+
+        let p = PAGE_SIZE;
+        assert_eq!(
+            *ch.calls.borrow(),
+            [
+                ("poison", 3 * p),
+                ("wake", 3 * p),
+                ("wake", p),
+                ("poison", 3 * p),
+                ("wake", 3 * p),
+                ("wake", 64 * p),
+            ]
+        );
+        let first = sh.stop_report().expect("the refusal is reported");
+        assert_eq!((first.tid, first.fault.gpa), (7, 3 * p + 8));
+        assert_eq!(first.error, vmo::Error::AccessDenied);
+        assert_eq!(sh.stop_report(), Some(first), "a second vCPU sees it too");
+        assert!(sh.has_error());
+        let stats = sh.stats();
+        assert_eq!((stats.missing, stats.resolved, stats.failed), (4, 1, 2));
+        assert_eq!(kicks.load(Ordering::Relaxed), 2);
+
+        let (pages, report) = sh.take_refusals();
+        assert_eq!(report, Some(first));
+        assert_eq!(
+            pages,
+            [(Hva(BASE + 3 * p), false), (Hva(BASE + 3 * p), false)]
+        );
+        assert_eq!(sh.stop_report(), None);
+        assert_eq!(sh.take_refusals(), (Vec::new(), None));
+    }
 }

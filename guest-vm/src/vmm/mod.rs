@@ -233,10 +233,10 @@ impl GuestVm {
     /// thread poisoned and clears the stop. The caller restores memory (Vmar reset) and vCPU
     /// state first; otherwise the guest simply faults again.
     pub fn recover(&mut self) -> Result<()> {
-        for (hva, installed) in self.faults.shared().take_poisoned() {
+        let (poisoned, _report) = self.faults.shared().take_refusals();
+        for (hva, installed) in poisoned {
             self.res.unpoison(hva, installed)?;
         }
-        let _ = self.faults.shared().take_error();
         self.stopped = None;
         Ok(())
     }
@@ -255,7 +255,7 @@ impl GuestVm {
             )));
         }
         loop {
-            if let Some(e) = self.faults.shared().take_error() {
+            if let Some(e) = self.faults.shared().stop_report() {
                 self.stopped = Some(e);
                 return Ok(VmExit::GuestFault(e));
             }
@@ -282,7 +282,7 @@ impl GuestVm {
                 }
                 Err(e) if e.errno() == libc::EFAULT => {
                     // A poisoned page: the fault thread recorded why before waking us.
-                    match self.faults.shared().take_error() {
+                    match self.faults.shared().stop_report() {
                         Some(fe) => {
                             self.stopped = Some(fe);
                             VmExit::GuestFault(fe)
