@@ -27,7 +27,8 @@
 //! - the mapping lives exactly as long as this value (unmapped on drop); every piece of it is
 //!   either an anonymous MISSING-registered piece on `uffd`, a read-only frame install
 //!   (registered WP on `uffd`, write-protected), a writable frame install (registered WP on
-//!   `tracker`, write-protected or not), or a poisoned page (`poison`) until `unpoison`;
+//!   `tracker`, write-protected or not), or a poisoned page (`poison`) until `unpoison` or
+//!   until an install or restore re-maps it (`poisoned` lists exactly those pages);
 //! - **no frame installed read-only is ever on `tracker`, and no instant exists in which one
 //!   is writable without `uffd`'s write protection**: every step that could expose one does
 //!   it behind `PROT_READ` (a write in that window fails loudly, it never lands): a read-only
@@ -62,6 +63,9 @@ pub struct Reservation {
     uffd: Arc<Uffd>,
     tracker: Uffd,
     pagemap: Pagemap,
+    /// Pages (host addresses) `poison` made unusable and nothing has re-mapped since: only
+    /// these does `unpoison` touch.
+    poisoned: std::sync::Mutex<std::collections::BTreeSet<u64>>,
 }
 
 /// How a frame is installed.
@@ -110,6 +114,7 @@ impl Reservation {
             uffd,
             tracker: Uffd::open_async_wp()?,
             pagemap: Pagemap::open()?,
+            poisoned: Default::default(),
         };
         r.uffd.register(r.map.addr(), size, RegisterMode::MISSING)?;
         Ok(r)
@@ -180,6 +185,7 @@ impl Reservation {
             Install::Writable => (Prot::ReadWrite, MapFlags::POPULATE),
             Install::ReadOnly => (Prot::Read, MapFlags::POPULATE),
         };
+        self.end_poison(hva, len);
         let backing = Backing::Shared {
             fd: memfd,
             offset: frame.0,
@@ -206,6 +212,21 @@ impl Reservation {
         }
     }
 
+    /// Forgets the poison of the pages in `[hva, hva+len)`: an install or a restore there
+    /// re-maps them, so a later `unpoison` must leave them alone (it would undo that mapping:
+    /// put an anonymous piece under an installed frame, or open a page the install keeps
+    /// read-only).
+    fn end_poison(&self, hva: Hva, len: u64) {
+        let mut poisoned = self.poisoned.lock().unwrap_or_else(|p| p.into_inner());
+        if poisoned.is_empty() {
+            return;
+        }
+        let gone: Vec<u64> = poisoned.range(hva.0..hva.0 + len).copied().collect();
+        for page in gone {
+            poisoned.remove(&page);
+        }
+    }
+
     /// `mprotect` of a piece of the range.
     fn set_prot(&self, what: &'static str, hva: Hva, len: u64, prot: Prot) -> Result<()> {
         // SAFETY: guest memory is never borrowed as a reference (module invariants).
@@ -216,6 +237,9 @@ impl Reservation {
     /// the tracker, registered WP on `uffd`, write-protected, opened again. On failure the
     /// range is rolled back to writable where possible; `MoveError::now` says what it is.
     pub(crate) fn make_read_only(&self, gpa: Gpa, len: u64) -> std::result::Result<(), MoveError> {
+        if let Some(h) = self.hva_of(gpa, len) {
+            self.end_poison(h, len);
+        }
         let ro = |error| MoveError {
             error,
             now: Install::ReadOnly,
@@ -268,6 +292,9 @@ impl Reservation {
     /// writable: off `uffd` (which clears their write protection), registered on the tracker
     /// (unarmed). On failure the range is put back read-only where possible.
     pub(crate) fn make_writable(&self, gpa: Gpa, len: u64) -> std::result::Result<(), MoveError> {
+        if let Some(h) = self.hva_of(gpa, len) {
+            self.end_poison(h, len);
+        }
         let hva = self.piece(gpa, len).map_err(|error| MoveError {
             error,
             now: Install::ReadOnly,
@@ -326,6 +353,7 @@ impl Reservation {
     /// Puts an anonymous MISSING-registered piece back over `[gpa, gpa+len)` (page aligned).
     pub(crate) fn restore(&self, gpa: Gpa, len: u64) -> Result<()> {
         let hva = self.piece(gpa, len)?;
+        self.end_poison(hva, len);
         // SAFETY: guest memory is never borrowed as a reference (module invariants).
         unsafe {
             self.map.replace(
@@ -350,6 +378,10 @@ impl Reservation {
         if self.gpa_of(Hva(page)).is_none() {
             return Err(Error::InvalidArgs(format!("poison {:#x} outside", hva.0)));
         }
+        self.poisoned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(page);
         if installed {
             // SAFETY: guest memory is never borrowed as a reference (module invariants).
             unsafe {
@@ -371,9 +403,18 @@ impl Reservation {
         }
     }
 
-    /// Undoes `poison(hva, installed)`: the page faults through userfaultfd again.
+    /// Undoes `poison(hva, installed)`: the page faults through userfaultfd again. A page
+    /// re-mapped since (installed, restored, moved) is no longer poisoned and is left alone.
     pub(crate) fn unpoison(&self, hva: Hva, installed: bool) -> Result<()> {
         let page = hva.0 & !(PAGE_SIZE - 1);
+        if !self
+            .poisoned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&page)
+        {
+            return Ok(());
+        }
         let gpa = self
             .gpa_of(Hva(page))
             .ok_or_else(|| Error::InvalidArgs(format!("unpoison {:#x} outside", hva.0)))?;
@@ -432,5 +473,54 @@ mod tests {
             Err(Error::OutsideGuest { .. })
         ));
         assert!(Reservation::new(Gpa(1), PAGE_SIZE, r.uffd().clone()).is_err());
+    }
+
+    /// A page poisoned while not installed, then installed before `unpoison` (a host-side
+    /// prefault of the stopped VM), keeps its frame: `unpoison` must not put an anonymous
+    /// piece under an install `KvmStage2` records.
+    #[test]
+    fn unpoison_leaves_a_page_installed_since_alone() {
+        use crate::memory::frames::MemfdFrameAlloc;
+        use vmo::FrameAlloc;
+        let uffd = Arc::new(Uffd::open().unwrap());
+        let r = Reservation::new(Gpa(0), 4 * PAGE_SIZE, uffd).unwrap();
+        let frames = MemfdFrameAlloc::new(4 * PAGE_SIZE).unwrap();
+        let pa = frames.alloc_frame().unwrap();
+        let ptr = frames.frame_ptr(pa);
+        // SAFETY: `ptr` is the frame's 4 KiB in the allocator's own mapping, allocated above.
+        unsafe { ptr.write(0x5A) };
+        let hva = r.hva_of(Gpa(PAGE_SIZE), PAGE_SIZE).unwrap();
+        r.poison(hva, false).unwrap();
+        r.install_frame(
+            Gpa(PAGE_SIZE),
+            PAGE_SIZE,
+            frames.memfd(),
+            frames.offset_of(pa).unwrap(),
+            Install::Writable,
+        )
+        .unwrap();
+        r.unpoison(hva, false).unwrap();
+        // Present in the page table (the install populated it) rather than an empty
+        // anonymous piece; read from /proc/self/pagemap, which never faults (a touch of an
+        // anonymous piece would wait for a userfaultfd answer nobody gives here).
+        let present = |h: Hva| {
+            use std::io::{Read, Seek, SeekFrom};
+            let mut f = std::fs::File::open("/proc/self/pagemap").unwrap();
+            f.seek(SeekFrom::Start(h.0 / PAGE_SIZE * 8)).unwrap();
+            let mut e = [0u8; 8];
+            f.read_exact(&mut e).unwrap();
+            u64::from_le_bytes(e) >> 63 == 1
+        };
+        assert!(present(hva), "the installed frame is still mapped there");
+        // SAFETY: the page is a present, writable frame install (no userfaultfd wait), and
+        // nothing else maps it mutably here.
+        let seen = unsafe { (hva.0 as *const u8).read_volatile() };
+        assert_eq!(seen, 0x5A, "and it is the frame's bytes");
+        // A page still poisoned is un-poisoned.
+        let other = r.hva_of(Gpa(2 * PAGE_SIZE), PAGE_SIZE).unwrap();
+        r.poison(other, false).unwrap();
+        r.unpoison(other, false).unwrap();
+        assert!(r.poisoned.lock().unwrap().is_empty());
+        frames.free_frame(pa);
     }
 }
