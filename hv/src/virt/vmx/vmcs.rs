@@ -158,6 +158,43 @@ impl Writes {
     }
 }
 
+/// The VM-execution, exit and entry controls every VMCS here gets: `vmx`, exceptions that
+/// exit (`exception_bitmap`), no CR3 targets, no MSR load/store lists, no event to inject,
+/// the EPTP.
+fn controls(f: &mut Writes, vmx: &Controls, eptp: u64, exception_bitmap: u64) {
+    f.vmwrite(control::PINBASED_EXEC_CONTROLS, vmx.pin as u64);
+    f.vmwrite(control::PRIMARY_PROCBASED_EXEC_CONTROLS, vmx.proc1 as u64);
+    f.vmwrite(control::SECONDARY_PROCBASED_EXEC_CONTROLS, vmx.proc2 as u64);
+    f.vmwrite(control::VMEXIT_CONTROLS, vmx.exit as u64);
+    f.vmwrite(control::VMENTRY_CONTROLS, vmx.entry as u64);
+    f.vmwrite(control::EXCEPTION_BITMAP, exception_bitmap);
+    f.vmwrite(control::PAGE_FAULT_ERR_CODE_MASK, 0);
+    f.vmwrite(control::PAGE_FAULT_ERR_CODE_MATCH, 0);
+    f.vmwrite(control::CR3_TARGET_COUNT, 0);
+    f.vmwrite(control::VMEXIT_MSR_STORE_COUNT, 0);
+    f.vmwrite(control::VMEXIT_MSR_LOAD_COUNT, 0);
+    f.vmwrite(control::VMENTRY_MSR_LOAD_COUNT, 0);
+    f.vmwrite(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0);
+    f.vmwrite(control::EPTP_FULL, eptp);
+}
+
+/// Guest state both kinds of vCPU start with: no LDT, no SYSENTER target, debug control
+/// clear, no VMCS link, active, interruptible, no pending debug exceptions.
+fn guest_common(f: &mut Writes) {
+    f.vmwrite(guest::LDTR_SELECTOR, 0);
+    f.vmwrite(guest::LDTR_BASE, 0);
+    f.vmwrite(guest::LDTR_LIMIT, 0);
+    f.vmwrite(guest::LDTR_ACCESS_RIGHTS, 0x10000);
+    f.vmwrite(guest::IA32_DEBUGCTL_FULL, 0);
+    f.vmwrite(guest::IA32_SYSENTER_CS, 0);
+    f.vmwrite(guest::IA32_SYSENTER_ESP, 0);
+    f.vmwrite(guest::IA32_SYSENTER_EIP, 0);
+    f.vmwrite(guest::LINK_PTR_FULL, u64::MAX);
+    f.vmwrite(guest::INTERRUPTIBILITY_STATE, 0);
+    f.vmwrite(guest::ACTIVITY_STATE, 0);
+    f.vmwrite(guest::PENDING_DBG_EXCEPTIONS, 0);
+}
+
 /// Host state: this kernel, resuming at `host_rip` (HOST_RSP is written by the entry
 /// trampoline).
 fn host_state(f: &mut Writes, host_rip: u64) {
@@ -196,20 +233,7 @@ fn host_state(f: &mut Writes, host_rip: u64) {
 pub(super) fn fill(vmx: &Controls, st: &VcpuState, eptp: u64, host_rip: u64) -> Result<(), u32> {
     let mut w = Writes { failed: None };
     let f = &mut w;
-    f.vmwrite(control::PINBASED_EXEC_CONTROLS, vmx.pin as u64);
-    f.vmwrite(control::PRIMARY_PROCBASED_EXEC_CONTROLS, vmx.proc1 as u64);
-    f.vmwrite(control::SECONDARY_PROCBASED_EXEC_CONTROLS, vmx.proc2 as u64);
-    f.vmwrite(control::VMEXIT_CONTROLS, vmx.exit as u64);
-    f.vmwrite(control::VMENTRY_CONTROLS, vmx.entry as u64);
-    f.vmwrite(control::EXCEPTION_BITMAP, 0xFFFF_FFFF);
-    f.vmwrite(control::PAGE_FAULT_ERR_CODE_MASK, 0);
-    f.vmwrite(control::PAGE_FAULT_ERR_CODE_MATCH, 0);
-    f.vmwrite(control::CR3_TARGET_COUNT, 0);
-    f.vmwrite(control::VMEXIT_MSR_STORE_COUNT, 0);
-    f.vmwrite(control::VMEXIT_MSR_LOAD_COUNT, 0);
-    f.vmwrite(control::VMENTRY_MSR_LOAD_COUNT, 0);
-    f.vmwrite(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0);
-    f.vmwrite(control::EPTP_FULL, eptp);
+    controls(f, vmx, eptp, 0xFFFF_FFFF);
     f.vmwrite(control::CR0_GUEST_HOST_MASK, 0);
     f.vmwrite(control::CR4_GUEST_HOST_MASK, 0);
     f.vmwrite(control::CR0_READ_SHADOW, st.cr0);
@@ -232,47 +256,12 @@ pub(super) fn fill(vmx: &Controls, st: &VcpuState, eptp: u64, host_rip: u64) -> 
     f.vmwrite(guest::CS_BASE, 0);
     f.vmwrite(guest::CS_LIMIT, 0xFFFF_FFFF);
     f.vmwrite(guest::CS_ACCESS_RIGHTS, 0xA09B);
-    for (sel, base, limit, ar) in [
-        (
-            guest::SS_SELECTOR,
-            guest::SS_BASE,
-            guest::SS_LIMIT,
-            guest::SS_ACCESS_RIGHTS,
-        ),
-        (
-            guest::DS_SELECTOR,
-            guest::DS_BASE,
-            guest::DS_LIMIT,
-            guest::DS_ACCESS_RIGHTS,
-        ),
-        (
-            guest::ES_SELECTOR,
-            guest::ES_BASE,
-            guest::ES_LIMIT,
-            guest::ES_ACCESS_RIGHTS,
-        ),
-        (
-            guest::FS_SELECTOR,
-            guest::FS_BASE,
-            guest::FS_LIMIT,
-            guest::FS_ACCESS_RIGHTS,
-        ),
-        (
-            guest::GS_SELECTOR,
-            guest::GS_BASE,
-            guest::GS_LIMIT,
-            guest::GS_ACCESS_RIGHTS,
-        ),
-    ] {
+    for (sel, base, limit, ar) in DATA_SEGMENTS {
         f.vmwrite(sel, 0x10);
         f.vmwrite(base, 0);
         f.vmwrite(limit, 0xFFFF_FFFF);
         f.vmwrite(ar, 0xC093);
     }
-    f.vmwrite(guest::LDTR_SELECTOR, 0);
-    f.vmwrite(guest::LDTR_BASE, 0);
-    f.vmwrite(guest::LDTR_LIMIT, 0);
-    f.vmwrite(guest::LDTR_ACCESS_RIGHTS, 0x10000);
     f.vmwrite(guest::TR_SELECTOR, 0x18);
     f.vmwrite(guest::TR_BASE, 0);
     f.vmwrite(guest::TR_LIMIT, 0x67);
@@ -282,14 +271,7 @@ pub(super) fn fill(vmx: &Controls, st: &VcpuState, eptp: u64, host_rip: u64) -> 
     f.vmwrite(guest::IDTR_BASE, 0);
     f.vmwrite(guest::IDTR_LIMIT, 0);
     f.vmwrite(guest::IA32_EFER_FULL, st.efer);
-    f.vmwrite(guest::IA32_DEBUGCTL_FULL, 0);
-    f.vmwrite(guest::IA32_SYSENTER_CS, 0);
-    f.vmwrite(guest::IA32_SYSENTER_ESP, 0);
-    f.vmwrite(guest::IA32_SYSENTER_EIP, 0);
-    f.vmwrite(guest::LINK_PTR_FULL, u64::MAX);
-    f.vmwrite(guest::INTERRUPTIBILITY_STATE, 0);
-    f.vmwrite(guest::ACTIVITY_STATE, 0);
-    f.vmwrite(guest::PENDING_DBG_EXCEPTIONS, 0);
+    guest_common(f);
     match w.failed {
         None => Ok(()),
         Some(field) => Err(field),
@@ -318,23 +300,10 @@ pub(super) fn fill_passthrough(
 ) -> Result<(), u32> {
     let mut w = Writes { failed: None };
     let f = &mut w;
-    f.vmwrite(control::PINBASED_EXEC_CONTROLS, vmx.pin as u64);
-    f.vmwrite(control::PRIMARY_PROCBASED_EXEC_CONTROLS, vmx.proc1 as u64);
-    f.vmwrite(control::SECONDARY_PROCBASED_EXEC_CONTROLS, vmx.proc2 as u64);
-    f.vmwrite(control::VMEXIT_CONTROLS, vmx.exit as u64);
-    f.vmwrite(control::VMENTRY_CONTROLS, vmx.entry as u64);
-    f.vmwrite(control::EXCEPTION_BITMAP, 0);
-    f.vmwrite(control::PAGE_FAULT_ERR_CODE_MASK, 0);
-    f.vmwrite(control::PAGE_FAULT_ERR_CODE_MATCH, 0);
-    f.vmwrite(control::CR3_TARGET_COUNT, 0);
-    f.vmwrite(control::VMEXIT_MSR_STORE_COUNT, 0);
-    f.vmwrite(control::VMEXIT_MSR_LOAD_COUNT, 0);
-    f.vmwrite(control::VMENTRY_MSR_LOAD_COUNT, 0);
-    f.vmwrite(control::VMENTRY_INTERRUPTION_INFO_FIELD, 0);
+    controls(f, vmx, eptp, 0);
     f.vmwrite(control::IO_BITMAP_A_ADDR_FULL, maps.io_a);
     f.vmwrite(control::IO_BITMAP_B_ADDR_FULL, maps.io_b);
     f.vmwrite(control::MSR_BITMAPS_ADDR_FULL, maps.msr);
-    f.vmwrite(control::EPTP_FULL, eptp);
     f.vmwrite(control::CR0_GUEST_HOST_MASK, 0);
     f.vmwrite(control::CR4_GUEST_HOST_MASK, CR4_VMXE);
     f.vmwrite(control::CR0_READ_SHADOW, 0);
@@ -363,10 +332,6 @@ pub(super) fn fill_passthrough(
         f.vmwrite(limit, 0xFFFF_FFFF);
         f.vmwrite(ar, 0xC093);
     }
-    f.vmwrite(guest::LDTR_SELECTOR, 0);
-    f.vmwrite(guest::LDTR_BASE, 0);
-    f.vmwrite(guest::LDTR_LIMIT, 0);
-    f.vmwrite(guest::LDTR_ACCESS_RIGHTS, 0x10000);
     f.vmwrite(guest::TR_SELECTOR, 0);
     f.vmwrite(guest::TR_BASE, 0);
     f.vmwrite(guest::TR_LIMIT, 0x67);
@@ -379,14 +344,7 @@ pub(super) fn fill_passthrough(
     if vmx.entry & ENTRY_LOAD_PAT != 0 {
         f.vmwrite(guest::IA32_PAT_FULL, 0x0007_0406_0007_0406);
     }
-    f.vmwrite(guest::IA32_DEBUGCTL_FULL, 0);
-    f.vmwrite(guest::IA32_SYSENTER_CS, 0);
-    f.vmwrite(guest::IA32_SYSENTER_ESP, 0);
-    f.vmwrite(guest::IA32_SYSENTER_EIP, 0);
-    f.vmwrite(guest::LINK_PTR_FULL, u64::MAX);
-    f.vmwrite(guest::INTERRUPTIBILITY_STATE, 0);
-    f.vmwrite(guest::ACTIVITY_STATE, 0);
-    f.vmwrite(guest::PENDING_DBG_EXCEPTIONS, 0);
+    guest_common(f);
     match w.failed {
         None => Ok(()),
         Some(field) => Err(field),
