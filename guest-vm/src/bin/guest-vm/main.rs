@@ -124,6 +124,10 @@ struct BenchArgs {
     #[arg(long, value_delimiter = ',', default_values_t = [16u64, 256, 4096],
           value_parser = clap::value_parser!(u64).range(1..=262_144))]
     dirty: Vec<u64>,
+    /// Row groups to run, comma separated (fork, faults, cow, prefetch, reset, snapshot,
+    /// restore); all by default.
+    #[arg(long, value_delimiter = ',')]
+    groups: Vec<String>,
     /// Print the report as one JSON object.
     #[arg(long)]
     json: bool,
@@ -227,6 +231,7 @@ fn run(cmd: Cmd) -> Result<bool, guest_vm::Error> {
                 reps: a.reps as usize,
                 pages: a.pages,
                 dirty: a.dirty,
+                groups: a.groups,
             };
             let r = bench::run(&opts)?;
             if a.json {
