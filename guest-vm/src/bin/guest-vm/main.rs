@@ -17,6 +17,7 @@
 //! - this file: argument parsing (clap) and dispatch;
 //! - [`demo`]: the `demo` / `fork` job and its checks (`DemoReport`);
 //! - [`demo_report`]: the demo's human-readable report;
+//! - [`demo_snapshot`]: the demo's save → restore → fork section;
 //! - [`run`]: the `run` job (one guest, one checked stream);
 //! - [`fuzz`]: `fuzz --guest FILE --corpus DIR --crashes DIR` (snapshot fuzzing);
 //! - [`user_guest`]: `run --guest FILE` / `fork --guest FILE` (a user's guest ELF);
@@ -30,6 +31,7 @@ use clap::{Args, Parser, Subcommand};
 mod bench;
 mod demo;
 mod demo_report;
+mod demo_snapshot;
 mod fuzz;
 mod measure;
 mod run;

@@ -143,12 +143,15 @@ fn private_map_run(
 
 pub(super) fn restore_rows(
     o: &BenchOptions,
-    frames: &HostFrames,
+    _shared: &HostFrames,
     rows: &mut Vec<Row>,
 ) -> Result<()> {
     let buckets = TABLE / BUCKET_SIZE;
     let keys = buckets * 6 / 10;
     let mem = memory_for(buckets);
+    // Its own pool: the parent, one restored guest and its copies at a time, whatever the
+    // `--sizes` of the other groups.
+    let frames = &HostFrames::new(mem * 4)?;
     let dir: PathBuf =
         std::env::temp_dir().join(format!("gm-bench-restore-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(sys("bench restore dir"))?;
