@@ -233,7 +233,7 @@ fn committed_fixture_of_format_1_1_restores_with_its_working_set() {
         .working_set
         .clone()
         .expect("a working set");
-    assert!(set.len() > 0 && set.written() > 0, "{set:?}");
+    assert!(!set.is_empty() && set.written() > 0, "{set:?}");
     assert_eq!(r.prefetched, set.len() as u64);
     assert!(r.guest.installed_pages() >= set.len() as u64);
     let mut model = TableModel::new(FIXTURE_BUCKETS);
