@@ -32,6 +32,7 @@ use guest_vm::workload::model::TableModel;
 use guest_vm::workload::streams::{self, Op, FILL_FIRST};
 use guest_vm::{Error, Gpa, Guest, GuestVm, HostFrames, Reservation, Result, VcpuState};
 
+use super::snapshot::snap_err;
 use super::{median, progress, row, BenchOptions, Row};
 use crate::measure::us;
 
@@ -40,13 +41,6 @@ const REQUESTS: u64 = 1000;
 /// The demo's table: 8 MiB, 60 % of its buckets filled.
 const TABLE: u64 = 8 << 20;
 const STREAM_SEED: u64 = 11;
-
-fn snap_err(e: snapshot::SnapshotError) -> Error {
-    match e {
-        snapshot::SnapshotError::Guest(e) => e,
-        other => Error::BadState(other.to_string()),
-    }
-}
 
 fn sys(what: &'static str) -> impl Fn(std::io::Error) -> Error {
     move |err| Error::Sys { what, err }

@@ -32,7 +32,8 @@ use crate::measure::{median, us};
 /// Pages the first run writes.
 const FIRST_RUN_PAGES: u64 = 16;
 
-fn snap_err(e: SnapshotError) -> Error {
+/// A snapshot error as the bench's error (a guest error stays itself).
+pub(super) fn snap_err(e: SnapshotError) -> Error {
     match e {
         SnapshotError::Guest(e) => e,
         other => Error::BadState(other.to_string()),
