@@ -16,7 +16,8 @@
 //! The baseline VM is a `GuestVm` over a reservation whose whole range is replaced by the
 //! private file mapping (its fault thread then never hears of a fault; the VMM's accesses go
 //! through the memslot), so both sides drive the guest with the same `KvStore` code.
-//! Files go to a directory under the system temporary directory, removed at the end.
+//! Files go to a directory under the system temporary directory, removed at the end (on an
+//! error too).
 //! Invariant: every run's answers are checked against the table model; a mismatch is an error.
 
 use std::os::fd::AsFd;
@@ -146,9 +147,10 @@ pub(super) fn restore_rows(
     // Its own pool: the parent, one restored guest and its copies at a time, whatever the
     // `--sizes` of the other groups.
     let frames = &HostFrames::new(mem * 4)?;
-    let dir: PathBuf =
-        std::env::temp_dir().join(format!("gm-bench-restore-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(sys("bench restore dir"))?;
+    let dir =
+        TempDir(std::env::temp_dir().join(format!("gm-bench-restore-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).map_err(sys("bench restore dir"))?;
+    let dir = &dir.0;
     progress(&format!(
         "restore: kvstore guest ({} MiB table, {keys} keys), {REQUESTS} requests after each restore",
         TABLE >> 20
@@ -223,6 +225,14 @@ pub(super) fn restore_rows(
         "new VM over MAP_PRIVATE of the raw memory file",
         median(&base),
     ));
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// The rows' file directory, removed when dropped (on errors too).
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
