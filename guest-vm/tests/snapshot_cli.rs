@@ -1,7 +1,9 @@
 //! Two processes: `guest-vm snapshot save` writes a key-value store guest in one process,
 //! `guest-vm snapshot restore` restores it in another and serves a checked request stream; a
 //! diff saved by a third process restores as a chain; `inspect --json` describes the chain;
-//! a bad file is a clean failure. Fails without KVM under `GUESTMEM_REQUIRE_KVM=1`.
+//! a working set saved with the file is prefetched by the restoring process (no demand fault
+//! on its recorded stream); a bad file is a clean failure. Fails without KVM under
+//! `GUESTMEM_REQUIRE_KVM=1`.
 
 mod common;
 
@@ -87,7 +89,48 @@ fn a_guest_saved_by_one_process_serves_in_another() {
     assert_eq!(ok(&guest_vm(&eager))["passed"], true);
     let info = ok(&guest_vm(&["snapshot", "inspect", b, d, "--json"]));
     assert_eq!(info["layers"][1]["base"], info["layers"][0]["identity"]);
-    assert_eq!(info["layers"][0]["format"], "1.0");
+    let written = format!(
+        "{}.{}",
+        guest_vm::snapshot::FORMAT_MAJOR,
+        guest_vm::snapshot::FORMAT_MINOR
+    );
+    assert_eq!(info["layers"][0]["format"], written.as_str());
+    assert!(info["layers"][0]["working_set"].is_null());
+    // A working set recorded at save (a fork serving stream 7) and prefetched by the restore
+    // of another process: that stream then runs without a demand fault; without the prefetch
+    // it faults.
+    let ws = dir.join("ws.gms");
+    let wsp = ws.to_str().unwrap();
+    let saved = ok(&guest_vm(
+        &[
+            &["snapshot", "save", "--out", wsp, "--working-set-seed", "7"][..],
+            &w,
+        ]
+        .concat(),
+    ));
+    assert!(
+        saved["saved"]["working_set_pages"].as_u64() > Some(0),
+        "{saved}"
+    );
+    let warm = ok(&guest_vm(
+        &[&["snapshot", "restore", wsp, "--seed", "7"][..], &w].concat(),
+    ));
+    assert!(warm["prefetched"].as_u64() > Some(0), "{warm}");
+    assert_eq!(warm["demand_faults"], 0, "{warm}");
+    let cold = ok(&guest_vm(
+        &[
+            &["snapshot", "restore", wsp, "--seed", "7", "--no-prefetch"][..],
+            &w,
+        ]
+        .concat(),
+    ));
+    assert_eq!(cold["prefetched"], 0, "{cold}");
+    assert!(cold["demand_faults"].as_u64() > Some(0), "{cold}");
+    let info = ok(&guest_vm(&["snapshot", "inspect", wsp, "--json"]));
+    assert_eq!(
+        info["layers"][0]["working_set"]["pages"],
+        saved["saved"]["working_set_pages"]
+    );
     // The diff without its base, and a file that is not a snapshot: clean failures.
     let no_base = [&["snapshot", "restore", d][..], &w].concat();
     for bad in [&no_base[..], &["snapshot", "inspect", "/dev/null"][..]] {

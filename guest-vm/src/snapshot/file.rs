@@ -5,7 +5,9 @@
 //! page size, features; `format.rs`); every section lies inside the file (else `Truncated`);
 //! the metadata sections' CRCs; the vCPU and layout sections parse; the index is sorted, names
 //! known Vmos and pages inside them, and its stored-page count matches the page section's
-//! length (`PageCountMismatch`). `verify_pages` also hashes every stored page (`--verify`).
+//! length (`PageCountMismatch`); an optional working-set section (format 1.1) passes its CRC
+//! and parses into runs inside the layout's mappings. `verify_pages` also hashes every stored page
+//! (`--verify`).
 //!
 //! Immutability (what makes `SnapshotAtLeastOnWrite` exact for a restored guest): the file is
 //! held open read-only for as long as a pager uses it; the saver never writes an existing file
@@ -24,7 +26,7 @@ use super::error::{SnapResult, SnapshotError};
 use super::format::{
     page_hash, Header, Identity, IndexEntry, SectionKind, HEADER_LEN, INDEX_ENTRY_LEN, PAGE,
 };
-use super::sections::{decode, LayoutSection, VcpuSection};
+use super::sections::{decode, LayoutSection, VcpuSection, WorkingSetSection};
 use crate::vmm::vcpu_state::VcpuState;
 
 /// Where a page of one Vmo is in one file.
@@ -71,6 +73,8 @@ pub struct SnapshotFile {
     /// Stored (data) pages and zero entries.
     pub data_pages: u64,
     pub zero_pages: u64,
+    /// The pages the guest touched in its first run after the snapshot point, if recorded.
+    pub working_set: Option<vmo::WorkingSet>,
 }
 
 fn kind_of(ft: std::fs::FileType) -> &'static str {
@@ -128,7 +132,7 @@ impl SnapshotFile {
         let mut hb = [0u8; HEADER_LEN];
         read_exact_at(&file, path, &mut hb, 0)?;
         let header = Header::decode(&hb)?;
-        for kind in SectionKind::ALL {
+        for kind in header.present() {
             let s = header.section(kind);
             if s.offset.checked_add(s.length).is_none_or(|e| e > size) {
                 return Err(SnapshotError::Truncated {
@@ -155,6 +159,10 @@ impl SnapshotFile {
         let index = section(SectionKind::PageIndex)?;
         let layout_bytes = section(SectionKind::Layout)?;
         let vcpu = section(SectionKind::Vcpu)?;
+        let ws_bytes = match header.working_set {
+            Some(_) => Some(section(SectionKind::WorkingSet)?),
+            None => None,
+        };
         let layout: LayoutSection = decode("layout", &layout_bytes)?;
         layout
             .validate()
@@ -173,6 +181,17 @@ impl SnapshotFile {
         }
         // Parse the vCPU state now so a bad one is refused before any VM exists.
         decode::<VcpuSection>("vcpu", &vcpu)?;
+        let working_set = match ws_bytes {
+            Some(b) => Some(
+                decode::<WorkingSetSection>("working-set", &b)?
+                    .check(&layout)
+                    .map_err(|detail| SnapshotError::Malformed {
+                        section: "working-set",
+                        detail,
+                    })?,
+            ),
+            None => None,
+        };
         let identity = header.compute_identity(&index);
         if identity != header.identity {
             return Err(SnapshotError::Malformed {
@@ -200,6 +219,7 @@ impl SnapshotFile {
             pages,
             data_pages,
             zero_pages,
+            working_set,
         })
     }
 

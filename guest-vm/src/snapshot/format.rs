@@ -10,6 +10,8 @@
 //!   48  identity [16]                64 base identity [16] (zero unless a diff)
 //!   80  section table: section_count × 32 bytes
 //!       { kind u32, 0 u32, offset u64, length u64, crc32 u32, 0 u32 }
+//!       kinds 1..=4 (vcpu, layout, page index, pages) are required, exactly once each;
+//!       kind 5 (working set, since 1.1) is optional; unknown kinds are skipped
 //! 4092  crc32 of bytes [0, 4092)
 //! ```
 //! The first 16 bytes and the CRC at 4092 never move in any version: a reader checks the CRC,
@@ -29,7 +31,8 @@ pub const MAGIC: [u8; 8] = *b"GMSNAPSH";
 /// The format major this program writes and reads; a different major is refused.
 pub const FORMAT_MAJOR: u16 = 1;
 /// The format minor this program writes; any minor of `FORMAT_MAJOR` is readable.
-pub const FORMAT_MINOR: u16 = 0;
+/// 1.0: the four required sections; 1.1 adds the optional working-set section.
+pub const FORMAT_MINOR: u16 = 1;
 pub const HEADER_LEN: usize = 4096;
 pub const ARCH_X86_64: u32 = 1;
 pub const PAGE: u64 = ept::PAGE_SIZE;
@@ -53,9 +56,13 @@ pub enum SectionKind {
     Layout = 2,
     PageIndex = 3,
     Pages = 4,
+    /// Optional (format 1.1): the pages the guest touched in its first run after the snapshot
+    /// point, prefetched by a restore (`sections::WorkingSetSection`).
+    WorkingSet = 5,
 }
 
 impl SectionKind {
+    /// The required sections, in table order.
     pub const ALL: [SectionKind; 4] = [
         SectionKind::Vcpu,
         SectionKind::Layout,
@@ -69,6 +76,7 @@ impl SectionKind {
             SectionKind::Layout => "layout",
             SectionKind::PageIndex => "page-index",
             SectionKind::Pages => "pages",
+            SectionKind::WorkingSet => "working-set",
         }
     }
 }
@@ -98,8 +106,10 @@ pub struct Header {
     pub mem_size: u64,
     pub identity: Identity,
     pub base: Identity,
-    /// Indexed by `SectionKind as usize - 1`.
+    /// The required sections, indexed by `SectionKind as usize - 1`.
     pub sections: [Section; 4],
+    /// The optional working-set section (format 1.1), if the file has one.
+    pub working_set: Option<Section>,
 }
 
 impl Header {
@@ -114,6 +124,7 @@ impl Header {
             identity: Identity::default(),
             base: base.unwrap_or_default(),
             sections: [Section::default(); 4],
+            working_set: None,
         }
     }
 
@@ -121,12 +132,28 @@ impl Header {
         self.features & FEATURE_DIFF != 0
     }
 
+    /// A section's table entry (an absent optional section reads as the empty default).
     pub fn section(&self, kind: SectionKind) -> Section {
-        self.sections[kind as usize - 1]
+        match kind {
+            SectionKind::WorkingSet => self.working_set.unwrap_or_default(),
+            k => self.sections[k as usize - 1],
+        }
     }
 
     pub fn set_section(&mut self, kind: SectionKind, s: Section) {
-        self.sections[kind as usize - 1] = s;
+        match kind {
+            SectionKind::WorkingSet => self.working_set = Some(s),
+            k => self.sections[k as usize - 1] = s,
+        }
+    }
+
+    /// The sections present in this header, in table order (required ones first).
+    pub fn present(&self) -> Vec<SectionKind> {
+        let mut v = SectionKind::ALL.to_vec();
+        if self.working_set.is_some() {
+            v.push(SectionKind::WorkingSet);
+        }
+        v
     }
 
     /// The header bytes; `with_identity` false zeroes the identity (the input of the hash).
@@ -140,12 +167,13 @@ impl Header {
         b[20..24].copy_from_slice(&self.page_size.to_le_bytes());
         b[24..32].copy_from_slice(&self.features.to_le_bytes());
         b[32..40].copy_from_slice(&self.mem_size.to_le_bytes());
-        b[40..44].copy_from_slice(&(SectionKind::ALL.len() as u32).to_le_bytes());
+        let present = self.present();
+        b[40..44].copy_from_slice(&(present.len() as u32).to_le_bytes());
         if with_identity {
             b[48..64].copy_from_slice(&self.identity.0);
         }
         b[64..80].copy_from_slice(&self.base.0);
-        for (i, kind) in SectionKind::ALL.iter().enumerate() {
+        for (i, kind) in present.iter().enumerate() {
             let s = self.section(*kind);
             let at = SECTIONS_AT + i * SECTION_LEN;
             b[at..at + 4].copy_from_slice(&(*kind as u32).to_le_bytes());
@@ -217,12 +245,17 @@ impl Header {
                 detail: format!("{count} sections, at most {MAX_SECTIONS}"),
             });
         }
-        let mut sections = [None; 4];
+        // Required kinds 1..=4 at indices 0..4, the optional working set at 4.
+        let mut sections = [None; 5];
         for i in 0..count {
             let at = SECTIONS_AT + i * SECTION_LEN;
             let kind = u32_at(b, at);
             // Unknown kinds (a newer minor's optional sections) are skipped.
-            let Some(k) = SectionKind::ALL.iter().find(|k| **k as u32 == kind) else {
+            let Some(k) = SectionKind::ALL
+                .iter()
+                .chain([SectionKind::WorkingSet].iter())
+                .find(|k| **k as u32 == kind)
+            else {
                 continue;
             };
             let slot = &mut sections[*k as usize - 1];
@@ -236,7 +269,7 @@ impl Header {
             });
         }
         let mut out = [Section::default(); 4];
-        for (i, s) in sections.iter().enumerate() {
+        for (i, s) in sections[..4].iter().enumerate() {
             out[i] = s.ok_or(SnapshotError::MissingSection {
                 section: SectionKind::ALL[i].name(),
             })?;
@@ -255,6 +288,7 @@ impl Header {
             identity: Identity(identity),
             base: Identity(base),
             sections: out,
+            working_set: sections[4],
         })
     }
 
@@ -368,6 +402,43 @@ mod tests {
         ));
         let msg = e.to_string();
         assert!(msg.contains("9.3") && msg.contains(&format!("{FORMAT_MAJOR}.")));
+    }
+
+    #[test]
+    fn working_set_section_round_trips_and_is_optional() {
+        let mut h = sample();
+        assert_eq!(h.present().len(), 4);
+        h.set_section(
+            SectionKind::WorkingSet,
+            Section {
+                offset: 12288,
+                length: 40,
+                crc32: 9,
+            },
+        );
+        let back = Header::decode(&h.encode(true)).unwrap();
+        assert_eq!(back, h);
+        assert_eq!(back.working_set.map(|s| s.length), Some(40));
+        assert_eq!(u32_at(&h.encode(true), 40), 5);
+    }
+
+    #[test]
+    fn a_1_0_reader_skips_the_working_set() {
+        // What a 1.0 reader does with a 1.1 header: it knows kinds 1..=4 only, skips kind 5.
+        let mut h = sample();
+        h.set_section(SectionKind::WorkingSet, Section::default());
+        let b = h.encode(true);
+        let kinds: Vec<u32> = (0..u32_at(&b, 40) as usize)
+            .map(|i| u32_at(&b, SECTIONS_AT + i * SECTION_LEN))
+            .collect();
+        assert_eq!(kinds, [1, 2, 3, 4, 5]);
+        // The first four entries are where 1.0 put them.
+        let mut old = sample();
+        old.working_set = None;
+        assert_eq!(
+            b[SECTIONS_AT..SECTIONS_AT + 4 * SECTION_LEN],
+            old.encode(true)[SECTIONS_AT..SECTIONS_AT + 4 * SECTION_LEN]
+        );
     }
 
     #[test]

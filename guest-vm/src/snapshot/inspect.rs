@@ -1,5 +1,5 @@
 //! `inspect`: what a snapshot file or chain holds — header, sections, layer chain, page counts
-//! — as a serializable report (`--json`) and as text. Opens the files with the same checks as
+//! and the recorded working set — as a serializable report (`--json`) and as text. Opens the files with the same checks as
 //! a restore (`open_chain`), so inspecting a bad file reports the same typed error.
 
 use std::fmt::Write as _;
@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use super::error::SnapResult;
 use super::file::SnapshotFile;
-use super::format::{Section, SectionKind};
+use super::format::Section;
 use super::restore::open_chain;
 use super::sections::MappingDesc;
 
@@ -34,8 +34,18 @@ pub struct LayerReport {
     pub sections: Vec<SectionReport>,
     pub data_pages: u64,
     pub zero_pages: u64,
+    /// The recorded working set (format 1.1), if the file has one.
+    pub working_set: Option<WorkingSetReport>,
     pub vmos: Vec<u64>,
     pub mappings: Vec<MappingReport>,
+}
+
+/// The working set a file carries.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct WorkingSetReport {
+    pub pages: u64,
+    pub written: u64,
+    pub runs: u64,
 }
 
 /// One mapping of the layout.
@@ -88,7 +98,8 @@ fn layer(f: &SnapshotFile) -> LayerReport {
         identity: h.identity.to_string(),
         base: h.is_diff().then(|| h.base.to_string()),
         mem_size: h.mem_size,
-        sections: SectionKind::ALL
+        sections: h
+            .present()
             .iter()
             .map(|k| SectionReport {
                 name: k.name(),
@@ -97,6 +108,11 @@ fn layer(f: &SnapshotFile) -> LayerReport {
             .collect(),
         data_pages: f.data_pages,
         zero_pages: f.zero_pages,
+        working_set: f.working_set.as_ref().map(|w| WorkingSetReport {
+            pages: w.len() as u64,
+            written: w.written() as u64,
+            runs: w.runs().len() as u64,
+        }),
         vmos: f.layout.vmos.iter().map(|v| v.size).collect(),
         mappings: f.layout.mappings.iter().map(MappingReport::from).collect(),
     }
@@ -136,7 +152,7 @@ pub fn render(r: &InspectReport) -> String {
         for sec in &l.sections {
             let _ = writeln!(
                 s,
-                "  section {:<10} offset {:>10} length {:>10} crc32 {:#010x}",
+                "  section {:<11} offset {:>10} length {:>10} crc32 {:#010x}",
                 sec.name, sec.section.offset, sec.section.length, sec.section.crc32
             );
         }
@@ -145,6 +161,13 @@ pub fn render(r: &InspectReport) -> String {
             "  pages: {} stored, {} zero entries; vmos {:?}",
             l.data_pages, l.zero_pages, l.vmos
         );
+        if let Some(w) = &l.working_set {
+            let _ = writeln!(
+                s,
+                "  working set: {} pages ({} written) in {} runs, prefetched by a restore",
+                w.pages, w.written, w.runs
+            );
+        }
         for m in &l.mappings {
             let _ = writeln!(
                 s,

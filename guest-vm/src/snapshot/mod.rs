@@ -6,11 +6,11 @@
 //! - [`format`]: the fixed header (magic, major/minor, arch, page size, features, section
 //!   table, identity, CRC) and the page-index entries, encoded by hand;
 //! - [`identity`]: `Identity`, the content hash diffs name their base by;
-//! - [`sections`]: the vCPU and layout sections (serde + postcard);
+//! - [`sections`]: the vCPU, layout and working-set sections (serde + postcard);
 //! - [`file`]: `SnapshotFile` — open + check everything before use; page reads; immutability;
 //! - [`pager`]: `Chain` (the files of a restored guest) and `FilePager` (`vmo::Pager`);
 //! - [`save`]: full and diff saves (temporary name + rename, progress bar);
-//! - [`restore`]: chain checks and the lazy / eager restore;
+//! - [`restore`]: chain checks and the lazy / eager restore, working-set prefetch;
 //! - [`inspect`]: the `inspect` report;
 //! - [`error`]: `SnapshotError`, one typed variant per thing that can be wrong.
 //!
@@ -27,7 +27,9 @@
 //! older readers skip; new fields in free header space): every file of the same major stays
 //! readable. A major bump is refused with `UnsupportedVersion`, naming the file's version and
 //! the one this program reads. The test suite keeps a committed fixture of every released
-//! format version (`tests/fixtures/snapshot-v1.0.gms`) and restores it.
+//! format version (`tests/fixtures/snapshot-v1.0.gms`, `snapshot-v1.1.gms`) and restores
+//! each. Versions: 1.0 (vcpu, layout, page index, pages); 1.1 adds the optional working-set
+//! section (a 1.0 reader skips it).
 //!
 //! Invariants: every file is fully checked (except page bytes, checked at each read or with
 //! `verify`) before a VM is created; a failed page read stops only the guest that asked and is
@@ -47,5 +49,5 @@ pub use error::{SnapResult, SnapshotError};
 pub use file::SnapshotFile;
 pub use format::{Identity, FORMAT_MAJOR, FORMAT_MINOR};
 pub use pager::{Chain, FilePager};
-pub use restore::{open_chain, restore, RestoreOptions, Restored};
+pub use restore::{open_chain, restore, Prefetch, RestoreOptions, Restored};
 pub use save::{save, SaveOptions, SaveStats};

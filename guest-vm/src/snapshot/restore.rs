@@ -7,8 +7,13 @@
 //! the chain), maps them as recorded (`allow_faults`: pager Vmos), creates the VM, restores the
 //! newest file's vCPU state and makes the restored memory the guest's reset point (so `reset`
 //! returns to the snapshot and a diff saved later is relative to the newest file). No page is
-//! read unless `eager` (then every stored page is read and installed before the guest runs) or
-//! `verify` (every stored page's hash is checked up front).
+//! read unless `eager` (then every stored page is read and installed before the guest runs),
+//! `verify` (every stored page's hash is checked up front), or the newest file carries a
+//! working set (format 1.1) and `prefetch` is `Prefetch::Recorded` (the default): then, after
+//! the reset point is set, that set is installed in bulk before the guest runs
+//! (`Guest::prefetch`: one `Vmar::prefault` per run of pages, read through the pager; pages
+//! the recorded run wrote are installed writable, the others read-only), so the guest's first
+//! run takes a demand fault only for pages outside the recorded set.
 //!
 //! The restored guest forks like any other: its Vmos are pager-backed, so `Vmar::fork` makes
 //! `SnapshotAtLeastOnWrite` children, exact here because the files never change (`file.rs`).
@@ -26,6 +31,16 @@ use crate::guest::Guest;
 use crate::memory::frames::HostFrames;
 use crate::vmm::vcpu_state::VcpuState;
 
+/// What a restore does with the working set the newest file carries.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Prefetch {
+    /// Install it in bulk before the guest runs.
+    #[default]
+    Recorded,
+    /// Leave it: every page arrives on demand.
+    Off,
+}
+
 /// How to restore.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RestoreOptions {
@@ -33,6 +48,8 @@ pub struct RestoreOptions {
     pub eager: bool,
     /// Check every stored page's hash before the guest runs.
     pub verify: bool,
+    /// Prefetch the newest file's working set, if it has one.
+    pub prefetch: Prefetch,
 }
 
 /// A restored guest, its vCPU state (what `reset` and `fork` take) and its file chain.
@@ -40,6 +57,8 @@ pub struct Restored {
     pub guest: Guest,
     pub state: VcpuState,
     pub chain: Arc<Chain>,
+    /// Pages installed from the newest file's working set before the guest ran.
+    pub prefetched: u64,
 }
 
 /// Opens `paths` (base first) and checks that they form a chain (module documentation).
@@ -117,6 +136,10 @@ pub fn restore_layers(
         .ok_or_else(|| SnapshotError::Unsupported("no snapshot file given".into()))?;
     let state = newest.vcpu_state()?;
     let layout = newest.layout.clone();
+    let working_set = match opts.prefetch {
+        Prefetch::Recorded => newest.working_set.clone(),
+        Prefetch::Off => None,
+    };
     let chain = Chain::new(layers);
     let mut vmos = Vec::with_capacity(layout.vmos.len());
     for (id, desc) in layout.vmos.iter().enumerate() {
@@ -154,9 +177,19 @@ pub fn restore_layers(
     }
     guest.vm_mut().restore_state(&state)?;
     guest.set_reset_point()?;
+    // After the reset point: the reset point write-protects every installed page, which would
+    // turn each prefetched write into a fault again.
+    let mut prefetched = 0;
+    if let Some(set) = &working_set {
+        prefetched = guest.prefetch(set, true).map_err(|e| {
+            let typed = chain.take_failures().into_iter().next();
+            typed.unwrap_or(SnapshotError::Guest(e))
+        })?;
+    }
     Ok(Restored {
         guest,
         state,
         chain,
+        prefetched,
     })
 }

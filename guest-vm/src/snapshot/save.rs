@@ -1,8 +1,11 @@
 //! Saving a stopped `Guest` into a snapshot file: full saves and diffs.
 //!
 //! What is written (layout in `format.rs`): the header (last, once every section is known), the
-//! vCPU section, the layout section, the pages (page aligned, in (Vmo, page) order) and the
-//! page index. A *full* save stores every page that holds data — committed in the Vmo (its own
+//! vCPU section, the layout section, the pages (page aligned, in (Vmo, page) order), the
+//! page index and, when the caller recorded one (`SaveOptions::working_set`), the working-set
+//! section: the pages the guest touched in its first run after this snapshot point (recorded
+//! by the Vmar — e.g. in a fork of the saved guest, or in an earlier restore of the same
+//! memory), which a restore prefetches. A *full* save stores every page that holds data — committed in the Vmo (its own
 //! or shared copy-on-write frames), or, for a restored (pager-backed) Vmo, available from its
 //! snapshot chain — and skips all-zero pages (absent = zero). A *diff* stores only the pages
 //! changed since the Vmos' reset point (`Vmo::changed_pages`: pages written since the restore,
@@ -31,7 +34,9 @@ use super::format::{
     page_hash, Header, Identity, IndexEntry, Section, SectionKind, ENTRY_ZERO, HEADER_LEN, PAGE,
 };
 use super::pager::Chain;
-use super::sections::{encode, LayoutSection, MappingDesc, VcpuSection, VmoDesc};
+use super::sections::{
+    encode, LayoutSection, MappingDesc, VcpuSection, VmoDesc, WorkingSetSection,
+};
 use crate::guest::Guest;
 use crate::memory::stage2::KvmStage2;
 use crate::vmm::vcpu_state::VcpuState;
@@ -49,6 +54,9 @@ pub struct SaveOptions {
     pub mark_reset_point: bool,
     /// Show a progress bar (only when stderr is a terminal).
     pub progress: bool,
+    /// Store this working set (guest-physical pages of the first run after the snapshot
+    /// point, `Vmar::recorded`) for restores to prefetch.
+    pub working_set: Option<vmo::WorkingSet>,
 }
 
 /// What a save wrote.
@@ -59,6 +67,8 @@ pub struct SaveStats {
     pub data_pages: u64,
     pub zero_pages: u64,
     pub diff: bool,
+    /// Pages of the stored working set (0 without one).
+    pub working_set_pages: u64,
 }
 
 /// The guest's layout and its distinct Vmos, in address order.
@@ -151,6 +161,11 @@ fn write_snapshot<W: Write + Seek>(
     bar: &indicatif::ProgressBar,
 ) -> Result<SaveStats, Result<std::io::Error, SnapshotError>> {
     let (layout, vmos) = layout_of(guest.vmar(), guest.mem_size()).map_err(Err)?;
+    if let Some(set) = &opts.working_set {
+        WorkingSetSection::from_set(set)
+            .check(&layout)
+            .map_err(|d| Err(SnapshotError::Unsupported(format!("working set: {d}"))))?;
+    }
     let mut header = Header::new(guest.mem_size(), opts.diff_base);
     let vcpu = encode(&VcpuSection::from_state(state));
     let layout_bytes = encode(&layout);
@@ -232,6 +247,19 @@ fn write_snapshot<W: Write + Seek>(
         },
     );
     pos += index.len() as u64;
+    if let Some(set) = &opts.working_set {
+        let bytes = encode(&WorkingSetSection::from_set(set));
+        w.write_all(&bytes).map_err(Ok)?;
+        header.set_section(
+            SectionKind::WorkingSet,
+            Section {
+                offset: pos,
+                length: bytes.len() as u64,
+                crc32: crc32fast::hash(&bytes),
+            },
+        );
+        pos += bytes.len() as u64;
+    }
     header.identity = header.compute_identity(&index);
     w.seek(SeekFrom::Start(0)).map_err(Ok)?;
     w.write_all(&header.encode(true)).map_err(Ok)?;
@@ -242,6 +270,7 @@ fn write_snapshot<W: Write + Seek>(
         data_pages: data,
         zero_pages: zeros,
         diff: opts.diff_base.is_some(),
+        working_set_pages: opts.working_set.as_ref().map_or(0, |s| s.len() as u64),
     })
 }
 

@@ -6,6 +6,9 @@
 //!   which that feature does not cover and is mirrored field by field here.
 //! - `LayoutSection` is the guest's memory size, its Vmos (size each) and its mappings (base,
 //!   length, Vmo, offset, perms, shared) in address order.
+//! - `WorkingSetSection` (optional, format 1.1) is the set of guest-physical pages the guest
+//!   touched in its first run after the snapshot point, as runs of adjacent pages with the
+//!   same written state (`vmo::WorkingSet::runs`), in address order.
 //!
 //! Invariant: decoding checks that the whole section was consumed and that the layout is
 //! self-consistent (mappings page aligned, in order, inside the guest and their Vmo), so a
@@ -173,6 +176,78 @@ impl LayoutSection {
     }
 }
 
+/// One run of the working-set section: `pages` pages from guest-physical `gpa`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkingSetRun {
+    pub gpa: u64,
+    pub pages: u64,
+    /// The recorded run wrote these pages (a restore installs them writable).
+    pub written: bool,
+}
+
+/// The working-set section.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkingSetSection {
+    pub runs: Vec<WorkingSetRun>,
+}
+
+impl WorkingSetSection {
+    pub fn from_set(set: &vmo::WorkingSet) -> Self {
+        WorkingSetSection {
+            runs: set
+                .runs()
+                .into_iter()
+                .map(|(gpa, pages, written)| WorkingSetRun {
+                    gpa,
+                    pages,
+                    written,
+                })
+                .collect(),
+        }
+    }
+
+    /// The set, checked against a guest of `mem_size` bytes: runs page aligned, non-empty,
+    /// in address order without overlap, inside the guest. The first violation, described.
+    pub fn to_set(&self, mem_size: u64) -> std::result::Result<vmo::WorkingSet, String> {
+        let mut set = vmo::WorkingSet::default();
+        let mut prev_end = 0;
+        for (i, r) in self.runs.iter().enumerate() {
+            let end = r
+                .pages
+                .checked_mul(PAGE)
+                .and_then(|len| r.gpa.checked_add(len))
+                .ok_or(format!("run {i} overflows"))?;
+            if !r.gpa.is_multiple_of(PAGE) || r.pages == 0 {
+                return Err(format!("run {i} at {:#x} of {} pages", r.gpa, r.pages));
+            }
+            if r.gpa < prev_end || end > mem_size {
+                return Err(format!("run {i} out of order or outside the guest"));
+            }
+            set.note(r.gpa, r.pages, r.written);
+            prev_end = end;
+        }
+        Ok(set)
+    }
+
+    /// `to_set` against `layout`, with every page also inside one of its mappings (a restore
+    /// prefetches them all).
+    pub fn check(&self, layout: &LayoutSection) -> std::result::Result<vmo::WorkingSet, String> {
+        let set = self.to_set(layout.mem_size)?;
+        for (i, r) in self.runs.iter().enumerate() {
+            let (mut at, end) = (r.gpa, r.gpa + r.pages * PAGE);
+            while at < end {
+                let m = layout
+                    .mappings
+                    .iter()
+                    .find(|m| m.base <= at && at < m.base + m.len)
+                    .ok_or(format!("run {i}: page {at:#x} is in no mapping"))?;
+                at = end.min(m.base + m.len);
+            }
+        }
+        Ok(set)
+    }
+}
+
 /// Encodes a section value.
 pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     // Serializing plain structs into a Vec cannot fail (no maps with non-string keys, no I/O).
@@ -224,6 +299,32 @@ mod tests {
         let mut l = layout();
         l.mappings[0].len = 4 << 20;
         assert!(l.validate().is_err());
+    }
+
+    #[test]
+    fn working_set_round_trips_and_bad_runs_are_described() {
+        let mut set = vmo::WorkingSet::default();
+        set.note(0x3000, 4, false);
+        set.note(0x5000, 1, true);
+        set.note(0x10000, 2, true);
+        let sec = WorkingSetSection::from_set(&set);
+        let back: WorkingSetSection = decode("working-set", &encode(&sec)).unwrap();
+        assert_eq!(back.to_set(2 << 20).unwrap(), set);
+        assert_eq!(back.check(&layout()).unwrap(), set);
+        let mut holed = layout();
+        holed.mappings[0].base = 0x8000;
+        holed.mappings[0].len = (2 << 20) - 0x8000;
+        assert!(back.check(&holed).unwrap_err().contains("no mapping"));
+        assert!(back.to_set(0x10000).unwrap_err().contains("outside"));
+        let mut bad = back.clone();
+        bad.runs[1].gpa = 0x1234;
+        assert!(bad.to_set(2 << 20).is_err());
+        let mut bad = back.clone();
+        bad.runs.swap(0, 2);
+        assert!(bad.to_set(2 << 20).unwrap_err().contains("order"));
+        let mut bad = back;
+        bad.runs[0].pages = u64::MAX;
+        assert!(bad.to_set(2 << 20).unwrap_err().contains("overflows"));
     }
 
     #[test]

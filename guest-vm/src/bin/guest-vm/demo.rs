@@ -13,7 +13,9 @@
 //!   pages whose accessed/dirty bits KVM's shadow MMU sets), and they add up to the pool's
 //!   live-frame growth exactly;
 //! - a reset child holds the snapshot again (checksum), runs a new stream correctly, and
-//!   every frame returns to the pool when all guests are dropped.
+//!   every frame returns to the pool when all guests are dropped;
+//! - save → restore → fork (`demo_snapshot`): the parent saved to a file and restored serves
+//!   its checked stream, and a fork of the restored guest is isolated from it.
 //!
 //! Invariants: the parent is stopped while forking and while the children run; runtime errors
 //! (KVM, memory) are `Err`, failed checks are a report with `passed == false`.
@@ -149,13 +151,15 @@ pub struct DemoReport {
     pub memfd_resident_kib_at_snapshot: u64,
     pub memfd_resident_kib_after_children: u64,
     pub frames_live_at_teardown: u64,
+    /// The save → restore → fork section (absent if it could not run; a check says why).
+    pub snapshot_file: Option<crate::demo_snapshot::SnapshotSection>,
     /// The virtio device's DMA summary, when the crate provides one.
     pub dma: Option<String>,
     pub checks: Vec<Check>,
     pub passed: bool,
 }
 
-fn check(checks: &mut Vec<Check>, name: &str, passed: bool, detail: String) {
+pub(crate) fn check(checks: &mut Vec<Check>, name: &str, passed: bool, detail: String) {
     if !passed {
         tracing::error!(name, %detail, "check failed");
     }
@@ -167,7 +171,7 @@ fn check(checks: &mut Vec<Check>, name: &str, passed: bool, detail: String) {
 }
 
 /// Progress lines for slow steps (stderr, so `--json` output stays clean).
-fn progress(msg: &str) {
+pub(crate) fn progress(msg: &str) {
     eprintln!("[demo] {msg}");
 }
 
@@ -367,6 +371,24 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
     for child in children {
         drop(child.kv.finish());
     }
+    // The parent ran read-only requests since the snapshot: save it as it stands now.
+    let snapshot_file = match parent.inner().snapshot().and_then(|now| {
+        crate::demo_snapshot::run(
+            &frames,
+            &parent,
+            &now,
+            &model,
+            keys,
+            opts.requests,
+            &mut checks,
+        )
+    }) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            check(&mut checks, "save -> restore -> fork", false, e.to_string());
+            None
+        }
+    };
     drop(parent.finish());
     let frames_live_at_teardown = frames.pool.stats().live;
     check(
@@ -399,6 +421,7 @@ pub fn run(opts: &DemoOptions) -> Result<DemoReport> {
         memfd_resident_kib_at_snapshot: memfd_at_snapshot,
         memfd_resident_kib_after_children: memfd_after,
         frames_live_at_teardown,
+        snapshot_file,
         dma,
         checks,
         passed,

@@ -20,10 +20,15 @@ pub fn verdict(r: &DemoReport) -> String {
     if failed.is_empty() {
         format!(
             "VERDICT: PASS — {} concurrent children isolated (each = snapshot + only its own \
-             writes), parent unchanged{}, all frames returned",
+             writes), parent unchanged{}{}, all frames returned",
             r.children.len(),
             if r.options.reset {
                 ", reset restores the snapshot"
+            } else {
+                ""
+            },
+            if r.snapshot_file.is_some() {
+                ", saved file restores, serves and forks isolated"
             } else {
                 ""
             }
@@ -142,6 +147,30 @@ pub fn render(r: &DemoReport) -> String {
     );
     if let Some(m) = r.reset_ms_median {
         let _ = writeln!(o, "  reset median {m:.2} ms per child");
+    }
+    if let Some(f) = &r.snapshot_file {
+        let _ = writeln!(o);
+        let _ = writeln!(
+            o,
+            "  save -> restore -> fork: saved {} KiB ({} pages, working set {} pages) in {:.1} ms; \
+             restored in {:.1} ms ({} pages prefetched)",
+            f.file_kib,
+            f.stored_pages,
+            f.working_set_pages,
+            f.save_ms,
+            f.restore_ms,
+            f.prefetched_pages
+        );
+        let _ = writeln!(
+            o,
+            "    restored guest served {} requests in {:.1} ms ({} demand faults); fork of it {:.2} \
+             ms, its run {:.1} ms",
+            r.options.requests,
+            f.restored_run_ms,
+            f.restored_demand_faults,
+            f.fork_ms,
+            f.fork_run_ms
+        );
     }
     if let Some(d) = &r.dma {
         let _ = writeln!(o);

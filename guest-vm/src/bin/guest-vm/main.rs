@@ -17,6 +17,7 @@
 //! - this file: argument parsing (clap) and dispatch;
 //! - [`demo`]: the `demo` / `fork` job and its checks (`DemoReport`);
 //! - [`demo_report`]: the demo's human-readable report;
+//! - [`demo_snapshot`]: the demo's save → restore → fork section;
 //! - [`run`]: the `run` job (one guest, one checked stream);
 //! - [`fuzz`]: `fuzz --guest FILE --corpus DIR --crashes DIR` (snapshot fuzzing);
 //! - [`user_guest`]: `run --guest FILE` / `fork --guest FILE` (a user's guest ELF);
@@ -30,6 +31,7 @@ use clap::{Args, Parser, Subcommand};
 mod bench;
 mod demo;
 mod demo_report;
+mod demo_snapshot;
 mod fuzz;
 mod measure;
 mod run;
@@ -124,6 +126,10 @@ struct BenchArgs {
     #[arg(long, value_delimiter = ',', default_values_t = [16u64, 256, 4096],
           value_parser = clap::value_parser!(u64).range(1..=262_144))]
     dirty: Vec<u64>,
+    /// Row groups to run, comma separated (fork, faults, cow, prefetch, reset, snapshot,
+    /// restore); all by default.
+    #[arg(long, value_delimiter = ',')]
+    groups: Vec<String>,
     /// Print the report as one JSON object.
     #[arg(long)]
     json: bool,
@@ -227,6 +233,7 @@ fn run(cmd: Cmd) -> Result<bool, guest_vm::Error> {
                 reps: a.reps as usize,
                 pages: a.pages,
                 dirty: a.dirty,
+                groups: a.groups,
             };
             let r = bench::run(&opts)?;
             if a.json {

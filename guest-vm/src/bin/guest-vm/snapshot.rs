@@ -2,9 +2,13 @@
 //!
 //! - `save --out F`: boot the store, fill it (`--keys`), save it; with `--from F0 [F1 ..]`
 //!   instead restore that chain, serve stream `--seed` (checked), and save (`--diff`: a diff
-//!   over the newest file of the chain, else a full file);
+//!   over the newest file of the chain, else a full file); `--working-set-seed S` first runs a
+//!   fork of the guest at the save point through stream S (checked) with recording on, and
+//!   stores the pages it touched in the file (format 1.1's working-set section);
 //! - `restore F0 [F1 ..]`: restore the chain (lazily, or `--eager`; `--verify` checks every
-//!   page first), check the whole table, serve stream `--seed` checked against the model;
+//!   page first; the newest file's working set is prefetched unless `--no-prefetch`), check
+//!   the whole table, serve stream `--seed` checked against the model, and report the demand
+//!   faults the run took;
 //! - `inspect F0 [F1 ..]`: header, sections, layer chain and page counts (`--json`).
 //!
 //! The model of a chain's table is rebuilt from the same arguments: `--keys` filled, then the
@@ -38,6 +42,9 @@ pub enum SnapshotCmd {
         /// Write a diff over the newest file of --from.
         #[arg(long)]
         diff: bool,
+        /// Record the working set of a fork serving this stream seed and store it in the file.
+        #[arg(long)]
+        working_set_seed: Option<u64>,
         #[command(flatten)]
         s: StreamArgs,
         #[command(flatten)]
@@ -53,6 +60,9 @@ pub enum SnapshotCmd {
         /// Check every stored page's hash before the guest runs.
         #[arg(long)]
         verify: bool,
+        /// Do not prefetch the working set the newest file carries.
+        #[arg(long)]
+        no_prefetch: bool,
         #[command(flatten)]
         s: StreamArgs,
         #[command(flatten)]
@@ -89,6 +99,10 @@ struct Report {
     save_ms: f64,
     requests: u64,
     pages_read: u64,
+    /// Pages installed from the file's working set before the guest ran (restore).
+    prefetched: u64,
+    /// userfaultfd faults (missing + write-protect) the restored guest took while serving.
+    demand_faults: u64,
     checksum: u64,
     saved: Option<snapshot::SaveStats>,
 }
@@ -116,10 +130,30 @@ fn sizes(w: &Workload) -> Result<(u64, u64), SnapshotError> {
     Ok(crate::options(1, w, false).validate()?)
 }
 
+/// The pages a fork of `kv`'s guest at `state` touches serving stream `seed` (checked against
+/// a copy of `model`).
+fn record_first_run(
+    kv: &KvStore<Guest>,
+    state: &guest_vm::VcpuState,
+    model: &TableModel,
+    seed: u64,
+    w: &Workload,
+    keys: u64,
+) -> Result<vmo::WorkingSet, SnapshotError> {
+    let child = kv.inner().fork(state)?;
+    child.vmar().set_recording(true);
+    let mut ckv = KvStore::resume(child);
+    let mut m = model.clone();
+    let ops = streams::stream(seed, w.requests, keys, 1);
+    streams::serve_checked(&mut ckv, &mut m, &ops, seed)?;
+    Ok(ckv.inner().vmar().recorded())
+}
+
 fn save(
     out: PathBuf,
     from: Vec<PathBuf>,
     diff: bool,
+    ws_seed: Option<u64>,
     s: &StreamArgs,
     w: &Workload,
 ) -> Result<Report, SnapshotError> {
@@ -136,6 +170,8 @@ fn save(
         save_ms: 0.0,
         requests: 0,
         pages_read: 0,
+        prefetched: 0,
+        demand_faults: 0,
         checksum: 0,
         saved: None,
     };
@@ -143,7 +179,7 @@ fn save(
         progress: !w.json,
         ..SaveOptions::default()
     };
-    let kv = if from.is_empty() {
+    let (kv, model) = if from.is_empty() {
         if diff {
             return Err(SnapshotError::Unsupported(
                 "--diff needs the chain it is relative to (--from)".into(),
@@ -153,7 +189,7 @@ fn save(
         kv.fill(FILL_FIRST, keys)?;
         let model = model_of(buckets, keys, &[], 0);
         r.checksum = streams::check_table(&mut kv, &model, "saved guest")?;
-        kv
+        (kv, model)
     } else {
         let t = Instant::now();
         let restored = snapshot::restore(&frames, &from, RestoreOptions::default())?;
@@ -169,9 +205,12 @@ fn save(
         r.requests = streams::serve_checked(&mut kv, &mut model, &ops, s.seed)?.requests;
         r.serve_ms = ms(t.elapsed());
         r.checksum = streams::check_table(&mut kv, &model, "restored guest")?;
-        kv
+        (kv, model)
     };
     let state = kv.inner().snapshot()?;
+    if let Some(seed) = ws_seed {
+        opts.working_set = Some(record_first_run(&kv, &state, &model, seed, w, keys)?);
+    }
     let t = Instant::now();
     r.saved = Some(snapshot::save(kv.inner(), &state, &out, &opts)?);
     r.save_ms = ms(t.elapsed());
@@ -208,6 +247,8 @@ fn restore(
     let restored = snapshot::restore::restore_layers(&frames, layers, opts)?;
     let restore_ms = ms(t.elapsed());
     let chain = restored.chain.clone();
+    let prefetched = restored.prefetched;
+    let before = restored.guest.vm().fault_stats();
     let mut kv = KvStore::resume(restored.guest);
     let mut model = model_of(buckets, keys, &s.history, w.requests);
     let ops = streams::stream(s.seed, w.requests, keys, 1);
@@ -215,6 +256,8 @@ fn restore(
     let served = streams::serve_checked(&mut kv, &mut model, &ops, s.seed);
     let served = served.map_err(|e| first_failure(&chain, e))?;
     let serve_ms = ms(t.elapsed());
+    let after = kv.vm().fault_stats();
+    let demand_faults = (after.missing + after.wp) - (before.missing + before.wp);
     let checksum = streams::check_table(&mut kv, &model, "restored guest")
         .map_err(|e| first_failure(&chain, e))?;
     Ok(Report {
@@ -226,6 +269,8 @@ fn restore(
         save_ms: 0.0,
         requests: served.requests,
         pages_read: chain.pages_read.load(std::sync::atomic::Ordering::Relaxed),
+        prefetched,
+        demand_faults,
         checksum,
         saved: None,
     })
@@ -246,22 +291,27 @@ fn print_report(r: &Report, json: bool) -> Result<(), guest_vm::Error> {
     }
     match &r.saved {
         Some(st) => println!(
-            "saved {} ({}): {} pages stored, {} zero entries, {} bytes, identity {}; save {:.1} ms",
+            "saved {} ({}): {} pages stored, {} zero entries, {} working-set pages, {} bytes, \
+             identity {}; save {:.1} ms",
             r.files[0].display(),
             if st.diff { "diff" } else { "full" },
             st.data_pages,
             st.zero_pages,
+            st.working_set_pages,
             st.bytes,
             st.identity,
             r.save_ms
         ),
         None => println!(
-            "restored {} layer(s) in {:.2} ms; served {} requests in {:.1} ms, all matched the \
-             model; {} pages read from the file; checksum {:#018x}",
+            "restored {} layer(s) in {:.2} ms ({} working-set pages prefetched); served {} \
+             requests in {:.1} ms, all matched the model; {} demand faults; {} pages read from \
+             the file; checksum {:#018x}",
             r.files.len(),
             r.restore_ms,
+            r.prefetched,
             r.requests,
             r.serve_ms,
+            r.demand_faults,
             r.pages_read,
             r.checksum
         ),
@@ -276,19 +326,30 @@ pub fn run(cmd: SnapshotCmd) -> Result<bool, guest_vm::Error> {
             out,
             from,
             diff,
+            working_set_seed,
             s,
             w,
-        } => (save(out, from, diff, &s, &w), w.json),
+        } => (save(out, from, diff, working_set_seed, &s, &w), w.json),
         SnapshotCmd::Restore {
             files,
             eager,
             verify,
+            no_prefetch,
             s,
             w,
-        } => (
-            restore(files, RestoreOptions { eager, verify }, &s, &w),
-            w.json,
-        ),
+        } => {
+            let prefetch = if no_prefetch {
+                snapshot::Prefetch::Off
+            } else {
+                snapshot::Prefetch::Recorded
+            };
+            let opts = RestoreOptions {
+                eager,
+                verify,
+                prefetch,
+            };
+            (restore(files, opts, &s, &w), w.json)
+        }
         SnapshotCmd::Inspect { files, json } => {
             return match inspect::inspect(&files) {
                 Ok(r) if json => crate::print_json(&r).map(|_| true),

@@ -44,7 +44,8 @@ fn process_cpu() -> Result<Duration> {
     Ok(Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
 }
 
-pub(super) fn fleet_rows(o: &BenchOptions, rows: &mut Vec<Row>) -> Result<()> {
+/// The row; it makes its own frame pool (sized for the children), not the bench's.
+pub(super) fn fleet_rows(o: &BenchOptions, _frames: &HostFrames, rows: &mut Vec<Row>) -> Result<()> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     progress(&format!(
         "fleet: {CHILDREN} children of a kvstore snapshot serving {REQUESTS} requests each, concurrently ({cpus} CPUs)"

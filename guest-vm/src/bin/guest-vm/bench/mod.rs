@@ -16,7 +16,12 @@
 //! - reset with D dirtied pages vs re-creating the VM from the snapshot (`fork` again);
 //! - a second child of a snapshot with the first child's recorded working set prefetched vs
 //!   the first child's demand faults (`prefetch`);
+//! - restores of the key-value store guest serving requests: demand faults with the working
+//!   set stored in the file vs without, and restore + run vs a new VM over `MAP_PRIVATE` of a
+//!   raw memory file (`restore`);
 //! - the demo's 8 concurrent children: wall time vs process CPU time / CPUs (`fleet`).
+//!
+//! `--groups` runs a subset (`GROUPS` names them); every row of a group is measured together.
 //!
 //! Invariant: the guests are dropped between measurements; a failure is an `Err`, never a
 //! partial table presented as complete.
@@ -24,7 +29,8 @@
 //! Children: [`baseline`] (the kernel mechanisms measured beside ours), `prefetch` (the
 //! working-set row), `reset` (the reset-cycle rows: restore vs drop policy, reset alone vs
 //! memcpy, flatness in guest size), `snapshot` (the snapshot-file rows: save vs write, restore
-//! flatness, diff-save pause), `fleet` (the concurrent-children row) and [`print`] (the table).
+//! flatness, diff-save pause), `restore` (prefetched restore, restore vs private file map),
+//! `fleet` (the concurrent-children row) and [`print`] (the table).
 
 use std::time::{Duration, Instant};
 
@@ -41,7 +47,13 @@ mod fleet;
 mod prefetch;
 pub mod print;
 mod reset;
+mod restore;
 mod snapshot;
+
+/// The row groups, in run order (`--groups` names a subset).
+pub const GROUPS: [&str; 8] = [
+    "fork", "faults", "cow", "prefetch", "reset", "snapshot", "restore", "fleet",
+];
 
 /// Fault-around window of the streaming row (pages).
 const STREAM_WINDOW: u64 = 32;
@@ -57,6 +69,8 @@ pub struct BenchOptions {
     pub pages: u64,
     /// Dirtied-page counts of the reset rows.
     pub dirty: Vec<u64>,
+    /// Row groups to run (`GROUPS`); all when empty.
+    pub groups: Vec<String>,
 }
 
 impl Default for BenchOptions {
@@ -66,6 +80,7 @@ impl Default for BenchOptions {
             reps: 7,
             pages: 4096,
             dirty: vec![16, 256, 4096],
+            groups: Vec::new(),
         }
     }
 }
@@ -124,6 +139,12 @@ impl BenchOptions {
         }
         if self.pages == 0 || self.pages > 262_144 {
             return bad(format!("pages must be 1..=262144, got {}", self.pages));
+        }
+        if let Some(g) = self.groups.iter().find(|g| !GROUPS.contains(&g.as_str())) {
+            return bad(format!(
+                "unknown row group `{g}`; groups: {}",
+                GROUPS.join(", ")
+            ));
         }
         if self.dirty.is_empty() || self.dirty.iter().any(|&d| d == 0 || d > self.pages) {
             return bad(format!(
@@ -441,13 +462,23 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
     let biggest = o.sizes_mib.iter().copied().max().unwrap_or(64) << 20;
     let frames = HostFrames::new(guest_mem(biggest).max(guest_mem(o.pages * PAGE_SIZE)) * 4)?;
     let mut rows = Vec::new();
-    fork_rows(o, &frames, &mut rows)?;
-    fault_rows(o, &frames, &mut rows)?;
-    cow_rows(o, &frames, &mut rows)?;
-    prefetch::prefetch_rows(o, &frames, &mut rows)?;
-    reset::reset_rows(o, &frames, &mut rows)?;
-    snapshot::snapshot_rows(o, &frames, &mut rows)?;
-    fleet::fleet_rows(o, &mut rows)?;
+    let on = |g: &str| o.groups.is_empty() || o.groups.iter().any(|x| x == g);
+    type Group = fn(&BenchOptions, &HostFrames, &mut Vec<Row>) -> Result<()>;
+    let groups: [Group; 8] = [
+        fork_rows,
+        fault_rows,
+        cow_rows,
+        prefetch::prefetch_rows,
+        reset::reset_rows,
+        snapshot::snapshot_rows,
+        restore::restore_rows,
+        fleet::fleet_rows,
+    ];
+    for (name, group) in GROUPS.iter().zip(groups) {
+        if on(name) {
+            group(o, &frames, &mut rows)?;
+        }
+    }
     Ok(BenchReport {
         options: o.clone(),
         rows,
