@@ -2,8 +2,15 @@
 //! run → reset → run …, as fuzzers and request servers use it.
 //!
 //! - `reset-cycle-N` (per page) and `iterations-50` (per iteration): reset + the next run
-//!   re-dirtying the same N scattered pages (every third page), with the restore policy, against
-//!   the drop policy on the same guest shape in the same run;
+//!   re-dirtying the same N scattered pages (every third page), with the restore policy (and
+//!   `Guest`'s default hot set, `KVM_HOT_SET`), against the drop policy on the same guest shape
+//!   in the same run;
+//! - `hot-set-50`: the same loop with the hot set against without it (restore policy both;
+//!   means over every iteration, so the warm-up and the resamples are paid in the figure);
+//! - `hot-break-even`: what one page costs per iteration in that loop — hot (untracked, copied
+//!   back at every reset) against tracked and written (the exit, the scan, the copy-back) —
+//!   from the 50-page loop minus a 1-page loop; the ratio is the write frequency above which
+//!   a page is cheaper hot;
 //! - `reset-50`: the memory reset alone (`Vmar::reset_with`, without the vCPU state) after 50
 //!   dirtied pages (p50, and p99 over more samples), against copying 50 cold scattered pages
 //!   with `memcpy` (the goal is ≤ 2× memcpy + 20 µs);
@@ -17,8 +24,8 @@
 use std::time::Instant;
 
 use guest_vm::workload::programs;
-use guest_vm::{Error, Guest, HostFrames, Result, PAGE_SIZE};
-use vmo::ResetPolicy;
+use guest_vm::{Error, Guest, HostFrames, Result, KVM_HOT_SET, PAGE_SIZE};
+use vmo::{HotSetPolicy, ResetPolicy};
 
 use super::{base, dirty_run_strided, guest_mem, loop_args, progress, row, BenchOptions, Row};
 use crate::measure::{median, us};
@@ -38,15 +45,18 @@ fn parent(frames: &HostFrames, mem: u64, n: u64) -> Result<(Guest, guest_vm::Vcp
     Ok((g, state))
 }
 
-/// Samples of one policy: (whole cycle µs, reset alone µs) per iteration.
+/// Samples of one policy: (whole cycle µs, reset alone µs) per iteration; `hot` is the
+/// child's copy-back hot set.
 fn cycles(
     parent: &Guest,
     state: &guest_vm::VcpuState,
     n: u64,
     policy: ResetPolicy,
+    hot: Option<HotSetPolicy>,
     iters: usize,
 ) -> Result<(Vec<f64>, Vec<f64>)> {
     let mut child = parent.fork(state)?;
+    child.set_hot_set(hot)?;
     dirty_run_strided(&mut child, n, STRIDE)?;
     child.reset_with(state, policy)?;
     let (mut cycle, mut reset) = (Vec::new(), Vec::new());
@@ -87,8 +97,9 @@ pub(super) fn reset_rows(o: &BenchOptions, frames: &HostFrames, rows: &mut Vec<R
         ));
         let (p, state) = parent(frames, guest_mem(n * STRIDE * PAGE_SIZE), n)?;
         let iters = if n <= 50 { o.reps * 10 } else { o.reps };
-        let (restore, restore_only) = cycles(&p, &state, n, ResetPolicy::Restore, iters)?;
-        let (drop_, _) = cycles(&p, &state, n, ResetPolicy::Drop, iters)?;
+        let hot = Some(KVM_HOT_SET);
+        let (restore, restore_only) = cycles(&p, &state, n, ResetPolicy::Restore, hot, iters)?;
+        let (drop_, _) = cycles(&p, &state, n, ResetPolicy::Drop, None, iters)?;
         let (r, d) = (median(&restore), median(&drop_));
         rows.push(row(
             format!("reset-cycle-{n}"),
@@ -118,6 +129,7 @@ pub(super) fn reset_rows(o: &BenchOptions, frames: &HostFrames, rows: &mut Vec<R
             );
             reset50.ours_p99_us = Some(percentile(&restore_only, 0.99));
             rows.push(reset50);
+            hot_rows(&p, &state, n, &restore, iters, rows)?;
         }
     }
     let n = 50.min(o.pages);
@@ -127,7 +139,14 @@ pub(super) fn reset_rows(o: &BenchOptions, frames: &HostFrames, rows: &mut Vec<R
     let mut per_size = Vec::new();
     for mem in [64u64 << 20, 4 << 30] {
         let (p, state) = parent(frames, mem, n)?;
-        let (_, reset) = cycles(&p, &state, n, ResetPolicy::Restore, o.reps * 3)?;
+        let (_, reset) = cycles(
+            &p,
+            &state,
+            n,
+            ResetPolicy::Restore,
+            Some(KVM_HOT_SET),
+            o.reps * 3,
+        )?;
         per_size.push(median(&reset));
     }
     rows.push(row(
@@ -137,6 +156,56 @@ pub(super) fn reset_rows(o: &BenchOptions, frames: &HostFrames, rows: &mut Vec<R
         per_size[1],
         "64 MiB guest",
         per_size[0],
+    ));
+    Ok(())
+}
+
+fn mean(samples: &[f64]) -> f64 {
+    samples.iter().sum::<f64>() / samples.len().max(1) as f64
+}
+
+/// `hot-set-50` and `hot-break-even` for the `n`-page loop of `parent`, whose `iters` cycles
+/// with the default hot set are `hot` (see the module documentation).
+fn hot_rows(
+    parent: &Guest,
+    state: &guest_vm::VcpuState,
+    n: u64,
+    hot: &[f64],
+    iters: usize,
+    rows: &mut Vec<Row>,
+) -> Result<()> {
+    progress(&format!(
+        "hot set: {n} pages written every iteration, untracked vs tracked"
+    ));
+    let restore = ResetPolicy::Restore;
+    // Long enough for two resamples, so the means carry their cost.
+    let long = iters.max(2 * KVM_HOT_SET.resample_every as usize + 4);
+    let (hot_long, _) = cycles(parent, state, n, restore, Some(KVM_HOT_SET), long)?;
+    let (tracked_long, _) = cycles(parent, state, n, restore, None, long)?;
+    rows.push(row(
+        format!("hot-set-{n}"),
+        format!(
+            "run -> reset -> run ... re-dirtying the same {n} pages, per iteration (means, \
+             warm-up and resamples included)"
+        ),
+        "restore policy + hot set (untracked, copied back every reset)",
+        mean(&hot_long),
+        "restore policy, every page tracked",
+        mean(&tracked_long),
+    ));
+    let (hot1, _) = cycles(parent, state, 1, restore, Some(KVM_HOT_SET), iters)?;
+    let (tracked1, _) = cycles(parent, state, 1, restore, None, iters)?;
+    let per_page = |many: &[f64], one: &[f64]| (median(many) - median(one)) / (n - 1) as f64;
+    rows.push(row(
+        "hot-break-even",
+        format!(
+            "cost of one page per iteration ({n}-page loop minus 1-page loop); ratio = write \
+             frequency above which a page is cheaper hot"
+        ),
+        "hot page: copied back at every reset, written without an exit",
+        per_page(hot, &hot1),
+        "tracked page written in the iteration: exit + scan + copy-back",
+        per_page(&tracked_long, &tracked1),
     ));
     Ok(())
 }
