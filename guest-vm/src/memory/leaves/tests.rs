@@ -174,3 +174,35 @@ fn runs_are_one_extent_until_split_and_answer_per_leaf() {
     assert_eq!(ix.len(), 0);
     ix.check_invariants();
 }
+
+#[test]
+fn untracked_survives_disarm_and_ends_with_write_permission() {
+    let mut ix = LeafIndex::default();
+    ix.put_run(0, 0, 4, S2Perms::RW, MemType::WriteBack);
+    ix.put(8 * PAGE_SIZE, leaf(8 * PAGE_SIZE, PageSize::Size4K, S2Perms::READ));
+    let untrack = |_| Track::Untracked;
+    assert_eq!(ix.retrack_in(0, 2 * PAGE_SIZE, untrack), 2);
+    assert_eq!(
+        ix.retrack_in(0, 9 * PAGE_SIZE, untrack),
+        2,
+        "only writable leaves not untracked yet change"
+    );
+    assert_eq!(ix.covering(8 * PAGE_SIZE).unwrap().1.track, Track::Unarmed);
+    ix.retrack_in(2 * PAGE_SIZE, 2 * PAGE_SIZE, |_| Track::Armed);
+    // A failed harvest disarms armed leaves only.
+    ix.disarm_in(0, 4 * PAGE_SIZE);
+    let tracks: Vec<Track> = ix.range(0, 4 * PAGE_SIZE).map(|(_, l)| l.track).collect();
+    assert_eq!(
+        tracks,
+        vec![Track::Untracked, Track::Untracked, Track::Unarmed, Track::Unarmed]
+    );
+    // Keeping WRITE keeps it; losing WRITE or a replacement ends it.
+    ix.set_perms_in(0, PAGE_SIZE, S2Perms::RWX);
+    assert_eq!(ix.covering(0).unwrap().1.track, Track::Untracked);
+    ix.set_perms_in(PAGE_SIZE, PAGE_SIZE, S2Perms::READ);
+    ix.set_perms_in(PAGE_SIZE, PAGE_SIZE, S2Perms::RW);
+    assert_eq!(ix.covering(PAGE_SIZE).unwrap().1.track, Track::Unarmed);
+    ix.put(0, leaf(0, PageSize::Size4K, S2Perms::RWX));
+    assert_eq!(ix.covering(0).unwrap().1.track, Track::Unarmed);
+    ix.check_invariants();
+}
