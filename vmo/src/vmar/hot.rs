@@ -304,7 +304,7 @@ impl HotSet {
         let pages = core::mem::take(&mut self.hot);
         self.forget();
         self.policy = policy;
-        self.stats.inert = false;
+        self.stats = HotSetStats::default();
         pages
     }
 }

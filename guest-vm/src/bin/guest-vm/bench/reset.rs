@@ -6,11 +6,11 @@
 //!   `Guest`'s default hot set, `KVM_HOT_SET`), against the drop policy on the same guest shape
 //!   in the same run;
 //! - `hot-set-50`: the same loop with the hot set against without it (restore policy both;
-//!   means over every iteration, so the warm-up and the resamples are paid in the figure);
-//! - `hot-break-even`: what one page costs per iteration in that loop — hot (untracked, copied
-//!   back at every reset) against tracked and written (the exit, the scan, the copy-back) —
-//!   from the 50-page loop minus a 1-page loop; the ratio is the write frequency above which
-//!   a page is cheaper hot;
+//!   per iteration over whole resample periods, so the resamples are paid in the figure);
+//! - `hot-break-even`: what one page costs per iteration of the 4096-page loop (large enough
+//!   that fixed costs vanish and the copies are cold) — hot (untracked, copied back at every
+//!   reset) against tracked and written (the exit, the scan, the copy-back); the ratio is the
+//!   write frequency above which a page is cheaper hot;
 //! - `reset-50`: the memory reset alone (`Vmar::reset_with`, without the vCPU state) after 50
 //!   dirtied pages (p50, and p99 over more samples), against copying 50 cold scattered pages
 //!   with `memcpy` (the goal is ≤ 2× memcpy + 20 µs);
@@ -104,7 +104,7 @@ pub(super) fn reset_rows(o: &BenchOptions, frames: &HostFrames, rows: &mut Vec<R
         rows.push(row(
             format!("reset-cycle-{n}"),
             format!("reset + next run re-dirtying {n} scattered pages, per page"),
-            "restore policy (copy back, pages stay installed)",
+            "restore policy + hot set (copy back, pages stay installed)",
             r / n as f64,
             "drop policy (next write faults again)",
             d / n as f64,
@@ -113,7 +113,7 @@ pub(super) fn reset_rows(o: &BenchOptions, frames: &HostFrames, rows: &mut Vec<R
             rows.push(row(
                 "iterations-50",
                 "fork once, then run -> reset -> run ... dirtying 50 pages, per iteration".into(),
-                "restore policy",
+                "restore policy + hot set",
                 r,
                 "drop policy",
                 d,
@@ -129,7 +129,9 @@ pub(super) fn reset_rows(o: &BenchOptions, frames: &HostFrames, rows: &mut Vec<R
             );
             reset50.ours_p99_us = Some(percentile(&restore_only, 0.99));
             rows.push(reset50);
-            hot_rows(&p, &state, n, &restore, iters, rows)?;
+            hot_set_row(&p, &state, n, rows)?;
+        } else {
+            break_even_row(&p, &state, n, &restore, iters, rows)?;
         }
     }
     let n = 50.min(o.pages);
@@ -160,13 +162,60 @@ pub(super) fn reset_rows(o: &BenchOptions, frames: &HostFrames, rows: &mut Vec<R
     Ok(())
 }
 
-fn mean(samples: &[f64]) -> f64 {
-    samples.iter().sum::<f64>() / samples.len().max(1) as f64
+/// Cost per iteration of a loop whose cost repeats every `period` iterations, from `samples`
+/// covering at least two periods after the first (skipped: the warm-up): each position's
+/// median over the periods, averaged over one period — robust to another process's stalls on
+/// this shared machine, and still charging a periodic cost (the hot set's resample) in full.
+fn periodic_mean(samples: &[f64], period: usize) -> f64 {
+    let rest = &samples[period.min(samples.len())..];
+    let periods = rest.len() / period.max(1);
+    if periods == 0 {
+        return median(samples);
+    }
+    let per_position: f64 = (0..period)
+        .map(|pos| {
+            let v: Vec<f64> = (0..periods).map(|k| rest[k * period + pos]).collect();
+            median(&v)
+        })
+        .sum();
+    per_position / period as f64
 }
 
-/// `hot-set-50` and `hot-break-even` for the `n`-page loop of `parent`, whose `iters` cycles
-/// with the default hot set are `hot` (see the module documentation).
-fn hot_rows(
+/// `hot-set-50`: the `n`-page loop of `parent` with the default hot set against every page
+/// tracked, per iteration over whole resample periods (see the module documentation).
+fn hot_set_row(
+    parent: &Guest,
+    state: &guest_vm::VcpuState,
+    n: u64,
+    rows: &mut Vec<Row>,
+) -> Result<()> {
+    progress(&format!(
+        "hot set: {n} pages written every iteration, untracked vs tracked"
+    ));
+    // The set is resampled every `resample_every` resets that find it non-empty; the reset
+    // after a resample starts with it empty, so the pattern repeats every `resample_every + 1`.
+    let period = KVM_HOT_SET.resample_every as usize + 1;
+    let iters = 4 * period;
+    let restore = ResetPolicy::Restore;
+    let (hot, _) = cycles(parent, state, n, restore, Some(KVM_HOT_SET), iters)?;
+    let (tracked, _) = cycles(parent, state, n, restore, None, iters)?;
+    rows.push(row(
+        format!("hot-set-{n}"),
+        format!(
+            "run -> reset -> run ... re-dirtying the same {n} pages, per iteration over whole \
+             resample periods ({period} iterations; median per position)"
+        ),
+        "restore policy + hot set (untracked, copied back every reset)",
+        periodic_mean(&hot, period),
+        "restore policy, every page tracked",
+        periodic_mean(&tracked, period),
+    ));
+    Ok(())
+}
+
+/// `hot-break-even`: per page and iteration of the `n`-page loop (`hot`: its cycles with the
+/// default hot set), a hot page against a tracked page written in the iteration.
+fn break_even_row(
     parent: &Guest,
     state: &guest_vm::VcpuState,
     n: u64,
@@ -174,38 +223,17 @@ fn hot_rows(
     iters: usize,
     rows: &mut Vec<Row>,
 ) -> Result<()> {
-    progress(&format!(
-        "hot set: {n} pages written every iteration, untracked vs tracked"
-    ));
-    let restore = ResetPolicy::Restore;
-    // Long enough for two resamples, so the means carry their cost.
-    let long = iters.max(2 * KVM_HOT_SET.resample_every as usize + 4);
-    let (hot_long, _) = cycles(parent, state, n, restore, Some(KVM_HOT_SET), long)?;
-    let (tracked_long, _) = cycles(parent, state, n, restore, None, long)?;
-    rows.push(row(
-        format!("hot-set-{n}"),
-        format!(
-            "run -> reset -> run ... re-dirtying the same {n} pages, per iteration (means, \
-             warm-up and resamples included)"
-        ),
-        "restore policy + hot set (untracked, copied back every reset)",
-        mean(&hot_long),
-        "restore policy, every page tracked",
-        mean(&tracked_long),
-    ));
-    let (hot1, _) = cycles(parent, state, 1, restore, Some(KVM_HOT_SET), iters)?;
-    let (tracked1, _) = cycles(parent, state, 1, restore, None, iters)?;
-    let per_page = |many: &[f64], one: &[f64]| (median(many) - median(one)) / (n - 1) as f64;
+    let (tracked, _) = cycles(parent, state, n, ResetPolicy::Restore, None, iters)?;
     rows.push(row(
         "hot-break-even",
         format!(
-            "cost of one page per iteration ({n}-page loop minus 1-page loop); ratio = write \
-             frequency above which a page is cheaper hot"
+            "one page of the {n}-page loop, per iteration; ratio = the write frequency above \
+             which a page is cheaper hot"
         ),
         "hot page: copied back at every reset, written without an exit",
-        per_page(hot, &hot1),
+        median(hot) / n as f64,
         "tracked page written in the iteration: exit + scan + copy-back",
-        per_page(&tracked_long, &tracked1),
+        median(&tracked) / n as f64,
     ));
     Ok(())
 }
