@@ -48,7 +48,6 @@ fn forked<B: Backend>() -> (FramePool, Vmar<B::S>, Vmar<B::S>, Vmo) {
     for page in 0..32 {
         cpu.write_u8(page * P + 7, page as u8 + 1).unwrap();
     }
-    drop(cpu);
     let child = parent.fork(B::stage2(&pool)).unwrap();
     child.set_hot_set(Some(POLICY)).unwrap();
     assert_eq!(child.hot_set(), Some(POLICY));
@@ -93,7 +92,6 @@ fn iterate<B: Backend>(
         let page = 16 + (it as u64 % 2) * 16 + rng.below(16);
         put(&mut cpu, page * P + rng.below(P), 0x40 + it as u8);
     }
-    drop(cpu);
     child.write(40 * P + 3, &[0xee]).unwrap();
     writes.insert(40 * P + 3, 0xee);
     let mut want = snapshot.to_vec();
@@ -188,7 +186,6 @@ fn resets_stay_exact_with_a_hot_set<B: Backend>() {
     for &p in &HOT {
         cpu.write_u8(p * P, 0x5a).unwrap();
     }
-    drop(cpu);
     let grandchild = child.fork(B::stage2(&pool)).unwrap();
     let seen = bytes(&grandchild);
     for &p in &HOT {
@@ -204,7 +201,6 @@ fn resets_stay_exact_with_a_hot_set<B: Backend>() {
     for &p in &HOT {
         cpu.write_u8(p * P + 1, 0xa5).unwrap();
     }
-    drop(cpu);
     child.reset_with(ResetPolicy::Restore).unwrap();
     assert_eq!(bytes(&child), snapshot, "{}", B::NAME);
     assert_eq!(bytes(&grandchild), seen, "{}: the grandchild is untouched", B::NAME);

@@ -8,9 +8,10 @@
 //! Policy (`HotSetPolicy`), at every restore reset:
 //! - a page the harvest reports written in `promote_after` consecutive resets joins the set
 //!   (made untracked right after the harvest), while the set holds fewer than `max_pages`;
-//! - every `resample_every` resets the hot pages are tracked again before the harvest (which
-//!   reports them, being unarmed, and arms them); the next reset's harvest says exactly which
-//!   of them the guest wrote in that one iteration: those join again at once, the others leave;
+//! - at every `resample_every`-th reset that finds the set non-empty, the hot pages are
+//!   tracked again before the harvest (which reports them, being unarmed, and arms them); the
+//!   next reset's harvest says exactly which of them the guest wrote in that one iteration:
+//!   those join again at once, the others leave;
 //! - a backend answering `NotSupported` (EPT/NPT: their dirty bits cost the guest no exit)
 //!   makes the policy inert for this address space: nothing is counted any more;
 //! - a drop reset, a new reset point, a fork and a failed harvest forget the set (the pages
