@@ -37,7 +37,7 @@ pub use fault::{decode_npf, decode_svm_exit, decode_vmx_exit, DecodeError};
 pub use fault::{Access, FaultInfo, FaultKind};
 pub use invalidate::{CountingInvalidate, Invalidate};
 pub use phys::{HeapPhysMem, PhysMem};
-pub use stage2::{FlushScope, Stage2, Translation};
+pub use stage2::{FlushScope, Stage2, Translation, WriteTracking};
 pub use svm::{NptTlbControl, TlbControl};
 pub use table::{Harvested, PageTable};
 pub use vmx::{InveptDescriptor, InveptKind};

@@ -13,7 +13,11 @@
 //!   page; backends that can install a run in one host operation (KVM: one `mmap` per
 //!   physically contiguous piece) override it, the rest keep the loop of `map`;
 //! - operations never invalidate the hardware TLB themselves: they record that a flush is
-//!   pending, and the caller issues one `flush` per logical operation.
+//!   pending, and the caller issues one `flush` per logical operation;
+//! - `set_write_tracking` only ever changes what `harvest_dirty` reports towards *more*
+//!   pages (an untracked page is reported by every harvest), and only writable leaves — which
+//!   the memory model installs for private frames only — can be untracked, so no frame shared
+//!   copy-on-write ever becomes writable through it.
 
 use alloc::vec::Vec;
 
@@ -50,6 +54,19 @@ pub enum FlushScope {
     Context,
     /// Every context (INVEPT all-context, SVM TLB_CONTROL = flush all).
     All,
+}
+
+/// Whether a backend tracks the guest's writes to an installed writable page
+/// (`Stage2::set_write_tracking`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteTracking {
+    /// The default of every installed page: a harvest reports the page only if it was written
+    /// since the last harvest, and re-arms tracking (on KVM the next write costs an exit).
+    Tracked,
+    /// Every harvest reports the page as written and leaves it writable without tracking, so
+    /// the guest's writes to it cost nothing (the memory model's copy-back hot set,
+    /// `vmo::HotSetPolicy`).
+    Untracked,
 }
 
 /// The operations the memory model performs on a second-level translation.
@@ -157,6 +174,36 @@ pub trait Stage2 {
     /// memory model then falls back to dropping private pages on reset.
     fn harvest_dirty(&mut self, gpa: u64, len: u64, dirty: &mut Vec<u64>) -> Result<u64, Error> {
         let _ = (gpa, len, dirty);
+        Err(Error::NotSupported)
+    }
+
+    /// Sets the write tracking of every installed writable leaf in `[gpa, gpa + len)` to
+    /// `tracking`; returns the number of 4 KiB pages whose tracking changed.
+    ///
+    /// Contract every implementation keeps:
+    /// - only writable leaves change; read-only leaves and holes are skipped (not an error);
+    ///   arguments are checked as for `harvest_dirty`;
+    /// - `Untracked`: until it ends, every harvest covering the page reports it as written and
+    ///   does not re-arm it; a `protect` that removes its write permission, an `unmap`, or a
+    ///   `map` replacing its leaf ends it (the page is then tracked as any other, and the
+    ///   write-protect rule of `harvest_dirty` still reports it once);
+    /// - `Tracked`: ends `Untracked`; the page counts as written until the next harvest (as
+    ///   a page made writable does), so no write made while it was untracked is missed;
+    /// - a large leaf the range covers only partly is split (or, by a backend that cannot,
+    ///   changed whole: reporting more, never less);
+    /// - on `Err`, each page in the range is either still as it was, or changed as asked:
+    ///   never tracked with a write missed.
+    ///
+    /// Backends whose tracking costs the guest nothing (EPT/NPT dirty bits set by the page
+    /// walk, no exit) keep this default and return `NotSupported`; the memory model then
+    /// keeps every page tracked.
+    fn set_write_tracking(
+        &mut self,
+        gpa: u64,
+        len: u64,
+        tracking: WriteTracking,
+    ) -> Result<u64, Error> {
+        let _ = (gpa, len, tracking);
         Err(Error::NotSupported)
     }
 }

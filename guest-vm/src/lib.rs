@@ -42,7 +42,7 @@ pub mod workload;
 
 pub use addr::{Gpa, Hva, MemfdOffset};
 pub use error::{Error, Result};
-pub use guest::Guest;
+pub use guest::{Guest, KVM_HOT_SET};
 pub use memory::fault_thread::{FaultError, FaultStats, FaultThread, Resolver};
 pub use memory::frames::{HostFrames, MemfdFrameAlloc};
 pub use memory::reservation::Reservation;

@@ -310,3 +310,68 @@ fn snapshot_of_a_running_guest_via_kick() {
     t.join().unwrap();
     assert!(child.snapshot().unwrap().regs.rbx > state.regs.rbx);
 }
+
+/// The copy-back hot set with a real CPL3 guest (`KVM_HOT_SET`, on in every `Guest`): a child
+/// re-dirtying the same 40 scattered pages per iteration has them untracked after two resets
+/// (the harvest reports them without a scan), every reset returns it to the snapshot byte for
+/// byte and keeps every frame, and with the set off the same loop is tracked again.
+#[test]
+fn a_reused_child_writes_its_hot_pages_without_tracking() {
+    require_kvm!();
+    const N: u64 = 40;
+    const STRIDE: u64 = 3 * 4096;
+    let frames = HostFrames::new(64 << 20).unwrap();
+    let mut parent = Guest::new(&frames, 16 << 20).unwrap();
+    assert_eq!(parent.vmar().hot_set(), Some(guest_vm::KVM_HOT_SET));
+    let args = GuestArgs {
+        rdi: DATA_GPA,
+        rcx: N,
+        rdx: STRIDE,
+        rax: 7,
+        ..Default::default()
+    };
+    parent.vm_mut().load(&programs::write_loop(), args).unwrap();
+    parent.prefault(DATA_GPA, N * STRIDE, true).unwrap();
+    let state = parent.snapshot().unwrap();
+    let mut snap = vec![0u8; (N * STRIDE) as usize];
+    parent.vmar().read(DATA_GPA, &mut snap).unwrap();
+    let mut child = parent.fork(&state).unwrap();
+    let mut now = vec![0u8; snap.len()];
+    let mut live = None;
+    for it in 0..8 {
+        match child.vm_mut().run().unwrap() {
+            VmExit::Done(7) => {}
+            other => panic!("iteration {it}: {other:?}"),
+        }
+        child.vmar().read(DATA_GPA, &mut now).unwrap();
+        assert!(
+            (0..N).all(|i| now[(i * STRIDE) as usize] == 7),
+            "iteration {it}: the guest's writes are visible"
+        );
+        let before = child.vmar().with_stage2(|s| s.stats());
+        let hot = child.vmar().hot_set_stats().pages;
+        let reset = child.reset(&state).unwrap();
+        assert!(reset >= N, "iteration {it}: {reset} pages reset");
+        let after = child.vmar().with_stage2(|s| s.stats());
+        child.vmar().read(DATA_GPA, &mut now).unwrap();
+        assert!(now == snap, "iteration {it}: reset to the snapshot");
+        let frames_now = frames.pool.stats().live;
+        assert_eq!(*live.get_or_insert(frames_now), frames_now, "iteration {it}");
+        if it >= 2 {
+            assert!(hot >= N, "iteration {it}: {:?}", child.vmar().hot_set_stats());
+            assert_eq!(after.untracked_reported - before.untracked_reported, hot);
+        }
+    }
+    assert!(child.vmar().hot_set_stats().pages >= N);
+    child.set_hot_set(None).unwrap();
+    assert_eq!(child.vmar().hot_set_stats().pages, 0);
+    for _ in 0..2 {
+        child.vm_mut().run().unwrap();
+        let before = child.vmar().with_stage2(|s| s.stats());
+        child.reset(&state).unwrap();
+        let after = child.vmar().with_stage2(|s| s.stats());
+        assert_eq!(after.untracked_reported, before.untracked_reported);
+        child.vmar().read(DATA_GPA, &mut now).unwrap();
+        assert!(now == snap);
+    }
+}

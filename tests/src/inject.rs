@@ -19,7 +19,9 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use ept::{BackendFailure, FlushScope, MemType, PageSize, S2Perms, Stage2, Translation};
+use ept::{
+    BackendFailure, FlushScope, MemType, PageSize, S2Perms, Stage2, Translation, WriteTracking,
+};
 use vmo::{FrameAlloc, Paddr, Pager, PAGE_BYTES, PAGE_SIZE};
 
 /// Which operations of a seam fail.
@@ -109,7 +111,8 @@ pub const STAGE2_ERRORS: [ept::Error; 3] = [
     }),
 ];
 
-/// A `Stage2` whose `map` / `unmap` / `protect` / `harvest_dirty` fail as its injector says.
+/// A `Stage2` whose `map` / `unmap` / `protect` / `harvest_dirty` / `set_write_tracking` fail
+/// as its injector says.
 pub struct FaultyStage2<S: Stage2> {
     pub inner: S,
     pub injector: Arc<Injector>,
@@ -185,6 +188,20 @@ impl<S: Stage2> Stage2 for FaultyStage2<S> {
             return Err(self.error);
         }
         self.inner.harvest_dirty(gpa, len, dirty)
+    }
+    fn set_write_tracking(
+        &mut self,
+        gpa: u64,
+        len: u64,
+        tracking: WriteTracking,
+    ) -> Result<u64, ept::Error> {
+        if self.injector.hit() {
+            if let (Partial::Half, Some((g, l))) = (self.partial, Self::half(gpa, len)) {
+                let _ = self.inner.set_write_tracking(g, l, tracking);
+            }
+            return Err(self.error);
+        }
+        self.inner.set_write_tracking(gpa, len, tracking)
     }
 }
 

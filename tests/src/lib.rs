@@ -5,6 +5,8 @@
 //!
 //! The conformance suite (`tests/tests/*.rs`) is generic over `Backend`, so the same cases run
 //! on `EptTable`, `NptTable` and guest-vm's `KvmStage2` (where /dev/kvm and root are available).
+//! Backends that can leave pages untracked (KVM, `Stage2::set_write_tracking`) also report
+//! that state (`Backend::write_tracking`, `Backend::untracked_reported`) for the hot-set cases.
 //! Shared helpers: `harvest` (a dirty harvest through the seam, with the caller's flush),
 //! `writable_pages`, and `Rng` (a deterministic schedule).
 //!
@@ -21,7 +23,10 @@ pub mod model;
 
 use std::sync::Arc;
 
-use ept::{Access, AccessDirty, FaultInfo, FaultKind, HeapPhysMem, S2Perms, Stage2, Translation};
+use ept::{
+    Access, AccessDirty, FaultInfo, FaultKind, HeapPhysMem, S2Perms, Stage2, Translation,
+    WriteTracking,
+};
 use vmo::{FramePool, Resolution, Vmar};
 
 /// A second-level backend the conformance suite can run on.
@@ -61,6 +66,20 @@ pub trait Backend: Sized {
     /// to write there. Called with the Stage2 lock held (so the frame cannot be freed under it).
     fn guest_write(s: &mut Self::S, pool: &FramePool, t: Translation, gpa: u64, data: &[u8]) {
         frame_write(s, pool, t, gpa, data)
+    }
+
+    /// The backend's write tracking of the writable page at `gpa` (`None`: nothing writable
+    /// installed there, or a backend that never leaves a page untracked).
+    fn write_tracking(s: &Self::S, gpa: u64) -> Option<WriteTracking> {
+        let _ = (s, gpa);
+        None
+    }
+
+    /// Pages the backend's harvests reported as untracked so far, without scanning them
+    /// (`None`: a backend with no untracked pages).
+    fn untracked_reported(s: &Self::S) -> Option<u64> {
+        let _ = s;
+        None
     }
 }
 
@@ -207,6 +226,12 @@ impl Backend for Kvm {
     }
     fn flushes(s: &Self::S) -> u64 {
         s.stats().flushes
+    }
+    fn write_tracking(s: &Self::S, gpa: u64) -> Option<WriteTracking> {
+        s.write_tracking(gpa)
+    }
+    fn untracked_reported(s: &Self::S) -> Option<u64> {
+        Some(s.stats().untracked_reported)
     }
 }
 

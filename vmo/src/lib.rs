@@ -7,7 +7,8 @@
 //! - [`vmo`]: `Vmo` — page sets (copy-on-write XArray), slices, snapshot children, pager,
 //!   pins, rights, reset points (drop and copy-back restore);
 //! - [`vmar`]: `Vmar` — regions, mappings, the single fault path, fork / reset, dirty
-//!   tracking, bulk prefault and prefetch, the model's own reads and writes;
+//!   tracking, bulk prefault and prefetch, the model's own reads and writes, the copy-back
+//!   reset's adaptive hot set;
 //! - [`pager`]: the `Pager` contract (and the file-backed pager with `std`);
 //! - [`dma`]: `DmaDomain`, the IOVA space devices reach guest memory through;
 //! - `sync`: the locks and protocol atomics (spin's, or shuttle's under the `shuttle` feature
@@ -32,8 +33,8 @@ pub use ept::PAGE_SIZE;
 pub const PAGE_BYTES: usize = PAGE_SIZE as usize;
 pub use pager::Pager;
 pub use vmar::{
-    FaultOutcome, FaultStats, MapOptions, MappingInfo, Placement, ResetPolicy, Resolution, VmPerms,
-    Vmar, WorkingSet, DEFAULT_FAULT_AROUND, MAX_FAULT_AROUND,
+    FaultOutcome, FaultStats, HotSetPolicy, HotSetStats, MapOptions, MappingInfo, Placement,
+    ResetPolicy, Resolution, VmPerms, Vmar, WorkingSet, DEFAULT_FAULT_AROUND, MAX_FAULT_AROUND,
 };
 pub use vmo::{
     ChildKind, FaultAccess, FaultedPage, PageOrigin, RangeChange, RestoreStats, Rights, Vmo,

@@ -18,7 +18,8 @@
 //!
 //! This file is the one writer of the memslot's host range: installing a frame
 //! (`install_frame`, for `KvmStage2`), moving an installed range between read-only and
-//! writable (`make_read_only` / `make_writable`), write tracking (`arm`, `harvest_written`),
+//! writable (`make_read_only` / `make_writable`), write tracking (`arm`, `harvest_written`,
+//! `disarm`),
 //! putting an anonymous piece back (`restore`), and poisoning a page after a refused fault
 //! (`poison` / `unpoison`, for the fault thread). Addresses are typed: the guest side speaks
 //! [`Gpa`], the host side [`Hva`], frames [`MemfdOffset`].
@@ -329,6 +330,15 @@ impl Reservation {
         // (The kernel refuses DONTWAKE together with WP; nothing waits on the tracker anyway.)
         self.tracker
             .writeprotect(hva.0, len, Protection::Protect, Wake::Wake)
+    }
+
+    /// Ends write tracking of the writable installs `[gpa, gpa+len)` (`KvmStage2`'s untracked
+    /// hot-set pages): their write protection on the tracker is cleared, so the guest's
+    /// writes cost no fault and `harvest_written` no longer sees them.
+    pub(crate) fn disarm(&self, gpa: Gpa, len: u64) -> Result<()> {
+        let hva = self.piece(gpa, len)?;
+        self.tracker
+            .writeprotect(hva.0, len, Protection::Unprotect, Wake::Wake)
     }
 
     /// Appends to `out` the runs `(start, len)` of the armed writable installs in

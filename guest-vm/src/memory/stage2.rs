@@ -18,10 +18,16 @@
 //!   leaves in the range, unarmed ones are reported whole and armed (`UFFDIO_WRITEPROTECT` on
 //!   the tracker; a leaf installed or made writable is never armed at install, so its first
 //!   write costs no tracking fault), armed ones are reported as `PAGEMAP_SCAN` says written
-//!   and re-armed in the same scan; a written large leaf reports all its pages. Only the
+//!   and re-armed in the same scan, untracked ones are reported whole with no host call; a
+//!   written large leaf reports all its pages. Only the
 //!   writable index is walked, so the cost follows private pages, not guest size. Writes by
 //!   the VMM through the reservation are tracked; writes through the frame pool's own mapping
 //!   (`FrameAlloc::frame_ptr`) are not;
+//! - `set_write_tracking` (the copy-back hot set, `vmo::HotSetPolicy`): `Untracked` clears
+//!   the tracker's write protection of the range's writable leaves (one `UFFDIO_WRITEPROTECT`
+//!   per run that was armed) and marks them so every harvest reports them whole and never
+//!   arms them — the guest writes them without an exit; `Tracked` makes them unarmed again
+//!   (counted as written by the next harvest, which arms them), with no host call;
 //! - `query` answers from a host-side record of installed leaves;
 //! - `flush` does nothing: KVM's MMU notifier drops its shadow/TDP entries when we remap.
 //!
@@ -29,9 +35,11 @@
 //! - `leaves` holds disjoint leaves (as extents: one record per run of 4 KiB leaves over
 //!   consecutive frames with equal attributes, `LeafIndex`) and matches the host mappings
 //!   exactly;
-//! - a leaf is armed only while writable, and an armed leaf's host pages are write-protected
-//!   on the tracker except those written since (which the next scan reports); a failed
-//!   harvest disarms the range (its next harvest over-reports, never under-reports);
+//! - a leaf is armed or untracked only while writable, and an armed leaf's host pages are
+//!   write-protected on the tracker except those written since (which the next scan
+//!   reports); a failed harvest disarms the range's armed leaves (its next harvest
+//!   over-reports, never under-reports); an untracked leaf is reported by every harvest
+//!   whatever its host state, so a failed `disarm` only costs the guest exits;
 //! - `writable` is exactly the set of leaf starts whose perms contain WRITE, and `odd_ro` the
 //!   number of other leaves whose perms are not plain READ; together they let the common
 //!   write-protect of a fork (`protect(range, READ)`) return in O(log n) when nothing in the
@@ -50,12 +58,14 @@
 
 use std::sync::Arc;
 
-use ept::{BackendFailure, FlushScope, MemType, PageSize, S2Perms, Stage2, Translation};
+use ept::{
+    BackendFailure, FlushScope, MemType, PageSize, S2Perms, Stage2, Translation, WriteTracking,
+};
 
 use crate::addr::{Gpa, MemfdOffset};
 use crate::error::Error;
 use crate::memory::frames::MemfdFrameAlloc;
-use crate::memory::leaves::{Leaf, LeafIndex};
+use crate::memory::leaves::{Leaf, LeafIndex, Track};
 use crate::memory::ranges::{runs, RangeSet};
 use crate::memory::reservation::{Install, MoveError, Reservation};
 use crate::sys::mmap::ensure_max_map_count;
@@ -76,6 +86,10 @@ pub struct Stage2Stats {
     pub harvests: u64,
     /// `flush` calls (no-ops here; counted for the conformance suite).
     pub flushes: u64,
+    /// Pages harvests reported because they are untracked (no scan, no host call).
+    pub untracked_reported: u64,
+    /// Pages harvests scanned with `PAGEMAP_SCAN` (armed leaves).
+    pub scanned: u64,
 }
 
 /// The KVM/userfaultfd `Stage2` backend; see the module documentation.
@@ -119,6 +133,16 @@ impl KvmStage2 {
     /// Installed 4 KiB pages.
     pub fn mapped_pages(&self) -> u64 {
         self.leaves.pages()
+    }
+
+    /// The write tracking of the writable leaf covering `gpa` (`None`: nothing writable is
+    /// installed there).
+    pub fn write_tracking(&self, gpa: u64) -> Option<WriteTracking> {
+        let (_, l) = self.leaves.covering(gpa)?;
+        l.perms.contains(S2Perms::WRITE).then_some(match l.track {
+            Track::Untracked => WriteTracking::Untracked,
+            Track::Armed | Track::Unarmed => WriteTracking::Tracked,
+        })
     }
 
     /// The module invariants as code: the leaf index keeps its own (`LeafIndex`), and every
@@ -215,7 +239,7 @@ impl KvmStage2 {
             if now == to {
                 self.leaves.set_perms_in(s, l, perms);
             }
-            self.leaves.set_armed_in(s, l, false);
+            self.leaves.disarm_in(s, l);
             return Err(Self::fail(error));
         }
         Ok(())
@@ -299,7 +323,7 @@ impl Stage2 for KvmStage2 {
                 size,
                 perms,
                 mem_type,
-                armed: false,
+                track: Track::Unarmed,
             },
         );
         self.debug_check();
@@ -472,7 +496,7 @@ impl Stage2 for KvmStage2 {
             // Some pages may be re-armed without their report reaching the caller: count the
             // whole range as written next time.
             dirty.truncate(before);
-            self.leaves.set_armed_in(gpa, len, false);
+            self.leaves.disarm_in(gpa, len);
             self.debug_check();
             return Err(Self::fail(e));
         }
@@ -490,6 +514,44 @@ impl Stage2 for KvmStage2 {
         }
         self.debug_check();
         Ok((dirty.len() - before) as u64)
+    }
+
+    fn set_write_tracking(
+        &mut self,
+        gpa: u64,
+        len: u64,
+        tracking: WriteTracking,
+    ) -> Result<u64, ept::Error> {
+        self.check_range(gpa, len)?;
+        self.leaves.split_at(gpa);
+        self.leaves.split_at(gpa + len);
+        let changed = match tracking {
+            WriteTracking::Tracked => self.leaves.retrack_in(gpa, len, |t| match t {
+                // Unarmed counts as written by the next harvest, which arms it.
+                Track::Untracked => Track::Unarmed,
+                other => other,
+            }),
+            WriteTracking::Untracked => {
+                // The runs write-protected on the tracker now (armed): cleared once each,
+                // after the records say untracked (so a failure still over-reports).
+                let armed: Vec<(u64, u64)> = self
+                    .leaves
+                    .writable_in(gpa, len)
+                    .filter(|(_, l)| l.track == Track::Armed)
+                    .map(|(s, l)| (s, l.size.bytes()))
+                    .collect();
+                let changed = self.leaves.retrack_in(gpa, len, |_| Track::Untracked);
+                for (s, l) in runs(armed) {
+                    if let Err(e) = self.res.disarm(Gpa(s), l) {
+                        self.debug_check();
+                        return Err(Self::fail(e));
+                    }
+                }
+                changed
+            }
+        };
+        self.debug_check();
+        Ok(changed)
     }
 }
 
@@ -510,7 +572,8 @@ impl KvmStage2 {
     }
 
     /// `harvest_dirty` over `leaves` (writable, ascending): per maximal run of adjacent
-    /// leaves with the same `armed`, arm-and-report-all or scan-and-report-written.
+    /// leaves with the same tracking, arm-and-report-all (unarmed), scan-and-report-written
+    /// (armed) or report-all (untracked).
     fn harvest_leaves(
         &mut self,
         leaves: &[(u64, Leaf)],
@@ -522,19 +585,28 @@ impl KvmStage2 {
             let (start, first) = leaves[i];
             let mut end = start + first.size.bytes();
             let mut j = i + 1;
-            while j < leaves.len() && leaves[j].0 == end && leaves[j].1.armed == first.armed {
+            while j < leaves.len() && leaves[j].0 == end && leaves[j].1.track == first.track {
                 end += leaves[j].1.size.bytes();
                 j += 1;
             }
-            if first.armed {
-                written.clear();
-                self.res
-                    .harvest_written(Gpa(start), end - start, &mut written)?;
-                report_written(&leaves[i..j], &written, dirty);
-            } else {
-                self.res.arm(Gpa(start), end - start)?;
-                self.leaves.set_armed_in(start, end - start, true);
-                dirty.extend((start..end).step_by(PAGE_SIZE as usize));
+            match first.track {
+                Track::Armed => {
+                    written.clear();
+                    self.res
+                        .harvest_written(Gpa(start), end - start, &mut written)?;
+                    self.stats.scanned += (end - start) / PAGE_SIZE;
+                    report_written(&leaves[i..j], &written, dirty);
+                }
+                Track::Unarmed => {
+                    self.res.arm(Gpa(start), end - start)?;
+                    self.leaves
+                        .retrack_in(start, end - start, |_| Track::Armed);
+                    dirty.extend((start..end).step_by(PAGE_SIZE as usize));
+                }
+                Track::Untracked => {
+                    self.stats.untracked_reported += (end - start) / PAGE_SIZE;
+                    dirty.extend((start..end).step_by(PAGE_SIZE as usize));
+                }
             }
             i = j;
         }

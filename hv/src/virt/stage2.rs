@@ -6,7 +6,9 @@
 //! frame's pointer is its address); flushes go through ept's `Invalidate` hooks — INVEPT runs
 //! at once, an NPT flush leaves a TLB_CONTROL value that `take_tlb_control` hands to the
 //! vCPU's next VMRUN; `harvest_dirty` goes to the inner table (NPT: the D bits; EPT:
-//! `NotSupported`, since hv builds its EPTP with A/D disabled).
+//! `NotSupported`, since hv builds its EPTP with A/D disabled), and so does
+//! `set_write_tracking` (`NotSupported` on both: their tracking costs the guest no exit, so
+//! no page is ever left untracked).
 
 use ept::vmx::InveptInvalidate;
 use ept::{
@@ -160,6 +162,17 @@ impl Stage2 for HvTable {
         match self {
             HvTable::Ept(t) => t.harvest_dirty(gpa, len, dirty),
             HvTable::Npt(t) => t.harvest_dirty(gpa, len, dirty),
+        }
+    }
+    fn set_write_tracking(
+        &mut self,
+        gpa: u64,
+        len: u64,
+        tracking: ept::WriteTracking,
+    ) -> Result<u64, ept::Error> {
+        match self {
+            HvTable::Ept(t) => t.set_write_tracking(gpa, len, tracking),
+            HvTable::Npt(t) => t.set_write_tracking(gpa, len, tracking),
         }
     }
 }

@@ -1,7 +1,9 @@
 //! `Vmar::fork` and `Vmar::reset` / `reset_with`: snapshot a guest's address space into a
 //! child that shares every frame copy-on-write, and bring a fork back to its snapshot —
 //! dropping the pages it changed (`ResetPolicy::Drop`) or copying the snapshot's bytes back
-//! into the pages it wrote (`ResetPolicy::Restore`, through the backend's dirty harvest).
+//! into the pages it wrote (`ResetPolicy::Restore`, through the backend's dirty harvest; with
+//! the hot set of `hot.rs`, pages written every iteration are left untracked and reported by
+//! every harvest).
 //!
 //! Policy per mapping:
 //! - private mappings: the child maps a snapshot child of the Vmo (one per distinct Vmo, so two
@@ -90,6 +92,7 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
             defer_flush: crate::sync::AtomicU32::new(0),
             dirty: crate::sync::Mutex::new(None),
             recording: crate::sync::Mutex::new(None),
+            hot: crate::sync::Mutex::new(super::hot::HotSet::new(self.hot_set())),
         });
         let mut child_tree = Tree::new(root_len);
         // Regions: ids grow with creation, so parents come before their children.
@@ -128,6 +131,8 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
         }
         child_tree.debug_check();
         *child_space.tree.write() = child_tree;
+        // The parent's private entries were write-protected, which ends untracked.
+        self.space.hot.lock().forget();
         drop(tree);
         Ok(Vmar {
             space: child_space,
@@ -169,7 +174,9 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
     ///   pages that cannot be refilled in place (a frame shared with a later fork) go back to
     ///   the reset point's frame. A backend that cannot harvest (`NotSupported`), or a harvest
     ///   that fails part-way (its dirty record is then incomplete), makes this a `Drop` reset,
-    ///   which is correct whatever was written.
+    ///   which is correct whatever was written. With a hot set (`set_hot_set`), the pages the
+    ///   guest wrote in the last resets are then left untracked (`hot.rs`), and the harvest
+    ///   reports them at every reset.
     ///
     /// All or nothing, like `reset`; one flush at the end.
     pub fn reset_with(&self, policy: ResetPolicy) -> Result<RestoreStats> {
@@ -180,11 +187,14 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
         tree.region(ROOT)?;
         let _flush = DeferredFlush::new(&self.space);
         if policy == ResetPolicy::Restore {
-            if let Ok(items) = self.harvest_private(&tree) {
+            let harvested = self.harvest_private(&tree, &mut self.space.hot.lock());
+            if let Ok(items) = harvested {
                 return Vmo::restore_objects(&items);
             }
         }
         let dropped = Vmo::reset_objects(&Self::private_vmos(&tree))?;
+        // Every changed page was dropped, untracked ones included.
+        self.space.hot.lock().forget();
         Ok(RestoreStats {
             restored: 0,
             dropped,
@@ -192,20 +202,32 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
     }
 
     /// Every private mapping's Vmo with the offsets (in that handle) the backend reports as
-    /// written since the last harvest; tracking is re-armed.
-    fn harvest_private(&self, tree: &Tree<S>) -> Result<Vec<(Vmo, Vec<u64>)>> {
+    /// written since the last harvest; tracking is re-armed, and the hot set `hot` resampled
+    /// before and updated after (a failed harvest forgets it: the caller drops).
+    fn harvest_private(
+        &self,
+        tree: &Tree<S>,
+        hot: &mut super::hot::HotSet,
+    ) -> Result<Vec<(Vmo, Vec<u64>)>> {
         let mut out: Vec<(Vmo, Vec<u64>)> = Vec::new();
         let mut stage2 = self.space.stage2.lock();
+        hot.before_harvest(&mut *stage2);
         let mut dirty = Vec::new();
+        let mut all = Vec::new();
         for m in tree.mappings.values().filter(|m| !m.shared) {
             dirty.clear();
-            stage2.harvest_dirty(m.base, m.len, &mut dirty)?;
+            if let Err(e) = stage2.harvest_dirty(m.base, m.len, &mut dirty) {
+                hot.forget();
+                return Err(e.into());
+            }
+            all.extend_from_slice(&dirty);
             let offsets = dirty.iter().map(|gpa| m.vmo_offset + (gpa - m.base));
             match out.iter_mut().find(|(v, _)| v.same_object(&m.vmo)) {
                 Some((_, o)) => o.extend(offsets),
                 None => out.push((m.vmo.clone(), offsets.collect())),
             }
         }
+        hot.after_harvest(&mut *stage2, &mut all);
         Ok(out)
     }
 
@@ -218,6 +240,8 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
         let tree = self.space.tree.write();
         tree.region(ROOT)?;
         let _flush = DeferredFlush::new(&self.space);
+        // Write-protecting the pages ends untracked (also if this fails part-way).
+        self.space.hot.lock().forget();
         for vmo in Self::private_vmos(&tree) {
             vmo.set_reset_point()?;
         }

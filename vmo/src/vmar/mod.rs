@@ -6,15 +6,18 @@
 //! A `Vmar` handle names one region of a space. Operations live one per file: `map`, `unmap`,
 //! `protect`, `region` (allocate/destroy/query), `fork` (fork and reset), `page_fault` (the single
 //! fault path every backend calls) with `large_leaf` (its 2 MiB step), `prefault` (that path over a range, in bulk), `record` (working-set recording and prefetch), `io` (the model's own reads and writes by guest-physical
-//! address), `dirty` (KVM-style dirty tracking).
+//! address), `dirty` (KVM-style dirty tracking), `hot` (the copy-back reset's adaptive hot
+//! set of untracked pages).
 //!
 //! Invariants:
 //! - mappings never overlap, and each lies inside exactly one live region;
 //! - every installed second-level entry lies inside a mapping, translates to a frame the mapped
 //!   Vmo holds at that offset, and has at most the mapping's permissions; write permission is
 //!   installed only for frames private to the Vmo (copy-on-write frames are read-only);
-//! - lock order: tree lock → Vmo page lock → Vmo observer lock → stage2 lock. Vmo observers
-//!   (`observer.rs`) only ever take the stage2 lock;
+//! - lock order: tree lock → Vmo page lock → Vmo observer lock → stage2 lock, and tree lock →
+//!   hot-set lock → stage2 lock. Vmo observers (`observer.rs`) only ever take the stage2
+//!   lock; the hot-set lock is taken only with the tree lock held for writing (reset, fork,
+//!   `set_reset_point`, `set_hot_set`) and only ever before the stage2 lock;
 //! - each Vmar operation flushes the second-level TLB at most once, at its end; `fork`
 //!   write-protects the parent's writable entries and flushes once.
 //!
@@ -24,6 +27,7 @@
 
 mod dirty;
 mod fork;
+mod hot;
 mod io;
 mod large_leaf;
 mod map;
@@ -43,6 +47,7 @@ use ept::{FlushScope, S2Perms, Stage2};
 
 use crate::{Error, Result, PAGE_SIZE};
 pub use fork::ResetPolicy;
+pub use hot::{HotSetPolicy, HotSetStats};
 pub use map::{MapOptions, Placement};
 pub use page_fault::{FaultOutcome, Resolution};
 pub use record::WorkingSet;
@@ -163,6 +168,8 @@ pub(crate) struct Space<S: Stage2 + Send + 'static> {
     dirty: crate::sync::Mutex<Option<alloc::collections::BTreeSet<u64>>>,
     /// The working set being recorded (`record.rs`), if recording is on.
     recording: crate::sync::Mutex<Option<WorkingSet>>,
+    /// The copy-back reset's hot set (`hot.rs`).
+    hot: crate::sync::Mutex<hot::HotSet>,
 }
 
 impl<S: Stage2 + Send + 'static> Space<S> {
@@ -235,6 +242,7 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
             defer_flush: crate::sync::AtomicU32::new(0),
             dirty: crate::sync::Mutex::new(None),
             recording: crate::sync::Mutex::new(None),
+            hot: crate::sync::Mutex::new(hot::HotSet::new(None)),
         };
         Ok(Vmar {
             space: Arc::new(space),

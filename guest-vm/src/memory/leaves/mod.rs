@@ -1,30 +1,45 @@
 //! `LeafIndex`: `KvmStage2`'s record of installed leaves — pure bookkeeping, no host calls.
 //!
 //! A leaf is one installed translation: a run of memfd frames at a guest-physical start, with
-//! a page size, perms, a memory type and whether write tracking is armed on it (`armed`: the
-//! host mapping is write-protected on the reservation's tracker, so its pages written since
-//! are exactly what `PAGEMAP_SCAN` reports; an unarmed writable leaf counts as written
-//! whole). Besides the leaves (start GPA → leaf), the index
+//! a page size, perms, a memory type and its write tracking (`Track`: `Armed` — the host
+//! mapping is write-protected on the reservation's tracker, so its pages written since are
+//! exactly what `PAGEMAP_SCAN` reports; `Unarmed` — counts as written whole by the next
+//! harvest, which arms it; `Untracked` — the copy-back hot set's pages, counted as written
+//! whole by every harvest and never armed). Besides the leaves (start GPA → leaf), the index
 //! keeps what the common write-protect of a fork needs in O(log n):
 //! - `writable`: exactly the starts of the leaves whose perms contain WRITE;
 //! - `odd_ro`: the number of other leaves whose perms are not plain READ.
 //!
 //! Records are extents: a run of 4 KiB leaves over consecutive frames with the same
 //! attributes is one record (a run installed by one `mmap`, or single pages that continue
-//! one), until an unmap, protect, arm or replacement splits it; a large leaf is one record.
+//! one), until an unmap, protect, tracking change or replacement splits it; a large leaf is
+//! one record.
 //! The interface speaks leaves (`covering`, `range`, `take` answer per leaf), so callers
 //! never see the extent boundaries; `writable` and `odd_ro` count records.
 //!
 //! Invariants (`check_invariants`, run in debug builds by `KvmStage2` after every change):
 //! records are disjoint and aligned to their leaf size (start and frame), and only 4 KiB
 //! leaves form extents of more than one; `writable` and `odd_ro`
-//! are as above; only writable leaves are armed (a perms change disarms: a leaf made writable
-//! is unarmed, a leaf made read-only leaves the tracker). Splitting a large leaf refines the record only (the host mapping is one
-//! piece either way).
+//! are as above; only writable leaves are `Armed` or `Untracked` (a change of write
+//! permission makes a leaf `Unarmed`: a leaf made writable starts unarmed, a leaf made
+//! read-only leaves the tracker; a replaced leaf starts unarmed). Splitting a large leaf
+//! refines the record only (the host mapping is one piece either way).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use ept::{MemType, PageSize, S2Perms, Translation, PAGE_SIZE};
+
+/// The write tracking of a leaf; see the module documentation. Read-only leaves are always
+/// `Unarmed` (they are not on the tracker at all).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Track {
+    /// Not write-protected on the tracker: the next harvest reports it whole and arms it.
+    Unarmed,
+    /// Write-protected on the tracker: its pages written since are what a scan reports.
+    Armed,
+    /// Never write-protected (`ept::WriteTracking::Untracked`): every harvest reports it whole.
+    Untracked,
+}
 
 /// One installed translation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,8 +48,8 @@ pub(crate) struct Leaf {
     pub size: PageSize,
     pub perms: S2Perms,
     pub mem_type: MemType,
-    /// Write tracking is armed (only ever on writable leaves; fits in the padding).
-    pub armed: bool,
+    /// Write tracking (only writable leaves are ever other than `Unarmed`; fits in the padding).
+    pub track: Track,
 }
 
 impl Leaf {
@@ -60,7 +75,7 @@ struct Rec {
     size: PageSize,
     perms: S2Perms,
     mem_type: MemType,
-    armed: bool,
+    track: Track,
 }
 
 impl Rec {
@@ -71,7 +86,7 @@ impl Rec {
             size: leaf.size,
             perms: leaf.perms,
             mem_type: leaf.mem_type,
-            armed: leaf.armed,
+            track: leaf.track,
         }
     }
 
@@ -86,7 +101,7 @@ impl Rec {
             size: self.size,
             perms: self.perms,
             mem_type: self.mem_type,
-            armed: self.armed,
+            track: self.track,
         }
     }
 
@@ -95,7 +110,7 @@ impl Rec {
         self.size == PageSize::Size4K
             && next.size == PageSize::Size4K
             && self.pa + self.bytes() == next.pa
-            && (self.perms, self.mem_type, self.armed) == (next.perms, next.mem_type, next.armed)
+            && (self.perms, self.mem_type, self.track) == (next.perms, next.mem_type, next.track)
             && u64::from(self.pages) + u64::from(next.pages) <= u64::from(u32::MAX)
     }
 
@@ -188,15 +203,31 @@ impl LeafIndex {
             .flat_map(move |(s, r)| r.leaves_in(s, gpa, end))
     }
 
-    /// Sets `armed` of the writable leaves starting in `[gpa, gpa+len)` (visits only them).
-    pub fn set_armed_in(&mut self, gpa: u64, len: u64, armed: bool) {
+    /// Sets the tracking of every writable leaf starting in `[gpa, gpa+len)` to `to(its
+    /// tracking)` (visits only them); returns the 4 KiB pages whose tracking changed.
+    pub fn retrack_in(&mut self, gpa: u64, len: u64, to: impl Fn(Track) -> Track) -> u64 {
         self.split_extent_at(gpa);
         self.split_extent_at(gpa + len);
+        let mut changed = 0;
         for s in self.writable.range(gpa..gpa + len) {
             if let Some(r) = self.recs.get_mut(s) {
-                r.armed = armed;
+                let t = to(r.track);
+                if t != r.track {
+                    changed += r.bytes() / PAGE_SIZE;
+                    r.track = t;
+                }
             }
         }
+        changed
+    }
+
+    /// Armed writable leaves starting in `[gpa, gpa+len)` become `Unarmed` (their host state
+    /// is unknown after a failure: counted as written next time); untracked ones stay.
+    pub fn disarm_in(&mut self, gpa: u64, len: u64) {
+        self.retrack_in(gpa, len, |t| match t {
+            Track::Armed => Track::Unarmed,
+            other => other,
+        });
     }
 
     /// Whether a writable leaf starts in `[gpa, gpa+len)`.
@@ -306,7 +337,7 @@ impl LeafIndex {
             size: PageSize::Size4K,
             perms,
             mem_type,
-            armed: false,
+            track: Track::Unarmed,
         };
         self.insert(start, rec);
         self.merge_around(start);
@@ -336,7 +367,7 @@ impl LeafIndex {
     }
 
     /// Sets the perms of every leaf starting in `[gpa, gpa+len)` to `perms`; a leaf whose
-    /// write permission changes is disarmed.
+    /// write permission changes becomes `Unarmed` (armed or untracked before).
     pub fn set_perms_in(&mut self, gpa: u64, len: u64, perms: S2Perms) {
         self.split_extent_at(gpa);
         self.split_extent_at(gpa + len);
@@ -348,12 +379,12 @@ impl LeafIndex {
         for (start, rec) in recs {
             if rec.perms != perms {
                 let keep = rec.perms.contains(S2Perms::WRITE) && perms.contains(S2Perms::WRITE);
-                let armed = rec.armed && keep;
+                let track = if keep { rec.track } else { Track::Unarmed };
                 self.insert(
                     start,
                     Rec {
                         perms,
-                        armed,
+                        track,
                         ..rec
                     },
                 );
@@ -370,7 +401,7 @@ impl LeafIndex {
         self.split_extent_at(gpa + len);
         for rec in self.recs.range_mut(gpa..gpa + len).map(|(_, r)| r) {
             rec.perms = S2Perms::READ;
-            rec.armed = false;
+            rec.track = Track::Unarmed;
         }
         let mut inside = self.writable.split_off(&gpa);
         let mut after = inside.split_off(&(gpa + len));
@@ -436,8 +467,9 @@ impl LeafIndex {
                 rec.pages
             );
             assert!(
-                !rec.armed || rec.perms.contains(S2Perms::WRITE),
-                "read-only leaf {start:#x} armed"
+                rec.track == Track::Unarmed || rec.perms.contains(S2Perms::WRITE),
+                "read-only leaf {start:#x} is {:?}",
+                rec.track
             );
             if rec.perms.contains(S2Perms::WRITE) {
                 assert!(

@@ -11,7 +11,7 @@ fn leaf(pa: u64, size: PageSize, perms: S2Perms) -> Leaf {
         size,
         perms,
         mem_type: MemType::WriteBack,
-        armed: false,
+        track: Track::Unarmed,
     }
 }
 
@@ -46,27 +46,27 @@ fn armed_follows_write_permission_and_survives_splits() {
     ix.put(M2, leaf(4 * M2, PageSize::Size2M, S2Perms::RW));
     ix.put(0, leaf(0, PageSize::Size4K, S2Perms::READ));
     ix.put(PAGE_SIZE, leaf(PAGE_SIZE, PageSize::Size4K, S2Perms::RW));
-    ix.set_armed_in(0, 2 * M2, true);
+    ix.retrack_in(0, 2 * M2, |_| Track::Armed);
     let armed: Vec<(u64, bool)> = ix
         .writable_in(0, 2 * M2)
-        .map(|(s, l)| (s, l.armed))
+        .map(|(s, l)| (s, l.track == Track::Armed))
         .collect();
     assert_eq!(armed, vec![(PAGE_SIZE, true), (M2, true)]);
     assert!(
-        !ix.covering(0).unwrap().1.armed,
+        ix.covering(0).unwrap().1.track != Track::Armed,
         "read-only leaves are never armed"
     );
     // Splitting keeps the state; a perms change that keeps WRITE keeps it too.
     ix.split_range(M2 + PAGE_SIZE, PAGE_SIZE);
-    assert!(ix.covering(M2 + 9 * PAGE_SIZE).unwrap().1.armed);
+    assert!(ix.covering(M2 + 9 * PAGE_SIZE).unwrap().1.track == Track::Armed);
     ix.set_perms_in(M2, PAGE_SIZE, S2Perms::RWX);
-    assert!(ix.covering(M2).unwrap().1.armed);
+    assert!(ix.covering(M2).unwrap().1.track == Track::Armed);
     // Losing WRITE disarms, and regaining it does not re-arm.
     ix.set_perms_in(M2 + PAGE_SIZE, PAGE_SIZE, S2Perms::READ);
     ix.set_perms_in(M2 + PAGE_SIZE, PAGE_SIZE, S2Perms::RW);
-    assert!(!ix.covering(M2 + PAGE_SIZE).unwrap().1.armed);
+    assert!(ix.covering(M2 + PAGE_SIZE).unwrap().1.track != Track::Armed);
     ix.mark_read_only(PAGE_SIZE, PAGE_SIZE);
-    assert!(!ix.covering(PAGE_SIZE).unwrap().1.armed);
+    assert!(ix.covering(PAGE_SIZE).unwrap().1.track != Track::Armed);
     ix.check_invariants();
 }
 
@@ -157,14 +157,14 @@ fn runs_are_one_extent_until_split_and_answer_per_leaf() {
     assert_eq!(ix.writable_in(5 * PAGE_SIZE, 3 * PAGE_SIZE).count(), 3);
     // Protect, arm, take and replace split it; the leaves stay exactly as recorded.
     ix.set_perms_in(8 * PAGE_SIZE, 8 * PAGE_SIZE, S2Perms::READ);
-    ix.set_armed_in(20 * PAGE_SIZE, 4 * PAGE_SIZE, true);
+    ix.retrack_in(20 * PAGE_SIZE, 4 * PAGE_SIZE, |_| Track::Armed);
     assert_eq!(ix.take(30 * PAGE_SIZE).unwrap().pa, 8 * M2 + 30 * PAGE_SIZE);
     ix.put_run(40 * PAGE_SIZE, 2 * M2, 2, S2Perms::READ, MemType::WriteBack);
     ix.check_invariants();
     assert_eq!(ix.pages(), 65);
     assert_eq!(ix.covering(9 * PAGE_SIZE).unwrap().1.perms, S2Perms::READ);
-    assert!(ix.covering(21 * PAGE_SIZE).unwrap().1.armed);
-    assert!(!ix.covering(24 * PAGE_SIZE).unwrap().1.armed);
+    assert!(ix.covering(21 * PAGE_SIZE).unwrap().1.track == Track::Armed);
+    assert!(ix.covering(24 * PAGE_SIZE).unwrap().1.track != Track::Armed);
     assert!(ix.covering(30 * PAGE_SIZE).is_none());
     assert_eq!(
         ix.covering(41 * PAGE_SIZE).unwrap().1.pa,
@@ -172,5 +172,37 @@ fn runs_are_one_extent_until_split_and_answer_per_leaf() {
     );
     assert_eq!(ix.take_range(0, 66 * PAGE_SIZE), 65);
     assert_eq!(ix.len(), 0);
+    ix.check_invariants();
+}
+
+#[test]
+fn untracked_survives_disarm_and_ends_with_write_permission() {
+    let mut ix = LeafIndex::default();
+    ix.put_run(0, 0, 4, S2Perms::RW, MemType::WriteBack);
+    ix.put(8 * PAGE_SIZE, leaf(8 * PAGE_SIZE, PageSize::Size4K, S2Perms::READ));
+    let untrack = |_| Track::Untracked;
+    assert_eq!(ix.retrack_in(0, 2 * PAGE_SIZE, untrack), 2);
+    assert_eq!(
+        ix.retrack_in(0, 9 * PAGE_SIZE, untrack),
+        2,
+        "only writable leaves not untracked yet change"
+    );
+    assert_eq!(ix.covering(8 * PAGE_SIZE).unwrap().1.track, Track::Unarmed);
+    ix.retrack_in(2 * PAGE_SIZE, 2 * PAGE_SIZE, |_| Track::Armed);
+    // A failed harvest disarms armed leaves only.
+    ix.disarm_in(0, 4 * PAGE_SIZE);
+    let tracks: Vec<Track> = ix.range(0, 4 * PAGE_SIZE).map(|(_, l)| l.track).collect();
+    assert_eq!(
+        tracks,
+        vec![Track::Untracked, Track::Untracked, Track::Unarmed, Track::Unarmed]
+    );
+    // Keeping WRITE keeps it; losing WRITE or a replacement ends it.
+    ix.set_perms_in(0, PAGE_SIZE, S2Perms::RWX);
+    assert_eq!(ix.covering(0).unwrap().1.track, Track::Untracked);
+    ix.set_perms_in(PAGE_SIZE, PAGE_SIZE, S2Perms::READ);
+    ix.set_perms_in(PAGE_SIZE, PAGE_SIZE, S2Perms::RW);
+    assert_eq!(ix.covering(PAGE_SIZE).unwrap().1.track, Track::Unarmed);
+    ix.put(0, leaf(0, PageSize::Size4K, S2Perms::RWX));
+    assert_eq!(ix.covering(0).unwrap().1.track, Track::Unarmed);
     ix.check_invariants();
 }
