@@ -294,10 +294,16 @@ impl Header {
 
     /// The identity of a file with this header and `index` bytes.
     pub fn compute_identity(&self, index: &[u8]) -> Identity {
-        let mut h = xxhash_rust::xxh3::Xxh3::new();
-        h.update(&self.encode(false));
+        let mut h = self.identity_hasher();
         h.update(index);
         Identity(h.digest128().to_le_bytes())
+    }
+
+    /// The identity hash with this header fed in: feed it the index to get the identity.
+    pub fn identity_hasher(&self) -> xxhash_rust::xxh3::Xxh3 {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        h.update(&self.encode(false));
+        h
     }
 }
 

@@ -8,6 +8,7 @@
 //! - [`identity`]: `Identity`, the content hash diffs name their base by;
 //! - [`sections`]: the vCPU, layout and working-set sections (serde + postcard);
 //! - [`file`]: `SnapshotFile` — open + check everything before use; page reads; immutability;
+//! - [`index`]: `PageIndex` — the page index kept as checked raw bytes, decoded on demand;
 //! - [`pager`]: `Chain` (the files of a restored guest) and `FilePager` (`vmo::Pager`);
 //! - [`save`]: full and diff saves (temporary name + rename, progress bar);
 //! - [`restore`]: chain checks and the lazy / eager restore, working-set prefetch;
@@ -39,6 +40,7 @@ pub mod error;
 pub mod file;
 pub mod format;
 pub mod identity;
+pub mod index;
 pub mod inspect;
 pub mod pager;
 pub mod restore;

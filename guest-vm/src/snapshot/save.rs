@@ -124,7 +124,7 @@ fn pages_to_save(vmo: &Vmo, id: u32, opts: &SaveOptions) -> Vec<u64> {
             let mut pages: std::collections::BTreeSet<u64> =
                 (0..n).filter(|&p| vmo.is_committed(p)).collect();
             for layer in &chain.layers {
-                pages.extend(layer.pages_of(id).iter().map(|(p, _)| *p));
+                pages.extend(layer.pages_of(id).map(|(p, _)| p));
             }
             pages.into_iter().filter(|&p| p < n).collect()
         }

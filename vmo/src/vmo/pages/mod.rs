@@ -216,6 +216,23 @@ impl Pages {
         result.map(|()| fresh.len() as u64)
     }
 
+    /// Before committing a run of `[first, first + count)`: tells the pager (if any) the
+    /// stretch from the first to the last empty slot, when it holds more than one page
+    /// (`Pager::read_ahead`).
+    pub fn read_ahead(&self, first: u64, count: u64) {
+        let Some(pager) = &self.source.pager else {
+            return;
+        };
+        let empty = |i: &u64| self.array.load(*i).is_none();
+        let Some(a) = (first..first + count).find(empty) else {
+            return;
+        };
+        let b = (a..first + count).rev().find(empty).unwrap_or(a) + 1;
+        if b - a > 1 {
+            pager.read_ahead(self.source.base + a, b - a);
+        }
+    }
+
     /// Would committing slot `idx` need pager I/O?
     pub fn needs_io(&self, idx: u64) -> bool {
         self.source.pager.is_some() && self.array.load(idx).is_none()
