@@ -3,9 +3,9 @@
 //!
 //! `open` checks, in order: the path is a regular file; the header (CRC, magic, major, arch,
 //! page size, features; `format.rs`); every section lies inside the file (else `Truncated`);
-//! the metadata sections' CRCs (the page index's in the same pass that checks its entries and
-//! hashes the identity — `index.rs`, which keeps the index as its raw bytes and decodes
-//! entries on demand); the vCPU and layout sections parse; the index is sorted, names
+//! the metadata sections' CRCs (a 1.0 / 1.1 page index's in the same pass that checks its
+//! entries and hashes the identity; a 1.2 file's chunk table only, its index chunks being
+//! checked on first use and the identity by `verify_pages` — `index.rs`); the vCPU and layout sections parse; the index is sorted, names
 //! known Vmos and pages inside them, and its stored-page count matches the page section's
 //! length (`PageCountMismatch`); an optional working-set section (format 1.1) passes its CRC
 //! and parses into runs inside the layout's mappings. `verify_pages` also hashes every stored page
@@ -150,13 +150,22 @@ impl SnapshotFile {
             Ok(buf)
         };
         let pages_section = header.section(SectionKind::Pages);
-        let (mut index, identity) = PageIndex::load(
-            &file,
-            path,
-            header.section(SectionKind::PageIndex),
-            header.identity_hasher(),
-            pages_section.offset,
-        )?;
+        let index_section = header.section(SectionKind::PageIndex);
+        // 1.2: only the chunk table now (the chunks on first use, the identity by `verify`).
+        let (mut index, identity) = match header.index_chunks {
+            Some(_) => {
+                let table = section(SectionKind::IndexChunks)?;
+                let ix = PageIndex::chunked(&table, index_section, pages_section.offset)?;
+                (ix, header.identity)
+            }
+            None => PageIndex::load(
+                &file,
+                path,
+                index_section,
+                header.identity_hasher(),
+                pages_section.offset,
+            )?,
+        };
         let layout_bytes = section(SectionKind::Layout)?;
         let vcpu = section(SectionKind::Vcpu)?;
         let ws_bytes = match header.working_set {
@@ -236,19 +245,20 @@ impl SnapshotFile {
     }
 
     /// Where page `page` of Vmo `vmo` is in this file, if the file has it.
-    pub fn slot(&self, vmo: u32, page: u64) -> Option<Slot> {
-        self.index.slot(vmo, page)
+    /// (A format 1.2 index chunk is read and checked on its first lookup: its errors.)
+    pub fn slot(&self, vmo: u32, page: u64) -> SnapResult<Option<Slot>> {
+        self.index.slot(vmo, page, &|o, b| self.read_run(o, b))
     }
 
     /// Every (page, slot) this file has for Vmo `vmo`, by page.
-    pub fn pages_of(&self, vmo: u32) -> impl Iterator<Item = (u64, Slot)> + '_ {
-        self.index.pages_of(vmo)
+    pub fn pages_of(&self, vmo: u32) -> SnapResult<Vec<(u64, Slot)>> {
+        self.index.pages_of(vmo, &|o, b| self.read_run(o, b))
     }
 
     /// The stored pages of Vmo `vmo` among its pages `[first, end)`, as one file range:
     /// `(offset, pages)` (`index.rs`).
-    pub fn data_run(&self, vmo: u32, first: u64, end: u64) -> Option<(u64, u64)> {
-        self.index.data_run(vmo, first, end)
+    pub fn data_run(&self, vmo: u32, first: u64, end: u64) -> SnapResult<Option<(u64, u64)>> {
+        self.index.data_run(vmo, first, end, &|o, b| self.read_run(o, b))
     }
 
     /// Reads `buf.len()` bytes at `offset` with one `pread`, after checking that the file has
@@ -309,11 +319,28 @@ impl SnapshotFile {
         Ok(())
     }
 
-    /// Hashes every stored page now (the `--verify` option); the first bad one is the error.
+    /// Checks everything now (the `--verify` option): a 1.2 file's whole index (its section
+    /// CRC, the identity, every chunk), then every stored page's hash; the first bad one is
+    /// the error.
     pub fn verify_pages(&self) -> SnapResult<()> {
+        if self.index.is_chunked() {
+            let (_, identity) = PageIndex::load(
+                &self.file,
+                &self.path,
+                self.header.section(SectionKind::PageIndex),
+                self.header.identity_hasher(),
+                self.header.section(SectionKind::Pages).offset,
+            )?;
+            if identity != self.header.identity {
+                return Err(SnapshotError::Malformed {
+                    section: "header",
+                    detail: format!("identity {} recorded, {identity} computed", self.header.identity),
+                });
+            }
+        }
         let mut buf = vec![0u8; PAGE as usize];
         for vmo in 0..self.layout.vmos.len() as u32 {
-            for (page, slot) in self.pages_of(vmo) {
+            for (page, slot) in self.pages_of(vmo)? {
                 if let Slot::Data { offset, hash } = slot {
                     self.read_page(vmo, page, offset, hash, &mut buf)?;
                 }

@@ -1,39 +1,52 @@
-//! `PageIndex`: the page-index section of one open snapshot file, kept as its checked raw bytes
-//! and decoded entry by entry on demand — nothing per stored page is built, so opening a file
-//! costs one pass over its index and no allocation that grows with the guest beyond the bytes.
+//! `PageIndex`: the page-index section of one open snapshot file, decoded entry by entry on
+//! demand — nothing per stored page is built — in one of two modes:
 //!
-//! `load` reads the section in pieces of about 1 MiB and, in the same pass over each piece
-//! while it is in cache, feeds the section's CRC-32 and the file identity (xxh3-128 of the
-//! header, then the index) and checks each entry: known flags, (Vmo, page) strictly increasing.
-//! A violation is only reported once the CRC has matched (a damaged section is a
-//! `SectionChecksum`, a well-checksummed but malformed one a `BadIndexEntry`): no decision is
-//! taken on bytes whose checksum has not been verified. Because the entries are sorted, the
-//! layout checks (Vmo known, page inside it) need only the last entry of each Vmo's stretch
-//! (`check_layout`, after the layout section is parsed).
+//! - **Whole** (files of format 1.0 / 1.1, which have no chunk table): `load` reads the
+//!   section in pieces of about 1 MiB and, in the same pass over each piece while it is in
+//!   cache, feeds the section's CRC-32 and the file identity (xxh3-128 of the header, then the
+//!   index) and checks each entry (known flags, (Vmo, page) strictly increasing). A violation
+//!   is only reported once the CRC has matched: no decision is taken on unverified bytes. The
+//!   bytes are kept; with no zero entries the k-th entry is the k-th stored page, otherwise the
+//!   data entries before every block of `BLOCK` entries are counted once (8 bytes per 256).
+//! - **Chunked** (format 1.2: the file has an index-chunks section, `ChunkTable`): `open`
+//!   reads and checks only that table — CRC, then its counts against the index section and the
+//!   page section, first keys strictly increasing — so the open costs the same at every guest
+//!   size. A chunk of `CHUNK_ENTRIES` entries is read (one `pread`, after the file's
+//!   change check) on its first lookup, checked against its own CRC-32
+//!   (`IndexChunkChecksum`), then entry by entry — known flags, strictly increasing, first key
+//!   and data count as the table says, last key below the next chunk's first key, Vmo and page
+//!   inside the layout (`BadIndexEntry`) — and kept. The whole-section CRC and the identity
+//!   are still written (so a 1.1 reader reads a 1.2 file) and checked by `verify_all`
+//!   (`--verify`), not at open: the header CRC covers the recorded identity, the chunk CRCs
+//!   the index it names. A corrupt chunk found while the guest runs fails that page read: the
+//!   guest stops with the typed error in `Chain::failures`.
 //!
-//! Lookups binary-search a Vmo's stretch of entries in the raw bytes. A stored page's file
-//! offset is `pages_at + k × 4096` for the k-th data entry: with no zero entries (every full
-//! save) k is the entry's position; otherwise the data entries before every block of
-//! `BLOCK` entries are counted once at load (8 bytes per 256 entries) and k is found with at
-//! most `BLOCK - 1` flag reads.
+//! Layout checks in whole mode (Vmo known, page inside it) need only the last entry of each
+//! Vmo's stretch (`check_layout`), because the entries are sorted.
 //!
-//! Invariants once `load` and `check_layout` succeeded: `bytes` is the section exactly as its
-//! CRC and the file identity cover it; every entry has known flags, is in strictly increasing
-//! (Vmo, page) order, names a layout Vmo and a page inside it; `by_vmo[v]` is the range of
-//! Vmo `v`'s entries; `data_before[b]` counts the data entries before entry `b × BLOCK`.
+//! Invariants: a lookup only decodes bytes that passed their checksum and the entry checks
+//! (the whole section's in whole mode, the chunk's in chunked mode); in whole mode `by_vmo[v]`
+//! is the range of Vmo `v`'s entries and `data_before[b]` counts the data entries before entry
+//! `b × BLOCK`; in chunked mode a chunk's `data_before` counts the data entries before it, and
+//! the table's counts add up to the index and page sections (checked at open).
 
-use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::OnceLock;
 
 use super::error::{SnapResult, SnapshotError};
 use super::format::{Identity, IndexEntry, Section, ENTRY_ZERO, INDEX_ENTRY_LEN, PAGE};
 use super::sections::LayoutSection;
 
-/// Entries per block of the data-ordinal table.
+/// Entries per block of the data-ordinal table (whole mode).
 const BLOCK: usize = 256;
-/// Entries per read (and per checking piece): just under 1 MiB.
+/// Entries per read (and per checking piece) in whole mode: just under 1 MiB.
 const PIECE_ENTRIES: usize = (1 << 20) / INDEX_ENTRY_LEN;
+/// Entries per chunk of a 1.2 index (96 KiB; a 1 GiB full save has 64 chunks).
+pub const CHUNK_ENTRIES: usize = 4096;
+/// Bytes of the chunk table's own header and of one of its records.
+const TABLE_HEAD: usize = 24;
+const CHUNK_RECORD: usize = 32;
 
 /// Where a page of one Vmo is in one file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,14 +57,134 @@ pub enum Slot {
     Zero,
 }
 
+/// One chunk of a 1.2 index as its table records it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Chunk {
+    first: (u32, u64),
+    entries: u32,
+    data_before: u64,
+    crc32: u32,
+}
+
+/// The index-chunks section (format 1.2), little-endian:
+/// ```text
+///  0 chunk_entries u32 (CHUNK_ENTRIES)   4 chunks u32   8 data entries u64   16 zero entries u64
+/// 24 chunks × { first vmo u32, entries u32, first page u64, data entries before u64,
+///               crc32 of the chunk's bytes u32, 0 u32 }
+/// ```
+pub struct ChunkTable;
+
+impl ChunkTable {
+    /// The table of `index` (the encoded entries, as a save writes them).
+    pub fn encode(index: &[u8]) -> Vec<u8> {
+        let chunks: Vec<&[u8]> = index.chunks(CHUNK_ENTRIES * INDEX_ENTRY_LEN).collect();
+        let mut out = Vec::with_capacity(TABLE_HEAD + chunks.len() * CHUNK_RECORD);
+        let zero = |e: &[u8]| IndexEntry::decode(e).is_zero();
+        let zeros = index.chunks_exact(INDEX_ENTRY_LEN).filter(|e| zero(e)).count() as u64;
+        let total = (index.len() / INDEX_ENTRY_LEN) as u64;
+        out.extend_from_slice(&(CHUNK_ENTRIES as u32).to_le_bytes());
+        out.extend_from_slice(&(chunks.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(total - zeros).to_le_bytes());
+        out.extend_from_slice(&zeros.to_le_bytes());
+        let mut data = 0u64;
+        for c in chunks {
+            let e = IndexEntry::decode(c);
+            out.extend_from_slice(&e.vmo.to_le_bytes());
+            out.extend_from_slice(&((c.len() / INDEX_ENTRY_LEN) as u32).to_le_bytes());
+            out.extend_from_slice(&e.page.to_le_bytes());
+            out.extend_from_slice(&data.to_le_bytes());
+            out.extend_from_slice(&crc32fast::hash(c).to_le_bytes());
+            out.extend_from_slice(&0u32.to_le_bytes());
+            data += c.chunks_exact(INDEX_ENTRY_LEN).filter(|e| !zero(e)).count() as u64;
+        }
+        out
+    }
+
+    /// Decodes and checks a table (its CRC already matched) against an index section of
+    /// `index_len` bytes: (chunks, data entries, zero entries).
+    fn decode(b: &[u8], index_len: u64) -> SnapResult<(Vec<Chunk>, u64, u64)> {
+        let malformed = |detail: String| SnapshotError::Malformed {
+            section: "index-chunks",
+            detail,
+        };
+        if b.len() < TABLE_HEAD {
+            return Err(malformed(format!("{} bytes", b.len())));
+        }
+        let (per, count) = (u32_at(b, 0) as usize, u32_at(b, 4) as usize);
+        let (data, zeros) = (u64_at(b, 8), u64_at(b, 16));
+        if per != CHUNK_ENTRIES || b.len() != TABLE_HEAD + count * CHUNK_RECORD {
+            return Err(malformed(format!(
+                "{count} chunks of {per} entries in {} bytes",
+                b.len()
+            )));
+        }
+        let entries = index_len / INDEX_ENTRY_LEN as u64;
+        if index_len % INDEX_ENTRY_LEN as u64 != 0
+            || data.checked_add(zeros) != Some(entries)
+            || count as u64 != entries.div_ceil(CHUNK_ENTRIES as u64)
+        {
+            return Err(malformed(format!(
+                "{count} chunks, {data} + {zeros} entries, for an index of {index_len} bytes"
+            )));
+        }
+        let mut out: Vec<Chunk> = Vec::with_capacity(count);
+        for i in 0..count {
+            let r = &b[TABLE_HEAD + i * CHUNK_RECORD..][..CHUNK_RECORD];
+            let c = Chunk {
+                first: (u32_at(r, 0), u64_at(r, 8)),
+                entries: u32_at(r, 4),
+                data_before: u64_at(r, 16),
+                crc32: u32_at(r, 24),
+            };
+            let want = (entries - (i * CHUNK_ENTRIES) as u64).min(CHUNK_ENTRIES as u64);
+            let ok = u64::from(c.entries) == want
+                && out.last().is_none_or(|p| {
+                    p.first < c.first
+                        && c.data_before >= p.data_before
+                        && c.data_before - p.data_before <= u64::from(p.entries)
+                })
+                && (i > 0 || c.data_before == 0)
+                && c.data_before <= data;
+            if !ok {
+                return Err(malformed(format!("chunk {i} disagrees with the index")));
+            }
+            out.push(c);
+        }
+        if let Some(last) = out.last() {
+            if data - last.data_before > u64::from(last.entries) {
+                return Err(malformed("data count past the last chunk".into()));
+            }
+        }
+        Ok((out, data, zeros))
+    }
+}
+
+enum Mode {
+    /// The whole section in memory (module documentation).
+    Whole {
+        bytes: Vec<u8>,
+        by_vmo: Vec<(usize, usize)>,
+        data_before: Vec<u64>,
+    },
+    /// Chunks read and checked on first use.
+    Chunked {
+        offset: u64,
+        chunks: Vec<Chunk>,
+        loaded: Vec<OnceLock<Box<[u8]>>>,
+        /// Pages per layout Vmo (for the entry checks).
+        vmo_pages: Vec<u64>,
+    },
+}
+
+/// Reads file bytes for a lazily loaded chunk (the file's change check included).
+pub type ReadAt<'a> = &'a dyn Fn(u64, &mut [u8]) -> SnapResult<()>;
+
 /// The checked page index of one file (module documentation).
 pub struct PageIndex {
-    bytes: Vec<u8>,
-    /// Per layout Vmo: its entries `[start, end)`.
-    by_vmo: Vec<(usize, usize)>,
-    /// Per stretch of one Vmo as found by `load`: (vmo, start, end); consumed by `check_layout`.
+    mode: Mode,
+    /// Per stretch of one Vmo as found by a whole `load`: (vmo, start, end); consumed by
+    /// `check_layout`.
     stretches: Vec<(u32, usize, usize)>,
-    data_before: Vec<u64>,
     pages_at: u64,
     pub data_pages: u64,
     pub zero_pages: u64,
@@ -64,12 +197,34 @@ fn bad(entry: usize, detail: String) -> SnapshotError {
     }
 }
 
+fn entry_in(bytes: &[u8], i: usize) -> IndexEntry {
+    IndexEntry::decode(&bytes[i * INDEX_ENTRY_LEN..(i + 1) * INDEX_ENTRY_LEN])
+}
+
+fn key_in(bytes: &[u8], i: usize) -> (u32, u64) {
+    let at = i * INDEX_ENTRY_LEN;
+    (u32_at(bytes, at), u64_at(bytes, at + 8))
+}
+
+/// The first position in `bytes[lo..hi)` (sorted entries) whose key is ≥ `key`.
+fn lower_bound_in(bytes: &[u8], mut lo: usize, mut hi: usize, key: (u32, u64)) -> usize {
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if key_in(bytes, mid) < key {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
 impl PageIndex {
-    /// Reads and checks the index section `s` of `file` (module documentation); `identity`
-    /// is the identity hasher already fed with the header. Returns the index and the identity
-    /// computed over header + index.
+    /// Reads and checks a whole index section `s` of `file` (module documentation);
+    /// `identity` is the identity hasher already fed with the header. Returns the index and
+    /// the identity computed over header + index.
     pub fn load(
-        file: &File,
+        file: &std::fs::File,
         path: &Path,
         s: Section,
         mut identity: xxhash_rust::xxh3::Xxh3,
@@ -137,16 +292,19 @@ impl PageIndex {
                 computed,
             });
         }
-        let identity = Identity(identity.digest128().to_le_bytes());
         if let Some(v) = violation {
             return Err(v);
         }
+        let identity = Identity(identity.digest128().to_le_bytes());
+        let mode = Mode::Whole {
+            bytes,
+            by_vmo: Vec::new(),
+            data_before,
+        };
         Ok((
             PageIndex {
-                bytes,
-                by_vmo: Vec::new(),
+                mode,
                 stretches,
-                data_before,
                 pages_at,
                 data_pages: data,
                 zero_pages: zeros,
@@ -155,51 +313,141 @@ impl PageIndex {
         ))
     }
 
-    /// Checks the entries against the parsed layout (every Vmo known, every page inside its
-    /// Vmo: with sorted entries, the last of each Vmo's stretch) and builds the per-Vmo ranges.
+    /// A chunked index (format 1.2) over index section `s`, from its chunk table's bytes
+    /// (their section CRC already matched). Reads nothing else.
+    pub fn chunked(table: &[u8], s: Section, pages_at: u64) -> SnapResult<PageIndex> {
+        let (chunks, data, zeros) = ChunkTable::decode(table, s.length)?;
+        let loaded = (0..chunks.len()).map(|_| OnceLock::new()).collect();
+        Ok(PageIndex {
+            mode: Mode::Chunked {
+                offset: s.offset,
+                chunks,
+                loaded,
+                vmo_pages: Vec::new(),
+            },
+            stretches: Vec::new(),
+            pages_at,
+            data_pages: data,
+            zero_pages: zeros,
+        })
+    }
+
+    /// Whether entries are checked chunk by chunk on first use (format 1.2).
+    pub fn is_chunked(&self) -> bool {
+        matches!(self.mode, Mode::Chunked { .. })
+    }
+
+    /// Checks the entries against the parsed layout (whole mode: every Vmo known, every page
+    /// inside its Vmo — with sorted entries, the last of each Vmo's stretch — and builds the
+    /// per-Vmo ranges; chunked mode: keeps the Vmo sizes for the chunk checks).
     pub fn check_layout(&mut self, layout: &LayoutSection) -> SnapResult<()> {
-        let mut by_vmo = vec![(0, 0); layout.vmos.len()];
-        for &(vmo, start, end) in &self.stretches {
-            let Some(desc) = layout.vmos.get(vmo as usize) else {
-                return Err(bad(start, format!("vmo {vmo} of {}", layout.vmos.len())));
-            };
-            let last = self.entry(end - 1);
-            if last.page >= desc.size / PAGE {
-                return Err(bad(
-                    end - 1,
-                    format!(
-                        "page {} past the end of vmo {vmo} ({} pages)",
-                        last.page,
-                        desc.size / PAGE
-                    ),
-                ));
+        let stretches = std::mem::take(&mut self.stretches);
+        match &mut self.mode {
+            Mode::Chunked { vmo_pages, .. } => {
+                *vmo_pages = layout.vmos.iter().map(|v| v.size / PAGE).collect();
             }
-            by_vmo[vmo as usize] = (start, end);
+            Mode::Whole { bytes, by_vmo, .. } => {
+                let mut ranges = vec![(0, 0); layout.vmos.len()];
+                for (vmo, start, end) in stretches {
+                    let Some(desc) = layout.vmos.get(vmo as usize) else {
+                        return Err(bad(start, format!("vmo {vmo} of {}", layout.vmos.len())));
+                    };
+                    let last = entry_in(bytes, end - 1);
+                    if last.page >= desc.size / PAGE {
+                        return Err(bad(
+                            end - 1,
+                            format!(
+                                "page {} past the end of vmo {vmo} ({} pages)",
+                                last.page,
+                                desc.size / PAGE
+                            ),
+                        ));
+                    }
+                    ranges[vmo as usize] = (start, end);
+                }
+                *by_vmo = ranges;
+            }
         }
-        self.stretches = Vec::new();
-        self.by_vmo = by_vmo;
         Ok(())
     }
 
-    fn entry(&self, i: usize) -> IndexEntry {
-        IndexEntry::decode(&self.bytes[i * INDEX_ENTRY_LEN..(i + 1) * INDEX_ENTRY_LEN])
-    }
-
-    fn page_at(&self, i: usize) -> u64 {
-        let at = i * INDEX_ENTRY_LEN + 8;
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&self.bytes[at..at + 8]);
-        u64::from_le_bytes(b)
-    }
-
-    /// The number of data entries before entry `i`.
-    fn ordinal(&self, i: usize) -> u64 {
-        if self.zero_pages == 0 {
-            return i as u64;
+    /// The bytes of chunk `c` (read and checked on first use), in chunked mode.
+    fn chunk_bytes(&self, c: usize, read: ReadAt) -> SnapResult<&[u8]> {
+        let Mode::Chunked {
+            offset,
+            chunks,
+            loaded,
+            vmo_pages,
+        } = &self.mode
+        else {
+            return Err(SnapshotError::Unsupported("not a chunked index".into()));
+        };
+        if let Some(b) = loaded[c].get() {
+            return Ok(b);
         }
-        let b = i / BLOCK;
-        let before = (b * BLOCK..i).filter(|&j| !self.entry(j).is_zero()).count();
-        self.data_before[b] + before as u64
+        let ch = chunks[c];
+        let first = c * CHUNK_ENTRIES;
+        let mut b = vec![0u8; ch.entries as usize * INDEX_ENTRY_LEN].into_boxed_slice();
+        read(*offset + (first * INDEX_ENTRY_LEN) as u64, &mut b)?;
+        let computed = crc32fast::hash(&b);
+        if computed != ch.crc32 {
+            return Err(SnapshotError::IndexChunkChecksum {
+                chunk: c as u64,
+                first_entry: first as u64,
+                stored: ch.crc32,
+                computed,
+            });
+        }
+        let next = chunks.get(c + 1);
+        let mut data = 0u64;
+        let mut prev: Option<(u32, u64)> = None;
+        for j in 0..ch.entries as usize {
+            let e = entry_in(&b, j);
+            let i = first + j;
+            if e.flags & !ENTRY_ZERO != 0 {
+                return Err(bad(i, format!("unknown flags {:#x}", e.flags)));
+            }
+            let key = (e.vmo, e.page);
+            if prev.is_some_and(|p| p >= key) || (j == 0 && key != ch.first) {
+                return Err(bad(i, "out of order, duplicated or not the chunk's first".into()));
+            }
+            let Some(&pages) = vmo_pages.get(e.vmo as usize) else {
+                return Err(bad(i, format!("vmo {} of {}", e.vmo, vmo_pages.len())));
+            };
+            if e.page >= pages {
+                return Err(bad(
+                    i,
+                    format!("page {} past the end of vmo {} ({pages} pages)", e.page, e.vmo),
+                ));
+            }
+            prev = Some(key);
+            data += u64::from(!e.is_zero());
+        }
+        let data_after = next.map_or(self.data_pages, |n| n.data_before);
+        if prev.is_some_and(|p| next.is_some_and(|n| p >= n.first))
+            || ch.data_before + data != data_after
+        {
+            return Err(bad(
+                first,
+                format!("chunk {c} disagrees with the chunk table"),
+            ));
+        }
+        let _ = loaded[c].set(b);
+        loaded[c].get().map(|b| &b[..]).ok_or(SnapshotError::Unsupported(
+            "chunk cache".into(),
+        ))
+    }
+
+    /// In chunked mode, the chunk whose key range holds `key` (the last one whose first key
+    /// is ≤ `key`), if any.
+    fn chunk_of(chunks: &[Chunk], key: (u32, u64)) -> Option<usize> {
+        chunks.partition_point(|c| c.first <= key).checked_sub(1)
+    }
+
+    /// The data-entry ordinal of entry `j` of `bytes` whose first entry has ordinal `base`
+    /// (scanning from `from`, whose ordinal is `base`).
+    fn ordinal_from(bytes: &[u8], from: usize, j: usize, base: u64) -> u64 {
+        base + (from..j).filter(|&k| !entry_in(bytes, k).is_zero()).count() as u64
     }
 
     fn slot_of(&self, e: IndexEntry, ordinal: u64) -> Slot {
@@ -213,53 +461,135 @@ impl PageIndex {
         }
     }
 
-    /// The position of the first entry of Vmo `vmo` with a page ≥ `page` (its stretch's end
-    /// if none), and whether that entry is `page` itself.
-    fn lower_bound(&self, vmo: u32, page: u64) -> Option<(usize, bool)> {
-        let &(start, end) = self.by_vmo.get(vmo as usize)?;
-        let (mut lo, mut hi) = (start, end);
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            if self.page_at(mid) < page {
-                lo = mid + 1;
-            } else {
-                hi = mid;
+    /// Where page `page` of Vmo `vmo` is, if the index has it (`read` loads a chunk).
+    pub fn slot(&self, vmo: u32, page: u64, read: ReadAt) -> SnapResult<Option<Slot>> {
+        let key = (vmo, page);
+        match &self.mode {
+            Mode::Whole {
+                bytes,
+                by_vmo,
+                data_before,
+            } => {
+                let Some(&(start, end)) = by_vmo.get(vmo as usize) else {
+                    return Ok(None);
+                };
+                let i = lower_bound_in(bytes, start, end, key);
+                if i == end || key_in(bytes, i) != key {
+                    return Ok(None);
+                }
+                let ordinal = if self.zero_pages == 0 {
+                    i as u64
+                } else {
+                    let b = i / BLOCK;
+                    Self::ordinal_from(bytes, b * BLOCK, i, data_before[b])
+                };
+                Ok(Some(self.slot_of(entry_in(bytes, i), ordinal)))
+            }
+            Mode::Chunked { chunks, .. } => {
+                let Some(c) = Self::chunk_of(chunks, key) else {
+                    return Ok(None);
+                };
+                let bytes = self.chunk_bytes(c, read)?;
+                let n = chunks[c].entries as usize;
+                let j = lower_bound_in(bytes, 0, n, key);
+                if j == n || key_in(bytes, j) != key {
+                    return Ok(None);
+                }
+                let ordinal = Self::ordinal_from(bytes, 0, j, chunks[c].data_before);
+                Ok(Some(self.slot_of(entry_in(bytes, j), ordinal)))
             }
         }
-        Some((lo, lo < end && self.page_at(lo) == page))
-    }
-
-    /// Where page `page` of Vmo `vmo` is, if the index has it.
-    pub fn slot(&self, vmo: u32, page: u64) -> Option<Slot> {
-        let (i, hit) = self.lower_bound(vmo, page)?;
-        hit.then(|| self.slot_of(self.entry(i), self.ordinal(i)))
     }
 
     /// Every (page, slot) of Vmo `vmo`, by page.
-    pub fn pages_of(&self, vmo: u32) -> impl Iterator<Item = (u64, Slot)> + '_ {
-        let (start, end) = self.by_vmo.get(vmo as usize).copied().unwrap_or((0, 0));
-        let first = if start < end { self.ordinal(start) } else { 0 };
-        (start..end).scan(first, move |k, i| {
-            let e = self.entry(i);
-            let slot = self.slot_of(e, *k);
-            *k += u64::from(!e.is_zero());
-            Some((e.page, slot))
-        })
+    pub fn pages_of(&self, vmo: u32, read: ReadAt) -> SnapResult<Vec<(u64, Slot)>> {
+        let mut out = Vec::new();
+        let mut push = |bytes: &[u8], from: usize, to: usize, mut k: u64| {
+            for i in from..to {
+                let e = entry_in(bytes, i);
+                if e.vmo == vmo {
+                    out.push((e.page, self.slot_of(e, k)));
+                }
+                k += u64::from(!e.is_zero());
+            }
+        };
+        match &self.mode {
+            Mode::Whole {
+                bytes,
+                by_vmo,
+                data_before,
+            } => {
+                let (start, end) = by_vmo.get(vmo as usize).copied().unwrap_or((0, 0));
+                if start < end {
+                    let b = start / BLOCK;
+                    let k = Self::ordinal_from(bytes, b * BLOCK, start, data_before[b]);
+                    push(bytes, start, end, k);
+                }
+            }
+            Mode::Chunked { chunks, .. } => {
+                let first = Self::chunk_of(chunks, (vmo, 0)).unwrap_or(0);
+                for c in first..chunks.len() {
+                    if chunks[c].first > (vmo, u64::MAX) {
+                        break;
+                    }
+                    let bytes = self.chunk_bytes(c, read)?;
+                    push(bytes, 0, chunks[c].entries as usize, chunks[c].data_before);
+                }
+            }
+        }
+        Ok(out)
     }
 
-    /// The stored pages of Vmo `vmo` among pages `[first, end)`: they lie back to back in the
-    /// file, so they are one byte range — `(file offset, pages)`, or `None` if there are none.
-    pub fn data_run(&self, vmo: u32, first: u64, end: u64) -> Option<(u64, u64)> {
-        let (a, _) = self.lower_bound(vmo, first)?;
-        let (b, _) = self.lower_bound(vmo, end)?;
-        let k = self.ordinal(a);
-        let n = if self.zero_pages == 0 {
-            (b - a) as u64
-        } else {
-            (a..b).filter(|&j| !self.entry(j).is_zero()).count() as u64
+    /// The stored pages of Vmo `vmo` among pages `[first, end)` (in chunked mode, those in
+    /// the chunk that holds `first`): they lie back to back in the file, so they are one byte
+    /// range — `(file offset, pages)`, or `None` if there are none.
+    pub fn data_run(
+        &self,
+        vmo: u32,
+        first: u64,
+        end: u64,
+        read: ReadAt,
+    ) -> SnapResult<Option<(u64, u64)>> {
+        let (bytes, lo, hi, base, from) = match &self.mode {
+            Mode::Whole {
+                bytes,
+                by_vmo,
+                data_before,
+            } => {
+                let Some(&(start, stop)) = by_vmo.get(vmo as usize) else {
+                    return Ok(None);
+                };
+                let a = lower_bound_in(bytes, start, stop, (vmo, first));
+                let b = a / BLOCK;
+                (&bytes[..], a, stop, data_before.get(b).copied().unwrap_or(0), b * BLOCK)
+            }
+            Mode::Chunked { chunks, .. } => {
+                if chunks.is_empty() {
+                    return Ok(None);
+                }
+                // A `first` below every chunk's first key starts in chunk 0.
+                let c = Self::chunk_of(chunks, (vmo, first)).unwrap_or(0);
+                let bytes = self.chunk_bytes(c, read)?;
+                let n = chunks[c].entries as usize;
+                let a = lower_bound_in(bytes, 0, n, (vmo, first));
+                (bytes, a, n, chunks[c].data_before, 0)
+            }
         };
-        (n > 0).then(|| (self.pages_at + k * PAGE, n))
+        let b = lower_bound_in(bytes, lo, hi, (vmo, end));
+        let k = Self::ordinal_from(bytes, from, lo, base);
+        let n = (lo..b).filter(|&j| !entry_in(bytes, j).is_zero()).count() as u64;
+        Ok((n > 0).then(|| (self.pages_at + k * PAGE, n)))
     }
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(a)
 }
 
 #[cfg(test)]
@@ -294,7 +624,7 @@ mod tests {
         v
     }
 
-    /// Loads `bytes` as an index at file offset 0, CRC correct unless `crc` is given.
+    /// Loads `bytes` as a whole index at file offset 0, CRC correct unless `crc` is given.
     fn load(bytes: &[u8], crc: Option<u32>) -> SnapResult<PageIndex> {
         let path = std::env::temp_dir().join(format!(
             "gm-index-test-{}-{:?}",
@@ -304,7 +634,7 @@ mod tests {
         std::fs::File::create(&path)
             .and_then(|mut f| f.write_all(bytes))
             .expect("write test index");
-        let file = File::open(&path).expect("open test index");
+        let file = std::fs::File::open(&path).expect("open test index");
         let s = Section {
             offset: 0,
             length: bytes.len() as u64,
@@ -316,41 +646,70 @@ mod tests {
         r.map(|(i, _)| i)
     }
 
+    /// The same index in chunked mode, its chunks read from `bytes`.
+    fn chunked(bytes: &[u8]) -> SnapResult<PageIndex> {
+        let s = Section {
+            offset: 0,
+            length: bytes.len() as u64,
+            crc32: crc32fast::hash(bytes),
+        };
+        PageIndex::chunked(&ChunkTable::encode(bytes), s, 1 << 20)
+    }
+
+    fn reader(bytes: &[u8]) -> impl Fn(u64, &mut [u8]) -> SnapResult<()> + '_ {
+        move |o, b| {
+            b.copy_from_slice(&bytes[o as usize..o as usize + b.len()]);
+            Ok(())
+        }
+    }
+
     #[test]
-    fn lookups_decode_on_demand_with_zero_entries_between_data() {
+    fn lookups_decode_on_demand_with_zero_entries_between_data_in_both_modes() {
         let mut list = vec![(0, 3, false), (0, 5, true), (0, 9, false)];
-        // Enough entries that ordinals cross blocks.
-        list.extend((0..600).map(|p| (1, p * 2, p % 3 == 0)));
-        let mut ix = load(&entries(&list), None).unwrap();
-        ix.check_layout(&layout(&[16, 2000])).unwrap();
+        // Enough entries that ordinals cross blocks and chunks.
+        list.extend((0..9000).map(|p| (1, p * 2, p % 3 == 0)));
+        let bytes = entries(&list);
+        let read = reader(&bytes);
+        let l = layout(&[16, 20000]);
+        let mut whole = load(&bytes, None).unwrap();
+        whole.check_layout(&l).unwrap();
+        let mut lazy = chunked(&bytes).unwrap();
+        lazy.check_layout(&l).unwrap();
+        assert!(lazy.is_chunked() && !whole.is_chunked());
         let base = 1 << 20;
-        assert_eq!(
-            ix.slot(0, 3),
-            Some(Slot::Data {
-                offset: base,
-                hash: 1000
-            })
-        );
-        assert_eq!(ix.slot(0, 5), Some(Slot::Zero));
-        assert_eq!(ix.slot(0, 4), None);
-        assert_eq!(ix.slot(2, 0), None);
-        // Entry 3 + p is (1, 2p); the data before it: 2 in vmo 0, plus p - ceil(p / 3).
-        let p = 500u64;
-        let k = 2 + p - p.div_ceil(3);
-        assert_eq!(
-            ix.slot(1, 2 * p),
-            Some(Slot::Data {
-                offset: base + k * PAGE,
-                hash: 1003 + p
-            })
-        );
-        let all: Vec<_> = ix.pages_of(1).collect();
-        assert_eq!(all.len(), 600);
-        assert!(all.iter().all(|&(pg, s)| ix.slot(1, pg) == Some(s)));
-        assert_eq!(ix.data_pages + ix.zero_pages, list.len() as u64);
-        // Pages [2, 10) of vmo 0: the data entries 3 and 9, back to back in the file.
-        assert_eq!(ix.data_run(0, 2, 10), Some((base, 2)));
-        assert_eq!(ix.data_run(0, 5, 6), None);
+        for ix in [&whole, &lazy] {
+            assert_eq!(ix.data_pages + ix.zero_pages, list.len() as u64);
+            assert_eq!(
+                ix.slot(0, 3, &read).unwrap(),
+                Some(Slot::Data {
+                    offset: base,
+                    hash: 1000
+                })
+            );
+            assert_eq!(ix.slot(0, 5, &read).unwrap(), Some(Slot::Zero));
+            assert_eq!(ix.slot(0, 4, &read).unwrap(), None);
+            assert_eq!(ix.slot(2, 0, &read).unwrap(), None);
+            // Entry 3 + p is (1, 2p); the data before it: 2 in vmo 0, plus p - ceil(p / 3).
+            for p in [0u64, 500, 4093, 4094, 8999] {
+                let k = 2 + p - p.div_ceil(3);
+                let want = match p % 3 {
+                    0 => Slot::Zero,
+                    _ => Slot::Data {
+                        offset: base + k * PAGE,
+                        hash: 1003 + p,
+                    },
+                };
+                assert_eq!(ix.slot(1, 2 * p, &read).unwrap(), Some(want), "page {p}");
+            }
+            let all = ix.pages_of(1, &read).unwrap();
+            assert_eq!(all.len(), 9000);
+            assert!(all
+                .iter()
+                .all(|&(pg, s)| ix.slot(1, pg, &read).unwrap() == Some(s)));
+            // Pages [2, 10) of vmo 0: the data entries 3 and 9, back to back in the file.
+            assert_eq!(ix.data_run(0, 2, 10, &read).unwrap(), Some((base, 2)));
+            assert_eq!(ix.data_run(0, 5, 6, &read).unwrap(), None);
+        }
     }
 
     #[test]
@@ -384,6 +743,53 @@ mod tests {
         assert!(matches!(
             ix.check_layout(&layout(&[2])),
             Err(SnapshotError::BadIndexEntry { entry: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn a_bad_chunk_is_a_typed_error_at_its_first_lookup() {
+        let list: Vec<_> = (0..5000).map(|p| (0, p, false)).collect();
+        let good = entries(&list);
+        let l = layout(&[5000]);
+        // A flipped byte in chunk 1: chunk 0 still serves, chunk 1 fails its CRC every time.
+        let mut ix = chunked(&good).unwrap();
+        ix.check_layout(&l).unwrap();
+        let mut flipped = good.clone();
+        flipped[CHUNK_ENTRIES * INDEX_ENTRY_LEN + 100] ^= 0x5a;
+        let read = reader(&flipped);
+        assert!(ix.slot(0, 10, &read).unwrap().is_some());
+        for _ in 0..2 {
+            assert!(matches!(
+                ix.slot(0, 4500, &read),
+                Err(SnapshotError::IndexChunkChecksum { chunk: 1, .. })
+            ));
+        }
+        // Well-checksummed but wrong entries: a page past its Vmo, a table that lies.
+        let mut ix = chunked(&good).unwrap();
+        ix.check_layout(&layout(&[4500])).unwrap();
+        let read = reader(&good);
+        assert!(matches!(
+            ix.slot(0, 4200, &read),
+            Err(SnapshotError::BadIndexEntry { .. })
+        ));
+        let s = Section {
+            offset: 0,
+            length: good.len() as u64,
+            crc32: 0,
+        };
+        let mut table = ChunkTable::encode(&good);
+        table[8] ^= 1; // the data count
+        assert!(matches!(
+            PageIndex::chunked(&table, s, 0),
+            Err(SnapshotError::Malformed { .. })
+        ));
+        let mut table = ChunkTable::encode(&good);
+        table[TABLE_HEAD + CHUNK_RECORD + 8] ^= 1; // chunk 1's first page
+        let mut ix = PageIndex::chunked(&table, s, 0).unwrap();
+        ix.check_layout(&l).unwrap();
+        assert!(matches!(
+            ix.slot(0, 4500, &read),
+            Err(SnapshotError::BadIndexEntry { .. })
         ));
     }
 }

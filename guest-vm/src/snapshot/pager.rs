@@ -55,19 +55,22 @@ impl Chain {
         })
     }
 
-    /// The newest layer that has page `page` of Vmo `vmo`.
-    pub fn lookup(&self, vmo: u32, page: u64) -> Option<(&SnapshotFile, Slot)> {
-        self.lookup_layer(vmo, page)
-            .map(|(l, s)| (&self.layers[l], s))
+    /// The newest layer that has page `page` of Vmo `vmo` (an index chunk that fails its
+    /// checks on first use is the error).
+    pub fn lookup(&self, vmo: u32, page: u64) -> Result<Option<(&SnapshotFile, Slot)>, SnapshotError> {
+        Ok(self
+            .lookup_layer(vmo, page)?
+            .map(|(l, s)| (&self.layers[l], s)))
     }
 
     /// `lookup`, naming the layer by its position.
-    fn lookup_layer(&self, vmo: u32, page: u64) -> Option<(usize, Slot)> {
-        self.layers
-            .iter()
-            .enumerate()
-            .rev()
-            .find_map(|(l, f)| f.slot(vmo, page).map(|s| (l, s)))
+    fn lookup_layer(&self, vmo: u32, page: u64) -> Result<Option<(usize, Slot)>, SnapshotError> {
+        for (l, f) in self.layers.iter().enumerate().rev() {
+            if let Some(s) = f.slot(vmo, page)? {
+                return Ok(Some((l, s)));
+            }
+        }
+        Ok(None)
     }
 
     /// Reads page `page` of Vmo `vmo` through the chain into `buf`.
@@ -83,7 +86,7 @@ impl Chain {
         buf: &mut [u8],
         ahead: &[Ahead],
     ) -> Result<(), SnapshotError> {
-        match self.lookup_layer(vmo, page) {
+        match self.lookup_layer(vmo, page)? {
             Some((layer, Slot::Data { offset, hash })) => {
                 match ahead.iter().find_map(|a| a.page(layer, offset)) {
                     Some(bytes) => {
@@ -180,7 +183,8 @@ impl Pager for FilePager {
         let mut spare: Vec<Vec<u8>> = ahead.drain(..).map(|a| a.bytes).collect();
         let end = idx.saturating_add(count.min(MAX_READ_AHEAD));
         for (layer, file) in self.chain.layers.iter().enumerate() {
-            let Some((offset, pages)) = file.data_run(self.vmo, idx, end) else {
+            // A chunk error is not reported here either: `commit_page` meets it again.
+            let Ok(Some((offset, pages))) = file.data_run(self.vmo, idx, end) else {
                 continue;
             };
             if pages < 2 {

@@ -173,7 +173,7 @@ pub fn restore_layers(
         for m in &layout.mappings {
             let (first, last) = (m.vmo_offset / PAGE, (m.vmo_offset + m.len) / PAGE);
             for page in first..last {
-                if let Some((_, Slot::Data { .. })) = chain.lookup(m.vmo, page) {
+                if let Some((_, Slot::Data { .. })) = chain.lookup(m.vmo, page)? {
                     if let Err(e) = guest.prefault(m.base + (page - first) * PAGE, PAGE, false) {
                         let typed = chain.take_failures().into_iter().next();
                         return Err(typed.unwrap_or(SnapshotError::Guest(e)));
