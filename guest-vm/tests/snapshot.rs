@@ -282,8 +282,14 @@ fn committed_fixture_of_format_1_2_restores_chunked_and_as_a_1_1_reader_sees_it(
     let frames = frames();
     let dir = TempDir::new("v12");
     let as_1_1 = dir.file("as-1.1.gms");
-    std::fs::copy(FIXTURE_1_2, &as_1_1).unwrap();
-    rewrite_header(&as_1_1, |h| h.index_chunks = None);
+    // What a 1.1 reader sees: the header without kind 6, the recorded identity unchanged
+    // (so the whole-index check at open also proves it computes the same identity).
+    let mut bytes = std::fs::read(FIXTURE_1_2).unwrap();
+    let mut h = header_of(Path::new(FIXTURE_1_2));
+    assert!(h.index_chunks.is_some());
+    h.index_chunks = None;
+    bytes[..HEADER_LEN].copy_from_slice(&h.encode(true));
+    std::fs::write(&as_1_1, bytes).unwrap();
     let mut memories = Vec::new();
     for path in [PathBuf::from(FIXTURE_1_2), as_1_1] {
         let r = restore(&frames, std::slice::from_ref(&path)).unwrap();

@@ -22,8 +22,9 @@
 //! xxh3-64 of the page u64 }`, sorted by (vmo, page) without duplicates; the k-th entry that
 //! has data is stored at `pages.offset + k × 4096`.
 //!
-//! Identity: xxh3-128 of the header (with the identity and the CRC zeroed) followed by the
-//! page index — it names the file's content (every page's hash is in the index) for diffs.
+//! Identity: xxh3-128 of the header (with the identity and the CRC zeroed, and without the
+//! sections added after 1.1 in its table — what a 1.1 reader re-encodes) followed by the page
+//! index — it names the file's content (every page's hash is in the index) for diffs.
 
 use super::error::{SnapResult, SnapshotError};
 pub use super::identity::Identity;
@@ -316,9 +317,14 @@ impl Header {
     }
 
     /// The identity hash with this header fed in: feed it the index to get the identity.
+    /// The header is hashed as a 1.1 reader re-encodes it — without the sections added after
+    /// 1.1 (the index chunks, derived from the index the identity covers anyway) — so that a
+    /// 1.1 reader computes the same identity for a 1.2 file.
     pub fn identity_hasher(&self) -> xxhash_rust::xxh3::Xxh3 {
+        let mut view = self.clone();
+        view.index_chunks = None;
         let mut h = xxhash_rust::xxh3::Xxh3::new();
-        h.update(&self.encode(false));
+        h.update(&view.encode(false));
         h
     }
 }
@@ -485,6 +491,14 @@ mod tests {
         let back = Header::decode(&b).unwrap();
         assert_eq!(back.index_chunks.map(|s| s.length), Some(56));
         assert_eq!(back, h);
+        // What a 1.1 reader hashes for the identity: the header without kind 6.
+        let mut as_1_1 = h.clone();
+        as_1_1.index_chunks = None;
+        assert_eq!(h.compute_identity(b"ix"), as_1_1.compute_identity(b"ix"));
+        let mut plain = xxhash_rust::xxh3::Xxh3::new();
+        plain.update(&as_1_1.encode(false));
+        plain.update(b"ix");
+        assert_eq!(h.compute_identity(b"ix").0, plain.digest128().to_le_bytes());
     }
 
     #[test]
