@@ -295,7 +295,10 @@ fn committed_fixture_of_format_1_2_restores_chunked_and_as_a_1_1_reader_sees_it(
         let r = restore(&frames, std::slice::from_ref(&path)).unwrap();
         let h = &r.chain.layers[0].header;
         assert_eq!((h.major, h.minor), (1, 2));
-        let set = r.chain.layers[0].working_set.clone().expect("a working set");
+        let set = r.chain.layers[0]
+            .working_set
+            .clone()
+            .expect("a working set");
         assert_prefetched(r.prefetched, &set);
         let mut model = TableModel::new(FIXTURE_BUCKETS);
         model.fill(FILL_FIRST, FIXTURE_KEYS);
@@ -307,7 +310,10 @@ fn committed_fixture_of_format_1_2_restores_chunked_and_as_a_1_1_reader_sees_it(
         f.verify_pages().unwrap();
         memories.push(memory(kv.inner()));
     }
-    assert!(memories[0] == memories[1], "the two readings restore different memory");
+    assert!(
+        memories[0] == memories[1],
+        "the two readings restore different memory"
+    );
 }
 
 #[test]

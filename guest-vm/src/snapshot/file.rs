@@ -27,8 +27,8 @@ use std::path::{Path, PathBuf};
 
 use super::error::{SnapResult, SnapshotError};
 use super::format::{page_hash, Header, Identity, SectionKind, HEADER_LEN, PAGE};
-pub use super::index::Slot;
 use super::index::PageIndex;
+pub use super::index::Slot;
 use super::sections::{decode, LayoutSection, VcpuSection, WorkingSetSection};
 use crate::vmm::vcpu_state::VcpuState;
 
@@ -258,7 +258,8 @@ impl SnapshotFile {
     /// The stored pages of Vmo `vmo` among its pages `[first, end)`, as one file range:
     /// `(offset, pages)` (`index.rs`).
     pub fn data_run(&self, vmo: u32, first: u64, end: u64) -> SnapResult<Option<(u64, u64)>> {
-        self.index.data_run(vmo, first, end, &|o, b| self.read_run(o, b))
+        self.index
+            .data_run(vmo, first, end, &|o, b| self.read_run(o, b))
     }
 
     /// Reads `buf.len()` bytes at `offset` with one `pread`, after checking that the file has
@@ -334,7 +335,10 @@ impl SnapshotFile {
             if identity != self.header.identity {
                 return Err(SnapshotError::Malformed {
                     section: "header",
-                    detail: format!("identity {} recorded, {identity} computed", self.header.identity),
+                    detail: format!(
+                        "identity {} recorded, {identity} computed",
+                        self.header.identity
+                    ),
                 });
             }
         }

@@ -80,7 +80,10 @@ impl ChunkTable {
         let chunks: Vec<&[u8]> = index.chunks(CHUNK_ENTRIES * INDEX_ENTRY_LEN).collect();
         let mut out = Vec::with_capacity(TABLE_HEAD + chunks.len() * CHUNK_RECORD);
         let zero = |e: &[u8]| IndexEntry::decode(e).is_zero();
-        let zeros = index.chunks_exact(INDEX_ENTRY_LEN).filter(|e| zero(e)).count() as u64;
+        let zeros = index
+            .chunks_exact(INDEX_ENTRY_LEN)
+            .filter(|e| zero(e))
+            .count() as u64;
         let total = (index.len() / INDEX_ENTRY_LEN) as u64;
         out.extend_from_slice(&(CHUNK_ENTRIES as u32).to_le_bytes());
         out.extend_from_slice(&(chunks.len() as u32).to_le_bytes());
@@ -119,7 +122,7 @@ impl ChunkTable {
             )));
         }
         let entries = index_len / INDEX_ENTRY_LEN as u64;
-        if index_len % INDEX_ENTRY_LEN as u64 != 0
+        if !index_len.is_multiple_of(INDEX_ENTRY_LEN as u64)
             || data.checked_add(zeros) != Some(entries)
             || count as u64 != entries.div_ceil(CHUNK_ENTRIES as u64)
         {
@@ -409,7 +412,10 @@ impl PageIndex {
             }
             let key = (e.vmo, e.page);
             if prev.is_some_and(|p| p >= key) || (j == 0 && key != ch.first) {
-                return Err(bad(i, "out of order, duplicated or not the chunk's first".into()));
+                return Err(bad(
+                    i,
+                    "out of order, duplicated or not the chunk's first".into(),
+                ));
             }
             let Some(&pages) = vmo_pages.get(e.vmo as usize) else {
                 return Err(bad(i, format!("vmo {} of {}", e.vmo, vmo_pages.len())));
@@ -417,7 +423,10 @@ impl PageIndex {
             if e.page >= pages {
                 return Err(bad(
                     i,
-                    format!("page {} past the end of vmo {} ({pages} pages)", e.page, e.vmo),
+                    format!(
+                        "page {} past the end of vmo {} ({pages} pages)",
+                        e.page, e.vmo
+                    ),
                 ));
             }
             prev = Some(key);
@@ -433,9 +442,10 @@ impl PageIndex {
             ));
         }
         let _ = loaded[c].set(b);
-        loaded[c].get().map(|b| &b[..]).ok_or(SnapshotError::Unsupported(
-            "chunk cache".into(),
-        ))
+        loaded[c]
+            .get()
+            .map(|b| &b[..])
+            .ok_or(SnapshotError::Unsupported("chunk cache".into()))
     }
 
     /// In chunked mode, the chunk whose key range holds `key` (the last one whose first key
@@ -528,12 +538,12 @@ impl PageIndex {
             }
             Mode::Chunked { chunks, .. } => {
                 let first = Self::chunk_of(chunks, (vmo, 0)).unwrap_or(0);
-                for c in first..chunks.len() {
-                    if chunks[c].first > (vmo, u64::MAX) {
+                for (c, ch) in chunks.iter().enumerate().skip(first) {
+                    if ch.first > (vmo, u64::MAX) {
                         break;
                     }
                     let bytes = self.chunk_bytes(c, read)?;
-                    push(bytes, 0, chunks[c].entries as usize, chunks[c].data_before);
+                    push(bytes, 0, ch.entries as usize, ch.data_before);
                 }
             }
         }
@@ -561,7 +571,13 @@ impl PageIndex {
                 };
                 let a = lower_bound_in(bytes, start, stop, (vmo, first));
                 let b = a / BLOCK;
-                (&bytes[..], a, stop, data_before.get(b).copied().unwrap_or(0), b * BLOCK)
+                (
+                    &bytes[..],
+                    a,
+                    stop,
+                    data_before.get(b).copied().unwrap_or(0),
+                    b * BLOCK,
+                )
             }
             Mode::Chunked { chunks, .. } => {
                 if chunks.is_empty() {

@@ -57,7 +57,11 @@ impl Chain {
 
     /// The newest layer that has page `page` of Vmo `vmo` (an index chunk that fails its
     /// checks on first use is the error).
-    pub fn lookup(&self, vmo: u32, page: u64) -> Result<Option<(&SnapshotFile, Slot)>, SnapshotError> {
+    pub fn lookup(
+        &self,
+        vmo: u32,
+        page: u64,
+    ) -> Result<Option<(&SnapshotFile, Slot)>, SnapshotError> {
         Ok(self
             .lookup_layer(vmo, page)?
             .map(|(l, s)| (&self.layers[l], s)))

@@ -30,10 +30,10 @@ use vmo::{Vmar, Vmo};
 
 use super::error::{SnapResult, SnapshotError};
 use super::file::{Slot, SnapshotFile};
-use super::index::ChunkTable;
 use super::format::{
     page_hash, Header, Identity, IndexEntry, Section, SectionKind, ENTRY_ZERO, HEADER_LEN, PAGE,
 };
+use super::index::ChunkTable;
 use super::pager::Chain;
 use super::sections::{
     encode, LayoutSection, MappingDesc, VcpuSection, VmoDesc, WorkingSetSection,

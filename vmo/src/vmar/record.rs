@@ -101,7 +101,12 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
 
     /// `prefetch` in two passes over merged spans (module documentation): returns the pages
     /// the first pass installed (the spans' pages that were not installed yet).
-    pub fn prefetch_spans(&self, set: &WorkingSet, copy_written: bool, max_gap: u64) -> Result<u64> {
+    pub fn prefetch_spans(
+        &self,
+        set: &WorkingSet,
+        copy_written: bool,
+        max_gap: u64,
+    ) -> Result<u64> {
         let runs = set.runs();
         let mut spans: Vec<(u64, u64)> = Vec::new();
         {

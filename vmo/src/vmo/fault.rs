@@ -156,7 +156,7 @@ impl Vmo {
         let mut pages = self.lock_root_pages();
         // The accesses that commit empty slots (and so read a pager) announce the run.
         if count > 1 && matches!(access, FaultAccess::Read | FaultAccess::Write) {
-            pages.read_ahead(first, count.min(avail));
+            pages.read_ahead(&self.inner.pool, first, count.min(avail));
         }
         let mut failed = None;
         for i in 0..count {
@@ -180,6 +180,7 @@ impl Vmo {
                 }
             }
         }
+        pages.end_run();
         let result = match (run.is_empty(), failed) {
             (true, Some(e)) => Err(e),
             (true, None) => Ok(None),
