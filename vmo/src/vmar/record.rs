@@ -11,9 +11,9 @@
 //! (a restore from a file): runs closer than `max_gap` pages inside one mapping are merged into
 //! spans, each span is prefaulted for read in one go (one pager read-ahead and as few installs
 //! as its frames allow — gap pages are committed and installed read-only too, as a read
-//! fault-around would), then the written runs are prefaulted for write (their frames, committed
-//! by the first pass, are already private unless shared, so this only re-installs them
-//! writable, or copies a shared one as a write fault would).
+//! fault-around would), then the written runs are prefaulted for write: a frame the first pass
+//! committed is private and already installed writable (nothing left to do); a shared one is
+//! copied and re-installed writable, as a write fault would.
 //!
 //! Invariant: recording only observes; a space records nothing unless `set_recording(true)`;
 //! forks do not inherit it.
