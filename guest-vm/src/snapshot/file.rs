@@ -5,7 +5,7 @@
 //! page size, features; `format.rs`); every section lies inside the file (else `Truncated`);
 //! the metadata sections' CRCs (a 1.0 / 1.1 page index's in the same pass that checks its
 //! entries and hashes the identity; a 1.2 file's chunk table only, its index chunks being
-//! checked on first use and the identity by `verify_pages` — `index.rs`); the vCPU and layout sections parse; the index is sorted, names
+//! checked on first use and the identity by `verify_pages` — `index/`); the vCPU and layout sections parse; the index is sorted, names
 //! known Vmos and pages inside them, and its stored-page count matches the page section's
 //! length (`PageCountMismatch`); an optional working-set section (format 1.1) passes its CRC
 //! and parses into runs inside the layout's mappings. `verify_pages` also hashes every stored page
@@ -256,7 +256,7 @@ impl SnapshotFile {
     }
 
     /// The stored pages of Vmo `vmo` among its pages `[first, end)`, as one file range:
-    /// `(offset, pages)` (`index.rs`).
+    /// `(offset, pages)` (`index/`).
     pub fn data_run(&self, vmo: u32, first: u64, end: u64) -> SnapResult<Option<(u64, u64)>> {
         self.index
             .data_run(vmo, first, end, &|o, b| self.read_run(o, b))

@@ -21,6 +21,9 @@
 //!   the index it names. A corrupt chunk found while the guest runs fails that page read: the
 //!   guest stops with the typed error in `Chain::failures`.
 //!
+//! Children: [`chunks`] — the 1.2 chunk table (`ChunkTable`, encode / decode) and the checks
+//! of one chunk's entries; `tests` — the unit tests of both modes.
+//!
 //! Layout checks in whole mode (Vmo known, page inside it) need only the last entry of each
 //! Vmo's stretch (`check_layout`), because the entries are sorted.
 //!
@@ -38,16 +41,14 @@ use super::error::{SnapResult, SnapshotError};
 use super::format::{Identity, IndexEntry, Section, ENTRY_ZERO, INDEX_ENTRY_LEN, PAGE};
 use super::sections::LayoutSection;
 
+mod chunks;
+use chunks::{check_chunk, Chunk};
+pub use chunks::{ChunkTable, CHUNK_ENTRIES};
+
 /// Entries per block of the data-ordinal table (whole mode).
 const BLOCK: usize = 256;
 /// Entries per read (and per checking piece) in whole mode: just under 1 MiB.
 const PIECE_ENTRIES: usize = (1 << 20) / INDEX_ENTRY_LEN;
-/// Entries per chunk of a 1.2 index (96 KiB; a 1 GiB full save has 64 chunks).
-pub const CHUNK_ENTRIES: usize = 4096;
-/// Bytes of the chunk table's own header and of one of its records.
-const TABLE_HEAD: usize = 24;
-const CHUNK_RECORD: usize = 32;
-
 /// Where a page of one Vmo is in one file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Slot {
@@ -55,111 +56,6 @@ pub enum Slot {
     Data { offset: u64, hash: u64 },
     /// Recorded as all zeros.
     Zero,
-}
-
-/// One chunk of a 1.2 index as its table records it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Chunk {
-    first: (u32, u64),
-    entries: u32,
-    data_before: u64,
-    crc32: u32,
-}
-
-/// The index-chunks section (format 1.2), little-endian:
-/// ```text
-///  0 chunk_entries u32 (CHUNK_ENTRIES)   4 chunks u32   8 data entries u64   16 zero entries u64
-/// 24 chunks × { first vmo u32, entries u32, first page u64, data entries before u64,
-///               crc32 of the chunk's bytes u32, 0 u32 }
-/// ```
-pub struct ChunkTable;
-
-impl ChunkTable {
-    /// The table of `index` (the encoded entries, as a save writes them).
-    pub fn encode(index: &[u8]) -> Vec<u8> {
-        let chunks: Vec<&[u8]> = index.chunks(CHUNK_ENTRIES * INDEX_ENTRY_LEN).collect();
-        let mut out = Vec::with_capacity(TABLE_HEAD + chunks.len() * CHUNK_RECORD);
-        let zero = |e: &[u8]| IndexEntry::decode(e).is_zero();
-        let zeros = index
-            .chunks_exact(INDEX_ENTRY_LEN)
-            .filter(|e| zero(e))
-            .count() as u64;
-        let total = (index.len() / INDEX_ENTRY_LEN) as u64;
-        out.extend_from_slice(&(CHUNK_ENTRIES as u32).to_le_bytes());
-        out.extend_from_slice(&(chunks.len() as u32).to_le_bytes());
-        out.extend_from_slice(&(total - zeros).to_le_bytes());
-        out.extend_from_slice(&zeros.to_le_bytes());
-        let mut data = 0u64;
-        for c in chunks {
-            let e = IndexEntry::decode(c);
-            out.extend_from_slice(&e.vmo.to_le_bytes());
-            out.extend_from_slice(&((c.len() / INDEX_ENTRY_LEN) as u32).to_le_bytes());
-            out.extend_from_slice(&e.page.to_le_bytes());
-            out.extend_from_slice(&data.to_le_bytes());
-            out.extend_from_slice(&crc32fast::hash(c).to_le_bytes());
-            out.extend_from_slice(&0u32.to_le_bytes());
-            data += c.chunks_exact(INDEX_ENTRY_LEN).filter(|e| !zero(e)).count() as u64;
-        }
-        out
-    }
-
-    /// Decodes and checks a table (its CRC already matched) against an index section of
-    /// `index_len` bytes: (chunks, data entries, zero entries).
-    fn decode(b: &[u8], index_len: u64) -> SnapResult<(Vec<Chunk>, u64, u64)> {
-        let malformed = |detail: String| SnapshotError::Malformed {
-            section: "index-chunks",
-            detail,
-        };
-        if b.len() < TABLE_HEAD {
-            return Err(malformed(format!("{} bytes", b.len())));
-        }
-        let (per, count) = (u32_at(b, 0) as usize, u32_at(b, 4) as usize);
-        let (data, zeros) = (u64_at(b, 8), u64_at(b, 16));
-        if per != CHUNK_ENTRIES || b.len() != TABLE_HEAD + count * CHUNK_RECORD {
-            return Err(malformed(format!(
-                "{count} chunks of {per} entries in {} bytes",
-                b.len()
-            )));
-        }
-        let entries = index_len / INDEX_ENTRY_LEN as u64;
-        if !index_len.is_multiple_of(INDEX_ENTRY_LEN as u64)
-            || data.checked_add(zeros) != Some(entries)
-            || count as u64 != entries.div_ceil(CHUNK_ENTRIES as u64)
-        {
-            return Err(malformed(format!(
-                "{count} chunks, {data} + {zeros} entries, for an index of {index_len} bytes"
-            )));
-        }
-        let mut out: Vec<Chunk> = Vec::with_capacity(count);
-        for i in 0..count {
-            let r = &b[TABLE_HEAD + i * CHUNK_RECORD..][..CHUNK_RECORD];
-            let c = Chunk {
-                first: (u32_at(r, 0), u64_at(r, 8)),
-                entries: u32_at(r, 4),
-                data_before: u64_at(r, 16),
-                crc32: u32_at(r, 24),
-            };
-            let want = (entries - (i * CHUNK_ENTRIES) as u64).min(CHUNK_ENTRIES as u64);
-            let ok = u64::from(c.entries) == want
-                && out.last().is_none_or(|p| {
-                    p.first < c.first
-                        && c.data_before >= p.data_before
-                        && c.data_before - p.data_before <= u64::from(p.entries)
-                })
-                && (i > 0 || c.data_before == 0)
-                && c.data_before <= data;
-            if !ok {
-                return Err(malformed(format!("chunk {i} disagrees with the index")));
-            }
-            out.push(c);
-        }
-        if let Some(last) = out.last() {
-            if data - last.data_before > u64::from(last.entries) {
-                return Err(malformed("data count past the last chunk".into()));
-            }
-        }
-        Ok((out, data, zeros))
-    }
 }
 
 enum Mode {
@@ -402,45 +298,8 @@ impl PageIndex {
             });
         }
         let next = chunks.get(c + 1);
-        let mut data = 0u64;
-        let mut prev: Option<(u32, u64)> = None;
-        for j in 0..ch.entries as usize {
-            let e = entry_in(&b, j);
-            let i = first + j;
-            if e.flags & !ENTRY_ZERO != 0 {
-                return Err(bad(i, format!("unknown flags {:#x}", e.flags)));
-            }
-            let key = (e.vmo, e.page);
-            if prev.is_some_and(|p| p >= key) || (j == 0 && key != ch.first) {
-                return Err(bad(
-                    i,
-                    "out of order, duplicated or not the chunk's first".into(),
-                ));
-            }
-            let Some(&pages) = vmo_pages.get(e.vmo as usize) else {
-                return Err(bad(i, format!("vmo {} of {}", e.vmo, vmo_pages.len())));
-            };
-            if e.page >= pages {
-                return Err(bad(
-                    i,
-                    format!(
-                        "page {} past the end of vmo {} ({pages} pages)",
-                        e.page, e.vmo
-                    ),
-                ));
-            }
-            prev = Some(key);
-            data += u64::from(!e.is_zero());
-        }
         let data_after = next.map_or(self.data_pages, |n| n.data_before);
-        if prev.is_some_and(|p| next.is_some_and(|n| p >= n.first))
-            || ch.data_before + data != data_after
-        {
-            return Err(bad(
-                first,
-                format!("chunk {c} disagrees with the chunk table"),
-            ));
-        }
+        check_chunk(c, &ch, next.map(|n| n.first), data_after, &b, vmo_pages)?;
         let _ = loaded[c].set(b);
         loaded[c]
             .get()
@@ -609,203 +468,4 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::snapshot::format::Header;
-    use crate::snapshot::sections::{MappingDesc, VmoDesc};
-    use std::io::Write;
-
-    fn layout(vmo_pages: &[u64]) -> LayoutSection {
-        LayoutSection {
-            mem_size: vmo_pages.iter().sum::<u64>() * PAGE,
-            vmos: vmo_pages
-                .iter()
-                .map(|p| VmoDesc { size: p * PAGE })
-                .collect(),
-            mappings: Vec::<MappingDesc>::new(),
-        }
-    }
-
-    fn entries(list: &[(u32, u64, bool)]) -> Vec<u8> {
-        let mut v = Vec::new();
-        for (i, &(vmo, page, zero)) in list.iter().enumerate() {
-            IndexEntry {
-                vmo,
-                flags: if zero { ENTRY_ZERO } else { 0 },
-                page,
-                hash: 1000 + i as u64,
-            }
-            .encode(&mut v);
-        }
-        v
-    }
-
-    /// Loads `bytes` as a whole index at file offset 0, CRC correct unless `crc` is given.
-    fn load(bytes: &[u8], crc: Option<u32>) -> SnapResult<PageIndex> {
-        let path = std::env::temp_dir().join(format!(
-            "gm-index-test-{}-{:?}",
-            std::process::id(),
-            std::thread::current().id()
-        ));
-        std::fs::File::create(&path)
-            .and_then(|mut f| f.write_all(bytes))
-            .expect("write test index");
-        let file = std::fs::File::open(&path).expect("open test index");
-        let s = Section {
-            offset: 0,
-            length: bytes.len() as u64,
-            crc32: crc.unwrap_or_else(|| crc32fast::hash(bytes)),
-        };
-        let h = Header::new(1 << 20, None).identity_hasher();
-        let r = PageIndex::load(&file, &path, s, h, 1 << 20);
-        let _ = std::fs::remove_file(&path);
-        r.map(|(i, _)| i)
-    }
-
-    /// The same index in chunked mode, its chunks read from `bytes`.
-    fn chunked(bytes: &[u8]) -> SnapResult<PageIndex> {
-        let s = Section {
-            offset: 0,
-            length: bytes.len() as u64,
-            crc32: crc32fast::hash(bytes),
-        };
-        PageIndex::chunked(&ChunkTable::encode(bytes), s, 1 << 20)
-    }
-
-    fn reader(bytes: &[u8]) -> impl Fn(u64, &mut [u8]) -> SnapResult<()> + '_ {
-        move |o, b| {
-            b.copy_from_slice(&bytes[o as usize..o as usize + b.len()]);
-            Ok(())
-        }
-    }
-
-    #[test]
-    fn lookups_decode_on_demand_with_zero_entries_between_data_in_both_modes() {
-        let mut list = vec![(0, 3, false), (0, 5, true), (0, 9, false)];
-        // Enough entries that ordinals cross blocks and chunks.
-        list.extend((0..9000).map(|p| (1, p * 2, p % 3 == 0)));
-        let bytes = entries(&list);
-        let read = reader(&bytes);
-        let l = layout(&[16, 20000]);
-        let mut whole = load(&bytes, None).unwrap();
-        whole.check_layout(&l).unwrap();
-        let mut lazy = chunked(&bytes).unwrap();
-        lazy.check_layout(&l).unwrap();
-        assert!(lazy.is_chunked() && !whole.is_chunked());
-        let base = 1 << 20;
-        for ix in [&whole, &lazy] {
-            assert_eq!(ix.data_pages + ix.zero_pages, list.len() as u64);
-            assert_eq!(
-                ix.slot(0, 3, &read).unwrap(),
-                Some(Slot::Data {
-                    offset: base,
-                    hash: 1000
-                })
-            );
-            assert_eq!(ix.slot(0, 5, &read).unwrap(), Some(Slot::Zero));
-            assert_eq!(ix.slot(0, 4, &read).unwrap(), None);
-            assert_eq!(ix.slot(2, 0, &read).unwrap(), None);
-            // Entry 3 + p is (1, 2p); the data before it: 2 in vmo 0, plus p - ceil(p / 3).
-            for p in [0u64, 500, 4093, 4094, 8999] {
-                let k = 2 + p - p.div_ceil(3);
-                let want = match p % 3 {
-                    0 => Slot::Zero,
-                    _ => Slot::Data {
-                        offset: base + k * PAGE,
-                        hash: 1003 + p,
-                    },
-                };
-                assert_eq!(ix.slot(1, 2 * p, &read).unwrap(), Some(want), "page {p}");
-            }
-            let all = ix.pages_of(1, &read).unwrap();
-            assert_eq!(all.len(), 9000);
-            assert!(all
-                .iter()
-                .all(|&(pg, s)| ix.slot(1, pg, &read).unwrap() == Some(s)));
-            // Pages [2, 10) of vmo 0: the data entries 3 and 9, back to back in the file.
-            assert_eq!(ix.data_run(0, 2, 10, &read).unwrap(), Some((base, 2)));
-            assert_eq!(ix.data_run(0, 5, 6, &read).unwrap(), None);
-        }
-    }
-
-    #[test]
-    fn malformed_entries_are_typed_errors_and_checksums_come_first() {
-        let sorted = entries(&[(0, 1, false), (0, 2, false)]);
-        let unsorted = entries(&[(0, 2, false), (0, 1, false)]);
-        assert!(matches!(
-            load(&unsorted, None),
-            Err(SnapshotError::BadIndexEntry { entry: 1, .. })
-        ));
-        assert!(matches!(
-            load(&unsorted, Some(7)),
-            Err(SnapshotError::SectionChecksum { .. })
-        ));
-        let mut flags = sorted.clone();
-        flags[4] = 2;
-        assert!(matches!(
-            load(&flags, None),
-            Err(SnapshotError::BadIndexEntry { entry: 0, .. })
-        ));
-        assert!(matches!(
-            load(&sorted[..30], None),
-            Err(SnapshotError::Malformed { .. })
-        ));
-        let mut ix = load(&sorted, None).unwrap();
-        assert!(matches!(
-            ix.check_layout(&layout(&[2])),
-            Err(SnapshotError::BadIndexEntry { entry: 1, .. })
-        ));
-        let mut ix = load(&entries(&[(0, 1, false), (3, 0, false)]), None).unwrap();
-        assert!(matches!(
-            ix.check_layout(&layout(&[2])),
-            Err(SnapshotError::BadIndexEntry { entry: 1, .. })
-        ));
-    }
-
-    #[test]
-    fn a_bad_chunk_is_a_typed_error_at_its_first_lookup() {
-        let list: Vec<_> = (0..5000).map(|p| (0, p, false)).collect();
-        let good = entries(&list);
-        let l = layout(&[5000]);
-        // A flipped byte in chunk 1: chunk 0 still serves, chunk 1 fails its CRC every time.
-        let mut ix = chunked(&good).unwrap();
-        ix.check_layout(&l).unwrap();
-        let mut flipped = good.clone();
-        flipped[CHUNK_ENTRIES * INDEX_ENTRY_LEN + 100] ^= 0x5a;
-        let read = reader(&flipped);
-        assert!(ix.slot(0, 10, &read).unwrap().is_some());
-        for _ in 0..2 {
-            assert!(matches!(
-                ix.slot(0, 4500, &read),
-                Err(SnapshotError::IndexChunkChecksum { chunk: 1, .. })
-            ));
-        }
-        // Well-checksummed but wrong entries: a page past its Vmo, a table that lies.
-        let mut ix = chunked(&good).unwrap();
-        ix.check_layout(&layout(&[4500])).unwrap();
-        let read = reader(&good);
-        assert!(matches!(
-            ix.slot(0, 4200, &read),
-            Err(SnapshotError::BadIndexEntry { .. })
-        ));
-        let s = Section {
-            offset: 0,
-            length: good.len() as u64,
-            crc32: 0,
-        };
-        let mut table = ChunkTable::encode(&good);
-        table[8] ^= 1; // the data count
-        assert!(matches!(
-            PageIndex::chunked(&table, s, 0),
-            Err(SnapshotError::Malformed { .. })
-        ));
-        let mut table = ChunkTable::encode(&good);
-        table[TABLE_HEAD + CHUNK_RECORD + 8] ^= 1; // chunk 1's first page
-        let mut ix = PageIndex::chunked(&table, s, 0).unwrap();
-        ix.check_layout(&l).unwrap();
-        assert!(matches!(
-            ix.slot(0, 4500, &read),
-            Err(SnapshotError::BadIndexEntry { .. })
-        ));
-    }
-}
+mod tests;
