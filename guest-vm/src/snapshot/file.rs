@@ -5,8 +5,8 @@
 //! page size, features; `format.rs`); every section lies inside the file (else `Truncated`);
 //! the metadata sections' CRCs (a 1.0 / 1.1 page index's in the same pass that checks its
 //! entries and hashes the identity; a 1.2 file's chunk table only, its index chunks being
-//! checked on first use and the identity by `verify_pages` — `index/`); the vCPU and layout sections parse; the index is sorted, names
-//! known Vmos and pages inside them, and its stored-page count matches the page section's
+//! checked on first use and the identity by `verify_pages` — `index/`); the vCPU and layout
+//! sections parse; the index is sorted, names known Vmos and pages inside them, and its stored-page count matches the page section's
 //! length (`PageCountMismatch`); an optional working-set section (format 1.1) passes its CRC
 //! and parses into runs inside the layout's mappings. `verify_pages` also hashes every stored page
 //! (`--verify`).

@@ -12,7 +12,7 @@
 //!       { kind u32, 0 u32, offset u64, length u64, crc32 u32, 0 u32 }
 //!       kinds 1..=4 (vcpu, layout, page index, pages) are required, exactly once each;
 //!       kind 5 (working set, since 1.1) and kind 6 (index chunks, since 1.2: the page
-//!       index's per-chunk table, `index.rs`) are optional; unknown kinds are skipped
+//!       index's per-chunk table, `index/`) are optional; unknown kinds are skipped
 //! 4092  crc32 of bytes [0, 4092)
 //! ```
 //! The first 16 bytes and the CRC at 4092 never move in any version: a reader checks the CRC,
@@ -369,11 +369,11 @@ fn u16_at(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([b[at], b[at + 1]])
 }
 
-fn u32_at(b: &[u8], at: usize) -> u32 {
+pub(crate) fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
-fn u64_at(b: &[u8], at: usize) -> u64 {
+pub(crate) fn u64_at(b: &[u8], at: usize) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[at..at + 8]);
     u64::from_le_bytes(a)

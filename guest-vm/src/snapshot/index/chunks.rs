@@ -9,8 +9,8 @@
 //! entries match the table's count.
 
 use super::super::error::{SnapResult, SnapshotError};
-use super::super::format::{IndexEntry, ENTRY_ZERO, INDEX_ENTRY_LEN};
-use super::{bad, entry_in, u32_at, u64_at};
+use super::super::format::{u32_at, u64_at, IndexEntry, ENTRY_ZERO, INDEX_ENTRY_LEN};
+use super::{bad, entry_in};
 
 /// Entries per chunk of a 1.2 index (96 KiB; a 1 GiB full save has 64 chunks).
 pub const CHUNK_ENTRIES: usize = 4096;

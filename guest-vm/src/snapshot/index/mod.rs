@@ -38,7 +38,9 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use super::error::{SnapResult, SnapshotError};
-use super::format::{Identity, IndexEntry, Section, ENTRY_ZERO, INDEX_ENTRY_LEN, PAGE};
+use super::format::{
+    u32_at, u64_at, Identity, IndexEntry, Section, ENTRY_ZERO, INDEX_ENTRY_LEN, PAGE,
+};
 use super::sections::LayoutSection;
 
 mod chunks;
@@ -455,16 +457,6 @@ impl PageIndex {
         let n = (lo..b).filter(|&j| !entry_in(bytes, j).is_zero()).count() as u64;
         Ok((n > 0).then(|| (self.pages_at + k * PAGE, n)))
     }
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(a)
 }
 
 #[cfg(test)]
