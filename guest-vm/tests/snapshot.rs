@@ -1,7 +1,7 @@
 //! Snapshot files on the product path: a key-value store guest saved to a file and restored
 //! lazily (no page read before it runs), serving a checked stream; restored guests fork and
 //! reset; eager restore; a chain of three diffs restores byte-exact; the committed fixtures of
-//! formats 1.0 and 1.1 restore; a working set stored in the file (1.1) cuts the demand faults
+//! formats 1.0, 1.1 and 1.2 restore (1.2 also as a 1.1 reader reads it); a working set stored in the file (1.1) cuts the demand faults
 //! of a cold restore's first run to at most a tenth; and every bad input is a typed error (or,
 //! for a page read while the guest runs, a stopped guest with a report). Fails without KVM
 //! under `GUESTMEM_REQUIRE_KVM=1`.
@@ -222,6 +222,18 @@ fn demand_faults(g: &Guest) -> u64 {
     s.missing + s.wp
 }
 
+/// A restore's prefetch installs every page of `set` and at most `MERGE_GAP` gap pages
+/// between two of its runs (runs that close are merged into one span).
+fn assert_prefetched(prefetched: u64, set: &vmo::WorkingSet) {
+    let gaps = (set.runs().len() as u64).saturating_sub(1) * snapshot::restore::MERGE_GAP;
+    assert!(
+        (set.len() as u64..=set.len() as u64 + gaps).contains(&prefetched),
+        "prefetched {prefetched} for {} pages in {} runs",
+        set.len(),
+        set.runs().len()
+    );
+}
+
 #[test]
 fn committed_fixture_of_format_1_1_restores_with_its_working_set() {
     require_kvm!();
@@ -234,8 +246,8 @@ fn committed_fixture_of_format_1_1_restores_with_its_working_set() {
         .clone()
         .expect("a working set");
     assert!(!set.is_empty() && set.written() > 0, "{set:?}");
-    assert_eq!(r.prefetched, set.len() as u64);
-    assert!(r.guest.installed_pages() >= set.len() as u64);
+    assert_prefetched(r.prefetched, &set);
+    assert!(r.guest.installed_pages() >= r.prefetched);
     let mut model = TableModel::new(FIXTURE_BUCKETS);
     model.fill(FILL_FIRST, FIXTURE_KEYS);
     let before = demand_faults(&r.guest);
@@ -252,6 +264,56 @@ fn committed_fixture_of_format_1_1_restores_with_its_working_set() {
     };
     let r = snapshot::restore(&frames, &[PathBuf::from(FIXTURE_1_1)], off).unwrap();
     assert_eq!((r.prefetched, r.guest.installed_pages()), (0, 0));
+}
+
+const FIXTURE_1_2: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/snapshot-v1.2.gms"
+);
+
+/// Written by `guest-vm snapshot save --out tests/fixtures/snapshot-v1.2.gms --table-mib 1
+/// --keys 20 --working-set-seed 5 --requests 50` (the 1.1 fixture's command): 1.2 adds the
+/// index-chunks section. Restores with its working set; and read as a 1.1 reader reads it
+/// (the same file without the chunk table in its header: the whole index checked at open),
+/// it restores the same memory.
+#[test]
+fn committed_fixture_of_format_1_2_restores_chunked_and_as_a_1_1_reader_sees_it() {
+    require_kvm!();
+    let frames = frames();
+    let dir = TempDir::new("v12");
+    let as_1_1 = dir.file("as-1.1.gms");
+    // What a 1.1 reader sees: the header without kind 6, the recorded identity unchanged
+    // (so the whole-index check at open also proves it computes the same identity).
+    let mut bytes = std::fs::read(FIXTURE_1_2).unwrap();
+    let mut h = header_of(Path::new(FIXTURE_1_2));
+    assert!(h.index_chunks.is_some());
+    h.index_chunks = None;
+    bytes[..HEADER_LEN].copy_from_slice(&h.encode(true));
+    std::fs::write(&as_1_1, bytes).unwrap();
+    let mut memories = Vec::new();
+    for path in [PathBuf::from(FIXTURE_1_2), as_1_1] {
+        let r = restore(&frames, std::slice::from_ref(&path)).unwrap();
+        let h = &r.chain.layers[0].header;
+        assert_eq!((h.major, h.minor), (1, 2));
+        let set = r.chain.layers[0]
+            .working_set
+            .clone()
+            .expect("a working set");
+        assert_prefetched(r.prefetched, &set);
+        let mut model = TableModel::new(FIXTURE_BUCKETS);
+        model.fill(FILL_FIRST, FIXTURE_KEYS);
+        let mut kv = KvStore::resume(r.guest);
+        let ops = streams::stream(FIXTURE_1_1_SEED, FIXTURE_1_1_REQUESTS, FIXTURE_KEYS, 1);
+        streams::serve_checked(&mut kv, &mut model, &ops, FIXTURE_1_1_SEED).unwrap();
+        streams::check_table(&mut kv, &model, "fixture 1.2").unwrap();
+        let f = snapshot::SnapshotFile::open(&path).unwrap();
+        f.verify_pages().unwrap();
+        memories.push(memory(kv.inner()));
+    }
+    assert!(
+        memories[0] == memories[1],
+        "the two readings restore different memory"
+    );
 }
 
 #[test]
@@ -291,7 +353,7 @@ fn a_stored_working_set_cuts_the_demand_faults_of_a_cold_restore_tenfold() {
     assert_eq!(st.working_set_pages, set.len() as u64);
     // Second cold restore (a fresh guest, nothing installed): the set is prefetched first.
     let r = restore(&frames, std::slice::from_ref(&with_ws)).unwrap();
-    assert_eq!(r.prefetched, set.len() as u64);
+    assert_prefetched(r.prefetched, &set);
     let mut second = KvStore::resume(r.guest);
     let mut m2 = model.clone();
     streams::serve_checked(&mut second, &mut m2, &ops, 3).unwrap();
@@ -360,7 +422,7 @@ fn header_of(path: &Path) -> Header {
 }
 
 #[test]
-fn bad_files_are_typed_errors_before_any_vm() {
+fn bad_files_are_typed_errors_before_any_vm_or_a_stopped_guest() {
     require_kvm!();
     let dir = TempDir::new("bad");
     let good = dir.file("good.gms");
@@ -406,7 +468,7 @@ fn bad_files_are_typed_errors_before_any_vm() {
     flip(&p, 1);
     assert!(matches!(open(&p), Err(SnapshotError::BadMagic { .. })));
     for (kind, name) in [
-        (SectionKind::PageIndex, "page-index"),
+        (SectionKind::IndexChunks, "index-chunks"),
         (SectionKind::Layout, "layout"),
         (SectionKind::Vcpu, "vcpu"),
     ] {
@@ -417,6 +479,37 @@ fn bad_files_are_typed_errors_before_any_vm() {
             other => panic!("{name}: {:?}", other.map(|_| ())),
         }
     }
+    // A flipped byte in the page index of a 1.2 file: its chunk is checked on first use, so
+    // the open succeeds; `--verify` (the whole section's CRC) and any lookup in that chunk are
+    // typed errors. (A 1.0 / 1.1 file's index is checked at open: the fixtures' tests.)
+    let p = copy("page-index.gms");
+    let s = h.section(SectionKind::PageIndex);
+    flip(&p, s.offset + s.length / 2);
+    let f = snapshot::SnapshotFile::open(&p).unwrap();
+    match f.verify_pages() {
+        Err(SnapshotError::SectionChecksum { section, .. }) => assert_eq!(section, "page-index"),
+        other => panic!("page-index verify: {other:?}"),
+    }
+    let lookups: Vec<_> = (0..h.mem_size / PAGE_SIZE).map(|p| f.slot(0, p)).collect();
+    assert!(
+        lookups
+            .iter()
+            .any(|r| matches!(r, Err(SnapshotError::IndexChunkChecksum { .. }))),
+        "no lookup met the flipped chunk"
+    );
+    // Restored anyway, the guest stops at the first page read that meets it, with the report.
+    drop(f);
+    let r = restore(&frames, std::slice::from_ref(&p)).unwrap();
+    let chain = r.chain.clone();
+    let mut kv = KvStore::resume(r.guest);
+    assert!(kv.get(FILL_FIRST).is_err());
+    let failures = chain.take_failures();
+    assert!(
+        failures
+            .iter()
+            .any(|e| matches!(e, SnapshotError::IndexChunkChecksum { .. })),
+        "{failures:?}"
+    );
     // Page-count / size mismatch (consistent CRCs, one page missing from the page section).
     let p = copy("count.gms");
     rewrite_header(&p, |h| {

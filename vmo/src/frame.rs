@@ -48,6 +48,10 @@ pub unsafe trait FrameAlloc: Send + Sync {
     fn free_frame(&self, pa: Paddr);
     /// Host pointer to the 4 KiB at `pa`. Valid while the frame is allocated (see `# Safety`).
     fn frame_ptr(&self, pa: Paddr) -> *mut u8;
+    /// A hint that the caller is about to write all of the `count` allocated frames from
+    /// `pa` (contiguous): an allocator whose memory the kernel provides on first touch may
+    /// provide it now for the whole run in one call. Ignoring it is correct.
+    fn populate(&self, _pa: Paddr, _count: usize) {}
 }
 
 /// Allocation counters of one pool.
@@ -158,6 +162,19 @@ impl FramePool {
             f.zero();
         }
         Ok(frames)
+    }
+
+    /// `count` contiguous frames whose contents the caller overwrites completely, their
+    /// memory provided in one go (`FrameAlloc::populate`), in address order; `None` when no
+    /// contiguous run of that length is free (the caller allocates frame by frame instead).
+    pub fn alloc_run_uninit(&self, count: usize) -> Option<Vec<Frame>> {
+        let first = self.shared.alloc.alloc_contiguous(count)?;
+        self.shared.alloc.populate(first, count);
+        Some(
+            (0..count as u64)
+                .map(|i| self.wrap(first + i * PAGE_SIZE))
+                .collect(),
+        )
     }
 
     /// A private copy of `src` (copy-on-write), counted as a COW copy.

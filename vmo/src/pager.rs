@@ -9,6 +9,12 @@
 //! - `decommit_page(idx, data)` hands back the page's final contents as it leaves memory; a
 //!   pager writes it back if it was marked dirty.
 //!
+//! - `read_ahead(idx, count)` (optional; the default ignores it) announces, under the same
+//!   lock, that the `commit_page` calls that follow are for pages of `[idx, idx + count)` in
+//!   increasing order (some of them may already be committed and never asked for): a pager may
+//!   read the range with one I/O and answer those calls from it. It is a hint: it reports no
+//!   error (a failed read-ahead just leaves `commit_page` to read, and to report, as usual).
+//!
 //! Errors are reported as `Error::Io`; the Vmo leaves the page uncommitted in that case.
 
 use crate::{Result, PAGE_BYTES};
@@ -18,6 +24,7 @@ pub trait Pager: Send + Sync {
     fn commit_overwrite(&self, idx: u64) -> Result<()>;
     fn update_page(&self, idx: u64) -> Result<()>;
     fn decommit_page(&self, idx: u64, data: &[u8; PAGE_BYTES]) -> Result<()>;
+    fn read_ahead(&self, _idx: u64, _count: u64) {}
 }
 
 #[cfg(feature = "std")]

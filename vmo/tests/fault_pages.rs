@@ -85,3 +85,57 @@ fn shared_frames_are_read_only_and_skipped_by_write_fault_around() {
     parent.read(P, &mut buf).unwrap();
     assert_eq!(buf, [7]);
 }
+
+/// A pager whose page `i` holds the byte `i + 1`, recording the read-aheads announced to it.
+struct Announced(std::sync::Mutex<Vec<(u64, u64)>>);
+
+impl vmo::Pager for Announced {
+    fn commit_page(&self, idx: u64, buf: &mut [u8; vmo::PAGE_BYTES]) -> vmo::Result<()> {
+        buf.fill(idx as u8 + 1);
+        Ok(())
+    }
+    fn commit_overwrite(&self, _idx: u64) -> vmo::Result<()> {
+        Ok(())
+    }
+    fn update_page(&self, _idx: u64) -> vmo::Result<()> {
+        Ok(())
+    }
+    fn decommit_page(&self, _idx: u64, _data: &[u8; vmo::PAGE_BYTES]) -> vmo::Result<()> {
+        Ok(())
+    }
+    fn read_ahead(&self, idx: u64, count: u64) {
+        self.0.lock().unwrap().push((idx, count));
+    }
+}
+
+#[test]
+fn a_paged_run_is_announced_from_its_first_to_its_last_empty_slot_and_gets_contiguous_frames() {
+    let pool = FramePool::heap();
+    let pager = std::sync::Arc::new(Announced(Default::default()));
+    let vmo = Vmo::new_paged(&pool, 16 * P, VmoFlags::empty(), pager.clone()).unwrap();
+    vmo.write(2 * P, &[9u8; P as usize]).unwrap(); // slot 2 committed (overwritten, no read)
+    vmo.write(9 * P, &[9u8; P as usize]).unwrap();
+    let pas = vmo
+        .fault_pages(2, 8, FaultAccess::Read, |run| {
+            Ok(run.iter().map(|p| p.frame.paddr()).collect::<Vec<_>>())
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(pas.len(), 8);
+    // Slots 3..=8 were empty: announced as (3, 6), and their frames are one contiguous run.
+    assert_eq!(*pager.0.lock().unwrap(), vec![(3, 6)]);
+    assert!(pas[1..7].windows(2).all(|w| w[1] == w[0] + P), "{pas:x?}");
+    let mut b = [0u8; 1];
+    for i in 3..9 {
+        vmo.read(i * P + 17, &mut b).unwrap();
+        assert_eq!(b[0], i as u8 + 1, "page {i}");
+    }
+    // The reserve of the run is gone: only the run's and the written pages are live.
+    assert_eq!(pool.stats().live, 8);
+    // Nothing empty: nothing announced; one page: nothing announced.
+    vmo.fault_pages(3, 6, FaultAccess::Read, |_| Ok(()))
+        .unwrap();
+    vmo.fault_pages(12, 1, FaultAccess::Read, |_| Ok(()))
+        .unwrap();
+    assert_eq!(pager.0.lock().unwrap().len(), 1);
+}

@@ -213,6 +213,19 @@ impl Guest {
         Ok(self.vmar.prefetch(set, copy_written)?)
     }
 
+    /// `prefetch` for a guest whose pages mostly still need committing (a restore from a file):
+    /// `Vmar::prefetch_spans` — runs closer than `max_gap` pages merged into spans installed
+    /// read-only in bulk, then the recorded writes installed writable. Returns the pages the
+    /// first pass installed.
+    pub fn prefetch_spans(
+        &self,
+        set: &vmo::WorkingSet,
+        copy_written: bool,
+        max_gap: u64,
+    ) -> Result<u64> {
+        Ok(self.vmar.prefetch_spans(set, copy_written, max_gap)?)
+    }
+
     /// Sets the streaming fault-around window (pages; 0 turns it off, the default; at most
     /// `vmo::MAX_FAULT_AROUND`). Forks inherit it.
     pub fn set_stream_fault_around(&self, pages: u64) {

@@ -69,6 +69,13 @@ pub enum SnapshotError {
     },
     /// A page-index entry is out of order, out of range, or names an unknown Vmo.
     BadIndexEntry { entry: u64, detail: String },
+    /// A chunk of the page index (format 1.2, checked on first use) does not match its CRC.
+    IndexChunkChecksum {
+        chunk: u64,
+        first_entry: u64,
+        stored: u32,
+        computed: u32,
+    },
     /// A page's bytes do not match its checksum in the index.
     PageChecksum {
         vmo: u32,
@@ -190,6 +197,16 @@ impl fmt::Display for SnapshotError {
             BadIndexEntry { entry, detail } => {
                 write!(f, "snapshot page index entry {entry}: {detail}")
             }
+            IndexChunkChecksum {
+                chunk,
+                first_entry,
+                stored,
+                computed,
+            } => write!(
+                f,
+                "snapshot page index chunk {chunk} (entries from {first_entry}) corrupt: \
+                 checksum {stored:#010x} stored, {computed:#010x} computed"
+            ),
             PageChecksum {
                 vmo,
                 page,

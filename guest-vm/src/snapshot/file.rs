@@ -3,8 +3,10 @@
 //!
 //! `open` checks, in order: the path is a regular file; the header (CRC, magic, major, arch,
 //! page size, features; `format.rs`); every section lies inside the file (else `Truncated`);
-//! the metadata sections' CRCs; the vCPU and layout sections parse; the index is sorted, names
-//! known Vmos and pages inside them, and its stored-page count matches the page section's
+//! the metadata sections' CRCs (a 1.0 / 1.1 page index's in the same pass that checks its
+//! entries and hashes the identity; a 1.2 file's chunk table only, its index chunks being
+//! checked on first use and the identity by `verify_pages` — `index/`); the vCPU and layout
+//! sections parse; the index is sorted, names known Vmos and pages inside them, and its stored-page count matches the page section's
 //! length (`PageCountMismatch`); an optional working-set section (format 1.1) passes its CRC
 //! and parses into runs inside the layout's mappings. `verify_pages` also hashes every stored page
 //! (`--verify`).
@@ -12,31 +14,23 @@
 //! Immutability (what makes `SnapshotAtLeastOnWrite` exact for a restored guest): the file is
 //! held open read-only for as long as a pager uses it; the saver never writes an existing file
 //! in place (it renames a new one over the name, which leaves this open file untouched). Every
-//! page read `fstat`s the held descriptor and refuses the read (`FileChanged`) if size, mtime or
-//! ctime moved since `open` — ctime cannot be set back by any user, so any write through any
-//! descriptor is caught at the next read; and every page is checked against its hash. Not
-//! detectable: a write that lands between the `fstat` and the `pread` of one page and keeps its
-//! hash (i.e. none that changes the page's bytes, barring an xxh3 collision).
+//! read (one page, or one run of pages back to back in the file: `read_run`) `fstat`s the held
+//! descriptor first and refuses the read (`FileChanged`) if size, mtime or ctime moved since
+//! `open` — ctime cannot be set back by any user, so any write through any descriptor is caught
+//! at the next read; and every page is checked against its hash before it is used. Not
+//! detectable: a write that lands between the `fstat` and the `pread` and keeps each page's
+//! hash (i.e. none that changes the pages' bytes, barring an xxh3 collision).
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use super::error::{SnapResult, SnapshotError};
-use super::format::{
-    page_hash, Header, Identity, IndexEntry, SectionKind, HEADER_LEN, INDEX_ENTRY_LEN, PAGE,
-};
+use super::format::{page_hash, Header, Identity, SectionKind, HEADER_LEN, PAGE};
+use super::index::PageIndex;
+pub use super::index::Slot;
 use super::sections::{decode, LayoutSection, VcpuSection, WorkingSetSection};
 use crate::vmm::vcpu_state::VcpuState;
-
-/// Where a page of one Vmo is in one file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Slot {
-    /// Stored at this file offset with this hash.
-    Data { offset: u64, hash: u64 },
-    /// Recorded as all zeros.
-    Zero,
-}
 
 /// Size, times and identity of the open file, compared at every page read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,8 +62,7 @@ pub struct SnapshotFile {
     pub header: Header,
     pub layout: LayoutSection,
     vcpu: Vec<u8>,
-    /// Per Vmo: (page, slot), sorted by page.
-    pages: Vec<Vec<(u64, Slot)>>,
+    index: PageIndex,
     /// Stored (data) pages and zero entries.
     pub data_pages: u64,
     pub zero_pages: u64,
@@ -156,7 +149,23 @@ impl SnapshotFile {
             }
             Ok(buf)
         };
-        let index = section(SectionKind::PageIndex)?;
+        let pages_section = header.section(SectionKind::Pages);
+        let index_section = header.section(SectionKind::PageIndex);
+        // 1.2: only the chunk table now (the chunks on first use, the identity by `verify`).
+        let (mut index, identity) = match header.index_chunks {
+            Some(_) => {
+                let table = section(SectionKind::IndexChunks)?;
+                let ix = PageIndex::chunked(&table, index_section, pages_section.offset)?;
+                (ix, header.identity)
+            }
+            None => PageIndex::load(
+                &file,
+                path,
+                index_section,
+                header.identity_hasher(),
+                pages_section.offset,
+            )?,
+        };
         let layout_bytes = section(SectionKind::Layout)?;
         let vcpu = section(SectionKind::Vcpu)?;
         let ws_bytes = match header.working_set {
@@ -192,15 +201,14 @@ impl SnapshotFile {
             ),
             None => None,
         };
-        let identity = header.compute_identity(&index);
         if identity != header.identity {
             return Err(SnapshotError::Malformed {
                 section: "header",
                 detail: format!("identity {} recorded, {identity} computed", header.identity),
             });
         }
-        let pages_section = header.section(SectionKind::Pages);
-        let (pages, data_pages, zero_pages) = parse_index(&index, &layout, pages_section.offset)?;
+        index.check_layout(&layout)?;
+        let (data_pages, zero_pages) = (index.data_pages, index.zero_pages);
         if data_pages.checked_mul(PAGE) != Some(pages_section.length)
             || !pages_section.offset.is_multiple_of(PAGE)
         {
@@ -216,7 +224,7 @@ impl SnapshotFile {
             header,
             layout,
             vcpu,
-            pages,
+            index,
             data_pages,
             zero_pages,
             working_set,
@@ -237,16 +245,42 @@ impl SnapshotFile {
     }
 
     /// Where page `page` of Vmo `vmo` is in this file, if the file has it.
-    pub fn slot(&self, vmo: u32, page: u64) -> Option<Slot> {
-        let v = self.pages.get(vmo as usize)?;
-        v.binary_search_by_key(&page, |(p, _)| *p)
-            .ok()
-            .map(|i| v[i].1)
+    /// (A format 1.2 index chunk is read and checked on its first lookup: its errors.)
+    pub fn slot(&self, vmo: u32, page: u64) -> SnapResult<Option<Slot>> {
+        self.index.slot(vmo, page, &|o, b| self.read_run(o, b))
     }
 
     /// Every (page, slot) this file has for Vmo `vmo`, by page.
-    pub fn pages_of(&self, vmo: u32) -> &[(u64, Slot)] {
-        self.pages.get(vmo as usize).map_or(&[], Vec::as_slice)
+    pub fn pages_of(&self, vmo: u32) -> SnapResult<Vec<(u64, Slot)>> {
+        self.index.pages_of(vmo, &|o, b| self.read_run(o, b))
+    }
+
+    /// The stored pages of Vmo `vmo` among its pages `[first, end)`, as one file range:
+    /// `(offset, pages)` (`index/`).
+    pub fn data_run(&self, vmo: u32, first: u64, end: u64) -> SnapResult<Option<(u64, u64)>> {
+        self.index
+            .data_run(vmo, first, end, &|o, b| self.read_run(o, b))
+    }
+
+    /// Reads `buf.len()` bytes at `offset` with one `pread`, after checking that the file has
+    /// not changed since `open`. The caller checks each page's hash (`check_page`) before use.
+    pub fn read_run(&self, offset: u64, buf: &mut [u8]) -> SnapResult<()> {
+        self.check_unchanged()?;
+        read_exact_at(&self.file, &self.path, buf, offset)
+    }
+
+    /// `PageChecksum` unless `page_bytes` hash to `hash`.
+    pub fn check_page(vmo: u32, page: u64, hash: u64, page_bytes: &[u8]) -> SnapResult<()> {
+        let computed = page_hash(page_bytes);
+        if computed != hash {
+            return Err(SnapshotError::PageChecksum {
+                vmo,
+                page,
+                stored: hash,
+                computed,
+            });
+        }
+        Ok(())
     }
 
     /// Reads and verifies one stored page (and that the file has not changed since `open`).
@@ -258,18 +292,8 @@ impl SnapshotFile {
         hash: u64,
         buf: &mut [u8],
     ) -> SnapResult<()> {
-        self.check_unchanged()?;
-        read_exact_at(&self.file, &self.path, buf, offset)?;
-        let computed = page_hash(buf);
-        if computed != hash {
-            return Err(SnapshotError::PageChecksum {
-                vmo,
-                page,
-                stored: hash,
-                computed,
-            });
-        }
-        Ok(())
+        self.read_run(offset, buf)?;
+        Self::check_page(vmo, page, hash, buf)
     }
 
     /// `FileChanged` if the open file's size or times moved since `open`.
@@ -296,69 +320,36 @@ impl SnapshotFile {
         Ok(())
     }
 
-    /// Hashes every stored page now (the `--verify` option); the first bad one is the error.
+    /// Checks everything now (the `--verify` option): a 1.2 file's whole index (its section
+    /// CRC, the identity, every chunk), then every stored page's hash; the first bad one is
+    /// the error.
     pub fn verify_pages(&self) -> SnapResult<()> {
+        if self.index.is_chunked() {
+            let (_, identity) = PageIndex::load(
+                &self.file,
+                &self.path,
+                self.header.section(SectionKind::PageIndex),
+                self.header.identity_hasher(),
+                self.header.section(SectionKind::Pages).offset,
+            )?;
+            if identity != self.header.identity {
+                return Err(SnapshotError::Malformed {
+                    section: "header",
+                    detail: format!(
+                        "identity {} recorded, {identity} computed",
+                        self.header.identity
+                    ),
+                });
+            }
+        }
         let mut buf = vec![0u8; PAGE as usize];
-        for (vmo, v) in self.pages.iter().enumerate() {
-            for (page, slot) in v {
+        for vmo in 0..self.layout.vmos.len() as u32 {
+            for (page, slot) in self.pages_of(vmo)? {
                 if let Slot::Data { offset, hash } = slot {
-                    self.read_page(vmo as u32, *page, *offset, *hash, &mut buf)?;
+                    self.read_page(vmo, page, offset, hash, &mut buf)?;
                 }
             }
         }
         Ok(())
     }
-}
-
-/// Splits the index into per-Vmo sorted slot lists, checking every entry.
-type ParsedIndex = (Vec<Vec<(u64, Slot)>>, u64, u64);
-
-fn parse_index(index: &[u8], layout: &LayoutSection, pages_at: u64) -> SnapResult<ParsedIndex> {
-    if !index.len().is_multiple_of(INDEX_ENTRY_LEN) {
-        return Err(SnapshotError::Malformed {
-            section: "page-index",
-            detail: format!("{} bytes is not a whole number of entries", index.len()),
-        });
-    }
-    let mut out: Vec<Vec<(u64, Slot)>> = vec![Vec::new(); layout.vmos.len()];
-    let (mut data, mut zeros) = (0u64, 0u64);
-    let mut prev: Option<(u32, u64)> = None;
-    for (i, chunk) in index.chunks_exact(INDEX_ENTRY_LEN).enumerate() {
-        let e = IndexEntry::decode(chunk);
-        let bad = |detail: String| SnapshotError::BadIndexEntry {
-            entry: i as u64,
-            detail,
-        };
-        let Some(desc) = layout.vmos.get(e.vmo as usize) else {
-            return Err(bad(format!("vmo {} of {}", e.vmo, layout.vmos.len())));
-        };
-        if e.page >= desc.size / PAGE {
-            return Err(bad(format!(
-                "page {} past the end of vmo {} ({} pages)",
-                e.page,
-                e.vmo,
-                desc.size / PAGE
-            )));
-        }
-        if e.flags & !super::format::ENTRY_ZERO != 0 {
-            return Err(bad(format!("unknown flags {:#x}", e.flags)));
-        }
-        if prev.is_some_and(|p| p >= (e.vmo, e.page)) {
-            return Err(bad("out of order or duplicated".into()));
-        }
-        prev = Some((e.vmo, e.page));
-        let slot = if e.is_zero() {
-            zeros += 1;
-            Slot::Zero
-        } else {
-            let offset = pages_at + data * PAGE;
-            data += 1;
-            Slot::Data {
-                offset,
-                hash: e.hash,
-            }
-        };
-        out[e.vmo as usize].push((e.page, slot));
-    }
-    Ok((out, data, zeros))
 }

@@ -11,7 +11,8 @@
 //!   80  section table: section_count × 32 bytes
 //!       { kind u32, 0 u32, offset u64, length u64, crc32 u32, 0 u32 }
 //!       kinds 1..=4 (vcpu, layout, page index, pages) are required, exactly once each;
-//!       kind 5 (working set, since 1.1) is optional; unknown kinds are skipped
+//!       kind 5 (working set, since 1.1) and kind 6 (index chunks, since 1.2: the page
+//!       index's per-chunk table, `index/`) are optional; unknown kinds are skipped
 //! 4092  crc32 of bytes [0, 4092)
 //! ```
 //! The first 16 bytes and the CRC at 4092 never move in any version: a reader checks the CRC,
@@ -21,8 +22,9 @@
 //! xxh3-64 of the page u64 }`, sorted by (vmo, page) without duplicates; the k-th entry that
 //! has data is stored at `pages.offset + k × 4096`.
 //!
-//! Identity: xxh3-128 of the header (with the identity and the CRC zeroed) followed by the
-//! page index — it names the file's content (every page's hash is in the index) for diffs.
+//! Identity: xxh3-128 of the header (with the identity and the CRC zeroed, and without the
+//! sections added after 1.1 in its table — what a 1.1 reader re-encodes) followed by the page
+//! index — it names the file's content (every page's hash is in the index) for diffs.
 
 use super::error::{SnapResult, SnapshotError};
 pub use super::identity::Identity;
@@ -31,8 +33,10 @@ pub const MAGIC: [u8; 8] = *b"GMSNAPSH";
 /// The format major this program writes and reads; a different major is refused.
 pub const FORMAT_MAJOR: u16 = 1;
 /// The format minor this program writes; any minor of `FORMAT_MAJOR` is readable.
-/// 1.0: the four required sections; 1.1 adds the optional working-set section.
-pub const FORMAT_MINOR: u16 = 1;
+/// 1.0: the four required sections; 1.1 adds the optional working-set section; 1.2 the
+/// optional index-chunks section (a reader that has it checks the index chunk by chunk, on
+/// first use, instead of all at open).
+pub const FORMAT_MINOR: u16 = 2;
 pub const HEADER_LEN: usize = 4096;
 pub const ARCH_X86_64: u32 = 1;
 pub const PAGE: u64 = ept::PAGE_SIZE;
@@ -59,6 +63,9 @@ pub enum SectionKind {
     /// Optional (format 1.1): the pages the guest touched in its first run after the snapshot
     /// point, prefetched by a restore (`sections::WorkingSetSection`).
     WorkingSet = 5,
+    /// Optional (format 1.2): per chunk of the page index, its first key, data-page count
+    /// before it and CRC-32 (`index::ChunkTable`).
+    IndexChunks = 6,
 }
 
 impl SectionKind {
@@ -77,6 +84,7 @@ impl SectionKind {
             SectionKind::PageIndex => "page-index",
             SectionKind::Pages => "pages",
             SectionKind::WorkingSet => "working-set",
+            SectionKind::IndexChunks => "index-chunks",
         }
     }
 }
@@ -110,6 +118,8 @@ pub struct Header {
     pub sections: [Section; 4],
     /// The optional working-set section (format 1.1), if the file has one.
     pub working_set: Option<Section>,
+    /// The optional index-chunks section (format 1.2), if the file has one.
+    pub index_chunks: Option<Section>,
 }
 
 impl Header {
@@ -125,6 +135,7 @@ impl Header {
             base: base.unwrap_or_default(),
             sections: [Section::default(); 4],
             working_set: None,
+            index_chunks: None,
         }
     }
 
@@ -136,6 +147,7 @@ impl Header {
     pub fn section(&self, kind: SectionKind) -> Section {
         match kind {
             SectionKind::WorkingSet => self.working_set.unwrap_or_default(),
+            SectionKind::IndexChunks => self.index_chunks.unwrap_or_default(),
             k => self.sections[k as usize - 1],
         }
     }
@@ -143,6 +155,7 @@ impl Header {
     pub fn set_section(&mut self, kind: SectionKind, s: Section) {
         match kind {
             SectionKind::WorkingSet => self.working_set = Some(s),
+            SectionKind::IndexChunks => self.index_chunks = Some(s),
             k => self.sections[k as usize - 1] = s,
         }
     }
@@ -152,6 +165,9 @@ impl Header {
         let mut v = SectionKind::ALL.to_vec();
         if self.working_set.is_some() {
             v.push(SectionKind::WorkingSet);
+        }
+        if self.index_chunks.is_some() {
+            v.push(SectionKind::IndexChunks);
         }
         v
     }
@@ -245,15 +261,15 @@ impl Header {
                 detail: format!("{count} sections, at most {MAX_SECTIONS}"),
             });
         }
-        // Required kinds 1..=4 at indices 0..4, the optional working set at 4.
-        let mut sections = [None; 5];
+        // Required kinds 1..=4 at indices 0..4, the optional working set at 4, chunks at 5.
+        let mut sections = [None; 6];
         for i in 0..count {
             let at = SECTIONS_AT + i * SECTION_LEN;
             let kind = u32_at(b, at);
             // Unknown kinds (a newer minor's optional sections) are skipped.
             let Some(k) = SectionKind::ALL
                 .iter()
-                .chain([SectionKind::WorkingSet].iter())
+                .chain([SectionKind::WorkingSet, SectionKind::IndexChunks].iter())
                 .find(|k| **k as u32 == kind)
             else {
                 continue;
@@ -289,15 +305,27 @@ impl Header {
             base: Identity(base),
             sections: out,
             working_set: sections[4],
+            index_chunks: sections[5],
         })
     }
 
     /// The identity of a file with this header and `index` bytes.
     pub fn compute_identity(&self, index: &[u8]) -> Identity {
-        let mut h = xxhash_rust::xxh3::Xxh3::new();
-        h.update(&self.encode(false));
+        let mut h = self.identity_hasher();
         h.update(index);
         Identity(h.digest128().to_le_bytes())
+    }
+
+    /// The identity hash with this header fed in: feed it the index to get the identity.
+    /// The header is hashed as a 1.1 reader re-encodes it — without the sections added after
+    /// 1.1 (the index chunks, derived from the index the identity covers anyway) — so that a
+    /// 1.1 reader computes the same identity for a 1.2 file.
+    pub fn identity_hasher(&self) -> xxhash_rust::xxh3::Xxh3 {
+        let mut view = self.clone();
+        view.index_chunks = None;
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        h.update(&view.encode(false));
+        h
     }
 }
 
@@ -341,11 +369,11 @@ fn u16_at(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([b[at], b[at + 1]])
 }
 
-fn u32_at(b: &[u8], at: usize) -> u32 {
+pub(crate) fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
-fn u64_at(b: &[u8], at: usize) -> u64 {
+pub(crate) fn u64_at(b: &[u8], at: usize) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[at..at + 8]);
     u64::from_le_bytes(a)
@@ -439,6 +467,38 @@ mod tests {
             b[SECTIONS_AT..SECTIONS_AT + 4 * SECTION_LEN],
             old.encode(true)[SECTIONS_AT..SECTIONS_AT + 4 * SECTION_LEN]
         );
+    }
+
+    #[test]
+    fn a_1_1_reader_skips_the_index_chunks() {
+        // A 1.2 header: kinds 1..=4 where 1.0 put them, then 5 and 6, which a 1.1 reader
+        // (knowing 1..=5) and a 1.0 reader (1..=4) skip.
+        let mut h = sample();
+        h.set_section(SectionKind::WorkingSet, Section::default());
+        h.set_section(
+            SectionKind::IndexChunks,
+            Section {
+                offset: 4096,
+                length: 56,
+                crc32: 3,
+            },
+        );
+        let b = h.encode(true);
+        let kinds: Vec<u32> = (0..u32_at(&b, 40) as usize)
+            .map(|i| u32_at(&b, SECTIONS_AT + i * SECTION_LEN))
+            .collect();
+        assert_eq!(kinds, [1, 2, 3, 4, 5, 6]);
+        let back = Header::decode(&b).unwrap();
+        assert_eq!(back.index_chunks.map(|s| s.length), Some(56));
+        assert_eq!(back, h);
+        // What a 1.1 reader hashes for the identity: the header without kind 6.
+        let mut as_1_1 = h.clone();
+        as_1_1.index_chunks = None;
+        assert_eq!(h.compute_identity(b"ix"), as_1_1.compute_identity(b"ix"));
+        let mut plain = xxhash_rust::xxh3::Xxh3::new();
+        plain.update(&as_1_1.encode(false));
+        plain.update(b"ix");
+        assert_eq!(h.compute_identity(b"ix").0, plain.digest128().to_le_bytes());
     }
 
     #[test]

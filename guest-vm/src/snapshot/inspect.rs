@@ -152,7 +152,7 @@ pub fn render(r: &InspectReport) -> String {
         for sec in &l.sections {
             let _ = writeln!(
                 s,
-                "  section {:<11} offset {:>10} length {:>10} crc32 {:#010x}",
+                "  section {:<12} offset {:>10} length {:>10} crc32 {:#010x}",
                 sec.name, sec.section.offset, sec.section.length, sec.section.crc32
             );
         }

@@ -8,6 +8,7 @@
 //! - [`identity`]: `Identity`, the content hash diffs name their base by;
 //! - [`sections`]: the vCPU, layout and working-set sections (serde + postcard);
 //! - [`file`]: `SnapshotFile` — open + check everything before use; page reads; immutability;
+//! - [`index`]: `PageIndex` — the page index kept as checked raw bytes, decoded on demand;
 //! - [`pager`]: `Chain` (the files of a restored guest) and `FilePager` (`vmo::Pager`);
 //! - [`save`]: full and diff saves (temporary name + rename, progress bar);
 //! - [`restore`]: chain checks and the lazy / eager restore, working-set prefetch;
@@ -27,18 +28,24 @@
 //! older readers skip; new fields in free header space): every file of the same major stays
 //! readable. A major bump is refused with `UnsupportedVersion`, naming the file's version and
 //! the one this program reads. The test suite keeps a committed fixture of every released
-//! format version (`tests/fixtures/snapshot-v1.0.gms`, `snapshot-v1.1.gms`) and restores
-//! each. Versions: 1.0 (vcpu, layout, page index, pages); 1.1 adds the optional working-set
-//! section (a 1.0 reader skips it).
+//! format version (`tests/fixtures/snapshot-v1.0.gms`, `snapshot-v1.1.gms`,
+//! `snapshot-v1.2.gms`) and restores each. Versions: 1.0 (vcpu, layout, page index, pages);
+//! 1.1 adds the optional working-set section (a 1.0 reader skips it); 1.2 the optional
+//! index-chunks section — a CRC-32, first key and data count per 4096 index entries — which
+//! lets a reader check the page index chunk by chunk on first use instead of all at open (the
+//! index itself, its section CRC and the identity are unchanged, so 1.0 / 1.1 readers read a
+//! 1.2 file as before).
 //!
 //! Invariants: every file is fully checked (except page bytes, checked at each read or with
-//! `verify`) before a VM is created; a failed page read stops only the guest that asked and is
+//! `verify`, and a 1.2 file's index chunks and identity, checked at the first lookup in each
+//! chunk or with `verify`) before a VM is created; a failed page read stops only the guest that asked and is
 //! reported through `Chain::failures`; a file is never modified once written.
 
 pub mod error;
 pub mod file;
 pub mod format;
 pub mod identity;
+pub mod index;
 pub mod inspect;
 pub mod pager;
 pub mod restore;

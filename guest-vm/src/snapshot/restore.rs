@@ -11,9 +11,11 @@
 //! `verify` (every stored page's hash is checked up front), or the newest file carries a
 //! working set (format 1.1) and `prefetch` is `Prefetch::Recorded` (the default): then, after
 //! the reset point is set, that set is installed in bulk before the guest runs
-//! (`Guest::prefetch`: one `Vmar::prefault` per run of pages, read through the pager; pages
-//! the recorded run wrote are installed writable, the others read-only), so the guest's first
-//! run takes a demand fault only for pages outside the recorded set.
+//! (`Guest::prefetch_spans`: runs less than `MERGE_GAP` pages apart merged into spans, each
+//! span one `Vmar::prefault` for read whose pages the pager reads with one `pread` per layer
+//! — `pager.rs` read-ahead — then the runs the recorded run wrote re-installed writable), so
+//! the guest's first run takes a demand fault only for pages outside the recorded set (and
+//! its gaps).
 //!
 //! The restored guest forks like any other: its Vmos are pager-backed, so `Vmar::fork` makes
 //! `SnapshotAtLeastOnWrite` children, exact here because the files never change (`file.rs`).
@@ -30,6 +32,10 @@ use super::pager::{Chain, FilePager};
 use crate::guest::Guest;
 use crate::memory::frames::HostFrames;
 use crate::vmm::vcpu_state::VcpuState;
+
+/// Runs of the working set at most this many pages apart are prefetched as one span (the gap
+/// pages too: a few extra page reads cost less than another install and read).
+pub const MERGE_GAP: u64 = 8;
 
 /// What a restore does with the working set the newest file carries.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -57,7 +63,8 @@ pub struct Restored {
     pub guest: Guest,
     pub state: VcpuState,
     pub chain: Arc<Chain>,
-    /// Pages installed from the newest file's working set before the guest ran.
+    /// Pages installed from the newest file's working set before the guest ran (with the gap
+    /// pages between runs merged into one span: at most `MERGE_GAP` per gap).
     pub prefetched: u64,
 }
 
@@ -166,7 +173,7 @@ pub fn restore_layers(
         for m in &layout.mappings {
             let (first, last) = (m.vmo_offset / PAGE, (m.vmo_offset + m.len) / PAGE);
             for page in first..last {
-                if let Some((_, Slot::Data { .. })) = chain.lookup(m.vmo, page) {
+                if let Some((_, Slot::Data { .. })) = chain.lookup(m.vmo, page)? {
                     if let Err(e) = guest.prefault(m.base + (page - first) * PAGE, PAGE, false) {
                         let typed = chain.take_failures().into_iter().next();
                         return Err(typed.unwrap_or(SnapshotError::Guest(e)));
@@ -181,7 +188,7 @@ pub fn restore_layers(
     // turn each prefetched write into a fault again.
     let mut prefetched = 0;
     if let Some(set) = &working_set {
-        prefetched = guest.prefetch(set, true).map_err(|e| {
+        prefetched = guest.prefetch_spans(set, true, MERGE_GAP).map_err(|e| {
             let typed = chain.take_failures().into_iter().next();
             typed.unwrap_or(SnapshotError::Guest(e))
         })?;

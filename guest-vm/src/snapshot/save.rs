@@ -2,7 +2,7 @@
 //!
 //! What is written (layout in `format.rs`): the header (last, once every section is known), the
 //! vCPU section, the layout section, the pages (page aligned, in (Vmo, page) order), the
-//! page index and, when the caller recorded one (`SaveOptions::working_set`), the working-set
+//! page index, its chunk table (format 1.2, `index::ChunkTable`) and, when the caller recorded one (`SaveOptions::working_set`), the working-set
 //! section: the pages the guest touched in its first run after this snapshot point (recorded
 //! by the Vmar — e.g. in a fork of the saved guest, or in an earlier restore of the same
 //! memory), which a restore prefetches. A *full* save stores every page that holds data — committed in the Vmo (its own
@@ -33,6 +33,7 @@ use super::file::{Slot, SnapshotFile};
 use super::format::{
     page_hash, Header, Identity, IndexEntry, Section, SectionKind, ENTRY_ZERO, HEADER_LEN, PAGE,
 };
+use super::index::ChunkTable;
 use super::pager::Chain;
 use super::sections::{
     encode, LayoutSection, MappingDesc, VcpuSection, VmoDesc, WorkingSetSection,
@@ -111,24 +112,24 @@ pub fn layout_of(vmar: &Vmar<KvmStage2>, mem_size: u64) -> SnapResult<(LayoutSec
 }
 
 /// The pages of Vmo `id` a save stores (before zero detection).
-fn pages_to_save(vmo: &Vmo, id: u32, opts: &SaveOptions) -> Vec<u64> {
+fn pages_to_save(vmo: &Vmo, id: u32, opts: &SaveOptions) -> SnapResult<Vec<u64>> {
     if opts.diff_base.is_some() {
-        return vmo.changed_pages();
+        return Ok(vmo.changed_pages());
     }
     let n = vmo.size() / PAGE;
     if !vmo.is_pager_backed() {
-        return (0..n).filter(|&p| vmo.is_committed(p)).collect();
+        return Ok((0..n).filter(|&p| vmo.is_committed(p)).collect());
     }
     match &opts.source {
         Some(chain) => {
             let mut pages: std::collections::BTreeSet<u64> =
                 (0..n).filter(|&p| vmo.is_committed(p)).collect();
             for layer in &chain.layers {
-                pages.extend(layer.pages_of(id).iter().map(|(p, _)| *p));
+                pages.extend(layer.pages_of(id)?.into_iter().map(|(p, _)| p));
             }
-            pages.into_iter().filter(|&p| p < n).collect()
+            Ok(pages.into_iter().filter(|&p| p < n).collect())
         }
-        None => (0..n).collect(),
+        None => Ok((0..n).collect()),
     }
 }
 
@@ -139,8 +140,10 @@ fn unchanged(source: Option<&Chain>, vmo: u32, page: u64, hash: u64) -> bool {
         return false;
     };
     match chain.lookup(vmo, page) {
-        Some((_, Slot::Data { hash: h, .. })) => hash != 0 && h == hash,
-        Some((_, Slot::Zero)) | None => hash == 0,
+        Ok(Some((_, Slot::Data { hash: h, .. }))) => hash != 0 && h == hash,
+        Ok(Some((_, Slot::Zero)) | None) => hash == 0,
+        // The chain cannot say what it holds: store the page.
+        Err(_) => false,
     }
 }
 
@@ -192,7 +195,8 @@ fn write_snapshot<W: Write + Seek>(
         .iter()
         .enumerate()
         .map(|(i, v)| pages_to_save(v, i as u32, opts))
-        .collect();
+        .collect::<SnapResult<_>>()
+        .map_err(Err)?;
     bar.set_length(plan.iter().map(|p| p.len() as u64).sum());
     let mut index = Vec::new();
     let (mut data, mut zeros) = (0u64, 0u64);
@@ -247,6 +251,17 @@ fn write_snapshot<W: Write + Seek>(
         },
     );
     pos += index.len() as u64;
+    let chunks = ChunkTable::encode(&index);
+    w.write_all(&chunks).map_err(Ok)?;
+    header.set_section(
+        SectionKind::IndexChunks,
+        Section {
+            offset: pos,
+            length: chunks.len() as u64,
+            crc32: crc32fast::hash(&chunks),
+        },
+    );
+    pos += chunks.len() as u64;
     if let Some(set) = &opts.working_set {
         let bytes = encode(&WorkingSetSection::from_set(set));
         w.write_all(&bytes).map_err(Ok)?;

@@ -7,6 +7,14 @@
 //! write still reaches the model first), or — with `copy_written` — the recorded run's written
 //! pages copied ahead and installed writable, as a write fault would.
 //!
+//! `prefetch_spans` is the bulk variant for a space whose pages mostly still need committing
+//! (a restore from a file): runs closer than `max_gap` pages inside one mapping are merged into
+//! spans, each span is prefaulted for read in one go (one pager read-ahead and as few installs
+//! as its frames allow — gap pages are committed and installed read-only too, as a read
+//! fault-around would), then the written runs are prefaulted for write: a frame the first pass
+//! committed is private and already installed writable (nothing left to do); a shared one is
+//! copied and re-installed writable, as a write fault would.
+//!
 //! Invariant: recording only observes; a space records nothing unless `set_recording(true)`;
 //! forks do not inherit it.
 
@@ -87,6 +95,47 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
                 Access::READ
             };
             installed += self.prefault(start, pages * PAGE_SIZE, access)?;
+        }
+        Ok(installed)
+    }
+
+    /// `prefetch` in two passes over merged spans (module documentation): returns the pages
+    /// the first pass installed (the spans' pages that were not installed yet).
+    pub fn prefetch_spans(
+        &self,
+        set: &WorkingSet,
+        copy_written: bool,
+        max_gap: u64,
+    ) -> Result<u64> {
+        let runs = set.runs();
+        let mut spans: Vec<(u64, u64)> = Vec::new();
+        {
+            let tree = self.space.tree.read();
+            for &(start, pages, _) in &runs {
+                let end = start + pages * PAGE_SIZE;
+                if let Some((s, e)) = spans.last_mut() {
+                    let near = start - *e <= max_gap * PAGE_SIZE;
+                    let same = tree
+                        .mapping_at(*s)
+                        .is_some_and(|m| m.base <= *s && end <= m.end());
+                    if near && same {
+                        *e = end;
+                        continue;
+                    }
+                }
+                spans.push((start, end));
+            }
+        }
+        let mut installed = 0;
+        for (start, end) in spans {
+            installed += self.prefault(start, end - start, Access::READ)?;
+        }
+        if copy_written {
+            for (start, pages, written) in runs {
+                if written {
+                    self.prefault(start, pages * PAGE_SIZE, Access::WRITE)?;
+                }
+            }
         }
         Ok(installed)
     }

@@ -1,6 +1,7 @@
 //! The fault path's entry into a `Vmo`: `fault_page` (one page) and `fault_pages` (a run of
 //! pages under one acquisition of the page-set lock, installed by one callback — the bulk
-//! installs of fault-around, streaming and prefault).
+//! installs of fault-around, streaming and prefault). A run that may commit empty slots is
+//! announced to a pager first (`Pager::read_ahead`), so it can read the run in one I/O.
 //!
 //! Invariant: the install callback runs while the page set is locked, so a translation it
 //! installs cannot outlive the frame it names; a frame handed over as `writable` is private to
@@ -153,6 +154,10 @@ impl Vmo {
         let avail = (self.size() / PAGE_SIZE).saturating_sub(first_idx);
         let mut run = Vec::new();
         let mut pages = self.lock_root_pages();
+        // The accesses that commit empty slots (and so read a pager) announce the run.
+        if count > 1 && matches!(access, FaultAccess::Read | FaultAccess::Write) {
+            pages.read_ahead(&self.inner.pool, first, count.min(avail));
+        }
         let mut failed = None;
         for i in 0..count {
             if i >= avail {
@@ -175,6 +180,7 @@ impl Vmo {
                 }
             }
         }
+        pages.end_run();
         let result = match (run.is_empty(), failed) {
             (true, Some(e)) => Err(e),
             (true, None) => Ok(None),

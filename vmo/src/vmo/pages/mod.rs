@@ -62,12 +62,19 @@ pub(crate) struct PageSource {
     /// `commit_overwrite` and `decommit_page` called. Snapshot children read through the
     /// pager but never write back (their writes are private).
     writeback: bool,
+    /// Frames taken in one run for the pager reads of an announced run (`read_ahead`), last
+    /// first; used before allocating one by one, emptied when the run ends (`end_run`).
+    /// Boxed: empty (`None`) outside announced runs, and the Vmo body stays small.
+    reserve: Option<alloc::boxed::Box<Reserve>>,
 }
+
+/// The frames of an announced run not used yet, last first.
+struct Reserve(Vec<Frame>);
 
 impl PageSource {
     /// A frame for empty slot `idx` (zero-filled, or the pager's data; with `overwrite` the
     /// caller overwrites the whole page, so nothing is read).
-    fn fresh_frame(&self, pool: &FramePool, idx: u64, overwrite: bool) -> Result<Frame> {
+    fn fresh_frame(&mut self, pool: &FramePool, idx: u64, overwrite: bool) -> Result<Frame> {
         match (&self.pager, overwrite) {
             (Some(pager), true) => {
                 if self.writeback {
@@ -76,7 +83,10 @@ impl PageSource {
                 pool.alloc_uninit()
             }
             (Some(pager), false) => {
-                let frame = pool.alloc_uninit()?;
+                let frame = match self.reserve.as_mut().and_then(|r| r.0.pop()) {
+                    Some(f) => f,
+                    None => pool.alloc_uninit()?,
+                };
                 let mut buf = [0u8; PAGE_BYTES];
                 pager.commit_page(self.base + idx, &mut buf)?;
                 frame.write(0, &buf)?;
@@ -132,6 +142,7 @@ impl Pages {
                 pager,
                 base: 0,
                 writeback: true,
+                reserve: None,
             },
             reset_point: None,
             changed: BTreeSet::new(),
@@ -214,6 +225,35 @@ impl Pages {
             self.note_change(idx);
         }
         result.map(|()| fresh.len() as u64)
+    }
+
+    /// Before committing a run of `[first, first + count)`: tells the pager (if any) the
+    /// stretch from the first to the last empty slot, when it holds more than one page
+    /// (`Pager::read_ahead`).
+    /// The empty slots of the run also get their frames in one contiguous, populated run
+    /// (`FramePool::alloc_run_uninit`), which the pager reads then fill.
+    pub fn read_ahead(&mut self, pool: &FramePool, first: u64, count: u64) {
+        let Some(pager) = &self.source.pager else {
+            return;
+        };
+        let empty = |i: &u64| self.array.load(*i).is_none();
+        let Some(a) = (first..first + count).find(empty) else {
+            return;
+        };
+        let b = (a..first + count).rev().find(empty).unwrap_or(a) + 1;
+        if b - a > 1 {
+            pager.read_ahead(self.source.base + a, b - a);
+            let n = (a..b).filter(empty).count();
+            if let Some(mut run) = pool.alloc_run_uninit(n) {
+                run.reverse();
+                self.source.reserve = Some(alloc::boxed::Box::new(Reserve(run)));
+            }
+        }
+    }
+
+    /// Ends an announced run: frames of the reserve it did not use go back to the pool.
+    pub fn end_run(&mut self) {
+        self.source.reserve = None;
     }
 
     /// Would committing slot `idx` need pager I/O?
