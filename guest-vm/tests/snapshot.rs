@@ -207,14 +207,10 @@ fn committed_fixture_of_format_1_0_restores() {
     streams::serve_checked(&mut kv, &mut model, &ops, 5).unwrap();
 }
 
-const FIXTURE_1_1: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/tests/fixtures/snapshot-v1.1.gms"
-);
-/// Written by `guest-vm snapshot save --out tests/fixtures/snapshot-v1.1.gms --table-mib 1
-/// --keys 20 --working-set-seed 5 --requests 50`: a working set recorded from stream 5.
-const FIXTURE_1_1_SEED: u64 = 5;
-const FIXTURE_1_1_REQUESTS: u64 = 50;
+/// The recorded stream of the 1.2 fixture's working set (its `--working-set-seed` and
+/// `--requests`).
+const FIXTURE_WS_SEED: u64 = 5;
+const FIXTURE_WS_REQUESTS: u64 = 50;
 
 /// userfaultfd faults (missing + write-protect) `g` has taken so far.
 fn demand_faults(g: &Guest) -> u64 {
@@ -234,13 +230,23 @@ fn assert_prefetched(prefetched: u64, set: &vmo::WorkingSet) {
     );
 }
 
+const FIXTURE_1_2: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/snapshot-v1.2.gms"
+);
+
+/// Written by `guest-vm snapshot save --out tests/fixtures/snapshot-v1.2.gms --table-mib 1
+/// --keys 20 --working-set-seed 5 --requests 50`: the working set recorded from stream 5 and
+/// the index chunks. (1.1 was a development version that never shipped — its identity covered
+/// the working-set entry, which a 1.0 program refuses — so 1.2 is the first release after 1.0.)
 #[test]
-fn committed_fixture_of_format_1_1_restores_with_its_working_set() {
+fn committed_fixture_of_format_1_2_restores_with_its_working_set() {
     require_kvm!();
     let frames = frames();
-    let r = restore(&frames, &[PathBuf::from(FIXTURE_1_1)]).unwrap();
+    let r = restore(&frames, &[PathBuf::from(FIXTURE_1_2)]).unwrap();
     let h = &r.chain.layers[0].header;
-    assert_eq!((h.major, h.minor), (1, 1));
+    assert_eq!((h.major, h.minor), (1, 2));
+    assert!(h.index_chunks.is_some());
     let set = r.chain.layers[0]
         .working_set
         .clone()
@@ -252,59 +258,48 @@ fn committed_fixture_of_format_1_1_restores_with_its_working_set() {
     model.fill(FILL_FIRST, FIXTURE_KEYS);
     let before = demand_faults(&r.guest);
     let mut kv = KvStore::resume(r.guest);
-    let ops = streams::stream(FIXTURE_1_1_SEED, FIXTURE_1_1_REQUESTS, FIXTURE_KEYS, 1);
-    streams::serve_checked(&mut kv, &mut model, &ops, FIXTURE_1_1_SEED).unwrap();
+    let ops = streams::stream(FIXTURE_WS_SEED, FIXTURE_WS_REQUESTS, FIXTURE_KEYS, 1);
+    streams::serve_checked(&mut kv, &mut model, &ops, FIXTURE_WS_SEED).unwrap();
     // The recorded stream again: every page it touches was prefetched.
     assert_eq!(demand_faults(kv.inner()) - before, 0);
-    streams::check_table(&mut kv, &model, "fixture 1.1").unwrap();
+    streams::check_table(&mut kv, &model, "fixture 1.2").unwrap();
     // Prefetch off: nothing installed before the run.
     let off = RestoreOptions {
         prefetch: Prefetch::Off,
         ..RestoreOptions::default()
     };
-    let r = snapshot::restore(&frames, &[PathBuf::from(FIXTURE_1_1)], off).unwrap();
+    let r = snapshot::restore(&frames, &[PathBuf::from(FIXTURE_1_2)], off).unwrap();
     assert_eq!((r.prefetched, r.guest.installed_pages()), (0, 0));
 }
 
-const FIXTURE_1_2: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/tests/fixtures/snapshot-v1.2.gms"
-);
-
-/// Written by `guest-vm snapshot save --out tests/fixtures/snapshot-v1.2.gms --table-mib 1
-/// --keys 20 --working-set-seed 5 --requests 50` (the 1.1 fixture's command): 1.2 adds the
-/// index-chunks section. Restores with its working set; and read as a 1.1 reader reads it
-/// (the same file without the chunk table in its header: the whole index checked at open),
-/// it restores the same memory.
+/// The 1.2 fixture as a 1.0 reader sees it: the header re-encoded with the four required
+/// sections only (the working set and the index chunks skipped) and the recorded identity
+/// unchanged — so the whole-index check at open also proves that the identity a 1.0 reader
+/// recomputes is the one recorded — restores the same memory.
 #[test]
-fn committed_fixture_of_format_1_2_restores_chunked_and_as_a_1_1_reader_sees_it() {
+fn committed_fixture_of_format_1_2_reads_as_a_1_0_reader_sees_it() {
     require_kvm!();
     let frames = frames();
     let dir = TempDir::new("v12");
-    let as_1_1 = dir.file("as-1.1.gms");
-    // What a 1.1 reader sees: the header without kind 6, the recorded identity unchanged
-    // (so the whole-index check at open also proves it computes the same identity).
+    let as_1_0 = dir.file("as-1.0.gms");
     let mut bytes = std::fs::read(FIXTURE_1_2).unwrap();
     let mut h = header_of(Path::new(FIXTURE_1_2));
-    assert!(h.index_chunks.is_some());
+    assert!(h.index_chunks.is_some() && h.working_set.is_some());
     h.index_chunks = None;
+    h.working_set = None;
     bytes[..HEADER_LEN].copy_from_slice(&h.encode(true));
-    std::fs::write(&as_1_1, bytes).unwrap();
+    std::fs::write(&as_1_0, bytes).unwrap();
     let mut memories = Vec::new();
-    for path in [PathBuf::from(FIXTURE_1_2), as_1_1] {
+    for (path, has_set) in [(PathBuf::from(FIXTURE_1_2), true), (as_1_0, false)] {
         let r = restore(&frames, std::slice::from_ref(&path)).unwrap();
-        let h = &r.chain.layers[0].header;
-        assert_eq!((h.major, h.minor), (1, 2));
-        let set = r.chain.layers[0]
-            .working_set
-            .clone()
-            .expect("a working set");
-        assert_prefetched(r.prefetched, &set);
+        let layer = &r.chain.layers[0];
+        assert_eq!((layer.header.major, layer.header.minor), (1, 2));
+        assert_eq!(layer.working_set.is_some(), has_set);
         let mut model = TableModel::new(FIXTURE_BUCKETS);
         model.fill(FILL_FIRST, FIXTURE_KEYS);
         let mut kv = KvStore::resume(r.guest);
-        let ops = streams::stream(FIXTURE_1_1_SEED, FIXTURE_1_1_REQUESTS, FIXTURE_KEYS, 1);
-        streams::serve_checked(&mut kv, &mut model, &ops, FIXTURE_1_1_SEED).unwrap();
+        let ops = streams::stream(FIXTURE_WS_SEED, FIXTURE_WS_REQUESTS, FIXTURE_KEYS, 1);
+        streams::serve_checked(&mut kv, &mut model, &ops, FIXTURE_WS_SEED).unwrap();
         streams::check_table(&mut kv, &model, "fixture 1.2").unwrap();
         let f = snapshot::SnapshotFile::open(&path).unwrap();
         f.verify_pages().unwrap();

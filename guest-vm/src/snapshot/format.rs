@@ -22,9 +22,10 @@
 //! xxh3-64 of the page u64 }`, sorted by (vmo, page) without duplicates; the k-th entry that
 //! has data is stored at `pages.offset + k × 4096`.
 //!
-//! Identity: xxh3-128 of the header (with the identity and the CRC zeroed, and without the
-//! sections added after 1.1 in its table — what a 1.1 reader re-encodes) followed by the page
-//! index — it names the file's content (every page's hash is in the index) for diffs.
+//! Identity: xxh3-128 of the header (with the identity and the CRC zeroed, and with only the
+//! four required sections in its table — what a 1.0 reader re-encodes) followed by the page
+//! index — it names the file's content (every page's hash is in the index) for diffs, and is
+//! the same whether or not the file carries the optional sections.
 
 use super::error::{SnapResult, SnapshotError};
 pub use super::identity::Identity;
@@ -317,11 +318,13 @@ impl Header {
     }
 
     /// The identity hash with this header fed in: feed it the index to get the identity.
-    /// The header is hashed as a 1.1 reader re-encodes it — without the sections added after
-    /// 1.1 (the index chunks, derived from the index the identity covers anyway) — so that a
-    /// 1.1 reader computes the same identity for a 1.2 file.
+    /// The header is hashed as a 1.0 reader re-encodes it — with the four required sections
+    /// only, without the optional ones added since (the working set, a hint about the first
+    /// run, and the index chunks, derived from the index the identity covers anyway) — so
+    /// that every reader of major 1 computes the same identity for every file of major 1.
     pub fn identity_hasher(&self) -> xxhash_rust::xxh3::Xxh3 {
         let mut view = self.clone();
+        view.working_set = None;
         view.index_chunks = None;
         let mut h = xxhash_rust::xxh3::Xxh3::new();
         h.update(&view.encode(false));
@@ -491,12 +494,14 @@ mod tests {
         let back = Header::decode(&b).unwrap();
         assert_eq!(back.index_chunks.map(|s| s.length), Some(56));
         assert_eq!(back, h);
-        // What a 1.1 reader hashes for the identity: the header without kind 6.
-        let mut as_1_1 = h.clone();
-        as_1_1.index_chunks = None;
-        assert_eq!(h.compute_identity(b"ix"), as_1_1.compute_identity(b"ix"));
+        // What a 1.0 reader hashes for the identity: the header with kinds 1..=4 only (it
+        // decodes no other kind, and re-encodes what it decoded).
+        let mut as_1_0 = h.clone();
+        as_1_0.working_set = None;
+        as_1_0.index_chunks = None;
+        assert_eq!(h.compute_identity(b"ix"), as_1_0.compute_identity(b"ix"));
         let mut plain = xxhash_rust::xxh3::Xxh3::new();
-        plain.update(&as_1_1.encode(false));
+        plain.update(&as_1_0.encode(false));
         plain.update(b"ix");
         assert_eq!(h.compute_identity(b"ix").0, plain.digest128().to_le_bytes());
     }

@@ -27,14 +27,16 @@
 //! its CRC at byte 4092 never move. A minor bump only adds (new optional section kinds, which
 //! older readers skip; new fields in free header space): every file of the same major stays
 //! readable. A major bump is refused with `UnsupportedVersion`, naming the file's version and
-//! the one this program reads. The test suite keeps a committed fixture of every released
-//! format version (`tests/fixtures/snapshot-v1.0.gms`, `snapshot-v1.1.gms`,
-//! `snapshot-v1.2.gms`) and restores each. Versions: 1.0 (vcpu, layout, page index, pages);
-//! 1.1 adds the optional working-set section (a 1.0 reader skips it); 1.2 the optional
-//! index-chunks section — a CRC-32, first key and data count per 4096 index entries — which
-//! lets a reader check the page index chunk by chunk on first use instead of all at open (the
-//! index itself, its section CRC and the identity are unchanged, so 1.0 / 1.1 readers read a
-//! 1.2 file as before).
+//! the one this program reads. The identity hashes the header with the four required sections
+//! only — as a 1.0 reader re-encodes it — so optional sections never change it. The test suite
+//! keeps a committed fixture of every released format version (`tests/fixtures/
+//! snapshot-v1.0.gms`, `snapshot-v1.2.gms`) and restores each (1.2 also as a 1.0 reader sees
+//! it). Versions: 1.0 (vcpu, layout, page index, pages); 1.1, a development minor that never
+//! shipped, added the optional working-set section (its identity covered that section's entry,
+//! which a 1.0 reader refuses — 1.2 fixed the identity); 1.2 keeps the working set and adds the
+//! optional index-chunks section — a CRC-32, first key and data count per 4096 index entries —
+//! which lets a reader check the page index chunk by chunk on first use instead of all at open
+//! (the index itself and its section CRC are unchanged, so a 1.0 reader reads a 1.2 file).
 //!
 //! Invariants: every file is fully checked (except page bytes, checked at each read or with
 //! `verify`, and a 1.2 file's index chunks and identity, checked at the first lookup in each
