@@ -102,7 +102,7 @@ fn protect_then_write<E: EntryFormat>(mut t: Stage2Table<E, &HeapPhysMem>, mem: 
     // The first 2 GiB: the 1 GiB entry above the 4 KiB tables and the 2 MiB leaf claims RW
     // and is covered, so its gate closes; the 1 GiB leaf beside it is a leaf.
     let n = t.protect(0, 2 * G1, r).unwrap();
-    assert!(n >= 3 * 512 + 512 + 512 * 512 && n <= 2 * G1 / K4, "{n}");
+    assert!((3 * 512 + 512 + 512 * 512..=2 * G1 / K4).contains(&n), "{n}");
     assert!(t.flush_pending());
     assert_eq!(raw_write::<E>(mem, root, 7 * K4), [true, false, true, true]);
     assert_eq!(raw_write::<E>(mem, root, 4 * M2), [true, false, true]);

@@ -106,7 +106,6 @@ fn first_fork_after_writing_everything<B: Backend>() {
         let want = (gpa / P) as u8 ^ 0x5a;
         assert_eq!((pc.read_u8(gpa).unwrap(), cc.read_u8(gpa).unwrap()), (want, want));
     }
-    drop(cc);
     drop(child);
     // The child is gone: the parent's frames are private again, writes upgrade in place and
     // the next fork write-protects them all again.
@@ -119,8 +118,6 @@ fn first_fork_after_writing_everything<B: Backend>() {
     ac.write_u8(5 * P, 0x11).unwrap();
     assert_eq!(pc.read_u8(5 * P).unwrap(), (5u8) ^ 0x5a);
     assert_eq!(ac.read_u8(5 * P + 5).unwrap(), 0xee);
-    drop(ac);
-    drop(pc);
     drop(again);
     drop(parent);
     drop(ram);
