@@ -137,7 +137,12 @@ pub trait Stage2 {
     fn unmap(&mut self, gpa: u64, len: u64) -> Result<u64, Error>;
 
     /// Sets the permissions of every translation in `[gpa, gpa + len)` to `perms`, splitting
-    /// large pages at the range's ends. Returns the number of 4 KiB pages changed.
+    /// large pages at the range's ends. Returns the number of 4 KiB pages changed, which may
+    /// be an upper bound: it is 0 exactly when no page's permissions changed, never more than
+    /// `len / 4 KiB`, and exact whenever `perms` grants write. EPT/NPT tables count a subtree
+    /// they write-protect at once through an upper-level entry by the pages it spans
+    /// (`PageTable::protect`); the KVM backend counts exactly. Callers use the count only as
+    /// "something changed" (a flush is then pending) or for statistics.
     fn protect(&mut self, gpa: u64, len: u64, perms: S2Perms) -> Result<u64, Error>;
 
     /// The leaf translating `gpa`, if any.

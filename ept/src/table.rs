@@ -26,13 +26,21 @@
 //!   knows about); a `map` replacing a dirty leaf by one for the same frame keeps the bit; with
 //!   `AccessDirty::Disabled` the bit is never set. Only `harvest_dirty` clears it;
 //! - a non-leaf entry may claim, in bits 55:52 (ignored by the hardware), that every leaf below
-//!   it has one set of perms (`summary.rs`); every claim is true, and `protect` skips the
-//!   subtrees whose claim equals the perms it sets.
+//!   it has one set of perms as seen from that entry (`summary.rs`); every claim is true, and
+//!   `protect` skips the subtrees whose claim equals the perms it sets;
+//! - a non-leaf entry's permission bits (its *gate*) are all set, or all but write (`gate.rs`):
+//!   a closed gate write-protects its whole subtree at once, so a leaf's effective perms are
+//!   its raw perms ∩ the gates above it. Everything this table reports (`query`,
+//!   `for_each_leaf`, `map`'s old leaf, `hw_touch`) is effective perms, and whatever makes a
+//!   leaf writable opens the gates on its path first (`push_down`), keeping every other page's
+//!   effective perms.
 //!
 //! Arguments are validated before anything is touched; bad input is an `Error`, never a panic.
 //!
 //! Sub-modules: `check` (the invariants as code), `dirty` (dirty harvest and the MMU's A/D
-//! updates, `hw_touch`), `summary` (the permission summaries in non-leaf entries).
+//! updates, `hw_touch`), `gate` (write gates in non-leaf entries and their push-down),
+//! `protect` (`protect`: subtree skipping and hierarchical write-protect), `summary` (the
+//! permission summaries in non-leaf entries).
 //!
 //! `check_invariants` walks the tree and the retired chain and checks the frame counts and the
 //! no-empty-table rule: O(table frames × 512). Debug builds run it after every operation that
@@ -51,6 +59,8 @@ use crate::{
 
 mod check;
 mod dirty;
+mod gate;
+mod protect;
 mod summary;
 
 use summary::{claimed, set_summary, uniform};
@@ -172,20 +182,23 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
         E::from_raw(self.slot(table, i).load(Ordering::Acquire))
     }
 
-    fn translation(e: E, level: usize, gpa: u64) -> Translation {
+    /// The translation of the leaf `e` at `level` under gates `above` (their AND: the leaf's
+    /// effective perms are its own ∩ `above`, `gate.rs`).
+    fn translation(e: E, level: usize, gpa: u64, above: S2Perms) -> Translation {
         Translation {
             gpa: gpa & !(level_size(level) - 1),
             pa: e.leaf_address(level),
             size: page_size_of(level),
-            perms: e.perms(),
+            perms: e.perms() & above,
             mem_type: e.mem_type(level),
             accessed: e.accessed(),
             dirty: e.dirty(),
         }
     }
 
-    /// Installs a leaf of `size` at `gpa` → `pa`. Replaces (and returns) an existing leaf of the
-    /// same size at `gpa`; any other overlap is `AlreadyExists`. Errors: `gpa`/`pa` not aligned
+    /// Installs a leaf of `size` at `gpa` → `pa`. Replaces (and returns, with its effective
+    /// perms) an existing leaf of the same size at `gpa`; any other overlap is `AlreadyExists`.
+    /// A writable leaf opens the closed gates on its path first (`gate.rs`). Errors: `gpa`/`pa` not aligned
     /// to `size` → `InvalidArgs`; `gpa + size > 2^48` or `pa >= 2^52` → `OutOfRange`;
     /// unrepresentable perms or memory type → `InvalidArgs` / `NotSupported`; no frame for a
     /// new table → `NoMemory` (nothing changed).
@@ -211,14 +224,22 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
 
         let mut table = self.root;
         let mut level = 4;
+        let mut above = S2Perms::RWX;
         while level > target {
-            let e = self.load(table, index(gpa, level));
+            let mut e = self.load(table, index(gpa, level));
             if !e.is_present() {
                 break;
             }
             if e.is_leaf(level) {
                 return Err(Error::AlreadyExists);
             }
+            if perms.contains(S2Perms::WRITE) && !gate::is_open(e) {
+                // A writable leaf below a closed gate: open it, keeping the other pages'
+                // effective perms (`gate.rs`). Harmless if the map then fails.
+                self.push_down(table, index(gpa, level), level);
+                e = self.load(table, index(gpa, level));
+            }
+            above &= gate::gate(e);
             if claimed(e.raw()).is_some_and(|p| p != perms) {
                 // The subtree gains a leaf with other perms (`summary.rs`). Dropping the claim
                 // even if the map then fails is conservative.
@@ -243,7 +264,7 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
                 // Same frame: its unharvested writes stay visible to the next harvest.
                 slot.fetch_or(E::DIRTY_BIT, Ordering::AcqRel);
             }
-            return Ok(Some(Self::translation(old, level, gpa)));
+            return Ok(Some(Self::translation(old, level, gpa, above)));
         }
 
         // Tables are missing for levels `level - 1` down to `target`: allocate them all first.
@@ -282,37 +303,43 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
         Ok(None)
     }
 
-    /// The leaf translating `gpa`, if any (`None` for addresses at or beyond 2^48).
+    /// The leaf translating `gpa`, if any, with its effective perms (`None` for addresses at
+    /// or beyond 2^48).
     pub fn query(&self, gpa: u64) -> Option<Translation> {
         if gpa >= GPA_LIMIT {
             return None;
         }
         let mut table = self.root;
         let mut level = 4;
+        let mut above = S2Perms::RWX;
         loop {
             let e = self.load(table, index(gpa, level));
             if !e.is_present() {
                 return None;
             }
             if e.is_leaf(level) {
-                return Some(Self::translation(e, level, gpa));
+                return Some(Self::translation(e, level, gpa, above));
             }
             if level == 1 {
                 return None;
             }
+            above &= gate::gate(e);
             table = e.table_address();
             level -= 1;
         }
     }
 
     /// Splits large leaves until none straddles `addr` (4 KiB-aligned). A straddling leaf is
-    /// split only when `wanted(leaf)` says so. Translations are unchanged.
-    fn split_at(&mut self, addr: u64, wanted: &dyn Fn(E) -> bool) -> Result<(), Error> {
+    /// split only when `wanted(leaf, its effective perms)` says so. Translations are unchanged
+    /// (the new table's gate is open and its leaves keep the split leaf's raw perms, so the
+    /// gates above still apply).
+    fn split_at(&mut self, addr: u64, wanted: &dyn Fn(E, S2Perms) -> bool) -> Result<(), Error> {
         if addr >= GPA_LIMIT {
             return Ok(());
         }
         let mut table = self.root;
         let mut level = 4;
+        let mut above = S2Perms::RWX;
         while level > 1 {
             let slot_index = index(addr, level);
             let e = self.load(table, slot_index);
@@ -320,7 +347,7 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
                 return Ok(());
             }
             if e.is_leaf(level) {
-                if addr.is_multiple_of(level_size(level)) || !wanted(e) {
+                if addr.is_multiple_of(level_size(level)) || !wanted(e, e.perms() & above) {
                     return Ok(());
                 }
                 let new = self.mem.alloc_frame().ok_or(Error::NoMemory)?;
@@ -343,6 +370,7 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
                 self.attached += 1;
                 table = new;
             } else {
+                above &= gate::gate(e);
                 table = e.table_address();
             }
             level -= 1;
@@ -402,8 +430,8 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
     /// (then nothing was unmapped).
     pub fn unmap(&mut self, gpa: u64, len: u64) -> Result<u64, Error> {
         let end = check_range(gpa, len)?;
-        self.split_at(gpa, &|_| true)?;
-        self.split_at(end, &|_| true)?;
+        self.split_at(gpa, &|_, _| true)?;
+        self.split_at(end, &|_, _| true)?;
         let removed = self.unmap_in(self.root, 4, gpa, end).removed;
         self.debug_check();
         Ok(removed)
@@ -450,86 +478,8 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
         out
     }
 
-    /// Sets the permissions of every translation in `[gpa, gpa + len)` to `perms`. Large leaves
-    /// straddling the ends are split only when their permissions change. Returns the number of
-    /// 4 KiB pages whose permissions changed. Errors: see `check_range`; unrepresentable perms
-    /// (`InvalidArgs`, `NotSupported`; empty perms are `InvalidArgs`: use `unmap`); `NoMemory`
-    /// for a split (then nothing changed).
-    pub fn protect(&mut self, gpa: u64, len: u64, perms: S2Perms) -> Result<u64, Error> {
-        let end = check_range(gpa, len)?;
-        // The memory type is not changed; any accepted type validates the permissions alone.
-        E::check(perms, MemType::WriteBack)?;
-        let differs = move |e: E| e.perms() != perms;
-        let before = self.attached;
-        self.split_at(gpa, &differs)?;
-        self.split_at(end, &differs)?;
-        let changed = self.protect_in(self.root, 4, gpa, end, perms);
-        if self.attached != before {
-            self.debug_check();
-        }
-        Ok(changed)
-    }
-
-    fn protect_in(
-        &mut self,
-        table: u64,
-        level: usize,
-        start: u64,
-        end: u64,
-        perms: S2Perms,
-    ) -> u64 {
-        let size = level_size(level);
-        let mut changed = 0;
-        let mut addr = start;
-        while addr < end {
-            let entry_base = addr & !(size - 1);
-            let entry_end = entry_base + size;
-            let i = index(addr, level);
-            let e = self.load(table, i);
-            if e.is_present() {
-                if e.is_leaf(level) {
-                    if e.perms() != perms {
-                        let slot = self.slot(table, i);
-                        let mut cur = e.raw();
-                        let gains_write = !e.perms().contains(S2Perms::WRITE);
-                        loop {
-                            let mut new = E::from_raw(cur).with_perms(perms);
-                            if gains_write {
-                                new = self.dirty_if_writable(new);
-                            }
-                            let new = new.raw();
-                            match slot.compare_exchange(
-                                cur,
-                                new,
-                                Ordering::AcqRel,
-                                Ordering::Acquire,
-                            ) {
-                                Ok(_) => break,
-                                Err(actual) => cur = actual,
-                            }
-                        }
-                        changed += size / PAGE_SIZE;
-                    }
-                } else if level > 1 && claimed(e.raw()) != Some(perms) {
-                    // An entry claiming `perms` for everything below is skipped (`summary.rs`).
-                    let child = e.table_address();
-                    let sub_end = end.min(entry_end);
-                    changed += self.protect_in(child, level - 1, addr, sub_end, perms);
-                    let now = if addr == entry_base && sub_end == entry_end {
-                        Some(perms)
-                    } else {
-                        self.uniform_perms(child, level - 1)
-                    };
-                    set_summary(self.slot(table, i), now.map_or(0, uniform));
-                }
-            }
-            addr = entry_end;
-        }
-        changed
-    }
-
     /// Calls `f` with every leaf that intersects `[gpa, gpa + len)`, in address order (whole
-    /// leaves: a large leaf may start before `gpa`). Errors: see `check_range`.
+    /// leaves: a large leaf may start before `gpa`), with its effective perms. Errors: see `check_range`.
     pub fn for_each_leaf(
         &self,
         gpa: u64,
@@ -537,7 +487,7 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
         mut f: impl FnMut(Translation),
     ) -> Result<(), Error> {
         let end = check_range(gpa, len)?;
-        self.walk_in(self.root, 4, gpa, end, &mut f);
+        self.walk_in(self.root, 4, gpa, end, S2Perms::RWX, &mut f);
         Ok(())
     }
 
@@ -547,6 +497,7 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
         level: usize,
         start: u64,
         end: u64,
+        above: S2Perms,
         f: &mut dyn FnMut(Translation),
     ) {
         let size = level_size(level);
@@ -557,9 +508,11 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
             let e = self.load(table, index(addr, level));
             if e.is_present() {
                 if e.is_leaf(level) {
-                    f(Self::translation(e, level, entry_base));
+                    f(Self::translation(e, level, entry_base, above));
                 } else if level > 1 {
-                    self.walk_in(e.table_address(), level - 1, addr, end.min(entry_end), f);
+                    let sub_end = end.min(entry_end);
+                    let through = above & gate::gate(e);
+                    self.walk_in(e.table_address(), level - 1, addr, sub_end, through, f);
                 }
             }
             addr = entry_end;

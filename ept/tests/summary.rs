@@ -75,17 +75,23 @@ fn protocol<E: EntryFormat>() {
     assert_eq!(summaries::<E>(&mem, root, 3 * M2), vec![0, 0, summary(r)]);
     t.check_invariants().unwrap();
 
-    // Write-protect everything: every claim becomes READ (the root's entry covers all of it).
+    // Write-protect everything: the 2 MiB tables claiming RW are write-protected through
+    // their gate (`table/gate.rs`) and keep their claim, which is about what they see; every
+    // claim above becomes READ.
     t.protect(0, 2 * G1, r).unwrap();
     assert_eq!(
         summaries::<E>(&mem, root, 0),
-        vec![summary(r), summary(r), summary(r)]
+        vec![summary(r), summary(r), summary(rw)]
     );
+    let gate = walk::<E>(&mem, root, 0)[2];
+    assert!(!E::from_raw(raw(gate)).perms().contains(S2Perms::WRITE));
+    assert_eq!(summaries::<E>(&mem, root, 3 * M2), vec![summary(r); 3]);
     t.check_invariants().unwrap();
 
-    // Plant a writable leaf behind the table's back: a protect to READ skips the subtree
-    // (the leaf stays writable), and the invariant check reports the false claim.
-    let leaf = *walk::<E>(&mem, root, 5 * K4).last().unwrap();
+    // Plant a writable leaf behind the table's back under a READ claim: a protect to READ
+    // skips the subtree (the leaf stays writable), and the invariant check reports the false
+    // claim.
+    let leaf = *walk::<E>(&mem, root, 3 * M2).last().unwrap();
     let ro = raw(leaf);
     let planted = E::from_raw(ro).with_perms(rw).raw();
     // SAFETY: a leaf slot of the live table; single-threaded.
@@ -101,10 +107,11 @@ fn protocol<E: EntryFormat>() {
     unsafe { leaf.write(ro) };
     t.check_invariants().unwrap();
 
-    // Making one page writable again: the claims on its path go, its neighbours' stay.
+    // Making one page writable again: the gate is pushed down, the claims on its path go,
+    // its neighbours' stay.
     t.protect(5 * K4, K4, rw).unwrap();
     assert_eq!(summaries::<E>(&mem, root, 5 * K4), vec![0, 0, 0]);
-    assert_eq!(summaries::<E>(&mem, root, M2), vec![0, 0, summary(r)]);
+    assert_eq!(summaries::<E>(&mem, root, M2), vec![0, 0, summary(rw)]);
     t.check_invariants().unwrap();
     // ... and write-protecting it restores them (the partly covered tables are recomputed).
     t.protect(5 * K4, K4, r).unwrap();

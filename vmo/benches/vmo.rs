@@ -24,7 +24,8 @@
 //!   wrote every page (write faults, so every entry is writable and the fork must write-protect
 //!   it); timed by hand, one fork per round after an untimed rewrite of every page (1 Mi write
 //!   faults at 4 GiB: criterion's iteration counts would take minutes), median of
-//!   `FIRST_ROUNDS`. `later`: forks of the same parent after that (every entry installed
+//!   `FIRST_ROUNDS` (every round's time is printed too: the first round forks a parent that
+//!   never forked, the later ones a parent rewritten after a fork). `later`: forks of the same parent after that (every entry installed
 //!   read-only: the fork changes nothing), in criterion, child dropped outside the timing. Both
 //!   print `vmar-fork-{first,later}-4g-vs-64m` with the median ratio 4 GiB ÷ 64 MiB to stderr.
 //!   Peak memory ≈ 4 GiB of heap frames + 8 MiB of tables (one size alive at a time).
@@ -389,6 +390,7 @@ fn bench_fork_installed(c: &mut Criterion) {
             times.push(t0.elapsed());
             drop(child);
         }
+        eprintln!("fork_installed/first/{label}: rounds {times:?}");
         let f = median(times);
         eprintln!(
             "fork_installed/first/{label}: median {f:?} over {FIRST_ROUNDS}, {} pages, VmRSS {}",

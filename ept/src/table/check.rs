@@ -2,8 +2,10 @@
 //! runs them after structural changes. The invariants themselves are listed in `table.rs`'s
 //! module doc; this file adds one about accessed/dirty state: a table built with
 //! `AccessDirty::Disabled` holds no leaf with its dirty bit set (neither the MMU nor this crate
-//! writes it there); and the permission summaries of `summary.rs` (a non-leaf entry's claim
-//! about the perms of the leaves below it is true; no leaf carries summary bits).
+//! writes it there); the permission summaries of `summary.rs` (a non-leaf entry's claim
+//! about the perms of the leaves below it, as seen from that entry, is true; no leaf carries
+//! summary bits); and the write gates of `gate.rs` (a non-leaf entry grants `RWX` or
+//! `RWX - WRITE`, nothing else).
 
 use core::sync::atomic::Ordering;
 
@@ -16,8 +18,9 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
     /// Checks the module's invariants: the frames linked in the tree number `table_frames()`,
     /// every non-root table holds a present entry, the retired chain holds `retired_frames()`
     /// frames, no frame is both linked and retired (or linked twice), a table without
-    /// accessed/dirty maintenance holds no dirty leaf, and every permission summary in a
-    /// non-leaf entry is true (`summary.rs`). The first violation, described.
+    /// accessed/dirty maintenance holds no dirty leaf, every permission summary in a non-leaf
+    /// entry is true (`summary.rs`) and every gate is open or closed to writes only
+    /// (`gate.rs`). The first violation, described.
     pub fn check_invariants(&self) -> Result<(), alloc::string::String> {
         let mut linked = alloc::collections::BTreeSet::new();
         linked.insert(self.root);

@@ -65,7 +65,7 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
             return Err(Error::NotSupported);
         }
         let end = check_range(gpa, len)?;
-        let is_dirty = |e: E| e.dirty();
+        let is_dirty = |e: E, _: S2Perms| e.dirty();
         let before = self.attached;
         self.split_at(gpa, &is_dirty)?;
         self.split_at(end, &is_dirty)?;
@@ -127,10 +127,11 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
     }
 
     /// What the hardware does when it translates `gpa` for `access`: walks the table, and —
-    /// when the leaf grants the access and the table has accessed/dirty state — sets the
-    /// accessed bit of every entry on the way and, for a write, the leaf's dirty bit, all with
-    /// atomic ors (as the MMU's locked updates). Returns the leaf (with the bits as now set),
-    /// or `None` when no leaf translates `gpa`; a leaf lacking the permission is returned
+    /// when the walk grants the access (the leaf's perms ∩ every gate above, `gate.rs`) and
+    /// the table has accessed/dirty state — sets the accessed bit of every entry on the way
+    /// and, for a write, the leaf's dirty bit, all with atomic ors (as the MMU's locked
+    /// updates). Returns the leaf (with the bits as now set and its effective perms), or
+    /// `None` when no leaf translates `gpa`; a walk lacking the permission returns the leaf
     /// unchanged (the hardware would raise an EPT violation / NPF instead). For software CPUs
     /// and tests that stand in for the MMU; the memory model never calls it.
     pub fn hw_touch(&self, gpa: u64, access: Access) -> Option<Translation> {
@@ -140,6 +141,7 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
         let mut path = [(0u64, 0usize); 4];
         let mut table = self.root;
         let mut level = 4;
+        let mut above = S2Perms::RWX;
         loop {
             let i = index(gpa, level);
             let e = self.load(table, i);
@@ -148,8 +150,10 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
             }
             path[4 - level] = (table, i);
             if e.is_leaf(level) {
-                if self.ad == AccessDirty::Disabled || !e.perms().contains(needed(access)) {
-                    return Some(Self::translation(e, level, gpa));
+                // The walk grants what the leaf and every gate above grant (`gate.rs`).
+                let effective = e.perms() & above;
+                if self.ad == AccessDirty::Disabled || !effective.contains(needed(access)) {
+                    return Some(Self::translation(e, level, gpa, above));
                 }
                 for &(t, j) in &path[..4 - level] {
                     self.slot(t, j).fetch_or(E::ACCESSED_BIT, Ordering::AcqRel);
@@ -159,11 +163,12 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
                     bits |= E::DIRTY_BIT;
                 }
                 let now = self.slot(table, i).fetch_or(bits, Ordering::AcqRel) | bits;
-                return Some(Self::translation(E::from_raw(now), level, gpa));
+                return Some(Self::translation(E::from_raw(now), level, gpa, above));
             }
             if level == 1 {
                 return None;
             }
+            above &= super::gate::gate(e);
             table = e.table_address();
             level -= 1;
         }

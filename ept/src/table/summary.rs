@@ -7,7 +7,10 @@
 //! §5.3.3, bits 62:52 available to software in every long-mode entry). This crate never sets
 //! them in a leaf. In a non-leaf entry:
 //! - bit 55 (`UNIFORM`) set ⇒ every leaf below the entry has exactly the permissions encoded in
-//!   bits 54:52 (`S2Perms` bits: READ 52, WRITE 53, EXEC 54);
+//!   bits 54:52 (`S2Perms` bits: READ 52, WRITE 53, EXEC 54) *as seen from the entry*: its raw
+//!   perms ∩ the write gates of the non-leaf entries strictly between (`gate.rs`; the entry's
+//!   own gate and those above it are not part of the claim, so the perms the leaves really
+//!   have are claim ∩ gate ∩ gates above);
 //! - bit 55 clear ⇒ no claim.
 //!
 //! The claim is conservative: a clear bit is always correct, a set bit must be true. How each
@@ -18,16 +21,22 @@
 //!   children with the split leaf's perms: summary = those perms; ancestors are unaffected
 //!   (the perms below do not change);
 //! - `unmap` removes leaves, which keeps every claim true; it does not try to restore one;
-//! - `protect(range, p)` skips an entry whose summary is `p` (nothing below would change);
-//!   after visiting a child it sets the summary `p` when the range covered the entry, and
-//!   otherwise recomputes it from the child's 512 entries (`uniform_perms`), so a subtree that
-//!   became uniform again is skipped by the next `protect`.
+//! - `protect(range, p)` skips an entry whose summary ∩ gates is `p` (nothing below would
+//!   change), closes the gate of a covered entry claiming `p ∪ WRITE` (`protect.rs`); after
+//!   visiting a child it sets the summary `p` when the range covered the entry through open
+//!   gates, and otherwise recomputes it from the child's 512 entries (`uniform_perms`), so a
+//!   subtree that became uniform again is skipped by the next `protect`;
+//! - a push-down (`gate.rs`) drops WRITE from the claim of the entry it opens; closing a gate
+//!   changes no claim (the entry's own gate is outside it; the ancestors are recomputed by
+//!   the `protect` that closed it).
 //!
 //! So a later fork of a guest whose every page is installed read-only costs O(mappings ×
-//! levels × 512) for the partly covered tables, not O(installed pages).
+//! levels × 512) for the partly covered tables, not O(installed pages), and so does the first
+//! fork of a guest whose pages are all writable (gates closed instead of leaves changed).
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
+use super::gate::gate;
 use super::{PageTable, ENTRIES};
 use crate::entry::EntryFormat;
 use crate::phys::PhysMem;
@@ -58,8 +67,9 @@ pub(super) fn set_summary(slot: &AtomicU64, summary: u64) {
 }
 
 impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
-    /// The perms every leaf below the table `table` at `level` has, when they are all equal and
-    /// known from this table's entries (leaves, and children's summaries).
+    /// The perms every leaf below the table `table` at `level` has as seen from the entry
+    /// pointing at it, when they are all equal and known from this table's entries (leaves,
+    /// and children's summaries through their gates).
     pub(super) fn uniform_perms(&self, table: u64, level: usize) -> Option<S2Perms> {
         let mut seen: Option<S2Perms> = None;
         for slot in self.entries(table) {
@@ -70,7 +80,7 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
             let p = if e.is_leaf(level) {
                 e.perms()
             } else {
-                claimed(e.raw())?
+                claimed(e.raw())? & gate(e)
             };
             match seen {
                 Some(s) if s != p => return None,
@@ -80,8 +90,10 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
         seen
     }
 
-    /// Checks the summary claims below `table` at `level`: returns the set of perms the
-    /// subtree's leaves have (as a list of distinct values, at most 8), or the first violation.
+    /// Checks the summary claims and gates below `table` at `level`: returns the set of perms
+    /// the subtree's leaves have as seen from the entry pointing at `table` (as a list of
+    /// distinct values, at most 8), or the first violation (a false claim, summary bits in a
+    /// leaf, a gate other than `RWX` or `RWX - WRITE`).
     pub(super) fn check_summaries(
         &self,
         table: u64,
@@ -103,6 +115,12 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
                     all.push(e.perms());
                 }
             } else if level > 1 {
+                let g = gate(e);
+                if g != S2Perms::RWX && g != S2Perms::RWX - S2Perms::WRITE {
+                    return Err(alloc::format!(
+                        "level-{level} entry {i} in table {table:#x} has gate {g:?}"
+                    ));
+                }
                 let below = self.check_summaries(e.table_address(), level - 1)?;
                 if let Some(p) = claimed(e.raw()) {
                     if below.iter().any(|&q| q != p) {
@@ -113,6 +131,7 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
                     }
                 }
                 for q in below {
+                    let q = q & g;
                     if !all.contains(&q) {
                         all.push(q);
                     }
