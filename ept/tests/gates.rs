@@ -54,12 +54,20 @@ fn raw_write<E: EntryFormat>(mem: &HeapPhysMem, root: u64, gpa: u64) -> Vec<bool
 /// through the MMU is refused (no dirty bit set, the leaf returned without write).
 fn assert_no_write<E: EntryFormat>(t: &Stage2Table<E, &HeapPhysMem>, pages: &[u64], when: &str) {
     for &gpa in pages {
-        let q = t.query(gpa).unwrap_or_else(|| panic!("{when}: {gpa:#x} unmapped"));
-        assert!(!q.perms.contains(S2Perms::WRITE), "{when}: {gpa:#x} writable: {q:?}");
+        let q = t
+            .query(gpa)
+            .unwrap_or_else(|| panic!("{when}: {gpa:#x} unmapped"));
+        assert!(
+            !q.perms.contains(S2Perms::WRITE),
+            "{when}: {gpa:#x} writable: {q:?}"
+        );
         let before = q.dirty;
         let h = t.hw_touch(gpa + 8, Access::WRITE).unwrap();
         assert!(!h.perms.contains(S2Perms::WRITE), "{when}: {gpa:#x}");
-        assert_eq!(h.dirty, before, "{when}: a refused write set {gpa:#x}'s dirty bit");
+        assert_eq!(
+            h.dirty, before,
+            "{when}: a refused write set {gpa:#x}'s dirty bit"
+        );
     }
 }
 
@@ -77,7 +85,8 @@ fn build<E: EntryFormat>(t: &mut Stage2Table<E, &HeapPhysMem>) {
         t.map(p * K4, 0x100_0000 + p * K4, PageSize::Size4K, rw, wb)
             .unwrap();
     }
-    t.map(4 * M2, 0x4000_0000, PageSize::Size2M, rw, wb).unwrap();
+    t.map(4 * M2, 0x4000_0000, PageSize::Size2M, rw, wb)
+        .unwrap();
     t.map(G1, 0x8000_0000, PageSize::Size1G, rw, wb).unwrap();
     t.map(G512, 0xc000_0000, PageSize::Size1G, rw, wb).unwrap();
     t.map(G512 + G1, 0x1_0000_0000, PageSize::Size1G, rw, wb)
@@ -102,7 +111,10 @@ fn protect_then_write<E: EntryFormat>(mut t: Stage2Table<E, &HeapPhysMem>, mem: 
     // The first 2 GiB: the 1 GiB entry above the 4 KiB tables and the 2 MiB leaf claims RW
     // and is covered, so its gate closes; the 1 GiB leaf beside it is a leaf.
     let n = t.protect(0, 2 * G1, r).unwrap();
-    assert!((3 * 512 + 512 + 512 * 512..=2 * G1 / K4).contains(&n), "{n}");
+    assert!(
+        (3 * 512 + 512 + 512 * 512..=2 * G1 / K4).contains(&n),
+        "{n}"
+    );
     assert!(t.flush_pending());
     assert_eq!(raw_write::<E>(mem, root, 7 * K4), [true, false, true, true]);
     assert_eq!(raw_write::<E>(mem, root, 4 * M2), [true, false, true]);
@@ -141,28 +153,50 @@ fn protect_then_write<E: EntryFormat>(mut t: Stage2Table<E, &HeapPhysMem>, mem: 
     // open one level at a time, every other page keeps no write.
     assert_eq!(t.protect(9 * K4, K4, rw), Ok(1));
     assert_eq!(raw_write::<E>(mem, root, 9 * K4), [true, true, true, true]);
-    assert_eq!(raw_write::<E>(mem, root, 10 * K4), [true, true, true, false]);
+    assert_eq!(
+        raw_write::<E>(mem, root, 10 * K4),
+        [true, true, true, false]
+    );
     assert_eq!(raw_write::<E>(mem, root, M2), [true, true, false, true]);
     assert_eq!(raw_write::<E>(mem, root, 4 * M2), [true, true, false]);
     assert!(t.query(9 * K4).unwrap().perms.contains(S2Perms::WRITE));
-    assert!(t.hw_touch(9 * K4, Access::WRITE).unwrap().perms.contains(S2Perms::WRITE));
+    assert!(t
+        .hw_touch(9 * K4, Access::WRITE)
+        .unwrap()
+        .perms
+        .contains(S2Perms::WRITE));
     assert_no_write(&t, &pages, "after one upgrade");
     t.check_invariants().unwrap();
     // A copy (map replacing the leaf by a writable one) in the next 2 MiB table: the old leaf
     // comes back with its effective perms.
     let old = t
-        .map(M2 + 4 * K4, 0x900_0000, PageSize::Size4K, rw, MemType::WriteBack)
+        .map(
+            M2 + 4 * K4,
+            0x900_0000,
+            PageSize::Size4K,
+            rw,
+            MemType::WriteBack,
+        )
         .unwrap()
         .unwrap();
     assert_eq!((old.pa, old.perms), (0x100_0000 + 516 * K4, r));
-    assert_eq!(raw_write::<E>(mem, root, M2 + 5 * K4), [true, true, true, false]);
+    assert_eq!(
+        raw_write::<E>(mem, root, M2 + 5 * K4),
+        [true, true, true, false]
+    );
     assert!(t.query(M2 + 4 * K4).unwrap().perms.contains(S2Perms::WRITE));
     // A page inside the 2 MiB leaf: the leaf is split (its effective perms change).
     assert_eq!(t.protect(4 * M2 + 3 * K4, K4, rw), Ok(1));
     assert_eq!(t.query(4 * M2 + 3 * K4).unwrap().size, PageSize::Size4K);
     // A 1 GiB leaf under the closed PML4 gate, replaced by a writable copy.
     let old = t
-        .map(G512 + G1, 0x2_0000_0000, PageSize::Size1G, rw, MemType::WriteBack)
+        .map(
+            G512 + G1,
+            0x2_0000_0000,
+            PageSize::Size1G,
+            rw,
+            MemType::WriteBack,
+        )
         .unwrap()
         .unwrap();
     assert_eq!((old.size, old.perms), (PageSize::Size1G, r));
@@ -171,9 +205,17 @@ fn protect_then_write<E: EntryFormat>(mut t: Stage2Table<E, &HeapPhysMem>, mem: 
     assert_eq!(t.protect(G512, G1, rw), Ok(G1 / K4));
     let written = [9 * K4, M2 + 4 * K4, 4 * M2 + 3 * K4, G512, G512 + G1];
     for gpa in written {
-        assert!(t.hw_touch(gpa, Access::WRITE).unwrap().perms.contains(S2Perms::WRITE));
+        assert!(t
+            .hw_touch(gpa, Access::WRITE)
+            .unwrap()
+            .perms
+            .contains(S2Perms::WRITE));
     }
-    assert_no_write(&t, &[0, 10 * K4, M2, 4 * M2, 4 * M2 + 4 * K4, G1], "after the writes");
+    assert_no_write(
+        &t,
+        &[0, 10 * K4, M2, 4 * M2, 4 * M2 + 4 * K4, G1],
+        "after the writes",
+    );
     t.check_invariants().unwrap();
     if ad {
         // Pages made writable count as written; pushed-down neighbours do not.
@@ -226,9 +268,17 @@ fn count_contract<E: EntryFormat>(mut t: Stage2Table<E, &HeapPhysMem>) {
         t.map(p * K4, p * K4, PageSize::Size4K, rw, MemType::WriteBack)
             .unwrap();
     }
-    assert_eq!(t.protect(0, M2, r), Ok(512), "one gate for 3 pages counts the 2 MiB");
+    assert_eq!(
+        t.protect(0, M2, r),
+        Ok(512),
+        "one gate for 3 pages counts the 2 MiB"
+    );
     assert_eq!(t.protect(0, M2, rw), Ok(3), "with write the count is exact");
-    assert_eq!(t.protect(0, 2 * K4, r), Ok(2), "a partial range visits the leaves");
+    assert_eq!(
+        t.protect(0, 2 * K4, r),
+        Ok(2),
+        "a partial range visits the leaves"
+    );
     assert_eq!(t.protect(0, M2, r), Ok(1));
     assert_eq!(t.protect(0, M2, rw), Ok(3));
     assert_eq!(t.protect(0, M2, r), Ok(512));

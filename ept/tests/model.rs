@@ -405,7 +405,14 @@ fn run<E: EntryFormat>(
                     // The count's contract (`Stage2::protect`): an upper bound, never above
                     // the range's pages, 0 exactly when nothing changed, exact with write.
                     (Ok(g), Ok(w)) => {
-                        prop_assert!(g >= w && g <= len / K4, "op {}: {:?}: {} vs {}", n, op, g, w);
+                        prop_assert!(
+                            g >= w && g <= len / K4,
+                            "op {}: {:?}: {} vs {}",
+                            n,
+                            op,
+                            g,
+                            w
+                        );
                         prop_assert_eq!(g == 0, w == 0, "op {}: {:?}", n, op);
                         if perms.contains(S2Perms::WRITE) {
                             prop_assert_eq!(g, w, "op {}: {:?}", n, op);
@@ -521,7 +528,9 @@ fn closed_gates<E: EntryFormat>(mem: &HeapPhysMem, table: u64, level: usize) -> 
 }
 
 /// Runs 64 random sequences on tables from `make` and checks that write gates were closed.
-fn check_format<E: EntryFormat>(make: for<'a> fn(&'a HeapPhysMem) -> Stage2Table<E, &'a HeapPhysMem>) {
+fn check_format<E: EntryFormat>(
+    make: for<'a> fn(&'a HeapPhysMem) -> Stage2Table<E, &'a HeapPhysMem>,
+) {
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(64));
     let strategy = proptest::collection::vec(arb_op(), OPS..OPS + 1);
     let result = runner.run(&strategy, |ops| {
@@ -540,8 +549,7 @@ fn check_format<E: EntryFormat>(make: for<'a> fn(&'a HeapPhysMem) -> Stage2Table
 #[test]
 fn ept_matches_model() {
     check_format::<EptEntry>(|mem| {
-        EptTable::with_invalidate(mem, CountingInvalidate::default(), AccessDirty::Enabled)
-            .unwrap()
+        EptTable::with_invalidate(mem, CountingInvalidate::default(), AccessDirty::Enabled).unwrap()
     });
 }
 

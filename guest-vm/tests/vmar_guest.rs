@@ -356,9 +356,17 @@ fn a_reused_child_writes_its_hot_pages_without_tracking() {
         child.vmar().read(DATA_GPA, &mut now).unwrap();
         assert!(now == snap, "iteration {it}: reset to the snapshot");
         let frames_now = frames.pool.stats().live;
-        assert_eq!(*live.get_or_insert(frames_now), frames_now, "iteration {it}");
+        assert_eq!(
+            *live.get_or_insert(frames_now),
+            frames_now,
+            "iteration {it}"
+        );
         if it >= 2 {
-            assert!(hot >= N, "iteration {it}: {:?}", child.vmar().hot_set_stats());
+            assert!(
+                hot >= N,
+                "iteration {it}: {:?}",
+                child.vmar().hot_set_stats()
+            );
             assert_eq!(after.untracked_reported - before.untracked_reported, hot);
         }
     }

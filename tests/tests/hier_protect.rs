@@ -36,7 +36,8 @@ fn held<S: Stage2 + Send + 'static>(vmar: &Vmar<S>, end: u64) -> BTreeSet<u64> {
 /// No writable translation of one space reaches a frame the other holds.
 fn assert_isolated<S: Stage2 + Send + 'static>(a: &Vmar<S>, b: &Vmar<S>, end: u64, when: &str) {
     for (x, y) in [(a, b), (b, a)] {
-        x.check_invariants().unwrap_or_else(|e| panic!("{when}: {e}"));
+        x.check_invariants()
+            .unwrap_or_else(|e| panic!("{when}: {e}"));
         let other = held(y, end);
         for page in 0..end / P {
             let Some(t) = x.with_stage2(|s| s.query(page * P)) else {
@@ -44,7 +45,10 @@ fn assert_isolated<S: Stage2 + Send + 'static>(a: &Vmar<S>, b: &Vmar<S>, end: u6
             };
             if t.perms.contains(S2Perms::WRITE) {
                 let pa = t.pa_of(page * P);
-                assert!(!other.contains(&pa), "{when}: page {page} writable to a shared frame");
+                assert!(
+                    !other.contains(&pa),
+                    "{when}: page {page} writable to a shared frame"
+                );
             }
         }
     }
@@ -64,7 +68,9 @@ fn first_fork_after_writing_everything<B: Backend>() {
     }
     // Every page of the RAM installed writable (the fork has everything to write-protect).
     for page in 0..RAM / P {
-        let t = parent.with_stage2(|s| s.query(page * P)).expect("installed");
+        let t = parent
+            .with_stage2(|s| s.query(page * P))
+            .expect("installed");
         assert!(t.perms.contains(S2Perms::WRITE), "page {page}");
     }
 
@@ -72,8 +78,14 @@ fn first_fork_after_writing_everything<B: Backend>() {
     assert_isolated(&parent, &child, end, "after the fork");
     // The MMU's walk refuses every write in the parent (through any level of the table).
     for gpa in (0..RAM / P).map(|p| p * P) {
-        let t = parent.with_stage2(|s| B::translate(s, gpa, Access::WRITE)).unwrap();
-        assert!(!t.perms.contains(S2Perms::WRITE), "{}: {gpa:#x} writable", B::NAME);
+        let t = parent
+            .with_stage2(|s| B::translate(s, gpa, Access::WRITE))
+            .unwrap();
+        assert!(
+            !t.perms.contains(S2Perms::WRITE),
+            "{}: {gpa:#x} writable",
+            B::NAME
+        );
     }
     // Pages written before the fork are still reported by the parent's harvest.
     let written = harvest(&parent, 0, RAM).unwrap_or_else(|e| panic!("{}: {e}", B::NAME));
@@ -104,7 +116,10 @@ fn first_fork_after_writing_everything<B: Backend>() {
     // Untouched neighbours still read the snapshot in both.
     for gpa in [P, M2 + P, 3 * M2 + 300 * P] {
         let want = (gpa / P) as u8 ^ 0x5a;
-        assert_eq!((pc.read_u8(gpa).unwrap(), cc.read_u8(gpa).unwrap()), (want, want));
+        assert_eq!(
+            (pc.read_u8(gpa).unwrap(), cc.read_u8(gpa).unwrap()),
+            (want, want)
+        );
     }
     drop(child);
     // The child is gone: the parent's frames are private again, writes upgrade in place and

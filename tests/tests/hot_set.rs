@@ -12,9 +12,7 @@ use std::collections::BTreeMap;
 
 use conformance::{for_each_backend, Backend, Rng, SoftCpu};
 use ept::WriteTracking;
-use vmo::{
-    Error, FramePool, HotSetPolicy, MapOptions, ResetPolicy, VmPerms, Vmar, Vmo, VmoFlags,
-};
+use vmo::{Error, FramePool, HotSetPolicy, MapOptions, ResetPolicy, VmPerms, Vmar, Vmo, VmoFlags};
 
 const P: u64 = vmo::PAGE_SIZE;
 const PAGES: u64 = 48;
@@ -112,19 +110,34 @@ fn resets_stay_exact_with_a_hot_set<B: Backend>() {
     let kvm = child.with_stage2(|s| B::untracked_reported(s)).is_some();
     for it in 0..12 {
         let (want, written) = iterate::<B>(&child, &pool, &snapshot, it, &mut rng);
-        assert_eq!(bytes(&child), want, "{}: child = snapshot + its writes, {it}", B::NAME);
+        assert_eq!(
+            bytes(&child),
+            want,
+            "{}: child = snapshot + its writes, {it}",
+            B::NAME
+        );
         let live = pool.stats().live;
         let hot_before = child.hot_set_stats().pages;
         let reported = child.with_stage2(|s| B::untracked_reported(s));
         let stats = child.reset_with(ResetPolicy::Restore).unwrap();
         assert_eq!(bytes(&child), snapshot, "{} reset {it}", B::NAME);
-        assert_eq!(bytes(&parent), snapshot, "{}: the parent never changes", B::NAME);
+        assert_eq!(
+            bytes(&parent),
+            snapshot,
+            "{}: the parent never changes",
+            B::NAME
+        );
         assert!(
             stats.restored >= written as u64 && stats.dropped == 0,
             "{}: {stats:?} for {written} written pages",
             B::NAME
         );
-        assert_eq!(pool.stats().live, live, "{}: a restore keeps every frame", B::NAME);
+        assert_eq!(
+            pool.stats().live,
+            live,
+            "{}: a restore keeps every frame",
+            B::NAME
+        );
         child.check_invariants().unwrap();
         let hs = child.hot_set_stats();
         if !kvm {
@@ -150,10 +163,7 @@ fn resets_stay_exact_with_a_hot_set<B: Backend>() {
             1..=4 => {
                 assert_eq!(hs.pages, 5, "reset {it}: {hs:?}");
                 assert!(all_untracked::<B>(&child, &HOT), "reset {it}: {hs:?}");
-                assert_eq!(
-                    tracking::<B>(&child, FADE),
-                    Some(WriteTracking::Untracked)
-                );
+                assert_eq!(tracking::<B>(&child, FADE), Some(WriteTracking::Untracked));
             }
             // The fourth reset with a non-empty set tracks the set again …
             5 | 10 => {
@@ -203,7 +213,12 @@ fn resets_stay_exact_with_a_hot_set<B: Backend>() {
     }
     child.reset_with(ResetPolicy::Restore).unwrap();
     assert_eq!(bytes(&child), snapshot, "{}", B::NAME);
-    assert_eq!(bytes(&grandchild), seen, "{}: the grandchild is untouched", B::NAME);
+    assert_eq!(
+        bytes(&grandchild),
+        seen,
+        "{}: the grandchild is untouched",
+        B::NAME
+    );
     assert_eq!(bytes(&parent), snapshot);
     drop(grandchild);
 

@@ -72,7 +72,11 @@ fn a_valid_image_parses_and_its_zero_page_holds_what_the_loader_placed() {
         .unwrap();
     let u32_at = |o: usize| u32::from_le_bytes(zp[o..o + 4].try_into().unwrap());
     let u64_at = |o: usize| u64::from_le_bytes(zp[o..o + 8].try_into().unwrap());
-    assert_eq!(&zp[0x202..0x206], b"HdrS", "the image's own setup header is copied");
+    assert_eq!(
+        &zp[0x202..0x206],
+        b"HdrS",
+        "the image's own setup header is copied"
+    );
     assert_eq!(zp[0x210], 0xFF, "type_of_loader: undefined");
     assert_eq!(u32_at(0x214), 64 * M1 as u32, "code32_start");
     assert_eq!(u32_at(0x218), 0x1F00_0000, "ramdisk_image");
@@ -164,10 +168,16 @@ fn check(l: &layout::Layout) {
     assert_eq!(all.first().map(|r| r.0), Some(0));
     assert_eq!(all.last().map(|r| r.1), Some(G4));
     for w in all.windows(2) {
-        assert_eq!(w[0].1, w[1].0, "the three kinds tile [0, 4 GiB) without gap or overlap");
+        assert_eq!(
+            w[0].1, w[1].0,
+            "the three kinds tile [0, 4 GiB) without gap or overlap"
+        );
     }
     for &(s, e) in &all {
-        assert!(s < e && s % K4 == 0 && e % K4 == 0, "{s:#x}..{e:#x} page aligned, non-empty");
+        assert!(
+            s < e && s % K4 == 0 && e % K4 == 0,
+            "{s:#x}..{e:#x} page aligned, non-empty"
+        );
     }
     let usable: Vec<(u64, u64)> = l
         .e820
@@ -177,8 +187,14 @@ fn check(l: &layout::Layout) {
         .collect();
     assert_eq!(usable, l.ram, "the E820 map calls exactly guest RAM usable");
     assert!(l.e820.windows(2).all(|w| w[0].0 <= w[1].0), "sorted");
-    assert!(l.e820.iter().any(|a| a.0 == l.window.0 && a.1 == l.window.1 && a.2 == 2));
-    assert!(!l.ram.iter().any(|&(s, _)| s == 0), "page 0 is not guest RAM");
+    assert!(l
+        .e820
+        .iter()
+        .any(|a| a.0 == l.window.0 && a.1 == l.window.1 && a.2 == 2));
+    assert!(
+        !l.ram.iter().any(|&(s, _)| s == 0),
+        "page 0 is not guest RAM"
+    );
 }
 
 #[test]
@@ -188,8 +204,14 @@ fn the_qemu_map_splits_into_window_ram_and_pass_through() {
     assert_eq!(l.ram, vec![(K4, 0x9F000), (64 * M1, 0x1FFE_0000)]);
     assert_eq!(l.ram_bytes(), 0x9E000 + 0x1FFE_0000 - 64 * M1);
     assert!(l.in_window(M1) && l.in_window(64 * M1 - 1) && !l.in_window(64 * M1));
-    assert!(l.passthrough.contains(&(0, K4)), "page 0 (BIOS data) passes through");
-    assert!(l.passthrough.contains(&(0x1FFE_0000, G4)), "ACPI, the PCI hole, the flash");
+    assert!(
+        l.passthrough.contains(&(0, K4)),
+        "page 0 (BIOS data) passes through"
+    );
+    assert!(
+        l.passthrough.contains(&(0x1FFE_0000, G4)),
+        "ACPI, the PCI hole, the flash"
+    );
     check(&l);
     assert_eq!(layout::window_end(10 * M1), 64 * M1);
     assert_eq!(layout::window_end(75 * M1 + 1), 76 * M1);
@@ -197,8 +219,14 @@ fn the_qemu_map_splits_into_window_ram_and_pass_through() {
 
 #[test]
 fn unusable_maps_are_errors() {
-    assert!(layout::build(&[(0, M1, 1), (M1 / 2, 2 * M1, 1)], 64 * M1).is_err(), "overlap");
-    assert!(layout::build(&[(0, 32 * M1, 1)], 64 * M1).is_ok(), "low RAM alone is RAM");
+    assert!(
+        layout::build(&[(0, M1, 1), (M1 / 2, 2 * M1, 1)], 64 * M1).is_err(),
+        "overlap"
+    );
+    assert!(
+        layout::build(&[(0, 32 * M1, 1)], 64 * M1).is_ok(),
+        "low RAM alone is RAM"
+    );
     assert!(
         layout::build(&[(M1, 32 * M1, 1)], 64 * M1).is_err(),
         "no RAM outside the window"

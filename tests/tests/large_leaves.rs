@@ -45,7 +45,10 @@ fn contiguous_vmo_faults_in_one_2m_leaf<B: Backend>() {
     assert_eq!(t.size, PageSize::Size2M, "one leaf for the whole block");
     assert_eq!(t.gpa, block);
     assert_eq!(t.pa, v.contiguous_base().unwrap() + (block - base));
-    assert!(t.perms.contains(ept::S2Perms::WRITE), "contiguous frames are private");
+    assert!(
+        t.perms.contains(ept::S2Perms::WRITE),
+        "contiguous frames are private"
+    );
     // Every other page of the block, for reads and writes, without another fault.
     for p in [0, 1, 255, 511] {
         let gpa = block + p * P;
@@ -60,7 +63,10 @@ fn contiguous_vmo_faults_in_one_2m_leaf<B: Backend>() {
     if block > base {
         let before = block - P;
         assert_eq!(cpu.read_u8(before).unwrap(), expected(base, before));
-        assert_eq!(installed::<B>(&root, before).unwrap().size, PageSize::Size4K);
+        assert_eq!(
+            installed::<B>(&root, before).unwrap().size,
+            PageSize::Size4K
+        );
     }
     let after = block + M2;
     assert_eq!(cpu.read_u8(after).unwrap(), expected(base, after));
@@ -83,13 +89,23 @@ fn partial_protect_and_unmap_split_the_leaf<B: Backend>() {
         Error::AccessDenied,
         "the protected page refuses writes"
     );
-    assert_eq!(cpu.read_u8(block + 10 * P).unwrap(), expected(base, block + 10 * P));
+    assert_eq!(
+        cpu.read_u8(block + 10 * P).unwrap(),
+        expected(base, block + 10 * P)
+    );
     root.unmap(block + 20 * P, P).unwrap();
-    assert_eq!(cpu.read_u8(block + 20 * P).unwrap_err().error, Error::NotFound);
+    assert_eq!(
+        cpu.read_u8(block + 20 * P).unwrap_err().error,
+        Error::NotFound
+    );
     let faults = cpu.faults;
     for p in [11, 19, 21, 300] {
         let gpa = block + p * P;
-        assert_eq!(cpu.read_u8(gpa).unwrap(), expected(base, gpa), "page {p} after the split");
+        assert_eq!(
+            cpu.read_u8(gpa).unwrap(),
+            expected(base, gpa),
+            "page {p} after the split"
+        );
         cpu.write_u8(gpa + 1, 3).unwrap();
     }
     assert!(

@@ -104,8 +104,7 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
                         }
                         let child = self.load(table, i).table_address();
                         let sub_end = end.min(entry_end);
-                        changed +=
-                            self.protect_in(child, level - 1, addr, sub_end, perms, through);
+                        changed += self.protect_in(child, level - 1, addr, sub_end, perms, through);
                         let now = if covered && through.contains(S2Perms::WRITE) {
                             Some(perms)
                         } else {

@@ -599,8 +599,7 @@ impl KvmStage2 {
                 }
                 Track::Unarmed => {
                     self.res.arm(Gpa(start), end - start)?;
-                    self.leaves
-                        .retrack_in(start, end - start, |_| Track::Armed);
+                    self.leaves.retrack_in(start, end - start, |_| Track::Armed);
                     dirty.extend((start..end).step_by(PAGE_SIZE as usize));
                 }
                 Track::Untracked => {

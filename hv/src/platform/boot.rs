@@ -50,7 +50,9 @@ impl BootModule {
     pub unsafe fn bytes(&self) -> &'static [u8] {
         // SAFETY: the loader placed the module at [start, end) in identity-mapped RAM below
         // 4 GiB; the caller promises it is intact and nobody writes it.
-        unsafe { core::slice::from_raw_parts(self.start as *const u8, (self.end - self.start) as usize) }
+        unsafe {
+            core::slice::from_raw_parts(self.start as *const u8, (self.end - self.start) as usize)
+        }
     }
 }
 
@@ -126,13 +128,19 @@ pub fn memory_map(magic: u32, info: u32) -> Result<MemoryMap, &'static str> {
         map.info_end = mbi.end_address() as u64;
         for area in mmap.memory_areas() {
             // Multiboot2's area types are E820's (1 available, 2 reserved, 3 ACPI, 4 NVS, 5 bad).
-            map.push_area(area.start_address(), area.end_address(), u32::from(area.typ()));
+            map.push_area(
+                area.start_address(),
+                area.end_address(),
+                u32::from(area.typ()),
+            );
         }
         for m in mbi.module_tags() {
             if map.module_count == MAX_MODULES {
                 return Err("more boot modules than hv takes");
             }
-            let line = m.cmdline().map_err(|_| "a boot module's command line is not UTF-8")?;
+            let line = m
+                .cmdline()
+                .map_err(|_| "a boot module's command line is not UTF-8")?;
             if line.len() > MODULE_CMDLINE_MAX {
                 return Err("a boot module's command line is longer than hv takes");
             }

@@ -40,7 +40,9 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
             return Ok(None);
         }
         let block = page & !(LARGE - 1);
-        let vmo_end = m.base.saturating_add(m.vmo.size().saturating_sub(m.vmo_offset));
+        let vmo_end = m
+            .base
+            .saturating_add(m.vmo.size().saturating_sub(m.vmo_offset));
         let inside = block >= m.base
             && block
                 .checked_add(LARGE)

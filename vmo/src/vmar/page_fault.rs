@@ -180,7 +180,9 @@ impl<S: Stage2 + Send + 'static> Vmar<S> {
         if large.is_some() {
             // One 2 MiB leaf: no streaming or fault-around beyond it; recording notes the
             // faulting page only.
-            self.space.last_write.store(super::NO_PAGE, Ordering::Relaxed);
+            self.space
+                .last_write
+                .store(super::NO_PAGE, Ordering::Relaxed);
             self.record_fault(page, u64::from(write), 1, write);
             return Ok(Resolution {
                 gpa: page,

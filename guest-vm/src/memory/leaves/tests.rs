@@ -179,7 +179,10 @@ fn runs_are_one_extent_until_split_and_answer_per_leaf() {
 fn untracked_survives_disarm_and_ends_with_write_permission() {
     let mut ix = LeafIndex::default();
     ix.put_run(0, 0, 4, S2Perms::RW, MemType::WriteBack);
-    ix.put(8 * PAGE_SIZE, leaf(8 * PAGE_SIZE, PageSize::Size4K, S2Perms::READ));
+    ix.put(
+        8 * PAGE_SIZE,
+        leaf(8 * PAGE_SIZE, PageSize::Size4K, S2Perms::READ),
+    );
     let untrack = |_| Track::Untracked;
     assert_eq!(ix.retrack_in(0, 2 * PAGE_SIZE, untrack), 2);
     assert_eq!(
@@ -194,7 +197,12 @@ fn untracked_survives_disarm_and_ends_with_write_permission() {
     let tracks: Vec<Track> = ix.range(0, 4 * PAGE_SIZE).map(|(_, l)| l.track).collect();
     assert_eq!(
         tracks,
-        vec![Track::Untracked, Track::Untracked, Track::Unarmed, Track::Unarmed]
+        vec![
+            Track::Untracked,
+            Track::Untracked,
+            Track::Unarmed,
+            Track::Unarmed
+        ]
     );
     // Keeping WRITE keeps it; losing WRITE or a replacement ends it.
     ix.set_perms_in(0, PAGE_SIZE, S2Perms::RWX);

@@ -88,7 +88,11 @@ pub fn probe() -> Option<Acpi> {
     };
     let pm1a_cnt = root.and_then(|t| {
         t[36..].chunks_exact(entry).find_map(|e| {
-            let pa = if entry == 8 { u64_at(e, 0) } else { u64::from(u32_at(e, 0)) };
+            let pa = if entry == 8 {
+                u64_at(e, 0)
+            } else {
+                u64::from(u32_at(e, 0))
+            };
             let fadt = table(pa, b"FACP").filter(|f| f.len() >= 68)?;
             let port = u32_at(fadt, 64);
             (port != 0 && port <= 0xFFFF).then_some(port as u16)

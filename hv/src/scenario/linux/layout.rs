@@ -75,7 +75,12 @@ pub fn build(areas: &[(u64, u64, u32)], window_end: u64) -> Result<Layout, &'sta
     let mut ram: Vec<(u64, u64)> = areas
         .iter()
         .filter(|a| a.2 == E820_RAM)
-        .map(|&(s, e, _)| (align_up(s.max(PAGE_SIZE), PAGE_SIZE), e.min(FOUR_GIB) & !(PAGE_SIZE - 1)))
+        .map(|&(s, e, _)| {
+            (
+                align_up(s.max(PAGE_SIZE), PAGE_SIZE),
+                e.min(FOUR_GIB) & !(PAGE_SIZE - 1),
+            )
+        })
         .filter(|&(s, e)| s < e)
         .collect();
     ram.sort_unstable();

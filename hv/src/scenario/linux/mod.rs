@@ -84,9 +84,14 @@ pub fn plan(map: &MemoryMap) -> Option<Result<Plan, String>> {
     };
     let kernel = *map.modules().find(|m| is_bzimage(m))?;
     let Some(initrd) = map.modules().find(|m| m.start != kernel.start).copied() else {
-        return Some(Err(String::from("a bzImage module but no initramfs module")));
+        return Some(Err(String::from(
+            "a bzImage module but no initramfs module",
+        )));
     };
-    if map.modules().any(|m| m.start < layout::WINDOW_START || m.end > FOUR_GIB) {
+    if map
+        .modules()
+        .any(|m| m.start < layout::WINDOW_START || m.end > FOUR_GIB)
+    {
         return Some(Err(String::from(
             "a boot module lies below 1 MiB or above 4 GiB (hv keeps modules in its window)",
         )));
@@ -164,7 +169,10 @@ pub fn run(backend: &mut dyn Backend, map: &MemoryMap, plan: &Plan) -> Result<St
     let image = bzimage::parse(kernel_file).map_err(|e| format!("kernel module: {e}"))?;
     let cmdline = plan.kernel.cmdline();
     if cmdline.len() > image.cmdline_max {
-        return Err(format!("command line longer than the kernel's {} bytes", image.cmdline_max));
+        return Err(format!(
+            "command line longer than the kernel's {} bytes",
+            image.cmdline_max
+        ));
     }
     let expect_refusal = cmdline.split_ascii_whitespace().any(|w| w == TOUCH_HV);
     println!(
@@ -215,7 +223,12 @@ pub fn run(backend: &mut dyn Backend, map: &MemoryMap, plan: &Plan) -> Result<St
     let mut vcpu = backend.new_passthrough_vcpu(&entry, context, &ports)?;
     let mut stats = RunStats::default();
     let start = tsc::rdtsc();
-    let end = serve(&mut *vcpu, &vmar, acpi.as_ref().and_then(|a| a.pm1a_cnt), &mut stats);
+    let end = serve(
+        &mut *vcpu,
+        &vmar,
+        acpi.as_ref().and_then(|a| a.pm1a_cnt),
+        &mut stats,
+    );
     stats.guest_ticks = tsc::rdtsc() - start;
     report(&vmar, &layout, &stats, tsc_per_ms, &end);
     drop(vcpu);
@@ -277,10 +290,12 @@ fn load(
         .ok_or("no RAM above the kernel holds the initramfs")?;
     mem.write(kernel_at, image.protected_mode())
         .map_err(|e| err("kernel", e))?;
-    mem.write(initrd_at, initrd).map_err(|e| err("initramfs", e))?;
+    mem.write(initrd_at, initrd)
+        .map_err(|e| err("initramfs", e))?;
     let mut line = alloc::vec::Vec::from(cmdline.as_bytes());
     line.push(0);
-    mem.write(CMDLINE, &line).map_err(|e| err("command line", e))?;
+    mem.write(CMDLINE, &line)
+        .map_err(|e| err("command line", e))?;
     let zp = image
         .zero_page(&bzimage::BootParams {
             kernel_at: kernel_at as u32,
@@ -381,7 +396,10 @@ fn serve(
             }
             Exit::Hypercall | Exit::Hlt | Exit::Exception { .. } => {
                 // Not intercepted on a pass-through vCPU (a VMCALL arrives as VirtInstruction).
-                return End::Stopped(format!("an exit that is not intercepted at RIP {:#x}", vcpu.rip()))
+                return End::Stopped(format!(
+                    "an exit that is not intercepted at RIP {:#x}",
+                    vcpu.rip()
+                ));
             }
             Exit::Unexpected { code, detail } => {
                 return End::Stopped(format!(

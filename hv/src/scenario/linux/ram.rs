@@ -33,9 +33,11 @@ unsafe impl vmo::FrameAlloc for GuestRam {
     }
     fn alloc_contiguous(&self, count: usize) -> Option<Paddr> {
         let mut handed = self.handed.lock();
-        let i = self.ranges.iter().enumerate().position(|(i, &(s, e))| {
-            !handed[i] && (e - s) / PAGE_SIZE == count as u64
-        })?;
+        let i = self
+            .ranges
+            .iter()
+            .enumerate()
+            .position(|(i, &(s, e))| !handed[i] && (e - s) / PAGE_SIZE == count as u64)?;
         handed[i] = true;
         Some(self.ranges[i].0)
     }
@@ -66,7 +68,12 @@ impl GuestMemory {
             if vmo.contiguous_base() != Some(start) {
                 return Err(vmo::Error::BadState);
             }
-            vmar.map(&vmo, 0, end - start, MapOptions::specific(start, VmPerms::RWX))?;
+            vmar.map(
+                &vmo,
+                0,
+                end - start,
+                MapOptions::specific(start, VmPerms::RWX),
+            )?;
             vmos.push(vmo);
         }
         Ok(GuestMemory { pool, vmos })
@@ -74,7 +81,9 @@ impl GuestMemory {
 
     /// Copies `data` into guest RAM at `gpa` (through the Vmo's own write path).
     pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), vmo::Error> {
-        let end = gpa.checked_add(data.len() as u64).ok_or(vmo::Error::OutOfRange)?;
+        let end = gpa
+            .checked_add(data.len() as u64)
+            .ok_or(vmo::Error::OutOfRange)?;
         let vmo = self
             .vmos
             .iter()

@@ -255,7 +255,10 @@ impl Backend for Svm {
         let asid = self.next_asid;
         self.next_asid += 1;
         let Some(pa) = frames::alloc_zeroed() else {
-            for f in (0..IOPM_FRAMES).map(|i| iopm + i * PAGE_SIZE).chain((0..MSRPM_FRAMES).map(|i| msrpm + i * PAGE_SIZE)) {
+            for f in (0..IOPM_FRAMES)
+                .map(|i| iopm + i * PAGE_SIZE)
+                .chain((0..MSRPM_FRAMES).map(|i| msrpm + i * PAGE_SIZE))
+            {
                 // SAFETY: allocated just above, never handed to the processor.
                 unsafe { frames::free(f) };
             }

@@ -154,7 +154,11 @@ fn passthrough_controls(
         EXIT_HOST_ADDR_SPACE_SIZE
             | EXIT_SAVE_EFER
             | EXIT_LOAD_EFER
-            | if pat { vmcs::EXIT_SAVE_PAT | vmcs::EXIT_LOAD_PAT } else { 0 },
+            | if pat {
+                vmcs::EXIT_SAVE_PAT | vmcs::EXIT_LOAD_PAT
+            } else {
+                0
+            },
         exit_msr,
         "pass-through VM-exit controls",
     )?;
@@ -316,12 +320,7 @@ impl CpuidPolicy {
             1 => c &= !((1 << 5) | (1 << 12) | (1 << 26) | (1 << 27) | (1 << 28) | (1 << 29)),
             // EBX: AVX2 (5), INVPCID (10), the AVX-512 family (16, 17, 21, 26–28, 30, 31).
             7 if sub == 0 => {
-                b &= !((1 << 5)
-                    | (1 << 16)
-                    | (1 << 17)
-                    | (1 << 21)
-                    | (7 << 26)
-                    | (3 << 30));
+                b &= !((1 << 5) | (1 << 16) | (1 << 17) | (1 << 21) | (7 << 26) | (3 << 30));
                 if !self.invpcid {
                     b &= !(1 << 10);
                 }
@@ -499,7 +498,10 @@ impl VmxVcpu {
         use x86::vmx::vmcs::control;
         let vectoring = vmcs::vmread(ro::IDT_VECTORING_INFO);
         if vectoring & EVENT_VALID != 0 {
-            vmcs::vmwrite(control::VMENTRY_INTERRUPTION_INFO_FIELD, vectoring & EVENT_FORMAT);
+            vmcs::vmwrite(
+                control::VMENTRY_INTERRUPTION_INFO_FIELD,
+                vectoring & EVENT_FORMAT,
+            );
             if vectoring & EVENT_ERROR_VALID != 0 {
                 vmcs::vmwrite(
                     control::VMENTRY_EXCEPTION_ERR_CODE,
@@ -611,7 +613,8 @@ impl Vcpu for VmxVcpu {
         // exception), bit 11 deliver error code, bit 31 valid. An event the last exit cut
         // short goes first; the exception is raised again when the instruction re-executes.
         self.make_current();
-        if vmcs::vmread(x86::vmx::vmcs::control::VMENTRY_INTERRUPTION_INFO_FIELD) & EVENT_VALID != 0 {
+        if vmcs::vmread(x86::vmx::vmcs::control::VMENTRY_INTERRUPTION_INFO_FIELD) & EVENT_VALID != 0
+        {
             return;
         }
         let mut info = u64::from(vector) | (3 << 8) | (1 << 31);
@@ -622,7 +625,10 @@ impl Vcpu for VmxVcpu {
                 u64::from(code),
             );
         }
-        vmcs::vmwrite(x86::vmx::vmcs::control::VMENTRY_INTERRUPTION_INFO_FIELD, info);
+        vmcs::vmwrite(
+            x86::vmx::vmcs::control::VMENTRY_INTERRUPTION_INFO_FIELD,
+            info,
+        );
     }
 }
 

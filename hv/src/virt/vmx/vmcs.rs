@@ -364,9 +364,34 @@ pub(super) const ENTRY_LOAD_PAT: u32 = 1 << 14;
 
 /// The data segment registers' (selector, base, limit, access rights) fields.
 const DATA_SEGMENTS: [(u32, u32, u32, u32); 5] = [
-    (guest::SS_SELECTOR, guest::SS_BASE, guest::SS_LIMIT, guest::SS_ACCESS_RIGHTS),
-    (guest::DS_SELECTOR, guest::DS_BASE, guest::DS_LIMIT, guest::DS_ACCESS_RIGHTS),
-    (guest::ES_SELECTOR, guest::ES_BASE, guest::ES_LIMIT, guest::ES_ACCESS_RIGHTS),
-    (guest::FS_SELECTOR, guest::FS_BASE, guest::FS_LIMIT, guest::FS_ACCESS_RIGHTS),
-    (guest::GS_SELECTOR, guest::GS_BASE, guest::GS_LIMIT, guest::GS_ACCESS_RIGHTS),
+    (
+        guest::SS_SELECTOR,
+        guest::SS_BASE,
+        guest::SS_LIMIT,
+        guest::SS_ACCESS_RIGHTS,
+    ),
+    (
+        guest::DS_SELECTOR,
+        guest::DS_BASE,
+        guest::DS_LIMIT,
+        guest::DS_ACCESS_RIGHTS,
+    ),
+    (
+        guest::ES_SELECTOR,
+        guest::ES_BASE,
+        guest::ES_LIMIT,
+        guest::ES_ACCESS_RIGHTS,
+    ),
+    (
+        guest::FS_SELECTOR,
+        guest::FS_BASE,
+        guest::FS_LIMIT,
+        guest::FS_ACCESS_RIGHTS,
+    ),
+    (
+        guest::GS_SELECTOR,
+        guest::GS_BASE,
+        guest::GS_LIMIT,
+        guest::GS_ACCESS_RIGHTS,
+    ),
 ];

@@ -45,7 +45,11 @@ fn process_cpu() -> Result<Duration> {
 }
 
 /// The row; it makes its own frame pool (sized for the children), not the bench's.
-pub(super) fn fleet_rows(o: &BenchOptions, _frames: &HostFrames, rows: &mut Vec<Row>) -> Result<()> {
+pub(super) fn fleet_rows(
+    o: &BenchOptions,
+    _frames: &HostFrames,
+    rows: &mut Vec<Row>,
+) -> Result<()> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     progress(&format!(
         "fleet: {CHILDREN} children of a kvstore snapshot serving {REQUESTS} requests each, concurrently ({cpus} CPUs)"
