@@ -162,12 +162,7 @@ impl Backend for Svm {
             INTERCEPT_HLT | INTERCEPT_IOIO_PROT | INTERCEPT_SHUTDOWN,
         );
         v.w32(INTERCEPT_MISC2, INTERCEPT_VMRUN | INTERCEPT_VMMCALL);
-        v.w64(IOPM_BASE_PA, self.iopm);
-        v.w64(MSRPM_BASE_PA, self.msrpm);
-        v.w32(GUEST_ASID, asid);
-        v.w8(TLB_CONTROL, 1);
-        v.w64(NP_ENABLE, 1);
-        v.w64(N_CR3, stage2_root);
+        nested_paging(&mut v, self.iopm, self.msrpm, asid, stage2_root);
         // 64-bit flat guest: CS L=1 (attr 0x29B), data 0xC93, busy TSS 0x8B.
         v.seg(CS, 0x08, 0x029B, 0xFFFF_FFFF, 0);
         for off in [ES, SS, DS, FS, GS] {
@@ -182,8 +177,7 @@ impl Backend for Svm {
         v.w64(CR0, st.cr0);
         v.w64(CR3, st.cr3);
         v.w64(CR4, st.cr4);
-        v.w64(DR6, 0xFFFF_0FF0);
-        v.w64(DR7, 0x400);
+        debug_defaults(&mut v);
         v.w64(RFLAGS, st.rflags);
         v.w64(RIP, st.rip);
         v.w64(RSP, st.rsp);
@@ -273,12 +267,7 @@ impl Backend for Svm {
             INTERCEPT_IOIO_PROT | INTERCEPT_MSR_PROT | INTERCEPT_SHUTDOWN,
         );
         v.w32(INTERCEPT_MISC2, INTERCEPT_VMRUN);
-        v.w64(IOPM_BASE_PA, iopm);
-        v.w64(MSRPM_BASE_PA, msrpm);
-        v.w32(GUEST_ASID, asid);
-        v.w8(TLB_CONTROL, 1);
-        v.w64(NP_ENABLE, 1);
-        v.w64(N_CR3, stage2_root);
+        nested_paging(&mut v, iopm, msrpm, asid, stage2_root);
         // Linux boot protocol, 32-bit entry: flat 4 GiB segments, code 0x10 (32-bit, attr
         // 0xC9B), data 0x18 (0xC93); protected mode without paging; interrupts off.
         v.seg(CS, 0x10, 0x0C9B, 0xFFFF_FFFF, 0);
@@ -294,8 +283,7 @@ impl Backend for Svm {
         v.w64(CR0, CR0_PE | CR0_ET);
         v.w64(CR3, 0);
         v.w64(CR4, 0);
-        v.w64(DR6, 0xFFFF_0FF0);
-        v.w64(DR7, 0x400);
+        debug_defaults(&mut v);
         v.w64(RFLAGS, 0x2);
         v.w64(RIP, u64::from(entry.eip));
         v.w64(RSP, 0);
@@ -314,6 +302,23 @@ impl Backend for Svm {
             own_maps: Some((iopm, msrpm)),
         }))
     }
+}
+
+/// The control-area fields every VMCB here gets: the permission maps, its own ASID, a full
+/// flush at the first VMRUN, nested paging through the table at `stage2_root`.
+fn nested_paging(v: &mut Vmcb, iopm: u64, msrpm: u64, asid: u32, stage2_root: u64) {
+    v.w64(IOPM_BASE_PA, iopm);
+    v.w64(MSRPM_BASE_PA, msrpm);
+    v.w32(GUEST_ASID, asid);
+    v.w8(TLB_CONTROL, 1);
+    v.w64(NP_ENABLE, 1);
+    v.w64(N_CR3, stage2_root);
+}
+
+/// DR6 and DR7 at their reset values.
+fn debug_defaults(v: &mut Vmcb) {
+    v.w64(DR6, 0xFFFF_0FF0);
+    v.w64(DR7, 0x400);
 }
 
 /// CR0.PE (protected mode) and CR0.ET (always 1 on these CPUs).
