@@ -63,12 +63,14 @@ common=(
     "guest rogue-oob stopped: second-level fault not resolvable: no mapping covers .*GPA 0x30000000"
     "guest rogue-ro stopped: second-level fault not resolvable: access denied .*WRITE.*GPA 0x10000"
     "guest rogue-misconfig stopped: second-level table entry malformed: .* at GPA 0x100000"
-    "guest main says \\(port 0xE9\\): filled 32 data pages, asking to fork"
+    "guest main says \\(port 0xE9\\): filled 32 data pages and wrote all 4096 pages of BIG, asking to fork"
     "fork: main -> main.child1, main.child2"
+    "check ok: the fork write-protected BIG through upper entries: 4096 of 4096 leaves untouched"
+    "fork: a guest with 4128 pages written forked in [0-9]+ us \\(first\\) and [0-9]+ us \\(second\\)"
     "fork: main.child1 data pages: 12 copied, 20 shared with the parent"
     "fork: main.child2 data pages: 12 copied, 20 shared with the parent"
     "isolation: OK"
-    "HV-VERDICT: PASS"
+    "HV-VERDICT: PASS .*fork-written-pages=4128 fork-first-us=[0-9]+ fork-later-us=[0-9]+ leaf-walk-us=[0-9]+ fork-leaves-untouched=4096"
 )
 
 echo "== hv-test: QEMU TCG, -cpu qemu64,+svm,+npt (SVM/NPT backend)"

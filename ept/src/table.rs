@@ -63,7 +63,7 @@ mod gate;
 mod protect;
 mod summary;
 
-use summary::{claimed, set_summary, uniform};
+use summary::{set_summary, uniform, Claim};
 
 pub use dirty::Harvested;
 
@@ -225,6 +225,9 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
         let mut table = self.root;
         let mut level = 4;
         let mut above = S2Perms::RWX;
+        // The non-leaf entries walked through, whose claims take the new leaf once it is in.
+        let mut path = [(0u64, 0usize); 3];
+        let mut walked = 0;
         while level > target {
             let mut e = self.load(table, index(gpa, level));
             if !e.is_present() {
@@ -240,11 +243,8 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
                 e = self.load(table, index(gpa, level));
             }
             above &= gate::gate(e);
-            if claimed(e.raw()).is_some_and(|p| p != perms) {
-                // The subtree gains a leaf with other perms (`summary.rs`). Dropping the claim
-                // even if the map then fails is conservative.
-                set_summary(self.slot(table, index(gpa, level)), 0);
-            }
+            path[walked] = (table, index(gpa, level));
+            walked += 1;
             table = e.table_address();
             level -= 1;
         }
@@ -254,6 +254,7 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
             let old = E::from_raw(slot.load(Ordering::Acquire));
             if !old.is_present() {
                 slot.store(leaf.raw(), Ordering::Release);
+                self.claim_new_leaf(&path[..walked], perms);
                 return Ok(None);
             }
             if !old.is_leaf(level) {
@@ -264,6 +265,7 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
                 // Same frame: its unharvested writes stay visible to the next harvest.
                 slot.fetch_or(E::DIRTY_BIT, Ordering::AcqRel);
             }
+            self.claim_new_leaf(&path[..walked], perms);
             return Ok(Some(Self::translation(old, level, gpa, above)));
         }
 
@@ -299,8 +301,27 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
             Ordering::Release,
         );
         self.attached += needed;
+        self.claim_new_leaf(&path[..walked], perms);
         self.debug_check();
         Ok(None)
+    }
+
+    /// Merges a leaf with `perms`, just mapped below every entry of `path`, into their claims
+    /// (`summary.rs`). An `OrWrite` claim is kept only when the new leaf is its witness: the
+    /// leaf it replaced may have been the previous one.
+    fn claim_new_leaf(&self, path: &[(u64, usize)], perms: S2Perms) {
+        for &(table, i) in path {
+            let slot = self.slot(table, i);
+            let Some(claim) = Claim::of(slot.load(Ordering::Acquire)) else {
+                continue;
+            };
+            let merged = claim
+                .merge(Claim::Exact(perms))
+                .filter(|m| !matches!(m, Claim::OrWrite(_)) || perms.contains(S2Perms::WRITE));
+            if merged != Some(claim) {
+                set_summary(slot, Claim::bits(merged));
+            }
+        }
     }
 
     /// The leaf translating `gpa`, if any, with its effective perms (`None` for addresses at
@@ -470,6 +491,15 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
                         self.slot(table, i).store(0, Ordering::Release);
                         self.retire(child);
                         out.last_cleared = Some(i);
+                    } else if sub.removed > 0
+                        && matches!(
+                            Claim::of(self.load(table, i).raw()),
+                            Some(Claim::OrWrite(_))
+                        )
+                    {
+                        // The removed leaves may have held the claim's only witness.
+                        let now = self.table_claim(child, level - 1);
+                        set_summary(self.slot(table, i), Claim::bits(now));
                     }
                 }
             }

@@ -279,7 +279,13 @@ fn count_contract<E: EntryFormat>(mut t: Stage2Table<E, &HeapPhysMem>) {
         Ok(2),
         "a partial range visits the leaves"
     );
-    assert_eq!(t.protect(0, M2, r), Ok(1));
+    // Two read-only leaves and one writable: the table claims "R or RW, one RW"
+    // (`Claim::OrWrite`), so the whole range is again one gate, counted as its span.
+    assert_eq!(t.protect(0, M2, r), Ok(512));
+    assert_eq!(
+        raw_write::<E>(t.phys_mem(), t.page_table().root(), 300 * K4),
+        [true, true, false, true]
+    );
     assert_eq!(t.protect(0, M2, rw), Ok(3));
     assert_eq!(t.protect(0, M2, r), Ok(512));
     let rx = S2Perms::READ | S2Perms::EXEC;
@@ -320,4 +326,63 @@ fn bad_gate_is_caught<E: EntryFormat>() {
 fn bad_gate_is_caught_both_formats() {
     bad_gate_is_caught::<EptEntry>();
     bad_gate_is_caught::<NptEntry>();
+}
+
+/// Fork after fork of a parent that rewrites all its memory in between (the fault path's
+/// copy: `map` of a writable leaf over each read-only one): every round's write-protect closes
+/// the same upper gates again instead of visiting the leaves — the push-downs and copies leave
+/// "READ or RW, one RW" claims (`Claim::OrWrite`), which a gate can close at once — and after
+/// each one no page is writable; with a page left unwritten, the round still closes gates.
+fn rounds<E: EntryFormat>(mut t: Stage2Table<E, &HeapPhysMem>) {
+    let (r, rw, wb) = (S2Perms::READ, S2Perms::RW, MemType::WriteBack);
+    let pages = 3 * 512u64;
+    for p in 0..pages {
+        t.map(p * K4, 0x100_0000 + p * K4, PageSize::Size4K, rw, wb)
+            .unwrap();
+    }
+    let root = t.page_table().root();
+    for round in 0..4u64 {
+        let n = t.protect(0, G1, r).unwrap();
+        assert!(n >= pages && n <= G1 / K4, "round {round}: {n}");
+        // One closed gate, the leaves' raw W untouched: nothing below was visited.
+        for p in [0, 700, pages - 1] {
+            let w = raw_write::<E>(t.phys_mem(), root, p * K4);
+            assert_eq!(
+                w[..3].iter().filter(|&&w| !w).count(),
+                1,
+                "round {round}: {w:?}"
+            );
+            assert!(
+                w[3] || (round > 0 && p == 700),
+                "round {round} page {p}: {w:?}"
+            );
+        }
+        assert_no_write(
+            &t,
+            &[0, 700 * K4, (pages - 1) * K4],
+            "after the write-protect",
+        );
+        t.check_invariants().unwrap();
+        // The parent writes every page but 700 (copies into new frames).
+        for p in (0..pages).filter(|&p| p != 700) {
+            let pa = 0x1000_0000 * (round + 1) + p * K4;
+            t.map(p * K4, pa, PageSize::Size4K, rw, wb).unwrap();
+        }
+        assert!(!t.query(700 * K4).unwrap().perms.contains(S2Perms::WRITE));
+        assert!(t.query(0).unwrap().perms.contains(S2Perms::WRITE));
+        t.check_invariants().unwrap();
+    }
+    // Nothing writable left after a final write-protect; a second one changes nothing.
+    assert!(t.protect(0, G1, r).unwrap() > 0);
+    assert_eq!(t.protect(0, G1, r), Ok(0));
+    assert!(t.leaves(0, G1).unwrap().iter().all(|l| l.perms == r));
+    t.unmap(0, G1).unwrap();
+}
+
+#[test]
+fn repeated_fork_rounds_close_gates_both_formats() {
+    let mem = HeapPhysMem::new();
+    rounds(EptTable::new(&mem).unwrap());
+    rounds(NptTable::new(&mem).unwrap());
+    assert_eq!(mem.live_frames(), 0);
 }

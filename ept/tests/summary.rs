@@ -1,4 +1,4 @@
-//! Permission summaries in non-leaf entries (bits 55:52, `table/summary.rs`), on both formats:
+//! Permission summaries in non-leaf entries (bits 56:52, `table/summary.rs`), on both formats:
 //! the raw bits map/split/protect leave in table pointers, that `protect` really skips a
 //! subtree whose summary equals the perms it sets (a leaf planted writable behind the table's
 //! back under such a summary survives the protect), and that `check_invariants` catches a
@@ -13,9 +13,15 @@ const K4: u64 = 0x1000;
 const M2: u64 = 0x20_0000;
 const G1: u64 = 0x4000_0000;
 const UNIFORM: u64 = 1 << 55;
+const OR_WRITE: u64 = 1 << 56;
 
 fn summary(perms: S2Perms) -> u64 {
     UNIFORM | (perms.bits() as u64) << 52
+}
+
+/// The bits of the claim "every leaf below has `perms` or `perms` + WRITE, one has WRITE".
+fn or_write(perms: S2Perms) -> u64 {
+    OR_WRITE | summary(perms)
 }
 
 /// The raw entry slots the walk for `gpa` reads, root first, ending at the leaf.
@@ -47,7 +53,7 @@ fn summaries<E: EntryFormat>(mem: &HeapPhysMem, root: u64, gpa: u64) -> Vec<u64>
     let path = walk::<E>(mem, root, gpa);
     path[..path.len() - 1]
         .iter()
-        .map(|&s| raw(s) & (0xf << 52))
+        .map(|&s| raw(s) & (0x1f << 52))
         .collect()
 }
 
@@ -107,11 +113,15 @@ fn protocol<E: EntryFormat>() {
     unsafe { leaf.write(ro) };
     t.check_invariants().unwrap();
 
-    // Making one page writable again: the gate is pushed down, the claims on its path go,
-    // its neighbours' stay.
+    // Making one page writable again: the gate is pushed down, the claims on its path become
+    // "READ or RW, one RW" (so the next write-protect closes gates again); its neighbours'
+    // stay.
     t.protect(5 * K4, K4, rw).unwrap();
-    assert_eq!(summaries::<E>(&mem, root, 5 * K4), vec![0, 0, 0]);
-    assert_eq!(summaries::<E>(&mem, root, M2), vec![0, 0, summary(rw)]);
+    assert_eq!(summaries::<E>(&mem, root, 5 * K4), vec![or_write(r); 3]);
+    assert_eq!(
+        summaries::<E>(&mem, root, M2),
+        vec![or_write(r), or_write(r), summary(rw)]
+    );
     t.check_invariants().unwrap();
     // ... and write-protecting it restores them (the partly covered tables are recomputed).
     t.protect(5 * K4, K4, r).unwrap();
@@ -129,13 +139,14 @@ fn protocol<E: EntryFormat>() {
     let mut dirty = Vec::new();
     t.harvest_dirty(G1 + M2, K4, &mut dirty).unwrap();
     assert_eq!(dirty, vec![G1 + M2]);
+    // The root entry sees the first GiB read-only and the second writable.
     assert_eq!(
         summaries::<E>(&mem, root, G1 + 2 * M2),
-        vec![0, summary(rw)]
+        vec![or_write(r), summary(rw)]
     );
     assert_eq!(
         summaries::<E>(&mem, root, G1 + M2),
-        vec![0, summary(rw), summary(rw)]
+        vec![or_write(r), summary(rw), summary(rw)]
     );
     t.check_invariants().unwrap();
 

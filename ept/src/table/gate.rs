@@ -30,7 +30,7 @@
 //!   every present entry of the table below it (leaves: their raw W; non-leaf: their gate),
 //!   in that order, so no page is ever writable that was not, and every page keeps its
 //!   effective perms: no flush is needed and no dirty bit changes. The opened entry's claim
-//!   loses WRITE (the children it sees lost it);
+//!   becomes the one seen through a closed gate (the children it sees lost WRITE);
 //! - closing a gate never touches dirty bits below it: a page written and then write-
 //!   protected through a gate is still dirty for the next harvest; a push-down makes nothing
 //!   writable, so it marks nothing dirty; a `protect` that makes a leaf effectively writable
@@ -38,6 +38,7 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
+use super::summary::Claim;
 use super::PageTable;
 use crate::entry::EntryFormat;
 use crate::phys::PhysMem;
@@ -68,8 +69,8 @@ pub(super) fn clear_write<E: EntryFormat>(slot: &AtomicU64) {
 impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
     /// Opens the closed gate of the non-leaf entry `i` of `table` (at `level` ≥ 2) without
     /// changing any page's effective perms: closes the write bit of every present entry of the
-    /// table below, then sets the gate's write bit and drops WRITE from its claim (module
-    /// doc). An entry that is not a closed gate is left alone.
+    /// table below, then sets the gate's write bit and gives it the claim seen through a
+    /// closed gate (module doc; `summary.rs`). An entry that is not a closed gate is left alone.
     pub(super) fn push_down(&self, table: u64, i: usize, level: usize) {
         let e = self.load(table, i);
         if !e.is_present() || e.is_leaf(level) || level < 2 || is_open(e) {
@@ -83,10 +84,8 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
             .slot(table, i)
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
                 let e = E::from_raw(cur);
-                let summary = match super::summary::claimed(cur) {
-                    Some(p) => super::summary::uniform(p - S2Perms::WRITE),
-                    None => 0,
-                };
+                let seen = Claim::of(cur).map(|c| c.through(S2Perms::RWX - S2Perms::WRITE));
+                let summary = Claim::bits(seen);
                 let open = e.with_perms(e.perms() | S2Perms::WRITE).raw();
                 Some((open & !super::summary::SUMMARY_MASK) | summary)
             });

@@ -3,10 +3,11 @@
 //!
 //! Rules, for `protect(range, p)`, at each present non-leaf entry `e` inside the walk, with
 //! `seen = claim(e) ∩ gate(e) ∩ gates above` (the perms every leaf below `e` has, if claimed):
-//! 1. `seen == p`: nothing below changes; skipped.
-//! 2. `p` lacks WRITE, `e` lies wholly inside the range, `claim(e) == p ∪ WRITE`, and the gates
-//!    down to and including `e` are open: `e`'s gate is closed. Every leaf below now has
-//!    effective perms `p` — O(1) for the subtree, the leaves keep their raw perms.
+//! 1. `seen == p` for every leaf: nothing below changes; skipped.
+//! 2. `p` lacks WRITE, `e` lies wholly inside the range, `claim(e)` is `Exact(p ∪ WRITE)` or
+//!    `OrWrite(p)` (`summary.rs`), and the gates down to and including `e` are open: `e`'s
+//!    gate is closed. Every leaf below now has effective perms `p` — O(1) for the subtree,
+//!    the leaves keep their raw perms.
 //! 3. Otherwise the walk descends; when `p` has WRITE and `e`'s gate is closed, the gate is
 //!    pushed down first (`push_down`), so that the leaves outside the range keep their perms
 //!    and the ones inside can be made writable. After the descent `e`'s claim is `p` when the
@@ -26,7 +27,7 @@
 //! write-protects at least one writable page).
 
 use super::gate::{gate, is_open};
-use super::summary::{claimed, set_summary, uniform};
+use super::summary::{set_summary, Claim};
 use super::{check_range, index, PageTable};
 use crate::entry::{level_size, EntryFormat};
 use crate::phys::PhysMem;
@@ -83,14 +84,13 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
                     }
                 } else if level > 1 {
                     let covered = addr == entry_base && end >= entry_end;
-                    let claim = claimed(e.raw());
+                    let claim = Claim::of(e.raw());
                     let through = above & gate(e);
-                    if claim.map(|q| q & through) == Some(perms) {
+                    if claim.and_then(|c| c.effective(through)) == Some(perms) {
                         // Rule 1: nothing below changes.
                     } else if covered
-                        && !perms.contains(S2Perms::WRITE)
                         && through.contains(S2Perms::WRITE)
-                        && claim == Some(perms | S2Perms::WRITE)
+                        && claim.is_some_and(|c| c.closes_to(perms))
                     {
                         // Rule 2: write-protect the whole subtree through its gate.
                         self.close_gate(table, i);
@@ -106,11 +106,11 @@ impl<E: EntryFormat, M: PhysMem> PageTable<E, M> {
                         let sub_end = end.min(entry_end);
                         changed += self.protect_in(child, level - 1, addr, sub_end, perms, through);
                         let now = if covered && through.contains(S2Perms::WRITE) {
-                            Some(perms)
+                            Some(Claim::Exact(perms))
                         } else {
-                            self.uniform_perms(child, level - 1)
+                            self.table_claim(child, level - 1)
                         };
-                        set_summary(self.slot(table, i), now.map_or(0, uniform));
+                        set_summary(self.slot(table, i), Claim::bits(now));
                     }
                 }
             }

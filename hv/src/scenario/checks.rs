@@ -1,8 +1,9 @@
 //! The scenario's checks and verdict: rogue guests stopped for the right reason, the main guest
 //! and both children completed with the checksums their writes imply, every child's memory (read
 //! on the host through its Vmar) equal to its own writes plus the snapshot, the parent unchanged,
-//! pages copied vs shared counted from what the second-level tables translate, and no frame
-//! leaked after teardown.
+//! pages copied vs shared counted from what the second-level tables translate, the fork of the
+//! fully written BIG region (write-protected through upper entries, its cost in the verdict),
+//! and no frame leaked after teardown.
 //!
 //! Invariant: each expectation prints one `check ok:` or `CHECK FAILED:` line; the verdict is
 //! PASS only if none failed.
@@ -14,6 +15,7 @@ use alloc::vec::Vec;
 use ept::PAGE_SIZE;
 use vmo::{Error as VmoError, FramePool};
 
+use super::fork::ForkCost;
 use super::guest::{Guest, Status};
 use super::program;
 use crate::platform::frames;
@@ -32,9 +34,10 @@ fn check(ok: &mut bool, cond: bool, what: &str) {
 pub(crate) fn verify(
     backend: &str,
     guests: Vec<Guest>,
-    forked: Option<(usize, [usize; 2])>,
+    forked: Option<(usize, [usize; 2], ForkCost)>,
     pool: &FramePool,
     frames_before: u64,
+    tsc_per_ms: u64,
 ) -> Result<String, String> {
     let mut ok = true;
     for g in &guests {
@@ -96,7 +99,7 @@ pub(crate) fn verify(
             .any(|r| r.0 == program::TAG_FILLED && r.1 == snapshot_sum),
         "main guest's checksum of its filled memory is right",
     );
-    let Some((p, kids)) = forked else {
+    let Some((p, kids, cost)) = forked else {
         println!("CHECK FAILED: the main guest never forked");
         return Err(String::from("no fork"));
     };
@@ -107,6 +110,53 @@ pub(crate) fn verify(
             .iter()
             .any(|r| r.0 == program::TAG_PARENT_AFTER && r.1 == snapshot_sum),
         "parent still sees its snapshot after both children wrote (checksum unchanged)",
+    );
+    let big = program::BIG_PAGES;
+    check(
+        &mut ok,
+        cost.writable_before == big,
+        &format!(
+            "before the fork every BIG page was installed writable ({} of {big})",
+            cost.writable_before
+        ),
+    );
+    check(
+        &mut ok,
+        cost.writable_after == 0,
+        &format!(
+            "after the fork no BIG page of the parent is writable ({} are)",
+            cost.writable_after
+        ),
+    );
+    check(
+        &mut ok,
+        cost.raw_writable_after == big,
+        &format!(
+            "the fork write-protected BIG through upper entries: {} of {big} leaves untouched",
+            cost.raw_writable_after
+        ),
+    );
+    let word = |g: &Guest, gpa: u64| {
+        let mut b = [0u8; 8];
+        g.space
+            .read(gpa, &mut b)
+            .map(|_| u64::from_le_bytes(b))
+            .ok()
+    };
+    let after_fork = program::BIG_BASE + 8;
+    check(
+        &mut ok,
+        word(&guests[p], after_fork) == Some(program::BIG_PARENT_VALUE)
+            && kids
+                .iter()
+                .all(|&c| word(&guests[c], after_fork) == Some(0))
+            && kids.iter().chain([&p]).all(|&g| {
+                (0..big).all(|page| {
+                    let gpa = program::BIG_BASE + page * PAGE_SIZE;
+                    word(&guests[g], gpa) == Some(program::parent_value(gpa))
+                })
+            }),
+        "BIG: the parent's write after the fork is its own; every page holds what the guest wrote",
     );
     let mut total_copied = 0;
     let mut total_shared = 0;
@@ -206,9 +256,26 @@ pub(crate) fn verify(
             after.live, frames_before, frames_after
         ),
     );
+    let us = |ticks: u64| (ticks * 1000).checked_div(tsc_per_ms).unwrap_or(0);
+    println!(
+        "fork: a guest with {} pages written forked in {} us (first) and {} us (second); a query of each of its BIG leaves takes {} us (TSC {} MHz)",
+        program::DATA_PAGES + big,
+        us(cost.first_ticks),
+        us(cost.later_ticks),
+        us(cost.walk_ticks),
+        tsc_per_ms / 1000
+    );
     let detail = format!(
-        "backend={} stage2-faults={} data-pages-copied={} data-pages-shared={}",
-        backend, faults, total_copied, total_shared
+        "backend={} stage2-faults={} data-pages-copied={} data-pages-shared={} fork-written-pages={} fork-first-us={} fork-later-us={} leaf-walk-us={} fork-leaves-untouched={}",
+        backend,
+        faults,
+        total_copied,
+        total_shared,
+        program::DATA_PAGES + big,
+        us(cost.first_ticks),
+        us(cost.later_ticks),
+        us(cost.walk_ticks),
+        cost.raw_writable_after
     );
     if ok {
         println!("isolation: OK (children see only their own writes plus the snapshot; parent unchanged)");

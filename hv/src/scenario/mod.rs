@@ -1,6 +1,7 @@
 //! scenario: what this kernel runs on a backend. Four guests (main and three rogues) each in
 //! its own Vmar-backed address space, a round-robin scheduler, a fork of the running main
-//! guest into two copy-on-write children, and the checks that decide the verdict.
+//! guest (which wrote every page of its 16 MiB BIG region first) into two copy-on-write
+//! children, timed, and the checks that decide the verdict.
 //!
 //! One job per file:
 //! - `mod.rs` — `run`: builds the guests, schedules them, forks on request, hands the result
@@ -40,6 +41,7 @@ use vmo::FramePool;
 
 use crate::platform::frames::{self, PhysFrames};
 use crate::platform::serial::println;
+use crate::platform::tsc;
 use crate::virt::vcpu::Backend;
 use guest::Guest;
 use program::Role;
@@ -63,6 +65,8 @@ fn new_guest(
 
 /// Runs the scenario on `backend`; returns the verdict detail on success.
 pub fn run(backend: &mut dyn Backend) -> Result<String, String> {
+    // Before any guest runs (it reprograms PIT channel 2): the rate the fork costs print in.
+    let tsc_per_ms = tsc::calibrate().unwrap_or(0);
     let pool = FramePool::new(Arc::new(PhysFrames));
     let frames_before = frames::stats().0;
     let mut guests = Vec::new();
@@ -95,8 +99,8 @@ pub fn run(backend: &mut dyn Backend) -> Result<String, String> {
             SliceEnd::Yield => queue.push_back(i),
             SliceEnd::Finished => {}
             SliceEnd::Fork => {
-                match fork::fork(backend, &mut guests, i) {
-                    Ok(kids) => {
+                match fork::fork(backend, &pool, &mut guests, i) {
+                    Ok((kids, cost)) => {
                         println!(
                         "fork: {} -> {}, {} (copy-on-write; {} data pages committed in the parent)",
                         guests[i].name,
@@ -109,7 +113,7 @@ pub fn run(backend: &mut dyn Backend) -> Result<String, String> {
                         queue.push_back(kids[0]);
                         queue.push_back(kids[1]);
                         queue.push_back(i);
-                        forked = Some((i, kids));
+                        forked = Some((i, kids, cost));
                     }
                     Err(e) => guests[i].stop(format!("fork failed: {e}")),
                 }
@@ -120,5 +124,12 @@ pub fn run(backend: &mut dyn Backend) -> Result<String, String> {
     if let Some(e) = corrupted {
         guests[3].space.restore_leaf(e);
     }
-    checks::verify(backend.name(), guests, forked, &pool, frames_before)
+    checks::verify(
+        backend.name(),
+        guests,
+        forked,
+        &pool,
+        frames_before,
+        tsc_per_ms,
+    )
 }

@@ -30,6 +30,12 @@ pub const STACK_BASE: u64 = 0x20000;
 pub const STACK_PAGES: u64 = 4;
 pub const DATA_BASE: u64 = 0x100000;
 pub const DATA_PAGES: u64 = 32;
+/// BIG: 16 MiB the main guest writes completely (one qword per page) before it forks, so the
+/// fork write-protects a fully written guest; the parent writes `BIG_PARENT_VALUE` at
+/// `BIG_BASE + 8` after the fork (the children keep 0 there).
+pub const BIG_BASE: u64 = 0x40_0000;
+pub const BIG_PAGES: u64 = 4096;
+pub const BIG_PARENT_VALUE: u64 = 0xFEED_0000_0000_0001;
 /// An address the guest's own page tables translate but no mapping covers.
 pub const OOB_PROBE: u64 = 0x3000_0000;
 pub const SEED: u64 = 0x5EED_5EED_0000_0000;
@@ -94,11 +100,12 @@ fn payload() -> (&'static [u8], usize) {
 pub const GUEST_PHYS_SIZE: u64 = 1 << 30;
 
 /// The regions: (guest-physical base, pages, permissions). They are consecutive in the RAM Vmo.
-pub const REGIONS: [(u64, u64, VmPerms); 4] = [
+pub const REGIONS: [(u64, u64, VmPerms); 5] = [
     (PT_BASE, 3, VmPerms::RW),
     (CODE_BASE, CODE_PAGES, VmPerms::READ.union(VmPerms::EXEC)),
     (STACK_BASE, STACK_PAGES, VmPerms::RW),
     (DATA_BASE, DATA_PAGES, VmPerms::RW),
+    (BIG_BASE, BIG_PAGES, VmPerms::RW),
 ];
 
 /// Offset in the RAM Vmo of guest-physical `gpa` (which must lie in a region).

@@ -1,6 +1,7 @@
 # The guest program: 64-bit code run at guest-physical 0x10000 (copied there by program.rs).
 # Position independent except for the fixed guest-physical layout in program.rs (DATA at
-# 0x100000, 32 pages). RDI at entry selects the role: 0 = main (fill, fork, children write),
+# 0x100000, 32 pages; BIG at 0x400000, 4096 pages). RDI at entry selects the role: 0 = main
+# (fill DATA, write every page of BIG, fork, children write DATA, the parent writes BIG),
 # 1 = touch memory outside any mapping, 2 = write the read-only code mapping, 3 = read DATA
 # (whose second-level entry the hypervisor corrupted on purpose: EPT misconfiguration / NPT
 # reserved bit). The main role also prints a line on the debug port 0xE9 (an I/O exit).
@@ -28,6 +29,16 @@ hv_guest_start:
     add rbx, 8
     cmp rbx, rcx
     jb .Lg_fill
+    # Write the first qword of every page of BIG (0x400000, 4096 pages) with (address ^ SEED).
+    mov rbx, 0x400000
+    mov rcx, 0x1400000
+.Lg_big:
+    mov rax, rbx
+    xor rax, r8
+    mov [rbx], rax
+    add rbx, 4096
+    cmp rbx, rcx
+    jb .Lg_big
     lea rsi, [rip + .Lg_msg]
     mov edx, 0xE9
 .Lg_print:
@@ -85,6 +96,10 @@ hv_guest_start:
     jmp .Lg_halt
 
 .Lg_parent:
+    # A write to BIG after the fork: a copy-on-write fault through the closed upper entries.
+    mov rax, 0x400008
+    movabs rcx, 0xFEED000000000001
+    mov [rax], rcx
     call .Lg_checksum
     mov rsi, rax
     mov edi, 3
@@ -126,7 +141,7 @@ hv_guest_start:
     ret
 
 .Lg_msg:
-    .asciz "filled 32 data pages, asking to fork\n"
+    .asciz "filled 32 data pages and wrote all 4096 pages of BIG, asking to fork\n"
 
 .global hv_guest_hypercall
 hv_guest_hypercall:
