@@ -65,6 +65,11 @@ impl RangeSet {
         self.ranges.is_empty()
     }
 
+    /// Bytes covered.
+    pub fn bytes(&self) -> u64 {
+        self.ranges.iter().map(|(&s, &e)| e - s).sum()
+    }
+
     /// Disjoint, non-touching, non-empty ranges; panics otherwise.
     pub fn check_invariants(&self) {
         let mut prev = None;

@@ -258,18 +258,21 @@ impl KvmStage2 {
         }
         let mut changed = 0;
         let mut pieces = Vec::new();
-        for (s, l) in self.leaves.range(gpa, len) {
-            if l.perms.contains(S2Perms::WRITE) {
-                changed += l.size.bytes() / PAGE_SIZE;
-                pieces.push((s, l.size.bytes()));
-            }
+        for (s, l) in self.leaves.writable_extents_in(gpa, len) {
+            changed += l / PAGE_SIZE;
+            pieces.push((s, l));
         }
         for (s, l) in runs(pieces) {
-            if let Err(e) = self.move_run(s, l, Install::ReadOnly, S2Perms::READ) {
-                // The runs before this one are read-only on the host now: say so.
+            // The host move is deferred to the reservation's next `seal` (module docs); what a
+            // harvest would report here is kept first, while the tracker still knows it.
+            let deferred = self
+                .keep_written(s, l)
+                .and_then(|()| self.res.defer_read_only(Gpa(s), l));
+            if let Err(e) = deferred {
+                // The runs before this one are deferred (read-only to every writer): say so.
                 self.leaves.set_perms_in(gpa, s - gpa, S2Perms::READ);
                 self.debug_check();
-                return Err(e);
+                return Err(Self::fail(e));
             }
         }
         // Every read-only leaf is plain READ, so after this the whole range is.
@@ -558,15 +561,34 @@ impl Stage2 for KvmStage2 {
 impl KvmStage2 {
     /// Before `[s, s+l)` leaves the tracker: what a harvest would report there now goes to
     /// `written_then_protected` (the scan re-arms, which the move then undoes).
+    /// Unarmed and untracked extents count as written whole (no host call: arming them only
+    /// for the move to undo it cost a write-protect of the range); armed ones are scanned.
     fn keep_written(&mut self, s: u64, l: u64) -> crate::error::Result<()> {
-        let leaves: Vec<(u64, Leaf)> = self.leaves.writable_in(s, l).collect();
-        if leaves.is_empty() {
-            return Ok(());
+        let mut armed = Vec::new();
+        let extents: Vec<(u64, u64, Track)> = self.leaves.writable_tracks_in(s, l).collect();
+        for (a, n, track) in extents {
+            match track {
+                Track::Armed => armed.push((a, n)),
+                Track::Unarmed | Track::Untracked => {
+                    self.written_then_protected.insert(a, a + n);
+                }
+            }
         }
-        let mut pages = Vec::new();
-        self.harvest_leaves(&leaves, &mut pages)?;
-        for (a, n) in runs(pages.into_iter().map(|p| (p, PAGE_SIZE))) {
-            self.written_then_protected.insert(a, a + n);
+        let mut written = Vec::new();
+        for (a, n) in runs(armed) {
+            written.clear();
+            self.res.harvest_written(Gpa(a), n, &mut written)?;
+            self.stats.scanned += n / PAGE_SIZE;
+            for &(w, wl) in &written {
+                // A written large leaf counts whole (as `report_written` does).
+                let (w, we) = (w.raw(), w.raw() + wl);
+                let lo = self.leaves.covering(w).map_or(w, |(ls, _)| ls);
+                let hi = self
+                    .leaves
+                    .covering(we - 1)
+                    .map_or(we, |(ls, l)| ls + l.size.bytes());
+                self.written_then_protected.insert(lo, hi);
+            }
         }
         Ok(())
     }
