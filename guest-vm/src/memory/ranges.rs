@@ -1,10 +1,12 @@
-//! Page-range bookkeeping shared by `KvmStage2` and its leaf index: `RangeSet` (disjoint,
-//! coalesced guest-physical ranges) and `runs` (coalescing sorted pieces). Pure, no host calls.
+//! Page-range bookkeeping shared by `KvmStage2`, its leaf index and the reservation:
+//! `RangeSet` (disjoint, coalesced guest-physical ranges) and `runs` (coalescing sorted
+//! pieces). Pure, no host calls.
 
 use std::collections::BTreeMap;
 
 /// A set of page-aligned guest-physical ranges (start → end), kept disjoint and coalesced:
-/// the pages whose written state a write-protect would otherwise erase (see `KvmStage2`).
+/// the pages whose written state a write-protect would otherwise erase (`KvmStage2`), the
+/// deferred write-protects (`Reservation`).
 #[derive(Debug, Default)]
 pub(crate) struct RangeSet {
     ranges: BTreeMap<u64, u64>,

@@ -18,8 +18,9 @@
 //!
 //! This file is the one writer of the memslot's host range: installing a frame
 //! (`install_frame`, for `KvmStage2`), moving an installed range between read-only and
-//! writable (`make_read_only` / `make_writable`), write tracking (`arm`, `harvest_written`,
-//! `disarm`),
+//! writable (`make_read_only` / `make_writable`), the deferred write-protect of a fork
+//! (`defer_read_only`, applied by `seal` / `seal_range`), write tracking (`arm`,
+//! `harvest_written`, `disarm`),
 //! putting an anonymous piece back (`restore`), and poisoning a page after a refused fault
 //! (`poison` / `unpoison`, for the fault thread). Addresses are typed: the guest side speaks
 //! [`Gpa`], the host side [`Hva`], frames [`MemfdOffset`].
@@ -39,6 +40,23 @@
 //!   it. Writable installs hold private frames, so their short untracked window (mapped, not
 //!   yet registered) only costs tracking, which `KvmStage2` covers by counting a page
 //!   installed or made writable as written;
+//! - **the one exception is a deferred write-protect** (`defer_read_only`, what a fork's
+//!   write-protect of the parent does; moving 1 GiB costs ~80–175 ms of kernel page-table
+//!   walks, paid only if the parent is written again): the range stays a writable install on
+//!   `tracker` while the memory model already counts it read-only over frames it shares with a
+//!   child. It is sound because **nothing writes through this mapping without calling `seal`
+//!   (or `seal_range` over what it writes) first**, which moves the deferred ranges to `uffd`
+//!   before returning: `GuestVm::run` before every `KVM_RUN` (the guest and KVM's own accesses
+//!   happen only inside it), the VMM's memslot writes (`write_slot`) and the vm-memory view
+//!   (`guest_memory`). The memory model never writes through this mapping (it writes frames
+//!   through the pool's own mapping, copying a shared one first), the fault thread only
+//!   installs, and a fork requires the parent's vCPU stopped. `seal` holds the `deferred` lock
+//!   while it moves, and every host operation that re-maps a piece (install, restore) takes it
+//!   and forgets the deferred pieces it covers, so the two never interleave; a range being
+//!   sealed is not closed first (nothing can write it meanwhile). A `seal` that fails keeps
+//!   the ranges it could not move deferred and returns the error, and the writer does not
+//!   write. Writers outside this crate that use `hva()` / `host_mapping()` directly must call
+//!   `seal` first too;
 //! - anonymous pieces never hold data: a MISSING fault is only ever answered by installing a
 //!   frame over the page (never by `UFFDIO_COPY`/zeropage into the anonymous piece);
 //! - guest memory is never borrowed as a Rust reference: it is reached through system calls

@@ -13,7 +13,15 @@
 //!   registration) per maximal run of offset-contiguous frames in `pas`;
 //! - `unmap` puts an anonymous MISSING-registered reservation piece back;
 //! - `protect` moves ranges between the two descriptors (`make_read_only` /
-//!   `make_writable`): a shared frame is never on the tracker (reservation.rs invariants);
+//!   `make_writable`): a shared frame is never on the tracker while anything can write it
+//!   (reservation.rs invariants). The common write-protect (`protect(range, READ)`, what a
+//!   fork and a reset point do) is **deferred**: the records become read-only at once, what a
+//!   harvest would report there is kept (`written_then_protected`: unarmed and untracked
+//!   extents whole, no host call; armed ones scanned), and the host move is left to the
+//!   reservation's next `seal`, which every writer of the host range calls first
+//!   (`Reservation::defer_read_only`). Per extent, not per page: the first fork of a 1 GiB
+//!   written guest makes no host call at all, and a parent that only serves forks never pays
+//!   the move;
 //! - `harvest_dirty` (the dirty-tracking contract of `ept::Stage2`): per run of writable
 //!   leaves in the range, unarmed ones are reported whole and armed (`UFFDIO_WRITEPROTECT` on
 //!   the tracker; a leaf installed or made writable is never armed at install, so its first
@@ -43,7 +51,11 @@
 //! - `writable` is exactly the set of leaf starts whose perms contain WRITE, and `odd_ro` the
 //!   number of other leaves whose perms are not plain READ; together they let the common
 //!   write-protect of a fork (`protect(range, READ)`) return in O(log n) when nothing in the
-//!   range is writable, so forking a snapshot again does not walk every installed page;
+//!   range is writable, so forking a snapshot again does not walk every installed page (and
+//!   otherwise visit the writable extents only);
+//! - a leaf recorded read-only is not writable through the host mapping by any writer: it
+//!   is read-only on the synchronous descriptor, or deferred on the reservation (sealed
+//!   before any write);
 //!   installed VMAs of the same class (writable on the tracker / read-only on the synchronous
 //!   descriptor) have the same flags, so GPA-adjacent leaves of one class over offset-adjacent
 //!   frames merge into one VMA;
@@ -249,7 +261,8 @@ impl KvmStage2 {
 impl KvmStage2 {
     /// `protect(gpa, len, READ)` when every read-only leaf is plain READ (`odd_ro == 0`): a
     /// range without writable leaves (every fork after the first) costs O(log n); otherwise
-    /// one ioctl per run of writable leaves and linear passes over the range's records.
+    /// one pass over the writable extents, a scan of the armed ones, and one deferral per run
+    /// (no host move: `Reservation::seal` does it before the next write).
     fn write_protect(&mut self, gpa: u64, len: u64) -> Result<u64, ept::Error> {
         self.leaves.split_at(gpa);
         self.leaves.split_at(gpa + len);
