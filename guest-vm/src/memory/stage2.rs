@@ -53,12 +53,12 @@
 //!   write-protect of a fork (`protect(range, READ)`) return in O(log n) when nothing in the
 //!   range is writable, so forking a snapshot again does not walk every installed page (and
 //!   otherwise visit the writable extents only);
-//! - a leaf recorded read-only is not writable through the host mapping by any writer: it
-//!   is read-only on the synchronous descriptor, or deferred on the reservation (sealed
-//!   before any write);
 //!   installed VMAs of the same class (writable on the tracker / read-only on the synchronous
 //!   descriptor) have the same flags, so GPA-adjacent leaves of one class over offset-adjacent
 //!   frames merge into one VMA;
+//! - a leaf recorded read-only is not writable through the host mapping by any writer: it
+//!   is read-only on the synchronous descriptor, or deferred on the reservation (sealed
+//!   before any write); a leaf recorded writable is never deferred;
 //! - execute permission is recorded but not enforced (KVM cannot express it per host page);
 //!   perms without READ cannot be expressed and are `NotSupported`;
 //! - `vm.max_map_count` exhaustion (ENOMEM from mmap) is retried once after raising the limit
@@ -283,6 +283,9 @@ impl KvmStage2 {
                 .and_then(|()| self.res.defer_read_only(Gpa(s), l));
             if let Err(e) = deferred {
                 // The runs before this one are deferred (read-only to every writer): say so.
+                // This one stays writable; a scan that failed part-way may have re-armed
+                // pages without keeping them, so it counts as written whole next time.
+                self.leaves.disarm_in(s, l);
                 self.leaves.set_perms_in(gpa, s - gpa, S2Perms::READ);
                 self.debug_check();
                 return Err(Self::fail(e));
@@ -572,10 +575,11 @@ impl Stage2 for KvmStage2 {
 }
 
 impl KvmStage2 {
-    /// Before `[s, s+l)` leaves the tracker: what a harvest would report there now goes to
-    /// `written_then_protected` (the scan re-arms, which the move then undoes).
-    /// Unarmed and untracked extents count as written whole (no host call: arming them only
-    /// for the move to undo it cost a write-protect of the range); armed ones are scanned.
+    /// Before `[s, s+l)` leaves the tracker (now, or at a deferred write-protect's seal, with
+    /// nothing written in between): what a harvest would report there now goes to
+    /// `written_then_protected`. Unarmed and untracked extents count as written whole (no
+    /// host call: arming them only for the move to undo it would cost a write-protect of the
+    /// range); armed ones are scanned (which re-arms them; the move undoes that).
     fn keep_written(&mut self, s: u64, l: u64) -> crate::error::Result<()> {
         let mut armed = Vec::new();
         let extents: Vec<(u64, u64, Track)> = self.leaves.writable_tracks_in(s, l).collect();
