@@ -10,6 +10,7 @@
 mod common;
 
 use guest_vm::memory::reservation::SealStats;
+use guest_vm::vmm::vcpu_state::VcpuState;
 use guest_vm::vmm::x86_64::layout::DATA_GPA;
 use guest_vm::vmm::{GuestArgs, VmExit};
 use guest_vm::workload::programs;
@@ -32,34 +33,47 @@ fn seal_stats(g: &Guest) -> SealStats {
     g.vm().reservation().seal_stats()
 }
 
-/// First byte of each of the N pages, through the memory model.
-fn bytes(g: &Guest) -> Vec<u8> {
+/// First byte of each of the N pages as `read` (gpa, buffer) reads it.
+fn first_bytes(read: impl Fn(u64, &mut [u8])) -> Vec<u8> {
     (0..N)
         .map(|i| {
             let mut b = [0u8];
-            g.vmar().read(DATA_GPA + i * PAGE, &mut b).unwrap();
+            read(DATA_GPA + i * PAGE, &mut b);
             b[0]
         })
         .collect()
 }
 
-/// The same through the guest's memslot (the host mapping KVM uses).
+/// Through the memory model.
+fn bytes(g: &Guest) -> Vec<u8> {
+    first_bytes(|gpa, b| g.vmar().read(gpa, b).unwrap())
+}
+
+/// Through the guest's memslot (the host mapping KVM uses).
 fn slot_bytes(g: &Guest) -> Vec<u8> {
-    (0..N)
-        .map(|i| {
-            let mut b = [0u8];
-            g.vm().read_slot(DATA_GPA + i * PAGE, &mut b).unwrap();
-            b[0]
-        })
-        .collect()
+    first_bytes(|gpa, b| g.vm().read_slot(gpa, b).unwrap())
 }
 
 /// Runs the write loop over the N pages with `value` (from the loaded entry `state`).
-fn run_writes(g: &mut Guest, entry: &guest_vm::vmm::vcpu_state::VcpuState, value: u8) {
+fn run_writes(g: &mut Guest, entry: &VcpuState, value: u8) {
     let mut st = entry.clone();
     st.regs.rax = u64::from(value);
     g.vm_mut().restore_state(&st).unwrap();
     assert_eq!(g.vm_mut().run().unwrap(), VmExit::Done(value));
+}
+
+/// A guest that ran the write loop over the N pages with 7: (guest, its entry state, its
+/// state after the run).
+fn written_parent(frames: &HostFrames) -> (Guest, VcpuState, VcpuState) {
+    let mut parent = Guest::new(frames, 4 << 20).unwrap();
+    parent
+        .vm_mut()
+        .load(&programs::write_loop(), args(7))
+        .unwrap();
+    let entry = parent.snapshot().unwrap();
+    assert_eq!(parent.vm_mut().run().unwrap(), VmExit::Done(7));
+    let state = parent.snapshot().unwrap();
+    (parent, entry, state)
 }
 
 fn assert_all(seen: &[u8], want: u8, what: &str) {
@@ -71,14 +85,7 @@ fn parent_writes_after_a_fork_never_reach_a_child_by_any_path() {
     require_kvm!();
     let frames = HostFrames::new(64 << 20).unwrap();
     {
-        let mut parent = Guest::new(&frames, 4 << 20).unwrap();
-        parent
-            .vm_mut()
-            .load(&programs::write_loop(), args(7))
-            .unwrap();
-        let entry = parent.snapshot().unwrap();
-        assert_eq!(parent.vm_mut().run().unwrap(), VmExit::Done(7));
-        let state = parent.snapshot().unwrap();
+        let (mut parent, entry, state) = written_parent(&frames);
         let installed = parent.installed_pages();
         let before = seal_stats(&parent);
 
@@ -164,14 +171,7 @@ fn a_template_parent_that_only_forks_never_pays_the_write_protect() {
     const CHILDREN: u8 = 8;
     let frames = HostFrames::new(64 << 20).unwrap();
     {
-        let mut parent = Guest::new(&frames, 4 << 20).unwrap();
-        parent
-            .vm_mut()
-            .load(&programs::write_loop(), args(7))
-            .unwrap();
-        let entry = parent.snapshot().unwrap();
-        assert_eq!(parent.vm_mut().run().unwrap(), VmExit::Done(7));
-        let state = parent.snapshot().unwrap();
+        let (mut parent, entry, state) = written_parent(&frames);
         let sealed = seal_stats(&parent).sealed_pages;
         let mut children = Vec::new();
         let mut deferred = None;
