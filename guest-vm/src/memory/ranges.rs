@@ -67,6 +67,11 @@ impl RangeSet {
         self.ranges.is_empty()
     }
 
+    /// The ranges (start, end), ascending.
+    pub fn ranges(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.ranges.iter().map(|(&s, &e)| (s, e))
+    }
+
     /// Bytes covered.
     pub fn bytes(&self) -> u64 {
         self.ranges.iter().map(|(&s, &e)| e - s).sum()

@@ -455,6 +455,11 @@ impl Reservation {
         }
     }
 
+    /// The deferred ranges now, ascending (for `KvmStage2`'s invariant check).
+    pub(crate) fn deferred_ranges(&self) -> Vec<(u64, u64)> {
+        self.lock_deferred().ranges().collect()
+    }
+
     fn lock_deferred(&self) -> MutexGuard<'_, RangeSet> {
         self.deferred.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -157,8 +157,9 @@ impl KvmStage2 {
         })
     }
 
-    /// The module invariants as code: the leaf index keeps its own (`LeafIndex`), and every
-    /// leaf lies inside the reservation. Panics on a violation.
+    /// The module invariants as code: the leaf index keeps its own (`LeafIndex`), every
+    /// leaf lies inside the reservation, and no leaf recorded writable is deferred (a deferred
+    /// range is one the records already count read-only). Panics on a violation.
     pub fn check_invariants(&self) {
         self.written_then_protected.check_invariants();
         self.leaves.check_invariants();
@@ -166,6 +167,12 @@ impl KvmStage2 {
             assert!(
                 self.res.hva_of(Gpa(start), bytes).is_some(),
                 "leaf {start:#x} outside the reservation"
+            );
+        }
+        for (s, e) in self.res.deferred_ranges() {
+            assert!(
+                self.leaves.writable_extents_in(s, e - s).next().is_none(),
+                "writable leaf in the deferred range {s:#x}..{e:#x}"
             );
         }
     }
