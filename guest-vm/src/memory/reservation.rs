@@ -41,8 +41,8 @@
 //!   yet registered) only costs tracking, which `KvmStage2` covers by counting a page
 //!   installed or made writable as written;
 //! - **the one exception is a deferred write-protect** (`defer_read_only`, what a fork's
-//!   write-protect of the parent does; moving 1 GiB costs ~80–175 ms of kernel page-table
-//!   walks, paid only if the parent is written again): the range stays a writable install on
+//!   write-protect of the parent does; moving 1 GiB costs two kernel page-table walks, ≈ 60
+//!   ms here, paid only if the parent is written again): the range stays a writable install on
 //!   `tracker` while the memory model already counts it read-only over frames it shares with a
 //!   child. It is sound because **nothing writes through this mapping without calling `seal`
 //!   (or `seal_range` over what it writes) first**, which moves the deferred ranges to `uffd`
