@@ -175,9 +175,12 @@ fn write_protect_changes_exactly_the_writable_leaves() {
 
 /// A write-protect that fails halfway (here: the host range behind the second run was
 /// replaced by a private mapping of a disk file, which userfaultfd cannot register, so moving
-/// it between the synchronous descriptor and the tracker fails) leaves the records true: the runs already protected on the host read as read-only, the rest as
-/// before, and the index invariants hold. Before the fix the records kept saying "writable"
-/// for pages that were read-only on the host, or — on the unprotect direction — the reverse.
+/// it between the synchronous descriptor and the tracker fails) leaves the records true. A
+/// write-protect is deferred to the reservation's `seal`: the records say read-only at once,
+/// and a `seal` failing on the second run moves the first, keeps the second deferred and
+/// keeps failing (so no writer passes). On the unprotect direction, the runs already made
+/// writable on the host read as writable, the rest as before. Before the fix the records kept
+/// saying "writable" for pages that were read-only on the host, or the reverse.
 #[test]
 fn protect_failing_halfway_keeps_records_true() {
     use guest_vm::sys::mmap::{Backing, MapFlags, Prot};
@@ -214,25 +217,32 @@ fn protect_failing_halfway_keeps_records_true() {
         };
     };
     sabotage(2 * P);
-    assert!(s.protect(0, 3 * P, S2Perms::READ).is_err());
+    // The write-protect itself is deferred (no host call), so it succeeds; the reservation's
+    // `seal`, which every writer calls first, fails on the sabotaged run and keeps it
+    // deferred: no writer gets past it.
+    assert_eq!(s.protect(0, 3 * P, S2Perms::READ), Ok(2));
+    assert_eq!(s.reservation().seal_stats().pending_pages, 2);
+    assert!(s.reservation().seal().is_err());
+    let st = s.reservation().seal_stats();
     assert_eq!(
-        s.query(0).unwrap().perms,
-        S2Perms::READ,
-        "protected on the host, so recorded"
+        (st.sealed_pages, st.pending_pages),
+        (1, 1),
+        "page 0 moved, page 2 still deferred"
     );
-    assert_eq!(
-        s.query(2 * P).unwrap().perms,
-        S2Perms::RW,
-        "not protected, still recorded RW"
-    );
+    assert!(s.reservation().seal().is_err(), "and it stays refused");
+    assert_eq!(s.query(0).unwrap().perms, S2Perms::READ);
+    assert_eq!(s.query(2 * P).unwrap().perms, S2Perms::READ);
     s.check_invariants();
 
     // The other direction: unprotect fails on the sabotaged run after the first succeeded.
     let f = frames.alloc_frame().unwrap();
     s.map(4 * P, f, PageSize::Size4K, S2Perms::READ, wb)
         .unwrap();
-    // Page 2 becomes a fresh read-only leaf (unmapping also repairs the sabotaged piece).
+    // Page 2 becomes a fresh read-only leaf (unmapping also repairs the sabotaged piece and
+    // ends its deferral).
     s.unmap(2 * P, P).unwrap();
+    assert_eq!(s.reservation().seal_stats().pending_pages, 0);
+    s.reservation().seal().unwrap();
     let f2 = frames.alloc_frame().unwrap();
     s.map(2 * P, f2, PageSize::Size4K, S2Perms::READ, wb)
         .unwrap();

@@ -216,6 +216,10 @@ impl Backend for Kvm {
             .reservation()
             .hva_of(guest_vm::Gpa(gpa), data.len() as u64)
             .expect("gpa inside the memslot reservation");
+        // Every writer of the host range applies the deferred write-protects there first.
+        s.reservation()
+            .seal_range(guest_vm::Gpa(gpa), data.len() as u64)
+            .expect("seal before a host write");
         // SAFETY: [gpa, gpa+len) lies in one page `translate` found installed writable; the
         // reservation maps it (MAP_SHARED of the frame's memfd offset) and the caller holds the
         // Stage2 lock, so it is not remapped during the copy.

@@ -34,8 +34,10 @@
 //! a shared Vmo).
 //!
 //! Invariants: a `Guest` is driven from one thread at a time (the vCPU thread); forks are taken
-//! only while the parent's vCPU is stopped (the Vmar's fork contract); dropping a `Guest` stops
-//! its fault thread before its reservation is unmapped, and returns every frame it alone held.
+//! only while the parent's vCPU is stopped (the Vmar's fork contract), and the host side of
+//! the parent's write-protect waits for its next run or host write (`Reservation::seal`);
+//! dropping a `Guest` stops its fault thread before its reservation is unmapped, and returns
+//! every frame it alone held.
 
 pub mod fuzz;
 pub mod program;

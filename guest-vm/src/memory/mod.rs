@@ -5,9 +5,11 @@
 //! - [`frames`]: `MemfdFrameAlloc`, the `vmo::FrameAlloc` whose frames are 4 KiB offsets of
 //!   one memfd, and `HostFrames` (that allocator plus the counted `vmo::FramePool` over it);
 //! - [`reservation`]: `Reservation`, the memslot's host range and its two userfaultfds (the
-//!   synchronous fault channel; the async write tracker, which holds only writable installs)
+//!   synchronous fault channel; the async write tracker, which holds only writable installs,
+//!   and the deferred write-protects a fork leaves there until the next writer seals them)
 //!   — the one writer of that range (install a frame, move a range between read-only and
-//!   writable, arm and harvest write tracking, put an anonymous piece back, poison);
+//!   writable, defer and seal a write-protect, arm and harvest write tracking, put an
+//!   anonymous piece back, poison);
 //! - `leaves`: `LeafIndex`, the record of installed leaves (with their tracking state) and
 //!   the index of writable ones, as extents (pure bookkeeping, unit-tested beside it);
 //! - `ranges`: `RangeSet` and `runs`, page-range bookkeeping for both;

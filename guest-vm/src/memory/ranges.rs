@@ -1,10 +1,12 @@
-//! Page-range bookkeeping shared by `KvmStage2` and its leaf index: `RangeSet` (disjoint,
-//! coalesced guest-physical ranges) and `runs` (coalescing sorted pieces). Pure, no host calls.
+//! Page-range bookkeeping shared by `KvmStage2`, its leaf index and the reservation:
+//! `RangeSet` (disjoint, coalesced guest-physical ranges) and `runs` (coalescing sorted
+//! pieces). Pure, no host calls.
 
 use std::collections::BTreeMap;
 
 /// A set of page-aligned guest-physical ranges (start → end), kept disjoint and coalesced:
-/// the pages whose written state a write-protect would otherwise erase (see `KvmStage2`).
+/// the pages whose written state a write-protect would otherwise erase (`KvmStage2`), the
+/// deferred write-protects (`Reservation`).
 #[derive(Debug, Default)]
 pub(crate) struct RangeSet {
     ranges: BTreeMap<u64, u64>,
@@ -63,6 +65,16 @@ impl RangeSet {
 
     pub fn is_empty(&self) -> bool {
         self.ranges.is_empty()
+    }
+
+    /// The ranges (start, end), ascending.
+    pub fn ranges(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.ranges.iter().map(|(&s, &e)| (s, e))
+    }
+
+    /// Bytes covered.
+    pub fn bytes(&self) -> u64 {
+        self.ranges.iter().map(|(&s, &e)| e - s).sum()
     }
 
     /// Disjoint, non-touching, non-empty ranges; panics otherwise.

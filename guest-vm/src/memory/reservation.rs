@@ -18,8 +18,9 @@
 //!
 //! This file is the one writer of the memslot's host range: installing a frame
 //! (`install_frame`, for `KvmStage2`), moving an installed range between read-only and
-//! writable (`make_read_only` / `make_writable`), write tracking (`arm`, `harvest_written`,
-//! `disarm`),
+//! writable (`make_read_only` / `make_writable`), the deferred write-protect of a fork
+//! (`defer_read_only`, applied by `seal` / `seal_range`), write tracking (`arm`,
+//! `harvest_written`, `disarm`),
 //! putting an anonymous piece back (`restore`), and poisoning a page after a refused fault
 //! (`poison` / `unpoison`, for the fault thread). Addresses are typed: the guest side speaks
 //! [`Gpa`], the host side [`Hva`], frames [`MemfdOffset`].
@@ -39,6 +40,23 @@
 //!   it. Writable installs hold private frames, so their short untracked window (mapped, not
 //!   yet registered) only costs tracking, which `KvmStage2` covers by counting a page
 //!   installed or made writable as written;
+//! - **the one exception is a deferred write-protect** (`defer_read_only`, what a fork's
+//!   write-protect of the parent does; moving 1 GiB costs two kernel page-table walks, ≈ 60
+//!   ms here, paid only if the parent is written again): the range stays a writable install on
+//!   `tracker` while the memory model already counts it read-only over frames it shares with a
+//!   child. It is sound because **nothing writes through this mapping without calling `seal`
+//!   (or `seal_range` over what it writes) first**, which moves the deferred ranges to `uffd`
+//!   before returning: `GuestVm::run` before every `KVM_RUN` (the guest and KVM's own accesses
+//!   happen only inside it), the VMM's memslot writes (`write_slot`) and the vm-memory view
+//!   (`guest_memory`). The memory model never writes through this mapping (it writes frames
+//!   through the pool's own mapping, copying a shared one first), the fault thread only
+//!   installs, and a fork requires the parent's vCPU stopped. `seal` holds the `deferred` lock
+//!   while it moves, and every host operation that re-maps a piece (install, restore) takes it
+//!   and forgets the deferred pieces it covers, so the two never interleave; a range being
+//!   sealed is not closed first (nothing can write it meanwhile). A `seal` that fails keeps
+//!   the ranges it could not move deferred and returns the error, and the writer does not
+//!   write. Writers outside this crate that use `hva()` / `host_mapping()` directly must call
+//!   `seal` first too;
 //! - anonymous pieces never hold data: a MISSING fault is only ever answered by installing a
 //!   frame over the page (never by `UFFDIO_COPY`/zeropage into the anonymous piece);
 //! - guest memory is never borrowed as a Rust reference: it is reached through system calls
@@ -46,10 +64,12 @@
 //!   replacing pieces of the mapping sound.
 
 use std::os::fd::BorrowedFd;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::addr::{Gpa, Hva, MemfdOffset};
 use crate::error::{Error, Result};
+use crate::memory::ranges::RangeSet;
 use crate::sys::mmap::{Backing, MapFlags, Mmap, Prot};
 use crate::sys::pagemap::Pagemap;
 use crate::sys::uffd::{Protection, RegisterMode, Uffd, Wake};
@@ -67,6 +87,46 @@ pub struct Reservation {
     /// Pages (host addresses) `poison` made unusable and nothing has re-mapped since: only
     /// these does `unpoison` touch.
     poisoned: std::sync::Mutex<std::collections::BTreeSet<u64>>,
+    /// Deferred write-protects (guest-physical ranges): writable installs on `tracker` that
+    /// the memory model already counts read-only, moved to `uffd` by `seal` before any write
+    /// through this mapping (module invariants). Held across every host operation that
+    /// re-maps a piece, so `seal` never races an install.
+    deferred: Mutex<RangeSet>,
+    /// `deferred` is non-empty (the writers' fast path: one load when nothing is deferred).
+    has_deferred: AtomicBool,
+    seal_stats: SealCounters,
+}
+
+/// What the deferred write-protect did, for benchmarks and tests (`Reservation::seal_stats`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SealStats {
+    /// Pages whose write-protect was deferred (`defer_read_only`), counted once per deferral.
+    pub deferred_pages: u64,
+    /// Pages `seal` moved to the synchronous descriptor (the write-protect actually paid).
+    pub sealed_pages: u64,
+    /// `seal` / `seal_range` calls that found something to move.
+    pub seals: u64,
+    /// Deferred pages dropped without a move because an install or restore re-mapped them.
+    pub dropped_pages: u64,
+    /// Pages deferred now (not sealed, not re-mapped).
+    pub pending_pages: u64,
+}
+
+#[derive(Debug, Default)]
+struct SealCounters {
+    deferred: AtomicU64,
+    sealed: AtomicU64,
+    seals: AtomicU64,
+    dropped: AtomicU64,
+}
+
+/// Whether a move to read-only must close the range first (`Window::Closed`: another thread
+/// may write it meanwhile) or may leave it open (`Window::Quiescent`: a deferred range under
+/// the `deferred` lock, which no writer reaches before `seal` returns).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Window {
+    Closed,
+    Quiescent,
 }
 
 /// How a frame is installed.
@@ -116,6 +176,9 @@ impl Reservation {
             tracker: Uffd::open_async_wp()?,
             pagemap: Pagemap::open()?,
             poisoned: Default::default(),
+            deferred: Mutex::new(RangeSet::default()),
+            has_deferred: AtomicBool::new(false),
+            seal_stats: SealCounters::default(),
         };
         r.uffd.register(r.map.addr(), size, RegisterMode::MISSING)?;
         Ok(r)
@@ -187,6 +250,7 @@ impl Reservation {
             Install::ReadOnly => (Prot::Read, MapFlags::POPULATE),
         };
         self.end_poison(hva, len);
+        let _deferred = self.forget_deferred(gpa, len);
         let backing = Backing::Shared {
             fd: memfd,
             offset: frame.0,
@@ -238,6 +302,17 @@ impl Reservation {
     /// the tracker, registered WP on `uffd`, write-protected, opened again. On failure the
     /// range is rolled back to writable where possible; `MoveError::now` says what it is.
     pub(crate) fn make_read_only(&self, gpa: Gpa, len: u64) -> std::result::Result<(), MoveError> {
+        self.move_read_only(gpa, len, Window::Closed)
+    }
+
+    /// `make_read_only`; with `Window::Quiescent` (a deferred range being sealed) without the
+    /// close and reopen, and a failed rollback closes the range instead.
+    fn move_read_only(
+        &self,
+        gpa: Gpa,
+        len: u64,
+        window: Window,
+    ) -> std::result::Result<(), MoveError> {
         if let Some(h) = self.hva_of(gpa, len) {
             self.end_poison(h, len);
         }
@@ -249,11 +324,13 @@ impl Reservation {
             error,
             now: Install::Writable,
         })?;
-        self.set_prot("close range", hva, len, Prot::Read)
-            .map_err(|error| MoveError {
-                error,
-                now: Install::Writable,
-            })?;
+        if window == Window::Closed {
+            self.set_prot("close range", hva, len, Prot::Read)
+                .map_err(|error| MoveError {
+                    error,
+                    now: Install::Writable,
+                })?;
+        }
         // The step that failed decides the rollback: each undoes the steps before it.
         let failed = match self.tracker.unregister(hva.0, len) {
             Err(e) => Some((e, 0)),
@@ -275,18 +352,134 @@ impl Reservation {
             if step >= 1 {
                 back = back.and_then(|()| register(&self.tracker, hva, len));
             }
-            let back = back.and_then(|()| self.set_prot("reopen range", hva, len, Prot::ReadWrite));
-            return Err(MoveError {
-                error,
-                now: if back.is_ok() {
-                    Install::Writable
-                } else {
-                    Install::ReadOnly
+            let now = match window {
+                Window::Closed => {
+                    match back
+                        .and_then(|()| self.set_prot("reopen range", hva, len, Prot::ReadWrite))
+                    {
+                        Ok(()) => Install::Writable,
+                        Err(_) => Install::ReadOnly,
+                    }
+                }
+                // Open all along: if it is not back on the tracker, close it now (and if even
+                // that fails it stays writable: `seal` keeps it deferred and fails).
+                Window::Quiescent => match back {
+                    Ok(()) => Install::Writable,
+                    Err(_) if self.set_prot("close range", hva, len, Prot::Read).is_ok() => {
+                        Install::ReadOnly
+                    }
+                    Err(_) => Install::Writable,
                 },
-            });
+            };
+            return Err(MoveError { error, now });
         }
-        self.set_prot("open write-protected range", hva, len, Prot::ReadWrite)
-            .map_err(ro)
+        match window {
+            Window::Closed => self
+                .set_prot("open write-protected range", hva, len, Prot::ReadWrite)
+                .map_err(ro),
+            Window::Quiescent => Ok(()),
+        }
+    }
+
+    /// Defers the write-protect of the writable installs `[gpa, gpa+len)` (which the caller
+    /// now records read-only: their frames are shared) to the next `seal` covering them: no
+    /// host call now. The caller guarantees nothing writes through this mapping until then
+    /// except after `seal` (every host-side writer calls it first: `GuestVm::run`, the VMM's
+    /// memslot writes, the vm-memory view).
+    pub(crate) fn defer_read_only(&self, gpa: Gpa, len: u64) -> Result<()> {
+        self.piece(gpa, len)?;
+        let mut d = self.lock_deferred();
+        d.insert(gpa.0, gpa.0 + len);
+        self.has_deferred.store(true, Ordering::Release);
+        self.seal_stats
+            .deferred
+            .fetch_add(len / PAGE_SIZE, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Applies every deferred write-protect (see `defer_read_only`): each deferred range
+    /// leaves the tracker and is write-protected on `uffd`, so a later write to one of its
+    /// shared frames is a WP event. Call before writing through this mapping by any means; a
+    /// no-op (one atomic load) when nothing is deferred. On failure the ranges not moved stay
+    /// deferred and the error is returned: the caller must not write.
+    pub fn seal(&self) -> Result<()> {
+        self.seal_range(self.gpa_base, self.size())
+    }
+
+    /// `seal` for the deferred pieces inside `[gpa, gpa+len)` only (a host write of a few
+    /// bytes pays for the pages it touches, not the guest). Ranges outside the reservation are
+    /// clipped to it.
+    pub fn seal_range(&self, gpa: Gpa, len: u64) -> Result<()> {
+        if !self.has_deferred.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut d = self.lock_deferred();
+        let start = gpa.0 & !(PAGE_SIZE - 1);
+        let end = gpa.0.saturating_add(len).next_multiple_of(PAGE_SIZE);
+        let pieces = d.take(start, end);
+        let mut result = Ok(());
+        let mut moved = 0;
+        for (i, &(s, e)) in pieces.iter().enumerate() {
+            match self.move_read_only(Gpa(s), e - s, Window::Quiescent) {
+                Ok(()) => moved += (e - s) / PAGE_SIZE,
+                Err(MoveError { error, now }) => {
+                    // Still writable: stays deferred, with everything not tried yet.
+                    if now == Install::Writable {
+                        d.insert(s, e);
+                    }
+                    for &(s, e) in &pieces[i + 1..] {
+                        d.insert(s, e);
+                    }
+                    result = Err(error);
+                    break;
+                }
+            }
+        }
+        if moved > 0 {
+            self.seal_stats.seals.fetch_add(1, Ordering::Relaxed);
+            self.seal_stats.sealed.fetch_add(moved, Ordering::Relaxed);
+        }
+        self.has_deferred.store(!d.is_empty(), Ordering::Release);
+        result
+    }
+
+    /// What the deferred write-protect did so far (`SealStats`).
+    pub fn seal_stats(&self) -> SealStats {
+        let pending_pages = self.lock_deferred().bytes() / PAGE_SIZE;
+        SealStats {
+            deferred_pages: self.seal_stats.deferred.load(Ordering::Relaxed),
+            sealed_pages: self.seal_stats.sealed.load(Ordering::Relaxed),
+            seals: self.seal_stats.seals.load(Ordering::Relaxed),
+            dropped_pages: self.seal_stats.dropped.load(Ordering::Relaxed),
+            pending_pages,
+        }
+    }
+
+    /// The deferred ranges now, ascending (for `KvmStage2`'s invariant check).
+    pub(crate) fn deferred_ranges(&self) -> Vec<(u64, u64)> {
+        self.lock_deferred().ranges().collect()
+    }
+
+    fn lock_deferred(&self) -> MutexGuard<'_, RangeSet> {
+        self.deferred.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Before a host operation re-maps `[gpa, gpa+len)`: the deferred pieces there are
+    /// forgotten (the new mapping decides their state), and the returned guard holds the
+    /// `deferred` lock until the operation is done, so no `seal` runs in between.
+    fn forget_deferred(&self, gpa: Gpa, len: u64) -> Option<MutexGuard<'_, RangeSet>> {
+        if !self.has_deferred.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut d = self.lock_deferred();
+        let gone: u64 = d
+            .take(gpa.0, gpa.0 + len)
+            .iter()
+            .map(|&(s, e)| (e - s) / PAGE_SIZE)
+            .sum();
+        self.seal_stats.dropped.fetch_add(gone, Ordering::Relaxed);
+        self.has_deferred.store(!d.is_empty(), Ordering::Release);
+        Some(d)
     }
 
     /// Moves the read-only installs `[gpa, gpa+len)` (frames the caller made private) to
@@ -297,6 +490,13 @@ impl Reservation {
             self.end_poison(h, len);
         }
         let hva = self.piece(gpa, len).map_err(|error| MoveError {
+            error,
+            now: Install::ReadOnly,
+        })?;
+        // Deferred pieces are still on the tracker: seal them first, so the whole range is
+        // on `uffd` (rare: nothing faults on a deferred piece, so only an explicit protect
+        // reaches one).
+        self.seal_range(gpa, len).map_err(|error| MoveError {
             error,
             now: Install::ReadOnly,
         })?;
@@ -364,6 +564,7 @@ impl Reservation {
     pub(crate) fn restore(&self, gpa: Gpa, len: u64) -> Result<()> {
         let hva = self.piece(gpa, len)?;
         self.end_poison(hva, len);
+        let _deferred = self.forget_deferred(gpa, len);
         // SAFETY: guest memory is never borrowed as a reference (module invariants).
         unsafe {
             self.map.replace(

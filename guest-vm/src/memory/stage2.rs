@@ -13,7 +13,15 @@
 //!   registration) per maximal run of offset-contiguous frames in `pas`;
 //! - `unmap` puts an anonymous MISSING-registered reservation piece back;
 //! - `protect` moves ranges between the two descriptors (`make_read_only` /
-//!   `make_writable`): a shared frame is never on the tracker (reservation.rs invariants);
+//!   `make_writable`): a shared frame is never on the tracker while anything can write it
+//!   (reservation.rs invariants). The common write-protect (`protect(range, READ)`, what a
+//!   fork and a reset point do) is **deferred**: the records become read-only at once, what a
+//!   harvest would report there is kept (`written_then_protected`: unarmed and untracked
+//!   extents whole, no host call; armed ones scanned), and the host move is left to the
+//!   reservation's next `seal`, which every writer of the host range calls first
+//!   (`Reservation::defer_read_only`). Per extent, not per page: the first fork of a 1 GiB
+//!   written guest makes no host call at all, and a parent that only serves forks never pays
+//!   the move;
 //! - `harvest_dirty` (the dirty-tracking contract of `ept::Stage2`): per run of writable
 //!   leaves in the range, unarmed ones are reported whole and armed (`UFFDIO_WRITEPROTECT` on
 //!   the tracker; a leaf installed or made writable is never armed at install, so its first
@@ -43,10 +51,14 @@
 //! - `writable` is exactly the set of leaf starts whose perms contain WRITE, and `odd_ro` the
 //!   number of other leaves whose perms are not plain READ; together they let the common
 //!   write-protect of a fork (`protect(range, READ)`) return in O(log n) when nothing in the
-//!   range is writable, so forking a snapshot again does not walk every installed page;
+//!   range is writable, so forking a snapshot again does not walk every installed page (and
+//!   otherwise visit the writable extents only);
 //!   installed VMAs of the same class (writable on the tracker / read-only on the synchronous
 //!   descriptor) have the same flags, so GPA-adjacent leaves of one class over offset-adjacent
 //!   frames merge into one VMA;
+//! - a leaf recorded read-only is not writable through the host mapping by any writer: it
+//!   is read-only on the synchronous descriptor, or deferred on the reservation (sealed
+//!   before any write); a leaf recorded writable is never deferred;
 //! - execute permission is recorded but not enforced (KVM cannot express it per host page);
 //!   perms without READ cannot be expressed and are `NotSupported`;
 //! - `vm.max_map_count` exhaustion (ENOMEM from mmap) is retried once after raising the limit
@@ -145,8 +157,9 @@ impl KvmStage2 {
         })
     }
 
-    /// The module invariants as code: the leaf index keeps its own (`LeafIndex`), and every
-    /// leaf lies inside the reservation. Panics on a violation.
+    /// The module invariants as code: the leaf index keeps its own (`LeafIndex`), every
+    /// leaf lies inside the reservation, and no leaf recorded writable is deferred (a deferred
+    /// range is one the records already count read-only). Panics on a violation.
     pub fn check_invariants(&self) {
         self.written_then_protected.check_invariants();
         self.leaves.check_invariants();
@@ -154,6 +167,12 @@ impl KvmStage2 {
             assert!(
                 self.res.hva_of(Gpa(start), bytes).is_some(),
                 "leaf {start:#x} outside the reservation"
+            );
+        }
+        for (s, e) in self.res.deferred_ranges() {
+            assert!(
+                self.leaves.writable_extents_in(s, e - s).next().is_none(),
+                "writable leaf in the deferred range {s:#x}..{e:#x}"
             );
         }
     }
@@ -249,7 +268,8 @@ impl KvmStage2 {
 impl KvmStage2 {
     /// `protect(gpa, len, READ)` when every read-only leaf is plain READ (`odd_ro == 0`): a
     /// range without writable leaves (every fork after the first) costs O(log n); otherwise
-    /// one ioctl per run of writable leaves and linear passes over the range's records.
+    /// one pass over the writable extents, a scan of the armed ones, and one deferral per run
+    /// (no host move: `Reservation::seal` does it before the next write).
     fn write_protect(&mut self, gpa: u64, len: u64) -> Result<u64, ept::Error> {
         self.leaves.split_at(gpa);
         self.leaves.split_at(gpa + len);
@@ -258,18 +278,24 @@ impl KvmStage2 {
         }
         let mut changed = 0;
         let mut pieces = Vec::new();
-        for (s, l) in self.leaves.range(gpa, len) {
-            if l.perms.contains(S2Perms::WRITE) {
-                changed += l.size.bytes() / PAGE_SIZE;
-                pieces.push((s, l.size.bytes()));
-            }
+        for (s, l) in self.leaves.writable_extents_in(gpa, len) {
+            changed += l / PAGE_SIZE;
+            pieces.push((s, l));
         }
         for (s, l) in runs(pieces) {
-            if let Err(e) = self.move_run(s, l, Install::ReadOnly, S2Perms::READ) {
-                // The runs before this one are read-only on the host now: say so.
+            // The host move is deferred to the reservation's next `seal` (module docs); what a
+            // harvest would report here is kept first, while the tracker still knows it.
+            let deferred = self
+                .keep_written(s, l)
+                .and_then(|()| self.res.defer_read_only(Gpa(s), l));
+            if let Err(e) = deferred {
+                // The runs before this one are deferred (read-only to every writer): say so.
+                // This one stays writable; a scan that failed part-way may have re-armed
+                // pages without keeping them, so it counts as written whole next time.
+                self.leaves.disarm_in(s, l);
                 self.leaves.set_perms_in(gpa, s - gpa, S2Perms::READ);
                 self.debug_check();
-                return Err(e);
+                return Err(Self::fail(e));
             }
         }
         // Every read-only leaf is plain READ, so after this the whole range is.
@@ -556,17 +582,37 @@ impl Stage2 for KvmStage2 {
 }
 
 impl KvmStage2 {
-    /// Before `[s, s+l)` leaves the tracker: what a harvest would report there now goes to
-    /// `written_then_protected` (the scan re-arms, which the move then undoes).
+    /// Before `[s, s+l)` leaves the tracker (now, or at a deferred write-protect's seal, with
+    /// nothing written in between): what a harvest would report there now goes to
+    /// `written_then_protected`. Unarmed and untracked extents count as written whole (no
+    /// host call: arming them only for the move to undo it would cost a write-protect of the
+    /// range); armed ones are scanned (which re-arms them; the move undoes that).
     fn keep_written(&mut self, s: u64, l: u64) -> crate::error::Result<()> {
-        let leaves: Vec<(u64, Leaf)> = self.leaves.writable_in(s, l).collect();
-        if leaves.is_empty() {
-            return Ok(());
+        let mut armed = Vec::new();
+        let extents: Vec<(u64, u64, Track)> = self.leaves.writable_tracks_in(s, l).collect();
+        for (a, n, track) in extents {
+            match track {
+                Track::Armed => armed.push((a, n)),
+                Track::Unarmed | Track::Untracked => {
+                    self.written_then_protected.insert(a, a + n);
+                }
+            }
         }
-        let mut pages = Vec::new();
-        self.harvest_leaves(&leaves, &mut pages)?;
-        for (a, n) in runs(pages.into_iter().map(|p| (p, PAGE_SIZE))) {
-            self.written_then_protected.insert(a, a + n);
+        let mut written = Vec::new();
+        for (a, n) in runs(armed) {
+            written.clear();
+            self.res.harvest_written(Gpa(a), n, &mut written)?;
+            self.stats.scanned += n / PAGE_SIZE;
+            for &(w, wl) in &written {
+                // A written large leaf counts whole (as `report_written` does).
+                let (w, we) = (w.raw(), w.raw() + wl);
+                let lo = self.leaves.covering(w).map_or(w, |(ls, _)| ls);
+                let hi = self
+                    .leaves
+                    .covering(we - 1)
+                    .map_or(we, |(ls, l)| ls + l.size.bytes());
+                self.written_then_protected.insert(lo, hi);
+            }
         }
         Ok(())
     }

@@ -9,8 +9,11 @@
 //!   event as a guest access (and is resolved by the same fault path), and an address the
 //!   resolver refuses fails with an error instead of a signal.
 //!
-//! Invariant: no Rust reference into guest memory is ever created here (the reservation's
-//! invariant that makes replacing its pieces sound).
+//! Invariants: no Rust reference into guest memory is ever created here (the reservation's
+//! invariant that makes replacing its pieces sound); every path that writes through the
+//! reservation (`write_slot`, the vm-memory view) first applies the reservation's deferred
+//! write-protects over what it can write (`Reservation::seal_range` / `seal`), so a write to a
+//! frame shared with a fork is a WP event, never a write in place.
 
 use super::GuestVm;
 use crate::addr::Gpa;
@@ -77,6 +80,10 @@ impl GuestVm {
                 gpa,
                 len: len as u64,
             })?;
+        if write {
+            // Deferred write-protects of the pages written apply first (reservation.rs).
+            self.res.seal_range(Gpa(gpa), len as u64)?;
+        }
         let mut done = 0usize;
         while done < len {
             let l = libc::iovec {
@@ -128,6 +135,8 @@ impl GuestVm {
     /// ranges the memory model maps (devices check descriptors against the Vmar first).
     pub fn guest_memory(&self) -> Result<vm_memory::GuestMemoryMmap> {
         use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+        // The view can write anywhere: every deferred write-protect applies first.
+        self.res.seal()?;
         // SAFETY: the reservation is a live mapping of exactly this size and these flags, and
         // it outlives every use through `self.res` (the view must not outlive the VM).
         let region = unsafe {

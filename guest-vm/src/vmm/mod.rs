@@ -19,6 +19,9 @@
 //!
 //! Invariants:
 //! - exits are always completed (an MMIO read gets data before the next `KVM_RUN`);
+//! - every `KVM_RUN` is preceded by `Reservation::seal`: a fork defers the parent's
+//!   write-protect to its next run (reservation.rs), so the guest never runs over a frame it
+//!   shares with a child without the write protection that makes its writes events;
 //! - a resolver error stops the VM: `run` returns `VmExit::GuestFault` with the report once, and
 //!   every later `run` is `Error::BadState` (the VM must be reset — poisoned pages);
 //! - `Kicker::kick` (from any thread) makes a running or about-to-run `KVM_RUN` return with
@@ -259,6 +262,8 @@ impl GuestVm {
                 self.stopped = Some(e);
                 return Ok(VmExit::GuestFault(e));
             }
+            // The guest writes through the reservation: deferred write-protects first.
+            self.res.seal()?;
             self.kick.entering();
             let r = self.vcpu.run().map(classify);
             self.kick.left();

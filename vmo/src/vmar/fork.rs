@@ -9,7 +9,10 @@
 //! - private mappings: the child maps a snapshot child of the Vmo (one per distinct Vmo, so two
 //!   mappings of one Vmo still alias in the child; `SnapshotAtLeastOnWrite` for pager-backed
 //!   Vmos). Creating it write-protects the parent's installed entries of that Vmo (the Vmo's
-//!   observers do it); the flush is deferred and done once at the end;
+//!   observers do it); the flush is deferred and done once at the end. A backend may defer
+//!   the host side of that write-protect as long as no write through the entries can reach
+//!   a shared frame before it is applied (the KVM backend applies it before the parent's
+//!   next `KVM_RUN` or host write, so a template that only serves forks never pays it);
 //! - shared mappings: the child maps the same Vmo (memory shared between parent and child);
 //! - DMA mappings (a Vmo with the DMA flag or with pinned pages): the child gets an eager,
 //!   private, unpinned copy — a pinned page is never shared copy-on-write, and devices are not

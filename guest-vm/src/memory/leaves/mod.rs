@@ -203,6 +203,28 @@ impl LeafIndex {
             .flat_map(move |(s, r)| r.leaves_in(s, gpa, end))
     }
 
+    /// The writable records inside `[gpa, gpa+len)`, clipped to it: (start, bytes, tracking),
+    /// in order — one item per extent, not per leaf (visits only writable records).
+    pub fn writable_tracks_in(
+        &self,
+        gpa: u64,
+        len: u64,
+    ) -> impl Iterator<Item = (u64, u64, Track)> + '_ {
+        let end = gpa + len;
+        self.writable
+            .range(self.first_from(gpa)..end)
+            .filter_map(move |s| {
+                let r = self.recs.get(s)?;
+                let (a, b) = ((*s).max(gpa), (*s + r.bytes()).min(end));
+                (a < b).then_some((a, b - a, r.track))
+            })
+    }
+
+    /// `writable_tracks_in` without the tracking: (start, bytes) per writable extent.
+    pub fn writable_extents_in(&self, gpa: u64, len: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.writable_tracks_in(gpa, len).map(|(s, l, _)| (s, l))
+    }
+
     /// Sets the tracking of every writable leaf starting in `[gpa, gpa+len)` to `to(its
     /// tracking)` (visits only them); returns the 4 KiB pages whose tracking changed.
     pub fn retrack_in(&mut self, gpa: u64, len: u64, to: impl Fn(Track) -> Track) -> u64 {

@@ -214,3 +214,28 @@ fn untracked_survives_disarm_and_ends_with_write_permission() {
     assert_eq!(ix.covering(0).unwrap().1.track, Track::Unarmed);
     ix.check_invariants();
 }
+
+/// `writable_tracks_in` answers per writable extent (not per page), clipped to the range,
+/// skipping read-only records, with each extent's tracking.
+#[test]
+fn writable_extents_come_whole_and_clipped() {
+    let mut ix = LeafIndex::default();
+    // 512 writable pages over consecutive frames: one extent.
+    ix.put_run(0, 8 * M2, 512, S2Perms::RW, MemType::WriteBack);
+    ix.put(M2, leaf(0, PageSize::Size4K, S2Perms::READ));
+    ix.put(2 * M2, leaf(4 * M2, PageSize::Size2M, S2Perms::RW));
+    ix.retrack_in(2 * M2, M2, |_| Track::Armed);
+    assert_eq!(ix.len(), 3);
+    let got: Vec<_> = ix.writable_tracks_in(PAGE_SIZE, 2 * M2).collect();
+    assert_eq!(
+        got,
+        vec![
+            (PAGE_SIZE, M2 - PAGE_SIZE, Track::Unarmed),
+            (2 * M2, PAGE_SIZE, Track::Armed)
+        ]
+    );
+    let all: Vec<_> = ix.writable_extents_in(0, 8 * M2).collect();
+    assert_eq!(all, vec![(0, M2), (2 * M2, M2)]);
+    assert_eq!(ix.writable_extents_in(M2, PAGE_SIZE).count(), 0);
+    ix.check_invariants();
+}
