@@ -23,10 +23,16 @@
 //!   [`UffdChannel`] (the reservation's synchronous userfaultfd), `tests/uffd_interleave.rs`
 //!   over an in-memory userfaultfd under shuttle. Static dispatch, no allocation per event.
 //!
+//! - The thread can start before its resolver exists (`FaultThread::spawn_unattached`, for a
+//!   VM shell prepared ahead: `vmm::shell`): it then waits for the resolver `attach` hands it
+//!   and reads no event before that (a fault meanwhile just waits in the kernel). `spawn` is
+//!   `spawn_unattached` + `attach`.
+//!
 //! Invariants: the resolver runs only on this thread and must never touch guest memory through
 //! the reservation itself (it would wait for its own fault); it reaches frame bytes through
-//! `FrameAlloc::frame_ptr`. Every event is answered by exactly one wake. The thread stops and
-//! is joined when `FaultThread` drops.
+//! `FrameAlloc::frame_ptr`. Every event is answered by exactly one wake. A thread gets at most
+//! one resolver. The thread stops and is joined when `FaultThread` drops, attached or not (an
+//! unattached thread sees its channel close and exits without reading an event).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -169,6 +175,8 @@ impl FaultShared {
 pub struct FaultThread {
     shared: Arc<FaultShared>,
     stop: EventFd,
+    /// Where `attach` sends the resolver; `None` once attached.
+    attach: Option<std::sync::mpsc::SyncSender<Box<dyn Resolver>>>,
     handle: Option<JoinHandle<()>>,
 }
 
@@ -192,7 +200,14 @@ fn classify(gpa: Gpa, pf: &PageFault) -> FaultInfo {
 impl FaultThread {
     /// Starts the thread serving `res`'s userfaultfd with `resolver`.
     pub fn spawn(res: Arc<Reservation>, resolver: impl Resolver + 'static) -> Result<Self> {
-        let mut resolver: Box<dyn Resolver> = Box::new(resolver);
+        let mut t = Self::spawn_unattached(res)?;
+        t.attach(resolver)?;
+        Ok(t)
+    }
+
+    /// Starts the thread for `res` without a resolver: it waits for `attach` before it reads
+    /// any event (module doc).
+    pub fn spawn_unattached(res: Arc<Reservation>) -> Result<Self> {
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Sys {
             what: "eventfd",
             err: e,
@@ -201,11 +216,16 @@ impl FaultThread {
             what: "eventfd clone",
             err: e,
         })?;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Box<dyn Resolver>>(1);
         let shared = Arc::new(FaultShared::default());
         let sh = shared.clone();
         let handle = std::thread::Builder::new()
             .name("uffd-faults".into())
             .spawn(move || {
+                // Closed without a resolver: the shell was dropped unused.
+                let Ok(mut resolver) = rx.recv() else {
+                    return;
+                };
                 serve(
                     &mut UffdChannel::new(&res, &stop_fd),
                     resolver.as_mut(),
@@ -219,8 +239,25 @@ impl FaultThread {
         Ok(FaultThread {
             shared,
             stop,
+            attach: Some(tx),
             handle: Some(handle),
         })
+    }
+
+    /// Hands the thread its resolver; from now on it serves events. A second call is
+    /// `Error::BadState`.
+    pub fn attach(&mut self, resolver: impl Resolver + 'static) -> Result<()> {
+        let tx = self
+            .attach
+            .take()
+            .ok_or_else(|| Error::BadState("fault thread already has its resolver".into()))?;
+        tx.send(Box::new(resolver))
+            .map_err(|_| Error::BadState("fault thread exited before its resolver came".into()))
+    }
+
+    /// Whether `attach` has run.
+    pub fn is_attached(&self) -> bool {
+        self.attach.is_none()
     }
 
     pub fn shared(&self) -> &Arc<FaultShared> {
@@ -234,6 +271,8 @@ impl FaultThread {
 
 impl Drop for FaultThread {
     fn drop(&mut self) {
+        // An unattached thread waits on the channel: closing it ends the thread.
+        drop(self.attach.take());
         let _ = self.stop.write(1);
         if let Some(h) = self.handle.take() {
             let _ = h.join();
