@@ -4,7 +4,8 @@
 //! vCPU state (`KVM_CREATE_VM`, vCPU setup and memslot registration are most of a fork's cost:
 //! README "Fork from a pool").
 //!
-//! A background thread keeps `size` shells ready: it sleeps while the pool is full, builds one
+//! A background thread keeps `size` shells ready (unless `set_refill(false)` pauses it): it
+//! sleeps while the pool is full, builds one
 //! shell at a time outside the lock when one was taken, and stops when the pool drops. `take`
 //! pops a ready shell, or — the pool empty — builds one on the caller's thread (counted as a
 //! miss), so a fork never waits for the refill thread. A refill that fails (e.g. out of fds) is
@@ -65,6 +66,8 @@ pub struct PoolStats {
 struct State {
     ready: VecDeque<VmShell>,
     stop: bool,
+    /// `set_refill(false)`: the refill thread builds nothing until it is turned on again.
+    paused: bool,
     stats: PoolStats,
 }
 
@@ -118,6 +121,7 @@ impl ShellPool {
             state: Mutex::new(State {
                 ready: VecDeque::with_capacity(size),
                 stop: false,
+                paused: false,
                 stats: PoolStats::default(),
             }),
             changed: Condvar::new(),
@@ -171,6 +175,14 @@ impl ShellPool {
         Ok(shell)
     }
 
+    /// Turns the background refill on (the default) or off; while off, taken shells are not
+    /// replaced (a caller that wants a burst of forks without a builder competing for the
+    /// CPUs, or that measures what a given number of children costs).
+    pub fn set_refill(&self, on: bool) {
+        self.inner.lock().paused = !on;
+        self.inner.changed.notify_all();
+    }
+
     /// Waits until the pool is full or `timeout` passed; returns the shells ready. (Benches
     /// and tests use it to fork from a warm pool.)
     pub fn wait_full(&self, timeout: Duration) -> usize {
@@ -196,7 +208,7 @@ impl ShellPool {
 fn refill(inner: &Inner) {
     loop {
         let mut st = inner.lock();
-        while !st.stop && st.ready.len() >= inner.size {
+        while !st.stop && (st.paused || st.ready.len() >= inner.size) {
             st = inner.changed.wait(st).unwrap_or_else(|p| p.into_inner());
         }
         if st.stop {

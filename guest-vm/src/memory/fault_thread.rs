@@ -24,15 +24,17 @@
 //!   over an in-memory userfaultfd under shuttle. Static dispatch, no allocation per event.
 //!
 //! - The thread can start before its resolver exists (`FaultThread::spawn_unattached`, for a
-//!   VM shell prepared ahead: `vmm::shell`): it then waits for the resolver `attach` hands it
-//!   and reads no event before that (a fault meanwhile just waits in the kernel). `spawn` is
-//!   `spawn_unattached` + `attach`.
+//!   VM shell prepared ahead: `vmm::shell`): `attach` leaves the resolver in a slot the
+//!   thread takes it from at its first event (waiting there if an event came first), so
+//!   attaching wakes no thread — the fork path that takes a shell pays no context switch.
+//!   `spawn` is `spawn_unattached` + `attach`.
 //!
 //! Invariants: the resolver runs only on this thread and must never touch guest memory through
 //! the reservation itself (it would wait for its own fault); it reaches frame bytes through
 //! `FrameAlloc::frame_ptr`. Every event is answered by exactly one wake. A thread gets at most
 //! one resolver. The thread stops and is joined when `FaultThread` drops, attached or not (an
-//! unattached thread sees its channel close and exits without reading an event).
+//! event that waits for a resolver when the thread is told to stop is refused: nobody is left
+//! to serve it).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -175,9 +177,63 @@ impl FaultShared {
 pub struct FaultThread {
     shared: Arc<FaultShared>,
     stop: EventFd,
-    /// Where `attach` sends the resolver; `None` once attached.
-    attach: Option<std::sync::mpsc::SyncSender<Box<dyn Resolver>>>,
+    /// Where `attach` leaves the resolver for the thread.
+    slot: Arc<LateSlot>,
+    attached: bool,
     handle: Option<JoinHandle<()>>,
+}
+
+/// The resolver of a thread started before it: `attach` puts it here, the thread takes it at
+/// its first event. `closed`: the thread is stopping, nothing will come.
+#[derive(Default)]
+struct LateSlot {
+    slot: std::sync::Mutex<(Option<Box<dyn Resolver>>, bool)>,
+    came: std::sync::Condvar,
+}
+
+impl LateSlot {
+    fn put(&self, r: Box<dyn Resolver>) {
+        self.slot.lock().unwrap_or_else(|p| p.into_inner()).0 = Some(r);
+        self.came.notify_all();
+    }
+
+    fn close(&self) {
+        self.slot.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
+        self.came.notify_all();
+    }
+
+    /// The resolver, waiting for `put`; `None` once closed without one.
+    fn take(&self) -> Option<Box<dyn Resolver>> {
+        let mut g = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(r) = g.0.take() {
+                return Some(r);
+            }
+            if g.1 {
+                return None;
+            }
+            g = self.came.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// The fault thread's resolver: the attached one, taken from the slot at the first event.
+struct Late {
+    slot: Arc<LateSlot>,
+    resolver: Option<Box<dyn Resolver>>,
+}
+
+impl Resolver for Late {
+    fn resolve(&mut self, fault: FaultInfo) -> vmo::Result<()> {
+        if self.resolver.is_none() {
+            self.resolver = self.slot.take();
+        }
+        match self.resolver.as_mut() {
+            Some(r) => r.resolve(fault),
+            // Stopping without a resolver: nobody is left to serve the fault.
+            None => Err(vmo::Error::BadState),
+        }
+    }
 }
 
 /// The `FaultInfo` a userfaultfd event on `res` stands for, if the address is in range.
@@ -216,22 +272,16 @@ impl FaultThread {
             what: "eventfd clone",
             err: e,
         })?;
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Box<dyn Resolver>>(1);
+        let slot = Arc::new(LateSlot::default());
+        let mut late = Late {
+            slot: slot.clone(),
+            resolver: None,
+        };
         let shared = Arc::new(FaultShared::default());
         let sh = shared.clone();
         let handle = std::thread::Builder::new()
             .name("uffd-faults".into())
-            .spawn(move || {
-                // Closed without a resolver: the shell was dropped unused.
-                let Ok(mut resolver) = rx.recv() else {
-                    return;
-                };
-                serve(
-                    &mut UffdChannel::new(&res, &stop_fd),
-                    resolver.as_mut(),
-                    &sh,
-                )
-            })
+            .spawn(move || serve(&mut UffdChannel::new(&res, &stop_fd), &mut late, &sh))
             .map_err(|e| Error::Sys {
                 what: "spawn fault thread",
                 err: e,
@@ -239,7 +289,8 @@ impl FaultThread {
         Ok(FaultThread {
             shared,
             stop,
-            attach: Some(tx),
+            slot,
+            attached: false,
             handle: Some(handle),
         })
     }
@@ -247,17 +298,19 @@ impl FaultThread {
     /// Hands the thread its resolver; from now on it serves events. A second call is
     /// `Error::BadState`.
     pub fn attach(&mut self, resolver: impl Resolver + 'static) -> Result<()> {
-        let tx = self
-            .attach
-            .take()
-            .ok_or_else(|| Error::BadState("fault thread already has its resolver".into()))?;
-        tx.send(Box::new(resolver))
-            .map_err(|_| Error::BadState("fault thread exited before its resolver came".into()))
+        if self.attached {
+            return Err(Error::BadState(
+                "fault thread already has its resolver".into(),
+            ));
+        }
+        self.slot.put(Box::new(resolver));
+        self.attached = true;
+        Ok(())
     }
 
     /// Whether `attach` has run.
     pub fn is_attached(&self) -> bool {
-        self.attach.is_none()
+        self.attached
     }
 
     pub fn shared(&self) -> &Arc<FaultShared> {
@@ -271,8 +324,8 @@ impl FaultThread {
 
 impl Drop for FaultThread {
     fn drop(&mut self) {
-        // An unattached thread waits on the channel: closing it ends the thread.
-        drop(self.attach.take());
+        // An event waiting for a resolver that never came is refused, then the loop stops.
+        self.slot.close();
         let _ = self.stop.write(1);
         if let Some(h) = self.handle.take() {
             let _ = h.join();
@@ -534,5 +587,61 @@ mod tests {
         );
         assert_eq!(sh.stop_report(), None);
         assert_eq!(sh.take_refusals(), (Vec::new(), None));
+    }
+
+    /// A thread started before its resolver: an event that comes first waits (read, not
+    /// answered) until `attach`, then is served by the attached resolver; a second attach is
+    /// refused; an unattached thread stops cleanly.
+    #[test]
+    fn an_event_before_attach_waits_for_the_resolver() {
+        use crate::sys::uffd::Uffd;
+        let uffd = Arc::new(Uffd::open().unwrap());
+        let res = Arc::new(Reservation::new(Gpa(0), 4 * PAGE_SIZE, uffd).unwrap());
+        drop(FaultThread::spawn_unattached(res.clone()).unwrap());
+        let mut t = FaultThread::spawn_unattached(res.clone()).unwrap();
+        assert!(!t.is_attached());
+        let hva = res.hva().add(PAGE_SIZE).raw();
+        // A kernel-mode read of the page (as KVM's would be): EFAULT once it is poisoned,
+        // instead of a signal.
+        let reader = std::thread::spawn(move || {
+            let mut byte = 0u8;
+            let local = libc::iovec {
+                iov_base: (&mut byte as *mut u8).cast(),
+                iov_len: 1,
+            };
+            let remote = libc::iovec {
+                iov_base: hva as *mut libc::c_void,
+                iov_len: 1,
+            };
+            // SAFETY: reads one byte of this process into `byte`, which outlives the call.
+            unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) }
+        });
+        let t0 = std::time::Instant::now();
+        while t.stats().missing == 0 {
+            assert!(t0.elapsed().as_secs() < 10, "the event never arrived");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(
+            (t.stats().resolved, t.stats().failed),
+            (0, 0),
+            "waits unanswered"
+        );
+        assert!(!reader.is_finished());
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        t.attach(move |f: FaultInfo| {
+            s2.lock().unwrap().push(f.gpa);
+            Err(vmo::Error::AccessDenied)
+        })
+        .unwrap();
+        assert_eq!(reader.join().unwrap(), -1, "refused: the read fails");
+        assert_eq!(*seen.lock().unwrap(), vec![PAGE_SIZE]);
+        assert_eq!(t.stats().failed, 1);
+        assert!(matches!(
+            t.attach(|_f: FaultInfo| Ok(())),
+            Err(Error::BadState(_))
+        ));
+        drop(t);
     }
 }
