@@ -591,7 +591,8 @@ mod tests {
 
     /// A thread started before its resolver: an event that comes first waits (read, not
     /// answered) until `attach`, then is served by the attached resolver; a second attach is
-    /// refused; an unattached thread stops cleanly.
+    /// refused; an unattached thread stops cleanly, and one dropped while an event waits for
+    /// its resolver refuses that event rather than leaving the faulter blocked.
     #[test]
     fn an_event_before_attach_waits_for_the_resolver() {
         use crate::sys::uffd::Uffd;
@@ -601,21 +602,7 @@ mod tests {
         let mut t = FaultThread::spawn_unattached(res.clone()).unwrap();
         assert!(!t.is_attached());
         let hva = res.hva().add(PAGE_SIZE).raw();
-        // A kernel-mode read of the page (as KVM's would be): EFAULT once it is poisoned,
-        // instead of a signal.
-        let reader = std::thread::spawn(move || {
-            let mut byte = 0u8;
-            let local = libc::iovec {
-                iov_base: (&mut byte as *mut u8).cast(),
-                iov_len: 1,
-            };
-            let remote = libc::iovec {
-                iov_base: hva as *mut libc::c_void,
-                iov_len: 1,
-            };
-            // SAFETY: reads one byte of this process into `byte`, which outlives the call.
-            unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) }
-        });
+        let reader = std::thread::spawn(move || read_byte(hva));
         let t0 = std::time::Instant::now();
         while t.stats().missing == 0 {
             assert!(t0.elapsed().as_secs() < 10, "the event never arrived");
@@ -643,5 +630,32 @@ mod tests {
             Err(Error::BadState(_))
         ));
         drop(t);
+        // Dropped while an event waits for a resolver that never comes: refused, not hung.
+        let t = FaultThread::spawn_unattached(res.clone()).unwrap();
+        let hva = res.hva().add(2 * PAGE_SIZE).raw();
+        let reader = std::thread::spawn(move || read_byte(hva));
+        let t0 = std::time::Instant::now();
+        while t.stats().missing == 0 {
+            assert!(t0.elapsed().as_secs() < 10, "the event never arrived");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        drop(t);
+        assert_eq!(reader.join().unwrap(), -1, "the waiting read fails");
+    }
+
+    /// A kernel-mode read of one byte at `hva` (as KVM's would be): EFAULT on a poisoned
+    /// page instead of a signal.
+    fn read_byte(hva: u64) -> isize {
+        let mut byte = 0u8;
+        let local = libc::iovec {
+            iov_base: (&mut byte as *mut u8).cast(),
+            iov_len: 1,
+        };
+        let remote = libc::iovec {
+            iov_base: hva as *mut libc::c_void,
+            iov_len: 1,
+        };
+        // SAFETY: reads one byte of this process into `byte`, which outlives the call.
+        unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) }
     }
 }

@@ -7,8 +7,8 @@
 //! on the fault thread. The VM never installs memory itself: every page arrives through the
 //! resolver, including the pages the VMM writes when it loads the boot image.
 //!
-//! - this file: `GuestVm` (construction, accessors, vCPU state, recovery) and the run loop
-//!   (which classifies KVM's exits);
+//! - this file: `GuestVm` (accessors, vCPU state, recovery; built from a [`shell`]) and the
+//!   run loop (which classifies KVM's exits);
 //! - [`exit`]: `VmExit`, what `run` returns;
 //! - [`kick`]: `Kicker`, stopping a running vCPU from any thread;
 //! - [`access`]: the VMM's reads and writes of guest memory, and the vm-memory view;
