@@ -179,6 +179,14 @@ pub(super) fn pool_rows(o: &BenchOptions, frames: &HostFrames, rows: &mut Vec<Ro
             frames.alloc.capacity() >> 20
         )));
     }
+    // `FLEET` shells (8 fds each) and `FLEET` memfd VMs are held at once at most.
+    let want = (FLEET * 8 + 512) as u64;
+    let nofile = guest_vm::sys::limits::raise_nofile(want)?;
+    if nofile < want {
+        return Err(Error::InvalidArgs(format!(
+            "the pool rows hold {FLEET} guests (8 fds each): RLIMIT_NOFILE {nofile} < {want}"
+        )));
+    }
     progress(&format!(
         "pool: {POOL_SAMPLES} warm-pool forks vs memfd VMs at 64 MiB and 1 GiB"
     ));
