@@ -11,11 +11,11 @@
 //! 2. [`memory`]: the KVM second-level backend — memfd frames, the memslot reservation,
 //!    `KvmStage2` (the `ept::Stage2` of this backend), and the fault thread with its
 //!    `Resolver`;
-//! 3. [`vmm`]: the KVM VM and its vCPU (`GuestVm`, exits, kicks, hypercalls, vCPU state, the
-//!    x86-64 layout and boot image), no memory policy;
-//! 4. [`guest`]: `Guest` = `Vmar<KvmStage2>` + `GuestVm` — snapshot, fork, reset, bulk
-//!    prefault and working-set prefetch; `guest::program::Program`: a user's SDK guest under
-//!    the guest ABI (`guest/ABI.md`);
+//! 3. [`vmm`]: the KVM VM and its vCPU (`GuestVm`, `VmShell`, exits, kicks, hypercalls,
+//!    vCPU state, the x86-64 layout and boot image), no memory policy;
+//! 4. [`guest`]: `Guest` = `Vmar<KvmStage2>` + `GuestVm` — snapshot, fork (also from a
+//!    `ShellPool` of VMs built ahead), reset, bulk prefault and working-set prefetch;
+//!    `guest::program::Program`: a user's SDK guest under the guest ABI (`guest/ABI.md`);
 //! 5. [`virtio`]: secure DMA — a virtio-blk device that reaches guest memory only through its
 //!    `vmo::DmaDomain`;
 //!    [`workload`]: what runs inside a guest and its host side (the key-value store, its

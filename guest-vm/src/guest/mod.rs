@@ -9,7 +9,11 @@
 //! Snapshot / fork / reset:
 //! - `snapshot` (guest stopped at an exit): the complete vCPU state; `fork(&state)` forks the
 //!   Vmar (`Vmar::fork`: parent and child share every frame copy-on-write; cost independent
-//!   of guest size) into a new reservation + VM + fault thread, and restores the state there;
+//!   of guest size) into a new VM shell (reservation + VM + vCPU + memslot + fault thread,
+//!   `vmm::VmShell`), attaches the child Vmar to the shell's fault thread and restores the
+//!   state there; `fork_from(&pool, &state)` does the same with a shell a [`pool`]
+//!   (`ShellPool`) built ahead in the background, so only `Vmar::fork`, the attach and the
+//!   state restore are left on the fork's path (one code path: `fork_into`);
 //! - `reset(&state)`: `Vmar::reset_with(Restore)` (copies the snapshot's bytes back into the
 //!   pages written since the fork / last reset, keeping them installed; a backend without
 //!   dirty harvest drops them instead), un-poisons pages a refused fault poisoned, restores
@@ -27,6 +31,9 @@
 //! page that is installed, committed already, or shared — so a forked child never copies a
 //! page it did not write.
 //!
+//! [`pool`]: `ShellPool`, VM shells for one guest size built ahead by a background thread
+//! (`new_shell` is also where `fork` and `new` get theirs).
+//!
 //! [`program`]: `Program`, a user's guest ELF in a `Guest` with the host side of the guest ABI
 //! (`snapshot_here`, `next_input`, `done`, `crash`, a time limit per run; `guest/ABI.md`).
 //!
@@ -40,20 +47,17 @@
 //! every frame it alone held.
 
 pub mod fuzz;
+pub mod pool;
 pub mod program;
-
-use std::sync::Arc;
 
 use vmo::{HotSetPolicy, MapOptions, ResetPolicy, RestoreStats, VmPerms, Vmar, Vmo, VmoFlags};
 
-use crate::addr::Gpa;
 use crate::error::{Error, Result};
 use crate::memory::frames::HostFrames;
-use crate::memory::reservation::Reservation;
 use crate::memory::stage2::KvmStage2;
-use crate::sys::uffd::Uffd;
 use crate::vmm::vcpu_state::VcpuState;
-use crate::vmm::GuestVm;
+use crate::vmm::{GuestVm, VmShell};
+pub use pool::{PoolStats, ShellPool};
 
 /// The copy-back hot set of every `Guest` (`vmo::HotSetPolicy`). On this host a tracked
 /// write costs a PVM exit while copying a page back costs well under a microsecond
@@ -79,13 +83,6 @@ pub struct Guest {
     mem_size: u64,
 }
 
-fn new_backend(frames: &HostFrames, mem_size: u64) -> Result<(Arc<Reservation>, KvmStage2)> {
-    let uffd = Arc::new(Uffd::open()?);
-    let res = Arc::new(Reservation::new(Gpa(0), mem_size, uffd)?);
-    let stage2 = KvmStage2::new(res.clone(), frames.alloc.clone());
-    Ok((res, stage2))
-}
-
 impl Guest {
     /// A fresh guest with `mem_size` bytes of RAM at GPA 0 (nothing committed yet).
     pub fn new(frames: &HostFrames, mem_size: u64) -> Result<Self> {
@@ -103,11 +100,12 @@ impl Guest {
         mem_size: u64,
         layout: impl FnOnce(&Vmar<KvmStage2>) -> Result<()>,
     ) -> Result<Self> {
-        let (res, stage2) = new_backend(frames, mem_size)?;
+        let shell = pool::new_shell(mem_size)?;
+        let stage2 = KvmStage2::new(shell.reservation().clone(), frames.alloc.clone());
         let vmar = Vmar::new_root(mem_size, stage2)?;
         vmar.set_hot_set(Some(KVM_HOT_SET))?;
         layout(&vmar)?;
-        let mut vm = GuestVm::new(res, vmar.clone())?;
+        let mut vm = shell.into_vm(vmar.clone())?;
         vm.set_memory_access(vmar.clone());
         Ok(Guest {
             vm,
@@ -141,9 +139,36 @@ impl Guest {
     /// A child guest: a copy-on-write fork of this guest's memory in a new VM, with vCPU
     /// `state` (from `snapshot`). This guest must not be running.
     pub fn fork(&self, state: &VcpuState) -> Result<Guest> {
-        let (res, stage2) = new_backend(&self.frames, self.mem_size)?;
+        self.fork_into(pool::new_shell(self.mem_size)?, state)
+    }
+
+    /// `fork` into a shell from `pool` (built ahead by its refill thread, or on the spot when
+    /// the pool is empty): only `Vmar::fork`, attaching the child's Vmar to the shell's fault
+    /// thread and restoring `state` remain. The pool's guest size must be this guest's.
+    pub fn fork_from(&self, pool: &ShellPool, state: &VcpuState) -> Result<Guest> {
+        if pool.mem_size() != self.mem_size {
+            return Err(Error::InvalidArgs(format!(
+                "shell pool for {:#x}-byte guests, this guest has {:#x} bytes",
+                pool.mem_size(),
+                self.mem_size
+            )));
+        }
+        self.fork_into(pool.take()?, state)
+    }
+
+    /// The one fork path: the Vmar forked over a Stage2 on `shell`'s reservation, the shell
+    /// given the child Vmar as its resolver, the vCPU state restored.
+    fn fork_into(&self, shell: VmShell, state: &VcpuState) -> Result<Guest> {
+        if shell.mem_size() != self.mem_size {
+            return Err(Error::InvalidArgs(format!(
+                "shell for {:#x} bytes, guest has {:#x}",
+                shell.mem_size(),
+                self.mem_size
+            )));
+        }
+        let stage2 = KvmStage2::new(shell.reservation().clone(), self.frames.alloc.clone());
         let vmar = self.vmar.fork(stage2)?;
-        let mut vm = GuestVm::new(res, vmar.clone())?;
+        let mut vm = shell.into_vm(vmar.clone())?;
         vm.set_memory_access(vmar.clone());
         vm.restore_state(state)?;
         Ok(Guest {

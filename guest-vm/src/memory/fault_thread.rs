@@ -23,10 +23,18 @@
 //!   [`UffdChannel`] (the reservation's synchronous userfaultfd), `tests/uffd_interleave.rs`
 //!   over an in-memory userfaultfd under shuttle. Static dispatch, no allocation per event.
 //!
+//! - The thread can start before its resolver exists (`FaultThread::spawn_unattached`, for a
+//!   VM shell prepared ahead: `vmm::shell`): `attach` leaves the resolver in a slot the
+//!   thread takes it from at its first event (waiting there if an event came first), so
+//!   attaching wakes no thread — the fork path that takes a shell pays no context switch.
+//!   `spawn` is `spawn_unattached` + `attach`.
+//!
 //! Invariants: the resolver runs only on this thread and must never touch guest memory through
 //! the reservation itself (it would wait for its own fault); it reaches frame bytes through
-//! `FrameAlloc::frame_ptr`. Every event is answered by exactly one wake. The thread stops and
-//! is joined when `FaultThread` drops.
+//! `FrameAlloc::frame_ptr`. Every event is answered by exactly one wake. A thread gets at most
+//! one resolver. The thread stops and is joined when `FaultThread` drops, attached or not (an
+//! event that waits for a resolver when the thread is told to stop is refused: nobody is left
+//! to serve it).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -169,7 +177,63 @@ impl FaultShared {
 pub struct FaultThread {
     shared: Arc<FaultShared>,
     stop: EventFd,
+    /// Where `attach` leaves the resolver for the thread.
+    slot: Arc<LateSlot>,
+    attached: bool,
     handle: Option<JoinHandle<()>>,
+}
+
+/// The resolver of a thread started before it: `attach` puts it here, the thread takes it at
+/// its first event. `closed`: the thread is stopping, nothing will come.
+#[derive(Default)]
+struct LateSlot {
+    slot: std::sync::Mutex<(Option<Box<dyn Resolver>>, bool)>,
+    came: std::sync::Condvar,
+}
+
+impl LateSlot {
+    fn put(&self, r: Box<dyn Resolver>) {
+        self.slot.lock().unwrap_or_else(|p| p.into_inner()).0 = Some(r);
+        self.came.notify_all();
+    }
+
+    fn close(&self) {
+        self.slot.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
+        self.came.notify_all();
+    }
+
+    /// The resolver, waiting for `put`; `None` once closed without one.
+    fn take(&self) -> Option<Box<dyn Resolver>> {
+        let mut g = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(r) = g.0.take() {
+                return Some(r);
+            }
+            if g.1 {
+                return None;
+            }
+            g = self.came.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// The fault thread's resolver: the attached one, taken from the slot at the first event.
+struct Late {
+    slot: Arc<LateSlot>,
+    resolver: Option<Box<dyn Resolver>>,
+}
+
+impl Resolver for Late {
+    fn resolve(&mut self, fault: FaultInfo) -> vmo::Result<()> {
+        if self.resolver.is_none() {
+            self.resolver = self.slot.take();
+        }
+        match self.resolver.as_mut() {
+            Some(r) => r.resolve(fault),
+            // Stopping without a resolver: nobody is left to serve the fault.
+            None => Err(vmo::Error::BadState),
+        }
+    }
 }
 
 /// The `FaultInfo` a userfaultfd event on `res` stands for, if the address is in range.
@@ -192,7 +256,14 @@ fn classify(gpa: Gpa, pf: &PageFault) -> FaultInfo {
 impl FaultThread {
     /// Starts the thread serving `res`'s userfaultfd with `resolver`.
     pub fn spawn(res: Arc<Reservation>, resolver: impl Resolver + 'static) -> Result<Self> {
-        let mut resolver: Box<dyn Resolver> = Box::new(resolver);
+        let mut t = Self::spawn_unattached(res)?;
+        t.attach(resolver)?;
+        Ok(t)
+    }
+
+    /// Starts the thread for `res` without a resolver: it waits for `attach` before it reads
+    /// any event (module doc).
+    pub fn spawn_unattached(res: Arc<Reservation>) -> Result<Self> {
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Sys {
             what: "eventfd",
             err: e,
@@ -201,17 +272,16 @@ impl FaultThread {
             what: "eventfd clone",
             err: e,
         })?;
+        let slot = Arc::new(LateSlot::default());
+        let mut late = Late {
+            slot: slot.clone(),
+            resolver: None,
+        };
         let shared = Arc::new(FaultShared::default());
         let sh = shared.clone();
         let handle = std::thread::Builder::new()
             .name("uffd-faults".into())
-            .spawn(move || {
-                serve(
-                    &mut UffdChannel::new(&res, &stop_fd),
-                    resolver.as_mut(),
-                    &sh,
-                )
-            })
+            .spawn(move || serve(&mut UffdChannel::new(&res, &stop_fd), &mut late, &sh))
             .map_err(|e| Error::Sys {
                 what: "spawn fault thread",
                 err: e,
@@ -219,8 +289,28 @@ impl FaultThread {
         Ok(FaultThread {
             shared,
             stop,
+            slot,
+            attached: false,
             handle: Some(handle),
         })
+    }
+
+    /// Hands the thread its resolver; from now on it serves events. A second call is
+    /// `Error::BadState`.
+    pub fn attach(&mut self, resolver: impl Resolver + 'static) -> Result<()> {
+        if self.attached {
+            return Err(Error::BadState(
+                "fault thread already has its resolver".into(),
+            ));
+        }
+        self.slot.put(Box::new(resolver));
+        self.attached = true;
+        Ok(())
+    }
+
+    /// Whether `attach` has run.
+    pub fn is_attached(&self) -> bool {
+        self.attached
     }
 
     pub fn shared(&self) -> &Arc<FaultShared> {
@@ -234,6 +324,8 @@ impl FaultThread {
 
 impl Drop for FaultThread {
     fn drop(&mut self) {
+        // An event waiting for a resolver that never came is refused, then the loop stops.
+        self.slot.close();
         let _ = self.stop.write(1);
         if let Some(h) = self.handle.take() {
             let _ = h.join();
@@ -495,5 +587,75 @@ mod tests {
         );
         assert_eq!(sh.stop_report(), None);
         assert_eq!(sh.take_refusals(), (Vec::new(), None));
+    }
+
+    /// A thread started before its resolver: an event that comes first waits (read, not
+    /// answered) until `attach`, then is served by the attached resolver; a second attach is
+    /// refused; an unattached thread stops cleanly, and one dropped while an event waits for
+    /// its resolver refuses that event rather than leaving the faulter blocked.
+    #[test]
+    fn an_event_before_attach_waits_for_the_resolver() {
+        use crate::sys::uffd::Uffd;
+        let uffd = Arc::new(Uffd::open().unwrap());
+        let res = Arc::new(Reservation::new(Gpa(0), 4 * PAGE_SIZE, uffd).unwrap());
+        drop(FaultThread::spawn_unattached(res.clone()).unwrap());
+        let mut t = FaultThread::spawn_unattached(res.clone()).unwrap();
+        assert!(!t.is_attached());
+        let hva = res.hva().add(PAGE_SIZE).raw();
+        let reader = std::thread::spawn(move || read_byte(hva));
+        let t0 = std::time::Instant::now();
+        while t.stats().missing == 0 {
+            assert!(t0.elapsed().as_secs() < 10, "the event never arrived");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(
+            (t.stats().resolved, t.stats().failed),
+            (0, 0),
+            "waits unanswered"
+        );
+        assert!(!reader.is_finished());
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        t.attach(move |f: FaultInfo| {
+            s2.lock().unwrap().push(f.gpa);
+            Err(vmo::Error::AccessDenied)
+        })
+        .unwrap();
+        assert_eq!(reader.join().unwrap(), -1, "refused: the read fails");
+        assert_eq!(*seen.lock().unwrap(), vec![PAGE_SIZE]);
+        assert_eq!(t.stats().failed, 1);
+        assert!(matches!(
+            t.attach(|_f: FaultInfo| Ok(())),
+            Err(Error::BadState(_))
+        ));
+        drop(t);
+        // Dropped while an event waits for a resolver that never comes: refused, not hung.
+        let t = FaultThread::spawn_unattached(res.clone()).unwrap();
+        let hva = res.hva().add(2 * PAGE_SIZE).raw();
+        let reader = std::thread::spawn(move || read_byte(hva));
+        let t0 = std::time::Instant::now();
+        while t.stats().missing == 0 {
+            assert!(t0.elapsed().as_secs() < 10, "the event never arrived");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        drop(t);
+        assert_eq!(reader.join().unwrap(), -1, "the waiting read fails");
+    }
+
+    /// A kernel-mode read of one byte at `hva` (as KVM's would be): EFAULT on a poisoned
+    /// page instead of a signal.
+    fn read_byte(hva: u64) -> isize {
+        let mut byte = 0u8;
+        let local = libc::iovec {
+            iov_base: (&mut byte as *mut u8).cast(),
+            iov_len: 1,
+        };
+        let remote = libc::iovec {
+            iov_base: hva as *mut libc::c_void,
+            iov_len: 1,
+        };
+        // SAFETY: reads one byte of this process into `byte`, which outlives the call.
+        unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) }
     }
 }

@@ -7,13 +7,15 @@
 //! on the fault thread. The VM never installs memory itself: every page arrives through the
 //! resolver, including the pages the VMM writes when it loads the boot image.
 //!
-//! - this file: `GuestVm` (construction, accessors, vCPU state, recovery) and the run loop
-//!   (which classifies KVM's exits);
+//! - this file: `GuestVm` (accessors, vCPU state, recovery; built from a [`shell`]) and the
+//!   run loop (which classifies KVM's exits);
 //! - [`exit`]: `VmExit`, what `run` returns;
 //! - [`kick`]: `Kicker`, stopping a running vCPU from any thread;
 //! - [`access`]: the VMM's reads and writes of guest memory, and the vm-memory view;
 //! - [`load`]: loading a guest program (boot image + code or ELF) and its entry state;
 //! - [`hypercall`]: the guest↔VMM hypercall ABI and the core's serving of it;
+//! - [`shell`]: `VmShell`, a VM + vCPU + memslot + fault thread prepared before its resolver
+//!   (`GuestVm::new` is a shell attached at once; `guest::pool` keeps shells ready);
 //! - [`vcpu_state`]: complete vCPU state save/restore (the vCPU half of a snapshot);
 //! - [`x86_64`]: the guest-physical layout and the boot image.
 //!
@@ -39,6 +41,7 @@ pub mod exit;
 pub mod hypercall;
 pub mod kick;
 pub mod load;
+pub mod shell;
 pub mod vcpu_state;
 pub mod x86_64;
 
@@ -46,12 +49,12 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use kvm_bindings::kvm_regs;
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Cap, Kvm, SyncReg, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{Kvm, SyncReg, VcpuExit, VcpuFd, VmFd};
 
 pub use access::MemoryAccess;
 pub use exit::VmExit;
 pub use kick::Kicker;
+pub use shell::VmShell;
 pub use x86_64::boot::GuestArgs;
 
 use crate::error::{kvm_err, Error, Result};
@@ -60,7 +63,7 @@ use crate::memory::reservation::Reservation;
 use crate::sys::uffd::Uffd;
 use hypercall::{PORT_CALL, PORT_DONE};
 use kick::KickState;
-use vcpu_state::{readable_msrs, VcpuState};
+use vcpu_state::VcpuState;
 
 /// Checks that this process can run guests: root, `/dev/kvm`, userfaultfd with WP (sync and
 /// `WP_ASYNC`). The error says what is missing (tests print it as their SKIP reason).
@@ -101,52 +104,10 @@ pub struct GuestVm {
 }
 
 impl GuestVm {
-    /// A VM over `res` (memslot 0) whose faults go to `resolver` on a new fault thread.
+    /// A VM over `res` (memslot 0) whose faults go to `resolver` on a new fault thread: a
+    /// `VmShell` made on the spot and attached at once.
     pub fn new(res: Arc<Reservation>, resolver: impl Resolver + 'static) -> Result<Self> {
-        let kvm = Kvm::new().map_err(|e| {
-            Error::KvmUnavailable(format!("cannot open /dev/kvm (needs root here): {e}"))
-        })?;
-        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        let region = kvm_userspace_memory_region {
-            slot: 0,
-            flags: 0,
-            guest_phys_addr: res.gpa_base().raw(),
-            memory_size: res.size(),
-            userspace_addr: res.hva().raw(),
-        };
-        // SAFETY: the host range is our reservation, which outlives the VM (`res` is held
-        // here and dropped after `_vm`).
-        unsafe { vm.set_user_memory_region(region) }
-            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
-        let mut vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        let cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
-        let msrs = readable_msrs(&kvm, &vcpu)?;
-        let sync_regs = kvm.check_extension(Cap::SyncRegs);
-        if sync_regs {
-            vcpu.set_sync_valid_reg(SyncReg::Register);
-        }
-        let kick = KickState::new(&mut vcpu.get_kvm_run().immediate_exit as *mut u8);
-        let faults = FaultThread::spawn(res.clone(), resolver)?;
-        let k = Kicker(kick.clone());
-        faults.shared().set_kick(Arc::new(move || k.kick()));
-        Ok(GuestVm {
-            kvm,
-            _vm: vm,
-            vcpu,
-            res,
-            faults,
-            msrs,
-            kick,
-            stopped: None,
-            sync_regs,
-            regs_pending: false,
-            regs_stale: true,
-            access: None,
-            log: Vec::new(),
-        })
+        VmShell::new(res)?.into_vm(resolver)
     }
 
     pub fn reservation(&self) -> &Arc<Reservation> {

@@ -126,8 +126,8 @@ struct BenchArgs {
     #[arg(long, value_delimiter = ',', default_values_t = [16u64, 256, 4096],
           value_parser = clap::value_parser!(u64).range(1..=262_144))]
     dirty: Vec<u64>,
-    /// Row groups to run, comma separated (fork, faults, cow, prefetch, reset, snapshot,
-    /// restore); all by default.
+    /// Row groups to run, comma separated (fork, pool, faults, cow, prefetch, reset, snapshot,
+    /// restore, fleet); all by default.
     #[arg(long, value_delimiter = ',')]
     groups: Vec<String>,
     /// Print the report as one JSON object.

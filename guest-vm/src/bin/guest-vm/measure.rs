@@ -1,4 +1,5 @@
-//! Small measurement helpers shared by the demo and the benchmark: medians of samples and
+//! Small measurement helpers shared by the demo and the benchmark: medians and percentiles of
+//! samples and
 //! durations as milliseconds / microseconds.
 //!
 //! Invariant: every helper is total (an empty sample set has median 0).
@@ -18,6 +19,15 @@ pub fn median(samples: &[f64]) -> f64 {
     } else {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
+}
+
+/// The `p` quantile (0..=1) of `samples`, nearest rank (0 when empty).
+pub fn percentile(samples: &[f64], p: f64) -> f64 {
+    let mut v = samples.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(((v.len() as f64 - 1.0) * p).round() as usize)
+        .copied()
+        .unwrap_or(0.0)
 }
 
 pub fn ms(d: Duration) -> f64 {

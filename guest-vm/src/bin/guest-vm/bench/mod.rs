@@ -16,6 +16,9 @@
 //!   MISSING + `UFFDIO_COPY` from a handler thread (the post-copy / lazy-restore mechanism);
 //! - copy-on-write of a shared frame by a forked guest vs kernel COW of a `MAP_PRIVATE` memfd
 //!   page, and vs `memcpy` of 4 KiB;
+//! - fork from a warm pool of VM shells (`Guest::fork_from`), p50 / p99 at 1 GiB and flatness
+//!   against 64 MiB, and 1,000 held children with their bytes per child, vs new VMs over a
+//!   `MAP_PRIVATE` memfd (`pool`);
 //! - reset with D dirtied pages vs re-creating the VM from the snapshot (`fork` again);
 //! - a second child of a snapshot with the first child's recorded working set prefetched vs
 //!   the first child's demand faults (`prefetch`);
@@ -30,7 +33,7 @@
 //! partial table presented as complete.
 //!
 //! Children: [`baseline`] (the kernel mechanisms measured beside ours), `prefetch` (the
-//! working-set row), `reset` (the reset-cycle rows: restore vs drop policy, reset alone vs
+//! working-set row), `pool` (the shell-pool rows), `reset` (the reset-cycle rows: restore vs drop policy, reset alone vs
 //! memcpy, flatness in guest size), `snapshot` (the snapshot-file rows: save vs write, restore
 //! flatness, diff-save pause), `restore` (prefetched restore, restore vs private file map),
 //! `fleet` (the concurrent-children row) and [`print`] (the table).
@@ -48,6 +51,7 @@ use baseline::{self as base, OverlayKind};
 
 pub mod baseline;
 mod fleet;
+mod pool;
 mod prefetch;
 pub mod print;
 mod reset;
@@ -55,8 +59,8 @@ mod restore;
 mod snapshot;
 
 /// The row groups, in run order (`--groups` names a subset).
-pub const GROUPS: [&str; 8] = [
-    "fork", "faults", "cow", "prefetch", "reset", "snapshot", "restore", "fleet",
+pub const GROUPS: [&str; 9] = [
+    "fork", "pool", "faults", "cow", "prefetch", "reset", "snapshot", "restore", "fleet",
 ];
 
 /// Fault-around window of the streaming row (pages).
@@ -104,6 +108,16 @@ pub struct Row {
     /// 99th percentile of ours, where the row reports one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ours_p99_us: Option<f64>,
+    /// Bytes per child of ours (kernel memory charged to the process + anonymous resident
+    /// memory), where the row measures it (`fork-1000`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_per_child: Option<u64>,
+    /// The kernel part of `bytes_per_child`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel_bytes_per_child: Option<u64>,
+    /// `bytes_per_child` of the baseline's VMs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baseline_bytes_per_child: Option<u64>,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -122,6 +136,9 @@ fn row(id: impl Into<String>, what: String, ours: &str, o: f64, baseline: &str, 
         baseline_us: b,
         ratio: ratio(o, b),
         ours_p99_us: None,
+        bytes_per_child: None,
+        kernel_bytes_per_child: None,
+        baseline_bytes_per_child: None,
     }
 }
 
@@ -508,13 +525,18 @@ fn dirty_run_strided(child: &mut Guest, d: u64, stride: u64) -> Result<()> {
 pub fn run(o: &BenchOptions) -> Result<BenchReport> {
     o.validate()?;
     guest_vm::vmm::check_host()?;
-    let biggest = o.sizes_mib.iter().copied().max().unwrap_or(64) << 20;
+    let on = |g: &str| o.groups.is_empty() || o.groups.iter().any(|x| x == g);
+    let mut biggest = o.sizes_mib.iter().copied().max().unwrap_or(64) << 20;
+    if on("pool") {
+        // The pool rows fork a 1 GiB parent whatever `--sizes` says.
+        biggest = biggest.max(1 << 30);
+    }
     let frames = HostFrames::new(guest_mem(biggest).max(guest_mem(o.pages * PAGE_SIZE)) * 4)?;
     let mut rows = Vec::new();
-    let on = |g: &str| o.groups.is_empty() || o.groups.iter().any(|x| x == g);
     type Group = fn(&BenchOptions, &HostFrames, &mut Vec<Row>) -> Result<()>;
-    let groups: [Group; 8] = [
+    let groups: [Group; 9] = [
         fork_rows,
+        pool::pool_rows,
         fault_rows,
         cow_rows,
         prefetch::prefetch_rows,

@@ -28,7 +28,7 @@ use guest_vm::{Error, Guest, HostFrames, Result, KVM_HOT_SET, PAGE_SIZE};
 use vmo::{HotSetPolicy, ResetPolicy};
 
 use super::{base, dirty_run_strided, guest_mem, loop_args, progress, row, BenchOptions, Row};
-use crate::measure::{median, us};
+use crate::measure::{median, percentile, us};
 
 /// Pages between two dirtied pages (scattered: no two are adjacent).
 const STRIDE: u64 = 3;
@@ -78,14 +78,6 @@ fn cycles(
         }
     }
     Ok((cycle, reset))
-}
-
-fn percentile(samples: &[f64], p: f64) -> f64 {
-    let mut v = samples.to_vec();
-    v.sort_by(f64::total_cmp);
-    v.get(((v.len() as f64 - 1.0) * p).round() as usize)
-        .copied()
-        .unwrap_or(0.0)
 }
 
 pub(super) fn reset_rows(o: &BenchOptions, frames: &HostFrames, rows: &mut Vec<Row>) -> Result<()> {
