@@ -166,10 +166,11 @@ pub struct Kvm;
 /// Address space each KVM-backend table reserves (covers every root the suite creates).
 const KVM_RESERVATION: u64 = 16 << 30;
 
-fn memfd_allocs() -> &'static std::sync::Mutex<Vec<(usize, Arc<guest_vm::MemfdFrameAlloc>)>> {
-    static ALLOCS: std::sync::OnceLock<
-        std::sync::Mutex<Vec<(usize, Arc<guest_vm::MemfdFrameAlloc>)>>,
-    > = std::sync::OnceLock::new();
+/// The memfd frame allocators the KVM backend's pools use, by pool.
+type MemfdAllocs = std::sync::Mutex<Vec<(usize, Arc<guest_vm::MemfdFrameAlloc>)>>;
+
+fn memfd_allocs() -> &'static MemfdAllocs {
+    static ALLOCS: std::sync::OnceLock<MemfdAllocs> = std::sync::OnceLock::new();
     ALLOCS.get_or_init(Default::default)
 }
 

@@ -104,7 +104,8 @@ fn a_valid_image_parses_and_its_zero_page_holds_what_the_loader_placed() {
 #[test]
 fn every_malformed_image_is_refused_with_a_reason() {
     let good = image(100);
-    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>)> = vec![
+    type Corrupt = Box<dyn Fn(&mut Vec<u8>)>;
+    let cases: Vec<(&str, Corrupt)> = vec![
         ("no magic", Box::new(|f| f[0x202] = b'X')),
         ("no boot flag", Box::new(|f| f[0x1FE] = 0)),
         ("protocol 2.11", Box::new(|f| f[0x206] = 0x0B)),

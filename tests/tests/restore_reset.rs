@@ -50,7 +50,6 @@ fn restored_equals_snapshot_every_iteration<B: Backend>() {
         // The model's own write path counts as well.
         child.write(40 * P + 1, &[0xee]).unwrap();
         written.insert(40);
-        drop(cpu);
         let stats = child.reset_with(ResetPolicy::Restore).unwrap();
         assert_eq!(bytes(&child), snapshot, "{} iteration {iter}", B::NAME);
         assert_eq!(
@@ -87,7 +86,6 @@ fn restored_equals_snapshot_every_iteration<B: Backend>() {
     for page in 0..PAGES {
         cpu.write_u8(page * P, 1).unwrap();
     }
-    drop(cpu);
     let kept_rewrites = PAGES - (child.fault_stats().copies - copies);
     assert!(kept_rewrites > 0, "{}: no page stayed installed", B::NAME);
     child.reset_with(ResetPolicy::Restore).unwrap();
@@ -109,18 +107,15 @@ fn kept_frames_shared_by_a_later_fork_are_never_written_in_place<B: Backend>() {
     for page in 0..8 {
         cpu.write_u8(page * P, 0x11).unwrap();
     }
-    drop(cpu);
     child.reset_with(ResetPolicy::Restore).unwrap();
     let mut cpu = SoftCpu::new(&child, &pool);
     for page in 0..4 {
         cpu.write_u8(page * P, 0x22).unwrap();
     }
-    drop(cpu);
     let grandchild = child.fork(B::stage2(&pool)).unwrap();
     let seen = bytes(&grandchild);
     let mut cpu = SoftCpu::new(&child, &pool);
     cpu.write_u8(6 * P, 0x33).unwrap();
-    drop(cpu);
     child.reset_with(ResetPolicy::Restore).unwrap();
     assert_eq!(bytes(&child), snapshot, "{}", B::NAME);
     assert_eq!(
