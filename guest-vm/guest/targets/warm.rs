@@ -2,7 +2,7 @@
 //! every input is parsed against — the case where resetting a snapshot beats building the
 //! state again (or forking a process that holds it) per input.
 //!
-//! `setup` builds an open-addressing hash table of [`SLOTS`] 16-byte slots ([`TABLE_BYTES`] =
+//! `setup` builds an open-addressing hash table of [`SLOTS`] 16-byte slots (`[key, value]`,
 //! 64 MiB) holding [`RECORDS`] generated records (`key = mix(i)`, `value = mix(key) | 1`,
 //! linear probing; a slot with value 0 is empty), plus one record per byte of the magic
 //! prefix whose value's low byte is that byte. `run` never writes the table.
@@ -24,10 +24,8 @@
 
 use alloc::vec::Vec;
 
-/// Slots of the table (a power of two).
+/// Slots of the table (a power of two), 16 bytes each: 64 MiB.
 pub const SLOTS: usize = 1 << 22;
-/// Bytes of the table: 64 MiB.
-pub const TABLE_BYTES: usize = SLOTS * 16;
 /// Generated records (load factor 0.75).
 pub const RECORDS: u64 = 3 << 20;
 /// The prefix the magic records spell.
@@ -76,11 +74,6 @@ impl State {
             }
             i = (i + 1) & mask;
         }
-    }
-
-    /// Bytes the table occupies.
-    pub fn bytes(&self) -> usize {
-        self.slots.len() * 16
     }
 }
 

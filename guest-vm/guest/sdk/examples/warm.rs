@@ -18,7 +18,7 @@ fn main() -> u64 {
     let state = warm::setup();
     sdk::log!(
         "warm: table of {} MiB built, {} coverage guards",
-        state.bytes() >> 20,
+        (warm::SLOTS * core::mem::size_of::<[u64; 2]>()) >> 20,
         sdk::cov::guards()
     );
     sdk::snapshot_here().unwrap_or_else(|_| sdk::crash("snapshot_here refused"));
