@@ -210,8 +210,10 @@ fn main() {
         c.arg("--extern")
             .arg(format!("guest_sdk={}", rlib.display()));
         for dep in deps {
-            c.arg("--extern")
-                .arg(format!("{dep}={}", out.join(format!("lib{dep}.rlib")).display()));
+            c.arg("--extern").arg(format!(
+                "{dep}={}",
+                out.join(format!("lib{dep}.rlib")).display()
+            ));
         }
         c.arg("-o").arg(out.join(format!("{name}.elf")));
         c.arg(sdk.join(format!("examples/{name}.rs")));

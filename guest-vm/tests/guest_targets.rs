@@ -40,11 +40,16 @@ const HTTP_CASES: &[(&[u8], Expect)] = &[
     (b"GET / HTTP/1.1\r\n\r\n", Expect::Done), // refused: no Host (a status, not a crash)
     (b"\x00\xff garbage", Expect::Done),
     (
-        b"PWN! /x HTTP/1.1\r\nHost: a\r\n\r\n",
-        Expect::Crash("planted bug: http method PWN!"),
+        b"PWN /x HTTP/1.1\r\nHost: a\r\n\r\n",
+        Expect::Crash("planted bug: http method PWN"),
     ),
-    (b"PWN! ", Expect::Crash("planted bug: http method PWN!")),
-    (b"PWN /x HTTP/1.1\r\n\r\n", Expect::Done), // three bytes of the magic only
+    (b"PWN ", Expect::Crash("planted bug: http method PWN")),
+    (
+        b"PWNED / HTTP/1.0\r\n\r\n",
+        Expect::Crash("planted bug: http method PWN"),
+    ),
+    (b"PW /x HTTP/1.1\r\n\r\n", Expect::Done), // two bytes of the magic only
+    (b"PWN", Expect::Done), // the method is not complete: httparse has not read it
 ];
 const WARM_CASES: &[(&[u8], Expect)] = &[
     (b"1 2 3 #ff 4000000", Expect::Done),
@@ -65,7 +70,11 @@ fn check(input: &[u8], out: &Outcome, want: Expect) {
         Expect::Done => matches!(out, Outcome::Done(_)),
         Expect::Crash(why) => matches!(out, Outcome::Crash(r) if r == why),
     };
-    assert!(ok, "{:?}: {out:?}, want {want:?}", String::from_utf8_lossy(input));
+    assert!(
+        ok,
+        "{:?}: {out:?}, want {want:?}",
+        String::from_utf8_lossy(input)
+    );
 }
 
 fn elf(path: &str) -> Vec<u8> {
@@ -104,13 +113,21 @@ fn run_cases(elf: &[u8], mem: u64, cases: &[(&[u8], Expect)]) -> u64 {
 #[test]
 fn http_target_parses_benign_requests_and_crashes_on_its_magic_method() {
     require_kvm!();
-    assert_eq!(run_cases(&elf(HTTP), 4 << 20, HTTP_CASES), 0, "frames leaked");
+    assert_eq!(
+        run_cases(&elf(HTTP), 4 << 20, HTTP_CASES),
+        0,
+        "frames leaked"
+    );
 }
 
 #[test]
 fn warm_target_answers_queries_and_crashes_on_the_magic_its_table_spells() {
     require_kvm!();
-    assert_eq!(run_cases(&elf(WARM), WARM_MEM, WARM_CASES), 0, "frames leaked");
+    assert_eq!(
+        run_cases(&elf(WARM), WARM_MEM, WARM_CASES),
+        0,
+        "frames leaked"
+    );
 }
 
 /// Two children of the warm target share its table: each holds a few private pages after an
@@ -186,7 +203,12 @@ fn planted_crashes_reproduce_with_guest_vm_run() {
     let dir = std::env::temp_dir().join(format!("guest-vm-targets-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let cases: &[(&str, &str, &[u8], Option<&str>)] = &[
-        (HTTP, "4", b"PWN! / HTTP/1.1\r\n\r\n", Some("planted bug: http method PWN!")),
+        (
+            HTTP,
+            "4",
+            b"PWN / HTTP/1.1\r\n\r\n",
+            Some("planted bug: http method PWN"),
+        ),
         (HTTP, "4", b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", None),
         (WARM, "128", b"WARM!", Some("planted bug: warm magic WARM")),
         (WARM, "128", b"1 2 3", None),
@@ -201,11 +223,18 @@ fn planted_crashes_reproduce_with_guest_vm_run() {
             .output()
             .expect("running guest-vm");
         let stdout = String::from_utf8_lossy(&out.stdout);
-        println!("{guest} {:?} -> {:?}\n{stdout}", String::from_utf8_lossy(input), out.status);
+        println!(
+            "{guest} {:?} -> {:?}\n{stdout}",
+            String::from_utf8_lossy(input),
+            out.status
+        );
         match crash {
             Some(why) => {
                 assert_eq!(out.status.code(), Some(1), "{stdout}");
-                assert!(stdout.contains(&format!("result: crash: {why}")), "{stdout}");
+                assert!(
+                    stdout.contains(&format!("result: crash: {why}")),
+                    "{stdout}"
+                );
             }
             None => {
                 assert_eq!(out.status.code(), Some(0), "{stdout}");

@@ -3,10 +3,10 @@
 //! (`Host`, `Content-Length`, `Transfer-Encoding: chunked` with the first chunk size parsed by
 //! `httparse::parse_chunk_size`, `Connection`, `Expect`) and the body checked against them.
 //!
-//! The planted bug: a request whose method starts with [`MAGIC`] (`PWN!`, a valid token). The
+//! The planted bug: a request whose method starts with [`MAGIC`] (`PWN`, a valid token). The
 //! method is compared one byte per branch, each matched byte with a side effect (an atomic
 //! store), so every matched byte is a new edge for a coverage-guided fuzzer; the method is known
-//! as soon as `httparse` has read it (`"PWN! "` is enough, the rest may be partial).
+//! as soon as `httparse` has read it (`"PWN "` is enough, the rest may be partial).
 //!
 //! Shared by the guest example (`guest/sdk/examples/http.rs`, no_std) and the native fuzz
 //! bench (std, included with `#[path]`): only `core`, `alloc` and `httparse` are used; the
@@ -16,7 +16,7 @@
 use alloc::vec::Vec;
 
 /// The method prefix behind which the planted bug sits.
-pub const MAGIC: &[u8] = b"PWN!";
+pub const MAGIC: &[u8] = b"PWN";
 /// Most headers a request may have (more: `httparse::Error::TooManyHeaders`).
 pub const MAX_HEADERS: usize = 32;
 
@@ -68,7 +68,7 @@ fn check_method(method: &[u8]) -> Result<(), &'static str> {
         }
         DEPTH.store(i + 1, core::sync::atomic::Ordering::Relaxed);
         if i + 1 == MAGIC.len() {
-            return Err("planted bug: http method PWN!");
+            return Err("planted bug: http method PWN");
         }
     }
     Ok(())
@@ -100,15 +100,16 @@ pub fn run(state: &State, input: &[u8]) -> Result<u64, &'static str> {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(1),
         Err(e) => {
-            return Ok(10 + match e {
-                httparse::Error::HeaderName => 0,
-                httparse::Error::HeaderValue => 1,
-                httparse::Error::NewLine => 2,
-                httparse::Error::Status => 3,
-                httparse::Error::Token => 4,
-                httparse::Error::TooManyHeaders => 5,
-                httparse::Error::Version => 6,
-            })
+            return Ok(10
+                + match e {
+                    httparse::Error::HeaderName => 0,
+                    httparse::Error::HeaderValue => 1,
+                    httparse::Error::NewLine => 2,
+                    httparse::Error::Status => 3,
+                    httparse::Error::Token => 4,
+                    httparse::Error::TooManyHeaders => 5,
+                    httparse::Error::Version => 6,
+                })
         }
     };
     let body = input.get(head_len..).unwrap_or(&[]);

@@ -12,10 +12,10 @@
 //! result decides a branch (found or not, then the value's low bits), and the answer is a
 //! digest of them.
 //!
-//! The planted bug: an input starting with the bytes stored in the magic records (`WARM`).
-//! Byte `i` of the input is compared with the low byte of the value found for magic key `i`
-//! — a comparison of two run-time values, so the fuzzer's comparison log sees both — with a
-//! side effect per matched byte (a new edge each); all four matched is `Err`.
+//! The planted bug: an input starting with [`MAGIC`] (`WARM`), compared one byte per branch
+//! with a side effect per matched byte (a new edge each, the constant in the comparison log),
+//! before any lookup; all four matched, it is `Err` when the table's magic records spell the
+//! same bytes (they do once `setup` ran).
 //!
 //! Shared by the guest example (`guest/sdk/examples/warm.rs`, no_std, run with `--mem 128`)
 //! and the native fuzz bench (std, `#[path]`): only `core` and `alloc`; the including crate
@@ -93,19 +93,22 @@ pub fn setup() -> State {
     s
 }
 
-/// The planted bug: `Err` when `input` starts with the magic records' bytes.
+/// The planted bug: `Err` when `input` starts with [`MAGIC`], checked byte by byte, and the
+/// table's magic records agree (they always do: the bug needs the warm state to be there).
 fn check_magic(state: &State, input: &[u8]) -> Result<(), &'static str> {
-    for i in 0..MAGIC.len() {
-        let want = state.get(mix(MAGIC_BASE + i as u64)).map_or(0, |v| v as u8);
+    for (i, &want) in MAGIC.iter().enumerate() {
         if input.get(i) != Some(&want) {
             return Ok(());
         }
         DEPTH.store(i + 1, core::sync::atomic::Ordering::Relaxed);
-        if i + 1 == MAGIC.len() {
-            return Err("planted bug: warm magic WARM");
-        }
     }
-    Ok(())
+    let spelled = (0..MAGIC.len())
+        .all(|i| state.get(mix(MAGIC_BASE + i as u64)).map(|v| v as u8) == Some(MAGIC[i]));
+    if spelled {
+        Err("planted bug: warm magic WARM")
+    } else {
+        Ok(())
+    }
 }
 
 /// One query: a decimal record number or `#hex` raw key; `None` when it is neither.

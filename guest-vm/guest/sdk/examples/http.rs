@@ -1,5 +1,5 @@
 //! The `http` fuzz target in a guest (`guest/targets/http.rs`: an HTTP/1.1 request parsed by
-//! `httparse`, a planted crash behind the method `PWN!`). Built with SanitizerCoverage by
+//! `httparse`, a planted crash behind the method `PWN`). Built with SanitizerCoverage by
 //! guest-vm's build.rs (`http.elf`), or here with `cargo build --release --example http`
 //! (httparse is a dev-dependency of the SDK: a crates.io no_std crate in a guest).
 #![no_std]
