@@ -1,7 +1,8 @@
 //! Builds the guest programs with the host toolchain into static ELFs in `OUT_DIR`:
-//! - `guest/kvstore.rs` (the key-value store, its own `_start`, linked by `guest/linker.ld`),
+//! - the guest SDK (`guest/sdk/src/lib.rs`, as `libguest_sdk.rlib`);
+//! - `guest/kvstore.rs` (the key-value store, an SDK program linked by `guest/sdk/linker.ld`),
 //!   embedded by `workload/kvstore.rs`;
-//! - the guest SDK (`guest/sdk/src/lib.rs`, as `libguest_sdk.rlib`) and its example guests
+//! - the SDK's example guests
 //!   (`guest/sdk/examples/NAME.rs`, linked by `guest/sdk/linker.ld`), which the tests run from
 //!   `OUT_DIR` (`NAME.elf`); the fuzz targets (`target`, `http`, `warm`, whose logic is in
 //!   `guest/targets/`) with SanitizerCoverage edge guards;
@@ -165,7 +166,6 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets it"));
     for watched in [
         "guest/kvstore.rs",
-        "guest/linker.ld",
         "guest/ABI.md",
         "guest/sdk/src",
         "guest/sdk/examples",
@@ -175,17 +175,23 @@ fn main() {
         println!("cargo:rerun-if-changed={}", dir.join(watched).display());
     }
 
-    let mut c = guest_rustc("bin", "kvstore");
-    link_args(&mut c, &dir.join("guest/linker.ld"));
-    c.arg("-o").arg(out.join("kvstore.elf"));
-    c.arg(dir.join("guest/kvstore.rs"));
-    run(c, "guest/kvstore.rs");
-
     let sdk = dir.join("guest/sdk");
     let rlib = out.join("libguest_sdk.rlib");
     let mut c = guest_rustc("rlib", "guest_sdk");
     c.arg("-o").arg(&rlib).arg(sdk.join("src/lib.rs"));
     run(c, "the guest SDK");
+
+    let sdk_program = |name: &str| {
+        let mut c = guest_rustc("bin", name);
+        link_args(&mut c, &sdk.join("linker.ld"));
+        c.arg("--extern")
+            .arg(format!("guest_sdk={}", rlib.display()));
+        c
+    };
+    let mut c = sdk_program("kvstore");
+    c.arg("-o").arg(out.join("kvstore.elf"));
+    c.arg(dir.join("guest/kvstore.rs"));
+    run(c, "guest/kvstore.rs");
 
     // The crates.io crates of the examples, each compiled once, instrumented (every example
     // using one is a fuzz target).
@@ -202,13 +208,10 @@ fn main() {
     }
 
     for &(name, coverage, deps) in EXAMPLES {
-        let mut c = guest_rustc("bin", name);
+        let mut c = sdk_program(name);
         if coverage {
             c.args(SANCOV);
         }
-        link_args(&mut c, &sdk.join("linker.ld"));
-        c.arg("--extern")
-            .arg(format!("guest_sdk={}", rlib.display()));
         for dep in deps {
             c.arg("--extern").arg(format!(
                 "{dep}={}",
