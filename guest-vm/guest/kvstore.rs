@@ -152,11 +152,10 @@ fn main() -> u64 {
     if buckets == 0 || !buckets.is_power_of_two() {
         sdk::crash("kvstore: the bucket count (boot_arg) is not a power of two");
     }
-    let layout = core::alloc::Layout::from_size_align(
-        buckets as usize * core::mem::size_of::<Bucket>(),
-        64,
-    )
-    .unwrap_or_else(|_| sdk::crash("kvstore: table too large"));
+    let layout = (buckets as usize)
+        .checked_mul(core::mem::size_of::<Bucket>())
+        .and_then(|bytes| core::alloc::Layout::from_size_align(bytes, 64).ok())
+        .unwrap_or_else(|| sdk::crash("kvstore: table too large"));
     // SAFETY: a non-zero size; the block is the heap's first allocation, never freed, and
     // untouched guest RAM (zero: every bucket EMPTY).
     let base = unsafe { alloc::alloc::alloc(layout) } as *mut Bucket;
