@@ -1,9 +1,14 @@
 //! Builds the guest programs with the host toolchain into static ELFs in `OUT_DIR`:
-//! - `guest/kvstore.rs` (the key-value store, its own `_start`, linked by `guest/linker.ld`),
+//! - the guest SDK (`guest/sdk/src/lib.rs`, as `libguest_sdk.rlib`);
+//! - `guest/kvstore.rs` (the key-value store, an SDK program linked by `guest/sdk/linker.ld`),
 //!   embedded by `workload/kvstore.rs`;
-//! - the guest SDK (`guest/sdk/src/lib.rs`, as `libguest_sdk.rlib`) and its example guests
-//!   (`guest/sdk/examples/{hello,spin,target}.rs`, linked by `guest/sdk/linker.ld`; `target`
-//!   with SanitizerCoverage edge guards), which the tests run from `OUT_DIR` (`NAME.elf`).
+//! - the SDK's example guests
+//!   (`guest/sdk/examples/NAME.rs`, linked by `guest/sdk/linker.ld`), which the tests run from
+//!   `OUT_DIR` (`NAME.elf`); the fuzz targets (`target`, `http`, `warm`, whose logic is in
+//!   `guest/targets/`) with SanitizerCoverage edge guards;
+//! - the crates.io crates an example uses (`httparse` for `http`), compiled for the guest from
+//!   the source cargo already fetched for guest-vm's own dependency on them (the same locked
+//!   version): `cargo metadata --offline --locked` names it.
 //!
 //! No bare-metal target or rust-src is needed (PLATFORM.md): the programs are compiled for the
 //! host triple against the precompiled `core` / `alloc`, linked without libc, hermetically (no
@@ -13,8 +18,16 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// `EXAMPLES` are built against the SDK; `(name, with SanitizerCoverage)`.
-const EXAMPLES: &[(&str, bool)] = &[("hello", false), ("spin", false), ("target", true)];
+/// `EXAMPLES` are built against the SDK: `(name, with SanitizerCoverage, crates.io crates it
+/// uses)`. A crate of the list must be a dependency of guest-vm (Cargo.toml) with its no_std
+/// features; it is instrumented with its example (a fuzzer wants the parser's edges).
+const EXAMPLES: &[(&str, bool, &[&str])] = &[
+    ("hello", false, &[]),
+    ("spin", false, &[]),
+    ("target", true, &[]),
+    ("http", true, &["httparse"]),
+    ("warm", true, &[]),
+];
 
 /// SanitizerCoverage edge guards (`guest/sdk/src/cov.rs` counts them in the coverage map).
 const SANCOV: &[&str] = &[
@@ -29,11 +42,15 @@ const SANCOV: &[&str] = &[
 ];
 
 fn guest_rustc(crate_type: &str, name: &str) -> Command {
+    guest_rustc_edition(crate_type, name, "2021")
+}
+
+fn guest_rustc_edition(crate_type: &str, name: &str, edition: &str) -> Command {
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     let mut c = Command::new(rustc);
     c.args([
         "--edition",
-        "2021",
+        edition,
         "--crate-type",
         crate_type,
         "--crate-name",
@@ -70,25 +87,93 @@ fn run(mut c: Command, what: &str) {
     assert!(status.success(), "building {what} failed");
 }
 
+/// A crates.io dependency of guest-vm as cargo resolved it: its library's root file and edition.
+struct DepSource {
+    lib_rs: PathBuf,
+    edition: String,
+}
+
+/// The locked sources of guest-vm's dependencies named `names`, from `cargo metadata` (offline:
+/// cargo fetched them before running this script, as guest-vm depends on them).
+fn dep_sources(manifest_dir: &Path, names: &[&str]) -> Vec<(String, DepSource)> {
+    if names.is_empty() {
+        return Vec::new();
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .args(["metadata", "--offline", "--locked", "--format-version", "1"])
+        .args(["--filter-platform", "x86_64-unknown-linux-gnu"])
+        .arg("--manifest-path")
+        .arg(manifest_dir.join("Cargo.toml"))
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .output()
+        .expect("running cargo metadata");
+    assert!(
+        out.status.success(),
+        "cargo metadata failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).expect("cargo metadata JSON");
+    let packages = meta["packages"].as_array().expect("metadata packages");
+    let me = manifest_dir.join("Cargo.toml");
+    let my_id = packages
+        .iter()
+        .find(|p| p["manifest_path"].as_str().map(Path::new) == Some(me.as_path()))
+        .and_then(|p| p["id"].as_str())
+        .expect("guest-vm in cargo metadata");
+    let node = meta["resolve"]["nodes"]
+        .as_array()
+        .expect("metadata resolve")
+        .iter()
+        .find(|n| n["id"].as_str() == Some(my_id))
+        .expect("guest-vm in the resolve graph");
+    names
+        .iter()
+        .map(|&name| {
+            let dep_id = node["deps"]
+                .as_array()
+                .expect("deps")
+                .iter()
+                .find(|d| d["name"].as_str() == Some(name))
+                .and_then(|d| d["pkg"].as_str())
+                .unwrap_or_else(|| panic!("{name} is not a dependency of guest-vm (Cargo.toml)"));
+            let pkg = packages
+                .iter()
+                .find(|p| p["id"].as_str() == Some(dep_id))
+                .expect("dependency package in metadata");
+            let lib = pkg["targets"]
+                .as_array()
+                .expect("targets")
+                .iter()
+                .find(|t| {
+                    t["kind"]
+                        .as_array()
+                        .is_some_and(|k| k.iter().any(|k| k == "lib" || k == "rlib"))
+                })
+                .unwrap_or_else(|| panic!("{name} has no library target"));
+            let src = DepSource {
+                lib_rs: PathBuf::from(lib["src_path"].as_str().expect("src_path")),
+                edition: lib["edition"].as_str().unwrap_or("2015").to_string(),
+            };
+            (name.to_string(), src)
+        })
+        .collect()
+}
+
 fn main() {
     let dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets it"));
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets it"));
     for watched in [
         "guest/kvstore.rs",
-        "guest/linker.ld",
         "guest/ABI.md",
         "guest/sdk/src",
         "guest/sdk/examples",
         "guest/sdk/linker.ld",
+        "guest/targets",
     ] {
         println!("cargo:rerun-if-changed={}", dir.join(watched).display());
     }
-
-    let mut c = guest_rustc("bin", "kvstore");
-    link_args(&mut c, &dir.join("guest/linker.ld"));
-    c.arg("-o").arg(out.join("kvstore.elf"));
-    c.arg(dir.join("guest/kvstore.rs"));
-    run(c, "guest/kvstore.rs");
 
     let sdk = dir.join("guest/sdk");
     let rlib = out.join("libguest_sdk.rlib");
@@ -96,14 +181,43 @@ fn main() {
     c.arg("-o").arg(&rlib).arg(sdk.join("src/lib.rs"));
     run(c, "the guest SDK");
 
-    for &(name, coverage) in EXAMPLES {
+    let sdk_program = |name: &str| {
         let mut c = guest_rustc("bin", name);
-        if coverage {
-            c.args(SANCOV);
-        }
         link_args(&mut c, &sdk.join("linker.ld"));
         c.arg("--extern")
             .arg(format!("guest_sdk={}", rlib.display()));
+        c
+    };
+    let mut c = sdk_program("kvstore");
+    c.arg("-o").arg(out.join("kvstore.elf"));
+    c.arg(dir.join("guest/kvstore.rs"));
+    run(c, "guest/kvstore.rs");
+
+    // The crates.io crates of the examples, each compiled once, instrumented (every example
+    // using one is a fuzz target).
+    let mut crates: Vec<&str> = EXAMPLES.iter().flat_map(|e| e.2.iter().copied()).collect();
+    crates.sort_unstable();
+    crates.dedup();
+    for (name, src) in dep_sources(&dir, &crates) {
+        let mut c = guest_rustc_edition("rlib", &name, &src.edition);
+        c.args(SANCOV).args(["--cap-lints", "allow"]);
+        c.arg("-o")
+            .arg(out.join(format!("lib{name}.rlib")))
+            .arg(&src.lib_rs);
+        run(c, &format!("the {name} crate for the guest"));
+    }
+
+    for &(name, coverage, deps) in EXAMPLES {
+        let mut c = sdk_program(name);
+        if coverage {
+            c.args(SANCOV);
+        }
+        for dep in deps {
+            c.arg("--extern").arg(format!(
+                "{dep}={}",
+                out.join(format!("lib{dep}.rlib")).display()
+            ));
+        }
         c.arg("-o").arg(out.join(format!("{name}.elf")));
         c.arg(sdk.join(format!("examples/{name}.rs")));
         run(c, &format!("guest/sdk/examples/{name}.rs"));

@@ -1,24 +1,29 @@
-//! The guest "container" workload: an in-memory key-value store, a `no_std` Rust program that
-//! runs at CPL3 inside a `GuestVm`. Built by `guest-vm/build.rs` with the host toolchain into a
-//! static ELF linked at 0x10000 (see `linker.ld`), loaded by the VMM with linux-loader.
+//! The guest "container" workload: an in-memory key-value store, a `no_std` Rust program on the
+//! guest SDK (`guest/sdk/`: entry, memory functions, panic handler, allocator) that runs at
+//! CPL3 inside a `GuestVm`. Built by `guest-vm/build.rs` against the SDK into a static ELF
+//! linked by the SDK's `linker.ld`, loaded by the VMM with linux-loader.
 //!
-//! Memory: the hash table starts at `TABLE_GPA` (1 MiB) and spans `buckets * 64` bytes
-//! (`buckets` arrives in `rdi`, a power of two); open addressing with linear probing and
-//! tombstones. Requests and responses travel through the mailbox page at `MAILBOX_GPA`; the
-//! guest asks for the next request with hypercall `HC_NEXT`, whose return value is the op
-//! (0 = no more work: the guest reports done).
+//! Memory: the hash table is the program's first (and only) heap allocation, so it starts at
+//! the heap's start (`DATA_GPA`, 1 MiB) and spans `buckets * 64` bytes (`buckets` is the SDK's
+//! `boot_arg`, `rcx` at entry, a power of two); open addressing with linear probing and
+//! tombstones. The heap is untouched guest RAM at entry, so the table starts zeroed (all
+//! buckets `EMPTY`) without a pass writing it. Requests and responses travel through the
+//! mailbox page at `MAILBOX_GPA`; the guest asks for the next request with hypercall `HC_NEXT`,
+//! whose return value is the op (0 = no more work: the guest returns 0, the SDK's `done(0)`).
 //!
 //! Every request is validated; a bad request gets a status code, never a guest crash.
 #![no_std]
 #![no_main]
 
-use core::arch::{asm, global_asm};
+extern crate alloc;
 
-const PORT_DONE: u16 = 0x10;
+use guest_sdk as sdk;
+
+sdk::main!(main);
+
 const HC_NEXT: u64 = 3;
 const MAILBOX: usize = 0x9_0000;
 const RESPONSE: usize = MAILBOX + 0x800;
-const TABLE: usize = 0x10_0000;
 const VALUE_MAX: usize = 48;
 
 const OP_PUT: u64 = 1;
@@ -61,28 +66,8 @@ struct Bucket {
     val: [u8; VALUE_MAX],
 }
 
-global_asm!(
-    ".section .text.start, \"ax\"",
-    ".global _start",
-    "_start:",
-    "mov rsp, 0x80000",
-    "call {main}",
-    "ud2",
-    main = sym kmain,
-);
-
 fn hcall(nr: u64) -> u64 {
-    let ret;
-    // SAFETY: port output to the VMM's hypercall port; IOPL=3 permits it at CPL3.
-    unsafe { asm!("out 0x11, al", inlateout("rax") nr => ret, options(nostack)) };
-    ret
-}
-
-fn done(status: u8) -> ! {
-    loop {
-        // SAFETY: port output to the VMM's done port.
-        unsafe { asm!("out dx, al", in("dx") PORT_DONE, in("al") status, options(nostack)) };
-    }
+    sdk::hypercall::hypercall(nr, 0, 0, 0)
 }
 
 /// The value FILL stores for `key` (the host checks GET results against the same formula).
@@ -103,7 +88,7 @@ struct Table {
 
 impl Table {
     fn slot(&self, i: u64) -> &'static mut Bucket {
-        // SAFETY: `i & mask` < buckets; the table lies in guest RAM the VMM sized for it.
+        // SAFETY: `i & mask` < buckets; the table is one heap allocation of `buckets` buckets.
         unsafe { &mut *self.base.add((i & self.mask) as usize) }
     }
 
@@ -162,12 +147,23 @@ impl Table {
     }
 }
 
-extern "C" fn kmain(buckets: u64) -> ! {
+fn main() -> u64 {
+    let buckets = sdk::boot_arg();
     if buckets == 0 || !buckets.is_power_of_two() {
-        done(0xee);
+        sdk::crash("kvstore: the bucket count (boot_arg) is not a power of two");
+    }
+    let layout = (buckets as usize)
+        .checked_mul(core::mem::size_of::<Bucket>())
+        .and_then(|bytes| core::alloc::Layout::from_size_align(bytes, 64).ok())
+        .unwrap_or_else(|| sdk::crash("kvstore: table too large"));
+    // SAFETY: a non-zero size; the block is the heap's first allocation, never freed, and
+    // untouched guest RAM (zero: every bucket EMPTY).
+    let base = unsafe { alloc::alloc::alloc(layout) } as *mut Bucket;
+    if base.is_null() {
+        sdk::crash("kvstore: the table does not fit in guest memory");
     }
     let mut t = Table {
-        base: TABLE as *mut Bucket,
+        base,
         mask: buckets - 1,
         live: 0,
     };
@@ -183,7 +179,7 @@ extern "C" fn kmain(buckets: u64) -> ! {
         resp.value = 0;
         resp.len = 0;
         resp.status = match op {
-            0 => done(0),
+            0 => return 0,
             OP_PUT if req.len as usize <= VALUE_MAX => {
                 t.put(req.key, &req.data[..req.len as usize])
             }
@@ -228,67 +224,3 @@ extern "C" fn kmain(buckets: u64) -> ! {
         };
     }
 }
-
-#[panic_handler]
-fn panic(_: &core::panic::PanicInfo) -> ! {
-    done(0xfe)
-}
-
-// The precompiled core expects the C memory functions; without libc the guest provides them.
-// String instructions keep the compiler from turning these loops back into calls to themselves.
-
-#[no_mangle]
-unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
-    // SAFETY: the caller guarantees valid, non-overlapping ranges.
-    unsafe {
-        asm!("rep movsb", inout("rcx") n => _, inout("rdi") dst => _, inout("rsi") src => _,
-             options(nostack, preserves_flags))
-    };
-    dst
-}
-
-#[no_mangle]
-unsafe extern "C" fn memmove(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
-    if (dst as usize) <= (src as usize) || (dst as usize) >= (src as usize) + n {
-        // SAFETY: forward copy is correct when dst does not start inside src.
-        return unsafe { memcpy(dst, src, n) };
-    }
-    // SAFETY: backward copy with the direction flag set, then cleared.
-    unsafe {
-        asm!("std", "rep movsb", "cld",
-             inout("rcx") n => _, inout("rdi") dst.add(n - 1) => _,
-             inout("rsi") src.add(n - 1) => _, options(nostack))
-    };
-    dst
-}
-
-#[no_mangle]
-unsafe extern "C" fn memset(dst: *mut u8, c: i32, n: usize) -> *mut u8 {
-    // SAFETY: the caller guarantees a valid range.
-    unsafe {
-        asm!("rep stosb", inout("rcx") n => _, inout("rdi") dst => _, in("al") c as u8,
-             options(nostack, preserves_flags))
-    };
-    dst
-}
-
-#[no_mangle]
-unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
-    for i in 0..n {
-        // SAFETY: the caller guarantees valid ranges; volatile keeps this a plain loop.
-        let (x, y) = unsafe { (a.add(i).read_volatile(), b.add(i).read_volatile()) };
-        if x != y {
-            return x as i32 - y as i32;
-        }
-    }
-    0
-}
-
-#[no_mangle]
-unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
-    // SAFETY: as memcmp.
-    unsafe { memcmp(a, b, n) }
-}
-
-#[no_mangle]
-extern "C" fn rust_eh_personality() {}

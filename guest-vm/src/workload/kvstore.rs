@@ -104,10 +104,16 @@ impl<V: BorrowMut<GuestVm>> KvStore<V> {
                 "{buckets} buckets: not a power of two or more than guest memory holds"
             )));
         }
+        // The SDK's entry registers (guest/ABI.md): memory size, heap, and the bucket count as
+        // the program argument (`rcx`, the SDK's `boot_arg`).
+        let mem = vm.borrow().reservation().size();
         vm.borrow_mut().load_elf(
             KVSTORE_ELF,
             GuestArgs {
-                rdi: buckets,
+                rdi: mem,
+                rsi: DATA_GPA,
+                rdx: mem,
+                rcx: buckets,
                 ..Default::default()
             },
         )?;
@@ -264,7 +270,8 @@ impl<V: BorrowMut<GuestVm>> KvStore<V> {
         if self.waiting {
             self.vm.borrow_mut().set_hypercall_result(0)?;
             match self.vm.borrow_mut().run()? {
-                VmExit::Done(0) => {}
+                // `main` returned 0: the SDK's `done(0)` (HC_DONE).
+                VmExit::Exit(0) => {}
                 other => {
                     return Err(Error::BadState(format!(
                         "key-value guest did not finish cleanly: {other:?}"

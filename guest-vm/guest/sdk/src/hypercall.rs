@@ -22,6 +22,7 @@ pub struct HcError;
 pub(crate) static MEM_SIZE: AtomicU64 = AtomicU64::new(0);
 pub(crate) static HEAP_START: AtomicU64 = AtomicU64::new(0);
 pub(crate) static HEAP_END: AtomicU64 = AtomicU64::new(0);
+pub(crate) static BOOT_ARG: AtomicU64 = AtomicU64::new(0);
 
 /// Raw hypercall `nr(a, b, c)`.
 #[inline]
@@ -89,6 +90,12 @@ pub fn crash(reason: &str) -> ! {
 /// The guest's memory size in bytes (from the entry registers).
 pub fn mem_size() -> u64 {
     MEM_SIZE.load(Ordering::Relaxed)
+}
+
+/// The program argument the host passed in `rcx` at entry (0 from `guest-vm run` / `fork`;
+/// the kvstore guest's bucket count).
+pub fn boot_arg() -> u64 {
+    BOOT_ARG.load(Ordering::Relaxed)
 }
 
 /// The heap the allocator serves: `[start, end)`.

@@ -33,7 +33,7 @@ pub mod hypercall;
 mod rt;
 
 pub use hypercall::{
-    crash, done, heap_range, input, log, mem_size, next_input, snapshot_here, HcError,
+    boot_arg, crash, done, heap_range, input, log, mem_size, next_input, snapshot_here, HcError,
 };
 
 /// Declares the guest's main function: `fn() -> u64` (the value is the `done` status) or

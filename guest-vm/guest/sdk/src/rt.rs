@@ -2,13 +2,14 @@
 //! compiler emits calls to (no libc in a guest).
 //!
 //! `_start` keeps the stack the host set (`rsp` = 0x80000, 16-byte aligned), records the
-//! memory size and heap from `rdi` / `rsi` / `rdx`, calls the program's `main!` function and
-//! passes its value to `done`.
+//! memory size and heap from `rdi` / `rsi` / `rdx` and the program argument from `rcx` (the
+//! four registers are `sdk_start`'s arguments as `_start` leaves them), calls the program's
+//! `main!` function and passes its value to `done`.
 
 use core::arch::{asm, global_asm};
 use core::sync::atomic::Ordering;
 
-use crate::hypercall::{crash, done, MsgBuf, HEAP_END, HEAP_START, MEM_SIZE};
+use crate::hypercall::{crash, done, MsgBuf, BOOT_ARG, HEAP_END, HEAP_START, MEM_SIZE};
 
 global_asm!(
     ".section .text.start, \"ax\"",
@@ -24,8 +25,9 @@ extern "C" {
     fn __guest_sdk_main() -> u64;
 }
 
-extern "C" fn sdk_start(mem: u64, heap_start: u64, heap_end: u64) -> ! {
+extern "C" fn sdk_start(mem: u64, heap_start: u64, heap_end: u64, arg: u64) -> ! {
     MEM_SIZE.store(mem, Ordering::Relaxed);
+    BOOT_ARG.store(arg, Ordering::Relaxed);
     HEAP_START.store(heap_start, Ordering::Relaxed);
     HEAP_END.store(heap_end, Ordering::Relaxed);
     crate::heap::HEAP.init(heap_start, heap_end);
