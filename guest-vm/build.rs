@@ -2,7 +2,7 @@
 //! - `guest/kvstore.rs` (the key-value store, its own `_start`, linked by `guest/linker.ld`),
 //!   embedded by `workload/kvstore.rs`;
 //! - the guest SDK (`guest/sdk/src/lib.rs`, as `libguest_sdk.rlib`) and its example guests
-//!   (`guest/sdk/examples/{hello,spin,target}.rs`, linked by `guest/sdk/linker.ld`; `target`
+//!   (`guest/sdk/examples/{hello,spin,kv}.rs`, linked by `guest/sdk/linker.ld`; `kv`
 //!   with SanitizerCoverage edge guards), which the tests run from `OUT_DIR` (`NAME.elf`).
 //!
 //! No bare-metal target or rust-src is needed (PLATFORM.md): the programs are compiled for the
@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// `EXAMPLES` are built against the SDK; `(name, with SanitizerCoverage)`.
-const EXAMPLES: &[(&str, bool)] = &[("hello", false), ("spin", false), ("target", true)];
+const EXAMPLES: &[(&str, bool)] = &[("hello", false), ("spin", false), ("kv", true)];
 
 /// SanitizerCoverage edge guards (`guest/sdk/src/cov.rs` counts them in the coverage map).
 const SANCOV: &[&str] = &[
@@ -79,6 +79,7 @@ fn main() {
         "guest/ABI.md",
         "guest/sdk/src",
         "guest/sdk/examples",
+        "guest/targets",
         "guest/sdk/linker.ld",
     ] {
         println!("cargo:rerun-if-changed={}", dir.join(watched).display());

@@ -192,7 +192,7 @@ fn fork_children_each_get_their_own_input() {
 #[test]
 fn fuzz_finds_the_planted_crash_and_run_reproduces_it() {
     require_kvm!();
-    let target = concat!(env!("OUT_DIR"), "/target.elf");
+    let target = concat!(env!("OUT_DIR"), "/kv.elf");
     let d = scratch("fuzz");
     let corpus = d.join("corpus");
     std::fs::create_dir_all(&corpus).unwrap();

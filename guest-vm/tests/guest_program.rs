@@ -111,7 +111,7 @@ fn a_file_that_is_not_an_elf_is_refused_before_it_runs() {
     }
 }
 
-const TARGET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/target.elf"));
+const TARGET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kv.elf"));
 
 /// The fuzzing coverage map is a shared Vmo per child: a child's run fills its own map only,
 /// and a reset (copy-back) neither clears nor forks it.
