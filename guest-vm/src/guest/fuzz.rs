@@ -111,7 +111,13 @@ impl GuestExecutor {
     /// `limit` is the time limit per input.
     pub fn new(parent: &Program, limit: Duration) -> Result<GuestExecutor> {
         let snap = parent.snapshot()?;
-        let mut child = parent.fork(&snap)?;
+        let child = parent.fork(&snap)?;
+        GuestExecutor::from_child(child, snap, limit)
+    }
+
+    /// An executor over `child`, a fork at `snap` (its parent's snapshot point) that has not
+    /// run yet; gives it its own coverage map.
+    pub fn from_child(mut child: Program, snap: VcpuState, limit: Duration) -> Result<Self> {
         let cov = child.attach_coverage()?;
         let edges = COV_CMP_OFF as usize;
         let map = StdMapObserver::owned("guest-edges", vec![0u8; edges]);
@@ -168,25 +174,28 @@ impl GuestExecutor {
         }
         Ok(outcome)
     }
+}
 
-    /// Adds the comparison operands of the last run (the log at `COV_CMP_OFF`: a u64 count,
-    /// then 16-byte records `size, value`) to `tokens`, up to `MAX_TOKENS`.
-    fn learn_tokens(&self, tokens: &mut Tokens) {
-        let log = &self.raw[COV_CMP_OFF as usize..];
-        let word = |i: usize| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&log[i * 8..i * 8 + 8]);
-            u64::from_le_bytes(b)
-        };
-        let records = (word(0) as usize).min(log.len() / 16 - 1);
-        for r in 1..=records {
-            let (size, value) = (word(2 * r) as usize, word(2 * r + 1));
-            if tokens.len() >= MAX_TOKENS {
-                return;
-            }
-            if (1..=8).contains(&size) && value != 0 {
-                tokens.add_token(&value.to_le_bytes()[..size].to_vec());
-            }
+/// Adds the comparison operands of a comparison log (the map's bytes from `COV_CMP_OFF`: a u64
+/// count, then 16-byte records `size, value`) to `tokens`, up to `MAX_TOKENS`. Whatever the
+/// guest wrote there (a count beyond the log, bad sizes) is bounded, never a panic.
+pub fn learn_tokens(log: &[u8], tokens: &mut Tokens) {
+    let word = |i: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&log[i * 8..i * 8 + 8]);
+        u64::from_le_bytes(b)
+    };
+    if log.len() < 16 {
+        return;
+    }
+    let records = (word(0) as usize).min(log.len() / 16 - 1);
+    for r in 1..=records {
+        let (size, value) = (word(2 * r) as usize, word(2 * r + 1));
+        if tokens.len() >= MAX_TOKENS {
+            return;
+        }
+        if (1..=8).contains(&size) && value != 0 {
+            tokens.add_token(&value.to_le_bytes()[..size].to_vec());
         }
     }
 }
@@ -219,7 +228,7 @@ where
         let n = COV_CMP_OFF as usize;
         self.observers.0.copy_from_slice(&self.raw[..n]);
         let tokens = state.metadata_or_insert_with(Tokens::new);
-        self.learn_tokens(tokens);
+        learn_tokens(&self.raw[n..], tokens);
         Ok(exit_kind(&outcome))
     }
 }
@@ -335,4 +344,51 @@ where
         crash_files,
     };
     Ok((state, report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn outcomes_map_to_exit_kinds() {
+        assert_eq!(exit_kind(&Outcome::Done(3)), ExitKind::Ok);
+        assert_eq!(
+            exit_kind(&Outcome::Timeout(Duration::from_secs(1))),
+            ExitKind::Timeout
+        );
+        for o in [
+            Outcome::Crash("bug".into()),
+            Outcome::TripleFault { rip: 0x1000 },
+            Outcome::OutsideMemory {
+                gpa: 1 << 40,
+                write: true,
+            },
+            Outcome::Stopped("hlt".into()),
+        ] {
+            assert_eq!(exit_kind(&o), ExitKind::Crash, "{o}");
+        }
+    }
+
+    #[test]
+    fn comparison_log_records_become_tokens() {
+        let mut log = vec![0u8; 64];
+        log[..8].copy_from_slice(&2u64.to_le_bytes());
+        log[16..24].copy_from_slice(&4u64.to_le_bytes());
+        log[24..32].copy_from_slice(&u64::from(u32::from_le_bytes(*b"FUZ!")).to_le_bytes());
+        log[32..40].copy_from_slice(&9u64.to_le_bytes()); // a bad size: skipped
+        let mut t = Tokens::new();
+        learn_tokens(&log, &mut t);
+        assert_eq!(t.tokens(), &[b"FUZ!".to_vec()]);
+    }
+
+    proptest! {
+        #[test]
+        fn any_comparison_log_is_bounded(log in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut t = Tokens::new();
+            learn_tokens(&log, &mut t);
+            prop_assert!(t.len() <= MAX_TOKENS);
+        }
+    }
 }

@@ -19,7 +19,10 @@
 //! - restores of the key-value store guest serving requests: demand faults with the working
 //!   set stored in the file vs without, and restore + run vs a new VM over `MAP_PRIVATE` of a
 //!   raw memory file (`restore`);
-//! - the demo's 8 concurrent children: wall time vs process CPU time / CPUs (`fleet`).
+//! - the demo's 8 concurrent children: wall time vs process CPU time / CPUs (`fleet`);
+//! - snapshot fuzzing: time per input of the LibAFL guest executor (reset per input) vs
+//!   LibAFL's fork-per-input and in-process executors on the same target code natively, the
+//!   reset share, two clients vs one, the time to the planted crash (`fuzz`).
 //!
 //! `--groups` runs a subset (`GROUPS` names them); every row of a group is measured together.
 //!
@@ -30,7 +33,7 @@
 //! working-set row), `reset` (the reset-cycle rows: restore vs drop policy, reset alone vs
 //! memcpy, flatness in guest size), `snapshot` (the snapshot-file rows: save vs write, restore
 //! flatness, diff-save pause), `restore` (prefetched restore, restore vs private file map),
-//! `fleet` (the concurrent-children row) and [`print`] (the table).
+//! `fleet` (the concurrent-children row), `fuzz` (the fuzzing rows) and [`print`] (the table).
 
 use std::time::{Duration, Instant};
 
@@ -44,6 +47,7 @@ use baseline::{self as base, OverlayKind};
 
 pub mod baseline;
 mod fleet;
+mod fuzz;
 mod prefetch;
 pub mod print;
 mod reset;
@@ -51,8 +55,8 @@ mod restore;
 mod snapshot;
 
 /// The row groups, in run order (`--groups` names a subset).
-pub const GROUPS: [&str; 8] = [
-    "fork", "faults", "cow", "prefetch", "reset", "snapshot", "restore", "fleet",
+pub const GROUPS: [&str; 9] = [
+    "fork", "faults", "cow", "prefetch", "reset", "snapshot", "restore", "fleet", "fuzz",
 ];
 
 /// Fault-around window of the streaming row (pages).
@@ -464,7 +468,7 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
     let mut rows = Vec::new();
     let on = |g: &str| o.groups.is_empty() || o.groups.iter().any(|x| x == g);
     type Group = fn(&BenchOptions, &HostFrames, &mut Vec<Row>) -> Result<()>;
-    let groups: [Group; 8] = [
+    let groups: [Group; 9] = [
         fork_rows,
         fault_rows,
         cow_rows,
@@ -473,6 +477,7 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
         snapshot::snapshot_rows,
         restore::restore_rows,
         fleet::fleet_rows,
+        fuzz::fuzz_rows,
     ];
     for (name, group) in GROUPS.iter().zip(groups) {
         if on(name) {
