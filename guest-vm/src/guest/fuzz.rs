@@ -1,8 +1,9 @@
 //! Snapshot fuzzing of an SDK guest with LibAFL: `GuestExecutor` is a LibAFL `Executor` (and
 //! `HasObservers`) that runs every input in one child forked at the guest's `snapshot_here` and
 //! resets it to the snapshot (`Program::reset`, copy-back) after each input; `fuzz` is one
-//! LibAFL client (a `StdFuzzer` with a queue scheduler, havoc + token mutations,
-//! `MaxMapFeedback`, crash / timeout objectives) over it, under any event manager (the CLI's
+//! LibAFL client (a `StdFuzzer` scheduled as AFL++ does — calibration, a weighted queue with
+//! the FAST power schedule, a minimizer favouring the smallest fastest entry per edge — havoc
+//! + token mutations, `MaxMapFeedback`, crash / timeout objectives) over it, under any event manager (the CLI's
 //! `SimpleEventManager`, or the LLMP manager of LibAFL's `Launcher` for several cores).
 //!
 //! Coverage: the guest's SanitizerCoverage edge counters live in a coverage map that is a
@@ -10,8 +11,8 @@
 //! back; after each run the executor copies it out and zeroes it (`Coverage::take`) and hands
 //! the edge counters (`[0, COV_CMP_OFF)`) to the map observer (`HitcountsMapObserver` over an
 //! owned buffer: LibAFL's `pre_exec` clears it, `post_exec` buckets it). The comparison log
-//! after the counters (the operands of the guest's comparisons) is added to the state's
-//! `Tokens` metadata, which the token mutations insert: that is how a magic value is matched.
+//! after the counters (the operands of the guest's comparisons) gives its constant operands to
+//! the state's `Tokens` metadata, which the token mutations insert: that is how a magic value is matched.
 //!
 //! Outcomes map to exit kinds: `done` is `Ok`; the time limit (vCPU kick) is `Timeout`; the
 //! SDK's `crash`, a triple fault (an exception), an access outside guest memory, a fault the
@@ -35,9 +36,11 @@ use libafl::feedbacks::{CrashFeedback, MaxMapFeedback, TimeoutFeedback};
 use libafl::fuzzer::{Evaluator, Fuzzer as _, StdFuzzer};
 use libafl::inputs::BytesInput;
 use libafl::mutators::{havoc_mutations, tokens_mutations, HavocScheduledMutator, Tokens};
-use libafl::observers::{HitcountsMapObserver, StdMapObserver};
-use libafl::schedulers::QueueScheduler;
-use libafl::stages::StdMutationalStage;
+use libafl::observers::{CanTrack, ExplicitTracking, HitcountsMapObserver, StdMapObserver};
+use libafl::schedulers::{
+    powersched::PowerSchedule, IndexesLenTimeMinimizerScheduler, StdWeightedScheduler,
+};
+use libafl::stages::{CalibrationStage, StdPowerMutationalStage};
 use libafl::state::{HasCorpus, HasExecutions, HasMaxSize, HasSolutions, StdState};
 use libafl::HasMetadata;
 use libafl_bolts::rands::StdRand;
@@ -46,7 +49,7 @@ use libafl_bolts::tuples::{tuple_list, Merge, RefIndexable};
 use super::program::{Coverage, Outcome, Program};
 use crate::error::{Error, Result};
 use crate::vmm::vcpu_state::VcpuState;
-use crate::vmm::x86_64::layout::{COV_CMP_OFF, COV_SIZE};
+use crate::vmm::x86_64::layout::{COV_CMP_CONST, COV_CMP_OFF, COV_SIZE};
 
 /// Most mutation tokens taken from the comparison log.
 pub const MAX_TOKENS: usize = 512;
@@ -54,8 +57,10 @@ pub const MAX_TOKENS: usize = 512;
 /// Most failing inputs whose outcome is kept.
 pub const MAX_OUTCOMES: usize = 4096;
 
-/// The map observer over the guest's edge counters.
-pub type CovObserver = HitcountsMapObserver<StdMapObserver<'static, u8, false>>;
+/// The map observer over the guest's edge counters (hit-count buckets; the indexes of the
+/// edges an entry covers are tracked for the minimizer scheduler).
+pub type CovObserver =
+    ExplicitTracking<HitcountsMapObserver<StdMapObserver<'static, u8, false>>, true, false>;
 
 /// The LibAFL state of a guest fuzzing client: corpus in memory and on disk (the corpus
 /// directory), solutions on disk (the crashes directory).
@@ -128,7 +133,7 @@ impl GuestExecutor {
             raw: vec![0; COV_SIZE as usize],
             virgin: vec![true; edges],
             limit,
-            observers: (HitcountsMapObserver::new(map), ()),
+            observers: (HitcountsMapObserver::new(map).track_indices(), ()),
             stats: ExecStats::default(),
             outcomes: HashMap::new(),
         })
@@ -176,8 +181,11 @@ impl GuestExecutor {
     }
 }
 
-/// Adds the comparison operands of a comparison log (the map's bytes from `COV_CMP_OFF`: a u64
-/// count, then 16-byte records `size, value`) to `tokens`, up to `MAX_TOKENS`. Whatever the
+/// Adds the constant comparison operands of a comparison log (the map's bytes from
+/// `COV_CMP_OFF`: a u64 count, then 16-byte records `size, value`; a constant's size word has
+/// `COV_CMP_CONST` set) to `tokens`, up to `MAX_TOKENS`. Operands of comparisons between two
+/// runtime values are skipped: they are mostly input bytes and would crowd the magic values out
+/// of the token pool. Whatever the
 /// guest wrote there (a count beyond the log, bad sizes) is bounded, never a panic.
 pub fn learn_tokens(log: &[u8], tokens: &mut Tokens) {
     let word = |i: usize| {
@@ -190,10 +198,14 @@ pub fn learn_tokens(log: &[u8], tokens: &mut Tokens) {
     }
     let records = (word(0) as usize).min(log.len() / 16 - 1);
     for r in 1..=records {
-        let (size, value) = (word(2 * r) as usize, word(2 * r + 1));
+        let (size, value) = (word(2 * r), word(2 * r + 1));
         if tokens.len() >= MAX_TOKENS {
             return;
         }
+        if size & COV_CMP_CONST == 0 {
+            continue;
+        }
+        let size = (size & !COV_CMP_CONST) as usize;
         if (1..=8).contains(&size) && value != 0 {
             tokens.add_token(&value.to_le_bytes()[..size].to_vec());
         }
@@ -226,7 +238,7 @@ where
         *state.executions_mut() += 1;
         let outcome = self.exec(input.as_ref()).map_err(afl_err)?;
         let n = COV_CMP_OFF as usize;
-        self.observers.0.copy_from_slice(&self.raw[..n]);
+        self.observers.0.as_mut().copy_from_slice(&self.raw[..n]);
         let tokens = state.metadata_or_insert_with(Tokens::new);
         learn_tokens(&self.raw[n..], tokens);
         Ok(exit_kind(&outcome))
@@ -284,7 +296,9 @@ where
         ));
     }
     let e = |what: &str, err: libafl::Error| Error::BadState(format!("libafl {what}: {err}"));
-    let mut feedback = MaxMapFeedback::new(&exec.observers.0);
+    let map_feedback = MaxMapFeedback::new(&exec.observers.0);
+    let calibration = CalibrationStage::new(&map_feedback);
+    let mut feedback = map_feedback;
     let mut objective = feedback_or_fast!(CrashFeedback::new(), TimeoutFeedback::new());
     let mut state = match state {
         Some(s) => s,
@@ -298,7 +312,17 @@ where
         .map_err(|x| e("state", x))?,
     };
     state.set_max_size(o.max_len);
-    let mut fuzzer = StdFuzzer::new(QueueScheduler::new(), feedback, objective);
+    // AFL++'s scheduling: a weighted queue with the FAST power schedule (more mutations for
+    // entries on rarely exercised paths), favouring the smallest, fastest entry per edge.
+    let scheduler = IndexesLenTimeMinimizerScheduler::new(
+        &exec.observers.0,
+        StdWeightedScheduler::with_schedule(
+            &mut state,
+            &exec.observers.0,
+            Some(PowerSchedule::fast()),
+        ),
+    );
+    let mut fuzzer = StdFuzzer::new(scheduler, feedback, objective);
     let start = Instant::now();
     if state.must_load_initial_inputs() {
         state
@@ -311,7 +335,7 @@ where
         }
     }
     let mutator = HavocScheduledMutator::new(havoc_mutations().merge(tokens_mutations()));
-    let mut stages = tuple_list!(StdMutationalStage::new(mutator));
+    let mut stages = tuple_list!(calibration, StdPowerMutationalStage::new(mutator));
     let mut first = None;
     while start.elapsed() < o.time {
         fuzzer
@@ -373,11 +397,14 @@ mod tests {
 
     #[test]
     fn comparison_log_records_become_tokens() {
-        let mut log = vec![0u8; 64];
-        log[..8].copy_from_slice(&2u64.to_le_bytes());
-        log[16..24].copy_from_slice(&4u64.to_le_bytes());
-        log[24..32].copy_from_slice(&u64::from(u32::from_le_bytes(*b"FUZ!")).to_le_bytes());
-        log[32..40].copy_from_slice(&9u64.to_le_bytes()); // a bad size: skipped
+        let mut log = vec![0u8; 80];
+        log[..8].copy_from_slice(&3u64.to_le_bytes());
+        let magic = u64::from(u32::from_le_bytes(*b"FUZ!"));
+        log[16..24].copy_from_slice(&(4 | COV_CMP_CONST).to_le_bytes());
+        log[24..32].copy_from_slice(&magic.to_le_bytes());
+        log[32..40].copy_from_slice(&(9 | COV_CMP_CONST).to_le_bytes()); // a bad size: skipped
+        log[48..56].copy_from_slice(&4u64.to_le_bytes()); // a runtime operand: skipped
+        log[56..64].copy_from_slice(&7u64.to_le_bytes());
         let mut t = Tokens::new();
         learn_tokens(&log, &mut t);
         assert_eq!(t.tokens(), &[b"FUZ!".to_vec()]);
