@@ -3,7 +3,7 @@
 //! resets it to the snapshot (`Program::reset`, copy-back) after each input; `fuzz` is one
 //! LibAFL client (a `StdFuzzer` scheduled as AFL++ does — calibration, a weighted queue with
 //! the FAST power schedule, a minimizer favouring the smallest fastest entry per edge — havoc
-//! + token mutations, `MaxMapFeedback`, crash / timeout objectives) over it, under any event manager (the CLI's
+//! and token mutations, `MaxMapFeedback`, crash / timeout objectives) over it, under any event manager (the CLI's
 //! `SimpleEventManager`, or the LLMP manager of LibAFL's `Launcher` for several cores).
 //!
 //! Coverage: the guest's SanitizerCoverage edge counters live in a coverage map that is a

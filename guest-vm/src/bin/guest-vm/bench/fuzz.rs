@@ -278,7 +278,7 @@ fn target_rows(o: &BenchOptions, t: &Target, rows: &mut Vec<Row>, first: bool) -
     drop(parent);
     drop(frames);
 
-    progress(&format!("fuzz: the same inputs natively, fork per input and in process"));
+    progress("fuzz: the same inputs natively, fork per input and in process");
     let harness = (t.native)();
     let mut run = |i: &BytesInput| {
         if harness(i.as_ref()) {
@@ -303,7 +303,6 @@ fn target_rows(o: &BenchOptions, t: &Target, rows: &mut Vec<Row>, first: bool) -
             .run_target(&mut fuzzer, &mut state, &mut mgr, i)
             .map_err(afl("fork executor"))
     })?;
-    drop(forker);
     let mut inproc = InProcessExecutor::builder()
         .harness(&mut run)
         .observers(())
@@ -318,7 +317,6 @@ fn target_rows(o: &BenchOptions, t: &Target, rows: &mut Vec<Row>, first: bool) -
             .run_target(&mut fuzzer, &mut state, &mut mgr, i)
             .map_err(afl("in-process executor"))
     })?;
-    drop(inproc);
 
     let what = format!("fuzz executor, {} target, per input ({INPUTS} havoc inputs)", t.name);
     let guest = "guest run + coverage read + reset (GuestExecutor)";
