@@ -245,19 +245,39 @@ fn fuzz_on_two_cores_runs_two_clients() {
     let corpus = d.join("corpus");
     std::fs::create_dir_all(&corpus).unwrap();
     file(&corpus, "seed", b"a=1;");
-    let (corpus, crashes) = (corpus.display().to_string(), d.join("k").display().to_string());
+    let (corpus, crashes) = (
+        corpus.display().to_string(),
+        d.join("k").display().to_string(),
+    );
     // A port of this test run's own, so concurrent runs do not meet one broker.
     let port = (20_000 + std::process::id() % 20_000).to_string();
     let out = guest_vm(&[
-        "fuzz", "--guest", target, "--corpus", &corpus, "--crashes", &crashes, "--mem", "4",
-        "--time", "4", "--cores", "2", "--broker-port", &port, "--json",
+        "fuzz",
+        "--guest",
+        target,
+        "--corpus",
+        &corpus,
+        "--crashes",
+        &crashes,
+        "--mem",
+        "4",
+        "--time",
+        "4",
+        "--cores",
+        "2",
+        "--broker-port",
+        &port,
+        "--json",
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let clients: Vec<serde_json::Value> = text(&out.stdout)
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
-    let mut ids: Vec<u64> = clients.iter().map(|c| c["client"].as_u64().unwrap()).collect();
+    let mut ids: Vec<u64> = clients
+        .iter()
+        .map(|c| c["client"].as_u64().unwrap())
+        .collect();
     ids.sort();
     assert_eq!(ids, [1, 2], "{}", text(&out.stdout));
     for c in &clients {

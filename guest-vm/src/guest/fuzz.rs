@@ -168,7 +168,11 @@ impl GuestExecutor {
         self.child.reset(&self.snap)?;
         self.stats.reset_s += t.elapsed().as_secs_f64();
         self.stats.execs += 1;
-        for (v, &c) in self.virgin.iter_mut().zip(&self.raw[..COV_CMP_OFF as usize]) {
+        for (v, &c) in self
+            .virgin
+            .iter_mut()
+            .zip(&self.raw[..COV_CMP_OFF as usize])
+        {
             if c != 0 && *v {
                 *v = false;
                 self.stats.edges += 1;

@@ -99,7 +99,8 @@ const TARGETS: &[Target] = &[Target {
     native: native!(kv),
 }];
 
-type BenchState = StdState<InMemoryCorpus<BytesInput>, BytesInput, StdRand, InMemoryCorpus<BytesInput>>;
+type BenchState =
+    StdState<InMemoryCorpus<BytesInput>, BytesInput, StdRand, InMemoryCorpus<BytesInput>>;
 
 fn afl(what: &str) -> impl Fn(libafl::Error) -> Error + '_ {
     move |e| Error::BadState(format!("fuzz bench, {what}: {e}"))
@@ -230,7 +231,10 @@ fn find_crash(parent: &Program, t: &Target) -> Result<(Vec<f64>, Vec<u64>)> {
                 CRASH_LIMIT.as_secs()
             ))
         })?;
-        progress(&format!("fuzz: seed {seed} found the crash in {s:.1} s ({} inputs)", r.execs));
+        progress(&format!(
+            "fuzz: seed {seed} found the crash in {s:.1} s ({} inputs)",
+            r.execs
+        ));
         secs.push(s);
         execs.push(r.execs);
     }
@@ -243,7 +247,10 @@ fn target_rows(o: &BenchOptions, t: &Target, rows: &mut Vec<Row>, first: bool) -
     let frames = HostFrames::new((t.mem_mib << 20) * 6)?;
     let parent = boot(&frames, t)?;
 
-    progress(&format!("fuzz: {} inputs of {} in a guest, reset per input", INPUTS, t.name));
+    progress(&format!(
+        "fuzz: {} inputs of {} in a guest, reset per input",
+        INPUTS, t.name
+    ));
     let mut fuzzer = StdFuzzer::new(
         QueueScheduler::new(),
         ConstFeedback::new(false),
@@ -270,7 +277,11 @@ fn target_rows(o: &BenchOptions, t: &Target, rows: &mut Vec<Row>, first: bool) -
             one.push(threaded(&parent, 1, &inputs)?);
             two.push(threaded(&parent, 2, &inputs)?);
         }
-        progress(&format!("fuzz: time to the planted crash of {}, {} seeds", t.name, CRASH_SEEDS.len()));
+        progress(&format!(
+            "fuzz: time to the planted crash of {}, {} seeds",
+            t.name,
+            CRASH_SEEDS.len()
+        ));
         Some((median(&one), median(&two), find_crash(&parent, t)?))
     } else {
         None
@@ -318,7 +329,10 @@ fn target_rows(o: &BenchOptions, t: &Target, rows: &mut Vec<Row>, first: bool) -
             .map_err(afl("in-process executor"))
     })?;
 
-    let what = format!("fuzz executor, {} target, per input ({INPUTS} havoc inputs)", t.name);
+    let what = format!(
+        "fuzz executor, {} target, per input ({INPUTS} havoc inputs)",
+        t.name
+    );
     let guest = "guest run + coverage read + reset (GuestExecutor)";
     rows.push(row(
         t.row,
@@ -339,7 +353,10 @@ fn target_rows(o: &BenchOptions, t: &Target, rows: &mut Vec<Row>, first: bool) -
     if let Some((one, two, (secs, execs))) = cores {
         rows.push(row(
             "fuzz-reset-share",
-            format!("share of per-input time in reset, {} target (ratio)", t.name),
+            format!(
+                "share of per-input time in reset, {} target (ratio)",
+                t.name
+            ),
             "reset per input",
             reset_per,
             "run + reset per input",
@@ -347,7 +364,10 @@ fn target_rows(o: &BenchOptions, t: &Target, rows: &mut Vec<Row>, first: bool) -
         ));
         rows.push(row(
             "fuzz-cores-2",
-            format!("time per input, 2 clients aggregate vs 1, {} target", t.name),
+            format!(
+                "time per input, 2 clients aggregate vs 1, {} target",
+                t.name
+            ),
             "2 executor threads, wall / inputs",
             two,
             "1 executor thread",
@@ -383,4 +403,3 @@ pub fn fuzz_rows(o: &BenchOptions, _frames: &HostFrames, rows: &mut Vec<Row>) ->
     }
     Ok(())
 }
-
