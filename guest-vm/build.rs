@@ -4,7 +4,7 @@
 //!   embedded by `workload/kvstore.rs`;
 //! - the SDK's example guests
 //!   (`guest/sdk/examples/NAME.rs`, linked by `guest/sdk/linker.ld`), which the tests run from
-//!   `OUT_DIR` (`NAME.elf`); the fuzz targets (`target`, `http`, `warm`, whose logic is in
+//!   `OUT_DIR` (`NAME.elf`); the fuzz targets (`kv`, `http`, `warm`, whose logic is in
 //!   `guest/targets/`) with SanitizerCoverage edge guards;
 //! - the crates.io crates an example uses (`httparse` for `http`), compiled for the guest from
 //!   the source cargo already fetched for guest-vm's own dependency on them (the same locked
@@ -24,7 +24,7 @@ use std::process::Command;
 const EXAMPLES: &[(&str, bool, &[&str])] = &[
     ("hello", false, &[]),
     ("spin", false, &[]),
-    ("target", true, &[]),
+    ("kv", true, &[]),
     ("http", true, &["httparse"]),
     ("warm", true, &[]),
 ];
@@ -169,8 +169,8 @@ fn main() {
         "guest/ABI.md",
         "guest/sdk/src",
         "guest/sdk/examples",
-        "guest/sdk/linker.ld",
         "guest/targets",
+        "guest/sdk/linker.ld",
     ] {
         println!("cargo:rerun-if-changed={}", dir.join(watched).display());
     }

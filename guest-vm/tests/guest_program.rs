@@ -111,7 +111,7 @@ fn a_file_that_is_not_an_elf_is_refused_before_it_runs() {
     }
 }
 
-const TARGET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/target.elf"));
+const TARGET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kv.elf"));
 
 /// The fuzzing coverage map is a shared Vmo per child: a child's run fills its own map only,
 /// and a reset (copy-back) neither clears nor forks it.
@@ -145,4 +145,33 @@ fn coverage_maps_are_per_child_and_survive_reset() {
     b.set_input(b"FUZ!");
     assert!(matches!(b.run(LIMIT).unwrap(), Outcome::Crash(_)));
     assert_eq!(read(&cov_a), after_run, "child b wrote child a's map");
+}
+
+/// The LibAFL executor's children: each has its own map (a run of one leaves the other's last
+/// map empty), the executor hands the run's counters to its map observer and zeroes the shared
+/// map for the next input, and the planted bug is a crash, a clean run `Ok`.
+#[test]
+fn guest_executors_have_their_own_maps_and_read_them_per_input() {
+    use guest_vm::guest::fuzz::{exit_kind, GuestExecutor};
+    use libafl::executors::ExitKind;
+    require_kvm!();
+    let frames = HostFrames::new(256 << 20).unwrap();
+    let mut parent = Program::load(&frames, TARGET, MEM).unwrap();
+    assert_eq!(parent.run(LIMIT).unwrap(), Outcome::SnapshotHere);
+    let mut a = GuestExecutor::new(&parent, LIMIT).unwrap();
+    let b = GuestExecutor::new(&parent, LIMIT).unwrap();
+    let out = a.exec(b"k=v;x=#1f").unwrap();
+    assert_eq!(exit_kind(&out), ExitKind::Ok, "{out}");
+    let edges = guest_vm::vmm::x86_64::layout::COV_CMP_OFF as usize;
+    let first = a.last_map()[..edges].to_vec();
+    assert!(first.iter().any(|&c| c != 0), "the run counted no edges");
+    assert!(b.last_map().iter().all(|&c| c == 0), "b saw a's coverage");
+    // Same input again: the same counters, so the map was zeroed in between (not summed) and
+    // the reset restored the guest's state but not the map.
+    a.exec(b"k=v;x=#1f").unwrap();
+    assert_eq!(&a.last_map()[..edges], &first[..]);
+    let out = a.exec(b"FUZ!").unwrap();
+    assert_eq!(exit_kind(&out), ExitKind::Crash, "{out}");
+    assert!(a.outcome_of(b"FUZ!").is_some());
+    assert_eq!(a.stats().execs, 3);
 }

@@ -1,187 +1,141 @@
-//! Snapshot fuzzing of an SDK guest: every input runs in one child forked at the guest's
-//! `snapshot_here`, and the child is reset to the snapshot between inputs (`Program::reset`,
-//! copy-back). Coverage comes from the guest's SanitizerCoverage edge counters in a coverage
-//! map that is a shared Vmo of this child alone (`Program::attach_coverage`): reset does not
-//! roll it back, the host reads and zeroes it after each input.
+//! Snapshot fuzzing of an SDK guest with LibAFL: `GuestExecutor` is a LibAFL `Executor` (and
+//! `HasObservers`) that runs every input in one child forked at the guest's `snapshot_here` and
+//! resets it to the snapshot (`Program::reset`, copy-back) after each input; `fuzz` is one
+//! LibAFL client (a `StdFuzzer` scheduled as AFL++ does — calibration, a weighted queue with
+//! the FAST power schedule, a minimizer favouring the smallest fastest entry per edge — havoc
+//! and token mutations, `MaxMapFeedback`, crash / timeout objectives) over it, under any event manager (the CLI's
+//! `SimpleEventManager`, or the LLMP manager of LibAFL's `Launcher` for several cores).
 //!
-//! The loop (a minimal coverage-guided executor, not LibAFL — see the README): pick a corpus
-//! entry (the newest half the time), mutate it (`mutate`), run it; an input that reaches a new
-//! edge joins the corpus (edges only, no hit-count buckets: a small corpus); the operands of
-//! the comparisons the guest made (its comparison log) become mutation tokens, which is how a
-//! magic value is matched; an input whose run fails (crash, exception / triple fault, access
-//! outside memory, refused fault, time limit) is a `Finding`, one per distinct outcome text.
+//! Coverage: the guest's SanitizerCoverage edge counters live in a coverage map that is a
+//! shared Vmo of this child alone (`Program::attach_coverage`), so reset does not roll it
+//! back; after each run the executor copies it out and zeroes it (`Coverage::take`) and hands
+//! the edge counters (`[0, COV_CMP_OFF)`) to the map observer (`HitcountsMapObserver` over an
+//! owned buffer: LibAFL's `pre_exec` clears it, `post_exec` buckets it). The comparison log
+//! after the counters (the operands of the guest's comparisons) gives its constant operands to
+//! the state's `Tokens` metadata, which the token mutations insert: that is how a magic value is matched.
 //!
-//! Invariants: the child is at the snapshot whenever `exec` starts (it resets after every
-//! run, also after a refused fault, which `reset` recovers); the coverage map is read only
-//! between runs.
+//! Outcomes map to exit kinds: `done` is `Ok`; the time limit (vCPU kick) is `Timeout`; the
+//! SDK's `crash`, a triple fault (an exception), an access outside guest memory, a fault the
+//! Vmar refused and an exit the ABI lacks are `Crash`. Every failing input's outcome is kept
+//! (`outcome_of`, at most `MAX_OUTCOMES`) so a saved crash can be reported with its reason.
+//!
+//! Invariants: the child is at the snapshot whenever `run_target` starts (it resets after
+//! every run, also after a refused fault, which `reset` recovers); the coverage map is read
+//! only between runs; a host failure (KVM, the fault path) is a LibAFL `Error`, never a crash
+//! of the input.
 
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
+
+use libafl::corpus::{Corpus, InMemoryOnDiskCorpus, OnDiskCorpus};
+use libafl::events::{EventFirer, EventReceiver, ProgressReporter, SendExiting};
+use libafl::executors::{Executor, ExitKind, HasObservers};
+use libafl::feedback_or_fast;
+use libafl::feedbacks::{CrashFeedback, MaxMapFeedback, TimeoutFeedback};
+use libafl::fuzzer::{Evaluator, Fuzzer as _, StdFuzzer};
+use libafl::inputs::BytesInput;
+use libafl::mutators::{havoc_mutations, tokens_mutations, HavocScheduledMutator, Tokens};
+use libafl::observers::{CanTrack, ExplicitTracking, HitcountsMapObserver, StdMapObserver};
+use libafl::schedulers::{
+    powersched::PowerSchedule, IndexesLenTimeMinimizerScheduler, StdWeightedScheduler,
+};
+use libafl::stages::{CalibrationStage, StdPowerMutationalStage};
+use libafl::state::{HasCorpus, HasExecutions, HasMaxSize, HasSolutions, StdState};
+use libafl::HasMetadata;
+use libafl_bolts::rands::StdRand;
+use libafl_bolts::tuples::{tuple_list, Merge, RefIndexable};
 
 use super::program::{Coverage, Outcome, Program};
 use crate::error::{Error, Result};
 use crate::vmm::vcpu_state::VcpuState;
-use std::collections::HashSet;
+use crate::vmm::x86_64::layout::{COV_CMP_CONST, COV_CMP_OFF, COV_SIZE};
 
-use crate::vmm::x86_64::layout::{COV_CMP_OFF, COV_SIZE};
-
-/// Most mutation tokens kept (comparison operands the guest logged).
+/// Most mutation tokens taken from the comparison log.
 pub const MAX_TOKENS: usize = 512;
 
-/// A small xorshift64* generator (reproducible runs from `--seed`).
-#[derive(Clone, Debug)]
-pub struct XorShift(u64);
+/// Most failing inputs whose outcome is kept.
+pub const MAX_OUTCOMES: usize = 4096;
 
-impl XorShift {
-    pub fn new(seed: u64) -> Self {
-        XorShift(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
+/// The map observer over the guest's edge counters (hit-count buckets; the indexes of the
+/// edges an entry covers are tracked for the minimizer scheduler).
+pub type CovObserver =
+    ExplicitTracking<HitcountsMapObserver<StdMapObserver<'static, u8, false>>, true, false>;
 
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
+/// The LibAFL state of a guest fuzzing client: corpus in memory and on disk (the corpus
+/// directory), solutions on disk (the crashes directory).
+pub type FuzzState =
+    StdState<InMemoryOnDiskCorpus<BytesInput>, BytesInput, StdRand, OnDiskCorpus<BytesInput>>;
 
-    /// Uniform-ish in `0..n` (`n > 0`).
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n.max(1) as u64) as usize
-    }
-}
-
-/// Byte-level mutations: 1–2 of bit flip, random byte, insert, delete, duplicate a chunk,
-/// an interesting value, a splice with another corpus entry, a token (a comparison operand)
-/// written over or inserted; never longer than `max_len`.
-pub fn mutate(
-    rng: &mut XorShift,
-    input: &[u8],
-    other: &[u8],
-    tokens: &[Vec<u8>],
-    max_len: usize,
-) -> Vec<u8> {
-    const INTERESTING: [u8; 8] = [0, 1, 0x7f, 0x80, 0xff, b'=', b';', b'#'];
-    let mut v = input.to_vec();
-    for _ in 0..=rng.below(2) {
-        let op = if v.is_empty() {
-            2 + 5 * rng.below(2)
-        } else {
-            rng.below(9)
-        };
-        match op {
-            0 => {
-                let i = rng.below(v.len());
-                v[i] ^= 1 << rng.below(8);
-            }
-            1 => {
-                let i = rng.below(v.len());
-                v[i] = rng.next_u64() as u8;
-            }
-            2 => {
-                let i = rng.below(v.len() + 1);
-                v.insert(i, rng.next_u64() as u8);
-            }
-            3 => {
-                v.remove(rng.below(v.len()));
-            }
-            4 => {
-                let a = rng.below(v.len());
-                let len = 1 + rng.below((v.len() - a).min(16));
-                let chunk = v[a..a + len].to_vec();
-                let at = rng.below(v.len() + 1);
-                v.splice(at..at, chunk);
-            }
-            5 => {
-                let i = rng.below(v.len());
-                v[i] = INTERESTING[rng.below(INTERESTING.len())];
-            }
-            7 | 8 if !tokens.is_empty() => {
-                let t = &tokens[rng.below(tokens.len())];
-                let at = rng.below(v.len() + 1);
-                if op == 7 {
-                    v.splice(at..at, t.iter().copied());
-                } else {
-                    let end = (at + t.len()).min(v.len());
-                    v.splice(at..end, t.iter().copied());
-                }
-            }
-            _ => {
-                if !other.is_empty() {
-                    let cut = rng.below(v.len() + 1);
-                    let from = rng.below(other.len());
-                    v.truncate(cut);
-                    v.extend_from_slice(&other[from..]);
-                }
-            }
-        }
-    }
-    v.truncate(max_len);
-    v
-}
-
-/// A failing input and how its run ended.
-#[derive(Clone, Debug)]
-pub struct Finding {
-    pub input: Vec<u8>,
-    pub outcome: Outcome,
-}
-
-/// What a fuzzing session did.
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct FuzzStats {
+/// Where an executor's time went.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct ExecStats {
     pub execs: u64,
-    pub corpus: usize,
-    /// Edges (coverage-map counters) seen non-zero.
-    pub edges: u64,
-    pub findings: usize,
-    pub elapsed_s: f64,
+    /// Seconds in guest runs.
     pub run_s: f64,
+    /// Seconds in resets.
     pub reset_s: f64,
-    /// Seconds into the session when the first finding came.
-    pub first_finding_s: Option<f64>,
+    /// Edge counters seen non-zero at least once.
+    pub edges: u64,
 }
 
-/// What the session reports as it goes.
-pub enum Event<'a> {
-    NewCoverage(&'a [u8]),
-    Finding(&'a Finding),
+/// The exit kind LibAFL's feedbacks see for a run's outcome (module documentation).
+pub fn exit_kind(o: &Outcome) -> ExitKind {
+    match o {
+        Outcome::SnapshotHere | Outcome::Done(_) => ExitKind::Ok,
+        Outcome::Timeout(_) => ExitKind::Timeout,
+        Outcome::Crash(_)
+        | Outcome::TripleFault { .. }
+        | Outcome::OutsideMemory { .. }
+        | Outcome::Refused(_)
+        | Outcome::Stopped(_) => ExitKind::Crash,
+    }
 }
 
-/// The executor and its corpus; see the module documentation.
-pub struct Fuzzer {
+fn afl_err(e: Error) -> libafl::Error {
+    libafl::Error::unknown(format!("guest executor: {e}"))
+}
+
+/// A LibAFL executor over one forked child of a program; see the module documentation.
+pub struct GuestExecutor {
     child: Program,
-    state: VcpuState,
+    snap: VcpuState,
     cov: Coverage,
-    map: Vec<u8>,
-    virgin: Vec<u8>,
-    pub corpus: Vec<Vec<u8>>,
-    pub findings: Vec<Finding>,
-    pub tokens: Vec<Vec<u8>>,
-    seen_tokens: HashSet<Vec<u8>>,
-    rng: XorShift,
+    /// The whole coverage window of the last run (counters, then the comparison log).
+    raw: Vec<u8>,
+    virgin: Vec<bool>,
     limit: Duration,
-    stats: FuzzStats,
+    observers: (CovObserver, ()),
+    stats: ExecStats,
+    outcomes: HashMap<Vec<u8>, Outcome>,
 }
 
-impl Fuzzer {
-    /// A fuzzer over `parent`, which must be stopped at its `snapshot_here` (phase `Ready`):
-    /// forks the one child every input runs in and gives it its own coverage map.
-    pub fn new(parent: &Program, seed: u64, limit: Duration) -> Result<Fuzzer> {
-        let state = parent.snapshot()?;
-        let mut child = parent.fork(&state)?;
+impl GuestExecutor {
+    /// An executor over `parent`, which must be stopped at its `snapshot_here` (phase
+    /// `Ready`): forks the one child every input runs in and gives it its own coverage map;
+    /// `limit` is the time limit per input.
+    pub fn new(parent: &Program, limit: Duration) -> Result<GuestExecutor> {
+        let snap = parent.snapshot()?;
+        let child = parent.fork(&snap)?;
+        GuestExecutor::from_child(child, snap, limit)
+    }
+
+    /// An executor over `child`, a fork at `snap` (its parent's snapshot point) that has not
+    /// run yet; gives it its own coverage map.
+    pub fn from_child(mut child: Program, snap: VcpuState, limit: Duration) -> Result<Self> {
         let cov = child.attach_coverage()?;
-        Ok(Fuzzer {
+        let edges = COV_CMP_OFF as usize;
+        let map = StdMapObserver::owned("guest-edges", vec![0u8; edges]);
+        Ok(GuestExecutor {
             child,
-            state,
+            snap,
             cov,
-            map: vec![0; COV_SIZE as usize],
-            virgin: vec![0; COV_SIZE as usize],
-            corpus: Vec::new(),
-            findings: Vec::new(),
-            tokens: Vec::new(),
-            seen_tokens: HashSet::new(),
-            rng: XorShift::new(seed),
+            raw: vec![0; COV_SIZE as usize],
+            virgin: vec![true; edges],
             limit,
-            stats: FuzzStats::default(),
+            observers: (HitcountsMapObserver::new(map).track_indices(), ()),
+            stats: ExecStats::default(),
+            outcomes: HashMap::new(),
         })
     }
 
@@ -189,120 +143,235 @@ impl Fuzzer {
         &self.child
     }
 
-    /// The coverage counters of the last run.
-    pub fn last_map(&self) -> &[u8] {
-        &self.map
+    pub fn stats(&self) -> &ExecStats {
+        &self.stats
     }
 
-    /// Runs one input in the child, then resets it; whether it reached new coverage.
-    pub fn exec(&mut self, input: &[u8]) -> Result<(Outcome, bool)> {
+    /// The coverage window of the last run (edge counters, then the comparison log).
+    pub fn last_map(&self) -> &[u8] {
+        &self.raw
+    }
+
+    /// How the run of a failing input ended (the last `MAX_OUTCOMES` distinct ones).
+    pub fn outcome_of(&self, input: &[u8]) -> Option<&Outcome> {
+        self.outcomes.get(input)
+    }
+
+    /// Runs one input in the child, reads and zeroes its coverage map, and resets it.
+    pub fn exec(&mut self, input: &[u8]) -> Result<Outcome> {
         self.child.set_input(input);
         let t = Instant::now();
         let outcome = self.child.run(self.limit)?;
         self.stats.run_s += t.elapsed().as_secs_f64();
-        self.cov.take(&mut self.map)?;
+        self.cov.take(&mut self.raw)?;
         let t = Instant::now();
-        self.child.reset(&self.state)?;
+        self.child.reset(&self.snap)?;
         self.stats.reset_s += t.elapsed().as_secs_f64();
         self.stats.execs += 1;
-        let mut new = false;
-        self.learn_tokens();
-        let counters = &self.map[..COV_CMP_OFF as usize];
-        for (v, &c) in self.virgin.iter_mut().zip(counters) {
-            if c != 0 && *v == 0 {
-                *v = 1;
-                new = true;
+        for (v, &c) in self
+            .virgin
+            .iter_mut()
+            .zip(&self.raw[..COV_CMP_OFF as usize])
+        {
+            if c != 0 && *v {
+                *v = false;
                 self.stats.edges += 1;
             }
         }
-        Ok((outcome, new))
+        if outcome.is_failure() && self.outcomes.len() < MAX_OUTCOMES {
+            self.outcomes.insert(input.to_vec(), outcome.clone());
+        }
+        Ok(outcome)
     }
+}
 
-    /// Adds the comparison operands of the last run (the map's log, `COV_CMP_OFF`) to the
-    /// tokens.
-    fn learn_tokens(&mut self) {
-        let log = &self.map[COV_CMP_OFF as usize..];
-        let word = |i: usize| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&log[i * 8..i * 8 + 8]);
-            u64::from_le_bytes(b)
-        };
-        let records = (word(0) as usize).min(log.len() / 16 - 1);
-        for r in 1..=records {
-            let (size, value) = (word(2 * r) as usize, word(2 * r + 1));
-            if !(1..=8).contains(&size) || value == 0 || self.tokens.len() >= MAX_TOKENS {
-                continue;
-            }
-            let t = value.to_le_bytes()[..size].to_vec();
-            if self.seen_tokens.insert(t.clone()) {
-                self.tokens.push(t);
-            }
+/// Adds the constant comparison operands of a comparison log (the map's bytes from
+/// `COV_CMP_OFF`: a u64 count, then 16-byte records `size, value`; a constant's size word has
+/// `COV_CMP_CONST` set) to `tokens`, up to `MAX_TOKENS`. Operands of comparisons between two
+/// runtime values are skipped: they are mostly input bytes and would crowd the magic values out
+/// of the token pool. Whatever the
+/// guest wrote there (a count beyond the log, bad sizes) is bounded, never a panic.
+pub fn learn_tokens(log: &[u8], tokens: &mut Tokens) {
+    let word = |i: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&log[i * 8..i * 8 + 8]);
+        u64::from_le_bytes(b)
+    };
+    if log.len() < 16 {
+        return;
+    }
+    let records = (word(0) as usize).min(log.len() / 16 - 1);
+    for r in 1..=records {
+        let (size, value) = (word(2 * r), word(2 * r + 1));
+        if tokens.len() >= MAX_TOKENS {
+            return;
+        }
+        if size & COV_CMP_CONST == 0 {
+            continue;
+        }
+        let size = (size & !COV_CMP_CONST) as usize;
+        if (1..=8).contains(&size) && value != 0 {
+            tokens.add_token(&value.to_le_bytes()[..size].to_vec());
         }
     }
+}
 
-    /// Runs `seeds` (an empty one when there are none), then mutates the corpus for `time`
-    /// (or until the first finding when `until_finding`).
-    pub fn fuzz(
+impl HasObservers for GuestExecutor {
+    type Observers = (CovObserver, ());
+
+    fn observers(&self) -> RefIndexable<&Self::Observers, Self::Observers> {
+        RefIndexable::from(&self.observers)
+    }
+
+    fn observers_mut(&mut self) -> RefIndexable<&mut Self::Observers, Self::Observers> {
+        RefIndexable::from(&mut self.observers)
+    }
+}
+
+impl<EM, S, Z> Executor<EM, BytesInput, S, Z> for GuestExecutor
+where
+    S: HasExecutions + HasMetadata,
+{
+    fn run_target(
         &mut self,
-        seeds: &[Vec<u8>],
-        time: Duration,
-        max_len: usize,
-        until_finding: bool,
-        mut on: impl FnMut(Event<'_>) -> Result<()>,
-    ) -> Result<FuzzStats> {
-        if max_len == 0 {
-            return Err(Error::InvalidArgs(
-                "inputs must be allowed at least 1 byte".into(),
-            ));
+        _fuzzer: &mut Z,
+        state: &mut S,
+        _mgr: &mut EM,
+        input: &BytesInput,
+    ) -> std::result::Result<ExitKind, libafl::Error> {
+        *state.executions_mut() += 1;
+        let outcome = self.exec(input.as_ref()).map_err(afl_err)?;
+        let n = COV_CMP_OFF as usize;
+        self.observers.0.as_mut().copy_from_slice(&self.raw[..n]);
+        let tokens = state.metadata_or_insert_with(Tokens::new);
+        learn_tokens(&self.raw[n..], tokens);
+        Ok(exit_kind(&outcome))
+    }
+}
+
+/// One client's session.
+#[derive(Clone, Debug)]
+pub struct SessionOptions {
+    /// Seeds are read from here; inputs with new coverage are written here.
+    pub corpus: PathBuf,
+    /// Failing inputs are written here (LibAFL's `OnDiskCorpus`).
+    pub crashes: PathBuf,
+    pub time: Duration,
+    pub max_len: usize,
+    /// Stop at the first failing input.
+    pub until_crash: bool,
+    pub seed: u64,
+}
+
+/// What a session did.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct SessionReport {
+    pub execs: u64,
+    pub corpus: usize,
+    pub solutions: usize,
+    pub edges: u64,
+    pub elapsed_s: f64,
+    pub run_s: f64,
+    pub reset_s: f64,
+    /// Seconds into the session when the first solution came.
+    pub first_solution_s: Option<f64>,
+    /// The solutions' files.
+    pub crash_files: Vec<PathBuf>,
+}
+
+/// Runs one LibAFL client over `exec` for `o.time` (or until the first failing input):
+/// a fresh state from `o` unless `state` is one a restarting event manager handed back; the
+/// seeds of `o.corpus` are loaded (an empty input when there are none or none is kept).
+pub fn fuzz<EM>(
+    exec: &mut GuestExecutor,
+    state: Option<FuzzState>,
+    mgr: &mut EM,
+    o: &SessionOptions,
+) -> Result<(FuzzState, SessionReport)>
+where
+    EM: EventFirer<BytesInput, FuzzState>
+        + ProgressReporter<FuzzState>
+        + SendExiting
+        + EventReceiver<BytesInput, FuzzState>,
+{
+    if o.max_len == 0 {
+        return Err(Error::InvalidArgs(
+            "inputs must be allowed at least 1 byte".into(),
+        ));
+    }
+    let e = |what: &str, err: libafl::Error| Error::BadState(format!("libafl {what}: {err}"));
+    let map_feedback = MaxMapFeedback::new(&exec.observers.0);
+    let calibration = CalibrationStage::new(&map_feedback);
+    let mut feedback = map_feedback;
+    let mut objective = feedback_or_fast!(CrashFeedback::new(), TimeoutFeedback::new());
+    let mut state = match state {
+        Some(s) => s,
+        None => StdState::new(
+            StdRand::with_seed(o.seed),
+            InMemoryOnDiskCorpus::no_meta(&o.corpus).map_err(|x| e("corpus directory", x))?,
+            OnDiskCorpus::no_meta(&o.crashes).map_err(|x| e("crashes directory", x))?,
+            &mut feedback,
+            &mut objective,
+        )
+        .map_err(|x| e("state", x))?,
+    };
+    state.set_max_size(o.max_len);
+    // AFL++'s scheduling: a weighted queue with the FAST power schedule (more mutations for
+    // entries on rarely exercised paths), favouring the smallest, fastest entry per edge.
+    let scheduler = IndexesLenTimeMinimizerScheduler::new(
+        &exec.observers.0,
+        StdWeightedScheduler::with_schedule(
+            &mut state,
+            &exec.observers.0,
+            Some(PowerSchedule::fast()),
+        ),
+    );
+    let mut fuzzer = StdFuzzer::new(scheduler, feedback, objective);
+    let start = Instant::now();
+    if state.must_load_initial_inputs() {
+        state
+            .load_initial_inputs(&mut fuzzer, exec, mgr, std::slice::from_ref(&o.corpus))
+            .map_err(|x| e("seeds", x))?;
+        if state.corpus().count() == 0 {
+            fuzzer
+                .add_input(&mut state, exec, mgr, BytesInput::new(Vec::new()))
+                .map_err(|x| e("empty seed", x))?;
         }
-        let start = Instant::now();
-        let empty = [Vec::new()];
-        let seeds = if seeds.is_empty() { &empty[..] } else { seeds };
-        let mut queue: Vec<Vec<u8>> = seeds.to_vec();
-        loop {
-            let input = match queue.pop() {
-                Some(i) => i,
-                None => {
-                    if start.elapsed() >= time {
-                        break;
-                    }
-                    if self.corpus.is_empty() {
-                        self.corpus.push(Vec::new());
-                    }
-                    // Half the time the newest entry: chains of new coverage get followed.
-                    let a = match self.rng.below(2) {
-                        0 => self.corpus.len() - 1,
-                        _ => self.rng.below(self.corpus.len()),
-                    };
-                    let b = self.rng.below(self.corpus.len());
-                    let (c, t) = (&self.corpus, &self.tokens);
-                    mutate(&mut self.rng, &c[a], &c[b], t, max_len)
-                }
-            };
-            let (outcome, new) = self.exec(&input)?;
-            if outcome.is_failure() {
-                let text = outcome.to_string();
-                if !self.findings.iter().any(|f| f.outcome.to_string() == text) {
-                    let f = Finding { input, outcome };
-                    on(Event::Finding(&f))?;
-                    self.stats
-                        .first_finding_s
-                        .get_or_insert(start.elapsed().as_secs_f64());
-                    self.findings.push(f);
-                    if until_finding {
-                        break;
-                    }
-                }
-            } else if new || self.corpus.is_empty() {
-                on(Event::NewCoverage(&input))?;
-                self.corpus.push(input);
+    }
+    let mutator = HavocScheduledMutator::new(havoc_mutations().merge(tokens_mutations()));
+    let mut stages = tuple_list!(calibration, StdPowerMutationalStage::new(mutator));
+    let mut first = None;
+    while start.elapsed() < o.time {
+        fuzzer
+            .fuzz_one(&mut stages, exec, &mut state, mgr)
+            .map_err(|x| e("fuzz_one", x))?;
+        if state.solutions().count() > 0 {
+            first.get_or_insert(start.elapsed().as_secs_f64());
+            if o.until_crash {
+                break;
             }
         }
-        self.stats.corpus = self.corpus.len();
-        self.stats.findings = self.findings.len();
-        self.stats.elapsed_s = start.elapsed().as_secs_f64();
-        Ok(self.stats.clone())
     }
+    let mut crash_files = Vec::new();
+    for id in state.solutions().ids() {
+        let tc = state.solutions().get(id).map_err(|x| e("solution", x))?;
+        if let Some(p) = tc.borrow().file_path() {
+            crash_files.push(p.clone());
+        }
+    }
+    let s = exec.stats();
+    let report = SessionReport {
+        execs: s.execs,
+        corpus: state.corpus().count(),
+        solutions: state.solutions().count(),
+        edges: s.edges,
+        elapsed_s: start.elapsed().as_secs_f64(),
+        run_s: s.run_s,
+        reset_s: s.reset_s,
+        first_solution_s: first,
+        crash_files,
+    };
+    Ok((state, report))
 }
 
 #[cfg(test)]
@@ -310,16 +379,47 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    #[test]
+    fn outcomes_map_to_exit_kinds() {
+        assert_eq!(exit_kind(&Outcome::Done(3)), ExitKind::Ok);
+        assert_eq!(
+            exit_kind(&Outcome::Timeout(Duration::from_secs(1))),
+            ExitKind::Timeout
+        );
+        for o in [
+            Outcome::Crash("bug".into()),
+            Outcome::TripleFault { rip: 0x1000 },
+            Outcome::OutsideMemory {
+                gpa: 1 << 40,
+                write: true,
+            },
+            Outcome::Stopped("hlt".into()),
+        ] {
+            assert_eq!(exit_kind(&o), ExitKind::Crash, "{o}");
+        }
+    }
+
+    #[test]
+    fn comparison_log_records_become_tokens() {
+        let mut log = vec![0u8; 80];
+        log[..8].copy_from_slice(&3u64.to_le_bytes());
+        let magic = u64::from(u32::from_le_bytes(*b"FUZ!"));
+        log[16..24].copy_from_slice(&(4 | COV_CMP_CONST).to_le_bytes());
+        log[24..32].copy_from_slice(&magic.to_le_bytes());
+        log[32..40].copy_from_slice(&(9 | COV_CMP_CONST).to_le_bytes()); // a bad size: skipped
+        log[48..56].copy_from_slice(&4u64.to_le_bytes()); // a runtime operand: skipped
+        log[56..64].copy_from_slice(&7u64.to_le_bytes());
+        let mut t = Tokens::new();
+        learn_tokens(&log, &mut t);
+        assert_eq!(t.tokens(), &[b"FUZ!".to_vec()]);
+    }
+
     proptest! {
         #[test]
-        fn mutate_never_panics_and_respects_max_len(
-            seed in any::<u64>(), input in proptest::collection::vec(any::<u8>(), 0..64),
-            other in proptest::collection::vec(any::<u8>(), 0..64), max in 1usize..80,
-            tokens in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..9), 0..4),
-        ) {
-            let mut rng = XorShift::new(seed);
-            let out = mutate(&mut rng, &input, &other, &tokens, max);
-            prop_assert!(out.len() <= max);
+        fn any_comparison_log_is_bounded(log in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut t = Tokens::new();
+            learn_tokens(&log, &mut t);
+            prop_assert!(t.len() <= MAX_TOKENS);
         }
     }
 }

@@ -37,8 +37,8 @@
 //! [`program`]: `Program`, a user's guest ELF in a `Guest` with the host side of the guest ABI
 //! (`snapshot_here`, `next_input`, `done`, `crash`, a time limit per run; `guest/ABI.md`).
 //!
-//! [`fuzz`]: `Fuzzer`, snapshot fuzzing of a `Program` (one child, reset per input, coverage from
-//! a shared Vmo).
+//! [`fuzz`]: `GuestExecutor`, a LibAFL executor over one forked child of a `Program` (reset per
+//! input, coverage from a shared Vmo), and `fuzz`, one LibAFL client over it.
 //!
 //! Invariants: a `Guest` is driven from one thread at a time (the vCPU thread); forks are taken
 //! only while the parent's vCPU is stopped (the Vmar's fork contract), and the host side of

@@ -8,11 +8,14 @@
 //! ```text
 //! COV_GPA + [0, CMP_OFF)          8-bit edge counters (guard g counts at g % CMP_OFF)
 //! COV_GPA + CMP_OFF               u64 count of comparison records written (may exceed CMP_MAX)
-//! COV_GPA + CMP_OFF + 16 * (1+i)  record i < CMP_MAX: u64 operand size in bytes, u64 operand
+//! COV_GPA + CMP_OFF + 16 * (1+i)  record i < CMP_MAX: u64 operand size in bytes (| CMP_CONST
+//!                                 when the operand is a compile-time constant), u64 operand
 //! ```
 //! The fuzzing host maps the whole window as a shared Vmo (not rolled back by reset, one per
-//! child), reads and zeroes it per input, and turns the operands into mutation tokens (how a
-//! magic value is found). The SDK itself is not instrumented.
+//! child), reads and zeroes it per input, and turns the constant operands into mutation tokens
+//! (how a magic value is found; the operands of comparisons between two runtime values are
+//! logged too, but mostly input bytes, so the host does not make them tokens). The SDK itself
+//! is not instrumented.
 //!
 //! Invariant: guard values are 1..CMP_OFF after `init` (0 = not numbered: ignored) and record
 //! indices are < CMP_MAX, so every byte the SDK writes lies inside the window.
@@ -22,6 +25,9 @@ pub const COV_GPA: usize = 0x8_0000;
 pub const COV_SIZE: usize = 0x1_0000;
 /// Start of the comparison log inside the window.
 pub const CMP_OFF: usize = 0xf000;
+/// Set in a record's size word when its operand is a compile-time constant (`const_cmp`,
+/// `switch` cases).
+pub const CMP_CONST: u64 = 0x100;
 /// Comparison records the log holds.
 pub const CMP_MAX: usize = (COV_SIZE - CMP_OFF) / 16 - 1;
 
@@ -96,7 +102,7 @@ macro_rules! cmp_hooks {
         #[no_mangle]
         extern "C" fn $const_name(a: $t, b: $t) {
             if a != b {
-                record($size, a as u64);
+                record($size | CMP_CONST, a as u64);
             }
         }
     )*};
@@ -109,7 +115,7 @@ cmp_hooks! {
     __sanitizer_cov_trace_cmp8, __sanitizer_cov_trace_const_cmp8, u64, 8;
 }
 
-/// `switch (val)` with `cases = [count, bit width, case values...]`: logs the cases.
+/// `switch (val)` with `cases = [count, bit width, case values...]`: logs the cases (constants).
 #[no_mangle]
 extern "C" fn __sanitizer_cov_trace_switch(val: u64, cases: *const u64) {
     // SAFETY: LLVM passes its case table: count, width, then `count` values.
@@ -117,6 +123,8 @@ extern "C" fn __sanitizer_cov_trace_switch(val: u64, cases: *const u64) {
     for i in 0..n.min(16) as usize {
         // SAFETY: i < n, inside the table.
         let c = unsafe { cases.add(2 + i).read() };
-        cmp(bits / 8, val, c);
+        if c != val {
+            record((bits / 8) | CMP_CONST, c);
+        }
     }
 }

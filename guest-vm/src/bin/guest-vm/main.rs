@@ -24,6 +24,9 @@
 //! - [`bench`]: `guest-vm bench` (rows, `baseline` mechanisms, `print`);
 //! - [`measure`]: medians and unit conversions shared by the jobs.
 
+// The fuzz bench compiles the guest targets (`guest/targets/*.rs`, no_std + alloc) natively.
+extern crate alloc;
+
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};

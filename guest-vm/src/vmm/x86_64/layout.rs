@@ -30,6 +30,9 @@ pub const COV_SIZE: u64 = 0x10000;
 /// Where the coverage window's comparison log starts (edge counters before it; the SDK's
 /// `cov.rs` writes the same layout).
 pub const COV_CMP_OFF: u64 = 0xf000;
+/// Flag in a comparison record's size word: the operand is a compile-time constant (the SDK's
+/// `cov::CMP_CONST`).
+pub const COV_CMP_CONST: u64 = 0x100;
 pub const MAILBOX_GPA: u64 = 0x90000;
 pub const DATA_GPA: u64 = 0x100000;
 

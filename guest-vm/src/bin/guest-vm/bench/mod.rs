@@ -25,7 +25,10 @@
 //! - restores of the key-value store guest serving requests: demand faults with the working
 //!   set stored in the file vs without, and restore + run vs a new VM over `MAP_PRIVATE` of a
 //!   raw memory file (`restore`);
-//! - the demo's 8 concurrent children: wall time vs process CPU time / CPUs (`fleet`).
+//! - the demo's 8 concurrent children: wall time vs process CPU time / CPUs (`fleet`);
+//! - snapshot fuzzing: time per input of the LibAFL guest executor (reset per input) vs
+//!   LibAFL's fork-per-input and in-process executors on the same target code natively, the
+//!   reset share, two clients vs one, the time to the planted crash (`fuzz`).
 //!
 //! `--groups` runs a subset (`GROUPS` names them); every row of a group is measured together.
 //!
@@ -36,7 +39,7 @@
 //! working-set row), `pool` (the shell-pool rows), `reset` (the reset-cycle rows: restore vs drop policy, reset alone vs
 //! memcpy, flatness in guest size), `snapshot` (the snapshot-file rows: save vs write, restore
 //! flatness, diff-save pause), `restore` (prefetched restore, restore vs private file map),
-//! `fleet` (the concurrent-children row) and [`print`] (the table).
+//! `fleet` (the concurrent-children row), `fuzz` (the fuzzing rows) and [`print`] (the table).
 
 use std::time::{Duration, Instant};
 
@@ -51,6 +54,7 @@ use baseline::{self as base, OverlayKind};
 
 pub mod baseline;
 mod fleet;
+mod fuzz;
 mod pool;
 mod prefetch;
 pub mod print;
@@ -59,8 +63,8 @@ mod restore;
 mod snapshot;
 
 /// The row groups, in run order (`--groups` names a subset).
-pub const GROUPS: [&str; 9] = [
-    "fork", "pool", "faults", "cow", "prefetch", "reset", "snapshot", "restore", "fleet",
+pub const GROUPS: [&str; 10] = [
+    "fork", "pool", "faults", "cow", "prefetch", "reset", "snapshot", "restore", "fleet", "fuzz",
 ];
 
 /// Fault-around window of the streaming row (pages).
@@ -534,7 +538,7 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
     let frames = HostFrames::new(guest_mem(biggest).max(guest_mem(o.pages * PAGE_SIZE)) * 4)?;
     let mut rows = Vec::new();
     type Group = fn(&BenchOptions, &HostFrames, &mut Vec<Row>) -> Result<()>;
-    let groups: [Group; 9] = [
+    let groups: [Group; 10] = [
         fork_rows,
         pool::pool_rows,
         fault_rows,
@@ -544,6 +548,7 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
         snapshot::snapshot_rows,
         restore::restore_rows,
         fleet::fleet_rows,
+        fuzz::fuzz_rows,
     ];
     for (name, group) in GROUPS.iter().zip(groups) {
         if on(name) {
