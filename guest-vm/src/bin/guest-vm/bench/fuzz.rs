@@ -11,11 +11,11 @@
 //!   `-inprocess` row. The native harness is built without SanitizerCoverage (no observer): it
 //!   does less work per input than ours, so the comparison is conservative.
 //!
-//! Also: `fuzz-reset-share` (reset time ÷ per-input time of ours, in `ratio`), `fuzz-cores-2`
-//! (two executors on two threads over the sequence, aggregate time per input, vs one — the
-//! executor scaling a 2-client Launcher gets, without LLMP), and `fuzz-find-crash` (LibAFL
-//! fuzzing the `kv` guest from the seed `a=1;` until the planted crash, median of 5 seeds;
-//! reported, no baseline).
+//! Also: `fuzz-reset-share` (reset time ÷ per-input time of ours, in `ratio`) and
+//! `fuzz-cores-2` (two executors on two threads over the sequence, aggregate time per input,
+//! vs one — the executor scaling a 2-client Launcher gets, without LLMP), for the first target.
+//! The `fuzz-crash` group: `fuzz-find-crash-NAME` (LibAFL fuzzing each target's guest from its
+//! seed until the planted crash, median of 5 seeds; reported, no baseline).
 //!
 //! Invariants: the native rows run after the guest's are dropped (no guest memory in the
 //! forked process); a target whose planted bug an input triggers is a crash in every executor
@@ -296,12 +296,7 @@ fn target_rows(o: &BenchOptions, t: &Target, rows: &mut Vec<Row>, first: bool) -
             one.push(threaded(&parent, 1, &inputs)?);
             two.push(threaded(&parent, 2, &inputs)?);
         }
-        progress(&format!(
-            "fuzz: time to the planted crash of {}, {} seeds",
-            t.name,
-            CRASH_SEEDS.len()
-        ));
-        Some((median(&one), median(&two), find_crash(&parent, t)?))
+        Some((median(&one), median(&two)))
     } else {
         None
     };
@@ -369,7 +364,7 @@ fn target_rows(o: &BenchOptions, t: &Target, rows: &mut Vec<Row>, first: bool) -
         "LibAFL InProcessExecutor, native (no isolation)",
         median(&ceiling),
     ));
-    if let Some((one, two, (secs, execs))) = cores {
+    if let Some((one, two)) = cores {
         rows.push(row(
             "fuzz-reset-share",
             format!(
@@ -392,16 +387,41 @@ fn target_rows(o: &BenchOptions, t: &Target, rows: &mut Vec<Row>, first: bool) -
             "1 executor thread",
             one,
         ));
+    }
+    Ok(())
+}
+
+/// The rows of the fuzz group; see the module documentation.
+pub fn fuzz_rows(o: &BenchOptions, _frames: &HostFrames, rows: &mut Vec<Row>) -> Result<()> {
+    for (k, t) in TARGETS.iter().enumerate() {
+        target_rows(o, t, rows, k == 0)?;
+    }
+    Ok(())
+}
+
+/// The rows of the fuzz-crash group (minutes: a group of its own, so `--groups fuzz` stays
+/// short): `fuzz-find-crash-NAME`, LibAFL fuzzing each target from its seed until its planted
+/// crash, median of `CRASH_SEEDS` (reported, no baseline).
+pub fn fuzz_crash_rows(_o: &BenchOptions, _frames: &HostFrames, rows: &mut Vec<Row>) -> Result<()> {
+    for t in TARGETS {
+        let frames = HostFrames::new((t.mem_mib << 20) * 6)?;
+        let parent = boot(&frames, t)?;
+        progress(&format!(
+            "fuzz: time to the planted crash of {}, {} seeds",
+            t.name,
+            CRASH_SEEDS.len()
+        ));
+        let (secs, execs) = find_crash(&parent, t)?;
         let med_execs = median(&execs.iter().map(|&e| e as f64).collect::<Vec<_>>());
         let lo = secs.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = secs.iter().copied().fold(0.0, f64::max);
         let mut r = row(
-            "fuzz-find-crash",
+            &format!("fuzz-find-crash-{}", t.name),
             format!(
                 "time to the planted crash, {} from `{}`, median of {} seeds ({med_execs:.0} \
                  inputs; {lo:.1}–{hi:.1} s)",
                 t.name,
-                String::from_utf8_lossy(t.seed),
+                String::from_utf8_lossy(t.seed).escape_debug(),
                 CRASH_SEEDS.len()
             ),
             "LibAFL + GuestExecutor, 1 client",
@@ -411,14 +431,6 @@ fn target_rows(o: &BenchOptions, t: &Target, rows: &mut Vec<Row>, first: bool) -
         );
         r.ratio = 0.0;
         rows.push(r);
-    }
-    Ok(())
-}
-
-/// The rows of the fuzz group; see the module documentation.
-pub fn fuzz_rows(o: &BenchOptions, _frames: &HostFrames, rows: &mut Vec<Row>) -> Result<()> {
-    for (k, t) in TARGETS.iter().enumerate() {
-        target_rows(o, t, rows, k == 0)?;
     }
     Ok(())
 }

@@ -39,7 +39,8 @@
 //! working-set row), `pool` (the shell-pool rows), `reset` (the reset-cycle rows: restore vs drop policy, reset alone vs
 //! memcpy, flatness in guest size), `snapshot` (the snapshot-file rows: save vs write, restore
 //! flatness, diff-save pause), `restore` (prefetched restore, restore vs private file map),
-//! `fleet` (the concurrent-children row), `fuzz` (the fuzzing rows) and [`print`] (the table).
+//! `fleet` (the concurrent-children row), `fuzz` (the fuzzing rows; group `fuzz-crash` for the
+//! minutes-long time-to-crash rows) and [`print`] (the table).
 
 use std::time::{Duration, Instant};
 
@@ -63,8 +64,18 @@ mod restore;
 mod snapshot;
 
 /// The row groups, in run order (`--groups` names a subset).
-pub const GROUPS: [&str; 10] = [
-    "fork", "pool", "faults", "cow", "prefetch", "reset", "snapshot", "restore", "fleet", "fuzz",
+pub const GROUPS: [&str; 11] = [
+    "fork",
+    "pool",
+    "faults",
+    "cow",
+    "prefetch",
+    "reset",
+    "snapshot",
+    "restore",
+    "fleet",
+    "fuzz",
+    "fuzz-crash",
 ];
 
 /// Fault-around window of the streaming row (pages).
@@ -538,7 +549,7 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
     let frames = HostFrames::new(guest_mem(biggest).max(guest_mem(o.pages * PAGE_SIZE)) * 4)?;
     let mut rows = Vec::new();
     type Group = fn(&BenchOptions, &HostFrames, &mut Vec<Row>) -> Result<()>;
-    let groups: [Group; 10] = [
+    let groups: [Group; 11] = [
         fork_rows,
         pool::pool_rows,
         fault_rows,
@@ -549,6 +560,7 @@ pub fn run(o: &BenchOptions) -> Result<BenchReport> {
         restore::restore_rows,
         fleet::fleet_rows,
         fuzz::fuzz_rows,
+        fuzz::fuzz_crash_rows,
     ];
     for (name, group) in GROUPS.iter().zip(groups) {
         if on(name) {
