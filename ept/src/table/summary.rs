@@ -103,9 +103,13 @@ impl Claim {
         if g.contains(S2Perms::WRITE) {
             return self;
         }
+        Claim::Exact(self.base() & g)
+    }
+
+    /// The perms without WRITE that the claim allows every leaf (it may add WRITE to them).
+    fn base(self) -> S2Perms {
         match self {
-            Claim::Exact(p) => Claim::Exact(p & g),
-            Claim::OrWrite(p) => Claim::Exact(p & g),
+            Claim::Exact(p) | Claim::OrWrite(p) => p - S2Perms::WRITE,
         }
     }
 
@@ -132,12 +136,9 @@ impl Claim {
         if self == other {
             return Some(self);
         }
-        let base = |c: Claim| match c {
-            Exact(p) | OrWrite(p) => p - S2Perms::WRITE,
-        };
-        let (a, b) = (base(self), base(other));
+        let a = self.base();
         // Two different claims over the same base: one of them is, or has, a WRITE leaf.
-        (a == b).then_some(OrWrite(a))
+        (a == other.base()).then_some(OrWrite(a))
     }
 
     /// Whether a leaf with `perms` (as seen from the entry) is allowed by the claim.
