@@ -25,6 +25,28 @@ fn count(dir: &str) -> usize {
     std::fs::read_dir(dir).unwrap().count()
 }
 
+/// This process's threads named `name`, once the count equals `want` or after 5 s. Counted by
+/// name, not in total: the test harness starts a thread for each test, so the total moves while
+/// a test runs. Polled: a new thread names itself when it starts, and a joined one leaves
+/// `/proc` a moment after the join returns.
+fn threads_named(name: &str, want: usize) -> usize {
+    let named = || {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|comm| comm.trim_end() == name)
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let n = named();
+        if n == want || std::time::Instant::now() > deadline {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// A parent running the write loop over `PAGES` pages from `DATA_GPA`, stopped at its entry
 /// after one run (so its pages are written), and the entry state.
 fn parent(frames: &HostFrames) -> (Guest, guest_vm::VcpuState) {
@@ -82,16 +104,20 @@ fn children_from_a_pool_run_and_every_frame_comes_back() {
 fn a_pool_dropped_with_unused_shells_leaves_nothing() {
     require_kvm!();
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let (threads, fds) = (count("/proc/self/task"), count("/proc/self/fd"));
+    let fds = count("/proc/self/fd");
+    assert_eq!(threads_named("uffd-faults", 0), 0);
+    assert_eq!(threads_named("shell-refill", 0), 0);
     let pool = ShellPool::new(5, MEM).unwrap();
     assert_eq!(pool.wait_full(Duration::from_secs(30)), 5);
     // 5 fault threads waiting for a resolver + the refill thread.
-    assert_eq!(count("/proc/self/task"), threads + 6);
+    assert_eq!(threads_named("uffd-faults", 5), 5);
+    assert_eq!(threads_named("shell-refill", 1), 1);
     assert!(count("/proc/self/fd") > fds + 5 * 4);
     // A shell taken and dropped unused is clean too.
     drop(pool.take().unwrap());
     drop(pool);
-    assert_eq!(count("/proc/self/task"), threads, "threads joined");
+    assert_eq!(threads_named("uffd-faults", 0), 0, "fault threads joined");
+    assert_eq!(threads_named("shell-refill", 0), 0, "refill thread joined");
     assert_eq!(count("/proc/self/fd"), fds, "fds closed");
 }
 
