@@ -11,8 +11,14 @@
 //! back; after each run the executor copies it out and zeroes it (`Coverage::take`) and hands
 //! the edge counters (`[0, COV_CMP_OFF)`) to the map observer (`HitcountsMapObserver` over an
 //! owned buffer: LibAFL's `pre_exec` clears it, `post_exec` buckets it). The comparison log
-//! after the counters (the operands of the guest's comparisons) gives its constant operands to
-//! the state's `Tokens` metadata, which the token mutations insert: that is how a magic value is matched.
+//! after the counters (the operand pairs of the guest's comparisons, one slot per distinct
+//! pair) serves two mutations, as AFL++'s CmpLog does: its constant operands become the
+//! state's `Tokens`, which the token mutations insert; and `InputToStateStage` runs each
+//! corpus entry once more, tries once per entry every input made by writing one operand of a
+//! comparison where the input holds the other (AFL++'s deterministic input-to-state pass), and
+//! keeps the pairs as `CmpValuesMetadata` for LibAFL's random input-to-state mutation
+//! (`I2SRandReplace`) — how a magic prefix checked byte by byte is found in a few thousand
+//! inputs instead of millions.
 //!
 //! Outcomes map to exit kinds: `done` is `Ok`; the time limit (vCPU kick) is `Timeout`; the
 //! SDK's `crash`, a triple fault (an exception), an access outside guest memory, a fault the
@@ -33,15 +39,24 @@ use libafl::events::{EventFirer, EventReceiver, ProgressReporter, SendExiting};
 use libafl::executors::{Executor, ExitKind, HasObservers};
 use libafl::feedback_or_fast;
 use libafl::feedbacks::{CrashFeedback, MaxMapFeedback, TimeoutFeedback};
-use libafl::fuzzer::{Evaluator, Fuzzer as _, StdFuzzer};
+use libafl::fuzzer::{Evaluator, ExecuteInputResult, Fuzzer as _, StdFuzzer};
 use libafl::inputs::BytesInput;
-use libafl::mutators::{havoc_mutations, tokens_mutations, HavocScheduledMutator, Tokens};
-use libafl::observers::{CanTrack, ExplicitTracking, HitcountsMapObserver, StdMapObserver};
+use libafl::mutators::{
+    havoc_mutations, tokens_mutations, HavocScheduledMutator, I2SRandReplace, Tokens,
+};
+use libafl::observers::{
+    CanTrack, CmpValues, CmpValuesMetadata, ExplicitTracking, HitcountsMapObserver,
+    StdMapObserver,
+};
 use libafl::schedulers::{
     powersched::PowerSchedule, IndexesLenTimeMinimizerScheduler, StdWeightedScheduler,
 };
-use libafl::stages::{CalibrationStage, StdPowerMutationalStage};
-use libafl::state::{HasCorpus, HasExecutions, HasMaxSize, HasSolutions, StdState};
+use libafl::stages::{
+    CalibrationStage, Restartable, Stage, StdMutationalStage, StdPowerMutationalStage,
+};
+use libafl::state::{
+    HasCorpus, HasCurrentTestcase, HasExecutions, HasMaxSize, HasSolutions, StdState,
+};
 use libafl::HasMetadata;
 use libafl_bolts::rands::StdRand;
 use libafl_bolts::tuples::{tuple_list, Merge, RefIndexable};
@@ -49,7 +64,7 @@ use libafl_bolts::tuples::{tuple_list, Merge, RefIndexable};
 use super::program::{Coverage, Outcome, Program};
 use crate::error::{Error, Result};
 use crate::vmm::vcpu_state::VcpuState;
-use crate::vmm::x86_64::layout::{COV_CMP_CONST, COV_CMP_OFF, COV_SIZE};
+use crate::vmm::x86_64::layout::{COV_CMP_CONST, COV_CMP_OFF, COV_CMP_SLOT_BYTES, COV_SIZE};
 
 /// Most mutation tokens taken from the comparison log.
 pub const MAX_TOKENS: usize = 512;
@@ -185,34 +200,196 @@ impl GuestExecutor {
     }
 }
 
-/// Adds the constant comparison operands of a comparison log (the map's bytes from
-/// `COV_CMP_OFF`: a u64 count, then 16-byte records `size, value`; a constant's size word has
-/// `COV_CMP_CONST` set) to `tokens`, up to `MAX_TOKENS`. Operands of comparisons between two
-/// runtime values are skipped: they are mostly input bytes and would crowd the magic values out
-/// of the token pool. Whatever the
-/// guest wrote there (a count beyond the log, bad sizes) is bounded, never a panic.
+/// One slot of a guest's comparison log: two operands of `size` bytes, the first a
+/// compile-time constant when `constant`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Comparison {
+    pub size: usize,
+    pub a: u64,
+    pub b: u64,
+    pub constant: bool,
+}
+
+/// The comparisons in a comparison log (the map's bytes from `COV_CMP_OFF`: the count, then
+/// `COV_CMP_SLOT_BYTES`-byte slots `size | COV_CMP_CONST, a, b`; `guest/ABI.md`): every slot
+/// with a size of 1, 2, 4 or 8 bytes. Empty slots (size 0) and whatever else the guest wrote
+/// there are skipped, never a panic.
+pub fn comparisons(log: &[u8]) -> impl Iterator<Item = Comparison> + '_ {
+    log.chunks_exact(COV_CMP_SLOT_BYTES as usize)
+        .skip(1)
+        .filter_map(|slot| {
+            let word = |i: usize| {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&slot[i * 8..i * 8 + 8]);
+                u64::from_le_bytes(b)
+            };
+            let size = (word(0) & !COV_CMP_CONST) as usize;
+            matches!(size, 1 | 2 | 4 | 8).then(|| Comparison {
+                size,
+                a: word(1),
+                b: word(2),
+                constant: word(0) & COV_CMP_CONST != 0,
+            })
+        })
+}
+
+/// Adds the constant operands of a comparison log to `tokens`, up to `MAX_TOKENS`. Operands
+/// of comparisons between two runtime values are skipped: they are mostly input bytes and
+/// would crowd the magic values out of the token pool (the input-to-state mutation uses them).
 pub fn learn_tokens(log: &[u8], tokens: &mut Tokens) {
-    let word = |i: usize| {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&log[i * 8..i * 8 + 8]);
-        u64::from_le_bytes(b)
-    };
-    if log.len() < 16 {
-        return;
-    }
-    let records = (word(0) as usize).min(log.len() / 16 - 1);
-    for r in 1..=records {
-        let (size, value) = (word(2 * r), word(2 * r + 1));
+    for c in comparisons(log).filter(|c| c.constant && c.a != 0) {
         if tokens.len() >= MAX_TOKENS {
             return;
         }
-        if size & COV_CMP_CONST == 0 {
-            continue;
+        tokens.add_token(&c.a.to_le_bytes()[..c.size].to_vec());
+    }
+}
+
+/// The operand pairs of a comparison log as LibAFL's `CmpValuesMetadata` (what
+/// `I2SRandReplace` reads), each operand truncated to its size.
+pub fn cmp_metadata(log: &[u8]) -> CmpValuesMetadata {
+    let mut meta = CmpValuesMetadata::new();
+    meta.list = comparisons(log)
+        .map(|c| match c.size {
+            1 => CmpValues::U8((c.a as u8, c.b as u8, c.constant)),
+            2 => CmpValues::U16((c.a as u16, c.b as u16, c.constant)),
+            4 => CmpValues::U32((c.a as u32, c.b as u32, c.constant)),
+            _ => CmpValues::U64((c.a, c.b, c.constant)),
+        })
+        .collect();
+    meta
+}
+
+/// Most inputs `InputToStateStage` derives from one input.
+pub const MAX_REPLACEMENTS: usize = 1024;
+/// Most inputs `InputToStateStage` evaluates for one corpus entry, the new entries it found
+/// on the way included.
+pub const MAX_CHASE: usize = 4 * MAX_REPLACEMENTS;
+
+/// The inputs AFL++'s deterministic input-to-state stage tries for `input` after a run that
+/// made the comparisons `cmps`: for each comparison, each place where `input` holds one
+/// operand (little- or big-endian), the input with the other operand written there — only the
+/// runtime operand is replaced when the first is a constant. Constants' comparisons come
+/// first; no duplicates, never `input` itself, at most `max`.
+pub fn replacements(input: &[u8], cmps: &[Comparison], max: usize) -> Vec<Vec<u8>> {
+    let mut order: Vec<&Comparison> = cmps.iter().collect();
+    order.sort_by_key(|c| !c.constant);
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for c in order {
+        let mut swaps = vec![(c.b, c.a)];
+        if !c.constant {
+            swaps.push((c.a, c.b));
         }
-        let size = (size & !COV_CMP_CONST) as usize;
-        if (1..=8).contains(&size) && value != 0 {
-            tokens.add_token(&value.to_le_bytes()[..size].to_vec());
+        for (from, to) in swaps {
+            for big_endian in [false, true] {
+                if big_endian && c.size == 1 {
+                    continue;
+                }
+                let bytes = |v: u64| {
+                    let mut b = v.to_le_bytes()[..c.size].to_vec();
+                    if big_endian {
+                        b.reverse();
+                    }
+                    b
+                };
+                let (from, to) = (bytes(from), bytes(to));
+                for at in 0..(input.len() + 1).saturating_sub(c.size) {
+                    if input[at..at + c.size] != from[..] {
+                        continue;
+                    }
+                    let mut next = input.to_vec();
+                    next[at..at + c.size].copy_from_slice(&to);
+                    if seen.insert(next.clone()) {
+                        out.push(next);
+                        if out.len() >= max {
+                            return out;
+                        }
+                    }
+                }
+            }
         }
+    }
+    out
+}
+
+/// A LibAFL stage that runs the corpus entry being fuzzed once more in the guest and keeps
+/// the comparisons of that run as the state's `CmpValuesMetadata` (for the random
+/// input-to-state mutation after it: AFL++'s CmpLog tracing run, on the SDK's comparison log);
+/// the first time it meets an entry it also evaluates every input of [`replacements`] (AFL++'s
+/// deterministic input-to-state pass), and does the same at once for each of those that
+/// reached new coverage (a new corpus entry), so a magic value compared byte by byte is
+/// matched within one schedule. One run per scheduled entry, and at most `MAX_CHASE` once per
+/// entry, beside the hundreds of mutated runs that follow each schedule.
+#[derive(Debug, Default)]
+pub struct InputToStateStage {
+    replaced: std::collections::HashSet<libafl::corpus::CorpusId>,
+}
+
+impl<EM, Z> Stage<GuestExecutor, EM, FuzzState, Z> for InputToStateStage
+where
+    Z: Evaluator<GuestExecutor, EM, BytesInput, FuzzState>,
+{
+    fn perform(
+        &mut self,
+        fuzzer: &mut Z,
+        executor: &mut GuestExecutor,
+        state: &mut FuzzState,
+        manager: &mut EM,
+    ) -> std::result::Result<(), libafl::Error> {
+        use libafl::corpus::HasCurrentCorpusId;
+        let input = state.current_input_cloned()?;
+        *state.executions_mut() += 1;
+        executor.exec(input.as_ref()).map_err(afl_err)?;
+        let log = &executor.raw[COV_CMP_OFF as usize..];
+        let cmps: Vec<Comparison> = comparisons(log).collect();
+        state.add_metadata(cmp_metadata(log));
+        let first = match state.current_corpus_id()? {
+            Some(id) => self.replaced.insert(id),
+            None => false,
+        };
+        if !first {
+            return Ok(());
+        }
+        // Depth first: an input that reached new coverage is traced and replaced at once, so a
+        // magic compared byte by byte is matched in one schedule, not one per byte.
+        let mut todo = vec![(input.as_ref().to_vec(), cmps)];
+        let mut budget = MAX_CHASE;
+        while let Some((input, cmps)) = todo.pop() {
+            for next in replacements(&input, &cmps, MAX_REPLACEMENTS.min(budget)) {
+                budget -= 1;
+                let next = BytesInput::new(next);
+                let (result, id) = fuzzer.evaluate_input(state, executor, manager, &next)?;
+                let Some(id) = id.filter(|_| matches!(result, ExecuteInputResult::Corpus)) else {
+                    continue;
+                };
+                self.replaced.insert(id);
+                *state.executions_mut() += 1;
+                executor.exec(next.as_ref()).map_err(afl_err)?;
+                let cmps = comparisons(&executor.raw[COV_CMP_OFF as usize..]).collect();
+                todo.push((next.as_ref().to_vec(), cmps));
+            }
+            if budget == 0 {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Restartable<FuzzState> for InputToStateStage {
+    fn should_restart(
+        &mut self,
+        _state: &mut FuzzState,
+    ) -> std::result::Result<bool, libafl::Error> {
+        Ok(true)
+    }
+
+    fn clear_progress(
+        &mut self,
+        _state: &mut FuzzState,
+    ) -> std::result::Result<(), libafl::Error> {
+        Ok(())
     }
 }
 
@@ -339,7 +516,13 @@ where
         }
     }
     let mutator = HavocScheduledMutator::new(havoc_mutations().merge(tokens_mutations()));
-    let mut stages = tuple_list!(calibration, StdPowerMutationalStage::new(mutator));
+    let i2s = HavocScheduledMutator::new(tuple_list!(I2SRandReplace::new()));
+    let mut stages = tuple_list!(
+        calibration,
+        InputToStateStage::default(),
+        StdMutationalStage::new(i2s),
+        StdPowerMutationalStage::new(mutator)
+    );
     let mut first = None;
     while start.elapsed() < o.time {
         fuzzer
@@ -399,19 +582,85 @@ mod tests {
         }
     }
 
+    /// A comparison log with `slots` written at slot indices 0, 1, ... (the count word is
+    /// not read by the host).
+    fn log_of(slots: &[(u64, u64, u64)]) -> Vec<u8> {
+        let n = COV_CMP_SLOT_BYTES as usize;
+        let mut log = vec![0u8; n * (slots.len() + 2)];
+        for (i, &(size, a, b)) in slots.iter().enumerate() {
+            let at = n * (i + 1);
+            log[at..at + 8].copy_from_slice(&size.to_le_bytes());
+            log[at + 8..at + 16].copy_from_slice(&a.to_le_bytes());
+            log[at + 16..at + 24].copy_from_slice(&b.to_le_bytes());
+        }
+        log
+    }
+
     #[test]
-    fn comparison_log_records_become_tokens() {
-        let mut log = vec![0u8; 80];
-        log[..8].copy_from_slice(&3u64.to_le_bytes());
+    fn comparison_log_slots_become_tokens_and_operand_pairs() {
         let magic = u64::from(u32::from_le_bytes(*b"FUZ!"));
-        log[16..24].copy_from_slice(&(4 | COV_CMP_CONST).to_le_bytes());
-        log[24..32].copy_from_slice(&magic.to_le_bytes());
-        log[32..40].copy_from_slice(&(9 | COV_CMP_CONST).to_le_bytes()); // a bad size: skipped
-        log[48..56].copy_from_slice(&4u64.to_le_bytes()); // a runtime operand: skipped
-        log[56..64].copy_from_slice(&7u64.to_le_bytes());
+        let log = log_of(&[
+            (4 | COV_CMP_CONST, magic, 0x3d31_3d61),
+            (9 | COV_CMP_CONST, 5, 6), // a bad size: skipped
+            (1, 0x47, 0x50),           // two runtime operands: a pair, no token
+            (0, 0, 0),                 // an empty slot
+            (1 | COV_CMP_CONST, 0x1_0050, 0x47), // truncated to its size
+        ]);
         let mut t = Tokens::new();
         learn_tokens(&log, &mut t);
-        assert_eq!(t.tokens(), &[b"FUZ!".to_vec()]);
+        assert_eq!(t.tokens(), &[b"FUZ!".to_vec(), b"P".to_vec()]);
+        let meta = cmp_metadata(&log);
+        assert_eq!(
+            meta.list,
+            vec![
+                CmpValues::U32((u32::from_le_bytes(*b"FUZ!"), 0x3d31_3d61, true)),
+                CmpValues::U8((0x47, 0x50, false)),
+                CmpValues::U8((0x50, 0x47, true)),
+            ]
+        );
+    }
+
+    #[test]
+    fn input_to_state_replaces_the_compared_byte_with_the_magic() {
+        use libafl::mutators::{MutationResult, Mutator};
+        use libafl::state::NopState;
+        // The guest compared the method's first byte `G` with the constant `P`.
+        let log = log_of(&[(1 | COV_CMP_CONST, u64::from(b'P'), u64::from(b'G'))]);
+        let mut state: NopState<BytesInput> = NopState::new();
+        state.add_metadata(cmp_metadata(&log));
+        let mut input = BytesInput::new(b"G".to_vec());
+        let r = I2SRandReplace::new().mutate(&mut state, &mut input).unwrap();
+        assert_eq!(r, MutationResult::Mutated);
+        assert_eq!(input.as_ref(), b"P");
+    }
+
+    #[test]
+    fn replacements_write_the_other_operand_where_the_input_holds_one() {
+        let c = |size, a, b, constant| Comparison {
+            size,
+            a,
+            b,
+            constant,
+        };
+        let cmps = [
+            c(1, 0x47, 0x45, false),                      // 'G' vs 'E', both runtime
+            c(1, u64::from(b'P'), u64::from(b'G'), true), // constant 'P' vs 'G'
+            c(2, 0x3132, 0x4142, true),                   // constant "21" vs "BA" (LE)
+        ];
+        let got = replacements(b"GEAB", &cmps, 16);
+        // Constants first; the constant itself is never replaced by the runtime operand.
+        assert_eq!(
+            got,
+            vec![
+                b"PEAB".to_vec(),
+                b"GE12".to_vec(), // big-endian "AB" → "12"
+                b"GGAB".to_vec(), // 'E' → 'G'
+                b"EEAB".to_vec(), // 'G' → 'E'
+
+            ]
+        );
+        assert_eq!(replacements(b"GEAB", &cmps, 2).len(), 2);
+        assert!(replacements(b"", &cmps, 16).is_empty());
     }
 
     proptest! {
@@ -420,6 +669,12 @@ mod tests {
             let mut t = Tokens::new();
             learn_tokens(&log, &mut t);
             prop_assert!(t.len() <= MAX_TOKENS);
+            prop_assert!(cmp_metadata(&log).list.len() <= log.len() / COV_CMP_SLOT_BYTES as usize);
+            let cmps: Vec<Comparison> = comparisons(&log).collect();
+            let input = &log[..log.len().min(40)];
+            let next = replacements(input, &cmps, 64);
+            prop_assert!(next.len() <= 64);
+            prop_assert!(next.iter().all(|n| n.len() == input.len() && n != input));
         }
     }
 }

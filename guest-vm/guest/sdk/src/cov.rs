@@ -7,29 +7,34 @@
 //!
 //! ```text
 //! COV_GPA + [0, CMP_OFF)          8-bit edge counters (guard g counts at g % CMP_OFF)
-//! COV_GPA + CMP_OFF               u64 count of comparison records written (may exceed CMP_MAX)
-//! COV_GPA + CMP_OFF + 16 * (1+i)  record i < CMP_MAX: u64 operand size in bytes (| CMP_CONST
-//!                                 when the operand is a compile-time constant), u64 operand
+//! COV_GPA + CMP_OFF               u64 count of comparisons logged (also those overwritten)
+//! COV_GPA + CMP_OFF + 24 * (1+s)  slot s < CMP_SLOTS: u64 operand size in bytes (| CMP_CONST
+//!                                 when the first operand is a compile-time constant; 0 = an
+//!                                 empty slot), u64 first operand, u64 second operand
 //! ```
-//! The fuzzing host maps the whole window as a shared Vmo (not rolled back by reset, one per
-//! child), reads and zeroes it per input, and turns the constant operands into mutation tokens
-//! (how a magic value is found; the operands of comparisons between two runtime values are
-//! logged too, but mostly input bytes, so the host does not make them tokens). The SDK itself
-//! is not instrumented.
+//! A comparison goes to the slot its operands hash to, so a comparison repeated in a loop fills
+//! one slot, not the log, and the newest of two that collide is kept. The fuzzing host maps the
+//! whole window as a shared Vmo (not rolled back by reset, one per child), reads and zeroes it
+//! per input, turns the constant operands into mutation tokens, and gives the operand pairs of
+//! a corpus entry's run to LibAFL's input-to-state mutation (an input byte compared with a
+//! magic value is replaced by it: how a magic value is found). The SDK itself is not
+//! instrumented.
 //!
-//! Invariant: guard values are 1..CMP_OFF after `init` (0 = not numbered: ignored) and record
-//! indices are < CMP_MAX, so every byte the SDK writes lies inside the window.
+//! Invariant: guard values are 1..CMP_OFF after `init` (0 = not numbered: ignored) and slot
+//! indices are < CMP_SLOTS, so every byte the SDK writes lies inside the window.
 
 /// Guest-physical (= virtual) address and size of the coverage map.
 pub const COV_GPA: usize = 0x8_0000;
 pub const COV_SIZE: usize = 0x1_0000;
-/// Start of the comparison log inside the window.
-pub const CMP_OFF: usize = 0xf000;
-/// Set in a record's size word when its operand is a compile-time constant (`const_cmp`,
+/// Start of the comparison log inside the window (16,384 edge counters before it).
+pub const CMP_OFF: usize = 0x4000;
+/// Set in a slot's size word when its first operand is a compile-time constant (`const_cmp`,
 /// `switch` cases).
 pub const CMP_CONST: u64 = 0x100;
-/// Comparison records the log holds.
-pub const CMP_MAX: usize = (COV_SIZE - CMP_OFF) / 16 - 1;
+/// Bytes per slot of the comparison log: size word, two operands.
+pub const CMP_SLOT_BYTES: usize = 24;
+/// Slots the comparison log holds (the first slot's room holds the count).
+pub const CMP_SLOTS: usize = (COV_SIZE - CMP_OFF) / CMP_SLOT_BYTES - 1;
 
 extern "C" {
     static mut __guest_sdk_guards_start: u32;
@@ -70,25 +75,19 @@ extern "C" fn __sanitizer_cov_trace_pc_guard(guard: *mut u32) {
     }
 }
 
-/// Logs one comparison operand of `size` bytes.
-fn record(size: u64, v: u64) {
+/// Logs one comparison of two `size`-byte operands (`a` the constant when `size` has
+/// `CMP_CONST`) in the slot they hash to.
+fn record(size: u64, a: u64, b: u64) {
+    let h = (a ^ b.rotate_left(29) ^ (size << 48)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let slot = ((h >> 32) as usize) % CMP_SLOTS;
     let count = (COV_GPA + CMP_OFF) as *mut u64;
-    // SAFETY: the count and the records lie inside the coverage window (index < CMP_MAX).
+    let rec = (COV_GPA + CMP_OFF + CMP_SLOT_BYTES * (1 + slot)) as *mut u64;
+    // SAFETY: the count and the slot lie inside the coverage window (slot < CMP_SLOTS).
     unsafe {
-        let n = count.read_volatile();
-        count.write_volatile(n + 1);
-        if (n as usize) < CMP_MAX {
-            let rec = (COV_GPA + CMP_OFF + 16 * (1 + n as usize)) as *mut u64;
-            rec.write_volatile(size);
-            rec.add(1).write_volatile(v);
-        }
-    }
-}
-
-fn cmp(size: u64, a: u64, b: u64) {
-    if a != b {
-        record(size, a);
-        record(size, b);
+        count.write_volatile(count.read_volatile().wrapping_add(1));
+        rec.write_volatile(size);
+        rec.add(1).write_volatile(a);
+        rec.add(2).write_volatile(b);
     }
 }
 
@@ -96,13 +95,15 @@ macro_rules! cmp_hooks {
     ($($name:ident, $const_name:ident, $t:ty, $size:expr;)*) => {$(
         #[no_mangle]
         extern "C" fn $name(a: $t, b: $t) {
-            cmp($size, a as u64, b as u64);
+            if a != b {
+                record($size, a as u64, b as u64);
+            }
         }
-        /// `a` is the compile-time constant: only it is worth a token.
+        /// `a` is the compile-time constant.
         #[no_mangle]
         extern "C" fn $const_name(a: $t, b: $t) {
             if a != b {
-                record($size | CMP_CONST, a as u64);
+                record($size | CMP_CONST, a as u64, b as u64);
             }
         }
     )*};
@@ -115,7 +116,8 @@ cmp_hooks! {
     __sanitizer_cov_trace_cmp8, __sanitizer_cov_trace_const_cmp8, u64, 8;
 }
 
-/// `switch (val)` with `cases = [count, bit width, case values...]`: logs the cases (constants).
+/// `switch (val)` with `cases = [count, bit width, case values...]`: logs `val` against each of
+/// the first 16 cases (constants).
 #[no_mangle]
 extern "C" fn __sanitizer_cov_trace_switch(val: u64, cases: *const u64) {
     // SAFETY: LLVM passes its case table: count, width, then `count` values.
@@ -124,7 +126,7 @@ extern "C" fn __sanitizer_cov_trace_switch(val: u64, cases: *const u64) {
         // SAFETY: i < n, inside the table.
         let c = unsafe { cases.add(2 + i).read() };
         if c != val {
-            record((bits / 8) | CMP_CONST, c);
+            record((bits / 8) | CMP_CONST, c, val);
         }
     }
 }

@@ -29,9 +29,12 @@ pub const COV_GPA: u64 = 0x80000;
 pub const COV_SIZE: u64 = 0x10000;
 /// Where the coverage window's comparison log starts (edge counters before it; the SDK's
 /// `cov.rs` writes the same layout).
-pub const COV_CMP_OFF: u64 = 0xf000;
-/// Flag in a comparison record's size word: the operand is a compile-time constant (the SDK's
-/// `cov::CMP_CONST`).
+pub const COV_CMP_OFF: u64 = 0x4000;
+/// Bytes per slot of the comparison log (size word, two operands; the first slot's room holds
+/// the count of comparisons logged).
+pub const COV_CMP_SLOT_BYTES: u64 = 24;
+/// Flag in a comparison slot's size word: the first operand is a compile-time constant (the
+/// SDK's `cov::CMP_CONST`).
 pub const COV_CMP_CONST: u64 = 0x100;
 pub const MAILBOX_GPA: u64 = 0x90000;
 pub const DATA_GPA: u64 = 0x100000;
