@@ -45,8 +45,7 @@ use libafl::mutators::{
     havoc_mutations, tokens_mutations, HavocScheduledMutator, I2SRandReplace, Tokens,
 };
 use libafl::observers::{
-    CanTrack, CmpValues, CmpValuesMetadata, ExplicitTracking, HitcountsMapObserver,
-    StdMapObserver,
+    CanTrack, CmpValues, CmpValuesMetadata, ExplicitTracking, HitcountsMapObserver, StdMapObserver,
 };
 use libafl::schedulers::{
     powersched::PowerSchedule, IndexesLenTimeMinimizerScheduler, StdWeightedScheduler,
@@ -385,10 +384,7 @@ impl Restartable<FuzzState> for InputToStateStage {
         Ok(true)
     }
 
-    fn clear_progress(
-        &mut self,
-        _state: &mut FuzzState,
-    ) -> std::result::Result<(), libafl::Error> {
+    fn clear_progress(&mut self, _state: &mut FuzzState) -> std::result::Result<(), libafl::Error> {
         Ok(())
     }
 }
@@ -601,9 +597,9 @@ mod tests {
         let magic = u64::from(u32::from_le_bytes(*b"FUZ!"));
         let log = log_of(&[
             (4 | COV_CMP_CONST, magic, 0x3d31_3d61),
-            (9 | COV_CMP_CONST, 5, 6), // a bad size: skipped
-            (1, 0x47, 0x50),           // two runtime operands: a pair, no token
-            (0, 0, 0),                 // an empty slot
+            (9 | COV_CMP_CONST, 5, 6),           // a bad size: skipped
+            (1, 0x47, 0x50),                     // two runtime operands: a pair, no token
+            (0, 0, 0),                           // an empty slot
             (1 | COV_CMP_CONST, 0x1_0050, 0x47), // truncated to its size
         ]);
         let mut t = Tokens::new();
@@ -629,7 +625,9 @@ mod tests {
         let mut state: NopState<BytesInput> = NopState::new();
         state.add_metadata(cmp_metadata(&log));
         let mut input = BytesInput::new(b"G".to_vec());
-        let r = I2SRandReplace::new().mutate(&mut state, &mut input).unwrap();
+        let r = I2SRandReplace::new()
+            .mutate(&mut state, &mut input)
+            .unwrap();
         assert_eq!(r, MutationResult::Mutated);
         assert_eq!(input.as_ref(), b"P");
     }
@@ -656,7 +654,6 @@ mod tests {
                 b"GE12".to_vec(), // big-endian "AB" → "12"
                 b"GGAB".to_vec(), // 'E' → 'G'
                 b"EEAB".to_vec(), // 'G' → 'E'
-
             ]
         );
         assert_eq!(replacements(b"GEAB", &cmps, 2).len(), 2);
