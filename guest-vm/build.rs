@@ -13,7 +13,8 @@
 //!   native std programs with SanitizerCoverage trace-pc-guard linked with AFL++'s runtime
 //!   object, `aflpp-NAME` in `OUT_DIR`), when that object (`AFLPP_RT`, from Debian's `afl++`)
 //!   exists; without it they are not built (a warning) and the bench's `-aflpp` rows fail
-//!   naming `ci/setup.sh afl++`. The missing path is watched, so installing `afl++` reruns this.
+//!   naming `ci/setup.sh afl++`. Only an existing runtime is watched (cargo reruns a script
+//!   watching a missing path on every build): after installing `afl++` later, touch this file.
 //!
 //! No bare-metal target or rust-src is needed (PLATFORM.md): the programs are compiled for the
 //! host triple against the precompiled `core` / `alloc`, linked without libc, hermetically (no
@@ -77,15 +78,15 @@ fn native_rustc(crate_type: &str, name: &str, edition: &str) -> Command {
 
 /// The AFL++ harnesses (module documentation); `sources` are the crates.io crates' sources.
 fn aflpp_harnesses(dir: &Path, out: &Path, sources: &[(String, DepSource)]) {
-    let rt = Path::new(AFLPP_RT);
-    println!("cargo:rerun-if-changed={AFLPP_RT}");
-    if !rt.exists() {
+    if !Path::new(AFLPP_RT).exists() {
         println!(
-            "cargo:warning=AFL++ runtime {AFLPP_RT} missing (apt-get install afl++, or \
-             ci/setup.sh afl++): the bench's fuzz-execs-*-aflpp rows will fail"
+            "cargo:warning=AFL++ runtime {AFLPP_RT} missing (ci/setup.sh afl++, or apt-get \
+             install afl++, then touch guest-vm/build.rs): the bench's fuzz-execs-*-aflpp rows \
+             and tests/aflpp.rs will fail"
         );
         return;
     }
+    println!("cargo:rerun-if-changed={AFLPP_RT}");
     let native = out.join("aflpp");
     std::fs::create_dir_all(&native).expect("creating OUT_DIR/aflpp");
     for (name, src) in sources {

@@ -9,7 +9,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 
-const INSTALL: &str = "install AFL++ (`ci/setup.sh afl++` or `apt-get install afl++`) and rebuild";
+const INSTALL: &str = "install AFL++ (`ci/setup.sh afl++` or `apt-get install afl++`) and rebuild (`touch guest-vm/build.rs`)";
 
 /// `(name, harness, seed, planted bug)`: the bench's seeds.
 const HARNESSES: [(&str, &str, &[u8], &[u8]); 2] = [

@@ -69,7 +69,7 @@ pub fn run(name: &str, harness: &Path, seed: &[u8], secs: u64, limit: Duration) 
     if !harness.is_file() {
         return Err(bad(format!(
             "the harness {} was not built (build.rs builds it when /usr/lib/afl/afl-compiler-rt.o \
-             exists): {INSTALL}, then rebuild",
+             exists): {INSTALL}, then rebuild (`touch guest-vm/build.rs`)",
             harness.display()
         )));
     }
