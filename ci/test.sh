@@ -6,8 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Everything the suite needs, so that nothing in it is skipped here: emulators and ISO tools for
-# the bare-metal hypervisor boot test (tests/tests/hv_boot.rs → ci/hv-test.sh).
-ci/setup.sh qemu-system-x86 bochs bochsbios vgabios bochs-term grub-pc-bin grub-common xorriso mtools bc cpio
+# the bare-metal hypervisor boot test (tests/tests/hv_boot.rs → ci/hv-test.sh); AFL++ (afl-fuzz and
+# its runtime object, which guest-vm's build.rs links into the fuzz bench's AFL++ harnesses, so it
+# must be installed before the build) for the bench's fuzz-execs-*-aflpp rows and their test.
+ci/setup.sh qemu-system-x86 bochs bochsbios vgabios bochs-term grub-pc-bin grub-common xorriso mtools bc cpio afl++
 
 # In CI a test that would skip (no emulator, no /dev/kvm, not root) fails instead.
 export GUESTMEM_REQUIRE_KVM=1 GUESTMEM_REQUIRE_EMULATORS=1

@@ -8,7 +8,13 @@
 //!   `guest/targets/`) with SanitizerCoverage edge guards;
 //! - the crates.io crates an example uses (`httparse` for `http`), compiled for the guest from
 //!   the source cargo already fetched for guest-vm's own dependency on them (the same locked
-//!   version): `cargo metadata --offline --locked` names it.
+//!   version): `cargo metadata --offline --locked` names it;
+//! - the AFL++ baseline harnesses (`guest/aflpp/harness.rs` over the `http` and `warm` targets,
+//!   native std programs with SanitizerCoverage trace-pc-guard linked with AFL++'s runtime
+//!   object, `aflpp-NAME` in `OUT_DIR`), when that object (`AFLPP_RT`, from Debian's `afl++`)
+//!   exists; without it they are not built (a warning) and the bench's `-aflpp` rows fail
+//!   naming `ci/setup.sh afl++`. Only an existing runtime is watched (cargo reruns a script
+//!   watching a missing path on every build): after installing `afl++` later, touch this file.
 //!
 //! No bare-metal target or rust-src is needed (PLATFORM.md): the programs are compiled for the
 //! host triple against the precompiled `core` / `alloc`, linked without libc, hermetically (no
@@ -40,6 +46,72 @@ const SANCOV: &[&str] = &[
     "-C",
     "llvm-args=-sanitizer-coverage-trace-compares",
 ];
+
+/// AFL++'s compiler runtime (the fork server, the coverage map, the trace-pc-guard callbacks).
+const AFLPP_RT: &str = "/usr/lib/afl/afl-compiler-rt.o";
+/// The targets with an AFL++ harness (`guest/aflpp/harness.rs`) and their crates.io crates.
+const AFLPP_TARGETS: &[(&str, &[&str])] = &[("http", &["httparse"]), ("warm", &[])];
+
+/// SanitizerCoverage edge guards alone (AFL++'s runtime counts them in its map; no compare
+/// tracing, which its runtime would log only for CmpLog).
+const SANCOV_GUARDS: &[&str] = &[
+    "-C",
+    "passes=sancov-module",
+    "-C",
+    "llvm-args=-sanitizer-coverage-level=3",
+    "-C",
+    "llvm-args=-sanitizer-coverage-trace-pc-guard",
+];
+
+/// rustc for a native (std, host) program or crate, optimised like the guests.
+fn native_rustc(crate_type: &str, name: &str, edition: &str) -> Command {
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let mut c = Command::new(rustc);
+    c.args(["--edition", edition, "--crate-type", crate_type])
+        .args(["--crate-name", name])
+        .args(["-C", "opt-level=2", "-C", "panic=abort", "-C", "debuginfo=0"])
+        .args(SANCOV_GUARDS)
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS");
+    c
+}
+
+/// The AFL++ harnesses (module documentation); `sources` are the crates.io crates' sources.
+fn aflpp_harnesses(dir: &Path, out: &Path, sources: &[(String, DepSource)]) {
+    if !Path::new(AFLPP_RT).exists() {
+        println!(
+            "cargo:warning=AFL++ runtime {AFLPP_RT} missing (ci/setup.sh afl++, or apt-get \
+             install afl++, then touch guest-vm/build.rs): the bench's fuzz-execs-*-aflpp rows \
+             and tests/aflpp.rs will fail"
+        );
+        return;
+    }
+    println!("cargo:rerun-if-changed={AFLPP_RT}");
+    let native = out.join("aflpp");
+    std::fs::create_dir_all(&native).expect("creating OUT_DIR/aflpp");
+    for (name, src) in sources {
+        let mut c = native_rustc("rlib", name, &src.edition);
+        c.args(["--cap-lints", "allow"])
+            .arg("-o")
+            .arg(native.join(format!("lib{name}.rlib")))
+            .arg(&src.lib_rs);
+        run(c, &format!("the {name} crate for the AFL++ harness"));
+    }
+    for &(target, deps) in AFLPP_TARGETS {
+        let mut c = native_rustc("bin", &format!("aflpp_{target}"), "2021");
+        c.arg("--cfg").arg(format!("aflpp_target=\"{target}\""));
+        for dep in deps {
+            c.arg("--extern").arg(format!(
+                "{dep}={}",
+                native.join(format!("lib{dep}.rlib")).display()
+            ));
+        }
+        c.arg("-C").arg(format!("link-arg={AFLPP_RT}"));
+        c.arg("-o").arg(out.join(format!("aflpp-{target}")));
+        c.arg(dir.join("guest/aflpp/harness.rs"));
+        run(c, &format!("the AFL++ harness of {target}"));
+    }
+}
 
 fn guest_rustc(crate_type: &str, name: &str) -> Command {
     guest_rustc_edition(crate_type, name, "2021")
@@ -170,6 +242,7 @@ fn main() {
         "guest/sdk/src",
         "guest/sdk/examples",
         "guest/targets",
+        "guest/aflpp",
         "guest/sdk/linker.ld",
     ] {
         println!("cargo:rerun-if-changed={}", dir.join(watched).display());
@@ -198,8 +271,9 @@ fn main() {
     let mut crates: Vec<&str> = EXAMPLES.iter().flat_map(|e| e.2.iter().copied()).collect();
     crates.sort_unstable();
     crates.dedup();
-    for (name, src) in dep_sources(&dir, &crates) {
-        let mut c = guest_rustc_edition("rlib", &name, &src.edition);
+    let sources = dep_sources(&dir, &crates);
+    for (name, src) in &sources {
+        let mut c = guest_rustc_edition("rlib", name, &src.edition);
         c.args(SANCOV).args(["--cap-lints", "allow"]);
         c.arg("-o")
             .arg(out.join(format!("lib{name}.rlib")))
@@ -222,4 +296,6 @@ fn main() {
         c.arg(sdk.join(format!("examples/{name}.rs")));
         run(c, &format!("guest/sdk/examples/{name}.rs"));
     }
+
+    aflpp_harnesses(&dir, &out, &sources);
 }

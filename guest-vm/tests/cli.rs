@@ -195,6 +195,8 @@ fn tiny_bench_prints_json_rows() {
         "cow",
         "prefetch-restore",
         "restore-vs-private-map",
+        "fuzz-execs-parser-aflpp",
+        "fuzz-execs-warm-aflpp",
     ] {
         assert!(ids.contains(id), "no row {id}: {ids:?}");
     }

@@ -9,7 +9,13 @@
 //! - baseline: LibAFL's `InProcessForkExecutor` on the native code (a fork of this process per
 //!   input: process isolation), and `InProcessExecutor` (no isolation, the ceiling) as the
 //!   `-inprocess` row. The native harness is built without SanitizerCoverage (no observer): it
-//!   does less work per input than ours, so the comparison is conservative.
+//!   does less work per input than ours, so the comparison is conservative;
+//! - for `http` and `warm`, a third baseline, the `-aflpp` row (`fuzz-execs-parser-aflpp`,
+//!   `fuzz-execs-warm-aflpp`): AFL++'s `afl-fuzz` on a native build of the same code with
+//!   trace-pc-guard edges, in its deferred fork-server mode (a fork per input of a process past
+//!   `setup()`), for `AFLPP_SECS_PER_REP` × reps seconds (module `aflpp`). Ours is the
+//!   `fuzz-execs-*` row's figure; AFL++ mutates with its own mutator from the same seed, so its
+//!   inputs are not the fixed sequence.
 //!
 //! Also: `fuzz-reset-share` (reset time ÷ per-input time of ours, in `ratio`) and
 //! `fuzz-cores-2` (two executors on two threads over the sequence, aggregate time per input,
@@ -40,7 +46,7 @@ use libafl_bolts::rands::StdRand;
 use libafl_bolts::shmem::{ShMemProvider, StdShMemProvider};
 use libafl_bolts::tuples::Merge;
 
-use super::{progress, row, BenchOptions, Row};
+use super::{aflpp, progress, row, BenchOptions, Row};
 use crate::measure::{median, us};
 
 #[path = "../../../../guest/targets/http.rs"]
@@ -62,6 +68,8 @@ const LIMIT: Duration = Duration::from_secs(2);
 const CRASH_SEEDS: [u64; 5] = [1, 2, 3, 4, 5];
 /// Upper bound of one time-to-crash run.
 const CRASH_LIMIT: Duration = Duration::from_secs(300);
+/// Seconds of the AFL++ run per repetition (one run of `reps` × this).
+const AFLPP_SECS_PER_REP: u64 = 3;
 
 /// The native build of a target: `setup` once, then one call per input (`true` = the planted
 /// bug).
@@ -86,6 +94,8 @@ struct Target {
     mem_mib: u64,
     seed: &'static [u8],
     native: Native,
+    /// The AFL++ baseline: its row id and the harness build.rs built (`OUT_DIR/aflpp-NAME`).
+    aflpp: Option<(&'static str, &'static str)>,
 }
 
 /// The targets: `kv` (our small record parser; the first target also gets the reset-share,
@@ -99,6 +109,7 @@ const TARGETS: &[Target] = &[
         mem_mib: 4,
         seed: b"a=1;",
         native: native!(kv),
+        aflpp: None,
     },
     Target {
         name: "http",
@@ -107,6 +118,10 @@ const TARGETS: &[Target] = &[
         mem_mib: 4,
         seed: b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
         native: native!(http),
+        aflpp: Some((
+            "fuzz-execs-parser-aflpp",
+            concat!(env!("OUT_DIR"), "/aflpp-http"),
+        )),
     },
     Target {
         name: "warm",
@@ -115,6 +130,10 @@ const TARGETS: &[Target] = &[
         mem_mib: 128,
         seed: b"1 2 #ff",
         native: native!(warm),
+        aflpp: Some((
+            "fuzz-execs-warm-aflpp",
+            concat!(env!("OUT_DIR"), "/aflpp-warm"),
+        )),
     },
 ];
 
@@ -366,6 +385,23 @@ fn target_rows(o: &BenchOptions, t: &Target, rows: &mut Vec<Row>, first: bool) -
         "LibAFL InProcessExecutor, native (no isolation)",
         median(&ceiling),
     ));
+    if let Some((id, harness)) = t.aflpp {
+        let secs = AFLPP_SECS_PER_REP * o.reps as u64;
+        progress(&format!("fuzz: AFL++ afl-fuzz on native {} for {secs} s", t.name));
+        let r = aflpp::run(t.name, std::path::Path::new(harness), t.seed, secs, LIMIT)?;
+        rows.push(row(
+            id,
+            format!(
+                "fuzz executor, {} target, per input (ours: {INPUTS} havoc inputs; AFL++: its \
+                 own mutations of the same seed, {} inputs in {secs} s)",
+                t.name, r.execs
+            ),
+            guest,
+            ours_us,
+            "AFL++ 4.04c afl-fuzz, native, deferred fork server after setup (fork per input)",
+            r.us_per_exec,
+        ));
+    }
     if let Some((one, two)) = cores {
         rows.push(row(
             "fuzz-reset-share",

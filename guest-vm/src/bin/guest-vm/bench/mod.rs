@@ -27,7 +27,8 @@
 //!   raw memory file (`restore`);
 //! - the demo's 8 concurrent children: wall time vs process CPU time / CPUs (`fleet`);
 //! - snapshot fuzzing: time per input of the LibAFL guest executor (reset per input) vs
-//!   LibAFL's fork-per-input and in-process executors on the same target code natively, the
+//!   LibAFL's fork-per-input and in-process executors on the same target code natively, and vs
+//!   AFL++'s `afl-fuzz` in its deferred fork-server mode (`aflpp`; http and warm), the
 //!   reset share, two clients vs one, the time to the planted crash (`fuzz`).
 //!
 //! `--groups` runs a subset (`GROUPS` names them); every row of a group is measured together.
@@ -40,7 +41,7 @@
 //! memcpy, flatness in guest size), `snapshot` (the snapshot-file rows: save vs write, restore
 //! flatness, diff-save pause), `restore` (prefetched restore, restore vs private file map),
 //! `fleet` (the concurrent-children row), `fuzz` (the fuzzing rows; group `fuzz-crash` for the
-//! minutes-long time-to-crash rows) and [`print`] (the table).
+//! minutes-long time-to-crash rows), `aflpp` (the fuzz rows' AFL++ baseline) and [`print`] (the table).
 
 use std::time::{Duration, Instant};
 
@@ -53,6 +54,7 @@ use guest_vm::{Error, Guest, HostFrames, Result, PAGE_SIZE};
 use crate::measure::{median, ratio, us};
 use baseline::{self as base, OverlayKind};
 
+mod aflpp;
 pub mod baseline;
 mod fleet;
 mod fuzz;
