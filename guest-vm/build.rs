@@ -69,7 +69,14 @@ fn native_rustc(crate_type: &str, name: &str, edition: &str) -> Command {
     let mut c = Command::new(rustc);
     c.args(["--edition", edition, "--crate-type", crate_type])
         .args(["--crate-name", name])
-        .args(["-C", "opt-level=2", "-C", "panic=abort", "-C", "debuginfo=0"])
+        .args([
+            "-C",
+            "opt-level=2",
+            "-C",
+            "panic=abort",
+            "-C",
+            "debuginfo=0",
+        ])
         .args(SANCOV_GUARDS)
         .env_remove("RUSTFLAGS")
         .env_remove("CARGO_ENCODED_RUSTFLAGS");

@@ -61,7 +61,11 @@ fn harness_aborts_on_the_planted_bug_only() {
     for (name, path, seed, bug) in HARNESSES {
         let h = harness(path);
         assert!(on_stdin(h, seed).success(), "{name}: the seed");
-        assert_eq!(on_stdin(h, bug).signal(), Some(libc::SIGABRT), "{name}: the bug");
+        assert_eq!(
+            on_stdin(h, bug).signal(),
+            Some(libc::SIGABRT),
+            "{name}: the bug"
+        );
         let dir = scratch(name);
         let file = dir.join("input");
         std::fs::write(&file, bug).expect("writing the input file");
@@ -71,7 +75,11 @@ fn harness_aborts_on_the_planted_bug_only() {
             .status()
             .expect("running the harness");
         let _ = std::fs::remove_dir_all(&dir);
-        assert_eq!(st.signal(), Some(libc::SIGABRT), "{name}: the bug from a file");
+        assert_eq!(
+            st.signal(),
+            Some(libc::SIGABRT),
+            "{name}: the bug from a file"
+        );
     }
 }
 
@@ -108,7 +116,10 @@ fn afl_fuzz_runs_each_harness_with_a_deferred_fork_server() {
             log.contains("Deferred forkserver binary detected"),
             "{name}: not in deferred fork-server mode:\n{log}"
         );
-        assert!(!log.contains("Persistent mode binary detected"), "{name}:\n{log}");
+        assert!(
+            !log.contains("Persistent mode binary detected"),
+            "{name}:\n{log}"
+        );
         let stats = stats.unwrap_or_else(|e| panic!("{name}: no fuzzer_stats ({e}):\n{log}"));
         let execs: u64 = stats
             .lines()

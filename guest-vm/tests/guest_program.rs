@@ -91,6 +91,38 @@ fn same_input_same_result_after_reset_and_the_time_limit_stops_a_loop() {
     }
 }
 
+/// Back-to-back runs share the program's one watchdog (armed per run, its deadline moved on by
+/// each): a loop in the middle of a hundred quick inputs still times out at its own limit, and
+/// only it — no kick of the inputs before or after it.
+#[test]
+fn back_to_back_runs_time_out_only_the_loop_among_them() {
+    require_kvm!();
+    let frames = HostFrames::new(256 << 20).unwrap();
+    let mut parent = Program::load(&frames, HELLO, MEM).unwrap();
+    assert_eq!(parent.run(LIMIT).unwrap(), Outcome::SnapshotHere);
+    let state = parent.snapshot().unwrap();
+    let mut child = parent.fork(&state).unwrap();
+    child.set_input(b"abc");
+    let first = child.run(LIMIT).unwrap();
+    let limit = Duration::from_millis(250);
+    let mut timeouts = 0;
+    for i in 0..100 {
+        child.reset(&state).unwrap();
+        let input: &[u8] = if i == 60 { b"LOOP" } else { b"abc" };
+        child.set_input(input);
+        let t = std::time::Instant::now();
+        let out = child.run(limit).unwrap();
+        if input == b"LOOP" {
+            assert!(matches!(out, Outcome::Timeout(d) if d >= limit), "{out:?}");
+            assert!(t.elapsed() < limit * 4, "the loop ran {:?}", t.elapsed());
+            timeouts += 1;
+        } else {
+            assert_eq!(out, first, "input {i}");
+        }
+    }
+    assert_eq!(timeouts, 1);
+}
+
 #[test]
 fn a_guest_that_never_snapshots_is_stopped_at_its_time_limit() {
     require_kvm!();

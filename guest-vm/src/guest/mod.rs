@@ -37,6 +37,8 @@
 //! [`program`]: `Program`, a user's guest ELF in a `Guest` with the host side of the guest ABI
 //! (`snapshot_here`, `next_input`, `done`, `crash`, a time limit per run; `guest/ABI.md`).
 //!
+//! [`watchdog`]: `Watchdog`, a program's time-limit thread, armed per run without waking it.
+//!
 //! [`fuzz`]: `GuestExecutor`, a LibAFL executor over one forked child of a `Program` (reset per
 //! input, coverage from a shared Vmo), and `fuzz`, one LibAFL client over it.
 //!
@@ -49,6 +51,7 @@
 pub mod fuzz;
 pub mod pool;
 pub mod program;
+pub mod watchdog;
 
 use vmo::{HotSetPolicy, MapOptions, ResetPolicy, RestoreStats, VmPerms, Vmar, Vmo, VmoFlags};
 

@@ -20,15 +20,16 @@
 //! Coverage (fuzzing): `attach_coverage` maps a fresh shared Vmo over the SDK's coverage map
 //! (`COV_GPA`); the host reads and zeroes it per input (`Coverage::take`).
 //!
-//! The time limit is a watchdog thread per run that kicks the vCPU (`Kicker`) at the deadline;
-//! a kick left over from a previous run (it raced with the guest finishing) is recognised
-//! because its run's `fired` flag is not this run's, and the guest just continues.
+//! The time limit is the program's `Watchdog` (one thread, started at its first run, armed
+//! per run) that kicks the vCPU (`Kicker`) at the deadline; a kick left over from a previous
+//! run (it raced with the guest finishing) is recognised because it fired for another run's
+//! number, and the guest just continues.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use vmo::{MapOptions, VmPerms, Vmo, VmoFlags};
 
+use super::watchdog::Watchdog;
 use super::Guest;
 use crate::error::{Error, Result};
 use crate::memory::fault_thread::FaultError;
@@ -134,6 +135,8 @@ pub struct Program {
     guest: Guest,
     phase: Phase,
     input: Vec<u8>,
+    /// The time limit's thread, started by the first `run`.
+    watchdog: Option<Watchdog>,
 }
 
 impl Program {
@@ -160,6 +163,7 @@ impl Program {
             guest,
             phase: Phase::Boot,
             input: Vec::new(),
+            watchdog: None,
         })
     }
 
@@ -193,6 +197,7 @@ impl Program {
             guest: self.guest.fork(state)?,
             phase: Phase::Ready,
             input: Vec::new(),
+            watchdog: None,
         })
     }
 
@@ -224,31 +229,19 @@ impl Program {
 
     /// Runs until an `Outcome`, for at most `limit`.
     pub fn run(&mut self, limit: Duration) -> Result<Outcome> {
-        let kicker = self.guest.vm().kicker();
-        let fired = AtomicBool::new(false);
-        let finished = AtomicBool::new(false);
+        if self.watchdog.is_none() {
+            self.watchdog = Some(Watchdog::new(self.guest.vm().kicker())?);
+        }
         let start = Instant::now();
-        std::thread::scope(|s| {
-            let watchdog = s.spawn(|| {
-                let deadline = start + limit;
-                while !finished.load(Ordering::SeqCst) {
-                    let now = Instant::now();
-                    if now >= deadline {
-                        fired.store(true, Ordering::SeqCst);
-                        kicker.kick();
-                        return;
-                    }
-                    std::thread::park_timeout(deadline - now);
-                }
-            });
-            let r = self.run_inner(&fired, start);
-            finished.store(true, Ordering::SeqCst);
-            watchdog.thread().unpark();
-            r
-        })
+        let run = self.watchdog.as_ref().map_or(0, |w| w.arm(limit));
+        let r = self.run_inner(run, start);
+        if let Some(w) = &self.watchdog {
+            w.disarm(run);
+        }
+        r
     }
 
-    fn run_inner(&mut self, fired: &AtomicBool, start: Instant) -> Result<Outcome> {
+    fn run_inner(&mut self, run: u64, start: Instant) -> Result<Outcome> {
         loop {
             let exit = self.guest.vm_mut().run()?;
             let outcome = match exit {
@@ -277,7 +270,9 @@ impl Program {
                 }
                 // Unknown numbers: `rax` already holds HC_ERR.
                 VmExit::Hypercall { .. } | VmExit::Report(_) => continue,
-                VmExit::Kicked if fired.load(Ordering::SeqCst) => Outcome::Timeout(start.elapsed()),
+                VmExit::Kicked if self.watchdog.as_ref().is_some_and(|w| w.fired(run)) => {
+                    Outcome::Timeout(start.elapsed())
+                }
                 // A kick left over from an earlier run.
                 VmExit::Kicked => continue,
                 VmExit::Exit(code) => Outcome::Done(code),

@@ -130,7 +130,7 @@ struct BenchArgs {
           value_parser = clap::value_parser!(u64).range(1..=262_144))]
     dirty: Vec<u64>,
     /// Row groups to run, comma separated (fork, pool, faults, cow, prefetch, reset, snapshot,
-    /// restore, fleet); all by default.
+    /// restore, fleet, fuzz, fuzz-crash); all by default.
     #[arg(long, value_delimiter = ',')]
     groups: Vec<String>,
     /// Print the report as one JSON object.

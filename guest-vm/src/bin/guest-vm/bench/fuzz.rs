@@ -387,7 +387,10 @@ fn target_rows(o: &BenchOptions, t: &Target, rows: &mut Vec<Row>, first: bool) -
     ));
     if let Some((id, harness)) = t.aflpp {
         let secs = AFLPP_SECS_PER_REP * o.reps as u64;
-        progress(&format!("fuzz: AFL++ afl-fuzz on native {} for {secs} s", t.name));
+        progress(&format!(
+            "fuzz: AFL++ afl-fuzz on native {} for {secs} s",
+            t.name
+        ));
         let r = aflpp::run(t.name, std::path::Path::new(harness), t.seed, secs, LIMIT)?;
         rows.push(row(
             id,
