@@ -35,25 +35,8 @@ const EXAMPLES: &[(&str, bool, &[&str])] = &[
     ("warm", true, &[]),
 ];
 
-/// SanitizerCoverage edge guards (`guest/sdk/src/cov.rs` counts them in the coverage map).
-const SANCOV: &[&str] = &[
-    "-C",
-    "passes=sancov-module",
-    "-C",
-    "llvm-args=-sanitizer-coverage-level=3",
-    "-C",
-    "llvm-args=-sanitizer-coverage-trace-pc-guard",
-    "-C",
-    "llvm-args=-sanitizer-coverage-trace-compares",
-];
-
-/// AFL++'s compiler runtime (the fork server, the coverage map, the trace-pc-guard callbacks).
-const AFLPP_RT: &str = "/usr/lib/afl/afl-compiler-rt.o";
-/// The targets with an AFL++ harness (`guest/aflpp/harness.rs`) and their crates.io crates.
-const AFLPP_TARGETS: &[(&str, &[&str])] = &[("http", &["httparse"]), ("warm", &[])];
-
-/// SanitizerCoverage edge guards alone (AFL++'s runtime counts them in its map; no compare
-/// tracing, which its runtime would log only for CmpLog).
+/// SanitizerCoverage edge guards alone (AFL++'s runtime counts them in its map for the native
+/// harnesses; no compare tracing, which its runtime would log only for CmpLog).
 const SANCOV_GUARDS: &[&str] = &[
     "-C",
     "passes=sancov-module",
@@ -62,24 +45,19 @@ const SANCOV_GUARDS: &[&str] = &[
     "-C",
     "llvm-args=-sanitizer-coverage-trace-pc-guard",
 ];
+/// What the guests get on top of the edge guards: comparison tracing
+/// (`guest/sdk/src/cov.rs` counts the guards and logs the comparisons in the coverage map).
+const SANCOV_COMPARES: &[&str] = &["-C", "llvm-args=-sanitizer-coverage-trace-compares"];
+
+/// AFL++'s compiler runtime (the fork server, the coverage map, the trace-pc-guard callbacks).
+const AFLPP_RT: &str = "/usr/lib/afl/afl-compiler-rt.o";
+/// The targets with an AFL++ harness (`guest/aflpp/harness.rs`) and their crates.io crates.
+const AFLPP_TARGETS: &[(&str, &[&str])] = &[("http", &["httparse"]), ("warm", &[])];
 
 /// rustc for a native (std, host) program or crate, optimised like the guests.
 fn native_rustc(crate_type: &str, name: &str, edition: &str) -> Command {
-    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
-    let mut c = Command::new(rustc);
-    c.args(["--edition", edition, "--crate-type", crate_type])
-        .args(["--crate-name", name])
-        .args([
-            "-C",
-            "opt-level=2",
-            "-C",
-            "panic=abort",
-            "-C",
-            "debuginfo=0",
-        ])
-        .args(SANCOV_GUARDS)
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS");
+    let mut c = rustc(crate_type, name, edition);
+    c.args(SANCOV_GUARDS);
     c
 }
 
@@ -125,29 +103,29 @@ fn guest_rustc(crate_type: &str, name: &str) -> Command {
 }
 
 fn guest_rustc_edition(crate_type: &str, name: &str, edition: &str) -> Command {
+    let mut c = rustc(crate_type, name, edition);
+    c.args(["--target", "x86_64-unknown-linux-gnu"])
+        .args(["-C", "relocation-model=static"]);
+    c
+}
+
+/// rustc for one crate, optimised, aborting on panic, without debug info, and without the
+/// host build's flags (e.g. coverage, sanitizers), which must not leak into what it builds.
+fn rustc(crate_type: &str, name: &str, edition: &str) -> Command {
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     let mut c = Command::new(rustc);
-    c.args([
-        "--edition",
-        edition,
-        "--crate-type",
-        crate_type,
-        "--crate-name",
-        name,
-    ])
-    .args(["--target", "x86_64-unknown-linux-gnu"])
-    .args([
-        "-C",
-        "opt-level=2",
-        "-C",
-        "panic=abort",
-        "-C",
-        "debuginfo=0",
-    ])
-    .args(["-C", "relocation-model=static"])
-    // The host build's flags (e.g. coverage, sanitizers) must not leak into the guest.
-    .env_remove("RUSTFLAGS")
-    .env_remove("CARGO_ENCODED_RUSTFLAGS");
+    c.args(["--edition", edition, "--crate-type", crate_type])
+        .args(["--crate-name", name])
+        .args([
+            "-C",
+            "opt-level=2",
+            "-C",
+            "panic=abort",
+            "-C",
+            "debuginfo=0",
+        ])
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS");
     c
 }
 
@@ -281,7 +259,9 @@ fn main() {
     let sources = dep_sources(&dir, &crates);
     for (name, src) in &sources {
         let mut c = guest_rustc_edition("rlib", name, &src.edition);
-        c.args(SANCOV).args(["--cap-lints", "allow"]);
+        c.args(SANCOV_GUARDS)
+            .args(SANCOV_COMPARES)
+            .args(["--cap-lints", "allow"]);
         c.arg("-o")
             .arg(out.join(format!("lib{name}.rlib")))
             .arg(&src.lib_rs);
@@ -291,7 +271,7 @@ fn main() {
     for &(name, coverage, deps) in EXAMPLES {
         let mut c = sdk_program(name);
         if coverage {
-            c.args(SANCOV);
+            c.args(SANCOV_GUARDS).args(SANCOV_COMPARES);
         }
         for dep in deps {
             c.arg("--extern").arg(format!(

@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use guest_vm::guest::program::{Outcome, Phase, Program};
-use guest_vm::HostFrames;
+use guest_vm::{HostFrames, VcpuState};
 
 const HELLO: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hello.elf"));
 const SPIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/spin.elf"));
@@ -64,16 +64,23 @@ fn hello_snapshots_forks_and_every_child_ends_as_its_input_says() {
     assert!(matches!(parent.run(LIMIT).unwrap(), Outcome::Done(_)));
 }
 
-#[test]
-fn same_input_same_result_after_reset_and_the_time_limit_stops_a_loop() {
-    require_kvm!();
-    let frames = HostFrames::new(256 << 20).unwrap();
-    let mut parent = Program::load(&frames, HELLO, MEM).unwrap();
+/// `hello`'s parent stopped at its snapshot point, that point's state, and a child of it that
+/// has run the input `abc` once, with that run's outcome.
+fn child_after_abc(frames: &HostFrames) -> (Program, VcpuState, Program, Outcome) {
+    let mut parent = Program::load(frames, HELLO, MEM).unwrap();
     assert_eq!(parent.run(LIMIT).unwrap(), Outcome::SnapshotHere);
     let state = parent.snapshot().unwrap();
     let mut child = parent.fork(&state).unwrap();
     child.set_input(b"abc");
     let first = child.run(LIMIT).unwrap();
+    (parent, state, child, first)
+}
+
+#[test]
+fn same_input_same_result_after_reset_and_the_time_limit_stops_a_loop() {
+    require_kvm!();
+    let frames = HostFrames::new(256 << 20).unwrap();
+    let (_parent, state, mut child, first) = child_after_abc(&frames);
     for input in [&b"LOOP"[..], b"OOM", b"abc"] {
         child.reset(&state).unwrap();
         child.set_input(input);
@@ -98,12 +105,7 @@ fn same_input_same_result_after_reset_and_the_time_limit_stops_a_loop() {
 fn back_to_back_runs_time_out_only_the_loop_among_them() {
     require_kvm!();
     let frames = HostFrames::new(256 << 20).unwrap();
-    let mut parent = Program::load(&frames, HELLO, MEM).unwrap();
-    assert_eq!(parent.run(LIMIT).unwrap(), Outcome::SnapshotHere);
-    let state = parent.snapshot().unwrap();
-    let mut child = parent.fork(&state).unwrap();
-    child.set_input(b"abc");
-    let first = child.run(LIMIT).unwrap();
+    let (_parent, state, mut child, first) = child_after_abc(&frames);
     let limit = Duration::from_millis(250);
     let mut timeouts = 0;
     for i in 0..100 {
