@@ -65,8 +65,8 @@ fn differences(a: &VcpuState, b: &VcpuState) -> Vec<&'static str> {
     out
 }
 
-/// Guest code (64-bit, CPL3): `HC_REPORT`; then changes CPL3 state the reset must undo (xmm1,
-/// DS) and dispatches on the byte at `DATA_GPA`: 1 writes outside guest memory (3 MiB guest,
+/// Guest code (64-bit, CPL3): `HC_REPORT`; then changes CPL3 state the reset must undo (xmm1;
+/// the FS selector too, though this PVM does not show that in `KVM_GET_SREGS`) and dispatches on the byte at `DATA_GPA`: 1 writes outside guest memory (3 MiB guest,
 /// the page tables map 4 MiB), 2 is `ud2` (no IDT: triple fault), 3 spins, else `out
 /// PORT_DONE, 0x61`.
 const CODE: &[u8] = &[
@@ -76,7 +76,7 @@ const CODE: &[u8] = &[
     0xb9, 0x78, 0x56, 0x34, 0x12, // 12: mov ecx, 0x12345678
     0x66, 0x0f, 0x6e, 0xc9, // 17: movd xmm1, ecx
     0x31, 0xc9, // 21: xor ecx, ecx
-    0x8e, 0xd9, // 23: mov ds, cx
+    0x8e, 0xe1, // 23: mov fs, cx
     0x3c, 0x01, // 25: cmp al, 1
     0x74, 0x0e, // 27: je 43
     0x3c, 0x02, // 29: cmp al, 2
