@@ -53,10 +53,10 @@ fn streaming_writes_take_fewer_faults_and_forks_copy_only_their_writes() {
 
         // A child writing every other page of the shared data copies exactly those pages.
         let mut child = g.fork(&entry).unwrap();
-        let mut regs = child.vm().vcpu().get_regs().unwrap();
+        let mut regs = child.vm_mut().vcpu().unwrap().get_regs().unwrap();
         regs.rcx = PAGES / 2;
         regs.rdx = 2 * 4096;
-        child.vm().vcpu().set_regs(&regs).unwrap();
+        child.vm_mut().vcpu().unwrap().set_regs(&regs).unwrap();
         assert_eq!(child.vm_mut().run().unwrap(), VmExit::Done(0x61));
         let st = child.vmar().fault_stats();
         println!("child: {st:?}");

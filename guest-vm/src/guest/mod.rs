@@ -17,7 +17,9 @@
 //! - `reset(&state)`: `Vmar::reset_with(Restore)` (copies the snapshot's bytes back into the
 //!   pages written since the fork / last reset, keeping them installed; a backend without
 //!   dirty harvest drops them instead), un-poisons pages a refused fault poisoned, restores
-//!   the vCPU state. Every guest's Vmar has the copy-back hot set on with `KVM_HOT_SET`
+//!   the vCPU state (`GuestVm::restore_state`: xsave + MSRs by ioctl and the rest through the
+//!   sync area when the state is the one last restored in full and the child only took clean
+//!   CPL3 ABI exits since — the fuzz loop's case; otherwise in full, vmm/mod.rs). Every guest's Vmar has the copy-back hot set on with `KVM_HOT_SET`
 //!   (`set_hot_set` changes it; forks inherit it): pages the guest writes at every iteration
 //!   stay untracked, so re-dirtying them costs no exit.
 //!

@@ -279,7 +279,13 @@ impl Program {
                 VmExit::Done(status) => Outcome::Done(status.into()),
                 VmExit::Crash(reason) => Outcome::Crash(reason),
                 VmExit::Shutdown => {
-                    let rip = self.guest.vm().vcpu().get_regs().map_or(0, |r| r.rip);
+                    let rip = self
+                        .guest
+                        .vm_mut()
+                        .vcpu()
+                        .ok()
+                        .and_then(|v| v.get_regs().ok())
+                        .map_or(0, |r| r.rip);
                     Outcome::TripleFault { rip }
                 }
                 VmExit::Mmio { addr, write, .. } => Outcome::OutsideMemory { gpa: addr, write },

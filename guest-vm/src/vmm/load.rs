@@ -21,7 +21,9 @@ impl GuestVm {
 
     /// Sets the vCPU to 64-bit long mode, CPL3, IOPL=3, paging from `PML4_GPA`, at `rip`.
     pub fn setup_long_mode(&mut self, rip: u64, args: GuestArgs) -> Result<()> {
-        self.regs_set_by_ioctl();
+        // Raw state: apply what waits in the sync area; the next restore is full.
+        self.flush_pending()?;
+        self.clean_since_restore = false;
         let sregs = self.vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
         self.vcpu
             .set_sregs(&boot::long_mode_sregs(sregs))

@@ -33,8 +33,27 @@
 //!   write waits in the sync area for the next `KVM_RUN` (`regs_pending`); `save_state` takes
 //!   it into the saved state, and every path that sets registers by ioctl first drops it and
 //!   marks the sync copy stale (`regs_set_by_ioctl`), so it is neither read nor written back.
-//!   Raw register ioctls through `vcpu()` are for callers between a non-hypercall exit and the
-//!   next run (nothing is pending then).
+//!   `vcpu()` (raw ioctls) first applies every write waiting in the sync area by ioctl, so a
+//!   caller's ioctls see and set the real state;
+//! - short vCPU restore: `restore_state(s)` writes only xsave and the MSRs by ioctl and puts
+//!   regs, sregs and events in the sync area (applied by the next `KVM_RUN`; `save_state` reads
+//!   them from there meanwhile), instead of the nine ioctls of `VcpuState::restore`, exactly
+//!   when (a) `s` is equal (`VcpuState::same_as`) to the state this vCPU last restored in full
+//!   and (b) every exit since that full restore was clean: `out PORT_DONE` or `out PORT_CALL`
+//!   (a hypercall, served or not) with CS at CPL3 in the sync copy of the sregs. Anything else
+//!   clears (b) until the next full restore: every other exit (shutdown, MMIO, `hlt`, port
+//!   I/O outside the ABI, unhandled), an interrupted or failed `KVM_RUN` (kick, signal,
+//!   EFAULT), a refused fault, `vcpu()`, `setup_long_mode`, a failed restore. Why that is the
+//!   full restore: from the restored state, the guest ran only CPL3 code (the boot state has
+//!   no IDT, `EFER.SCE` clear and a null `SYSENTER_CS`, so any exception or attempt to enter
+//!   CPL0 ends in a shutdown exit, which is not clean), and CPL3 code can change GPRs, flags,
+//!   x87/SSE/AVX state (xsave), segment selectors and FS/GS bases (sregs), TSC (MSRs) and
+//!   memory, but not XCR0, debug registers, `mp_state`, MSRs other than by the clock, or a
+//!   LAPIC (none: no in-kernel irqchip); the short path writes every part CPL3 can change.
+//!   Residual assumption, stated: a guest that writes a call gate into its own GDT (which is
+//!   in user-writable memory) could reach CPL0 by a far call and return to CPL3 before a
+//!   clean exit; the guests of this project do not. Sync-area sregs/events need
+//!   `KVM_CAP_SYNC_REGS` to report them; without, every restore is full.
 
 pub mod access;
 pub mod exit;
@@ -97,6 +116,16 @@ pub struct GuestVm {
     regs_pending: bool,
     /// The sync copy is older than the vCPU's registers (set by ioctl since the last exit).
     regs_stale: bool,
+    /// KVM's sync area also carries sregs (refreshed at every exit: the CPL check) and events.
+    sync_sregs_events: bool,
+    /// The sync copy holds an sregs / events write for the next entry (a short restore).
+    sregs_pending: bool,
+    events_pending: bool,
+    /// The state last restored in full on this vCPU (see the module documentation).
+    restore_point: Option<Box<VcpuState>>,
+    /// Every exit since that full restore was clean: a restore of an equal state may be short.
+    clean_since_restore: bool,
+    restore_stats: VcpuRestoreStats,
     /// Where `read_guest` / `write_guest` go instead of the memslot (see `access`).
     access: Option<Box<dyn access::MemoryAccess>>,
     /// Messages the guest logged with `HC_LOG`.
@@ -126,11 +155,18 @@ impl GuestVm {
         self.faults.shared()
     }
 
-    /// The vCPU, for raw ioctls. After a hypercall exit the result register (`rax`) may still
-    /// be waiting in the sync area until the next `run`: read registers through
-    /// `save_state` then, and set them through `set_hypercall_result` / `restore_state`.
-    pub fn vcpu(&self) -> &VcpuFd {
-        &self.vcpu
+    /// The vCPU, for raw ioctls: first applies by ioctl whatever waits in the sync area for
+    /// the next entry (a hypercall result, a short restore), so the caller's ioctls see and
+    /// set the real state; and, since they may change any of it, the next restore is full.
+    pub fn vcpu(&mut self) -> Result<&VcpuFd> {
+        self.flush_pending()?;
+        self.clean_since_restore = false;
+        Ok(&self.vcpu)
+    }
+
+    /// How many `restore_state` calls took the full and the short path.
+    pub fn vcpu_restore_stats(&self) -> VcpuRestoreStats {
+        self.restore_stats
     }
 
     pub fn kvm(&self) -> &Kvm {
@@ -168,29 +204,121 @@ impl GuestVm {
         }
     }
 
-    /// The registers were set by ioctl: the sync copy must neither be read nor written back.
-    pub(crate) fn regs_set_by_ioctl(&mut self) {
-        if self.regs_pending {
-            self.vcpu.clear_sync_dirty_reg(SyncReg::Register);
-            self.regs_pending = false;
+    /// The whole state is about to be set by ioctl: drops every write waiting in the sync
+    /// area, which must neither be read nor written back.
+    fn discard_pending(&mut self) {
+        for (pending, reg) in [
+            (&mut self.regs_pending, SyncReg::Register),
+            (&mut self.sregs_pending, SyncReg::SystemRegister),
+            (&mut self.events_pending, SyncReg::VcpuEvents),
+        ] {
+            if *pending {
+                self.vcpu.clear_sync_dirty_reg(reg);
+                *pending = false;
+            }
         }
         self.regs_stale = true;
     }
 
-    /// Saves the complete vCPU state (call between runs), including a register write still
-    /// waiting for the next entry (a hypercall result).
+    /// Applies by ioctl the writes waiting in the sync area (in `VcpuState::restore`'s order:
+    /// sregs, regs, events), then drops them: the vCPU's own state is current, the sync copy of
+    /// the registers stale.
+    pub(crate) fn flush_pending(&mut self) -> Result<()> {
+        let sync = self.vcpu.sync_regs();
+        if self.sregs_pending {
+            self.vcpu
+                .set_sregs(&sync.sregs)
+                .map_err(kvm_err("KVM_SET_SREGS"))?;
+        }
+        if self.regs_pending {
+            self.vcpu
+                .set_regs(&sync.regs)
+                .map_err(kvm_err("KVM_SET_REGS"))?;
+        }
+        if self.events_pending {
+            self.vcpu
+                .set_vcpu_events(&sync.events)
+                .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
+        }
+        self.discard_pending();
+        Ok(())
+    }
+
+    /// Saves the complete vCPU state (call between runs), including writes still waiting in
+    /// the sync area for the next entry (a hypercall result; regs, sregs and events of a short
+    /// restore).
     pub fn save_state(&self) -> Result<VcpuState> {
         let mut state = VcpuState::save(&self.vcpu, &self.msrs, false)?;
+        let sync = self.vcpu.sync_regs();
         if self.regs_pending {
-            state.regs = self.vcpu.sync_regs().regs;
+            state.regs = sync.regs;
+        }
+        if self.sregs_pending {
+            state.sregs = sync.sregs;
+        }
+        if self.events_pending {
+            state.events = sync.events;
         }
         Ok(state)
     }
 
-    /// Restores a state saved by `save_state` of this or another `GuestVm` of the same kind.
+    /// Restores a state saved by `save_state` of this or another `GuestVm` of the same kind:
+    /// by the short path when the module documentation's condition holds, else in full.
     pub fn restore_state(&mut self, state: &VcpuState) -> Result<()> {
-        self.regs_set_by_ioctl();
-        state.restore(&self.vcpu)
+        let short = self.sync_regs
+            && self.sync_sregs_events
+            && self.clean_since_restore
+            && self
+                .restore_point
+                .as_ref()
+                .is_some_and(|p| p.same_as(state));
+        if short {
+            if let Err(e) = self.restore_short(state) {
+                self.clean_since_restore = false;
+                return Err(e);
+            }
+            self.restore_stats.short += 1;
+            return Ok(());
+        }
+        self.discard_pending();
+        self.clean_since_restore = false;
+        state.restore(&self.vcpu)?;
+        match &mut self.restore_point {
+            Some(p) => **p = state.clone(),
+            None => self.restore_point = Some(Box::new(state.clone())),
+        }
+        self.clean_since_restore = true;
+        self.restore_stats.full += 1;
+        Ok(())
+    }
+
+    /// The short restore: xsave and MSRs (TSC included, so `rdtsc` stays deterministic across
+    /// resets) by ioctl; regs, sregs and events into the sync area for the next `KVM_RUN`.
+    fn restore_short(&mut self, state: &VcpuState) -> Result<()> {
+        state.restore_xsave_msrs(&self.vcpu)?;
+        let sync = self.vcpu.sync_regs_mut();
+        sync.regs = state.regs;
+        sync.sregs = state.sregs;
+        sync.events = state.events;
+        for reg in [
+            SyncReg::Register,
+            SyncReg::SystemRegister,
+            SyncReg::VcpuEvents,
+        ] {
+            self.vcpu.set_sync_dirty_reg(reg);
+        }
+        self.regs_pending = true;
+        self.sregs_pending = true;
+        self.events_pending = true;
+        // The sync copy of the registers is the state of the next entry.
+        self.regs_stale = false;
+        Ok(())
+    }
+
+    /// After `KVM_RUN` returned: whether the vCPU stopped at CPL3 (from the sync copy of the
+    /// sregs, refreshed at every exit).
+    fn exit_at_cpl3(&self) -> bool {
+        self.sync_sregs_events && self.vcpu.sync_regs().sregs.cs.selector & 3 == 3
     }
 
     /// Makes a VM stopped by a refused fault runnable again: un-poisons the pages the fault
@@ -221,6 +349,7 @@ impl GuestVm {
         loop {
             if let Some(e) = self.faults.shared().stop_report() {
                 self.stopped = Some(e);
+                self.clean_since_restore = false;
                 return Ok(VmExit::GuestFault(e));
             }
             // The guest writes through the reservation: deferred write-protects first.
@@ -230,7 +359,15 @@ impl GuestVm {
             self.kick.left();
             // KVM applied any pending write at entry and refreshed the sync copy at exit.
             self.regs_pending = false;
+            self.sregs_pending = false;
+            self.events_pending = false;
             self.regs_stale = !self.sync_regs;
+            // Only an ABI exit at CPL3 keeps a short restore possible (module documentation).
+            let clean = matches!(r, Ok(Step::Hypercall(_) | Step::Exit(VmExit::Done(_))))
+                && self.exit_at_cpl3();
+            if !clean {
+                self.clean_since_restore = false;
+            }
             let exit = match r {
                 Ok(Step::Exit(e)) => e,
                 Ok(Step::Continue) => continue,
@@ -271,6 +408,15 @@ impl GuestVm {
             return Ok(exit);
         }
     }
+}
+
+/// How many vCPU restores took each path (`GuestVm::vcpu_restore_stats`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VcpuRestoreStats {
+    /// `VcpuState::restore`: nine or ten ioctls.
+    pub full: u64,
+    /// xsave + MSRs by ioctl, the rest through the sync area.
+    pub short: u64,
 }
 
 /// What the run loop does with one successful `KVM_RUN`.

@@ -1,5 +1,6 @@
 //! `VmShell`: a KVM VM made ready ahead of the guest that will run in it — the VM, its one
-//! vCPU (CPUID set, readable MSRs known, `KVM_CAP_SYNC_REGS` on; the host's supported CPUID
+//! vCPU (CPUID set, readable MSRs known, `KVM_CAP_SYNC_REGS` on — registers, and sregs when
+//! KVM offers them and events, which the short vCPU restore needs, vmm/mod.rs; the host's supported CPUID
 //! and readable MSRs are asked once per process and reused), memslot 0 registered over a
 //! `Reservation`, and the fault thread started but waiting for its resolver
 //! (`FaultThread::spawn_unattached`). `into_vm(resolver)` attaches the resolver (the guest's
@@ -16,7 +17,10 @@
 
 use std::sync::{Arc, OnceLock};
 
-use kvm_bindings::{kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{
+    kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_SYNC_X86_EVENTS,
+    KVM_SYNC_X86_REGS, KVM_SYNC_X86_SREGS,
+};
 use kvm_ioctls::{Cap, Kvm, SyncReg, VcpuFd, VmFd};
 
 use super::kick::{KickState, Kicker};
@@ -62,6 +66,7 @@ pub struct VmShell {
     msrs: Vec<u32>,
     kick: Arc<KickState>,
     sync_regs: bool,
+    sync_sregs_events: bool,
     res: Arc<Reservation>,
 }
 
@@ -87,9 +92,17 @@ impl VmShell {
         vcpu.set_cpuid2(host_cpuid(&kvm)?)
             .map_err(kvm_err("KVM_SET_CPUID2"))?;
         let msrs = host_msrs(&kvm, &vcpu)?.to_vec();
-        let sync_regs = kvm.check_extension(Cap::SyncRegs);
+        // The sync-area fields this KVM offers (a mask of KVM_SYNC_X86_*).
+        let fields = kvm.check_extension_int(Cap::SyncRegs).max(0) as u32;
+        let sync_regs = fields & KVM_SYNC_X86_REGS != 0;
         if sync_regs {
             vcpu.set_sync_valid_reg(SyncReg::Register);
+        }
+        let both = KVM_SYNC_X86_SREGS | KVM_SYNC_X86_EVENTS;
+        let sync_sregs_events = sync_regs && fields & both == both;
+        if sync_sregs_events {
+            // Refreshed at every exit: the short restore's CPL check reads CS there.
+            vcpu.set_sync_valid_reg(SyncReg::SystemRegister);
         }
         let kick = KickState::new(&mut vcpu.get_kvm_run().immediate_exit as *mut u8);
         let faults = FaultThread::spawn_unattached(res.clone())?;
@@ -103,6 +116,7 @@ impl VmShell {
             msrs,
             kick,
             sync_regs,
+            sync_sregs_events,
             res,
         })
     }
@@ -127,6 +141,7 @@ impl VmShell {
             msrs,
             kick,
             sync_regs,
+            sync_sregs_events,
             res,
         } = self;
         faults.attach(resolver)?;
@@ -142,6 +157,12 @@ impl VmShell {
             sync_regs,
             regs_pending: false,
             regs_stale: true,
+            sync_sregs_events,
+            sregs_pending: false,
+            events_pending: false,
+            restore_point: None,
+            clean_since_restore: false,
+            restore_stats: Default::default(),
             access: None,
             log: Vec::new(),
         })

@@ -9,6 +9,11 @@
 //!
 //! Invariants: `save` reads every part or fails as a whole (no partial state); `restore`
 //! writes them in the order KVM needs (sregs before regs/xsave; MSRs before events).
+//! `restore` is the full restore: `GuestVm::restore_state` may instead take a short path
+//! (xsave + MSRs by ioctl, regs/sregs/events through `kvm_run`'s sync area) only when the
+//! state equals, by `same_as`, the one it last restored in full and every exit since was clean
+//! (vmm/mod.rs states the condition). `same_as` compares every part `restore` writes (not
+//! `fpu`, which it does not).
 
 use kvm_bindings::{
     kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
@@ -161,6 +166,21 @@ impl VcpuState {
         })
     }
 
+    /// Whether `restore` would write the same values as for `other`: every part it writes is
+    /// equal (`fpu`, informational, is not compared). xsave is compared over its whole fixed
+    /// 4 KiB region.
+    pub fn same_as(&self, other: &VcpuState) -> bool {
+        self.regs == other.regs
+            && self.sregs == other.sregs
+            && self.xcrs == other.xcrs
+            && self.msrs == other.msrs
+            && self.events == other.events
+            && self.mp_state == other.mp_state
+            && self.debugregs == other.debugregs
+            && self.lapic == other.lapic
+            && self.xsave.region == other.xsave.region
+    }
+
     /// Writes the whole state into `vcpu` (which must not be running).
     pub fn restore(&self, vcpu: &VcpuFd) -> Result<()> {
         vcpu.set_mp_state(self.mp_state)
@@ -177,19 +197,32 @@ impl VcpuState {
         if let Some(lapic) = &self.lapic {
             vcpu.set_lapic(lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
         }
-        if !self.msrs.is_empty() {
-            let msrs = Msrs::from_entries(&self.msrs)
-                .map_err(|_| Error::InvalidArgs("too many MSRs".into()))?;
-            let n = vcpu.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
-            if n != self.msrs.len() {
-                return Err(Error::BadState(format!(
-                    "KVM_SET_MSRS wrote {n} of {} MSRs",
-                    self.msrs.len()
-                )));
-            }
-        }
+        self.restore_msrs(vcpu)?;
         vcpu.set_vcpu_events(&self.events)
             .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
+        Ok(())
+    }
+
+    /// The part of `restore` that goes by ioctl on the short path: xsave and the MSRs.
+    pub(crate) fn restore_xsave_msrs(&self, vcpu: &VcpuFd) -> Result<()> {
+        // SAFETY: as in `restore`.
+        unsafe { vcpu.set_xsave(&self.xsave) }.map_err(kvm_err("KVM_SET_XSAVE"))?;
+        self.restore_msrs(vcpu)
+    }
+
+    fn restore_msrs(&self, vcpu: &VcpuFd) -> Result<()> {
+        if self.msrs.is_empty() {
+            return Ok(());
+        }
+        let msrs = Msrs::from_entries(&self.msrs)
+            .map_err(|_| Error::InvalidArgs("too many MSRs".into()))?;
+        let n = vcpu.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
+        if n != self.msrs.len() {
+            return Err(Error::BadState(format!(
+                "KVM_SET_MSRS wrote {n} of {} MSRs",
+                self.msrs.len()
+            )));
+        }
         Ok(())
     }
 }

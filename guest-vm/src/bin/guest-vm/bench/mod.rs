@@ -524,7 +524,7 @@ fn dirty_run(child: &mut Guest, d: u64) -> Result<()> {
 
 /// Runs the write loop of a guest at its entry state over `d` pages `stride` pages apart.
 fn dirty_run_strided(child: &mut Guest, d: u64, stride: u64) -> Result<()> {
-    let vcpu = child.vm().vcpu();
+    let vcpu = child.vm_mut().vcpu()?;
     let mut regs = vcpu.get_regs().map_err(|err| Error::Kvm {
         what: "KVM_GET_REGS",
         err,
