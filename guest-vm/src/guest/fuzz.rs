@@ -166,6 +166,11 @@ impl GuestExecutor {
         &self.raw
     }
 
+    /// The comparison log of the last run (the window from `COV_CMP_OFF`).
+    pub fn last_comparison_log(&self) -> &[u8] {
+        &self.raw[COV_CMP_OFF as usize..]
+    }
+
     /// How the run of a failing input ended (the last `MAX_OUTCOMES` distinct ones).
     pub fn outcome_of(&self, input: &[u8]) -> Option<&Outcome> {
         self.outcomes.get(input)
@@ -340,7 +345,7 @@ where
         let input = state.current_input_cloned()?;
         *state.executions_mut() += 1;
         executor.exec(input.as_ref()).map_err(afl_err)?;
-        let log = &executor.raw[COV_CMP_OFF as usize..];
+        let log = executor.last_comparison_log();
         let cmps: Vec<Comparison> = comparisons(log).collect();
         state.add_metadata(cmp_metadata(log));
         let first = match state.current_corpus_id()? {
@@ -363,9 +368,9 @@ where
                     continue;
                 };
                 self.replaced.insert(id);
-                *state.executions_mut() += 1;
-                executor.exec(next.as_ref()).map_err(afl_err)?;
-                let cmps = comparisons(&executor.raw[COV_CMP_OFF as usize..]).collect();
+                // `evaluate_input` ran `next` once and nothing after it (its feedbacks take no
+                // executor): the window still holds that run's comparisons.
+                let cmps = comparisons(executor.last_comparison_log()).collect();
                 todo.push((next.as_ref().to_vec(), cmps));
             }
             if budget == 0 {
@@ -417,7 +422,7 @@ where
         let n = COV_CMP_OFF as usize;
         self.observers.0.as_mut().copy_from_slice(&self.raw[..n]);
         let tokens = state.metadata_or_insert_with(Tokens::new);
-        learn_tokens(&self.raw[n..], tokens);
+        learn_tokens(self.last_comparison_log(), tokens);
         Ok(exit_kind(&outcome))
     }
 }
